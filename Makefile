@@ -1,0 +1,48 @@
+# Drone delivery suite. `make help` lists the targets.
+
+DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
+export DATABASE_URL AMQP_URL
+
+NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: help run test lint fmt up clean-test-dbs bench-messaging bench-ingest bench-e2e
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+run: ## the whole suite in one process on embedded defaults (SQLite under ./data); Ctrl-C stops it
+	cargo run -p standalone
+
+test: ## the whole test suite, against PostgreSQL (DATABASE_URL) and SQLite
+ifeq ($(NEXTEST),yes)
+	cargo build --workspace --bins
+	cargo nextest run --workspace --no-fail-fast
+else
+	cargo build --workspace --bins
+	cargo test --workspace --no-fail-fast
+endif
+
+lint: ## rustfmt check and clippy with warnings as errors
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	cargo fmt --all
+
+bench-messaging: ## measure the messaging backends (RabbitMQ at AMQP_URL, embedded under target/bench); see docs/BENCHMARKS.md
+	cargo run --release -p integration-tests --bin bench-messaging -- \
+	  --backend both --url "$(AMQP_URL)" --embedded-file target/bench/messaging.db
+
+bench-ingest: ## load-test Ingestion open-loop (5k, 10k, 20k req/s, a 50k spike) on RabbitMQ at AMQP_URL; see docs/BENCHMARKS.md
+	bash scripts/bench-ingest.sh
+
+bench-e2e: ## sagas end to end: every service as a release process on fresh PostgreSQL databases, 0.2k/1k/2k/3k bookings/s for 20 s each; see docs/BENCHMARKS.md
+	bash scripts/bench-e2e.sh
+
+up: ## start (installing if needed) PostgreSQL and RabbitMQ on this machine
+	bash scripts/services-up.sh
+
+clean-test-dbs: ## drop test databases left behind by interrupted test runs
+	psql "$(DATABASE_URL)" -Atc "select datname from pg_database where datname like 'test\_%'" \
+	  | while read -r db; do psql "$(DATABASE_URL)" -qc "drop database if exists \"$$db\" with (force)"; done

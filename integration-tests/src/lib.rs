@@ -1,0 +1,66 @@
+//! Test harness for the suite: fresh databases (PostgreSQL with a random name, or a SQLite file in a
+//! temporary folder), services bound to port 0, and typed HTTP helpers. Later issues extend it with
+//! the broker, the Scheduler and the Supervisor.
+//!
+//! PostgreSQL comes from `DATABASE_URL` (any database on the server; the tests create their own).
+//! No test skips silently: without `DATABASE_URL` the PostgreSQL variants fail saying what to set.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed setup should panic
+
+mod app;
+mod db;
+pub mod faults;
+pub mod proxy;
+mod spawn;
+
+pub use app::{Reply, TestApp};
+pub use db::{Backend, TestDb};
+
+/// The RabbitMQ server the tests use, from `AMQP_URL`.
+pub fn amqp_url() -> String {
+    match std::env::var("AMQP_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "AMQP_URL is not set: point it at a RabbitMQ server the tests may declare queues on, \
+             e.g. AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f (make test sets this)"
+        ),
+    }
+}
+
+/// The `host:port` of an AMQP URL.
+pub fn amqp_host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let hostpath = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    hostpath.split('/').next().unwrap_or(hostpath).to_owned()
+}
+pub use spawn::*;
+
+/// A service token long enough for `AuthSettings::require_service_token`.
+pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
+/// A JWT key long enough for `AuthSettings::require_jwt_secret`.
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789-0123456789-abcdef";
+
+/// Runs an async test body once per backend:
+/// `both_backends!(my_test);` expects `async fn my_test(backend: Backend)` in the same module and
+/// generates `postgres::my_test` and `sqlite::my_test`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}

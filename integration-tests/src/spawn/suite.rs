@@ -1,0 +1,225 @@
+use std::time::Duration;
+
+use downstream::DownstreamSettings;
+use messaging::MessagingSettings;
+use saga::RetryPolicy;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::faults::{Fault, FaultProxy};
+use crate::{
+    amqp_url, spawn_account, spawn_delivery, spawn_drone_with, spawn_ingestion, spawn_package,
+    test_auth, test_http, Backend, IngestionApp, TestApp, TestDb,
+};
+
+/// Faults to put in front of the domain services the Scheduler calls.
+#[derive(Debug, Clone, Default)]
+pub struct SuiteFaults {
+    pub account: Vec<Fault>,
+    pub package: Vec<Fault>,
+    pub drone: Vec<Fault>,
+    pub delivery: Vec<Fault>,
+}
+
+/// Every service so far, wired as in production: Ingestion → RabbitMQ → Scheduler → the four
+/// domain services over HTTP (through fault injectors when asked), each on its own database.
+pub struct Suite {
+    pub account: TestApp,
+    pub package: TestApp,
+    pub drone: TestApp,
+    pub delivery: TestApp,
+    pub ingestion: IngestionApp,
+    /// Kept by the suite so a scheduler can be restarted on it.
+    pub scheduler_db: TestDb,
+    pub scheduler_settings: scheduler::Settings,
+    pub faults: Vec<FaultProxy>,
+}
+
+fn fast(p: RetryPolicy) -> RetryPolicy {
+    RetryPolicy {
+        min_delay_ms: 20,
+        max_delay_ms: 200,
+        ..p
+    }
+}
+
+pub async fn spawn_suite(backend: Backend, faults: SuiteFaults) -> Suite {
+    let account = spawn_account(backend).await;
+    let package = spawn_package(backend).await;
+    let drone = spawn_drone_with(backend, |s| {
+        s.fleet.small = 30;
+        s.fleet.medium = 10;
+        s.fleet.large = 10;
+        s.reservations.window_minutes = 30;
+        s.reservations.retry_after_secs = 1;
+    })
+    .await;
+    let delivery = spawn_delivery(backend).await;
+    let ingestion = spawn_ingestion(backend, |s| {
+        s.ingestion.rate_per_second = 100_000;
+        s.ingestion.rate_burst = 100_000;
+    })
+    .await;
+    let mut proxies = Vec::new();
+    let account_url = through(&account, faults.account, &mut proxies).await;
+    let package_url = through(&package, faults.package, &mut proxies).await;
+    let drone_url = through(&drone, faults.drone, &mut proxies).await;
+    let delivery_url = through(&delivery, faults.delivery, &mut proxies).await;
+
+    let scheduler_db = TestDb::new(backend, "scheduler").await;
+    let mut messaging = MessagingSettings::new(amqp_url());
+    messaging.prefix = ingestion.settings.messaging.prefix.clone();
+    messaging.connection_name = format!("{}-scheduler", messaging.prefix);
+    let default_steps = scheduler::StepPolicies::default();
+    let scheduler_settings = scheduler::Settings {
+        http: test_http(),
+        database: scheduler_db.settings.clone(),
+        auth: test_auth(),
+        messaging,
+        downstream: DownstreamSettings {
+            account_url,
+            package_url,
+            drone_url,
+            delivery_url,
+            timeout_ms: 1000,
+            ..DownstreamSettings::default()
+        },
+        scheduler: scheduler::SchedulerSettings {
+            partitions: ingestion.settings.ingestion.partitions,
+            replicas: 1,
+            ordinal: Some(0),
+            instance_id: Some("scheduler-test-a".into()),
+            lease_ttl_ms: 2000,
+            checkpoint_interval_ms: 100,
+            steps: scheduler::StepPolicies {
+                account: fast(default_steps.account),
+                package: fast(default_steps.package),
+                drone: fast(default_steps.drone),
+                delivery: fast(default_steps.delivery),
+            },
+            ..Default::default()
+        },
+    };
+    Suite {
+        account,
+        package,
+        drone,
+        delivery,
+        ingestion,
+        scheduler_db,
+        scheduler_settings,
+        faults: proxies,
+    }
+}
+
+/// The URL the scheduler should use for `app`: the app itself, or a fault injector before it.
+async fn through(app: &TestApp, faults: Vec<Fault>, proxies: &mut Vec<FaultProxy>) -> String {
+    if faults.is_empty() {
+        return app.address.clone();
+    }
+    let proxy = FaultProxy::start(&app.address, faults).await;
+    let url = proxy.url.clone();
+    proxies.push(proxy);
+    url
+}
+
+impl Suite {
+    /// Starts a scheduler in this process on the suite's scheduler database.
+    pub async fn start_scheduler(&self, adjust: impl FnOnce(&mut scheduler::Settings)) -> TestApp {
+        let mut settings = self.scheduler_settings.clone();
+        adjust(&mut settings);
+        let app = scheduler::Application::build(settings)
+            .await
+            .expect("scheduler starts");
+        let port = app.port();
+        TestApp::start_with(port, None, move |rx| async move {
+            let _ = app
+                .run_until(async {
+                    let _ = rx.await;
+                })
+                .await;
+        })
+    }
+
+    /// Creates (or updates) an account with `status` (`active` or `suspended`).
+    pub async fn account(&self, id: &str, status: &str) {
+        let r = self
+            .account
+            .put(
+                &format!("/api/accounts/{id}"),
+                &json!({"name": id, "status": status}),
+            )
+            .await;
+        assert!(r.status.is_success(), "account: {}", r.body);
+    }
+
+    /// A booking body for `owner`, picked up `hours` from now.
+    pub fn booking(owner: &str, hours: i64, size: &str) -> Value {
+        json!({
+            "ownerId": owner,
+            "pickupLocation": "1 Main St",
+            "dropOffLocation": "2 Side St",
+            "pickupTime": (chrono::Utc::now() + chrono::Duration::hours(hours)).to_rfc3339(),
+            "deadline": "",
+            "expedited": false,
+            "confirmationRequired": "None",
+            "packageInfo": {"packageId": "client-pkg", "size": size, "weight": 1.5}
+        })
+    }
+
+    /// Books through Ingestion; returns the deliveryId.
+    pub async fn book(&self, body: &Value) -> Uuid {
+        let owner = body["ownerId"].as_str().unwrap_or_default();
+        let token = self.ingestion.token(owner, &[]);
+        let r = self
+            .ingestion
+            .app
+            .call_with(
+                reqwest::Method::POST,
+                "/api/deliveryrequests",
+                Some(body),
+                Some(&token),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        r.body["deliveryId"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .expect("deliveryId")
+    }
+
+    /// Waits until the scheduler reports the workflow in `state`; returns it.
+    pub async fn workflow(
+        &self,
+        scheduler: &TestApp,
+        id: Uuid,
+        state: &str,
+        within: Duration,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut last = Value::Null;
+        while tokio::time::Instant::now() < deadline {
+            let r = scheduler.get(&format!("/api/workflows/{id}")).await;
+            if r.status == 200 && r.body["state"] == state {
+                return r.body;
+            }
+            last = r.body;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("workflow {id} did not reach {state}; last seen: {last}");
+    }
+
+    pub async fn stop(self) {
+        self.ingestion.stop().await;
+        let prefix = self.scheduler_settings.messaging.prefix.clone();
+        let mut direct = MessagingSettings::new(amqp_url());
+        direct.prefix = prefix;
+        if let Ok(b) = messaging::connect(&direct).await {
+            let _ = b.delete_queue(scheduler::COMPENSATIONS_QUEUE).await;
+        }
+        self.account.stop().await;
+        self.package.stop().await;
+        self.drone.stop().await;
+        self.delivery.stop().await;
+    }
+}

@@ -1,0 +1,560 @@
+//! Ingestion against RabbitMQ (through a proxy the tests can cut) with its read model on
+//! PostgreSQL and SQLite.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use contracts::{
+    DeliveryAccepted, DeliveryRequestStatus, DeliveryRequested, RequestState, WorkflowStateChanged,
+    ADMIN_SCOPE, DELIVERY_CANCELLED, DELIVERY_REQUESTED, DELIVERY_REQUESTS_LOG,
+    DELIVERY_RESCHEDULED, WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED,
+};
+use integration_tests::proxy::Mode;
+use integration_tests::{both_backends, spawn_ingestion, Backend, IngestionApp, Reply};
+use messaging::{partition_for, Envelope, LogRecord, StartAt};
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+both_backends!(
+    fabrikam_booking_is_accepted_and_in_the_log,
+    bad_input_is_a_problem_naming_the_field,
+    authentication_and_ownership,
+    idempotency_key_gives_one_booking,
+    rate_limit_per_account,
+    reschedule_and_cancel_reach_the_same_partition,
+    workflow_events_drive_the_request_state,
+    broker_outage_gives_503_and_nothing_half_accepted,
+    full_budget_answers_503_at_once,
+);
+
+fn booking(owner: &str) -> Value {
+    json!({
+        "deliveryId": "ignored-client-value",
+        "ownerId": owner,
+        "pickupLocation": "1 Main St, Redmond",
+        "dropOffLocation": "99 Side St, Seattle",
+        "pickupTime": (Utc::now() + chrono::Duration::days(2)).to_rfc3339(),
+        "deadline": "LinkedIn",
+        "expedited": true,
+        "confirmationRequired": "FingerPrint",
+        "packageInfo": {"packageId": "pkg-1", "size": "Small", "weight": "2.5", "tag": "fragile"},
+        "someNewField": {"clients": "send extra things"}
+    })
+}
+
+async fn post(s: &IngestionApp, token: Option<&str>, body: &Value, key: Option<&str>) -> Reply {
+    let mut req = s
+        .app
+        .client
+        .post(s.app.url("/api/deliveryrequests"))
+        .json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let res = req.send().await.expect("post");
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res.json::<Value>().await.unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn call(
+    s: &IngestionApp,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> Reply {
+    s.app.call_with(method, path, body, Some(token)).await
+}
+
+/// Every record of one partition of `log`, reading until it has been quiet for a moment.
+async fn records(s: &IngestionApp, log: &str, partition: u32) -> Vec<LogRecord> {
+    let log = s
+        .broker
+        .log(log, s.settings.ingestion.partitions)
+        .await
+        .unwrap();
+    let mut reader = log.read(partition, StartAt::First).await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(700), reader.next()).await {
+        out.push(r);
+    }
+    out
+}
+
+async fn all_requests(s: &IngestionApp) -> Vec<Envelope> {
+    let mut out = Vec::new();
+    for p in 0..s.settings.ingestion.partitions {
+        out.extend(
+            records(s, DELIVERY_REQUESTS_LOG, p)
+                .await
+                .into_iter()
+                .filter_map(|r| r.event.ok()),
+        );
+    }
+    out
+}
+
+async fn eventually_state(
+    s: &IngestionApp,
+    id: Uuid,
+    token: &str,
+    want: RequestState,
+) -> DeliveryRequestStatus {
+    for _ in 0..100 {
+        let r = call(
+            s,
+            Method::GET,
+            &format!("/api/deliveryrequests/{id}"),
+            token,
+            None,
+        )
+        .await;
+        if r.status == 200 {
+            let st: DeliveryRequestStatus = r.json();
+            if st.state == want {
+                return st;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("request {id} never reached {want:?}");
+}
+
+async fn fabrikam_booking_is_accepted_and_in_the_log(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    let r = post(&s, Some(&token), &booking("acc-1"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let accepted: DeliveryAccepted = r.json();
+    let id = accepted.delivery_id;
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/api/deliveries/{id}").as_str())
+    );
+    assert_eq!(accepted.request.package_info.weight, 2.5);
+
+    let partition = partition_for(&id.to_string(), s.settings.ingestion.partitions);
+    let found: Vec<Envelope> = records(&s, DELIVERY_REQUESTS_LOG, partition)
+        .await
+        .into_iter()
+        .filter_map(|r| r.event.ok())
+        .filter(|e| e.key == id.to_string())
+        .collect();
+    assert_eq!(found.len(), 1, "exactly once, on the partition of its id");
+    assert_eq!(found[0].kind, DELIVERY_REQUESTED);
+    let event: DeliveryRequested = found[0].decode().unwrap();
+    assert_eq!(event.delivery_id, id);
+    assert_eq!(event.owner_id, "acc-1");
+    assert_eq!(event.package_info.package_id, "pkg-1");
+    assert_eq!(event.pickup_location, "1 Main St, Redmond");
+
+    let st = eventually_state(&s, id, &token, RequestState::Accepted).await;
+    assert_eq!(st.owner_id, "acc-1");
+    s.stop().await;
+}
+
+async fn bad_input_is_a_problem_naming_the_field(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    let mut body = booking("acc-1");
+    body["packageInfo"]["size"] = json!("Huge");
+    body["packageInfo"]["weight"] = json!("heavy");
+    body["confirmationRequired"] = json!("Retina");
+    body.as_object_mut().unwrap().remove("dropOffLocation");
+    let r = post(&s, Some(&token), &body, None).await;
+    assert_eq!(
+        r.bad_fields(),
+        vec![
+            "dropOffLocation",
+            "confirmationRequired",
+            "packageInfo.size",
+            "packageInfo.weight"
+        ]
+    );
+    let mut past = booking("acc-1");
+    past["pickupTime"] = json!((Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
+    assert_eq!(
+        post(&s, Some(&token), &past, None).await.bad_fields(),
+        vec!["pickupTime"]
+    );
+    let mut bad_time = booking("acc-1");
+    bad_time["pickupTime"] = json!("next tuesday");
+    assert_eq!(
+        post(&s, Some(&token), &bad_time, None).await.bad_fields(),
+        vec!["pickupTime"]
+    );
+    let mut no_package = booking("acc-1");
+    no_package["packageInfo"] = json!("box");
+    assert_eq!(
+        post(&s, Some(&token), &no_package, None).await.bad_fields(),
+        vec!["packageInfo"]
+    );
+    assert_eq!(
+        post(&s, Some(&token), &json!([1]), None).await.bad_fields(),
+        vec!["body"]
+    );
+    let raw = s
+        .app
+        .client
+        .post(s.app.url("/api/deliveryrequests"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body("{\"ownerId\":")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let r = call(
+        &s,
+        Method::GET,
+        "/api/deliveryrequests/not-a-uuid",
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(r.bad_fields(), vec!["id"]);
+    let r = post(
+        &s,
+        Some(&token),
+        &booking("acc-1"),
+        Some("has spaces in it"),
+    )
+    .await;
+    assert_eq!(r.bad_fields(), vec!["Idempotency-Key"]);
+    let unknown = Uuid::new_v4();
+    let r = call(
+        &s,
+        Method::GET,
+        &format!("/api/deliveryrequests/{unknown}"),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(r.problem(404).code, "not-found");
+    let r = call(
+        &s,
+        Method::PATCH,
+        &format!("/api/deliveryrequests/{unknown}"),
+        &token,
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(r.bad_fields(), vec!["body"]);
+    // Nothing above reached the log.
+    assert!(all_requests(&s).await.is_empty());
+    s.stop().await;
+}
+
+async fn authentication_and_ownership(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let r = post(&s, None, &booking("acc-1"), None).await;
+    assert_eq!(r.problem(401).code, "unauthorized");
+    let r = post(&s, Some("garbage"), &booking("acc-1"), None).await;
+    assert_eq!(r.problem(401).code, "unauthorized");
+    let expired = s
+        .tokens
+        .mint("acc-1", &[], chrono::Duration::hours(-1))
+        .unwrap()
+        .0;
+    assert_eq!(
+        post(&s, Some(&expired), &booking("acc-1"), None)
+            .await
+            .problem(401)
+            .code,
+        "unauthorized"
+    );
+    let other = s.token("acc-2", &[]);
+    let r = post(&s, Some(&other), &booking("acc-1"), None).await;
+    assert_eq!(r.problem(403).code, "forbidden");
+    let admin = s.token("ops", &[ADMIN_SCOPE]);
+    let r = post(&s, Some(&admin), &booking("acc-1"), None).await;
+    assert_eq!(r.status, 202, "admin may book for any owner");
+    let id = r.json::<DeliveryAccepted>().delivery_id;
+    // The owner sees it; another account does not.
+    let owner = s.token("acc-1", &[]);
+    eventually_state(&s, id, &owner, RequestState::Accepted).await;
+    let r = call(
+        &s,
+        Method::GET,
+        &format!("/api/deliveryrequests/{id}"),
+        &other,
+        None,
+    )
+    .await;
+    assert_eq!(r.problem(403).code, "forbidden");
+    let r = call(
+        &s,
+        Method::DELETE,
+        &format!("/api/deliveryrequests/{id}"),
+        &other,
+        None,
+    )
+    .await;
+    assert_eq!(r.problem(403).code, "forbidden");
+    s.stop().await;
+}
+
+async fn idempotency_key_gives_one_booking(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    let first = post(&s, Some(&token), &booking("acc-1"), Some("order-42")).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let second = post(&s, Some(&token), &booking("acc-1"), Some("order-42")).await;
+    assert_eq!(second.status, 202);
+    assert_eq!(second.header("idempotent-replayed"), Some("true"));
+    let id = first.json::<DeliveryAccepted>().delivery_id;
+    assert_eq!(second.json::<DeliveryAccepted>().delivery_id, id);
+    // Another owner using the same key gets its own booking.
+    let token2 = s.token("acc-2", &[]);
+    let other = post(&s, Some(&token2), &booking("acc-2"), Some("order-42")).await;
+    assert_ne!(other.json::<DeliveryAccepted>().delivery_id, id);
+
+    let events = all_requests(&s).await;
+    let copies = events.iter().filter(|e| e.key == id.to_string()).count();
+    assert_eq!(copies, 1, "appended once");
+    assert_eq!(events.len(), 2);
+    s.stop().await;
+}
+
+async fn rate_limit_per_account(backend: Backend) {
+    let s = spawn_ingestion(backend, |st| {
+        st.ingestion.rate_per_second = 1;
+        st.ingestion.rate_burst = 2;
+    })
+    .await;
+    let token = s.token("acc-1", &[]);
+    let body = booking("acc-1");
+    let statuses: Vec<u16> =
+        futures::future::join_all((0..4).map(|_| post(&s, Some(&token), &body, None)))
+            .await
+            .iter()
+            .map(|r| r.status.as_u16())
+            .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        2,
+        "{statuses:?}"
+    );
+    let limited = post(&s, Some(&token), &booking("acc-1"), None).await;
+    assert_eq!(limited.problem(429).code, "rate-limited");
+    assert!(limited.header("retry-after").is_some());
+    // Other accounts have their own budget.
+    let other = s.token("acc-2", &[]);
+    assert_eq!(
+        post(&s, Some(&other), &booking("acc-2"), None).await.status,
+        202
+    );
+    s.stop().await;
+}
+
+async fn reschedule_and_cancel_reach_the_same_partition(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    let id = post(&s, Some(&token), &booking("acc-1"), Some("k1"))
+        .await
+        .json::<DeliveryAccepted>()
+        .delivery_id;
+    let later = (Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+    let r = call(
+        &s,
+        Method::PATCH,
+        &format!("/api/deliveryrequests/{id}"),
+        &token,
+        Some(&json!({"pickupTime": later})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let r = call(
+        &s,
+        Method::DELETE,
+        &format!("/api/deliveryrequests/{id}"),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+
+    let partition = partition_for(&id.to_string(), s.settings.ingestion.partitions);
+    let kinds: Vec<String> = records(&s, DELIVERY_REQUESTS_LOG, partition)
+        .await
+        .into_iter()
+        .filter_map(|r| r.event.ok())
+        .filter(|e| e.key == id.to_string())
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![DELIVERY_REQUESTED, DELIVERY_RESCHEDULED, DELIVERY_CANCELLED]
+    );
+    s.stop().await;
+}
+
+async fn workflow_events_drive_the_request_state(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    let id = post(&s, Some(&token), &booking("acc-1"), Some("k2"))
+        .await
+        .json::<DeliveryAccepted>()
+        .delivery_id;
+    let events = s
+        .broker
+        .log(WORKFLOW_EVENTS_LOG, s.settings.ingestion.partitions)
+        .await
+        .unwrap();
+    let change = |state, version| {
+        Envelope::new(
+            WORKFLOW_STATE_CHANGED,
+            1,
+            &id.to_string(),
+            &WorkflowStateChanged {
+                delivery_id: id,
+                owner_id: "acc-1".into(),
+                state,
+                version,
+                detail: None,
+                at: Utc::now(),
+            },
+        )
+        .unwrap()
+    };
+    events
+        .append(change(RequestState::Scheduling, 1))
+        .await
+        .unwrap();
+    events
+        .append(change(RequestState::Failed, 3))
+        .await
+        .unwrap();
+    // A stale event (lower version) arriving late never moves the state backwards.
+    events
+        .append(change(RequestState::Scheduled, 2))
+        .await
+        .unwrap();
+    eventually_state(&s, id, &token, RequestState::Failed).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = eventually_state(&s, id, &token, RequestState::Failed).await;
+    assert_eq!(st.state, RequestState::Failed);
+    // A failed booking can no longer be rescheduled.
+    let later = (Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+    let r = call(
+        &s,
+        Method::PATCH,
+        &format!("/api/deliveryrequests/{id}"),
+        &token,
+        Some(&json!({"pickupTime": later})),
+    )
+    .await;
+    assert_eq!(r.problem(409).code, "request-closed");
+    s.stop().await;
+}
+
+async fn broker_outage_gives_503_and_nothing_half_accepted(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    let before = post(&s, Some(&token), &booking("acc-1"), None).await;
+    assert_eq!(before.status, 202);
+    let accepted_before = before.json::<DeliveryAccepted>().delivery_id;
+
+    s.proxy.set(Mode::Down);
+    let mut refused = Vec::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let r = post(&s, Some(&token), &booking("acc-1"), None).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "answered promptly"
+        );
+        refused.push(r);
+    }
+    for r in &refused {
+        let p = r.problem(503);
+        assert!(p.code == "log-unavailable", "{p:?}");
+        assert!(r.header("retry-after").is_some());
+    }
+    let ready = s.app.get("/readyz").await;
+    assert_eq!(
+        ready.status, 503,
+        "not ready while the broker is unreachable"
+    );
+
+    // The broker comes back: accepted again without a restart.
+    s.proxy.set(Mode::Forward);
+    let mut after = None;
+    for _ in 0..50 {
+        let r = post(&s, Some(&token), &booking("acc-1"), None).await;
+        if r.status == 202 {
+            after = Some(r.json::<DeliveryAccepted>().delivery_id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = after.expect("accepted again once the broker is back");
+
+    let ids: Vec<String> = all_requests(&s).await.into_iter().map(|e| e.key).collect();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        *counts.entry(id.clone()).or_default() += 1;
+    }
+    assert_eq!(counts.get(&accepted_before.to_string()), Some(&1));
+    assert_eq!(counts.get(&after.to_string()), Some(&1));
+    assert_eq!(
+        ids.len(),
+        2,
+        "none of the refused requests is in the log: {ids:?}"
+    );
+    s.stop().await;
+}
+
+async fn full_budget_answers_503_at_once(backend: Backend) {
+    let s = spawn_ingestion(backend, |st| st.ingestion.max_in_flight = 1).await;
+    let token = s.token("acc-1", &[]);
+    // Warm up the connection, then stall the broker so the next append waits for its confirm.
+    assert_eq!(
+        post(&s, Some(&token), &booking("acc-1"), None).await.status,
+        202
+    );
+    s.proxy.set(Mode::Stall);
+    let slow = {
+        let client = s.app.client.clone();
+        let url = s.app.url("/api/deliveryrequests");
+        let token = token.clone();
+        let body = booking("acc-1");
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let r = post(&s, Some(&token), &booking("acc-1"), None).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    assert_eq!(r.problem(503).code, "overloaded");
+    s.proxy.set(Mode::Forward);
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        202,
+        "the stalled booking completes"
+    );
+    s.stop().await;
+}

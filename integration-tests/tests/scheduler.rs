@@ -1,0 +1,616 @@
+//! The Scheduler end to end: bookings through Ingestion and RabbitMQ, sagas against the real
+//! domain services (through fault injectors where a test needs failures), journal on PostgreSQL
+//! and SQLite.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+
+use std::time::Duration;
+
+use contracts::{DroneReservation, Fleet, PackageSummary, TrackingEvent};
+use integration_tests::faults::{Fault, FaultKind};
+use integration_tests::{both_backends, spawn_suite, Backend, Suite, SuiteFaults, TestApp};
+use messaging::QueueOptions;
+use serde_json::Value;
+use uuid::Uuid;
+
+both_backends!(
+    booking_ends_scheduled_with_one_of_everything,
+    transient_faults_are_retried_without_duplicates,
+    suspended_account_fails_with_nothing_to_undo,
+    permanent_failure_after_drone_asks_for_compensation,
+    two_schedulers_never_share_a_partition,
+    replaying_from_offset_zero_changes_nothing,
+    no_drone_before_pickup_fails_and_compensates,
+    cancel_and_reschedule_reach_the_saga,
+);
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn attempts(workflow: &Value) -> Vec<(String, Vec<String>)> {
+    workflow["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["attempts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a["outcome"].as_str().unwrap().to_owned())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+async fn downstream_effects(suite: &Suite, owner: &str, id: Uuid) -> (u64, bool, usize) {
+    let summary: PackageSummary = suite
+        .package
+        .get(&format!("/api/packages/summary/{owner}"))
+        .await
+        .json();
+    let reserved = suite
+        .drone
+        .get(&format!("/api/dronedeliveries/{id}"))
+        .await
+        .status
+        == 200;
+    let events = suite
+        .delivery
+        .get(&format!("/api/deliveries/{id}/events"))
+        .await;
+    let created = if events.status == 200 {
+        events
+            .json::<Vec<TrackingEvent>>()
+            .iter()
+            .filter(|e| e.stage == contracts::DeliveryStage::Created)
+            .count()
+    } else {
+        0
+    };
+    (summary.total, reserved, created)
+}
+
+async fn booking_ends_scheduled_with_one_of_everything(backend: Backend) {
+    let suite = spawn_suite(backend, SuiteFaults::default()).await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let id = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
+    let wf = suite.workflow(&scheduler, id, "completed", WAIT).await;
+    let one = vec!["succeeded".to_owned()];
+    assert_eq!(
+        attempts(&wf),
+        vec![
+            ("CheckAccount".to_owned(), one.clone()),
+            ("RegisterPackage".to_owned(), one.clone()),
+            ("ReserveDrone".to_owned(), one.clone()),
+            ("CreateDelivery".to_owned(), one.clone()),
+        ]
+    );
+    assert_eq!(downstream_effects(&suite, "acc-1", id).await, (1, true, 1));
+    let r: DroneReservation = suite
+        .drone
+        .get(&format!("/api/dronedeliveries/{id}"))
+        .await
+        .json();
+    let delivery = suite.delivery.get(&format!("/api/deliveries/{id}")).await;
+    assert_eq!(delivery.body["droneId"], r.drone_id.as_str());
+    let fleet: Fleet = suite.drone.get("/api/drones").await.json();
+    assert_eq!(
+        fleet
+            .drones
+            .iter()
+            .map(|d| d.upcoming_reservations)
+            .sum::<u64>(),
+        1
+    );
+    // The client sees it scheduled through Ingestion's read model (fed by workflow events).
+    let token = suite.ingestion.token("acc-1", &[]);
+    let mut state = Value::Null;
+    for _ in 0..100 {
+        let r = suite
+            .ingestion
+            .app
+            .call_with(
+                reqwest::Method::GET,
+                &format!("/api/deliveryrequests/{id}"),
+                None,
+                Some(&token),
+            )
+            .await;
+        state = r.body["state"].clone();
+        if state == "scheduled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "scheduled");
+    let metrics = scheduler
+        .client
+        .get(scheduler.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("saga_finished_total{state=\"scheduled\"} 1"),
+        "{metrics}"
+    );
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn transient_faults_are_retried_without_duplicates(backend: Backend) {
+    let suite = spawn_suite(
+        backend,
+        SuiteFaults {
+            package: vec![Fault {
+                method: "PUT",
+                path_prefix: "/api/packages/".into(),
+                times: 2,
+                kind: FaultKind::Status(503),
+            }],
+            delivery: vec![Fault {
+                method: "PUT",
+                path_prefix: "/api/deliveries/".into(),
+                times: 1,
+                kind: FaultKind::Delay(Duration::from_millis(1500)),
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let id = suite.book(&Suite::booking("acc-1", 24, "Medium")).await;
+    let wf = suite.workflow(&scheduler, id, "completed", WAIT).await;
+    let steps = attempts(&wf);
+    assert_eq!(
+        steps[1].1,
+        vec!["transient", "transient", "succeeded"],
+        "503 twice"
+    );
+    assert_eq!(steps[3].1, vec!["transient", "succeeded"], "timed out once");
+    // The timed-out PUT still reached the service; the retry found it: one of each.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(downstream_effects(&suite, "acc-1", id).await, (1, true, 1));
+    assert_eq!(suite.faults.iter().map(|f| f.hits()).sum::<usize>(), 3);
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn suspended_account_fails_with_nothing_to_undo(backend: Backend) {
+    let suite = spawn_suite(backend, SuiteFaults::default()).await;
+    suite.account("acc-s", "suspended").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let id = suite.book(&Suite::booking("acc-s", 24, "Small")).await;
+    let wf = suite.workflow(&scheduler, id, "failed", WAIT).await;
+    assert!(wf["error"].as_str().unwrap().contains("suspended"), "{wf}");
+    assert_eq!(attempts(&wf)[0].1, vec!["permanent"], "not retried");
+    assert_eq!(downstream_effects(&suite, "acc-s", id).await, (0, false, 0));
+    let queue = suite
+        .ingestion
+        .broker
+        .queue(
+            scheduler::COMPENSATIONS_QUEUE,
+            QueueOptions { delivery_limit: 10 },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(queue.depth().await.unwrap(), 0, "nothing to compensate");
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn permanent_failure_after_drone_asks_for_compensation(backend: Backend) {
+    let suite = spawn_suite(
+        backend,
+        SuiteFaults {
+            delivery: vec![Fault {
+                method: "PUT",
+                path_prefix: "/api/deliveries/".into(),
+                times: usize::MAX,
+                kind: FaultKind::Status(422),
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let queue = suite
+        .ingestion
+        .broker
+        .queue(
+            scheduler::COMPENSATIONS_QUEUE,
+            QueueOptions { delivery_limit: 10 },
+        )
+        .await
+        .unwrap();
+    let mut rx = queue.consume(10).await.unwrap();
+    let id = suite.book(&Suite::booking("acc-1", 24, "Large")).await;
+    let wf = suite.workflow(&scheduler, id, "failed", WAIT).await;
+    assert!(
+        wf["error"].as_str().unwrap().contains("CreateDelivery")
+            || wf["steps"][3]["status"] == "failed",
+        "{wf}"
+    );
+    let message = tokio::time::timeout(Duration::from_secs(10), rx.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.event.kind, scheduler::COMPENSATION_REQUESTED);
+    let request: scheduler::CompensationRequest = message.event.decode().unwrap();
+    assert_eq!(request.delivery_id, id);
+    assert_eq!(
+        request.succeeded_steps,
+        vec!["RegisterPackage", "ReserveDrone"]
+    );
+    assert!(
+        request.reason.contains("CreateDelivery"),
+        "{}",
+        request.reason
+    );
+    message.ack().await.unwrap();
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn partitions(scheduler: &TestApp) -> Vec<Value> {
+    scheduler
+        .get("/api/partitions")
+        .await
+        .body
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn two_schedulers_never_share_a_partition(backend: Backend) {
+    let suite = spawn_suite(backend, SuiteFaults::default()).await;
+    suite.account("acc-1", "active").await;
+    let a = suite.start_scheduler(|_| {}).await;
+    // Wait until A holds every partition, then start B for the same partitions.
+    for _ in 0..100 {
+        if partitions(&a).await.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = suite
+        .start_scheduler(|s| s.scheduler.instance_id = Some("scheduler-test-b".into()))
+        .await;
+    let ids: Vec<Uuid> = futures::future::join_all((0..20).map(|i| suite.book_owned(i))).await;
+    for id in &ids {
+        let wf = suite.workflow(&a, *id, "completed", WAIT).await;
+        for (step, outcomes) in attempts(&wf) {
+            assert_eq!(outcomes, vec!["succeeded"], "{step} ran once");
+        }
+    }
+    let owners: Vec<String> = partitions(&a)
+        .await
+        .iter()
+        .map(|p| p["owner"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(owners.iter().all(|o| o == "scheduler-test-a"), "{owners:?}");
+    let metrics_b = b
+        .client
+        .get(b.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics_b.contains("saga_started_total 1"),
+        "B started no saga"
+    );
+
+    // A stops: B takes over and schedules new bookings.
+    a.stop().await;
+    let late = suite.book(&Suite::booking("acc-1", 30, "Small")).await;
+    suite.workflow(&b, late, "completed", WAIT).await;
+    let owners: Vec<String> = partitions(&b)
+        .await
+        .iter()
+        .map(|p| p["owner"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(owners.iter().all(|o| o == "scheduler-test-b"), "{owners:?}");
+    b.stop().await;
+    suite.stop().await;
+}
+
+async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
+    use sea_orm::ConnectionTrait;
+    let suite = spawn_suite(backend, SuiteFaults::default()).await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let ids: Vec<Uuid> = futures::future::join_all((0..10).map(|i| suite.book_owned(i))).await;
+    for id in &ids {
+        suite.workflow(&scheduler, *id, "completed", WAIT).await;
+    }
+    let before_summary = suite.package.get("/api/packages/summary/acc-1").await.body;
+    let before_fleet: Fleet = suite.drone.get("/api/drones").await.json();
+    let checkpoints = |parts: Vec<Value>| -> Vec<i64> {
+        let mut v: Vec<(i64, i64)> = parts
+            .iter()
+            .map(|p| {
+                (
+                    p["partition"].as_i64().unwrap(),
+                    p["nextOffset"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, o)| o).collect()
+    };
+    // Wait for the checkpoints to cover everything read, then remember them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    scheduler.stop().await;
+
+    // Rewind every partition to offset 0 and start again: the whole log is read once more.
+    let url = secrecy::ExposeSecret::expose_secret(&suite.scheduler_db.settings.url).to_owned();
+    let db = sea_orm::Database::connect(url.as_str()).await.unwrap();
+    let before = checkpoints(
+        sea_orm::ConnectionTrait::query_all(
+            &db,
+            sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT partition, next_offset FROM partition_leases".to_owned(),
+            ),
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "partition": r.try_get::<i32>("", "partition").unwrap(),
+                "nextOffset": r.try_get::<i64>("", "next_offset").unwrap(),
+            })
+        })
+        .collect(),
+    );
+    assert!(
+        before.iter().sum::<i64>() > 0,
+        "checkpoints moved: {before:?}"
+    );
+    db.execute_unprepared("UPDATE partition_leases SET next_offset = 0")
+        .await
+        .unwrap();
+    let attempts_before: i64 = count(&db, "SELECT COUNT(*) AS n FROM saga_attempts").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    // Wait until every checkpoint is back where it was: the whole log was read again.
+    let mut caught_up = false;
+    for _ in 0..150 {
+        let now = checkpoints(partitions(&scheduler).await);
+        if now.len() == before.len() && now.iter().zip(&before).all(|(n, b)| n >= b) {
+            caught_up = true;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(caught_up, "the scheduler read the partitions again");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM saga_attempts").await,
+        attempts_before,
+        "no step ran again"
+    );
+    assert_eq!(
+        suite.package.get("/api/packages/summary/acc-1").await.body,
+        before_summary
+    );
+    let after_fleet: Fleet = suite.drone.get("/api/drones").await.json();
+    assert_eq!(
+        after_fleet
+            .drones
+            .iter()
+            .map(|d| d.upcoming_reservations)
+            .sum::<u64>(),
+        before_fleet
+            .drones
+            .iter()
+            .map(|d| d.upcoming_reservations)
+            .sum::<u64>()
+    );
+    for id in &ids {
+        assert_eq!(downstream_effects(&suite, "acc-1", *id).await.2, 1);
+    }
+    let _ = db.close().await;
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    let row = db
+        .query_one(Statement::from_string(
+            db.get_database_backend(),
+            sql.to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+trait BookOwned {
+    async fn book_owned(&self, i: i64) -> Uuid;
+}
+
+impl BookOwned for Suite {
+    /// A booking for acc-1, spread over the coming days.
+    async fn book_owned(&self, i: i64) -> Uuid {
+        self.book(&Suite::booking("acc-1", 24 + i, "Small")).await
+    }
+}
+
+async fn no_drone_before_pickup_fails_and_compensates(backend: Backend) {
+    // The drone service answers "no drone free" (503) to every reservation.
+    let suite = spawn_suite(
+        backend,
+        SuiteFaults {
+            drone: vec![Fault {
+                method: "PUT",
+                path_prefix: "/api/dronedeliveries/".into(),
+                times: usize::MAX,
+                kind: FaultKind::Status(503),
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let queue = suite
+        .ingestion
+        .broker
+        .queue(
+            scheduler::COMPENSATIONS_QUEUE,
+            QueueOptions { delivery_limit: 10 },
+        )
+        .await
+        .unwrap();
+    let mut rx = queue.consume(10).await.unwrap();
+    let mut body = Suite::booking("acc-1", 0, "Small");
+    body["pickupTime"] =
+        serde_json::json!((chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339());
+    let id = suite.book(&body).await;
+    let wf = suite.workflow(&scheduler, id, "failed", WAIT).await;
+    let drone_attempts = &attempts(&wf)[2].1;
+    assert!(
+        drone_attempts.len() > 2,
+        "retried until the pickup time: {drone_attempts:?}"
+    );
+    assert!(
+        wf["error"].as_str().unwrap().contains("ReserveDrone"),
+        "{wf}"
+    );
+    let message = tokio::time::timeout(Duration::from_secs(10), rx.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let request: scheduler::CompensationRequest = message.event.decode().unwrap();
+    assert_eq!(request.succeeded_steps, vec!["RegisterPackage"]);
+    message.ack().await.unwrap();
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
+    let suite = spawn_suite(backend, SuiteFaults::default()).await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let token = suite.ingestion.token("acc-1", &[]);
+    let moved = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
+    let cancelled = suite.book(&Suite::booking("acc-1", 25, "Small")).await;
+    suite.workflow(&scheduler, moved, "completed", WAIT).await;
+    suite
+        .workflow(&scheduler, cancelled, "completed", WAIT)
+        .await;
+
+    // Reschedule a scheduled booking: the drone window and the delivery move.
+    let later = chrono::Utc::now() + chrono::Duration::hours(48);
+    let r = suite
+        .ingestion
+        .app
+        .call_with(
+            reqwest::Method::PATCH,
+            &format!("/api/deliveryrequests/{moved}"),
+            Some(&serde_json::json!({"pickupTime": later.to_rfc3339()})),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    // The saga moves the drone window first, then the delivery: wait for both.
+    let mut window_moved = false;
+    let mut last_stage = None;
+    for _ in 0..100 {
+        let r: DroneReservation = suite
+            .drone
+            .get(&format!("/api/dronedeliveries/{moved}"))
+            .await
+            .json();
+        window_moved = (r.window.start - later).num_seconds().abs() < 2;
+        let events: Vec<TrackingEvent> = suite
+            .delivery
+            .get(&format!("/api/deliveries/{moved}/events"))
+            .await
+            .json();
+        last_stage = events.last().map(|e| e.stage);
+        if window_moved && last_stage == Some(contracts::DeliveryStage::Rescheduled) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        window_moved,
+        "the drone reservation moved to the new pickup time"
+    );
+    assert_eq!(last_stage, Some(contracts::DeliveryStage::Rescheduled));
+
+    // Cancel a scheduled booking: the saga ends cancelled and asks to undo all three steps.
+    let queue = suite
+        .ingestion
+        .broker
+        .queue(
+            scheduler::COMPENSATIONS_QUEUE,
+            QueueOptions { delivery_limit: 10 },
+        )
+        .await
+        .unwrap();
+    let mut rx = queue.consume(10).await.unwrap();
+    let r = suite
+        .ingestion
+        .app
+        .call_with(
+            reqwest::Method::DELETE,
+            &format!("/api/deliveryrequests/{cancelled}"),
+            None,
+            Some(&token),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    suite
+        .workflow(&scheduler, cancelled, "cancelled", WAIT)
+        .await;
+    let message = tokio::time::timeout(Duration::from_secs(10), rx.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let request: scheduler::CompensationRequest = message.event.decode().unwrap();
+    assert_eq!(request.delivery_id, cancelled);
+    assert_eq!(
+        request.succeeded_steps,
+        vec!["RegisterPackage", "ReserveDrone", "CreateDelivery"]
+    );
+    message.ack().await.unwrap();
+    // The client sees it cancelled.
+    let mut state = Value::Null;
+    for _ in 0..100 {
+        let r = suite
+            .ingestion
+            .app
+            .call_with(
+                reqwest::Method::GET,
+                &format!("/api/deliveryrequests/{cancelled}"),
+                None,
+                Some(&token),
+            )
+            .await;
+        state = r.body["state"].clone();
+        if state == "cancelled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "cancelled");
+    scheduler.stop().await;
+    suite.stop().await;
+}

@@ -1,0 +1,719 @@
+//! Crash recovery of the Scheduler as it runs in production: the real `scheduler` binary in a child
+//! process, `kill -9` while 500 bookings are in flight, then started again on the same database
+//! under the same instance name. Every booking must end scheduled with exactly one package, one
+//! drone reservation and one delivery; every saga step must have succeeded exactly once; and the
+//! checkpoint must be past every record of the log. The recovery time (restart → first saga
+//! completed) is printed, not asserted: speed is measured by benchmarks, not by tests.
+//!
+//! The other services run in the test process (`spawn_suite`); the scheduler is configured only
+//! through `APP_*` environment variables, as a Kubernetes pod would be.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use chrono::{DateTime, Utc};
+use contracts::{DeliveryRequested, DroneReservation, Fleet, PackageSummary, TrackingEvent};
+use futures::StreamExt;
+use integration_tests::{both_backends, spawn_suite, Backend, Suite, SuiteFaults, SERVICE_TOKEN};
+use messaging::StartAt;
+use saga::entities::{attempt, instance};
+use sea_orm::EntityTrait;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use uuid::Uuid;
+
+both_backends!(killed_scheduler_resumes_without_loss_or_duplicates);
+
+const BOOKINGS: usize = 500;
+const OWNER: &str = "acc-crash";
+const INSTANCE: &str = "scheduler-crash-0";
+/// Sagas the scheduler runs at once (see `scheduler_env`).
+const MAX_CONCURRENT_SAGAS: usize = 50;
+/// The kill comes once this many sagas completed.
+const KILL_AFTER: usize = BOOKINGS / 5;
+/// Checks run this many HTTP calls at once.
+const FAN_OUT: usize = 16;
+
+async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
+    let binary = scheduler_binary();
+    let suite = spawn_suite(backend, SuiteFaults::default()).await;
+    suite.account(OWNER, "active").await;
+    let workdir = tempfile::tempdir().unwrap();
+    let env = scheduler_env(&suite.scheduler_settings);
+
+    // 500 bookings wait in the log; pickups an hour apart, so the 30-drone Small fleet is never
+    // what limits them.
+    let ids: Vec<Uuid> = futures::stream::iter(0..BOOKINGS)
+        .map(|i| {
+            let suite = &suite;
+            async move {
+                let hours = 24 + i64::try_from(i).unwrap();
+                suite.book(&Suite::booking(OWNER, hours, "Small")).await
+            }
+        })
+        .buffer_unordered(FAN_OUT)
+        .collect()
+        .await;
+    let expected: HashSet<Uuid> = ids.iter().copied().collect();
+    assert_eq!(
+        expected.len(),
+        BOOKINGS,
+        "Ingestion handed out distinct ids"
+    );
+
+    // First run: killed with SIGKILL once a fifth of the sagas completed.
+    let mut first = SchedulerProcess::spawn(&binary, &env, workdir.path(), 1);
+    first.wait_ready(Duration::from_secs(60)).await;
+    let started = Instant::now();
+    let seen_before_kill = loop {
+        let n = first.completed().await.len();
+        if n >= KILL_AFTER {
+            break n;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "fewer than {KILL_AFTER} sagas completed within 60 s; scheduler log:\n{}",
+            first.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let status = first.kill9();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the scheduler died of SIGKILL: {status:?}"
+    );
+    assert!(
+        reqwest::get(first.url("/healthz")).await.is_err(),
+        "nothing answers on the killed scheduler's port"
+    );
+    let at_kill = journal_state(&suite).await;
+    println!(
+        "killed after {:.2} s of work: {seen_before_kill} completed seen by the poll; journal at the \
+         kill: {} sagas started of {BOOKINGS} — by state/next step {:?}; {} attempts; checkpoints \
+         {:?}",
+        started.elapsed().as_secs_f64(),
+        at_kill.started,
+        at_kill.by_state_step,
+        at_kill.attempts,
+        at_kill.checkpoints,
+    );
+    assert!(
+        at_kill.completed < BOOKINGS,
+        "the kill came after every saga had completed, so it proves nothing: {:?}",
+        at_kill.by_state_step
+    );
+
+    // Second run, same settings and instance name: it takes its leases back at once.
+    let restarted_at = Utc::now();
+    let restart = Instant::now();
+    let mut second = SchedulerProcess::spawn(&binary, &env, workdir.path(), 2);
+    second.wait_ready(Duration::from_secs(60)).await;
+    let ready_after = restart.elapsed();
+    let completed = loop {
+        let completed = second.completed().await;
+        if completed.len() == BOOKINGS {
+            break completed;
+        }
+        let failed = second.workflows("failed").await;
+        assert!(failed.is_empty(), "sagas failed: {failed:?}");
+        assert!(
+            restart.elapsed() < Duration::from_secs(90),
+            "only {} of {BOOKINGS} sagas completed within 90 s of the restart; scheduler log:\n{}",
+            completed.len(),
+            second.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let all_done_after = restart.elapsed();
+    let completed_ids: HashSet<Uuid> = completed.keys().map(|id| id.parse().unwrap()).collect();
+    assert_eq!(
+        completed_ids, expected,
+        "every booking has a completed saga"
+    );
+    let after_restart: Vec<DateTime<Utc>> = completed
+        .values()
+        .copied()
+        .filter(|t| *t >= restarted_at)
+        .collect();
+    let first_completion = after_restart.iter().min().copied().unwrap();
+    let first_attempt = journal_state(&suite)
+        .await
+        .attempt_times
+        .into_iter()
+        .filter(|t| *t >= restarted_at)
+        .min()
+        .unwrap();
+    println!(
+        "recovery: ready {:.0} ms after the restart, first step attempt journaled after {} ms, \
+         first saga completed after {} ms; {} sagas completed after the restart, all {BOOKINGS} \
+         after {:.2} s",
+        ready_after.as_secs_f64() * 1000.0,
+        (first_attempt - restarted_at).num_milliseconds(),
+        (first_completion - restarted_at).num_milliseconds(),
+        after_restart.len(),
+        all_done_after.as_secs_f64(),
+    );
+
+    // Exactly one of everything, and every step succeeded exactly once.
+    let mut transient: BTreeMap<String, usize> = BTreeMap::new();
+    let drones: HashMap<Uuid, String> = futures::stream::iter(ids.iter().copied())
+        .map(|id| {
+            let second = &second;
+            async move {
+                let (status, wf) = second.get(&format!("/api/workflows/{id}")).await;
+                assert_eq!(status, 200, "{wf}");
+                (id, wf)
+            }
+        })
+        .buffer_unordered(FAN_OUT)
+        .map(|(id, wf)| {
+            assert_eq!(wf["state"], "completed", "{wf}");
+            let steps = wf["steps"].as_array().unwrap();
+            assert_eq!(steps.len(), 4, "{wf}");
+            for step in steps {
+                let name = step["name"].as_str().unwrap();
+                let attempts = step["attempts"].as_array().unwrap();
+                let outcomes: Vec<&str> = attempts
+                    .iter()
+                    .map(|a| a["outcome"].as_str().unwrap())
+                    .collect();
+                for a in attempts.iter().filter(|a| a["outcome"] == "transient") {
+                    let error = generalize(a["error"].as_str().unwrap_or_default());
+                    let when: DateTime<Utc> = a["finishedAt"].as_str().unwrap().parse().unwrap();
+                    let phase = if when < restarted_at {
+                        "before the kill"
+                    } else {
+                        "after the restart"
+                    };
+                    *transient
+                        .entry(format!("{name} {phase}: {error}"))
+                        .or_default() += 1;
+                }
+                assert_eq!(step["status"], "succeeded", "{id}: {wf}");
+                assert_eq!(
+                    outcomes.iter().filter(|o| **o == "succeeded").count(),
+                    1,
+                    "{id} {name}: one successful attempt, got {outcomes:?}"
+                );
+                assert!(
+                    !outcomes.contains(&"permanent"),
+                    "{id} {name}: {outcomes:?}"
+                );
+            }
+            let drone = wf["steps"][2]["output"]["droneId"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            (id, drone)
+        })
+        .collect()
+        .await;
+    if transient.is_empty() {
+        println!("no transient attempt in any saga");
+    } else {
+        println!("NOTE: transient attempts (a kill alone causes none):");
+        for (what, n) in &transient {
+            println!("  {n} × {what}");
+        }
+    }
+
+    let summary: PackageSummary = suite
+        .package
+        .get(&format!("/api/packages/summary/{OWNER}"))
+        .await
+        .json();
+    assert_eq!(summary.total, BOOKINGS as u64, "one package per booking");
+    let fleet: Fleet = suite.drone.get("/api/drones").await.json();
+    assert_eq!(
+        fleet
+            .drones
+            .iter()
+            .map(|d| d.upcoming_reservations)
+            .sum::<u64>(),
+        BOOKINGS as u64,
+        "one drone reservation per booking"
+    );
+    futures::stream::iter(ids.iter().copied())
+        .for_each_concurrent(FAN_OUT, |id| {
+            let (suite, drones) = (&suite, &drones);
+            async move {
+                let package = suite.package.get(&format!("/api/packages/{id}")).await;
+                assert_eq!(package.status, 200, "package {id}: {}", package.body);
+                let reservation = suite.drone.get(&format!("/api/dronedeliveries/{id}")).await;
+                assert_eq!(
+                    reservation.status, 200,
+                    "reservation {id}: {}",
+                    reservation.body
+                );
+                let r: DroneReservation = reservation.json();
+                assert_eq!(
+                    r.drone_id, drones[&id],
+                    "the journaled drone is the reserved one"
+                );
+                let delivery = suite.delivery.get(&format!("/api/deliveries/{id}")).await;
+                assert_eq!(delivery.status, 200, "delivery {id}: {}", delivery.body);
+                assert_eq!(delivery.body["droneId"], r.drone_id.as_str());
+                let events: Vec<TrackingEvent> = suite
+                    .delivery
+                    .get(&format!("/api/deliveries/{id}/events"))
+                    .await
+                    .json();
+                let created = events
+                    .iter()
+                    .filter(|e| e.stage == contracts::DeliveryStage::Created)
+                    .count();
+                assert_eq!(
+                    created, 1,
+                    "delivery {id}: one Created event, got {events:?}"
+                );
+            }
+        })
+        .await;
+
+    // The checkpoint of every partition is past its last record.
+    let last = last_offsets(&suite, &expected).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let checkpoints = loop {
+        let (status, body) = second.get("/api/partitions").await;
+        assert_eq!(status, 200, "{body}");
+        let checkpoints: BTreeMap<u32, (i64, String)> = body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    u32::try_from(p["partition"].as_i64().unwrap()).unwrap(),
+                    (
+                        p["nextOffset"].as_i64().unwrap(),
+                        p["owner"].as_str().unwrap().to_owned(),
+                    ),
+                )
+            })
+            .collect();
+        let past = last.iter().all(|(p, offset)| {
+            checkpoints
+                .get(p)
+                .is_some_and(|(next, _)| u64::try_from(*next).unwrap_or(0) > *offset)
+        });
+        if past {
+            break checkpoints;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkpoints {checkpoints:?} not past the last offsets {last:?} after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        checkpoints.values().all(|(_, owner)| owner == INSTANCE),
+        "{checkpoints:?}"
+    );
+    let behind: u64 = last
+        .iter()
+        .map(|(p, offset)| {
+            let at_kill = at_kill
+                .checkpoints
+                .get(&i32::try_from(*p).unwrap())
+                .map_or(0, |o| u64::try_from(*o).unwrap_or(0));
+            (offset + 1).saturating_sub(at_kill)
+        })
+        .sum();
+    println!(
+        "last offsets {last:?}; checkpoints (next offset, owner) {checkpoints:?}; at the kill the \
+         checkpoints were {behind} log records (batches) short of the end"
+    );
+
+    // The client sees every booking scheduled (the workflow events left the outbox).
+    let token = suite.ingestion.token(OWNER, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pending: Vec<Uuid> = ids.clone();
+    while !pending.is_empty() {
+        let states: Vec<(Uuid, Value)> = futures::stream::iter(pending.iter().copied())
+            .map(|id| {
+                let (suite, token) = (&suite, &token);
+                async move {
+                    let r = suite
+                        .ingestion
+                        .app
+                        .call_with(
+                            reqwest::Method::GET,
+                            &format!("/api/deliveryrequests/{id}"),
+                            None,
+                            Some(token),
+                        )
+                        .await;
+                    (id, r.body["state"].clone())
+                }
+            })
+            .buffer_unordered(FAN_OUT)
+            .collect()
+            .await;
+        pending = states
+            .iter()
+            .filter(|(_, s)| *s != "scheduled")
+            .map(|(id, _)| *id)
+            .collect();
+        if !pending.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} bookings not scheduled for the client after 30 s, e.g. {:?}",
+                pending.len(),
+                states.iter().find(|(_, s)| *s != "scheduled")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    drop(second);
+    drop(first);
+    suite.stop().await;
+}
+
+/// The scheduler binary next to this test's executable (`target/<profile>/deps/..`), built first
+/// when it is missing or older than the sources it is made of.
+fn scheduler_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps")
+        .to_path_buf();
+    let binary = profile_dir.join(format!("scheduler{}", std::env::consts::EXE_SUFFIX));
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
+    let sources = [workspace.join("services/scheduler"), workspace.join("libs")];
+    let newest = sources.iter().filter_map(|d| newest_source(d)).max();
+    let stale = match (built, newest) {
+        (None, _) => true,
+        (Some(b), Some(n)) => n > b,
+        (Some(_), None) => false,
+    };
+    if stale {
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut args = vec!["build", "-p", "scheduler", "--bin", "scheduler"];
+        if release {
+            args.push("--release");
+        }
+        println!(
+            "{} is missing or older than its sources: running `cargo {}`",
+            binary.display(),
+            args.join(" ")
+        );
+        let status = Command::new(cargo)
+            .args(&args)
+            .current_dir(workspace)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo {} failed", args.join(" "));
+    }
+    assert!(
+        binary.exists(),
+        "{} does not exist (run `cargo build --workspace --bins`)",
+        binary.display()
+    );
+    binary
+}
+
+/// The newest modification time of a `.rs` or `Cargo.toml` file under `dir`.
+fn newest_source(dir: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let t = if path.is_dir() {
+            if name == "target" {
+                continue;
+            }
+            newest_source(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") || name == "Cargo.toml" {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        } else {
+            None
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// The suite's scheduler settings as the environment of a scheduler process.
+fn scheduler_env(s: &scheduler::Settings) -> Vec<(String, String)> {
+    let sc = &s.scheduler;
+    let d = &s.downstream;
+    let env: Vec<(&str, String)> = vec![
+        ("APP_HTTP__HOST", "127.0.0.1".into()),
+        ("APP_HTTP__WORKERS", s.http.workers.to_string()),
+        ("APP_DATABASE__URL", s.database.url.expose_secret().into()),
+        (
+            "APP_AUTH__SERVICE_TOKEN",
+            s.auth.service_token.expose_secret().into(),
+        ),
+        (
+            "APP_AUTH__JWT_SECRET",
+            s.auth.jwt_secret.expose_secret().into(),
+        ),
+        ("APP_MESSAGING__URL", s.messaging.url.expose_secret().into()),
+        ("APP_MESSAGING__PREFIX", s.messaging.prefix.clone()),
+        (
+            "APP_MESSAGING__CONNECTION_NAME",
+            s.messaging.connection_name.clone(),
+        ),
+        ("APP_DOWNSTREAM__ACCOUNT_URL", d.account_url.clone()),
+        ("APP_DOWNSTREAM__PACKAGE_URL", d.package_url.clone()),
+        ("APP_DOWNSTREAM__DRONE_URL", d.drone_url.clone()),
+        ("APP_DOWNSTREAM__DELIVERY_URL", d.delivery_url.clone()),
+        ("APP_DOWNSTREAM__TIMEOUT_MS", d.timeout_ms.to_string()),
+        ("APP_SCHEDULER__PARTITIONS", sc.partitions.to_string()),
+        ("APP_SCHEDULER__REPLICAS", "1".into()),
+        ("APP_SCHEDULER__ORDINAL", "0".into()),
+        ("APP_SCHEDULER__INSTANCE_ID", INSTANCE.into()),
+        ("APP_SCHEDULER__LEASE_TTL_MS", sc.lease_ttl_ms.to_string()),
+        (
+            "APP_SCHEDULER__CHECKPOINT_INTERVAL_MS",
+            sc.checkpoint_interval_ms.to_string(),
+        ),
+        // Not the suite's 2,000: this test is about recovery, not load. 500 sagas at once against
+        // the debug-build services of the test process time out by the hundred (1 s timeout),
+        // and a step that times out 8 times fails its saga. Bounded, the kill also finds bookings
+        // in every phase: scheduled, mid-saga, and not yet read past the checkpoint.
+        (
+            "APP_SCHEDULER__MAX_CONCURRENT_SAGAS",
+            MAX_CONCURRENT_SAGAS.to_string(),
+        ),
+        ("RUST_LOG", "info".into()),
+    ];
+    let steps = [
+        ("ACCOUNT", sc.steps.account),
+        ("PACKAGE", sc.steps.package),
+        ("DRONE", sc.steps.drone),
+        ("DELIVERY", sc.steps.delivery),
+    ];
+    let mut owned: Vec<(String, String)> =
+        env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    for (step, p) in steps {
+        owned.push((
+            format!("APP_SCHEDULER__STEPS__{step}__MIN_DELAY_MS"),
+            p.min_delay_ms.to_string(),
+        ));
+        owned.push((
+            format!("APP_SCHEDULER__STEPS__{step}__MAX_DELAY_MS"),
+            p.max_delay_ms.to_string(),
+        ));
+    }
+    owned
+}
+
+/// A scheduler process. Dropping it kills it (SIGKILL) and reaps it, so a failed test leaves
+/// nothing running.
+struct SchedulerProcess {
+    child: Child,
+    port: u16,
+    client: reqwest::Client,
+    log: PathBuf,
+}
+
+impl SchedulerProcess {
+    fn spawn(binary: &Path, env: &[(String, String)], dir: &Path, generation: u32) -> Self {
+        let port = free_port();
+        let log = dir.join(format!("scheduler-{generation}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(binary);
+        // Only what the test sets: no APP_* from the environment, no config file from the cwd.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("APP_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.current_dir(dir)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("APP_HTTP__PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = cmd.spawn().expect("the scheduler binary starts");
+        SchedulerProcess {
+            child,
+            port,
+            client: reqwest::Client::new(),
+            log,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    async fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the scheduler exited during start ({status}); its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the scheduler was not ready within {within:?}; its log:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .expect("the scheduler answers");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn workflows(&self, state: &str) -> Vec<Value> {
+        let (status, body) = self
+            .get(&format!("/api/workflows?state={state}&limit={BOOKINGS}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body.as_array().cloned().unwrap()
+    }
+
+    /// Completed sagas: deliveryId → when it completed.
+    async fn completed(&self) -> HashMap<String, DateTime<Utc>> {
+        self.workflows("completed")
+            .await
+            .iter()
+            .map(|w| {
+                (
+                    w["deliveryId"].as_str().unwrap().to_owned(),
+                    w["updatedAt"].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// `kill -9`, and waits for the process to be gone.
+    fn kill9(&mut self) -> ExitStatus {
+        // `Child::kill` sends SIGKILL on Unix; the exit status confirms it below.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for SchedulerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The scheduler's journal, read directly from its database.
+struct JournalState {
+    started: usize,
+    completed: usize,
+    by_state_step: BTreeMap<(String, i32), usize>,
+    attempts: usize,
+    attempt_times: Vec<DateTime<Utc>>,
+    checkpoints: BTreeMap<i32, i64>,
+}
+
+async fn journal_state(suite: &Suite) -> JournalState {
+    let db = service_kit::db::connect(&suite.scheduler_db.settings)
+        .await
+        .unwrap();
+    let sagas = instance::Entity::find().all(&db).await.unwrap();
+    let attempts = attempt::Entity::find().all(&db).await.unwrap();
+    let leases = scheduler::ownership::lease::Entity::find()
+        .all(&db)
+        .await
+        .unwrap();
+    let _ = db.close().await;
+    let mut by_state_step = BTreeMap::new();
+    for s in &sagas {
+        *by_state_step
+            .entry((s.state.clone(), s.next_step))
+            .or_default() += 1;
+    }
+    JournalState {
+        started: sagas.len(),
+        completed: sagas.iter().filter(|s| s.state == "completed").count(),
+        by_state_step,
+        attempts: attempts.len(),
+        attempt_times: attempts.iter().map(|a| a.finished_at).collect(),
+        checkpoints: leases
+            .iter()
+            .map(|l| (l.partition, l.next_offset))
+            .collect(),
+    }
+}
+
+/// The offset of the last record of each partition of `delivery-requests`, checking on the way
+/// that the log holds every booking exactly once.
+async fn last_offsets(suite: &Suite, expected: &HashSet<Uuid>) -> BTreeMap<u32, u64> {
+    let partitions = suite.scheduler_settings.scheduler.partitions;
+    let log = suite
+        .ingestion
+        .broker
+        .log(contracts::DELIVERY_REQUESTS_LOG, partitions)
+        .await
+        .unwrap();
+    let mut last = BTreeMap::new();
+    let mut seen: Vec<Uuid> = Vec::new();
+    for p in 0..partitions {
+        let mut reader = log.read(p, StartAt::First).await.unwrap();
+        // The log is complete (every booking was acknowledged long ago): quiet means the end.
+        while let Ok(Some(record)) =
+            tokio::time::timeout(Duration::from_secs(2), reader.next()).await
+        {
+            last.insert(p, record.position.offset);
+            let request: DeliveryRequested = record.event.unwrap().decode().unwrap();
+            seen.push(request.delivery_id);
+        }
+    }
+    let distinct: HashSet<Uuid> = seen.iter().copied().collect();
+    assert_eq!(seen.len(), BOOKINGS, "the log holds each booking once");
+    assert_eq!(&distinct, expected);
+    last
+}
+
+/// An error message with its ids replaced by `{id}` and cut short, so alike errors count together.
+fn generalize(error: &str) -> String {
+    let mut out = String::new();
+    let mut rest = error;
+    while !rest.is_empty() {
+        if rest.len() >= 36 && rest.is_char_boundary(36) && Uuid::parse_str(&rest[..36]).is_ok() {
+            out.push_str("{id}");
+            rest = &rest[36..];
+        } else {
+            let c = rest.chars().next().unwrap();
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out.chars().take(160).collect()
+}

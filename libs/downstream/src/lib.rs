@@ -1,0 +1,19 @@
+//! Typed HTTP clients for the four domain services (Account, Package, Drone, Delivery), as the
+//! Scheduler's saga steps and the Supervisor's compensations call them.
+//!
+//! Every call either returns the decoded wire type or a [`CallError`] that says whether trying
+//! again can help (DESIGN §6): connect errors, timeouts, `5xx`, `408` and `429` are
+//! [`CallError::Transient`] (with the server's `Retry-After` when it sent one); every other `4xx`
+//! and every answer that does not decode is [`CallError::Permanent`], carrying the status and the
+//! problem+json `code`. Compensating `DELETE`s treat "no such resource" as done, so the Supervisor
+//! can replay them freely. The retry policy itself (backoff, budgets) belongs to the caller.
+
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+mod settings;
+
+pub use client::Downstream;
+pub use error::CallError;
+pub use settings::DownstreamSettings;

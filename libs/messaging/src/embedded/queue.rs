@@ -1,0 +1,461 @@
+//! The embedded work queue: one row per message, moving `ready` → `inflight` (claimed by one
+//! consumer) → deleted (ack), back to `ready` (nack, or its consumer went away), or `parked`
+//! (delivery limit, reject, undecodable). A claim is one `UPDATE ... RETURNING`, so competing
+//! consumers never hold the same message at once.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use sea_orm::Value;
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+use super::store::{column, parse_timestamp, timestamp, Store, FALLBACK_POLL};
+use crate::envelope::Envelope;
+use crate::error::{MessagingError, Result};
+use crate::traits::{Acker, Parked, QueueMessage, QueueOptions, QueueReceiver, WorkQueue};
+
+/// Most messages claimed by one statement, whatever the prefetch.
+const CLAIM_PAGE: usize = 100;
+
+pub(super) struct EmbeddedQueue {
+    shared: Arc<Shared>,
+}
+
+/// What a queue, its consumers and their unanswered messages share.
+struct Shared {
+    store: Arc<Store>,
+    name: String,
+    delivery_limit: u32,
+    /// Wakes this process's consumers when a message becomes ready.
+    signal: Arc<Notify>,
+}
+
+impl EmbeddedQueue {
+    pub(super) fn new(store: Arc<Store>, name: String, options: QueueOptions) -> Self {
+        let signal = store.signal(&format!("queue\u{0}{name}"));
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                name,
+                delivery_limit: options.delivery_limit.max(1),
+                signal,
+            }),
+        }
+    }
+
+    pub(super) fn delivery_limit(&self) -> u32 {
+        self.shared.delivery_limit
+    }
+
+    async fn insert(&self, message_id: String, payload: Vec<u8>) -> Result<()> {
+        self.shared
+            .store
+            .execute(
+                "INSERT INTO messaging_queue_messages
+                    (queue, message_id, payload, state, delivery_count, enqueued_at)
+                 VALUES (?, ?, ?, 'ready', 0, ?)",
+                [
+                    Value::from(self.shared.name.clone()),
+                    Value::from(message_id),
+                    Value::from(payload),
+                    Value::from(timestamp(Utc::now())),
+                ],
+            )
+            .await?;
+        self.shared.signal.notify_waiters();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl WorkQueue for EmbeddedQueue {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    async fn publish(&self, event: Envelope) -> Result<()> {
+        let payload = event.encode()?;
+        self.insert(event.id.to_string(), payload).await
+    }
+
+    async fn publish_raw(&self, bytes: Vec<u8>) -> Result<()> {
+        // The id is fixed now, so an undecodable message keeps one id to redrive it by.
+        let message_id = match Envelope::decode_one(&bytes) {
+            Ok(event) => event.id.to_string(),
+            Err(_) => uuid::Uuid::new_v4().to_string(),
+        };
+        self.insert(message_id, bytes).await
+    }
+
+    async fn consume(&self, prefetch: u16) -> Result<QueueReceiver> {
+        // Prefetch 0 means "no limit", as in AMQP.
+        let slots = if prefetch == 0 {
+            usize::from(u16::MAX)
+        } else {
+            usize::from(prefetch)
+        };
+        let consumer = Consumer {
+            shared: self.shared.clone(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            slots: Arc::new(Semaphore::new(slots)),
+        };
+        // Every slot may hold a message waiting in the channel, so sends never wait long.
+        let (tx, rx) = mpsc::channel(slots);
+        let task = tokio::spawn(consumer.run(tx));
+        Ok(QueueReceiver::new(rx, task))
+    }
+
+    async fn depth(&self) -> Result<u64> {
+        let rows = self
+            .shared
+            .store
+            .query(
+                "SELECT COUNT(*) AS n FROM messaging_queue_messages WHERE queue = ? AND state = 'ready'",
+                [Value::from(self.shared.name.clone())],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => Ok(u64::try_from(column::<i64>(row, "n")?).unwrap_or(0)),
+            None => Ok(0),
+        }
+    }
+
+    async fn parked(&self, limit: usize) -> Result<Vec<Parked>> {
+        let rows = self
+            .shared
+            .store
+            .query(
+                "SELECT message_id, payload, reason, delivery_count, parked_at
+                 FROM messaging_queue_messages WHERE queue = ? AND state = 'parked'
+                 ORDER BY parked_at, seq LIMIT ?",
+                [
+                    Value::from(self.shared.name.clone()),
+                    Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let payload = column::<Vec<u8>>(row, "payload")?;
+                let parked_at = column::<Option<String>>(row, "parked_at")?.unwrap_or_default();
+                Ok(Parked {
+                    message_id: column(row, "message_id")?,
+                    event: Envelope::decode_one(&payload).ok(),
+                    reason: column::<Option<String>>(row, "reason")?.unwrap_or_default(),
+                    delivery_count: count(column(row, "delivery_count")?),
+                    parked_at: parse_timestamp(&parked_at)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn redrive(&self, message_id: &str) -> Result<bool> {
+        // One message per call: should two parked messages share an id, each is redriven on its own.
+        let moved = self
+            .shared
+            .store
+            .execute(
+                "UPDATE messaging_queue_messages
+                 SET state = 'ready', delivery_count = 0, reason = NULL, parked_at = NULL
+                 WHERE seq = (SELECT seq FROM messaging_queue_messages
+                              WHERE queue = ? AND state = 'parked' AND message_id = ?
+                              ORDER BY seq LIMIT 1)",
+                [
+                    Value::from(self.shared.name.clone()),
+                    Value::from(message_id.to_owned()),
+                ],
+            )
+            .await?;
+        if moved > 0 {
+            self.shared.signal.notify_waiters();
+        }
+        Ok(moved > 0)
+    }
+}
+
+fn count(n: i64) -> u32 {
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
+/// A claimed row.
+struct Claimed {
+    seq: i64,
+    payload: Vec<u8>,
+    delivery_count: u32,
+}
+
+struct Consumer {
+    shared: Arc<Shared>,
+    /// Stored on every message this consumer claims.
+    id: String,
+    /// One permit per unanswered message: taken at claim, given back when the message is
+    /// answered (not when it is merely dropped, as with AMQP prefetch).
+    slots: Arc<Semaphore>,
+}
+
+impl Consumer {
+    async fn run(self, tx: mpsc::Sender<QueueMessage>) {
+        // Whether this task ends or is aborted (receiver dropped), its unanswered messages go
+        // back to the queue.
+        let _requeue = RequeueOnDrop {
+            shared: self.shared.clone(),
+            consumer: self.id.clone(),
+        };
+        loop {
+            let Ok(first) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut permits = vec![first];
+            while permits.len() < CLAIM_PAGE {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            // Registered before the claim, so a publish committed after it still wakes us.
+            let published = self.shared.signal.notified();
+            tokio::pin!(published);
+            published.as_mut().enable();
+            let claimed = match self.claim(permits.len()).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(queue = %self.shared.name, error = %e, "claiming messages failed; retrying");
+                    drop(permits);
+                    tokio::time::sleep(FALLBACK_POLL).await;
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                drop(permits);
+                tokio::select! {
+                    _ = &mut published => {}
+                    _ = tokio::time::sleep(FALLBACK_POLL) => {}
+                    _ = tx.closed() => return,
+                }
+                continue;
+            }
+            for row in claimed {
+                let Some(message) = self.deliverable(row).await else {
+                    continue;
+                };
+                // The slot now belongs to the message until it is answered.
+                if let Some(permit) = permits.pop() {
+                    permit.forget();
+                }
+                if tx.send(message).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes up to `n` ready messages, oldest first.
+    async fn claim(&self, n: usize) -> Result<Vec<Claimed>> {
+        let rows = self
+            .shared
+            .store
+            .query(
+                "UPDATE messaging_queue_messages
+                 SET state = 'inflight', delivery_count = delivery_count + 1, owner = ?, consumer = ?
+                 WHERE seq IN (SELECT seq FROM messaging_queue_messages
+                               WHERE queue = ? AND state = 'ready' ORDER BY seq LIMIT ?)
+                 RETURNING seq, payload, delivery_count",
+                [
+                    Value::from(self.shared.store.instance.clone()),
+                    Value::from(self.id.clone()),
+                    Value::from(self.shared.name.clone()),
+                    Value::from(i64::try_from(n).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await?;
+        let mut claimed = rows
+            .iter()
+            .map(|row| {
+                Ok(Claimed {
+                    seq: column(row, "seq")?,
+                    payload: column(row, "payload")?,
+                    delivery_count: count(column(row, "delivery_count")?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // RETURNING does not promise an order.
+        claimed.sort_by_key(|c| c.seq);
+        Ok(claimed)
+    }
+
+    /// The message to hand out, or `None` when the row was parked instead: undecodable, or
+    /// already delivered `delivery_limit` times to consumers that went away without answering
+    /// (a message that crashes its consumer must not be retried forever).
+    async fn deliverable(&self, row: Claimed) -> Option<QueueMessage> {
+        let acker = EmbeddedAcker {
+            shared: self.shared.clone(),
+            seq: row.seq,
+            consumer: self.id.clone(),
+            delivery_count: row.delivery_count,
+            slots: self.slots.clone(),
+        };
+        let limit = self.shared.delivery_limit;
+        let parked = match Envelope::decode_one(&row.payload) {
+            Err(poison) => {
+                let detail = poison
+                    .reason
+                    .strip_prefix("undecodable envelope: ")
+                    .unwrap_or(&poison.reason);
+                acker
+                    .park(&format!("undecodable message: {detail}"), false)
+                    .await
+            }
+            Ok(_) if row.delivery_count > limit => {
+                let reason =
+                    format!("delivery limit {limit} reached: consumer went away without answering");
+                acker.park(&reason, true).await
+            }
+            Ok(event) => {
+                return Some(QueueMessage {
+                    event,
+                    delivery_count: row.delivery_count,
+                    acker: Box::new(acker),
+                })
+            }
+        };
+        if let Err(e) = parked {
+            // Still in flight for this consumer: it goes back to the queue with the consumer
+            // and is parked on a later claim.
+            tracing::warn!(queue = %self.shared.name, error = %e, "parking a message failed");
+        }
+        None
+    }
+}
+
+/// Returns a consumer's unanswered messages to the queue. `Drop` cannot wait, so it spawns the
+/// update; should that fail too, the next open of the file requeues them.
+struct RequeueOnDrop {
+    shared: Arc<Shared>,
+    consumer: String,
+}
+
+impl Drop for RequeueOnDrop {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let consumer = std::mem::take(&mut self.consumer);
+        runtime.spawn(async move {
+            let requeued = shared
+                .store
+                .execute(
+                    "UPDATE messaging_queue_messages SET state = 'ready', owner = NULL, consumer = NULL
+                     WHERE queue = ? AND state = 'inflight' AND consumer = ?",
+                    [Value::from(shared.name.clone()), Value::from(consumer)],
+                )
+                .await;
+            match requeued {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(queue = %shared.name, messages = n, "requeued unanswered messages of a closed consumer");
+                    shared.signal.notify_waiters();
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %shared.name, error = %e, "requeueing unanswered messages failed")
+                }
+            }
+        });
+    }
+}
+
+struct EmbeddedAcker {
+    shared: Arc<Shared>,
+    seq: i64,
+    consumer: String,
+    /// With `consumer`, identifies this delivery: an answer to a message that has since been
+    /// requeued (its consumer went away) must not touch the new delivery.
+    delivery_count: u32,
+    slots: Arc<Semaphore>,
+}
+
+impl EmbeddedAcker {
+    /// Applies `set` to the row if this delivery still holds it.
+    async fn answer(&self, set: &str, values: Vec<Value>) -> Result<()> {
+        let sql = format!(
+            "{set} WHERE seq = ? AND state = 'inflight' AND consumer = ? AND delivery_count = ?"
+        );
+        let mut values = values;
+        values.extend([
+            Value::from(self.seq),
+            Value::from(self.consumer.clone()),
+            Value::from(i64::from(self.delivery_count)),
+        ]);
+        match self.shared.store.execute(&sql, values).await? {
+            0 => Err(MessagingError::Closed),
+            _ => Ok(()),
+        }
+    }
+
+    /// `uncount`: the delivery was never handed out, so it does not count.
+    async fn park(&self, reason: &str, uncount: bool) -> Result<()> {
+        let set = if uncount {
+            "UPDATE messaging_queue_messages SET state = 'parked', reason = ?, parked_at = ?,
+             owner = NULL, consumer = NULL, delivery_count = delivery_count - 1"
+        } else {
+            "UPDATE messaging_queue_messages SET state = 'parked', reason = ?, parked_at = ?,
+             owner = NULL, consumer = NULL"
+        };
+        let parked = self
+            .answer(
+                set,
+                vec![
+                    Value::from(reason.to_owned()),
+                    Value::from(timestamp(Utc::now())),
+                ],
+            )
+            .await;
+        if parked.is_ok() {
+            tracing::warn!(queue = %self.shared.name, reason, "message parked");
+        }
+        parked
+    }
+
+    /// Gives the message's slot back to its consumer, whatever the outcome: a failed answer
+    /// leaves the row to be requeued with the consumer.
+    fn release<T>(&self, outcome: Result<T>) -> Result<T> {
+        self.slots.add_permits(1);
+        outcome
+    }
+}
+
+#[async_trait]
+impl Acker for EmbeddedAcker {
+    async fn ack(&self) -> Result<()> {
+        let outcome = self
+            .answer("DELETE FROM messaging_queue_messages", Vec::new())
+            .await;
+        self.release(outcome)
+    }
+
+    async fn nack(&self, _delivery_count: u32, _event: &Envelope, reason: &str) -> Result<()> {
+        let limit = self.shared.delivery_limit;
+        let outcome = if self.delivery_count >= limit {
+            self.park(&format!("delivery limit {limit} reached: {reason}"), false)
+                .await
+        } else {
+            let requeued = self
+                .answer(
+                    "UPDATE messaging_queue_messages SET state = 'ready', owner = NULL, consumer = NULL",
+                    Vec::new(),
+                )
+                .await;
+            if requeued.is_ok() {
+                self.shared.signal.notify_waiters();
+            }
+            requeued
+        };
+        self.release(outcome)
+    }
+
+    async fn reject(&self, _delivery_count: u32, _event: &Envelope, reason: &str) -> Result<()> {
+        let outcome = self.park(reason, false).await;
+        self.release(outcome)
+    }
+}

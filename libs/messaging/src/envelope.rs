@@ -1,0 +1,119 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{MessagingError, Result};
+
+/// Every message on the log and the queues: who, what, which version, and a JSON body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Unique per event; consumers dedupe on it.
+    pub id: Uuid,
+    /// Event type, e.g. `delivery.requested`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Version of the body's schema for this type.
+    pub schema_version: u32,
+    /// Partitioning key (the deliveryId).
+    pub key: String,
+    pub time: DateTime<Utc>,
+    /// Free-form metadata, e.g. `traceparent`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub body: serde_json::Value,
+}
+
+impl Envelope {
+    /// A new event with a fresh id and the current time.
+    pub fn new(kind: &str, schema_version: u32, key: &str, body: &impl Serialize) -> Result<Self> {
+        Ok(Self {
+            id: Uuid::new_v4(),
+            kind: kind.to_owned(),
+            schema_version,
+            key: key.to_owned(),
+            time: Utc::now(),
+            headers: BTreeMap::new(),
+            body: serde_json::to_value(body).map_err(|e| MessagingError::Encode(e.to_string()))?,
+        })
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(name.to_owned(), value.to_owned());
+        self
+    }
+
+    /// The body as `T`, or the reason it does not fit.
+    pub fn decode<T: DeserializeOwned>(&self) -> std::result::Result<T, String> {
+        serde_json::from_value(self.body.clone())
+            .map_err(|e| format!("{} v{}: {e}", self.kind, self.schema_version))
+    }
+
+    pub(crate) fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| MessagingError::Encode(e.to_string()))
+    }
+
+    pub(crate) fn decode_one(bytes: &[u8]) -> std::result::Result<Envelope, Poison> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Poison::new(bytes, format!("undecodable envelope: {e}")))
+    }
+
+    /// Decodes a log batch; a batch that does not decode is one poison record.
+    pub(crate) fn decode_batch(bytes: &[u8]) -> std::result::Result<Vec<Envelope>, Poison> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Poison::new(bytes, format!("undecodable log batch: {e}")))
+    }
+}
+
+/// A message that could not be decoded, with why. Never retried; parked or skipped with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poison {
+    pub reason: String,
+    /// The raw bytes (truncated to 64 KiB).
+    pub raw: Vec<u8>,
+}
+
+impl Poison {
+    pub fn new(raw: &[u8], reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            raw: raw[..raw.len().min(64 * 1024)].to_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_and_decodes_bodies() {
+        let e = Envelope::new("delivery.requested", 1, "k1", &serde_json::json!({"a": 1}))
+            .map(|e| e.with_header("traceparent", "00-abc-def-01"));
+        let e = e.ok();
+        let bytes = e.as_ref().and_then(|e| e.encode().ok()).unwrap_or_default();
+        let back = Envelope::decode_one(&bytes).ok();
+        assert_eq!(back, e);
+        let text = String::from_utf8(bytes).unwrap_or_default();
+        assert!(text.contains("\"type\":\"delivery.requested\"") && text.contains("schemaVersion"));
+        #[derive(Deserialize)]
+        struct Body {
+            a: u32,
+        }
+        assert_eq!(
+            back.and_then(|b| b.decode::<Body>().ok()).map(|b| b.a),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn garbage_is_poison_with_a_reason() {
+        let p = Envelope::decode_one(b"not json").err();
+        assert!(p.is_some_and(|p| p.reason.starts_with("undecodable envelope")));
+        let p = Envelope::decode_batch(b"{\"x\":1}").err();
+        assert!(p.is_some_and(|p| p.raw == b"{\"x\":1}"));
+    }
+}

@@ -1,0 +1,88 @@
+//! One AMQP connection per broker, re-established on demand after it is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::{Channel, Connection, ConnectionProperties};
+use secrecy::ExposeSecret;
+use tokio::sync::Mutex;
+
+use crate::error::{MessagingError, Result};
+use crate::settings::MessagingSettings;
+
+pub(crate) struct Connector {
+    url: String,
+    name: String,
+    current: Mutex<Option<Arc<Connection>>>,
+}
+
+pub(crate) fn unavailable(e: lapin::Error) -> MessagingError {
+    MessagingError::Unavailable(e.to_string())
+}
+
+impl Connector {
+    pub(crate) fn new(settings: &MessagingSettings) -> Self {
+        Self {
+            url: settings.url.expose_secret().to_owned(),
+            name: settings.connection_name.clone(),
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The live connection, connecting (once, without retrying) when there is none.
+    pub(crate) async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut current = self.current.lock().await;
+        if let Some(c) = current.as_ref() {
+            if c.status().connected() {
+                return Ok(c.clone());
+            }
+        }
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("{}-{}", self.name, std::process::id()).into());
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(&self.url, props),
+        )
+        .await
+        .map_err(|_| MessagingError::Unavailable("connecting to RabbitMQ timed out".into()))?
+        .map_err(unavailable)?;
+        tracing::info!(connection = %self.name, "connected to rabbitmq");
+        let conn = Arc::new(conn);
+        *current = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A new channel on the live connection.
+    pub(crate) async fn channel(&self) -> Result<Channel> {
+        let conn = self.connection().await?;
+        conn.create_channel().await.map_err(unavailable)
+    }
+}
+
+/// Delays for reconnect loops: exponential from 100 ms to 5 s, with jitter, forever.
+pub(crate) fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Closes its channel when dropped (a reader or consumer going away, even by task abort), so the
+/// broker requeues whatever that consumer held unanswered.
+pub(crate) struct ChannelGuard(pub(crate) Channel);
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        let channel = self.0.clone();
+        if channel.status().connected() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = channel.close(200, "consumer gone".into()).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! Work queues on RabbitMQ quorum queues. `<name>` has a delivery limit and dead-letters
+//! (at-least-once, with `reject-publish` overflow) to `<name>.parked`. Consumers park a message
+//! themselves, with the reason in its headers, when it is rejected, undecodable, or nacked for the
+//! last allowed time; the broker's own delivery limit is the safety net for consumers that die
+//! without answering.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use tokio::sync::{mpsc, Mutex};
+
+use super::conn::{reconnect_delays, unavailable, ChannelGuard, Connector};
+use crate::envelope::Envelope;
+use crate::error::{MessagingError, Result};
+use crate::settings::MessagingSettings;
+use crate::traits::{Acker, Parked, QueueMessage, QueueOptions, QueueReceiver, WorkQueue};
+
+const PARK_REASON: &str = "x-park-reason";
+const MESSAGE_ID: &str = "x-message-id";
+const DELIVERIES: &str = "x-deliveries";
+const PARKED_AT: &str = "x-parked-at";
+
+pub(crate) fn parked_name(queue: &str) -> String {
+    format!("{queue}.parked")
+}
+
+pub(crate) struct RabbitQueue {
+    name: String,
+    queue: String,
+    parked: String,
+    options: QueueOptions,
+    connector: Arc<Connector>,
+    publisher: Arc<Publisher>,
+}
+
+impl RabbitQueue {
+    pub(crate) async fn declare(
+        connector: Arc<Connector>,
+        settings: &MessagingSettings,
+        name: &str,
+        options: QueueOptions,
+    ) -> Result<Self> {
+        let queue = settings.qualified(name);
+        let parked = parked_name(&queue);
+        let channel = connector.channel().await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut parked_args = FieldTable::default();
+        parked_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        channel
+            .queue_declare(parked.as_str().into(), durable, parked_args)
+            .await
+            .map_err(unavailable)?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(options.delivery_limit.max(1))),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(parked.as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        channel
+            .queue_declare(queue.as_str().into(), durable, args)
+            .await
+            .map_err(unavailable)?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(Self {
+            name: name.to_owned(),
+            publisher: Arc::new(Publisher {
+                connector: connector.clone(),
+                channel: Mutex::new(None),
+            }),
+            queue,
+            parked,
+            options,
+            connector,
+        })
+    }
+}
+
+/// A shared confirm-mode channel; concurrent publishes pipeline on it.
+struct Publisher {
+    connector: Arc<Connector>,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl Publisher {
+    async fn publish(&self, queue: &str, payload: &[u8], props: BasicProperties) -> Result<()> {
+        let confirm = {
+            let mut slot = self.channel.lock().await;
+            let channel = match slot.as_ref() {
+                Some(c) if c.status().connected() => c.clone(),
+                _ => {
+                    let c = self.connector.channel().await?;
+                    c.confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .map_err(unavailable)?;
+                    *slot = Some(c.clone());
+                    c
+                }
+            };
+            match channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    payload,
+                    props.with_delivery_mode(2),
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    *slot = None;
+                    return Err(unavailable(e));
+                }
+            }
+        };
+        match confirm.await.map_err(unavailable)? {
+            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Nack(_) => Err(MessagingError::Nacked(format!(
+                "{queue} refused the message (full?)"
+            ))),
+            Confirmation::NotRequested => Err(MessagingError::Nacked("confirms are off".into())),
+        }
+    }
+}
+
+fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref()?.inner().get(name)
+}
+
+fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
+    match header(props, name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn header_int(props: &BasicProperties, name: &str) -> Option<i64> {
+    match header(props, name)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        _ => None,
+    }
+}
+
+/// Quorum queues count earlier deliveries in `x-delivery-count` (absent on the first).
+fn delivery_count(props: &BasicProperties) -> u32 {
+    let earlier = header_int(props, "x-delivery-count").unwrap_or(0);
+    u32::try_from(earlier.max(0))
+        .unwrap_or(u32::MAX)
+        .saturating_add(1)
+}
+
+fn message_id_of(props: &BasicProperties) -> Option<String> {
+    header_text(props, MESSAGE_ID)
+        .or_else(|| props.message_id().as_ref().map(|m| m.as_str().to_owned()))
+}
+
+/// Moves a message to the parked queue with its reason; the caller acks the original after.
+async fn park(
+    publisher: &Publisher,
+    parked: &str,
+    payload: &[u8],
+    message_id: &str,
+    deliveries: u32,
+    reason: &str,
+) -> Result<()> {
+    let mut headers = FieldTable::default();
+    headers.insert(PARK_REASON.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(MESSAGE_ID.into(), AMQPValue::LongString(message_id.into()));
+    headers.insert(
+        DELIVERIES.into(),
+        AMQPValue::LongLongInt(i64::from(deliveries)),
+    );
+    headers.insert(
+        PARKED_AT.into(),
+        AMQPValue::LongString(Utc::now().to_rfc3339().into()),
+    );
+    let props = BasicProperties::default()
+        .with_headers(headers)
+        .with_message_id(ShortString::from(message_id.to_owned()));
+    publisher.publish(parked, payload, props).await?;
+    tracing::warn!(queue = parked, message_id, reason, "message parked");
+    Ok(())
+}
+
+struct RabbitAcker {
+    acker: lapin::Acker,
+    publisher: Arc<Publisher>,
+    parked: String,
+    payload: Vec<u8>,
+    limit: u32,
+}
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    async fn ack(&self) -> Result<()> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn nack(&self, delivery_count: u32, event: &Envelope, reason: &str) -> Result<()> {
+        if delivery_count >= self.limit {
+            let reason = format!("delivery limit {} reached: {reason}", self.limit);
+            return self.reject(delivery_count, event, &reason).await;
+        }
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn reject(&self, delivery_count: u32, event: &Envelope, reason: &str) -> Result<()> {
+        park(
+            &self.publisher,
+            &self.parked,
+            &self.payload,
+            &event.id.to_string(),
+            delivery_count,
+            reason,
+        )
+        .await?;
+        self.ack().await
+    }
+}
+
+#[async_trait]
+impl WorkQueue for RabbitQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, event: Envelope) -> Result<()> {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(ShortString::from(event.id.to_string()));
+        self.publisher
+            .publish(&self.queue, &event.encode()?, props)
+            .await
+    }
+
+    async fn publish_raw(&self, bytes: Vec<u8>) -> Result<()> {
+        self.publisher
+            .publish(&self.queue, &bytes, BasicProperties::default())
+            .await
+    }
+
+    async fn consume(&self, prefetch: u16) -> Result<QueueReceiver> {
+        let first = subscribe(&self.connector, &self.queue, prefetch).await?;
+        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        let task = tokio::spawn(consume_loop(
+            self.connector.clone(),
+            self.publisher.clone(),
+            self.queue.clone(),
+            self.parked.clone(),
+            self.options.delivery_limit.max(1),
+            prefetch,
+            first,
+            tx,
+        ));
+        Ok(QueueReceiver::new(rx, task))
+    }
+
+    async fn depth(&self) -> Result<u64> {
+        let channel = self.connector.channel().await?;
+        let q = channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(u64::from(q.message_count()))
+    }
+
+    async fn parked(&self, limit: usize) -> Result<Vec<Parked>> {
+        // Take up to `limit` without acking, then close the channel: they all go back, in order.
+        let channel = self.connector.channel().await?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(got) = channel
+                .basic_get(
+                    self.parked.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .map_err(unavailable)?
+            else {
+                break;
+            };
+            out.push(describe_parked(&got.delivery));
+        }
+        let _ = channel.close(200, "listed".into()).await;
+        Ok(out)
+    }
+
+    async fn redrive(&self, message_id: &str) -> Result<bool> {
+        let channel = self.connector.channel().await?;
+        let mut found = false;
+        while let Some(got) = channel
+            .basic_get(
+                self.parked.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(unavailable)?
+        {
+            let d = got.delivery;
+            if message_id_of(&d.properties).as_deref() == Some(message_id) {
+                let props = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_message_id(ShortString::from(message_id.to_owned()));
+                self.publisher.publish(&self.queue, &d.data, props).await?;
+                d.ack(BasicAckOptions::default())
+                    .await
+                    .map_err(unavailable)?;
+                found = true;
+                break;
+            }
+        }
+        let _ = channel.close(200, "redriven".into()).await;
+        if found {
+            tracing::info!(queue = %self.queue, message_id, "parked message redriven");
+        }
+        Ok(found)
+    }
+}
+
+fn describe_parked(d: &lapin::message::Delivery) -> Parked {
+    let event = Envelope::decode_one(&d.data).ok();
+    let reason = header_text(&d.properties, PARK_REASON)
+        .or_else(|| {
+            header_text(&d.properties, "x-first-death-reason")
+                .map(|r| format!("dead-lettered by the broker: {r}"))
+        })
+        .unwrap_or_else(|| "dead-lettered by the broker".to_owned());
+    let message_id = message_id_of(&d.properties)
+        .or_else(|| event.as_ref().map(|e| e.id.to_string()))
+        .unwrap_or_default();
+    let delivery_count = header_int(&d.properties, DELIVERIES)
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(0);
+    let parked_at = header_text(&d.properties, PARKED_AT)
+        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+        .map_or_else(Utc::now, |t| t.with_timezone(&Utc));
+    Parked {
+        message_id,
+        event,
+        reason,
+        delivery_count,
+        parked_at,
+    }
+}
+
+async fn subscribe(
+    connector: &Connector,
+    queue: &str,
+    prefetch: u16,
+) -> Result<(ChannelGuard, lapin::Consumer)> {
+    let channel = connector.channel().await?;
+    channel
+        .basic_qos(prefetch.max(1), BasicQosOptions::default())
+        .await
+        .map_err(unavailable)?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok((ChannelGuard(channel), consumer))
+}
+
+/// Delivers decodable messages to the receiver and parks the rest; re-subscribes with backoff
+/// after a connection loss (the broker redelivers whatever was unanswered).
+#[allow(clippy::too_many_arguments)]
+async fn consume_loop(
+    connector: Arc<Connector>,
+    publisher: Arc<Publisher>,
+    queue: String,
+    parked: String,
+    limit: u32,
+    prefetch: u16,
+    first: (ChannelGuard, lapin::Consumer),
+    tx: mpsc::Sender<QueueMessage>,
+) {
+    let mut consumer = Some(first);
+    let mut delays = reconnect_delays();
+    loop {
+        let (_guard, mut current) = match consumer.take() {
+            Some(c) => c,
+            None => match subscribe(&connector, &queue, prefetch).await {
+                Ok(c) => {
+                    tracing::info!(queue = %queue, "queue consumer resumed");
+                    c
+                }
+                Err(e) => {
+                    let wait = delays.next().unwrap_or(std::time::Duration::from_secs(5));
+                    tracing::warn!(queue = %queue, error = %e, ?wait, "queue consumer reconnecting");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            },
+        };
+        while let Some(delivery) = current.next().await {
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, "queue consumer lost");
+                    break;
+                }
+            };
+            delays = reconnect_delays();
+            let count = delivery_count(&delivery.properties);
+            match Envelope::decode_one(&delivery.data) {
+                Ok(event) => {
+                    let message = QueueMessage {
+                        event,
+                        delivery_count: count,
+                        acker: Box::new(RabbitAcker {
+                            acker: delivery.acker.clone(),
+                            publisher: publisher.clone(),
+                            parked: parked.clone(),
+                            payload: delivery.data.clone(),
+                            limit,
+                        }),
+                    };
+                    if tx.send(message).await.is_err() {
+                        return; // receiver dropped: closing the channel requeues the rest
+                    }
+                }
+                Err(poison) => {
+                    let id = message_id_of(&delivery.properties)
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                    let parked_ok = park(
+                        &publisher,
+                        &parked,
+                        &delivery.data,
+                        &id,
+                        count,
+                        &poison.reason,
+                    )
+                    .await;
+                    let outcome = match parked_ok {
+                        Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                        Err(_) => {
+                            delivery
+                                .nack(BasicNackOptions {
+                                    requeue: true,
+                                    multiple: false,
+                                })
+                                .await
+                        }
+                    };
+                    if outcome.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,67 @@
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Messaging settings (`APP_MESSAGING__URL`, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MessagingSettings {
+    /// `amqp://user:pass@host:5672/%2f` (RabbitMQ) or `sqlite://data/messaging.db?mode=rwc` (embedded).
+    pub url: SecretString,
+    /// Prefix of every queue and stream name (isolates environments and test runs).
+    pub prefix: String,
+    /// Shown by the broker for this process's connections (`rabbitmqctl list_connections
+    /// user_provided_name`).
+    pub connection_name: String,
+    /// Stream retention: the broker drops the oldest segments beyond this many bytes per partition.
+    pub stream_max_bytes: u64,
+    /// Stream retention by age, in RabbitMQ's syntax (`7D`, `12h`).
+    pub stream_max_age: String,
+    /// A log batch is sealed at this many events...
+    pub batch_max_events: usize,
+    /// ...or this many bytes of encoded events...
+    pub batch_max_bytes: usize,
+    /// ...or when its first event has waited this long (microseconds).
+    pub batch_linger_us: u64,
+    /// Unconfirmed broker messages allowed in flight per partition publisher.
+    pub max_in_flight: usize,
+    /// How long an append waits for the broker's confirm.
+    pub confirm_timeout_ms: u64,
+    /// Stream consumer prefetch (broker messages, each possibly a batch of events).
+    pub log_prefetch: u16,
+}
+
+impl Default for MessagingSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("sqlite://data/messaging.db?mode=rwc".to_owned()),
+            prefix: String::new(),
+            connection_name: "drone-delivery".into(),
+            stream_max_bytes: 2 * 1024 * 1024 * 1024,
+            stream_max_age: "7D".into(),
+            batch_max_events: 256,
+            batch_max_bytes: 512 * 1024,
+            batch_linger_us: 1000,
+            max_in_flight: 64,
+            confirm_timeout_ms: 10_000,
+            log_prefetch: 64,
+        }
+    }
+}
+
+impl MessagingSettings {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: SecretString::from(url.into()),
+            ..Self::default()
+        }
+    }
+
+    /// `name` with the configured prefix.
+    pub fn qualified(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+}

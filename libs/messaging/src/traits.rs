@@ -1,0 +1,239 @@
+//! The backend-neutral API: a broker hands out partitioned logs and work queues.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::envelope::{Envelope, Poison};
+use crate::error::Result;
+use crate::hash::partition_for;
+
+/// Where an event sits in one partition: the offset of the broker message (batch) that carries it
+/// and its index inside that batch. Positions order events within a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Position {
+    pub offset: u64,
+    pub index: u32,
+}
+
+/// A confirmed append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub partition: u32,
+}
+
+/// Where a log reader starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest retained record.
+    First,
+    /// The record (batch) at this offset, then everything after it.
+    Offset(u64),
+    /// Only records appended after the reader starts.
+    Next,
+}
+
+/// One event read from a partition. An undecodable batch is one record whose `event` is the
+/// poison with its reason (index 0); readers skip past it.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub partition: u32,
+    pub position: Position,
+    pub event: std::result::Result<Envelope, Poison>,
+}
+
+/// Reads one partition in order. Dropping it stops the background reader.
+pub struct LogReader {
+    rx: mpsc::Receiver<LogRecord>,
+    _task: AbortOnDrop,
+}
+
+impl LogReader {
+    pub(crate) fn new(rx: mpsc::Receiver<LogRecord>, task: tokio::task::JoinHandle<()>) -> Self {
+        Self {
+            rx,
+            _task: AbortOnDrop(task.abort_handle()),
+        }
+    }
+
+    /// The next record; waits for one to be appended. `None` once the broker is gone for good.
+    pub async fn next(&mut self) -> Option<LogRecord> {
+        self.rx.recv().await
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An append-only, partitioned, replayable log.
+#[async_trait]
+pub trait PartitionedLog: Send + Sync {
+    fn name(&self) -> &str;
+
+    fn partitions(&self) -> u32;
+
+    /// The partition `key` maps to; stable across processes and versions.
+    fn partition_of(&self, key: &str) -> u32 {
+        partition_for(key, self.partitions())
+    }
+
+    /// Appends one event to the partition of its key. Returns only once the broker has confirmed
+    /// it durably stored; an error means it may not have been stored. Concurrent appends to one
+    /// partition are batched into one broker message.
+    async fn append(&self, event: Envelope) -> Result<Appended>;
+
+    /// Appends several events (any keys); each is confirmed as with [`PartitionedLog::append`].
+    async fn append_batch(&self, events: Vec<Envelope>) -> Result<Vec<Appended>>;
+
+    /// Appends raw bytes as one record, unchecked. For tools and tests (poison records).
+    async fn append_raw(&self, partition: u32, bytes: Vec<u8>) -> Result<()>;
+
+    /// Reads `partition` from `from`, in order, following new appends. After a connection loss
+    /// the reader resumes by itself after the last record it handed out.
+    async fn read(&self, partition: u32, from: StartAt) -> Result<LogReader>;
+}
+
+/// Work-queue options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// After this many deliveries without an ack the message is parked.
+    pub delivery_limit: u32,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self { delivery_limit: 5 }
+    }
+}
+
+/// A message taken from a work queue. Exactly one of `ack`, `nack` or `reject` should be called;
+/// dropping it unanswered returns it to the queue when the consumer goes away.
+pub struct QueueMessage {
+    pub event: Envelope,
+    /// 1 on the first delivery, 2 on the first redelivery, ...
+    pub delivery_count: u32,
+    pub(crate) acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for QueueMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueMessage")
+            .field("event", &self.event)
+            .field("delivery_count", &self.delivery_count)
+            .finish()
+    }
+}
+
+impl QueueMessage {
+    /// Done: removes the message.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Failed this time: the message is delivered again, or parked with `reason` once the
+    /// delivery limit is reached.
+    pub async fn nack(self, reason: &str) -> Result<()> {
+        self.acker
+            .nack(self.delivery_count, &self.event, reason)
+            .await
+    }
+
+    /// Can never succeed: parked at once with `reason`.
+    pub async fn reject(self, reason: &str) -> Result<()> {
+        self.acker
+            .reject(self.delivery_count, &self.event, reason)
+            .await
+    }
+}
+
+/// Backend side of a [`QueueMessage`].
+#[async_trait]
+pub(crate) trait Acker: Send + Sync {
+    async fn ack(&self) -> Result<()>;
+    async fn nack(&self, delivery_count: u32, event: &Envelope, reason: &str) -> Result<()>;
+    async fn reject(&self, delivery_count: u32, event: &Envelope, reason: &str) -> Result<()>;
+}
+
+/// Delivers messages of one queue, at most `prefetch` unanswered at a time. Undecodable messages
+/// never reach the caller: they are parked with the reason.
+pub struct QueueReceiver {
+    rx: mpsc::Receiver<QueueMessage>,
+    _task: AbortOnDrop,
+}
+
+impl QueueReceiver {
+    pub(crate) fn new(rx: mpsc::Receiver<QueueMessage>, task: tokio::task::JoinHandle<()>) -> Self {
+        Self {
+            rx,
+            _task: AbortOnDrop(task.abort_handle()),
+        }
+    }
+
+    /// The next message; waits for one. `None` once the broker is gone for good.
+    pub async fn next(&mut self) -> Option<QueueMessage> {
+        self.rx.recv().await
+    }
+}
+
+/// A message in a queue's parked (dead-letter) queue, waiting for a person.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parked {
+    /// The event id, or a generated id for an undecodable message. Pass it to `redrive`.
+    pub message_id: String,
+    /// The event, when it decodes.
+    pub event: Option<Envelope>,
+    pub reason: String,
+    pub delivery_count: u32,
+    pub parked_at: DateTime<Utc>,
+}
+
+/// A queue with competing consumers, acks, a delivery limit and a parked queue.
+#[async_trait]
+pub trait WorkQueue: Send + Sync {
+    fn name(&self) -> &str;
+
+    /// Publishes one event; returns once the broker confirmed it.
+    async fn publish(&self, event: Envelope) -> Result<()>;
+
+    /// Publishes raw bytes, unchecked. For tools and tests (poison messages).
+    async fn publish_raw(&self, bytes: Vec<u8>) -> Result<()>;
+
+    /// Starts consuming with at most `prefetch` unanswered messages.
+    async fn consume(&self, prefetch: u16) -> Result<QueueReceiver>;
+
+    /// Messages waiting in the queue (not yet delivered).
+    async fn depth(&self) -> Result<u64>;
+
+    /// Up to `limit` parked messages, oldest first.
+    async fn parked(&self, limit: usize) -> Result<Vec<Parked>>;
+
+    /// Moves a parked message back to the queue with a fresh delivery count. False if no parked
+    /// message has that id.
+    async fn redrive(&self, message_id: &str) -> Result<bool>;
+}
+
+/// Hands out logs and queues, declaring them on first use (idempotently).
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// `name` with `partitions` partitions. Every process must use the same partition count.
+    async fn log(&self, name: &str, partitions: u32) -> Result<Arc<dyn PartitionedLog>>;
+
+    async fn queue(&self, name: &str, options: QueueOptions) -> Result<Arc<dyn WorkQueue>>;
+
+    /// Ready to serve (for `/readyz`).
+    async fn check(&self) -> Result<()>;
+
+    /// Removes a log and its data (tests, tooling).
+    async fn delete_log(&self, name: &str, partitions: u32) -> Result<()>;
+
+    /// Removes a queue, its parked queue and their messages (tests, tooling).
+    async fn delete_queue(&self, name: &str) -> Result<()>;
+}

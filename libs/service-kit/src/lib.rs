@@ -1,0 +1,31 @@
+//! Everything a service needs to be built the same way as every other one: layered settings,
+//! problem+json errors, JSON validation, service-token and client-token auth, database connection and
+//! migrations, health/readiness/metrics/OpenAPI endpoints, request ids and graceful shutdown.
+
+pub mod auth;
+pub mod db;
+mod docs;
+mod error;
+mod extract;
+mod health;
+pub mod openapi;
+mod server;
+pub mod settings;
+
+pub use error::{ApiError, ApiResult};
+pub use extract::{parse_json, valid_id, Json};
+pub use health::{DatabaseCheck, ReadinessCheck};
+pub use server::{shutdown_signal, RequestId, RunningService, ServiceBuilder};
+pub use settings::{AuthSettings, DatabaseSettings, HttpSettings};
+
+/// Re-exported so service crates name one version.
+/// The current time truncated to microseconds, the precision PostgreSQL and SQLite both keep, so a
+/// value returned before storing equals the same value read back.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound;
+    chrono::Utc::now().trunc_subsecs(6)
+}
+
+pub use actix_web;
+pub use prometheus;
+pub use utoipa;

@@ -1,0 +1,106 @@
+//! Account service: client accounts (`active` / `suspended`) and the client tokens (JWT, subject =
+//! account id) that Ingestion verifies.
+
+mod entity;
+mod migration;
+mod routes;
+
+use std::future::Future;
+
+use anyhow::Context;
+use serde::Deserialize;
+use service_kit::auth::ClientTokens;
+use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
+
+pub use migration::Migrator;
+
+/// Account settings (`APP_` environment variables with `__` for nesting).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub tokens: TokenSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http: HttpSettings::with_port(8081),
+            database: DatabaseSettings::new("sqlite://data/account.db?mode=rwc"),
+            auth: AuthSettings::default(),
+            tokens: TokenSettings::default(),
+        }
+    }
+}
+
+/// Lifetimes of minted client tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TokenSettings {
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self {
+            default_ttl_secs: 24 * 3600,
+            max_ttl_secs: 30 * 24 * 3600,
+        }
+    }
+}
+
+pub(crate) struct AppState {
+    pub db: sea_orm::DatabaseConnection,
+    pub tokens: ClientTokens,
+    pub token_settings: TokenSettings,
+}
+
+/// The running Account service.
+pub struct Application {
+    service: RunningService,
+}
+
+impl Application {
+    /// Connects and migrates the database, then binds the HTTP listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.auth.require_service_token()?;
+        settings.auth.require_jwt_secret()?;
+        tracing::info!(
+            port = settings.http.port,
+            sqlite = settings.database.is_sqlite(),
+            default_ttl_secs = settings.tokens.default_ttl_secs,
+            "starting account service"
+        );
+        let db = service_kit::db::connect(&settings.database)
+            .await
+            .context("connecting to the account database")?;
+        if settings.database.migrate_on_start {
+            service_kit::db::migrate::<Migrator>(&settings.database, &db, "account")
+                .await
+                .context("migrating the account database")?;
+        }
+        let state = actix_web::web::Data::new(AppState {
+            db: db.clone(),
+            tokens: ClientTokens::new(&settings.auth.jwt_secret),
+            token_settings: settings.tokens.clone(),
+        });
+        let service = service_kit::ServiceBuilder::new("account", settings.http.clone())
+            .service_token(settings.auth.service_token.clone())
+            .openapi(routes::openapi())
+            .readiness(DatabaseCheck(db))
+            .build(move |cfg| routes::configure(cfg, state.clone()))?;
+        Ok(Self { service })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.service.port()
+    }
+
+    /// Serves until `shutdown` resolves; in-flight requests finish first.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        self.service.run_until(shutdown).await
+    }
+}

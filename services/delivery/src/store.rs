@@ -1,0 +1,465 @@
+//! Deliveries and their tracking history. Every function takes the connection; handlers stay thin.
+//!
+//! A delivery's stage is never stored on the delivery: it is the stage of its latest tracking event.
+//! Each state change locks the delivery row (PostgreSQL `FOR UPDATE`; SQLite has a single writer),
+//! reads the latest event, decides, and appends the next event in the same transaction. Should two
+//! writers still pick the same sequence, the primary key on `(delivery_id, sequence)` rejects one of
+//! them and that one starts over, seeing the other's event.
+
+use chrono::SubsecRound;
+use contracts::{
+    Confirmation, ConfirmationType, Delivery, DeliveryPatch, DeliveryStage, DeliveryStatus,
+    DeliveryUpsert, TrackingEvent, TrackingUpdate,
+};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use service_kit::db::{classify, DbErrorKind};
+use service_kit::{ApiError, ApiResult};
+
+use crate::entity::{delivery, tracking_event};
+
+/// How many times a state change starts over after colliding with a concurrent one.
+const MAX_ATTEMPTS: usize = 5;
+
+/// Creates the delivery and its `Created` event, or finds it already there (`None`; the body is then
+/// ignored, so a replayed saga step has no second effect).
+#[tracing::instrument(skip_all, fields(delivery_id = %id))]
+pub(crate) async fn create(
+    db: &DatabaseConnection,
+    id: &str,
+    body: &DeliveryUpsert,
+) -> ApiResult<Option<Delivery>> {
+    let now = service_kit::now();
+    let txn = db.begin().await?;
+    // Insert-if-absent decides the one creator among concurrent PUTs of the same id; the others
+    // wait for its commit and then insert nothing.
+    let inserted = delivery::Entity::insert(delivery::ActiveModel {
+        id: Set(id.to_owned()),
+        owner_id: Set(body.owner_id.clone()),
+        pickup_location: Set(body.pickup_location.clone()),
+        drop_off_location: Set(body.drop_off_location.clone()),
+        // Stored with the precision both databases keep, so the 201 body equals later reads.
+        pickup_time: Set(body.pickup_time.trunc_subsecs(6)),
+        deadline: Set(body.deadline.clone()),
+        expedited: Set(body.expedited),
+        confirmation_required: Set(body.confirmation_required.as_str().to_owned()),
+        package_id: Set(body.package_id.clone()),
+        drone_id: Set(body.drone_id.clone()),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .on_conflict(
+        OnConflict::column(delivery::Column::Id)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(&txn)
+    .await?;
+    if inserted == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
+    insert_event(
+        &txn,
+        id,
+        1,
+        &NewEvent {
+            stage: DeliveryStage::Created,
+            location: None,
+            detail: None,
+        },
+        now,
+    )
+    .await?;
+    let row = find_row(&txn, id).await?;
+    txn.commit().await?;
+    tracing::info!(delivery_id = id, drone_id = %row.drone_id, "delivery created");
+    to_wire(row, DeliveryStage::Created).map(Some)
+}
+
+/// The delivery with the stage of its latest event.
+pub(crate) async fn get(db: &DatabaseConnection, id: &str) -> ApiResult<Delivery> {
+    let row = find_row(db, id).await?;
+    let latest = latest_event(db, id).await?;
+    to_wire(row, parse_stage(&latest)?)
+}
+
+/// Stage, last known location, time of the latest event and number of events, all from the events.
+pub(crate) async fn status(db: &DatabaseConnection, id: &str) -> ApiResult<DeliveryStatus> {
+    let latest = latest_event(db, id).await?;
+    // Events are immutable and append-only: bounding by the latest sequence read above keeps the
+    // three reads consistent even while other events are appended.
+    let upto = tracking_event::Column::Sequence.lte(latest.sequence);
+    let events = tracking_event::Entity::find()
+        .filter(tracking_event::Column::DeliveryId.eq(id))
+        .filter(upto.clone())
+        .count(db)
+        .await?;
+    let last_location = if latest.location.is_some() {
+        latest.location.clone()
+    } else {
+        // Events without a position (reschedules, cancellations) keep the last one reported.
+        tracking_event::Entity::find()
+            .filter(tracking_event::Column::DeliveryId.eq(id))
+            .filter(upto)
+            .filter(tracking_event::Column::Location.is_not_null())
+            .order_by_desc(tracking_event::Column::Sequence)
+            .one(db)
+            .await?
+            .and_then(|e| e.location)
+    };
+    Ok(DeliveryStatus {
+        delivery_id: id.to_owned(),
+        stage: parse_stage(&latest)?,
+        last_location,
+        last_event_at: latest.at,
+        events,
+    })
+}
+
+/// The whole history, oldest first.
+pub(crate) async fn events(db: &DatabaseConnection, id: &str) -> ApiResult<Vec<TrackingEvent>> {
+    let rows = tracking_event::Entity::find()
+        .filter(tracking_event::Column::DeliveryId.eq(id))
+        .order_by_asc(tracking_event::Column::Sequence)
+        .all(db)
+        .await?;
+    // A delivery is created together with its first event, so no events means no delivery.
+    if rows.is_empty() {
+        return Err(ApiError::not_found("delivery", id));
+    }
+    rows.into_iter().map(event_to_wire).collect()
+}
+
+/// Applies a reschedule. Fields equal to the stored ones are not changes; a patch that changes
+/// nothing (a retry) appends no event.
+#[tracing::instrument(skip_all, fields(delivery_id = %id))]
+pub(crate) async fn reschedule(
+    db: &DatabaseConnection,
+    id: &str,
+    patch: &DeliveryPatch,
+) -> ApiResult<Delivery> {
+    let outcome = transition(db, id, |row, stage| {
+        if stage.is_final() {
+            return Err(closed(id, stage, "rescheduled"));
+        }
+        let changed = apply_patch(row, patch);
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(NewEvent {
+            stage: DeliveryStage::Rescheduled,
+            location: None,
+            detail: Some(changed.join(", ")),
+        }))
+    })
+    .await?;
+    Ok(outcome.delivery)
+}
+
+/// Cancels; cancelling a cancelled delivery succeeds without a second event.
+#[tracing::instrument(skip_all, fields(delivery_id = %id))]
+pub(crate) async fn cancel(db: &DatabaseConnection, id: &str) -> ApiResult<Delivery> {
+    let outcome = transition(db, id, |_, stage| match stage {
+        DeliveryStage::Cancelled => Ok(None),
+        DeliveryStage::Completed => Err(closed(id, stage, "cancelled")),
+        _ => Ok(Some(NewEvent {
+            stage: DeliveryStage::Cancelled,
+            location: None,
+            detail: None,
+        })),
+    })
+    .await?;
+    Ok(outcome.delivery)
+}
+
+/// Records the drone's progress (`HeadedToPickup` / `HeadedToDropoff`).
+#[tracing::instrument(skip_all, fields(delivery_id = %id))]
+pub(crate) async fn track(
+    db: &DatabaseConnection,
+    id: &str,
+    update: &TrackingUpdate,
+) -> ApiResult<TrackingEvent> {
+    if !matches!(
+        update.stage,
+        DeliveryStage::HeadedToPickup | DeliveryStage::HeadedToDropoff
+    ) {
+        return Err(ApiError::field(
+            "stage",
+            "must be HeadedToPickup or HeadedToDropoff",
+        ));
+    }
+    let outcome = transition(db, id, |_, stage| {
+        if stage.is_final() {
+            return Err(closed(id, stage, "tracked"));
+        }
+        Ok(Some(NewEvent {
+            stage: update.stage,
+            location: update.location.clone(),
+            detail: None,
+        }))
+    })
+    .await?;
+    appended(id, outcome)
+}
+
+/// Records the hand-over: the delivery is completed.
+#[tracing::instrument(skip_all, fields(delivery_id = %id))]
+pub(crate) async fn complete(
+    db: &DatabaseConnection,
+    id: &str,
+    confirmation: &Confirmation,
+) -> ApiResult<TrackingEvent> {
+    let outcome = transition(db, id, |_, stage| match stage {
+        DeliveryStage::Completed => Err(ApiError::conflict(
+            "already-completed",
+            format!("delivery '{id}' is already completed"),
+        )),
+        DeliveryStage::Cancelled => Err(closed(id, stage, "confirmed")),
+        _ => Ok(Some(NewEvent {
+            stage: DeliveryStage::Completed,
+            location: confirmation.location.clone(),
+            detail: Some(confirmation.confirmation_type.as_str().to_owned()),
+        })),
+    })
+    .await?;
+    appended(id, outcome)
+}
+
+/// An event to append, decided by a state change.
+struct NewEvent {
+    stage: DeliveryStage,
+    location: Option<String>,
+    detail: Option<String>,
+}
+
+struct Outcome {
+    delivery: Delivery,
+    /// `None` when the change was a no-op (a repeated cancel, an empty reschedule).
+    event: Option<TrackingEvent>,
+}
+
+/// Runs one state change: `decide` sees the locked delivery (which it may edit) and its current
+/// stage, and returns the event to append, `None` for "nothing to do", or the refusal.
+async fn transition<F>(db: &DatabaseConnection, id: &str, mut decide: F) -> ApiResult<Outcome>
+where
+    F: FnMut(&mut delivery::Model, DeliveryStage) -> ApiResult<Option<NewEvent>>,
+{
+    for attempt in 1..=MAX_ATTEMPTS {
+        if let Some(outcome) = try_transition(db, id, &mut decide).await? {
+            return Ok(outcome);
+        }
+        tracing::debug!(
+            delivery_id = id,
+            attempt,
+            "concurrent tracking event, starting over"
+        );
+    }
+    Err(ApiError::unavailable(
+        "delivery-busy",
+        format!("delivery '{id}' is being changed by other requests; try again"),
+        1,
+    ))
+}
+
+/// One attempt; `Ok(None)` when a concurrent writer took the sequence number first.
+async fn try_transition<F>(
+    db: &DatabaseConnection,
+    id: &str,
+    decide: &mut F,
+) -> ApiResult<Option<Outcome>>
+where
+    F: FnMut(&mut delivery::Model, DeliveryStage) -> ApiResult<Option<NewEvent>>,
+{
+    // On SQLite the pool has one connection: from here on use only `txn`.
+    let txn = db.begin().await?;
+    let row = delivery::Entity::find_by_id(id.to_owned())
+        .lock_exclusive()
+        .one(&txn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("delivery", id))?;
+    let latest = latest_event(&txn, id).await?;
+    let stage = parse_stage(&latest)?;
+    let mut edited = row.clone();
+    let Some(new) = decide(&mut edited, stage)? else {
+        txn.rollback().await?;
+        return Ok(Some(Outcome {
+            delivery: to_wire(row, stage)?,
+            event: None,
+        }));
+    };
+    let now = service_kit::now();
+    edited.updated_at = now;
+    let saved = delivery::ActiveModel::from(edited)
+        .reset_all()
+        .update(&txn)
+        .await?;
+    let sequence = latest.sequence + 1;
+    match insert_event(&txn, id, sequence, &new, now).await {
+        Ok(()) => {}
+        Err(e) if classify(&e) == DbErrorKind::UniqueViolation => {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    txn.commit().await?;
+    tracing::info!(
+        delivery_id = id,
+        stage = new.stage.as_str(),
+        sequence,
+        "tracking event appended"
+    );
+    Ok(Some(Outcome {
+        delivery: to_wire(saved, new.stage)?,
+        event: Some(TrackingEvent {
+            delivery_id: id.to_owned(),
+            sequence,
+            stage: new.stage,
+            location: new.location,
+            detail: new.detail,
+            at: now,
+        }),
+    }))
+}
+
+/// Copies the patch's fields that differ into `row`; returns their wire names.
+fn apply_patch(row: &mut delivery::Model, patch: &DeliveryPatch) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if let Some(t) = patch.pickup_time.map(|t| t.trunc_subsecs(6)) {
+        if row.pickup_time != t {
+            row.pickup_time = t;
+            changed.push("pickupTime");
+        }
+    }
+    let texts = [
+        ("deadline", &patch.deadline, &mut row.deadline),
+        (
+            "pickupLocation",
+            &patch.pickup_location,
+            &mut row.pickup_location,
+        ),
+        (
+            "dropOffLocation",
+            &patch.drop_off_location,
+            &mut row.drop_off_location,
+        ),
+        ("droneId", &patch.drone_id, &mut row.drone_id),
+    ];
+    for (name, new, stored) in texts {
+        if let Some(new) = new {
+            if stored.as_str() != new.as_str() {
+                stored.clone_from(new);
+                changed.push(name);
+            }
+        }
+    }
+    changed
+}
+
+fn closed(id: &str, stage: DeliveryStage, verb: &str) -> ApiError {
+    ApiError::conflict(
+        "delivery-closed",
+        format!(
+            "delivery '{id}' is {} and cannot be {verb}",
+            stage.as_str().to_lowercase()
+        ),
+    )
+}
+
+fn appended(id: &str, outcome: Outcome) -> ApiResult<TrackingEvent> {
+    outcome.event.ok_or_else(|| {
+        ApiError::Internal(anyhow::anyhow!(
+            "state change of delivery {id} appended no event"
+        ))
+    })
+}
+
+async fn insert_event(
+    conn: &impl ConnectionTrait,
+    id: &str,
+    sequence: i64,
+    event: &NewEvent,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), sea_orm::DbErr> {
+    tracking_event::Entity::insert(tracking_event::ActiveModel {
+        delivery_id: Set(id.to_owned()),
+        sequence: Set(sequence),
+        stage: Set(event.stage.as_str().to_owned()),
+        location: Set(event.location.clone()),
+        detail: Set(event.detail.clone()),
+        at: Set(at),
+    })
+    .exec_without_returning(conn)
+    .await
+    .map(|_| ())
+}
+
+async fn find_row(conn: &impl ConnectionTrait, id: &str) -> ApiResult<delivery::Model> {
+    delivery::Entity::find_by_id(id.to_owned())
+        .one(conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("delivery", id))
+}
+
+/// The latest event; a delivery without one does not exist (both are written together).
+async fn latest_event(conn: &impl ConnectionTrait, id: &str) -> ApiResult<tracking_event::Model> {
+    tracking_event::Entity::find()
+        .filter(tracking_event::Column::DeliveryId.eq(id))
+        .order_by_desc(tracking_event::Column::Sequence)
+        .one(conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("delivery", id))
+}
+
+fn parse_stage(e: &tracking_event::Model) -> ApiResult<DeliveryStage> {
+    DeliveryStage::parse(&e.stage).ok_or_else(|| {
+        ApiError::Internal(anyhow::anyhow!(
+            "event {} of delivery {} has unknown stage {}",
+            e.sequence,
+            e.delivery_id,
+            e.stage
+        ))
+    })
+}
+
+fn event_to_wire(e: tracking_event::Model) -> ApiResult<TrackingEvent> {
+    let stage = parse_stage(&e)?;
+    Ok(TrackingEvent {
+        delivery_id: e.delivery_id,
+        sequence: e.sequence,
+        stage,
+        location: e.location,
+        detail: e.detail,
+        at: e.at,
+    })
+}
+
+fn to_wire(m: delivery::Model, stage: DeliveryStage) -> ApiResult<Delivery> {
+    let confirmation_required =
+        ConfirmationType::parse(&m.confirmation_required).ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!(
+                "delivery {} has unknown confirmation type {}",
+                m.id,
+                m.confirmation_required
+            ))
+        })?;
+    Ok(Delivery {
+        id: m.id,
+        owner_id: m.owner_id,
+        pickup_location: m.pickup_location,
+        drop_off_location: m.drop_off_location,
+        pickup_time: m.pickup_time,
+        deadline: m.deadline,
+        expedited: m.expedited,
+        confirmation_required,
+        package_id: m.package_id,
+        drone_id: m.drone_id,
+        stage,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    })
+}

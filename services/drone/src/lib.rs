@@ -1,0 +1,140 @@
+//! Drone service: the fleet and its reservations. A reservation holds one drone for a time window
+//! starting at the pickup time. A drone is never double-booked: the database itself refuses two
+//! overlapping active windows on one drone (an exclusion constraint on PostgreSQL, a trigger on
+//! SQLite), so concurrent requests cannot race past the application's own check.
+
+mod entity;
+mod fleet;
+mod migration;
+mod routes;
+
+use std::future::Future;
+
+use anyhow::Context;
+use serde::Deserialize;
+use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
+
+pub use migration::Migrator;
+
+/// Drone settings (`APP_` environment variables with `__` for nesting).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub fleet: FleetSettings,
+    pub reservations: ReservationSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http: HttpSettings::with_port(8083),
+            database: DatabaseSettings::new("sqlite://data/drone.db?mode=rwc"),
+            auth: AuthSettings::default(),
+            fleet: FleetSettings::default(),
+            reservations: ReservationSettings::default(),
+        }
+    }
+}
+
+/// The fleet, seeded at start: drones `drone-001`, `drone-002`, ... first those that carry up to
+/// Small packages, then Medium, then Large. Drones no longer configured are retired (kept for
+/// history, never reserved again).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct FleetSettings {
+    pub small: u32,
+    pub medium: u32,
+    pub large: u32,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self {
+            small: 10,
+            medium: 6,
+            large: 4,
+        }
+    }
+}
+
+/// How long a reservation holds its drone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ReservationSettings {
+    pub window_minutes: i64,
+    pub expedited_window_minutes: i64,
+    /// `Retry-After` when no drone is free.
+    pub retry_after_secs: u64,
+}
+
+impl Default for ReservationSettings {
+    fn default() -> Self {
+        Self {
+            window_minutes: 60,
+            expedited_window_minutes: 30,
+            retry_after_secs: 30,
+        }
+    }
+}
+
+pub(crate) struct AppState {
+    pub db: sea_orm::DatabaseConnection,
+    pub reservations: ReservationSettings,
+}
+
+/// The running Drone service.
+pub struct Application {
+    service: RunningService,
+}
+
+impl Application {
+    /// Connects and migrates the database, seeds the fleet, then binds the HTTP listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.auth.require_service_token()?;
+        if settings.reservations.window_minutes <= 0
+            || settings.reservations.expedited_window_minutes <= 0
+        {
+            anyhow::bail!("reservation window lengths must be positive");
+        }
+        tracing::info!(
+            port = settings.http.port,
+            sqlite = settings.database.is_sqlite(),
+            fleet = ?settings.fleet,
+            reservations = ?settings.reservations,
+            "starting drone service"
+        );
+        let db = service_kit::db::connect(&settings.database)
+            .await
+            .context("connecting to the drone database")?;
+        if settings.database.migrate_on_start {
+            service_kit::db::migrate::<Migrator>(&settings.database, &db, "drone")
+                .await
+                .context("migrating the drone database")?;
+        }
+        fleet::seed(&db, &settings.fleet)
+            .await
+            .context("seeding the fleet")?;
+        let state = actix_web::web::Data::new(AppState {
+            db: db.clone(),
+            reservations: settings.reservations.clone(),
+        });
+        let service = service_kit::ServiceBuilder::new("drone", settings.http.clone())
+            .service_token(settings.auth.service_token.clone())
+            .openapi(routes::openapi())
+            .readiness(DatabaseCheck(db))
+            .build(move |cfg| routes::configure(cfg, state.clone()))?;
+        Ok(Self { service })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.service.port()
+    }
+
+    /// Serves until `shutdown` resolves; in-flight requests finish first.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        self.service.run_until(shutdown).await
+    }
+}

@@ -1,0 +1,10 @@
+use drone::{Application, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _telemetry = telemetry::init("drone", "info", telemetry::LogFormat::Json);
+    let settings: Settings = service_kit::settings::load("drone")?;
+    let app = Application::build(settings).await?;
+    app.run_until(service_kit::shutdown_signal()).await?;
+    Ok(())
+}

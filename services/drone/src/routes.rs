@@ -1,0 +1,292 @@
+//! HTTP routes of the Drone service. Every route requires the service token.
+
+use std::collections::{BTreeMap, HashSet};
+
+use actix_web::{web, HttpResponse};
+use chrono::{TimeZone, Utc};
+use contracts::{
+    Drone, DroneReservation, DroneReservationRequest, Fleet, PackageSize, Problem,
+    ReservationStatus, TimeWindow, Utilization,
+};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use serde::Deserialize;
+use service_kit::auth::ServiceCaller;
+use service_kit::openapi::BearerSchemes;
+use service_kit::{valid_id, ApiError, ApiResult, Json};
+use utoipa::{IntoParams, OpenApi};
+
+use crate::entity::{drone, reservation};
+use crate::fleet::{self, Outcome};
+use crate::AppState;
+
+pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>) {
+    cfg.app_data(state)
+        .route(
+            "/api/dronedeliveries/{deliveryId}",
+            web::put().to(put_reservation),
+        )
+        .route(
+            "/api/dronedeliveries/{deliveryId}",
+            web::get().to(get_reservation),
+        )
+        .route(
+            "/api/dronedeliveries/{deliveryId}",
+            web::delete().to(delete_reservation),
+        )
+        .route("/api/drones", web::get().to(get_fleet))
+        .route(
+            "/api/drones/{id}/reservations",
+            web::get().to(drone_reservations),
+        )
+        .route("/api/utilization", web::get().to(utilization));
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Drone service", description = "The drone fleet and its time-window reservations."),
+    paths(put_reservation, get_reservation, delete_reservation, get_fleet, drone_reservations, utilization),
+    components(schemas(
+        DroneReservationRequest, DroneReservation, TimeWindow, ReservationStatus, PackageSize,
+        Drone, Fleet, Utilization, Problem
+    )),
+    modifiers(&BearerSchemes),
+    security(("serviceToken" = []))
+)]
+struct ApiDoc;
+
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// Reserves a drone for a delivery's window. The same request again returns the same drone; a
+/// different pickup time moves the reservation (keeping the drone when it is free).
+#[utoipa::path(
+    put, path = "/api/dronedeliveries/{deliveryId}", tag = "reservations",
+    params(("deliveryId" = String, Path, description = "Delivery id")),
+    request_body = DroneReservationRequest,
+    responses(
+        (status = 201, description = "Reserved", body = DroneReservation),
+        (status = 200, description = "Already reserved (same drone) or moved to the new window", body = DroneReservation),
+        (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
+        (status = 503, description = "No drone free for the window: retry after `Retry-After` (code `no-drone-available`)", body = Problem),
+    )
+)]
+async fn put_reservation(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    Json(body): Json<DroneReservationRequest>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("deliveryId", &id)?;
+    match fleet::reserve(&state.db, &state.reservations, id, &body).await? {
+        Outcome::Created(r) => Ok(HttpResponse::Created().json(fleet::to_wire(r)?)),
+        Outcome::Existing(r) => Ok(HttpResponse::Ok().json(fleet::to_wire(r)?)),
+    }
+}
+
+/// Reads a delivery's reservation.
+#[utoipa::path(
+    get, path = "/api/dronedeliveries/{deliveryId}", tag = "reservations",
+    params(("deliveryId" = String, Path, description = "Delivery id")),
+    responses(
+        (status = 200, description = "The reservation", body = DroneReservation),
+        (status = 404, description = "No reservation for this delivery", body = Problem),
+    )
+)]
+async fn get_reservation(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("deliveryId", &id)?;
+    let r = reservation::Entity::find_by_id(id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("reservation", id))?;
+    Ok(HttpResponse::Ok().json(fleet::to_wire(r)?))
+}
+
+/// Releases the drone (compensation). Idempotent: releasing a released reservation succeeds.
+#[utoipa::path(
+    delete, path = "/api/dronedeliveries/{deliveryId}", tag = "reservations",
+    params(("deliveryId" = String, Path, description = "Delivery id")),
+    responses(
+        (status = 200, description = "Released", body = DroneReservation),
+        (status = 404, description = "No reservation for this delivery", body = Problem),
+    )
+)]
+async fn delete_reservation(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("deliveryId", &id)?;
+    let r = fleet::release(&state.db, id).await?;
+    Ok(HttpResponse::Ok().json(fleet::to_wire(r)?))
+}
+
+/// The fleet: every active drone, what it is doing now and how many reservations it still has.
+#[utoipa::path(
+    get, path = "/api/drones", tag = "fleet",
+    responses((status = 200, description = "The fleet", body = Fleet))
+)]
+async fn get_fleet(_: ServiceCaller, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let now_ms = Utc::now().timestamp_millis();
+    let drones = drone::Entity::find()
+        .filter(drone::Column::Active.eq(true))
+        .order_by_asc(drone::Column::Id)
+        .all(&state.db)
+        .await?;
+    let pending = reservation::Entity::find()
+        .filter(reservation::Column::Status.eq(ReservationStatus::Active.as_str()))
+        .filter(reservation::Column::WindowEndMs.gt(now_ms))
+        .order_by_asc(reservation::Column::WindowStartMs)
+        .all(&state.db)
+        .await?;
+    let mut by_drone: BTreeMap<String, Vec<reservation::Model>> = BTreeMap::new();
+    for r in pending {
+        by_drone.entry(r.drone_id.clone()).or_default().push(r);
+    }
+    let mut busy_now = 0;
+    let mut out = Vec::with_capacity(drones.len());
+    for d in drones {
+        let rs = by_drone.remove(&d.id).unwrap_or_default();
+        let current = rs
+            .iter()
+            .find(|r| r.window_start_ms <= now_ms && now_ms < r.window_end_ms)
+            .cloned()
+            .map(fleet::to_wire)
+            .transpose()?;
+        if current.is_some() {
+            busy_now += 1;
+        }
+        out.push(Drone {
+            max_package_size: PackageSize::parse(&d.max_package_size).ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("drone {} has an invalid size", d.id))
+            })?,
+            id: d.id,
+            current_reservation: current,
+            upcoming_reservations: rs.len() as u64,
+        });
+    }
+    Ok(HttpResponse::Ok().json(Fleet {
+        size: out.len() as u64,
+        busy_now,
+        drones: out,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+struct ReservationQuery {
+    /// `active` or `released`; both when absent.
+    status: Option<ReservationStatus>,
+    /// At most this many, earliest window first (default 100, at most 1000).
+    limit: Option<u64>,
+}
+
+/// A drone's reservations, earliest window first.
+#[utoipa::path(
+    get, path = "/api/drones/{id}/reservations", tag = "fleet",
+    params(("id" = String, Path, description = "Drone id"), ReservationQuery),
+    responses(
+        (status = 200, description = "Reservations", body = [DroneReservation]),
+        (status = 404, description = "No such drone", body = Problem),
+    )
+)]
+async fn drone_reservations(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    query: web::Query<ReservationQuery>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("id", &id)?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field("limit", "must be between 1 and 1000"));
+    }
+    drone::Entity::find_by_id(id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("drone", id))?;
+    let mut select = reservation::Entity::find().filter(reservation::Column::DroneId.eq(id));
+    if let Some(status) = query.status {
+        select = select.filter(reservation::Column::Status.eq(status.as_str()));
+    }
+    let rows = select
+        .order_by_asc(reservation::Column::WindowStartMs)
+        .limit(limit)
+        .all(&state.db)
+        .await?;
+    let out = rows
+        .into_iter()
+        .map(fleet::to_wire)
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(HttpResponse::Ok().json(out))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+struct UtilizationQuery {
+    owner_id: String,
+    year: i32,
+    /// 1 to 12.
+    month: u32,
+}
+
+/// What one owner's bookings held of the fleet in a calendar month (UTC): active reservations whose
+/// window starts in the month.
+#[utoipa::path(
+    get, path = "/api/utilization", tag = "fleet",
+    params(UtilizationQuery),
+    responses(
+        (status = 200, description = "Utilization", body = Utilization),
+        (status = 400, description = "Missing or invalid query parameters", body = Problem),
+    )
+)]
+async fn utilization(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    query: web::Query<UtilizationQuery>,
+) -> ApiResult<HttpResponse> {
+    let owner = valid_id("ownerId", &query.owner_id)?;
+    if !(1..=12).contains(&query.month) {
+        return Err(ApiError::field("month", "must be between 1 and 12"));
+    }
+    if !(2000..=2200).contains(&query.year) {
+        return Err(ApiError::field("year", "must be between 2000 and 2200"));
+    }
+    let month_start = |y: i32, m: u32| {
+        Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+            .single()
+            .map(|t| t.timestamp_millis())
+            .ok_or_else(|| ApiError::field("month", "is not a valid month"))
+    };
+    let from = month_start(query.year, query.month)?;
+    let (ny, nm) = if query.month == 12 {
+        (query.year + 1, 1)
+    } else {
+        (query.year, query.month + 1)
+    };
+    let to = month_start(ny, nm)?;
+    let rows = reservation::Entity::find()
+        .filter(reservation::Column::OwnerId.eq(owner))
+        .filter(reservation::Column::Status.eq(ReservationStatus::Active.as_str()))
+        .filter(reservation::Column::WindowStartMs.gte(from))
+        .filter(reservation::Column::WindowStartMs.lt(to))
+        .all(&state.db)
+        .await?;
+    let minutes: i64 = rows
+        .iter()
+        .map(|r| (r.window_end_ms - r.window_start_ms) / 60_000)
+        .sum();
+    let drones: HashSet<&str> = rows.iter().map(|r| r.drone_id.as_str()).collect();
+    Ok(HttpResponse::Ok().json(Utilization {
+        owner_id: owner.to_owned(),
+        year: query.year,
+        month: query.month,
+        reservations: rows.len() as u64,
+        reserved_minutes: u64::try_from(minutes).unwrap_or(0),
+        drones_used: drones.len() as u64,
+    }))
+}

@@ -1,0 +1,174 @@
+//! Ingestion: the client-facing booking API. A booking is answered `202` only after the
+//! partitioned log has confirmed it; when the log is unavailable or the in-flight budget is spent
+//! the answer is an immediate `503` with `Retry-After`, and nothing is half-accepted.
+//!
+//! `GET` answers from a read model in Ingestion's own database: written through when a request is
+//! accepted, and advanced by the saga's lifecycle events from the `workflow-events` log, so reads
+//! never call the Scheduler.
+
+mod migration;
+mod readmodel;
+mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use messaging::{Broker, MessagingSettings};
+use serde::Deserialize;
+use service_kit::{
+    AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, ReadinessCheck, RunningService,
+};
+
+pub use migration::Migrator;
+
+/// Ingestion settings (`APP_` environment variables with `__` for nesting).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub messaging: MessagingSettings,
+    pub ingestion: IngestionSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http: HttpSettings::with_port(8080),
+            database: DatabaseSettings::new("sqlite://data/ingestion.db?mode=rwc"),
+            auth: AuthSettings::default(),
+            messaging: MessagingSettings::default(),
+            ingestion: IngestionSettings::default(),
+        }
+    }
+}
+
+/// Limits and rules of the booking API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct IngestionSettings {
+    /// Partitions of the `delivery-requests` and `workflow-events` logs (same everywhere).
+    pub partitions: u32,
+    /// Bookings being appended at once; beyond it clients get `503` at once.
+    pub max_in_flight: usize,
+    /// Sustained requests per second allowed per account (per replica).
+    pub rate_per_second: u32,
+    /// Requests an account may burst above the sustained rate.
+    pub rate_burst: u32,
+    /// How far in the past a pickup time may be (clock skew between clients and us).
+    pub pickup_skew_secs: i64,
+    /// `Retry-After` for overload and broker outages.
+    pub retry_after_secs: u64,
+    /// Follow `workflow-events` to advance request states (off only in tests of other parts).
+    pub follow_workflow_events: bool,
+}
+
+impl Default for IngestionSettings {
+    fn default() -> Self {
+        Self {
+            partitions: 8,
+            max_in_flight: 20_000,
+            rate_per_second: 50,
+            rate_burst: 100,
+            pickup_skew_secs: 300,
+            retry_after_secs: 1,
+            follow_workflow_events: true,
+        }
+    }
+}
+
+/// Ready when the broker answers.
+struct BrokerCheck(Arc<dyn Broker>);
+
+impl ReadinessCheck for BrokerCheck {
+    fn name(&self) -> &'static str {
+        "broker"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// The running Ingestion service.
+pub struct Application {
+    service: RunningService,
+    _background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Application {
+    /// Connects the database and the broker, declares the logs, then binds the HTTP listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.auth.require_jwt_secret()?;
+        let s = &settings.ingestion;
+        if s.partitions == 0 || s.max_in_flight == 0 || s.rate_per_second == 0 {
+            anyhow::bail!(
+                "ingestion partitions, max_in_flight and rate_per_second must be positive"
+            );
+        }
+        tracing::info!(
+            port = settings.http.port,
+            partitions = s.partitions,
+            max_in_flight = s.max_in_flight,
+            rate_per_second = s.rate_per_second,
+            rate_burst = s.rate_burst,
+            "starting ingestion service"
+        );
+        let db = service_kit::db::connect(&settings.database)
+            .await
+            .context("connecting to the ingestion database")?;
+        if settings.database.migrate_on_start {
+            service_kit::db::migrate::<Migrator>(&settings.database, &db, "ingestion")
+                .await
+                .context("migrating the ingestion database")?;
+        }
+        let broker = messaging::connect(&settings.messaging)
+            .await
+            .context("connecting to the message broker")?;
+        let requests = broker
+            .log(contracts::DELIVERY_REQUESTS_LOG, s.partitions)
+            .await
+            .context("declaring the delivery-requests log")?;
+        let store = readmodel::ReadModel::start(db.clone());
+        let mut background = Vec::new();
+        if s.follow_workflow_events {
+            let events = broker
+                .log(contracts::WORKFLOW_EVENTS_LOG, s.partitions)
+                .await
+                .context("declaring the workflow-events log")?;
+            background.extend(readmodel::follow_workflow_events(db.clone(), events).await?);
+        }
+        let state = actix_web::web::Data::new(routes::AppState::new(
+            requests,
+            store,
+            &settings.auth,
+            &settings.ingestion,
+        ));
+        let service = service_kit::ServiceBuilder::new("ingestion", settings.http.clone())
+            .service_token(settings.auth.service_token.clone())
+            .openapi(routes::openapi())
+            .readiness(DatabaseCheck(db))
+            .readiness(BrokerCheck(broker))
+            .build(move |cfg| routes::configure(cfg, state.clone()))?;
+        Ok(Self {
+            service,
+            _background: background,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.service.port()
+    }
+
+    /// Serves until `shutdown` resolves; in-flight requests finish first.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let result = self.service.run_until(shutdown).await;
+        for task in &self._background {
+            task.abort();
+        }
+        result
+    }
+}

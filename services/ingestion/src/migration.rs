@@ -1,0 +1,82 @@
+//! Schema migrations of the read model. Never edit one that has shipped; add a new one.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::{
+    big_integer, integer, string_len, text_null, timestamp_with_time_zone,
+};
+
+pub struct Migrator;
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateReadModel)]
+    }
+}
+
+#[derive(DeriveIden)]
+enum DeliveryRequests {
+    Table,
+    DeliveryId,
+    OwnerId,
+    State,
+    Detail,
+    Version,
+    AcceptedAt,
+    UpdatedAt,
+}
+
+#[derive(DeriveIden)]
+enum ProjectionCheckpoints {
+    Table,
+    Partition,
+    NextOffset,
+}
+
+struct CreateReadModel;
+
+impl MigrationName for CreateReadModel {
+    fn name(&self) -> &str {
+        "m20261122_000001_create_read_model"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateReadModel {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(DeliveryRequests::Table)
+                    .if_not_exists()
+                    .col(string_len(DeliveryRequests::DeliveryId, 36).primary_key())
+                    .col(string_len(DeliveryRequests::OwnerId, 128))
+                    .col(string_len(DeliveryRequests::State, 32))
+                    .col(text_null(DeliveryRequests::Detail))
+                    .col(big_integer(DeliveryRequests::Version))
+                    .col(timestamp_with_time_zone(DeliveryRequests::AcceptedAt))
+                    .col(timestamp_with_time_zone(DeliveryRequests::UpdatedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ProjectionCheckpoints::Table)
+                    .if_not_exists()
+                    .col(integer(ProjectionCheckpoints::Partition).primary_key())
+                    .col(big_integer(ProjectionCheckpoints::NextOffset))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(ProjectionCheckpoints::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(DeliveryRequests::Table).to_owned())
+            .await
+    }
+}

@@ -1,0 +1,254 @@
+//! The read model behind `GET /api/deliveryrequests/{id}`: one row per accepted request with the
+//! state a client may see. Rows are written through (batched) when requests are accepted and
+//! advanced by `workflow.state-changed` events; each row keeps the saga's event `version`, so a
+//! replayed or out-of-order event never moves a request backwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use contracts::{RequestState, WorkflowStateChanged, WORKFLOW_STATE_CHANGED};
+use messaging::{PartitionedLog, StartAt};
+use sea_orm::sea_query::{Alias, Expr, OnConflict};
+use sea_orm::{ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+pub mod request {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "delivery_requests")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub delivery_id: String,
+        pub owner_id: String,
+        pub state: String,
+        pub detail: Option<String>,
+        /// Version of the last applied workflow event (0 = as accepted).
+        pub version: i64,
+        pub accepted_at: ChronoDateTimeUtc,
+        pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod checkpoint {
+    use sea_orm::entity::prelude::*;
+
+    /// Where the workflow-events projection resumes, per partition.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "projection_checkpoints")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub partition: i32,
+        pub next_offset: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// An accepted request, as first recorded.
+#[derive(Debug, Clone)]
+pub(crate) struct Accepted {
+    pub delivery_id: Uuid,
+    pub owner_id: String,
+    pub at: DateTime<Utc>,
+}
+
+impl Accepted {
+    fn row(&self) -> request::ActiveModel {
+        request::ActiveModel {
+            delivery_id: Set(self.delivery_id.to_string()),
+            owner_id: Set(self.owner_id.clone()),
+            state: Set(RequestState::Accepted.as_str().to_owned()),
+            detail: Set(None),
+            version: Set(0),
+            accepted_at: Set(self.at),
+            updated_at: Set(self.at),
+        }
+    }
+}
+
+/// Reads and writes of the read model. Accepted rows are written by a background task in batches
+/// (one multi-row insert per few milliseconds), so the hot path never waits on the database.
+pub(crate) struct ReadModel {
+    db: DatabaseConnection,
+    tx: mpsc::Sender<Accepted>,
+}
+
+const BATCH: usize = 500;
+
+impl ReadModel {
+    pub(crate) fn start(db: DatabaseConnection) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(BATCH * 20);
+        tokio::spawn(write_batches(db.clone(), rx));
+        Arc::new(Self { db, tx })
+    }
+
+    /// Records an accepted request durably before returning (used with `Idempotency-Key`, whose
+    /// replays must find it).
+    pub(crate) async fn record_now(&self, accepted: &Accepted) -> Result<(), DbErr> {
+        insert_accepted(&self.db, vec![accepted.row()]).await
+    }
+
+    /// Records an accepted request soon.
+    pub(crate) async fn record_later(&self, accepted: Accepted) {
+        if self.tx.send(accepted).await.is_err() {
+            tracing::error!("read-model writer stopped");
+        }
+    }
+
+    pub(crate) async fn find(&self, id: Uuid) -> Result<Option<request::Model>, DbErr> {
+        request::Entity::find_by_id(id.to_string())
+            .one(&self.db)
+            .await
+    }
+}
+
+async fn insert_accepted(
+    db: &DatabaseConnection,
+    rows: Vec<request::ActiveModel>,
+) -> Result<(), DbErr> {
+    request::Entity::insert_many(rows)
+        .on_conflict(
+            OnConflict::column(request::Column::DeliveryId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await
+        .map(|_| ())
+}
+
+async fn write_batches(db: DatabaseConnection, mut rx: mpsc::Receiver<Accepted>) {
+    while let Some(first) = rx.recv().await {
+        let mut rows = vec![first.row()];
+        while rows.len() < BATCH {
+            match rx.try_recv() {
+                Ok(a) => rows.push(a.row()),
+                Err(_) => break,
+            }
+        }
+        let mut attempt = 0u32;
+        loop {
+            match insert_accepted(&db, rows.clone()).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "read-model batch insert failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => {
+                    // Workflow events will create these rows when the sagas progress.
+                    tracing::error!(error = %e, rows = rows.len(), "read-model batch dropped");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Applies a workflow event unless the row already has this version or a later one.
+pub(crate) async fn apply(db: &DatabaseConnection, e: &WorkflowStateChanged) -> Result<(), DbErr> {
+    let row = request::ActiveModel {
+        delivery_id: Set(e.delivery_id.to_string()),
+        owner_id: Set(e.owner_id.clone()),
+        state: Set(e.state.as_str().to_owned()),
+        detail: Set(e.detail.clone()),
+        version: Set(e.version),
+        accepted_at: Set(e.at),
+        updated_at: Set(e.at),
+    };
+    request::Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(request::Column::DeliveryId)
+                .update_columns([
+                    request::Column::State,
+                    request::Column::Detail,
+                    request::Column::Version,
+                    request::Column::UpdatedAt,
+                ])
+                .action_and_where(Expr::col((request::Entity, request::Column::Version)).lt(
+                    Expr::col((Alias::new("excluded"), request::Column::Version)),
+                ))
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await
+        .map(|_| ())
+}
+
+/// Follows every partition of `workflow-events` from its checkpoint.
+pub(crate) async fn follow_workflow_events(
+    db: DatabaseConnection,
+    log: Arc<dyn PartitionedLog>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for partition in 0..log.partitions() {
+        let start = checkpoint::Entity::find_by_id(i32::try_from(partition)?)
+            .one(&db)
+            .await?
+            .map_or(StartAt::First, |c| {
+                StartAt::Offset(u64::try_from(c.next_offset).unwrap_or(0))
+            });
+        let reader = log.read(partition, start).await?;
+        tasks.push(tokio::spawn(project(db.clone(), partition, reader)));
+    }
+    Ok(tasks)
+}
+
+async fn project(db: DatabaseConnection, partition: u32, mut reader: messaging::LogReader) {
+    let mut unsaved = 0u32;
+    let mut last_saved = tokio::time::Instant::now();
+    while let Some(record) = reader.next().await {
+        match &record.event {
+            Ok(e) if e.kind == WORKFLOW_STATE_CHANGED => match e.decode::<WorkflowStateChanged>() {
+                Ok(change) => {
+                    let mut attempt = 0u32;
+                    while let Err(err) = apply(&db, &change).await {
+                        attempt += 1;
+                        tracing::warn!(error = %err, attempt, "applying a workflow event failed");
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))))
+                            .await;
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(partition, reason, "skipping undecodable workflow event")
+                }
+            },
+            Ok(_) => {}
+            Err(poison) => {
+                tracing::warn!(partition, reason = %poison.reason, "skipping poison record")
+            }
+        }
+        unsaved += 1;
+        // Checkpoints are for restart speed only: re-applying an event is harmless.
+        if unsaved >= 100 || last_saved.elapsed() > Duration::from_secs(1) {
+            let row = checkpoint::ActiveModel {
+                partition: Set(i32::try_from(partition).unwrap_or(i32::MAX)),
+                next_offset: Set(i64::try_from(record.position.offset).unwrap_or(i64::MAX)),
+            };
+            let saved = checkpoint::Entity::insert(row)
+                .on_conflict(
+                    OnConflict::column(checkpoint::Column::Partition)
+                        .update_column(checkpoint::Column::NextOffset)
+                        .to_owned(),
+                )
+                .exec_without_returning(&db)
+                .await;
+            if let Err(e) = saved {
+                tracing::warn!(error = %e, "saving the projection checkpoint failed");
+            }
+            unsaved = 0;
+            last_saved = tokio::time::Instant::now();
+        }
+    }
+}

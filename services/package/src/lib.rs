@@ -1,0 +1,79 @@
+//! Package service: the packages a delivery carries (`registered` / `cancelled`), written
+//! idempotently on the id the saga assigns, and per-owner summaries computed by the database.
+
+mod entity;
+mod migration;
+mod routes;
+
+use std::future::Future;
+
+use anyhow::Context;
+use serde::Deserialize;
+use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
+
+pub use migration::Migrator;
+
+/// Package settings (`APP_` environment variables with `__` for nesting).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http: HttpSettings::with_port(8082),
+            database: DatabaseSettings::new("sqlite://data/package.db?mode=rwc"),
+            auth: AuthSettings::default(),
+        }
+    }
+}
+
+pub(crate) struct AppState {
+    pub db: sea_orm::DatabaseConnection,
+}
+
+/// The running Package service.
+pub struct Application {
+    service: RunningService,
+}
+
+impl Application {
+    /// Connects and migrates the database, then binds the HTTP listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.auth.require_service_token()?;
+        tracing::info!(
+            port = settings.http.port,
+            sqlite = settings.database.is_sqlite(),
+            migrate_on_start = settings.database.migrate_on_start,
+            "starting package service"
+        );
+        let db = service_kit::db::connect(&settings.database)
+            .await
+            .context("connecting to the package database")?;
+        if settings.database.migrate_on_start {
+            service_kit::db::migrate::<Migrator>(&settings.database, &db, "package")
+                .await
+                .context("migrating the package database")?;
+        }
+        let state = actix_web::web::Data::new(AppState { db: db.clone() });
+        let service = service_kit::ServiceBuilder::new("package", settings.http.clone())
+            .service_token(settings.auth.service_token.clone())
+            .openapi(routes::openapi())
+            .readiness(DatabaseCheck(db))
+            .build(move |cfg| routes::configure(cfg, state.clone()))?;
+        Ok(Self { service })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.service.port()
+    }
+
+    /// Serves until `shutdown` resolves; in-flight requests finish first.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        self.service.run_until(shutdown).await
+    }
+}

@@ -1,0 +1,105 @@
+//! Scheduler metrics, registered in the service's `/metrics` registry.
+
+use std::time::Duration;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+pub struct Metrics {
+    started: IntCounter,
+    finished: IntCounterVec,
+    step_seconds: HistogramVec,
+    step_retries: IntCounterVec,
+    pub checkpoint: IntGaugeVec,
+    pub read_offset: IntGaugeVec,
+    pub owned: IntGaugeVec,
+    /// Age of the last record read: how far behind the log the partition's processing is.
+    pub lag_seconds: prometheus::GaugeVec,
+    pub outbox_backlog: prometheus::IntGauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> anyhow::Result<Self> {
+        let m = Self {
+            started: IntCounter::new("saga_started_total", "Sagas started")?,
+            finished: IntCounterVec::new(
+                Opts::new("saga_finished_total", "Sagas finished, by final state"),
+                &["state"],
+            )?,
+            step_seconds: HistogramVec::new(
+                HistogramOpts::new("saga_step_duration_seconds", "Duration of one step attempt")
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ]),
+                &["step", "outcome"],
+            )?,
+            step_retries: IntCounterVec::new(
+                Opts::new(
+                    "saga_step_retries_total",
+                    "Step attempts that failed transiently and were retried",
+                ),
+                &["step"],
+            )?,
+            checkpoint: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_partition_checkpoint",
+                    "Next offset to read after a restart",
+                ),
+                &["partition"],
+            )?,
+            read_offset: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_partition_read_offset",
+                    "Offset of the last record read",
+                ),
+                &["partition"],
+            )?,
+            owned: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_partition_owned",
+                    "1 while this replica holds the partition's lease",
+                ),
+                &["partition"],
+            )?,
+            lag_seconds: prometheus::GaugeVec::new(
+                Opts::new(
+                    "scheduler_partition_lag_seconds",
+                    "Age of the last record read from the partition when it was read",
+                ),
+                &["partition"],
+            )?,
+            outbox_backlog: prometheus::IntGauge::new(
+                "saga_outbox_backlog",
+                "Outbox rows not yet published",
+            )?,
+        };
+        registry.register(Box::new(m.started.clone()))?;
+        registry.register(Box::new(m.finished.clone()))?;
+        registry.register(Box::new(m.step_seconds.clone()))?;
+        registry.register(Box::new(m.step_retries.clone()))?;
+        registry.register(Box::new(m.checkpoint.clone()))?;
+        registry.register(Box::new(m.read_offset.clone()))?;
+        registry.register(Box::new(m.owned.clone()))?;
+        registry.register(Box::new(m.lag_seconds.clone()))?;
+        registry.register(Box::new(m.outbox_backlog.clone()))?;
+        Ok(m)
+    }
+
+    pub fn started(&self) {
+        self.started.inc();
+    }
+
+    pub fn finished(&self, state: &str) {
+        self.finished.with_label_values(&[state]).inc();
+    }
+
+    pub fn step(&self, step: &str, outcome: &str, took: Duration) {
+        self.step_seconds
+            .with_label_values(&[step, outcome])
+            .observe(took.as_secs_f64());
+        if outcome == "transient" {
+            self.step_retries.with_label_values(&[step]).inc();
+        }
+    }
+}
