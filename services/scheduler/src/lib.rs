@@ -4,11 +4,12 @@
 //! and hands failures to the Supervisor through the transactional outbox.
 
 mod booking;
+pub mod control;
 mod metrics;
 mod migration;
 pub mod ownership;
 mod publisher;
-mod routes;
+pub(crate) mod routes;
 mod worker;
 
 use std::future::Future;
@@ -30,7 +31,9 @@ pub use booking::{
     CompensationRequest, CHECK_ACCOUNT, COMPENSATIONS_QUEUE, COMPENSATION_REQUESTED,
     CREATE_DELIVERY, REGISTER_PACKAGE, RESERVE_DRONE,
 };
+pub use control::{CompensationReport, RetryRequest};
 pub use migration::Migrator;
+pub use routes::{AttemptView, PartitionLease, StepStatus, Workflow, WorkflowSummary};
 
 /// Scheduler settings (`APP_` environment variables with `__` for nesting).
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +264,11 @@ impl Application {
         }
 
         let (stop, stop_rx) = watch::channel(false);
+        let runner = Arc::new(control::Runner {
+            engine: engine.clone(),
+            ctx: ctx.clone(),
+            instance: s.instance(),
+        });
         let shared = Arc::new(worker::Shared {
             engine: engine.clone(),
             ctx,
@@ -278,6 +286,7 @@ impl Application {
         let state = actix_web::web::Data::new(routes::State {
             engine,
             db: db.clone(),
+            runner,
         });
         let service = builder
             .service_token(settings.auth.service_token.clone())

@@ -16,25 +16,33 @@ use service_kit::{valid_id, ApiError, ApiResult};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::booking::Ctx;
+use crate::control::{self, CompensationReport, ControlError, RetryRequest};
 use crate::ownership;
 
 pub struct State {
     pub engine: Arc<Engine<Ctx>>,
     pub db: DatabaseConnection,
+    /// Runs retried sagas (operator actions through the Supervisor).
+    pub runner: Arc<control::Runner>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<State>) {
     cfg.app_data(state)
         .route("/api/workflows", web::get().to(list))
         .route("/api/workflows/{deliveryId}", web::get().to(get))
+        .route(
+            "/api/workflows/{deliveryId}/compensation",
+            web::post().to(compensation),
+        )
+        .route("/api/workflows/{deliveryId}/retry", web::post().to(retry))
         .route("/api/partitions", web::get().to(partitions));
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Scheduler service", description = "Status of the booking sagas and the partition leases."),
-    paths(get, list, partitions),
-    components(schemas(Workflow, WorkflowSummary, StepStatus, AttemptView, PartitionLease, Problem)),
+    paths(get, list, partitions, compensation, retry),
+    components(schemas(Workflow, WorkflowSummary, StepStatus, AttemptView, PartitionLease, Problem, CompensationReport, RetryRequest)),
     modifiers(&BearerSchemes),
     security(("serviceToken" = []))
 )]
@@ -71,7 +79,8 @@ pub struct StepStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Workflow {
     pub delivery_id: String,
-    /// `running`, `completed` (scheduled), `failed`, `cancelled`.
+    /// `running`, `completed` (scheduled), `failed`, `cancelled`, `compensating`, `compensated`,
+    /// `compensation-failed`.
     pub state: String,
     pub partition: i32,
     pub version: i64,
@@ -137,7 +146,11 @@ async fn get(
         .map(|(i, name)| {
             let status = if i < record.next_step {
                 "succeeded"
-            } else if i == record.next_step && record.state == saga::FAILED {
+            } else if i == record.next_step
+                && (record.state == saga::FAILED
+                    || (control::is_compensation_state(&record.state)
+                        && last_attempt_failed(&attempts, i)))
+            {
                 "failed"
             } else if i == record.next_step && record.state == saga::RUNNING {
                 "running"
@@ -180,7 +193,8 @@ async fn get(
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
 struct ListQuery {
-    /// `running`, `completed`, `failed` or `cancelled`.
+    /// `running`, `completed`, `failed`, `cancelled`, `compensating`, `compensated` or
+    /// `compensation-failed`.
     state: Option<String>,
     partition: Option<i32>,
     /// Most recently updated first; default 50, at most 500.
@@ -203,17 +217,10 @@ async fn list(
     }
     let mut select = instance::Entity::find();
     if let Some(s) = &q.state {
-        if ![
-            saga::RUNNING,
-            saga::COMPLETED,
-            saga::FAILED,
-            saga::CANCELLED,
-        ]
-        .contains(&s.as_str())
-        {
+        if !control::ALL_STATES.contains(&s.as_str()) {
             return Err(ApiError::field(
                 "state",
-                "must be running, completed, failed or cancelled",
+                "must be running, completed, failed, cancelled, compensating, compensated or compensation-failed",
             ));
         }
         select = select.filter(instance::Column::State.eq(s.clone()));
@@ -255,4 +262,117 @@ async fn partitions(_: ServiceCaller, state: web::Data<State>) -> ApiResult<Http
         })
         .collect();
     Ok(HttpResponse::Ok().json(out))
+}
+
+fn last_attempt_failed(attempts: &[saga::entities::attempt::Model], step: usize) -> bool {
+    attempts
+        .iter()
+        .rev()
+        .find(|a| usize::try_from(a.step_index).ok() == Some(step))
+        .is_some_and(|a| a.outcome == "permanent")
+}
+
+fn control_error(e: ControlError) -> ApiError {
+    match e {
+        ControlError::NotFound(id) => ApiError::not_found("workflow", id),
+        e @ ControlError::Conflict { .. } => {
+            ApiError::conflict("saga-state-conflict", e.to_string())
+        }
+        e @ ControlError::Busy(_) => ApiError::unavailable("saga-busy", e.to_string(), 1),
+        e @ ControlError::NotOwner { .. } => {
+            ApiError::conflict("partition-not-owned", e.to_string())
+        }
+        ControlError::Database(e) => ApiError::from(e),
+        e @ ControlError::Corrupt(_) => ApiError::Internal(e.into()),
+    }
+}
+
+/// `421 Misdirected Request`: another instance owns the saga's partition (ask that one).
+fn misdirected(e: ControlError) -> HttpResponse {
+    let mut problem = control_error(e).problem();
+    problem.status = 421;
+    HttpResponse::build(actix_web::http::StatusCode::MISDIRECTED_REQUEST)
+        .insert_header((
+            actix_web::http::header::CONTENT_TYPE,
+            "application/problem+json",
+        ))
+        .body(serde_json::to_string(&problem).unwrap_or_default())
+}
+
+/// Records the Supervisor's compensation outcome (new saga state, version + 1, announced on
+/// `workflow-events`). Reporting the current state again changes nothing.
+#[utoipa::path(
+    post, path = "/api/workflows/{deliveryId}/compensation", tag = "workflows",
+    params(("deliveryId" = String, Path, description = "deliveryId")),
+    request_body = CompensationReport,
+    responses(
+        (status = 200, body = WorkflowSummary, description = "recorded, or already in that state"),
+        (status = 400, body = Problem), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "the saga is running, scheduled or compensated already")
+    )
+)]
+async fn compensation(
+    _: ServiceCaller,
+    state: web::Data<State>,
+    id: web::Path<String>,
+    body: service_kit::Json<CompensationReport>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("deliveryId", &id)?;
+    let report = body.0;
+    let outcome = control::Outcome::parse(&report.state).ok_or_else(|| {
+        ApiError::field(
+            "state",
+            "must be compensating, compensated or compensation-failed",
+        )
+    })?;
+    let changed = control::record_compensation(&state.db, id, outcome, report.detail)
+        .await
+        .map_err(control_error)?;
+    Ok(HttpResponse::Ok().json(summary(&changed.saga)))
+}
+
+/// Runs a failed saga again from the step that failed. Only the instance owning the saga's
+/// partition does it (`421` otherwise).
+#[utoipa::path(
+    post, path = "/api/workflows/{deliveryId}/retry", tag = "workflows",
+    params(("deliveryId" = String, Path, description = "deliveryId")),
+    request_body(content = RetryRequest, description = "optional"),
+    responses(
+        (status = 202, body = WorkflowSummary, description = "running again"),
+        (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "the saga is not failed"),
+        (status = 421, body = Problem, description = "another instance owns the saga's partition")
+    )
+)]
+async fn retry(
+    _: ServiceCaller,
+    state: web::Data<State>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("deliveryId", &id)?;
+    let request: RetryRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RetryRequest::default()
+    } else {
+        service_kit::parse_json(&body)?
+    };
+    let reason = request
+        .reason
+        .unwrap_or_else(|| "retried by an operator".into());
+    match control::retry(&state.db, &state.runner, id, &reason).await {
+        Ok(saga) => Ok(HttpResponse::Accepted().json(summary(&saga))),
+        Err(e @ ControlError::NotOwner { .. }) => Ok(misdirected(e)),
+        Err(e) => Err(control_error(e)),
+    }
+}
+
+fn summary(saga: &SagaRecord) -> WorkflowSummary {
+    WorkflowSummary {
+        delivery_id: saga.id.clone(),
+        state: saga.state.clone(),
+        partition: saga.shard,
+        next_step: i32::try_from(saga.next_step).unwrap_or(i32::MAX),
+        error: saga.error.clone(),
+        updated_at: chrono::Utc::now(),
+    }
 }
