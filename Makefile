@@ -6,7 +6,7 @@ export DATABASE_URL AMQP_URL
 
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: help run test lint fmt up clean-test-dbs bench-messaging bench-ingest bench-e2e
+.PHONY: help run test lint fmt up clean-test-dbs bench-messaging bench-ingest bench-e2e k8s-validate k8s-base
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -29,6 +29,12 @@ lint: ## rustfmt check and clippy with warnings as errors
 
 fmt: ## format the code
 	cargo fmt --all
+
+k8s-validate: ## render k8s/ overlays and the Helm chart, validate every object offline (Kubernetes 1.30, strict), helm lint, self-test
+	bash scripts/k8s-validate.sh
+
+k8s-base: ## regenerate k8s/base from helm/drone-delivery (after changing the chart)
+	bash scripts/k8s-validate.sh --update-base
 
 bench-messaging: ## measure the messaging backends (RabbitMQ at AMQP_URL, embedded under target/bench); see docs/BENCHMARKS.md
 	cargo run --release -p integration-tests --bin bench-messaging -- \
