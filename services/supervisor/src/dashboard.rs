@@ -1,0 +1,659 @@
+//! The on-call dashboard: server-rendered HTML (maud) with one small embedded script and style
+//! sheet, no assets from elsewhere. Login required; viewers see, operators act. Every
+//! state-changing form carries the session's CSRF token and a required reason, and every action
+//! lands in the audit log shown here.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use maud::{html, Markup, DOCTYPE};
+use serde::Deserialize;
+use service_kit::{valid_id, ApiError, ApiResult};
+
+use crate::actions::{self, Actor};
+use crate::api::{self, SagaQuery};
+use crate::auth::{self, Session, Sessions};
+use crate::{audit, readmodel, AppState};
+
+const CSS: &str = include_str!("assets/app.css");
+const JS: &str = include_str!("assets/app.js");
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(root))
+        .route("/assets/app.css", web::get().to(css))
+        .route("/assets/app.js", web::get().to(js))
+        .route("/login", web::get().to(login_page))
+        .route("/login", web::post().to(login))
+        .route("/logout", web::post().to(logout))
+        .route("/dashboard", web::get().to(overview_page))
+        .route("/dashboard/overview.json", web::get().to(overview_json))
+        .route("/dashboard/sagas", web::get().to(sagas_page))
+        .route("/dashboard/sagas/{deliveryId}", web::get().to(saga_page))
+        .route("/dashboard/sagas/{deliveryId}/retry", web::post().to(retry))
+        .route(
+            "/dashboard/sagas/{deliveryId}/compensate",
+            web::post().to(compensate),
+        )
+        .route("/dashboard/parked", web::get().to(parked_page))
+        .route(
+            "/dashboard/parked/{messageId}/redrive",
+            web::post().to(redrive),
+        )
+        .route("/dashboard/audit", web::get().to(audit_page));
+}
+
+fn page(markup: Markup) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ))
+        .insert_header((header::X_FRAME_OPTIONS, "DENY"))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::REFERRER_POLICY, "same-origin"))
+        .body(markup.into_string())
+}
+
+fn see_other(location: &str) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, location.to_owned()))
+        .finish()
+}
+
+fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Supervisor" }
+                link rel="stylesheet" href="/assets/app.css";
+            }
+            body {
+                header.top {
+                    a.brand href="/dashboard" { "Drone delivery · Supervisor" }
+                    @if let Some(s) = session {
+                        nav {
+                            a href="/dashboard" { "Overview" }
+                            a href="/dashboard/sagas" { "Sagas" }
+                            a href="/dashboard/parked" { "Parked" }
+                            a href="/dashboard/audit" { "Audit log" }
+                        }
+                        div.who {
+                            span #who { (s.user) " · " (s.role.as_str()) }
+                            form.inline method="post" action="/logout" {
+                                input type="hidden" name="csrf" value=(s.csrf);
+                                button type="submit" { "Sign out" }
+                            }
+                        }
+                    }
+                }
+                main { h1 { (title) } (body) }
+                script src="/assets/app.js" {}
+            }
+        }
+    }
+}
+
+fn flash(q: &Flash) -> Markup {
+    html! {
+        @if let Some(m) = &q.done { p.flash.ok role="status" { (m) } }
+        @if let Some(m) = &q.error { p.flash.err role="alert" { (m) } }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Flash {
+    done: Option<String>,
+    error: Option<String>,
+}
+
+async fn root() -> HttpResponse {
+    see_other("/dashboard")
+}
+
+async fn css() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/css; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "max-age=300"))
+        .body(CSS)
+}
+
+async fn js() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "max-age=300"))
+        .body(JS)
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
+    failed: Option<String>,
+}
+
+/// Only local paths, so the login cannot send anyone elsewhere.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        _ => "/dashboard".to_owned(),
+    }
+}
+
+async fn login_page(q: web::Query<LoginQuery>, sessions: web::Data<Sessions>) -> HttpResponse {
+    let token = auth::random_token();
+    let next = safe_next(q.next.as_deref());
+    let body = html! {
+        form #login.card method="post" action="/login" {
+            input type="hidden" name="csrf" value=(token);
+            input type="hidden" name="next" value=(next);
+            @if q.failed.is_some() { p.flash.err role="alert" { "Wrong user name or password." } }
+            label { "User name" input #username name="username" autocomplete="username" required autofocus; }
+            label { "Password" input #password type="password" name="password" autocomplete="current-password" required; }
+            button #sign-in type="submit" { "Sign in" }
+        }
+    };
+    let mut res = page(layout("Sign in", None, body));
+    if let Ok(v) = header::HeaderValue::from_str(&auth::cookie(
+        auth::LOGIN_COOKIE,
+        &token,
+        600,
+        sessions.secure_cookies,
+    )) {
+        res.headers_mut().append(header::SET_COOKIE, v);
+    }
+    res
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    username: String,
+    password: String,
+    csrf: String,
+    next: Option<String>,
+}
+
+async fn login(
+    req: HttpRequest,
+    form: web::Form<LoginForm>,
+    sessions: web::Data<Sessions>,
+) -> ApiResult<HttpResponse> {
+    use subtle::ConstantTimeEq;
+    let cookie = auth::cookie_value(&req, auth::LOGIN_COOKIE).unwrap_or_default();
+    if cookie.is_empty() || !bool::from(cookie.as_bytes().ct_eq(form.csrf.as_bytes())) {
+        return Err(ApiError::Forbidden(
+            "the login form expired; reload the page".into(),
+        ));
+    }
+    let next = safe_next(form.next.as_deref());
+    let Some(s) = auth::login(
+        &sessions.db,
+        form.username.trim(),
+        &form.password,
+        sessions.ttl,
+    )
+    .await?
+    else {
+        tracing::warn!(user = %form.username, "failed dashboard login");
+        return Ok(see_other(&format!(
+            "/login?failed=1&next={}",
+            auth::urlencode(&next)
+        )));
+    };
+    tracing::info!(user = %s.user_name, role = %s.role, "dashboard login");
+    let mut res = see_other(&next);
+    let h = res.headers_mut();
+    for c in [
+        auth::cookie(
+            auth::SESSION_COOKIE,
+            &s.id,
+            sessions.ttl.num_seconds(),
+            sessions.secure_cookies,
+        ),
+        auth::cookie(auth::LOGIN_COOKIE, "", 0, sessions.secure_cookies),
+    ] {
+        if let Ok(v) = header::HeaderValue::from_str(&c) {
+            h.append(header::SET_COOKIE, v);
+        }
+    }
+    Ok(res)
+}
+
+#[derive(Debug, Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn logout(
+    session: Session,
+    form: web::Form<CsrfForm>,
+    sessions: web::Data<Sessions>,
+) -> ApiResult<HttpResponse> {
+    session.check_csrf(&form.csrf)?;
+    auth::logout(&sessions.db, &session.id).await;
+    let mut res = see_other("/login");
+    if let Ok(v) = header::HeaderValue::from_str(&auth::cookie(
+        auth::SESSION_COOKIE,
+        "",
+        0,
+        sessions.secure_cookies,
+    )) {
+        res.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(res)
+}
+
+fn counter(id: &str, label: &str, value: String) -> Markup {
+    html! {
+        div.counter {
+            span.value data-counter=(id) id=(format!("counter-{id}")) { (value) }
+            span.label { (label) }
+        }
+    }
+}
+
+async fn overview_page(session: Session, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let o = actions::overview(&state).await?;
+    let stuck = readmodel::search(
+        &state.db,
+        &readmodel::Search {
+            stuck: true,
+            limit: 20,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let recent = audit::recent(&state.db, 10).await?;
+    let body = html! {
+        section #counters.counters data-refresh-ms=(state.settings.refresh_ms) {
+            (counter("acceptedPerSecond", "accepted/s", format!("{:.1}", o.accepted_per_second)))
+            (counter("scheduledPerSecond", "scheduled/s", format!("{:.1}", o.scheduled_per_second)))
+            (counter("failed", "failed", o.failed.to_string()))
+            (counter("compensating", "compensating", o.compensating.to_string()))
+            (counter("compensated", "compensated", o.compensated.to_string()))
+            (counter("compensationFailed", "compensation failed", o.compensation_failed.to_string()))
+            (counter("parked", "parked (needs a person)", o.parked.to_string()))
+            (counter("stuck", "stuck", o.stuck.to_string()))
+        }
+        p.muted { "Updated " span #updated-at { (o.at.format("%H:%M:%S UTC")) } ", refreshing by itself." }
+        h2 { "Partitions" }
+        @if let Some(e) = &o.partitions_error { p.flash.err { "Scheduler unavailable: " (e) } }
+        table #partitions {
+            thead { tr { th { "partition" } th { "owner" } th { "checkpoint" } th { "lag (s)" } } }
+            tbody {
+                @for p in &o.partitions {
+                    tr {
+                        td { (p.partition) } td { (p.owner) } td { (p.checkpoint) }
+                        td { @if let Some(l) = p.lag_seconds { (format!("{l:.2}")) } @else { "–" } }
+                    }
+                }
+            }
+        }
+        h2 { "Sagas by state" }
+        ul.states {
+            @for (s, n) in &o.states {
+                li { a href=(format!("/dashboard/sagas?state={s}")) { (s) } ": " (n) }
+            }
+        }
+        h2 { "Stuck sagas" }
+        (saga_table(&stuck.into_iter().map(api::SagaView::from).collect::<Vec<_>>()))
+        h2 { "Latest actions" }
+        (audit_table(&recent))
+        p { a href="/dashboard/audit" { "Whole audit log" } }
+    };
+    Ok(page(layout("Overview", Some(&session), body)))
+}
+
+async fn overview_json(_: Session, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(actions::overview(&state).await?))
+}
+
+fn saga_table(rows: &[api::SagaView]) -> Markup {
+    html! {
+        @if rows.is_empty() { p.muted { "None." } } @else {
+            table.sagas {
+                thead { tr { th { "delivery" } th { "account" } th { "state" } th { "detail" } th { "package" } th { "drone" } th { "updated" } } }
+                tbody {
+                    @for s in rows {
+                        tr data-delivery-id=(s.delivery_id) {
+                            td { a href=(format!("/dashboard/sagas/{}", s.delivery_id)) { code { (s.delivery_id) } } }
+                            td { (s.owner_id) }
+                            td { span class=(format!("state state-{}", s.state)) { (s.state) } @if s.stuck { " " span.state.state-stuck { "stuck" } } }
+                            td { (s.detail.clone().unwrap_or_default()) }
+                            td { (s.package_id.clone().unwrap_or_default()) }
+                            td { (s.drone_id.clone().unwrap_or_default()) }
+                            td { (s.updated_at.format("%Y-%m-%d %H:%M:%S")) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn audit_table(rows: &[crate::entities::audit::Model]) -> Markup {
+    html! {
+        @if rows.is_empty() { p.muted { "No actions yet." } } @else {
+            table #audit {
+                thead { tr { th { "when" } th { "who" } th { "role" } th { "what" } th { "target" } th { "why" } th { "outcome" } } }
+                tbody {
+                    @for a in rows {
+                        tr {
+                            td { (a.at.format("%Y-%m-%d %H:%M:%S")) } td { (a.actor) } td { (a.role) }
+                            td { (a.action) } td { code { (a.target) } } td { (a.reason) } td { (a.outcome) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sagas_page(
+    session: Session,
+    state: web::Data<AppState>,
+    q: web::Query<SagaQuery>,
+) -> ApiResult<HttpResponse> {
+    let search = api::search_of(&q)?;
+    let rows: Vec<api::SagaView> = readmodel::search(&state.db, &search)
+        .await?
+        .into_iter()
+        .map(api::SagaView::from)
+        .collect();
+    let selected = search.state.clone().unwrap_or_default();
+    let body = html! {
+        form #search.row method="get" action="/dashboard/sagas" {
+            input #q name="q" type="search" placeholder="delivery, account, package or drone id" value=(search.q.clone().unwrap_or_default());
+            select #state name="state" {
+                option value="" selected[selected.is_empty()] { "any state" }
+                @for s in contracts::RequestState::ALL {
+                    option value=(s.as_str()) selected[selected == s.as_str()] { (s.as_str()) }
+                }
+            }
+            label.check { input type="checkbox" name="stuck" value="true" checked[search.stuck]; " stuck only" }
+            button #search-button type="submit" { "Search" }
+        }
+        p.muted { (rows.len()) " saga(s), most recently changed first." }
+        (saga_table(&rows))
+    };
+    Ok(page(layout("Sagas", Some(&session), body)))
+}
+
+fn action_form(session: &Session, id: &str, action: &str, label: &str, target: &str) -> Markup {
+    html! {
+        form.action id=(format!("{action}-form")) method="post" action=(target) {
+            input type="hidden" name="csrf" value=(session.csrf);
+            label { "Reason (required)" textarea name="reason" id=(format!("{action}-reason")) required maxlength="2000" {} }
+            button type="submit" id=(format!("{action}-button")) data-delivery-id=(id) { (label) }
+        }
+    }
+}
+
+async fn saga_page(
+    session: Session,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    flash_q: web::Query<Flash>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("deliveryId", &id)?.to_owned();
+    let detail = api::detail(&state, &id).await?;
+    let workflow = state.scheduler.workflow(&id).await;
+    if let Ok(w) = &workflow {
+        // Opening a saga is a good moment to learn its package and drone.
+        if detail.saga.as_ref().is_some_and(|s| s.drone_id.is_none())
+            && readmodel::ids_of(w).1.is_some()
+        {
+            let _ = readmodel::enrich_one(&state.db, &state.scheduler, &id).await;
+        }
+    }
+    let parked: Vec<api::ParkedView> = state
+        .queue
+        .parked(500)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(api::ParkedView::from)
+        .filter(|p| p.delivery_id.as_deref() == Some(id.as_str()))
+        .collect();
+    let saga_state = workflow
+        .as_ref()
+        .map(|w| w.state.clone())
+        .ok()
+        .or_else(|| detail.saga.as_ref().map(|s| s.state.clone()))
+        .unwrap_or_else(|| "unknown".into());
+    let client_state = detail.saga.as_ref().map(|s| s.state.clone());
+    let trace_id = workflow
+        .as_ref()
+        .ok()
+        .and_then(|w| {
+            w.input
+                .get("traceId")
+                .or_else(|| w.input.get("traceparent"))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let can_retry = saga_state == "failed";
+    let can_compensate = ["failed", "cancelled", "compensation-failed", "compensating"]
+        .contains(&saga_state.as_str());
+    let body = html! {
+        (flash(&flash_q))
+        dl.facts {
+            dt { "delivery" } dd { code #delivery-id { (id) } }
+            dt { "saga state" } dd { span #saga-state class=(format!("state state-{saga_state}")) { (saga_state) } }
+            dt { "client sees" } dd #client-state { (client_state.unwrap_or_else(|| "–".into())) }
+            @if let Some(s) = &detail.saga {
+                dt { "account" } dd { (s.owner_id) }
+                dt { "package" } dd { (s.package_id.clone().unwrap_or_default()) }
+                dt { "drone" } dd { (s.drone_id.clone().unwrap_or_default()) }
+                dt { "detail" } dd { (s.detail.clone().unwrap_or_default()) }
+                @if s.stuck { dt { "stuck" } dd { span.state.state-stuck { "no progress for too long" } } }
+            }
+            dt { "trace id" } dd #trace-id { @if trace_id.is_empty() { span.muted { "–" } } @else { code { (trace_id) } } }
+        }
+        @match &workflow {
+            Ok(w) => {
+                @if let Some(e) = &w.error { p.flash.err { (e) } }
+                h2 { "Timeline" }
+                p.muted { "created " (w.created_at.format("%Y-%m-%d %H:%M:%S%.3f")) " · updated " (w.updated_at.format("%Y-%m-%d %H:%M:%S%.3f")) " · version " (w.version) " · partition " (w.partition) }
+                ol #timeline.timeline {
+                    @for step in &w.steps {
+                        li class=(format!("step step-{}", step.status)) data-step=(step.name) {
+                            strong { (step.name) } " " span class=(format!("state state-{}", step.status)) { (step.status) }
+                            @if !step.attempts.is_empty() {
+                                table.attempts {
+                                    thead { tr { th { "#" } th { "outcome" } th { "started" } th { "duration" } th { "error" } } }
+                                    tbody {
+                                        @for a in &step.attempts {
+                                            tr {
+                                                td { (a.attempt) } td { (a.outcome) }
+                                                td { (a.started_at.format("%H:%M:%S%.3f")) }
+                                                td { (a.duration_ms) " ms" }
+                                                td { (a.error.clone().unwrap_or_default()) }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => { p.flash.err { "Scheduler status unavailable: " (e) } }
+        }
+        h2 { "Compensations" }
+        @if detail.compensations.is_empty() { p.muted { "None requested." } } @else {
+            table #compensations {
+                thead { tr { th { "saga version" } th { "asked by" } th { "steps" } th { "status" } th { "deliveries" } th { "error" } th { "updated" } } }
+                tbody {
+                    @for c in &detail.compensations {
+                        tr {
+                            td { (c.saga_version) } td { (c.requested_by) } td { (c.steps.join(", ")) }
+                            td { span class=(format!("state state-{}", c.status)) { (c.status) } }
+                            td { (c.deliveries) } td { (c.error.clone().unwrap_or_default()) }
+                            td { (c.updated_at.format("%Y-%m-%d %H:%M:%S")) }
+                        }
+                    }
+                }
+            }
+        }
+        @if !parked.is_empty() {
+            h2 { "Parked — needs a person" }
+            (parked_table(&session, &parked))
+        }
+        @if session.is_operator() {
+            section #actions {
+                h2 { "Actions" }
+                @if can_retry { (action_form(&session, &id, "retry", "Retry from the failed step", &format!("/dashboard/sagas/{id}/retry"))) }
+                @if can_compensate { (action_form(&session, &id, "compensate", "Compensate now", &format!("/dashboard/sagas/{id}/compensate"))) }
+                @if !can_retry && !can_compensate { p.muted { "Nothing to do for a saga that is " (saga_state) "." } }
+            }
+        }
+    };
+    Ok(page(layout(&format!("Saga {id}"), Some(&session), body)))
+}
+
+fn parked_table(session: &Session, rows: &[api::ParkedView]) -> Markup {
+    html! {
+        @if rows.is_empty() { p.muted { "Nothing parked." } } @else {
+            table #parked {
+                thead { tr { th { "delivery" } th { "reason" } th { "deliveries" } th { "parked at" } @if session.is_operator() { th { "redrive" } } } }
+                tbody {
+                    @for p in rows {
+                        tr {
+                            td { @if let Some(d) = &p.delivery_id { a href=(format!("/dashboard/sagas/{d}")) { code { (d) } } } @else { "undecodable" } }
+                            td { (p.reason) } td { (p.delivery_count) }
+                            td { (p.parked_at.format("%Y-%m-%d %H:%M:%S")) }
+                            @if session.is_operator() {
+                                td {
+                                    form.action.inline method="post" action=(format!("/dashboard/parked/{}/redrive", p.message_id)) {
+                                        input type="hidden" name="csrf" value=(session.csrf);
+                                        input type="text" name="reason" placeholder="reason (required)" required maxlength="2000";
+                                        button type="submit" { "Redrive" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn parked_page(
+    session: Session,
+    state: web::Data<AppState>,
+    flash_q: web::Query<Flash>,
+) -> ApiResult<HttpResponse> {
+    let rows: Vec<api::ParkedView> = state
+        .queue
+        .parked(500)
+        .await
+        .map_err(|e| ApiError::unavailable("broker-unavailable", e.to_string(), 1))?
+        .into_iter()
+        .map(api::ParkedView::from)
+        .collect();
+    let body = html! {
+        (flash(&flash_q))
+        p.muted { "Compensation requests that failed on every delivery. Fix the cause, then redrive." }
+        (parked_table(&session, &rows))
+    };
+    Ok(page(layout(
+        "Parked — needs a person",
+        Some(&session),
+        body,
+    )))
+}
+
+async fn audit_page(session: Session, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let rows = audit::recent(&state.db, 500).await?;
+    Ok(page(layout(
+        "Audit log",
+        Some(&session),
+        audit_table(&rows),
+    )))
+}
+
+#[derive(Debug, Deserialize)]
+struct ActionForm {
+    csrf: String,
+    #[serde(default)]
+    reason: String,
+}
+
+impl ActionForm {
+    fn reason(&self) -> Result<&str, ApiError> {
+        let r = self.reason.trim();
+        if r.is_empty() {
+            Err(ApiError::field("reason", "is required"))
+        } else if r.chars().count() > 2000 {
+            Err(ApiError::field("reason", "must be at most 2000 characters"))
+        } else {
+            Ok(r)
+        }
+    }
+}
+
+/// Only operators, with this session's CSRF token and a reason.
+fn authorise<'a>(session: &Session, form: &'a ActionForm) -> Result<&'a str, ApiError> {
+    session.require_operator()?;
+    session.check_csrf(&form.csrf)?;
+    form.reason()
+}
+
+fn back(to: &str, done: &actions::Done) -> HttpResponse {
+    let key = if done.ok { "done" } else { "error" };
+    see_other(&format!("{to}?{key}={}", auth::urlencode(&done.message)))
+}
+
+async fn retry(
+    session: Session,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    form: web::Form<ActionForm>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("deliveryId", &id)?;
+    let reason = authorise(&session, &form)?;
+    let actor = Actor {
+        name: &session.user,
+        role: session.role.as_str(),
+    };
+    let done = actions::retry(&state, &actor, id, reason).await?;
+    Ok(back(&format!("/dashboard/sagas/{id}"), &done))
+}
+
+async fn compensate(
+    session: Session,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    form: web::Form<ActionForm>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("deliveryId", &id)?;
+    let reason = authorise(&session, &form)?;
+    let actor = Actor {
+        name: &session.user,
+        role: session.role.as_str(),
+    };
+    let done = actions::compensate_now(&state, &actor, id, reason).await?;
+    Ok(back(&format!("/dashboard/sagas/{id}"), &done))
+}
+
+async fn redrive(
+    session: Session,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    form: web::Form<ActionForm>,
+) -> ApiResult<HttpResponse> {
+    let id = valid_id("messageId", &id)?;
+    let reason = authorise(&session, &form)?;
+    let actor = Actor {
+        name: &session.user,
+        role: session.role.as_str(),
+    };
+    let done = actions::redrive(&state, &actor, id, reason).await?;
+    Ok(back("/dashboard/parked", &done))
+}

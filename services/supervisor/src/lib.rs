@@ -1,0 +1,304 @@
+//! Supervisor: compensates failed and cancelled sagas, keeps a read model of every saga, flags the
+//! stuck ones, and gives on-call staff a dashboard (DESIGN §7).
+//!
+//! - `compensation`: consumes `supervisor.compensations`, undoes the succeeded steps in reverse
+//!   order, stores the outcome, reports it to the Scheduler (the owner of saga state), acks; what
+//!   cannot be done is parked after the delivery limit and waits for a person.
+//! - `readmodel`: every saga from `workflow-events`, stuck detection, rates.
+//! - `dashboard` (login, roles, CSRF, audit log) and `api` (the same data as JSON for tools).
+
+mod actions;
+mod api;
+mod audit;
+pub mod auth;
+mod compensation;
+mod dashboard;
+mod entities;
+mod metrics;
+mod migration;
+mod readmodel;
+mod scheduler_client;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use downstream::{Downstream, DownstreamSettings};
+use futures::future::BoxFuture;
+use messaging::{Broker, MessagingSettings, QueueOptions, WorkQueue};
+use serde::Deserialize;
+use service_kit::{
+    AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, ReadinessCheck, RunningService,
+};
+use tokio::sync::watch;
+
+pub use auth::UserSettings;
+pub use compensation::UndoRetry;
+pub use migration::Migrator;
+pub use scheduler_client::SchedulerLink;
+
+/// Supervisor settings (`APP_` environment variables with `__` for nesting).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub messaging: MessagingSettings,
+    /// Package, Drone and Delivery (Account has nothing to undo).
+    pub downstream: DownstreamSettings,
+    pub scheduler: SchedulerLink,
+    pub supervisor: SupervisorSettings,
+    /// Dashboard users by name: `APP_USERS__ALICE__ROLE=operator`,
+    /// `APP_USERS__ALICE__PASSWORD_HASH='$argon2id$...'`.
+    pub users: BTreeMap<String, UserSettings>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http: HttpSettings::with_port(8086),
+            database: DatabaseSettings::new("sqlite://data/supervisor.db?mode=rwc"),
+            auth: AuthSettings::default(),
+            messaging: MessagingSettings::default(),
+            downstream: DownstreamSettings::default(),
+            scheduler: SchedulerLink::default(),
+            supervisor: SupervisorSettings::default(),
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+/// Compensation, stuck detection and dashboard settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SupervisorSettings {
+    /// Partitions of `workflow-events` (the same number everywhere).
+    pub partitions: u32,
+    /// Deliveries of a compensation request before it is parked; must equal the Scheduler's
+    /// `compensation_delivery_limit` (both declare the queue).
+    pub compensation_delivery_limit: u32,
+    /// Compensation requests worked on at once.
+    pub prefetch: u16,
+    /// Backoff of one undo call within one delivery.
+    pub retry: UndoRetry,
+    /// An unfinished saga without progress for this long is flagged stuck.
+    pub stuck_after_secs: u64,
+    pub stuck_check_interval_ms: u64,
+    /// How often the parked queue is counted.
+    pub parked_refresh_ms: u64,
+    /// Scheduler status lookups per second to fill in package and drone ids (0 = off).
+    pub enrich_per_second: u32,
+    pub session_ttl_secs: u64,
+    /// Mark cookies `Secure` (behind TLS).
+    pub secure_cookies: bool,
+    /// Dashboard refresh period of the live counters.
+    pub refresh_ms: u64,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> Self {
+        Self {
+            partitions: 8,
+            compensation_delivery_limit: 10,
+            prefetch: 16,
+            retry: UndoRetry::default(),
+            stuck_after_secs: 600,
+            stuck_check_interval_ms: 5000,
+            parked_refresh_ms: 5000,
+            enrich_per_second: 50,
+            session_ttl_secs: 8 * 3600,
+            secure_cookies: false,
+            refresh_ms: 2000,
+        }
+    }
+}
+
+struct BrokerCheck(Arc<dyn Broker>);
+
+impl ReadinessCheck for BrokerCheck {
+    fn name(&self) -> &'static str {
+        "broker"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// What the HTTP handlers share.
+pub(crate) struct AppState {
+    pub db: sea_orm::DatabaseConnection,
+    pub scheduler: scheduler_client::SchedulerClient,
+    pub queue: Arc<dyn WorkQueue>,
+    pub rates: Arc<readmodel::Rates>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub settings: SupervisorSettings,
+}
+
+/// The running Supervisor.
+pub struct Application {
+    service: RunningService,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.auth.require_service_token()?;
+        let s = settings.supervisor.clone();
+        if s.partitions == 0 || s.compensation_delivery_limit == 0 || s.prefetch == 0 {
+            anyhow::bail!(
+                "supervisor partitions, compensation_delivery_limit and prefetch must be positive"
+            );
+        }
+        if settings.users.is_empty() {
+            tracing::warn!(
+                "no dashboard users configured (APP_USERS__<name>__ROLE and __PASSWORD_HASH)"
+            );
+        }
+        tracing::info!(
+            scheduler = %settings.scheduler.url,
+            partitions = s.partitions,
+            delivery_limit = s.compensation_delivery_limit,
+            stuck_after_secs = s.stuck_after_secs,
+            users = ?settings.users.keys().collect::<Vec<_>>(),
+            "starting supervisor"
+        );
+        let db = service_kit::db::connect(&settings.database)
+            .await
+            .context("connecting to the supervisor database")?;
+        if settings.database.migrate_on_start {
+            service_kit::db::migrate::<Migrator>(&settings.database, &db, "supervisor")
+                .await
+                .context("migrating the supervisor database")?;
+        }
+        auth::seed_users(&db, &settings.users).await?;
+        let broker = messaging::connect(&settings.messaging)
+            .await
+            .context("connecting to the message broker")?;
+        let queue = broker
+            .queue(
+                scheduler::COMPENSATIONS_QUEUE,
+                QueueOptions {
+                    delivery_limit: s.compensation_delivery_limit,
+                },
+            )
+            .await?;
+        let events = broker
+            .log(contracts::WORKFLOW_EVENTS_LOG, s.partitions)
+            .await?;
+
+        let builder = service_kit::ServiceBuilder::new("supervisor", settings.http.clone());
+        let metrics = Arc::new(metrics::Metrics::register(builder.registry())?);
+        let scheduler = scheduler_client::SchedulerClient::new(
+            &settings.scheduler,
+            settings.auth.service_token.clone(),
+        )?;
+        let mut downstream_settings = settings.downstream.clone();
+        downstream_settings.service_token = settings.auth.service_token.clone();
+        let compensator = Arc::new(compensation::Compensator {
+            db: db.clone(),
+            downstream: Downstream::new(&downstream_settings)?,
+            scheduler: scheduler.clone(),
+            metrics: metrics.clone(),
+            retry: s.retry,
+            delivery_limit: s.compensation_delivery_limit,
+        });
+
+        let (stop, stop_rx) = watch::channel(false);
+        let rates = Arc::new(readmodel::Rates::default());
+        let mut tasks =
+            readmodel::follow(db.clone(), events, rates.clone(), stop_rx.clone()).await?;
+        tasks.push(tokio::spawn(compensation::consume(
+            compensator,
+            queue.clone(),
+            s.prefetch,
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(readmodel::watch_stuck(
+            db.clone(),
+            metrics.clone(),
+            chrono::Duration::seconds(i64::try_from(s.stuck_after_secs).unwrap_or(i64::MAX / 1000)),
+            Duration::from_millis(s.stuck_check_interval_ms.max(100)),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(readmodel::enrich(
+            db.clone(),
+            scheduler.clone(),
+            s.enrich_per_second,
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(count_parked(
+            queue.clone(),
+            metrics.clone(),
+            Duration::from_millis(s.parked_refresh_ms.max(100)),
+            stop_rx.clone(),
+        )));
+
+        let state = actix_web::web::Data::new(AppState {
+            db: db.clone(),
+            scheduler,
+            queue,
+            rates,
+            metrics,
+            settings: s.clone(),
+        });
+        let sessions = actix_web::web::Data::new(auth::Sessions {
+            db: db.clone(),
+            secure_cookies: s.secure_cookies,
+            ttl: chrono::Duration::seconds(i64::try_from(s.session_ttl_secs).unwrap_or(3600)),
+        });
+        let service = builder
+            .service_token(settings.auth.service_token.clone())
+            .openapi(api::openapi())
+            .readiness(DatabaseCheck(db))
+            .readiness(BrokerCheck(broker))
+            .build(move |cfg| {
+                cfg.app_data(state.clone()).app_data(sessions.clone());
+                api::configure(cfg);
+                dashboard::configure(cfg);
+            })?;
+        Ok(Self {
+            service,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.service.port()
+    }
+
+    /// Serves until `shutdown` resolves; in-flight compensations finish or go back to the queue.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let result = self.service.run_until(shutdown).await;
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
+        }
+        result
+    }
+}
+
+async fn count_parked(
+    queue: Arc<dyn WorkQueue>,
+    metrics: Arc<metrics::Metrics>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match queue.parked(10_000).await {
+            Ok(p) => metrics
+                .parked
+                .set(i64::try_from(p.len()).unwrap_or(i64::MAX)),
+            Err(e) => tracing::warn!(error = %e, "counting parked messages failed"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}

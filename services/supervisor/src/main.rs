@@ -1,0 +1,10 @@
+use supervisor::{Application, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _telemetry = telemetry::init("supervisor", "info", telemetry::LogFormat::Json);
+    let settings: Settings = service_kit::settings::load("supervisor")?;
+    let app = Application::build(settings).await?;
+    app.run_until(service_kit::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! The Scheduler as the Supervisor calls it: report compensation outcomes, retry a saga on the
+//! instance that owns its partition, read a saga's status, the partition leases and the lag.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use scheduler::{CompensationReport, PartitionLease, RetryRequest, Workflow, WorkflowSummary};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// Where the Scheduler is (`APP_SCHEDULER__URL`, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SchedulerLink {
+    /// Any instance (the Kubernetes Service): status, reports.
+    pub url: String,
+    /// One instance by ordinal, for retries, e.g. `http://scheduler-{ordinal}.scheduler:8085`.
+    /// Unset: `url` is used (one replica).
+    pub instance_url_template: Option<String>,
+    /// Replicas of the Scheduler StatefulSet (partition `p` belongs to ordinal `p % replicas`).
+    pub replicas: u32,
+    pub timeout_ms: u64,
+}
+
+impl Default for SchedulerLink {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8085".into(),
+            instance_url_template: None,
+            replicas: 1,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+/// Why a Scheduler call did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("no saga {0}")]
+    NotFound(String),
+    /// The saga's state forbids the change (the problem's detail says why).
+    #[error("{0}")]
+    Conflict(String),
+    /// Another instance owns the saga's partition.
+    #[error("{0}")]
+    Misdirected(String),
+    /// Unreachable, too slow or failing: try again later.
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl SchedulerError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+#[derive(Clone)]
+pub struct SchedulerClient {
+    http: reqwest::Client,
+    link: SchedulerLink,
+    token: SecretString,
+}
+
+impl SchedulerClient {
+    pub fn new(link: &SchedulerLink, token: SecretString) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(link.timeout_ms))
+            .build()?;
+        Ok(Self {
+            http,
+            link: link.clone(),
+            token,
+        })
+    }
+
+    fn base_for_partition(&self, partition: i32) -> String {
+        match &self.link.instance_url_template {
+            Some(t) => {
+                let ordinal = u32::try_from(partition).unwrap_or(0) % self.link.replicas.max(1);
+                t.replace("{ordinal}", &ordinal.to_string())
+            }
+            None => self.link.url.clone(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, SchedulerError> {
+        let url = format!("{}{path}", base.trim_end_matches('/'));
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(self.token.expose_secret());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req
+            .send()
+            .await
+            .map_err(|e| SchedulerError::Transient(format!("scheduler {method} {path}: {e}")))?;
+        let status = res.status();
+        if status.is_success() {
+            return res.json::<T>().await.map_err(|e| {
+                SchedulerError::Permanent(format!("scheduler answer to {path}: {e}"))
+            });
+        }
+        let detail = res
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| status.to_string());
+        Err(match status {
+            StatusCode::NOT_FOUND => SchedulerError::NotFound(detail),
+            StatusCode::CONFLICT => SchedulerError::Conflict(detail),
+            StatusCode::MISDIRECTED_REQUEST => SchedulerError::Misdirected(detail),
+            s if s.is_server_error()
+                || s == StatusCode::REQUEST_TIMEOUT
+                || s == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                SchedulerError::Transient(format!("scheduler {method} {path}: {status}: {detail}"))
+            }
+            _ => {
+                SchedulerError::Permanent(format!("scheduler {method} {path}: {status}: {detail}"))
+            }
+        })
+    }
+
+    /// Records a compensation outcome on the saga.
+    pub async fn report(
+        &self,
+        delivery_id: &str,
+        state: &str,
+        detail: Option<String>,
+    ) -> Result<WorkflowSummary, SchedulerError> {
+        let body = serde_json::to_value(CompensationReport {
+            state: state.to_owned(),
+            detail,
+        })
+        .map_err(|e| SchedulerError::Permanent(e.to_string()))?;
+        self.call(
+            &self.link.url,
+            Method::POST,
+            &format!("/api/workflows/{delivery_id}/compensation"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// One saga's status: steps, attempts, errors, timings.
+    pub async fn workflow(&self, delivery_id: &str) -> Result<Workflow, SchedulerError> {
+        self.call(
+            &self.link.url,
+            Method::GET,
+            &format!("/api/workflows/{delivery_id}"),
+            None,
+        )
+        .await
+    }
+
+    /// Runs a failed saga again, asking the instance that owns its partition.
+    pub async fn retry(
+        &self,
+        delivery_id: &str,
+        partition: i32,
+        reason: &str,
+    ) -> Result<WorkflowSummary, SchedulerError> {
+        let body = serde_json::to_value(RetryRequest {
+            reason: Some(reason.to_owned()),
+        })
+        .map_err(|e| SchedulerError::Permanent(e.to_string()))?;
+        self.call(
+            &self.base_for_partition(partition),
+            Method::POST,
+            &format!("/api/workflows/{delivery_id}/retry"),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn partitions(&self) -> Result<Vec<PartitionLease>, SchedulerError> {
+        self.call(&self.link.url, Method::GET, "/api/partitions", None)
+            .await
+    }
+
+    /// `scheduler_partition_lag_seconds` by partition, from the Scheduler's `/metrics` (one
+    /// instance; with several replicas each shows the partitions it owns).
+    pub async fn lag_seconds(&self) -> Result<BTreeMap<u32, f64>, SchedulerError> {
+        let url = format!("{}/metrics", self.link.url.trim_end_matches('/'));
+        let text = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| SchedulerError::Transient(e.to_string()))?
+            .text()
+            .await
+            .map_err(|e| SchedulerError::Transient(e.to_string()))?;
+        Ok(parse_lag(&text))
+    }
+}
+
+fn parse_lag(metrics: &str) -> BTreeMap<u32, f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("scheduler_partition_lag_seconds{"))
+        .filter_map(|l| {
+            let p = l
+                .split("partition=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .parse()
+                .ok()?;
+            let v = l.rsplit(' ').next()?.parse().ok()?;
+            Some((p, v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_read_from_prometheus_text() {
+        let text = "# HELP x\nscheduler_partition_lag_seconds{partition=\"0\",service=\"scheduler\"} 0.25\n\
+                    scheduler_partition_lag_seconds{service=\"scheduler\",partition=\"3\"} 2\nother 1\n";
+        let lag = parse_lag(text);
+        assert_eq!(lag.get(&0), Some(&0.25));
+        assert_eq!(lag.get(&3), Some(&2.0));
+        assert_eq!(lag.len(), 2);
+    }
+}
