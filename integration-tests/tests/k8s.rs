@@ -1,0 +1,238 @@
+//! The deployment and the Scheduler agree on partition ownership: for every way the suite is
+//! deployed (the kustomize base and its overlays, the Helm chart with its default and prod
+//! values) the StatefulSet's replicas and the partition count it configures, fed to the
+//! Scheduler's own `ownership` functions for each pod name, cover every partition exactly once,
+//! and Ingestion appends to the same partition count.
+//!
+//! `k8s/base` is the chart rendered with its default values (`make k8s-base`; `make k8s-validate`
+//! fails when it drifts), so the base also stands for the chart's templates.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use scheduler::ownership::{ordinal_from_hostname, owned_partitions};
+use serde_norway::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn yaml_docs(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo().join(path))
+        .unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn yaml(path: &str) -> Value {
+    yaml_docs(path).into_iter().next().unwrap()
+}
+
+fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind}/{name}"))
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
+    container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no env {name}"))
+}
+
+fn as_u32(v: &Value) -> u32 {
+    match v {
+        Value::Number(n) => u32::try_from(n.as_u64().unwrap()).unwrap(),
+        Value::String(s) => s.parse().unwrap(),
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
+/// `partitions=N` from a kustomization's `partitioning` configMapGenerator, if it has one.
+fn generated_partitions(kustomization: &Value) -> Option<u32> {
+    kustomization["configMapGenerator"]
+        .as_sequence()?
+        .iter()
+        .find(|g| g["name"].as_str() == Some("partitioning"))?["literals"]
+        .as_sequence()?
+        .iter()
+        .find_map(|l| l.as_str()?.strip_prefix("partitions="))
+        .map(|n| n.parse().unwrap())
+}
+
+fn overlay_replicas(kustomization: &Value) -> Option<u32> {
+    kustomization["replicas"]
+        .as_sequence()?
+        .iter()
+        .find(|r| r["name"].as_str() == Some("scheduler"))
+        .map(|r| as_u32(&r["count"]))
+}
+
+/// Whether a kustomization copies the StatefulSet's `spec.replicas` into the container's
+/// `APP_SCHEDULER__REPLICAS` with a replacement.
+fn replica_setting_follows_statefulset(kustomization: &Value) -> bool {
+    let seq = |v: &Value| v.as_sequence().cloned().unwrap_or_default();
+    seq(&kustomization["replacements"]).iter().any(|r| {
+        r["source"]["kind"].as_str() == Some("StatefulSet")
+            && r["source"]["fieldPath"].as_str() == Some("spec.replicas")
+            && seq(&r["targets"])
+                .iter()
+                .flat_map(|t| seq(&t["fieldPaths"]))
+                .any(|f| {
+                    f.as_str()
+                        .is_some_and(|f| f.ends_with("[name=APP_SCHEDULER__REPLICAS].value"))
+                })
+    })
+}
+
+/// Pods `scheduler-0..R` as the StatefulSet names them: each learns its ordinal from its name
+/// and owns `p % R == i`; together they own every partition exactly once, none idle.
+fn assert_ownership(deployment: &str, statefulset: &str, replicas: u32, partitions: u32) {
+    assert!(replicas >= 1 && partitions >= 1, "{deployment}: empty");
+    let mut owners: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for i in 0..replicas {
+        let pod = format!("{statefulset}-{i}");
+        let ordinal = ordinal_from_hostname(&pod)
+            .unwrap_or_else(|| panic!("{deployment}: no ordinal in pod name {pod}"));
+        assert_eq!(ordinal, i, "{deployment}: pod {pod}");
+        let owned = owned_partitions(ordinal, replicas, partitions);
+        assert!(
+            !owned.is_empty(),
+            "{deployment}: pod {pod} owns no partition ({replicas} replicas, {partitions} partitions)"
+        );
+        for p in owned {
+            owners.entry(p).or_default().push(i);
+        }
+    }
+    let all: Vec<u32> = (0..partitions).collect();
+    assert_eq!(
+        owners.keys().copied().collect::<Vec<_>>(),
+        all,
+        "{deployment}: partitions without an owner"
+    );
+    for (p, pods) in owners {
+        assert_eq!(
+            pods.len(),
+            1,
+            "{deployment}: partition {p} owned by {pods:?}"
+        );
+    }
+}
+
+/// What the base StatefulSet wires: the ordinal from the pod name, the replica setting, and the
+/// partition count from the same ConfigMap key as Ingestion. Returns (name, replicas, env replicas).
+fn base_wiring() -> (String, u32, u32) {
+    let sched = yaml_docs("k8s/base/scheduler.yaml");
+    let sts = object(&sched, "StatefulSet", "scheduler");
+    let name = sts["metadata"]["name"].as_str().unwrap().to_owned();
+    let c = container(sts, "scheduler");
+    for downward in ["HOSTNAME", "APP_SCHEDULER__INSTANCE_ID"] {
+        assert_eq!(
+            env(c, downward)["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            Some("metadata.name"),
+            "{downward} must be the pod name (Downward API)"
+        );
+    }
+    let sched_ref = &env(c, "APP_SCHEDULER__PARTITIONS")["valueFrom"]["configMapKeyRef"];
+    let ing = yaml_docs("k8s/base/ingestion.yaml");
+    let ing_ref = &env(
+        container(object(&ing, "Deployment", "ingestion"), "ingestion"),
+        "APP_INGESTION__PARTITIONS",
+    )["valueFrom"]["configMapKeyRef"];
+    assert_eq!(sched_ref["name"].as_str(), Some("partitioning"));
+    assert_eq!(sched_ref["key"].as_str(), Some("partitions"));
+    assert_eq!(
+        sched_ref, ing_ref,
+        "Scheduler and Ingestion must read one partition count"
+    );
+    let replicas = as_u32(&sts["spec"]["replicas"]);
+    let env_replicas = as_u32(&env(c, "APP_SCHEDULER__REPLICAS")["value"]);
+    (name, replicas, env_replicas)
+}
+
+#[test]
+fn kustomize_base_and_overlays_own_every_partition_once() {
+    let (sts, base_replicas, env_replicas) = base_wiring();
+    assert_eq!(
+        base_replicas, env_replicas,
+        "base: APP_SCHEDULER__REPLICAS != spec.replicas"
+    );
+    let base = yaml("k8s/base/kustomization.yaml");
+    let base_partitions = generated_partitions(&base).expect("base generates `partitioning`");
+    assert_ownership("k8s/base", &sts, base_replicas, base_partitions);
+
+    for overlay in ["dev", "prod"] {
+        let path = format!("k8s/overlays/{overlay}/kustomization.yaml");
+        let k = yaml(&path);
+        let replicas = overlay_replicas(&k).unwrap_or(base_replicas);
+        let partitions = generated_partitions(&k).unwrap_or(base_partitions);
+        // The replica setting follows spec.replicas through a replacement in the overlay (it
+        // must run after the overlay's `replicas`), never a second literal.
+        let follows = replica_setting_follows_statefulset(&k);
+        assert!(
+            follows,
+            "{path}: no replacement copying spec.replicas to APP_SCHEDULER__REPLICAS"
+        );
+        assert_ownership(&path, &sts, replicas, partitions);
+    }
+}
+
+#[test]
+fn helm_values_own_every_partition_once() {
+    let defaults = yaml("helm/drone-delivery/values.yaml");
+    let (sts, base_replicas, _) = base_wiring();
+    let base_partitions =
+        generated_partitions(&yaml("k8s/base/kustomization.yaml")).expect("base partitions");
+    let replicas = as_u32(&defaults["scheduler"]["replicas"]);
+    let partitions = as_u32(&defaults["partitions"]);
+    // k8s/base is the chart rendered with these values, except the hand-written generator.
+    assert_eq!(
+        replicas, base_replicas,
+        "values.yaml and k8s/base disagree on replicas"
+    );
+    assert_eq!(
+        partitions, base_partitions,
+        "values.yaml and k8s/base/kustomization.yaml disagree on partitions"
+    );
+    assert_ownership("helm default values", &sts, replicas, partitions);
+
+    let prod = yaml("helm/drone-delivery/values-prod.yaml");
+    let replicas = prod["scheduler"]["replicas"]
+        .as_u64()
+        .map_or(replicas, |r| u32::try_from(r).unwrap());
+    let partitions = prod["partitions"]
+        .as_u64()
+        .map_or(partitions, |p| u32::try_from(p).unwrap());
+    assert_ownership("helm values-prod.yaml", &sts, replicas, partitions);
+}
+
+#[test]
+fn ownership_covers_what_an_operator_may_configure() {
+    // Any replicas <= partitions the chart accepts (it refuses more replicas than partitions).
+    for partitions in 1..=32 {
+        for replicas in 1..=partitions {
+            assert_ownership("chart range", "scheduler", replicas, partitions);
+        }
+    }
+    // A name prefix (`namePrefix`) keeps the ordinal readable from the pod name.
+    assert_eq!(ordinal_from_hostname("prod-scheduler-3"), Some(3));
+}
