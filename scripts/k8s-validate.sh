@@ -135,9 +135,9 @@ self_test() {
   expect_failure "scheduler.replicas > partitions" \
     "$HELM" template x "$ROOT/helm/drone-delivery" --set scheduler.replicas=9 --set partitions=8
   # 8. A malformed PrometheusRule (the CRD check).
-  sed 's/^\(\s*\)expr: sum(supervisor_sagas_stuck) > 0$/\1exp: sum(supervisor_sagas_stuck) > 0/' \
+  sed 's/^\(\s*\)expr: sum(supervisor_stuck_sagas) > 0$/\1exp: sum(supervisor_stuck_sagas) > 0/' \
     "$OUT/kustomize-prod.yaml" >"$work/bad-rule.yaml"
-  grep -q 'exp: sum(supervisor_sagas_stuck)' "$work/bad-rule.yaml"
+  grep -q 'exp: sum(supervisor_stuck_sagas)' "$work/bad-rule.yaml"
   expect_failure "a PrometheusRule rule without expr" validate broken-rule "$work/bad-rule.yaml"
 
   if [ "$self_test_failures" -ne 0 ]; then

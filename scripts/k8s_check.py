@@ -47,7 +47,6 @@ SECRET_SETTINGS = {
     "APP_AUTH__JWT_SECRET",
     "APP_MESSAGING__URL",
     "APP_DOWNSTREAM__SERVICE_TOKEN",
-    "APP_SUPERVISOR__USERS",
 }
 STATELESS = {"ingestion", "account", "package", "drone", "delivery"}
 
@@ -161,7 +160,7 @@ class Checker:
                 if got != path:
                     self.fail(obj, f"container {c['name']}: {probe} must GET {path}, has {got}")
             for e in c.get("env") or []:
-                if e["name"] in SECRET_SETTINGS and "secretKeyRef" not in (e.get("valueFrom") or {}):
+                if (e["name"] in SECRET_SETTINGS or e["name"].startswith("APP_USERS__")) and "secretKeyRef" not in (e.get("valueFrom") or {}):
                     self.fail(obj, f"{e['name']} must come from a Secret (secretKeyRef)")
             for ref in c.get("envFrom") or []:
                 cm = (ref.get("configMapRef") or {}).get("name")
@@ -216,6 +215,16 @@ class Checker:
             self.fail(s, f"partitions differ: scheduler {p_sched} ({src_s}), ingestion {p_ing} ({src_i})")
             return
         partitions = int(p_sched)
+        sup = [o for o in objs if o["kind"] == "Deployment"
+               and (o["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == "supervisor"]
+        if len(sup) == 1:
+            sc = sup[0]["spec"]["template"]["spec"]["containers"][0]
+            got, src = self.env_value(sc, "APP_SCHEDULER__REPLICAS", configmaps)
+            if str(got) != str(replicas):
+                self.fail(sup[0], f"APP_SCHEDULER__REPLICAS ({got}, {src}) != scheduler replicas ({replicas})")
+            got, src = self.env_value(sc, "APP_SUPERVISOR__PARTITIONS", configmaps)
+            if str(got) != str(partitions):
+                self.fail(sup[0], f"APP_SUPERVISOR__PARTITIONS ({got}, {src}) != partitions ({partitions})")
         owners = {}
         for i in range(int(replicas)):
             for p in range(partitions):
@@ -231,7 +240,8 @@ class Checker:
     def suite(self, objs):
         configmaps = {name_of(o): o for o in objs if o["kind"] == "ConfigMap"}
         for cm in configmaps.values():
-            leaked = SECRET_SETTINGS & set((cm.get("data") or {}))
+            leaked = {k for k in (cm.get("data") or {})
+                      if k in SECRET_SETTINGS or k.startswith("APP_USERS__")}
             if leaked:
                 self.fail(cm, f"secret settings in a ConfigMap: {sorted(leaked)}")
         workloads = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]

@@ -87,13 +87,6 @@ partitioning ConfigMap both Ingestion and the Scheduler read.
       name: {{ $root.Values.secrets.name }}
       key: amqp-url
 {{- end }}
-{{- if eq $svc "supervisor" }}
-- name: APP_SUPERVISOR__USERS
-  valueFrom:
-    secretKeyRef:
-      name: {{ $root.Values.secrets.name }}
-      key: supervisor-users
-{{- end }}
 {{- end -}}
 
 {{/* The pod template shared by the Deployments and the StatefulSet. */}}
@@ -149,6 +142,11 @@ spec:
       envFrom:
         - configMapRef:
             name: {{ include "dd.name" (list $root $svc) }}-config
+        {{- if eq $svc "supervisor" }}
+        # Dashboard users: APP_USERS__<NAME>__ROLE and APP_USERS__<NAME>__PASSWORD_HASH (argon2).
+        - secretRef:
+            name: {{ $root.Values.secrets.supervisorUsersName }}
+        {{- end }}
       env:
         {{- include "dd.secretEnv" (list $root $svc) | nindent 8 }}
         {{- with $extraEnv }}
