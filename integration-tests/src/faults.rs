@@ -30,6 +30,7 @@ pub struct FaultProxy {
     pub url: String,
     /// Requests that matched a fault (method path).
     pub hits: Arc<Mutex<Vec<String>>>,
+    faults: Arc<Mutex<Vec<Fault>>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,6 +40,7 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let hits = Arc::new(Mutex::new(Vec::new()));
         let state = Arc::new(Mutex::new(faults));
+        let faults = state.clone();
         let client = reqwest::Client::new();
         let upstream = upstream.trim_end_matches('/').to_owned();
         let h = hits.clone();
@@ -54,7 +56,15 @@ impl FaultProxy {
         FaultProxy {
             url,
             hits,
+            faults,
             _task: task,
+        }
+    }
+
+    /// Replaces the faults from now on (an empty list forwards everything: the service is back).
+    pub fn set_faults(&self, faults: Vec<Fault>) {
+        if let Ok(mut f) = self.faults.lock() {
+            *f = faults;
         }
     }
 

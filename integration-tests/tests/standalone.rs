@@ -26,6 +26,7 @@ async fn start(dir: &Path) -> Suite {
             package: 0,
             drone: 0,
             delivery: 0,
+            supervisor: 0,
         },
         ..Default::default()
     };
@@ -96,11 +97,21 @@ async fn make_run_serves_every_service_and_keeps_its_data() {
         .verify(creds.get("CLIENT_TOKEN").expect("CLIENT_TOKEN"))
         .expect("client token verifies");
     assert_eq!(claims.sub, "demo-account");
+    // The dashboard logins.
+    assert_eq!(
+        creds.get("OPERATOR_USER").map(String::as_str),
+        Some("operator")
+    );
+    assert!(creds
+        .get("OPERATOR_PASSWORD")
+        .is_some_and(|p| p.len() >= 16));
+    assert!(creds.get("VIEWER_PASSWORD").is_some_and(|p| p.len() >= 16));
 
     let p = &suite.ports;
     for port in [
         p.ingestion,
         p.scheduler,
+        p.supervisor,
         p.account,
         p.package,
         p.drone,

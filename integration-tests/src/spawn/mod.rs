@@ -6,6 +6,7 @@ mod drone;
 mod ingestion;
 mod package;
 mod suite;
+mod supervisor;
 
 pub use account::spawn_account;
 pub use delivery::spawn_delivery;
@@ -13,6 +14,7 @@ pub use drone::{spawn_drone, spawn_drone_with};
 pub use ingestion::{spawn_ingestion, IngestionApp};
 pub use package::spawn_package;
 pub use suite::{spawn_suite, Suite, SuiteFaults};
+pub use supervisor::{spawn_supervisor, SupervisorApp, OPERATOR, VIEWER};
 
 use service_kit::{AuthSettings, HttpSettings};
 

@@ -46,6 +46,7 @@ pub struct Ports {
     pub drone: u16,
     pub delivery: u16,
     pub scheduler: u16,
+    pub supervisor: u16,
 }
 
 impl Default for Ports {
@@ -57,6 +58,7 @@ impl Default for Ports {
             drone: 8083,
             delivery: 8084,
             scheduler: 8085,
+            supervisor: 8086,
         }
     }
 }
@@ -73,7 +75,12 @@ pub struct Endpoints {
     pub package: u16,
     pub drone: u16,
     pub delivery: u16,
+    pub supervisor: u16,
 }
+
+/// Dashboard logins written to `credentials.env`.
+pub const OPERATOR_USER: &str = "operator";
+pub const VIEWER_USER: &str = "viewer";
 
 /// Starts every service, writes `credentials.env`, and serves until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -99,6 +106,16 @@ pub async fn run_with(
         .or_insert_with(|| random_hex(32))
         .clone();
     let auth = AuthSettings::new(service_token.clone(), jwt_secret);
+    creds.insert("OPERATOR_USER".into(), OPERATOR_USER.into());
+    creds.insert("VIEWER_USER".into(), VIEWER_USER.into());
+    let operator_password = creds
+        .entry("OPERATOR_PASSWORD".into())
+        .or_insert_with(|| random_hex(12))
+        .clone();
+    let viewer_password = creds
+        .entry("VIEWER_PASSWORD".into())
+        .or_insert_with(|| random_hex(12))
+        .clone();
     let http = |port| HttpSettings {
         host: settings.host.clone(),
         port,
@@ -162,7 +179,7 @@ pub async fn run_with(
         http: http(settings.ports.scheduler),
         database: db("scheduler"),
         auth: auth.clone(),
-        messaging,
+        messaging: messaging.clone(),
         downstream: downstream::DownstreamSettings {
             account_url: local(account.port()),
             package_url: local(package.port()),
@@ -179,7 +196,41 @@ pub async fn run_with(
     })
     .await
     .context("starting scheduler")?;
+    let user = |role: &str, password: &str| supervisor::UserSettings {
+        role: role.to_owned(),
+        password: Some(secrecy::SecretString::from(password.to_owned())),
+        password_hash: None,
+    };
+    let supervisor = supervisor::Application::build(supervisor::Settings {
+        http: http(settings.ports.supervisor),
+        database: db("supervisor"),
+        auth: auth.clone(),
+        messaging,
+        downstream: downstream::DownstreamSettings {
+            account_url: local(account.port()),
+            package_url: local(package.port()),
+            drone_url: local(drone.port()),
+            delivery_url: local(delivery.port()),
+            ..Default::default()
+        },
+        scheduler: supervisor::SchedulerLink {
+            url: local(scheduler.port()),
+            ..Default::default()
+        },
+        users: [
+            (
+                OPERATOR_USER.to_owned(),
+                user("operator", &operator_password),
+            ),
+            (VIEWER_USER.to_owned(), user("viewer", &viewer_password)),
+        ]
+        .into(),
+        ..Default::default()
+    })
+    .await
+    .context("starting supervisor")?;
     let endpoints = Endpoints {
+        supervisor: supervisor.port(),
         ingestion: ingestion.port(),
         scheduler: scheduler.port(),
         account: account.port(),
@@ -198,6 +249,7 @@ pub async fn run_with(
             tokio::try_join!(
                 ingestion.run_until(stopped(rx.clone())),
                 scheduler.run_until(stopped(rx.clone())),
+                supervisor.run_until(stopped(rx.clone())),
                 account.run_until(stopped(rx.clone())),
                 package.run_until(stopped(rx.clone())),
                 drone.run_until(stopped(rx.clone())),
@@ -279,10 +331,24 @@ fn print_banner(settings: &Settings, e: &Endpoints, creds: &BTreeMap<String, Str
         "  scheduler http://{h}:{}   (GET /api/workflows/{{deliveryId}})",
         e.scheduler
     );
+    println!(
+        "  supervisor http://{h}:{}/dashboard   (sign in as OPERATOR_USER or VIEWER_USER)",
+        e.supervisor
+    );
     println!();
     println!("  SERVICE_TOKEN={}", get("SERVICE_TOKEN"));
     println!("  CLIENT_ACCOUNT_ID={}", get("CLIENT_ACCOUNT_ID"));
     println!("  CLIENT_TOKEN={}", get("CLIENT_TOKEN"));
+    println!(
+        "  OPERATOR_USER={} OPERATOR_PASSWORD={}",
+        get("OPERATOR_USER"),
+        get("OPERATOR_PASSWORD")
+    );
+    println!(
+        "  VIEWER_USER={} VIEWER_PASSWORD={}",
+        get("VIEWER_USER"),
+        get("VIEWER_PASSWORD")
+    );
     println!();
     println!(
         "  these are saved in {} (source it in a shell)",

@@ -1,0 +1,701 @@
+//! The Supervisor end to end on real PostgreSQL and RabbitMQ: compensation of failed and cancelled
+//! sagas (through fault injectors where downstream services must fail), parking and redrive, and
+//! the dashboard driven in headless Chromium.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+
+use std::time::Duration;
+
+use contracts::{Fleet, TrackingEvent};
+use integration_tests::faults::{Fault, FaultKind};
+use integration_tests::{
+    both_backends, spawn_suite, spawn_supervisor, Backend, Suite, SuiteFaults, SupervisorApp,
+    TestApp, OPERATOR, VIEWER,
+};
+use messaging::QueueOptions;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+both_backends!(failure_after_the_drone_step_ends_compensated);
+
+mod postgres_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn downstream_down_is_retried_then_compensated() {
+        super::downstream_down_is_retried_then_compensated(Backend::Postgres).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_compensation_is_parked_and_redriven() {
+        super::failing_compensation_is_parked_and_redriven(Backend::Postgres).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicate_request_has_no_second_effect() {
+        super::duplicate_request_has_no_second_effect(Backend::Postgres).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dashboard_in_headless_chromium() {
+        super::browser::dashboard_in_headless_chromium(Backend::Postgres).await
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The Scheduler's CreateDelivery always fails permanently: sagas fail after the drone step.
+fn failing_delivery() -> SuiteFaults {
+    SuiteFaults {
+        delivery: vec![Fault {
+            method: "PUT",
+            path_prefix: "/api/deliveries/".into(),
+            times: usize::MAX,
+            kind: FaultKind::Status(422),
+        }],
+        ..Default::default()
+    }
+}
+
+fn unavailable(method: &'static str, prefix: &str, times: usize) -> Vec<Fault> {
+    vec![Fault {
+        method,
+        path_prefix: prefix.into(),
+        times,
+        kind: FaultKind::Status(503),
+    }]
+}
+
+async fn reserved_drones(suite: &Suite) -> u64 {
+    let fleet: Fleet = suite.drone.get("/api/drones").await.json();
+    fleet.drones.iter().map(|d| d.upcoming_reservations).sum()
+}
+
+async fn package_status(suite: &Suite, id: Uuid) -> Value {
+    suite.package.get(&format!("/api/packages/{id}")).await.body["status"].clone()
+}
+
+/// What the client sees through Ingestion, once it reaches `state`.
+async fn client_state(suite: &Suite, owner: &str, id: Uuid, state: &str) -> Value {
+    let token = suite.ingestion.token(owner, &[]);
+    let mut last = Value::Null;
+    for _ in 0..150 {
+        let r = suite
+            .ingestion
+            .app
+            .call_with(
+                reqwest::Method::GET,
+                &format!("/api/deliveryrequests/{id}"),
+                None,
+                Some(&token),
+            )
+            .await;
+        if r.body["state"] == state {
+            return r.body;
+        }
+        last = r.body;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("ingestion did not show {id} as {state}; last: {last}");
+}
+
+async fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn failure_after_the_drone_step_ends_compensated(backend: Backend) {
+    let suite = spawn_suite(backend, failing_delivery()).await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |_| {}).await;
+
+    let id = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
+    let wf = suite.workflow(&scheduler, id, "compensated", WAIT).await;
+    let steps: Vec<(&str, &str)> = wf["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            ("CheckAccount", "succeeded"),
+            ("RegisterPackage", "succeeded"),
+            ("ReserveDrone", "succeeded"),
+            ("CreateDelivery", "failed"),
+        ],
+        "{wf}"
+    );
+    // The drone is free again, the package cancelled, no delivery exists.
+    assert_eq!(reserved_drones(&suite).await, 0);
+    assert_eq!(package_status(&suite, id).await, "cancelled");
+    assert_eq!(
+        suite
+            .delivery
+            .get(&format!("/api/deliveries/{id}"))
+            .await
+            .status,
+        404
+    );
+    // Reporting the same outcome again changes nothing.
+    let again = scheduler_endpoint(&scheduler, id, "compensated").await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    let after = suite.workflow(&scheduler, id, "compensated", WAIT).await;
+    assert_eq!(after["version"], wf["version"]);
+    let seen = client_state(&suite, "acc-1", id, "compensated").await;
+    assert!(
+        seen["detail"].as_str().unwrap().contains("RegisterPackage"),
+        "{seen}"
+    );
+    let detail = supervisor.saga(id, "compensated", WAIT).await;
+    let c = &detail["compensations"][0];
+    assert_eq!(c["status"], "compensated", "{detail}");
+    assert_eq!(c["steps"], json!(["RegisterPackage", "ReserveDrone"]));
+    assert_eq!(c["reported"], true);
+    assert_eq!(c["stepResults"]["ReserveDrone"]["outcome"], "undone");
+
+    // A booking cancelled after it was scheduled: all three steps are undone, newest first.
+    suite.faults[0].set_faults(Vec::new()); // the Delivery service works again
+    let id2 = suite.book(&Suite::booking("acc-1", 30, "Small")).await;
+    suite.workflow(&scheduler, id2, "completed", WAIT).await;
+    // The Scheduler refuses to record a compensation of a scheduled saga, or of an unknown one.
+    let r = scheduler_endpoint(&scheduler, id2, "compensated").await;
+    assert_eq!(r.problem(409).code, "saga-state-conflict");
+    let r = scheduler_endpoint(&scheduler, Uuid::new_v4(), "compensated").await;
+    assert_eq!(r.status, 404);
+    let r = scheduler_endpoint(&scheduler, id2, "undone").await;
+    assert_eq!(r.bad_fields(), vec!["state"]);
+    let r = scheduler
+        .post(&format!("/api/workflows/{id2}/retry"), &json!({}))
+        .await;
+    assert_eq!(r.problem(409).code, "saga-state-conflict");
+    let token = suite.ingestion.token("acc-1", &[]);
+    let r = suite
+        .ingestion
+        .app
+        .call_with(
+            reqwest::Method::DELETE,
+            &format!("/api/deliveryrequests/{id2}"),
+            None,
+            Some(&token),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    suite.workflow(&scheduler, id2, "compensated", WAIT).await;
+    assert_eq!(reserved_drones(&suite).await, 0);
+    assert_eq!(package_status(&suite, id2).await, "cancelled");
+    let events: Vec<TrackingEvent> = suite
+        .delivery
+        .get(&format!("/api/deliveries/{id2}/events"))
+        .await
+        .json();
+    assert_eq!(
+        events.last().map(|e| e.stage),
+        Some(contracts::DeliveryStage::Cancelled)
+    );
+    client_state(&suite, "acc-1", id2, "compensated").await;
+    assert_eq!(
+        metric(
+            &supervisor.app,
+            "supervisor_compensations_total{outcome=\"compensated\""
+        )
+        .await,
+        Some(2.0)
+    );
+
+    supervisor.stop().await;
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn downstream_down_is_retried_then_compensated(backend: Backend) {
+    let suite = spawn_suite(backend, failing_delivery()).await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |_| {}).await;
+    // The drone service answers 503 to the first two releases.
+    supervisor
+        .drone
+        .set_faults(unavailable("DELETE", "/api/dronedeliveries/", 2));
+
+    let id = suite.book(&Suite::booking("acc-1", 24, "Medium")).await;
+    suite.workflow(&scheduler, id, "compensated", WAIT).await;
+    assert_eq!(supervisor.drone.hits(), 2, "both faults were hit");
+    assert_eq!(reserved_drones(&suite).await, 0);
+    let detail = supervisor.saga(id, "compensated", WAIT).await;
+    assert_eq!(
+        detail["compensations"][0]["deliveries"], 1,
+        "retried within one delivery: {detail}"
+    );
+    assert_eq!(
+        metric(
+            &supervisor.app,
+            "supervisor_undo_retries_total{step=\"ReserveDrone\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+
+    supervisor.stop().await;
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn failing_compensation_is_parked_and_redriven(backend: Backend) {
+    let suite = spawn_suite(backend, failing_delivery()).await;
+    suite.account("acc-1", "active").await;
+    let limit = |s: &mut scheduler::Settings| s.scheduler.compensation_delivery_limit = 2;
+    let scheduler = suite.start_scheduler(limit).await;
+    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |s| {
+        s.supervisor.compensation_delivery_limit = 2;
+    })
+    .await;
+    // The package service is down for good (for now).
+    supervisor
+        .package
+        .set_faults(unavailable("DELETE", "/api/packages/", usize::MAX));
+
+    let id = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
+    let wf = suite
+        .workflow(&scheduler, id, "compensation-failed", WAIT)
+        .await;
+    assert!(
+        wf["steps"][1]["status"] == "succeeded",
+        "the package is still registered: {wf}"
+    );
+    let parked = supervisor.parked_of(id, WAIT).await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("RegisterPackage"));
+    client_state(&suite, "acc-1", id, "compensation-failed").await;
+    // The drone was released before the package failed; the package is still there.
+    assert_eq!(reserved_drones(&suite).await, 0);
+    assert_eq!(package_status(&suite, id).await, "registered");
+    let overview = supervisor.app.get("/api/overview").await;
+    assert!(overview.body["parked"].as_i64().unwrap() >= 0);
+
+    // The package service is back: a person redrives the request.
+    supervisor.package.set_faults(Vec::new());
+    let mid = parked[0]["messageId"].as_str().unwrap();
+    let r = supervisor
+        .app
+        .post(
+            &format!("/api/parked/{mid}/redrive"),
+            &json!({"reason": "package service restored"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["ok"], true);
+    suite.workflow(&scheduler, id, "compensated", WAIT).await;
+    assert_eq!(package_status(&suite, id).await, "cancelled");
+    client_state(&suite, "acc-1", id, "compensated").await;
+    assert!(supervisor.parked_of(id, Duration::ZERO).await.is_empty());
+    let audit = supervisor.app.get("/api/audit").await;
+    assert_eq!(audit.body[0]["action"], "redrive", "{}", audit.body);
+    assert_eq!(audit.body[0]["reason"], "package service restored");
+    // Redriving it again finds nothing.
+    let again = supervisor
+        .app
+        .post(
+            &format!("/api/parked/{mid}/redrive"),
+            &json!({"reason": "twice"}),
+        )
+        .await;
+    assert_eq!(again.status, 404);
+
+    supervisor.stop().await;
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn duplicate_request_has_no_second_effect(backend: Backend) {
+    let suite = spawn_suite(backend, failing_delivery()).await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |_| {}).await;
+
+    let id = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
+    let before = suite.workflow(&scheduler, id, "compensated", WAIT).await;
+    let detail = supervisor.saga(id, "compensated", WAIT).await;
+    let c = &detail["compensations"][0];
+
+    // Any further call to the services would now fail and show up as a hit.
+    for proxy in [&supervisor.package, &supervisor.drone, &supervisor.delivery] {
+        proxy.set_faults(vec![Fault {
+            method: "DELETE",
+            path_prefix: "/".into(),
+            times: usize::MAX,
+            kind: FaultKind::Status(500),
+        }]);
+    }
+    let queue = suite
+        .ingestion
+        .broker
+        .queue(
+            scheduler::COMPENSATIONS_QUEUE,
+            QueueOptions { delivery_limit: 10 },
+        )
+        .await
+        .unwrap();
+    let request = scheduler::CompensationRequest {
+        delivery_id: id,
+        owner_id: "acc-1".into(),
+        succeeded_steps: vec!["RegisterPackage".into(), "ReserveDrone".into()],
+        reason: c["reason"].as_str().unwrap().to_owned(),
+        saga_version: c["sagaVersion"].as_i64().unwrap(),
+    };
+    let envelope = messaging::Envelope::new(
+        scheduler::COMPENSATION_REQUESTED,
+        1,
+        &id.to_string(),
+        &request,
+    )
+    .unwrap();
+    queue.publish(envelope.clone()).await.unwrap();
+    queue.publish(envelope).await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let n = metric(
+            &supervisor.app,
+            "supervisor_compensations_total{outcome=\"duplicate\"",
+        )
+        .await;
+        if n == Some(2.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "duplicates not seen: {n:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for proxy in [&supervisor.package, &supervisor.drone, &supervisor.delivery] {
+        assert_eq!(proxy.hits(), 0, "a duplicate called a service again");
+    }
+    let after = suite.workflow(&scheduler, id, "compensated", WAIT).await;
+    assert_eq!(after["version"], before["version"], "no new saga version");
+    let detail = supervisor.saga(id, "compensated", WAIT).await;
+    assert_eq!(detail["compensations"].as_array().unwrap().len(), 1);
+    assert_eq!(detail["compensations"][0]["deliveries"], 1);
+    assert_eq!(depth(&queue).await, 0);
+
+    supervisor.stop().await;
+    scheduler.stop().await;
+    suite.stop().await;
+}
+
+async fn depth(queue: &std::sync::Arc<dyn messaging::WorkQueue>) -> u64 {
+    for _ in 0..50 {
+        if queue.depth().await.unwrap() == 0 {
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    queue.depth().await.unwrap()
+}
+
+/// The Scheduler's compensation endpoint, as the Supervisor uses it.
+async fn scheduler_endpoint(
+    scheduler: &TestApp,
+    id: Uuid,
+    state: &str,
+) -> integration_tests::Reply {
+    scheduler
+        .post(
+            &format!("/api/workflows/{id}/compensation"),
+            &json!({"state": state}),
+        )
+        .await
+}
+
+mod browser {
+    use std::net::TcpListener;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+
+    use fantoccini::{Client, ClientBuilder, Locator};
+
+    use super::*;
+
+    /// chromedriver for one test, stopped when dropped.
+    struct Driver {
+        child: Child,
+        url: String,
+    }
+
+    impl Drop for Driver {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    async fn chromedriver() -> Driver {
+        let bin = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {bin}: {e}. Install Chromium and its driver \
+                     (apt-get install chromium chromium-driver; `make up` does it) or set CHROMEDRIVER"
+                )
+            });
+        let url = format!("http://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Driver { child, url };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("chromedriver did not listen on {port}");
+    }
+
+    async fn browser(driver: &Driver) -> Client {
+        let mut caps = serde_json::Map::new();
+        let mut args = vec![
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1400,1100",
+        ];
+        if let Ok(bin) = std::env::var("CHROME_BIN") {
+            caps.insert(
+                "goog:chromeOptions".into(),
+                json!({"args": args.clone(), "binary": bin}),
+            );
+        } else {
+            args.push("--disable-extensions");
+            caps.insert("goog:chromeOptions".into(), json!({ "args": args }));
+        }
+        // chromedriver is plain HTTP on localhost: no TLS stack needed.
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver.url)
+            .await
+            .expect("a Chromium session")
+    }
+
+    fn screenshots() -> PathBuf {
+        let dir = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+            .join("screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    async fn login(c: &Client, base: &str, (user, password): (&str, &str)) {
+        c.goto(&format!("{base}/login")).await.unwrap();
+        c.find(Locator::Css("#username"))
+            .await
+            .unwrap()
+            .send_keys(user)
+            .await
+            .unwrap();
+        c.find(Locator::Css("#password"))
+            .await
+            .unwrap()
+            .send_keys(password)
+            .await
+            .unwrap();
+        c.find(Locator::Css("#sign-in"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css("#who"))
+            .await
+            .expect("signed in");
+    }
+
+    async fn text(c: &Client, css: &str) -> String {
+        c.find(Locator::Css(css))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn dashboard_in_headless_chromium(backend: Backend) {
+        let suite = spawn_suite(backend, SuiteFaults::default()).await;
+        // A suspended account fails the saga at once: a failed saga waiting for a person.
+        suite.account("acc-suspended", "suspended").await;
+        let scheduler = suite.start_scheduler(|_| {}).await;
+        let supervisor: SupervisorApp = spawn_supervisor(backend, &suite, &scheduler, |_| {}).await;
+        let id = suite
+            .book(&Suite::booking("acc-suspended", 24, "Small"))
+            .await;
+        suite.workflow(&scheduler, id, "failed", WAIT).await;
+        supervisor.saga(id, "failed", WAIT).await;
+
+        let driver = chromedriver().await;
+        let c = browser(&driver).await;
+        let base = supervisor.app.address.clone();
+        let shots = screenshots();
+
+        // No session: the login page.
+        c.goto(&format!("{base}/dashboard/sagas/{id}"))
+            .await
+            .unwrap();
+        assert_eq!(c.current_url().await.unwrap().path(), "/login");
+        c.find(Locator::Css("form#login"))
+            .await
+            .expect("login form");
+
+        // The operator finds the failed saga by its delivery id and opens its timeline.
+        login(&c, &base, OPERATOR).await;
+        assert!(text(&c, "#counters").await.contains("parked"));
+        c.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css("#partitions tbody tr"))
+            .await
+            .expect("partitions with lag");
+        std::fs::write(shots.join("overview.png"), c.screenshot().await.unwrap()).unwrap();
+        c.goto(&format!("{base}/dashboard/sagas")).await.unwrap();
+        c.find(Locator::Css("#q"))
+            .await
+            .unwrap()
+            .send_keys(&id.to_string())
+            .await
+            .unwrap();
+        c.find(Locator::Css("#search-button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let row = c
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(&format!("tr[data-delivery-id='{id}'] a")))
+            .await
+            .expect("the saga in the search results");
+        assert!(text(&c, "table.sagas").await.contains("failed"));
+        row.click().await.unwrap();
+        c.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css("#timeline"))
+            .await
+            .expect("timeline");
+        assert_eq!(text(&c, "#saga-state").await, "failed");
+        let timeline = text(&c, "#timeline").await;
+        assert!(
+            timeline.contains("CheckAccount") && timeline.contains("suspended"),
+            "{timeline}"
+        );
+        c.find(Locator::Css("#trace-id"))
+            .await
+            .expect("trace id field");
+        std::fs::write(shots.join("timeline.png"), c.screenshot().await.unwrap()).unwrap();
+
+        // Compensate now, with a reason.
+        c.find(Locator::Css("#compensate-reason"))
+            .await
+            .unwrap()
+            .send_keys("customer called, booking abandoned")
+            .await
+            .unwrap();
+        c.find(Locator::Css("#compensate-button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(".flash.ok"))
+            .await
+            .expect("compensation queued");
+        let mut state = String::new();
+        for _ in 0..100 {
+            c.goto(&format!("{base}/dashboard/sagas/{id}"))
+                .await
+                .unwrap();
+            state = text(&c, "#saga-state").await;
+            if state == "compensated" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(state, "compensated");
+        std::fs::write(
+            shots.join("timeline-compensated.png"),
+            c.screenshot().await.unwrap(),
+        )
+        .unwrap();
+        c.goto(&format!("{base}/dashboard/audit")).await.unwrap();
+        let audit = text(&c, "#audit").await;
+        assert!(
+            audit.contains(OPERATOR.0)
+                && audit.contains("compensate")
+                && audit.contains("customer called, booking abandoned"),
+            "{audit}"
+        );
+
+        // A viewer sees no actions, and posting one anyway is refused.
+        c.delete_all_cookies().await.unwrap();
+        login(&c, &base, VIEWER).await;
+        c.goto(&format!("{base}/dashboard/sagas/{id}"))
+            .await
+            .unwrap();
+        c.find(Locator::Css("#timeline")).await.expect("timeline");
+        assert!(
+            c.find(Locator::Css("#actions")).await.is_err(),
+            "viewer sees actions"
+        );
+        assert!(c.find(Locator::Css("#compensate-button")).await.is_err());
+        let status = c
+            .execute_async(
+                r#"const done = arguments[arguments.length - 1];
+                   const csrf = document.querySelector("input[name=csrf]").value;
+                   fetch(arguments[0], {method: "POST", credentials: "same-origin",
+                     headers: {"content-type": "application/x-www-form-urlencoded"},
+                     body: new URLSearchParams({csrf: csrf, reason: "viewer tries"})})
+                     .then(r => done(r.status), e => done(String(e)));"#,
+                vec![json!(format!("/dashboard/sagas/{id}/compensate"))],
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, json!(403));
+        let audit = supervisor.app.get("/api/audit").await;
+        assert_eq!(audit.body.as_array().unwrap().len(), 1, "{}", audit.body);
+
+        c.close().await.unwrap();
+        drop(driver);
+        supervisor.stop().await;
+        scheduler.stop().await;
+        suite.stop().await;
+    }
+}
