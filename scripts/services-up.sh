@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the real components the tests use are up on this machine: PostgreSQL on
-# 127.0.0.1:5432 (user postgres, trust auth over TCP) and RabbitMQ on 127.0.0.1:5672 (guest/guest).
+# 127.0.0.1:5432 (user postgres, trust auth over TCP) and RabbitMQ on 127.0.0.1:5672 (guest/guest),
+# and that Chromium with chromedriver is installed for the dashboard's browser test.
 # Installs them from Debian's packages when missing. Safe to run again.
 set -euo pipefail
 
@@ -55,5 +56,16 @@ ensure_rabbitmq() {
   log "RabbitMQ is up"
 }
 
+ensure_browser() {
+  # The Supervisor's dashboard test drives headless Chromium through chromedriver.
+  if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+    log "installing Chromium and chromedriver"
+    apt_install chromium chromium-driver
+  fi
+  command -v chromedriver >/dev/null 2>&1 || { log "chromedriver is not installed"; exit 1; }
+  log "Chromium is installed ($(chromium --version 2>/dev/null | head -n 1))"
+}
+
 ensure_postgres
 ensure_rabbitmq
+ensure_browser
