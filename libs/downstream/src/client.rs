@@ -2,6 +2,8 @@
 //! and one that sends it, classifies the answer and logs failures.
 
 use std::sync::Arc;
+
+use tracing::Instrument;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -268,8 +270,23 @@ impl Downstream {
         }
         let path = url.path();
         let call = format!("{} {method} {path}", service.name());
+        // A client span; its context travels in `traceparent` so the callee's span is its child.
+        let span = tracing::info_span!(
+            "downstream_call",
+            otel.name = %format_args!("{} {method}", service.name()),
+            otel.kind = "client",
+            peer.service = service.name(),
+            http.request.method = %method,
+            url.path = path,
+        );
+        let mut trace_headers = reqwest::header::HeaderMap::new();
+        span.in_scope(|| telemetry::inject_http(&mut trace_headers));
+        builder = builder.headers(trace_headers);
         let started = Instant::now();
-        let result = match send(builder, &call, self.inner.timeout).await {
+        let result = match send(builder, &call, self.inner.timeout)
+            .instrument(span.clone())
+            .await
+        {
             Ok(answer) => {
                 let status = answer.status;
                 outcome(&call, answer).map_err(|e| (Some(status), e))

@@ -1,16 +1,46 @@
-//! Logging setup shared by every service: JSON lines through `tracing`, filtered by `RUST_LOG`.
+//! Telemetry shared by every service: JSON log lines through `tracing`, filtered by `RUST_LOG`, and
+//! OpenTelemetry traces with the W3C trace-context propagator.
 //!
-//! OpenTelemetry export is added here later (the observability issue); [`init`] returns a guard so
-//! callers already hold the value that will flush spans on shutdown.
+//! - Every `tracing` span is also an OpenTelemetry span, so a booking's work in every service and
+//!   across every message hop shares one trace id. Log lines carry `trace_id` and `span_id`.
+//! - Spans are exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard
+//!   `OTEL_EXPORTER_OTLP_*` variables configure the exporter); otherwise nothing leaves the process.
+//! - `traceparent` crosses process boundaries in HTTP headers ([`inject_http`], and the service
+//!   kit's middleware extracts it) and in message headers ([`inject_current`] / [`set_parent`]).
+//!
+//! [`init`] returns a guard that flushes pending spans when dropped.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::OnceLock;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::Context;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing::dispatcher::WeakDispatch;
+use tracing::{Dispatch, Event, Subscriber};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+
+/// The header (and message header) that carries the W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+/// The companion W3C header with vendor state.
+pub const TRACESTATE: &str = "tracestate";
 
 /// Output format of log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
-    /// One JSON object per line (production).
+    /// One JSON object per line (production), with `trace_id` and `span_id`.
     Json,
     /// Human-readable, for a terminal.
     Pretty,
@@ -19,43 +49,331 @@ pub enum LogFormat {
 /// Flushes telemetry when dropped. Keep it alive for the life of the process.
 #[must_use = "telemetry is flushed when the guard is dropped"]
 pub struct TelemetryGuard {
-    _private: (),
+    provider: Option<SdkTracerProvider>,
 }
 
-/// Installs the global subscriber. `default_filter` applies when `RUST_LOG` is not set.
-/// Calling it twice (tests spawning several apps) is harmless: the first subscriber stays.
-pub fn init(service: &str, default_filter: &str, format: LogFormat) -> TelemetryGuard {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false),
-            )
-            .try_init(),
-        LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().compact())
-            .try_init(),
-    };
-    if result.is_ok() {
-        tracing::info!(service, "telemetry initialised");
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("telemetry: flushing spans at shutdown failed: {e}");
+            }
+        }
     }
-    TelemetryGuard { _private: () }
 }
 
-/// For tests: logs go to the test writer only when `TEST_LOG` is set.
+/// Installs the global subscriber and the W3C propagator. `default_filter` applies when
+/// `RUST_LOG` is not set. Spans are exported over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// is set. Calling it twice (tests spawning several apps) is harmless: the first subscriber stays.
+pub fn init(service: &str, default_filter: &str, format: LogFormat) -> TelemetryGuard {
+    let mut builder = SdkTracerProvider::builder().with_resource(resource(service));
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
+    let mut export_error = None;
+    if !endpoint.trim().is_empty() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(e) => export_error = Some(e.to_string()),
+        }
+    }
+    let provider = builder.build();
+    let installed = install(service, &provider, default_filter, format);
+    if installed {
+        match export_error {
+            Some(e) => tracing::error!(service, error = %e, "OTLP exporter not created; spans are not exported"),
+            None if !endpoint.trim().is_empty() => {
+                tracing::info!(service, endpoint = %endpoint, "telemetry initialised, exporting spans over OTLP")
+            }
+            None => tracing::info!(service, "telemetry initialised (no OTLP endpoint: spans are not exported)"),
+        }
+    }
+    TelemetryGuard {
+        provider: installed.then_some(provider),
+    }
+}
+
+/// Installs the global subscriber with a caller-built tracer provider (tests use one with an
+/// in-memory exporter). Returns false if a global subscriber was already set.
+pub fn init_with_provider(
+    service: &str,
+    provider: &SdkTracerProvider,
+    default_filter: &str,
+    format: LogFormat,
+) -> bool {
+    install(service, provider, default_filter, format)
+}
+
+/// The resource every span of `service` carries (`service.name`).
+pub fn resource(service: &str) -> Resource {
+    Resource::builder()
+        .with_service_name(service.to_owned())
+        .build()
+}
+
+fn install(
+    service: &str,
+    provider: &SdkTracerProvider,
+    default_filter: &str,
+    format: LogFormat,
+) -> bool {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    // The OpenTelemetry SDK's own diagnostics are noise at info level.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{default_filter},opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn"
+        ))
+    });
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned()));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let dispatch = match format {
+        LogFormat::Json => Dispatch::new(
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .fmt_fields(JsonFields::new())
+                    .event_format(JsonWithTrace),
+            ),
+        ),
+        LogFormat::Pretty => {
+            Dispatch::new(registry.with(tracing_subscriber::fmt::layer().compact()))
+        }
+    };
+    let weak = dispatch.downgrade();
+    let result = dispatch.try_init();
+    if result.is_ok() {
+        let _ = GLOBAL_DISPATCH.set(weak);
+    }
+    if result.is_ok() {
+        opentelemetry::global::set_tracer_provider(provider.clone());
+    }
+    result.is_ok()
+}
+
+/// For tests: spans get trace ids as in production (nothing is exported), so trace context
+/// travels between in-process services; logs go to the test writer only when `TEST_LOG` is set.
+/// Harmless when a subscriber is already installed.
 pub fn init_for_tests() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+    let provider = PROVIDER.get_or_init(|| {
+        SdkTracerProvider::builder()
+            .with_resource(resource("tests"))
+            .build()
+    });
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("tests"));
+    let log = std::env::var_os("TEST_LOG").is_some().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_test_writer()
+            .with_filter(
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
             )
-            .with_test_writer()
-            .try_init();
+    });
+    let _ = tracing_subscriber::registry().with(otel).with(log).try_init();
+}
+
+/// The installed subscriber, so the log formatter can ask the OpenTelemetry layer for a span's ids
+/// (`tracing` does not let a subscriber reach the current dispatcher while it handles an event).
+static GLOBAL_DISPATCH: OnceLock<WeakDispatch> = OnceLock::new();
+
+/// One JSON object per log line: time, level, target, the event's fields, the fields of every
+/// enclosing span (inner spans win), the current span's name, and its `trace_id`/`span_id`.
+struct JsonWithTrace;
+
+impl<S, N> FormatEvent<S, N> for JsonWithTrace
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut line = serde_json::Map::new();
+        let mut time = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut time))?;
+        line.insert("timestamp".into(), time.into());
+        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("target".into(), meta.target().into());
+        if let Some(scope) = ctx.event_scope() {
+            let mut current = None;
+            for span in scope.from_root() {
+                {
+                    let ext = span.extensions();
+                    if let Some(fields) = ext.get::<FormattedFields<N>>() {
+                        if let Ok(serde_json::Value::Object(map)) =
+                            serde_json::from_str::<serde_json::Value>(fields)
+                        {
+                            line.extend(map);
+                        }
+                    }
+                }
+                current = Some((span.name(), span.id()));
+            }
+            if let Some((name, id)) = current {
+                line.insert("span".into(), name.into());
+                let cx = GLOBAL_DISPATCH
+                    .get()
+                    .and_then(WeakDispatch::upgrade)
+                    .and_then(|d| tracing_opentelemetry::get_otel_context(&id, &d));
+                if let Some(cx) = cx {
+                    let sc = cx.span().span_context().clone();
+                    if sc.is_valid() {
+                        line.insert("trace_id".into(), sc.trace_id().to_string().into());
+                        line.insert("span_id".into(), sc.span_id().to_string().into());
+                    }
+                }
+            }
+        }
+        let mut visitor = JsonVisitor(&mut line);
+        event.record(&mut visitor);
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonVisitor<'_> {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+struct MapCarrier<'a>(&'a mut BTreeMap<String, String>);
+
+impl Injector for MapCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct MapView<'a>(&'a BTreeMap<String, String>);
+
+impl Extractor for MapView<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// Writes the current span's trace context (`traceparent`, `tracestate`) into message headers.
+/// Nothing is written when there is no valid current trace.
+pub fn inject_current(headers: &mut BTreeMap<String, String>) {
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut MapCarrier(headers));
+    }
+}
+
+/// The trace context carried by message (or HTTP) headers; empty when there is none.
+pub fn extract(headers: &BTreeMap<String, String>) -> Context {
+    TraceContextPropagator::new().extract(&MapView(headers))
+}
+
+/// Makes `span` a child of the trace context in `headers`, if they carry a valid one.
+pub fn set_parent(span: &tracing::Span, headers: &BTreeMap<String, String>) {
+    let cx = extract(headers);
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Writes the current span's trace context into outgoing HTTP request headers.
+pub fn inject_http(headers: &mut http::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(
+            &cx,
+            &mut opentelemetry_http::HeaderInjector(headers),
+        );
+    }
+}
+
+/// The trace id of `span` (32 hex digits), if it belongs to a trace.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// The `traceparent` value of `span`, if it belongs to a trace.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut headers = BTreeMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut MapCarrier(&mut headers));
+    headers.remove(TRACEPARENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_sdk::trace::InMemorySpanExporter;
+
+    #[test]
+    fn context_travels_through_message_headers() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let mut headers = BTreeMap::new();
+            let producer = tracing::info_span!("produce");
+            let sent_trace = {
+                let _g = producer.enter();
+                inject_current(&mut headers);
+                trace_id(&producer)
+            };
+            drop(producer);
+            assert!(headers.get(TRACEPARENT).is_some_and(|v| v.starts_with("00-")));
+            let consumer = tracing::info_span!("consume");
+            set_parent(&consumer, &headers);
+            assert_eq!(trace_id(&consumer), sent_trace);
+            drop(consumer);
+        });
+        let _ = provider.force_flush();
+        let spans = exporter.get_finished_spans().unwrap_or_default();
+        assert_eq!(spans.len(), 2);
+        let produce = spans.iter().find(|s| s.name == "produce").map(|s| s.span_context.clone());
+        let consume = spans.iter().find(|s| s.name == "consume");
+        let (Some(produce), Some(consume)) = (produce, consume) else {
+            panic!("both spans exported: {spans:?}");
+        };
+        assert_eq!(consume.span_context.trace_id(), produce.trace_id());
+        assert_eq!(consume.parent_span_id, produce.span_id());
+    }
+
+    #[test]
+    fn no_context_means_no_headers() {
+        let mut headers = BTreeMap::new();
+        inject_current(&mut headers);
+        assert!(headers.is_empty());
+        assert!(!extract(&headers).span().span_context().is_valid());
     }
 }

@@ -9,6 +9,7 @@
 //! acked; a request that cannot be completed is nacked, and after the queue's delivery limit it
 //! is parked for a person (and the saga reported `compensation-failed`).
 
+use tracing::Instrument;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,7 +124,16 @@ pub async fn consume(
                 message = rx.next() => match message {
                     Some(m) => {
                         let c = c.clone();
-                        tasks.spawn(async move { c.handle(m).await });
+                        // The undo joins the booking's trace: the request carries `traceparent`.
+                        let span = tracing::info_span!(
+                            "compensation",
+                            otel.name = "compensate booking",
+                            service = "supervisor",
+                            delivery_id = %m.event.key,
+                            delivery = m.delivery_count,
+                        );
+                        telemetry::set_parent(&span, &m.event.headers);
+                        tasks.spawn(async move { c.handle(m).await }.instrument(span));
                     }
                     None => break,
                 },
@@ -136,7 +146,6 @@ pub async fn consume(
 }
 
 impl Compensator {
-    #[tracing::instrument(skip_all, fields(delivery_id = %m.event.key, delivery = m.delivery_count))]
     async fn handle(&self, m: QueueMessage) {
         let request: CompensationRequest = match m.event.decode() {
             Ok(r) => r,
