@@ -296,6 +296,12 @@ async fn count_parked(
                 .set(i64::try_from(p.len()).unwrap_or(i64::MAX)),
             Err(e) => tracing::warn!(error = %e, "counting parked messages failed"),
         }
+        match queue.depth().await {
+            Ok(n) => metrics
+                .queue_depth
+                .set(i64::try_from(n).unwrap_or(i64::MAX)),
+            Err(e) => tracing::warn!(error = %e, "reading the compensation queue depth failed"),
+        }
         tokio::select! {
             _ = stop.changed() => return,
             () = tokio::time::sleep(every) => {}

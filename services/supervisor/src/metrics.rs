@@ -12,6 +12,8 @@ pub struct Metrics {
     pub parked_total: prometheus::IntCounter,
     /// Messages waiting in the parked queue for a person.
     pub parked: IntGauge,
+    /// Compensation requests waiting in `supervisor.compensations` (ready, not yet delivered).
+    pub queue_depth: IntGauge,
     /// Sagas flagged stuck (no progress within the configured time, not finished).
     pub stuck: IntGauge,
     /// Sagas in the read model by state.
@@ -43,6 +45,10 @@ impl Metrics {
                 "supervisor_parked_messages",
                 "Compensation requests waiting in the parked queue for a person",
             )?,
+            queue_depth: IntGauge::new(
+                "supervisor_compensation_queue_depth",
+                "Compensation requests waiting in the queue, not yet delivered to a consumer",
+            )?,
             stuck: IntGauge::new(
                 "supervisor_stuck_sagas",
                 "Sagas without progress for longer than the configured time",
@@ -56,6 +62,7 @@ impl Metrics {
         registry.register(Box::new(m.undo_retries.clone()))?;
         registry.register(Box::new(m.parked_total.clone()))?;
         registry.register(Box::new(m.parked.clone()))?;
+        registry.register(Box::new(m.queue_depth.clone()))?;
         registry.register(Box::new(m.stuck.clone()))?;
         registry.register(Box::new(m.sagas.clone()))?;
         Ok(m)
