@@ -6,7 +6,7 @@ export DATABASE_URL AMQP_URL
 
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: help run test lint fmt up clean-test-dbs bench-messaging bench-ingest bench-e2e k8s-validate k8s-base
+.PHONY: help run test lint fmt up clean-test-dbs chaos bench bench-messaging bench-ingest bench-e2e k8s-validate k8s-base
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ else
 	cargo test --workspace --no-fail-fast
 endif
 
+chaos: ## chaos runs under booking load (scheduler kill/pause, supervisor kill, domain restarts, RabbitMQ restart on a private node, downstream faults), invariants after each
+	bash scripts/chaos.sh
+
 lint: ## rustfmt check and clippy with warnings as errors
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
@@ -35,6 +38,9 @@ k8s-validate: ## render k8s/ overlays and the Helm chart, validate every object 
 
 k8s-base: ## regenerate k8s/base from helm/drone-delivery (after changing the chart)
 	bash scripts/k8s-validate.sh --update-base
+
+bench: ## bench-messaging, bench-ingest, bench-e2e and the scheduler-kill recovery; summary table into docs/BENCHMARKS.md (BENCH_QUICK=1: shortened check)
+	bash scripts/bench.sh
 
 bench-messaging: ## measure the messaging backends (RabbitMQ at AMQP_URL, embedded under target/bench); see docs/BENCHMARKS.md
 	cargo run --release -p integration-tests --bin bench-messaging -- \

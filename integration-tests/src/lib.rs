@@ -10,6 +10,7 @@
 mod app;
 mod db;
 pub mod faults;
+pub mod harness;
 pub mod proxy;
 mod spawn;
 

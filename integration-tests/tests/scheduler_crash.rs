@@ -6,20 +6,20 @@
 //! completed) is printed, not asserted: speed is measured by benchmarks, not by tests.
 //!
 //! The other services run in the test process (`spawn_suite`); the scheduler is configured only
-//! through `APP_*` environment variables, as a Kubernetes pod would be.
+//! through `APP_*` environment variables, as a Kubernetes pod would be, and handled by the
+//! process harness (`integration_tests::harness::ServiceProcess`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use contracts::{DeliveryRequested, DroneReservation, Fleet, PackageSummary, TrackingEvent};
 use futures::StreamExt;
-use integration_tests::{both_backends, spawn_suite, Backend, Suite, SuiteFaults, SERVICE_TOKEN};
+use integration_tests::harness::{binary, free_port, ServiceProcess};
+use integration_tests::{both_backends, spawn_suite, Backend, Suite, SuiteFaults};
 use messaging::StartAt;
 use saga::entities::{attempt, instance};
 use sea_orm::EntityTrait;
@@ -40,7 +40,7 @@ const KILL_AFTER: usize = BOOKINGS / 5;
 const FAN_OUT: usize = 16;
 
 async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
-    let binary = scheduler_binary();
+    let binary = binary("scheduler");
     let suite = spawn_suite(backend, SuiteFaults::default()).await;
     suite.account(OWNER, "active").await;
     let workdir = tempfile::tempdir().unwrap();
@@ -67,22 +67,28 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
     );
 
     // First run: killed with SIGKILL once a fifth of the sagas completed.
-    let mut first = SchedulerProcess::spawn(&binary, &env, workdir.path(), 1);
+    let mut first = ServiceProcess::spawn(
+        "scheduler-first",
+        &binary,
+        env.clone(),
+        workdir.path(),
+        free_port(),
+    );
     first.wait_ready(Duration::from_secs(60)).await;
     let started = Instant::now();
     let seen_before_kill = loop {
-        let n = first.completed().await.len();
+        let n = completed(&first).await.len();
         if n >= KILL_AFTER {
             break n;
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "fewer than {KILL_AFTER} sagas completed within 60 s; scheduler log:\n{}",
-            first.log_tail()
+            first.log_tail(30)
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let status = first.kill9();
+    let status = first.kill9().expect("the scheduler ran");
     assert_eq!(
         status.signal(),
         Some(9),
@@ -112,21 +118,27 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
     // Second run, same settings and instance name: it takes its leases back at once.
     let restarted_at = Utc::now();
     let restart = Instant::now();
-    let mut second = SchedulerProcess::spawn(&binary, &env, workdir.path(), 2);
+    let mut second = ServiceProcess::spawn(
+        "scheduler-second",
+        &binary,
+        env.clone(),
+        workdir.path(),
+        free_port(),
+    );
     second.wait_ready(Duration::from_secs(60)).await;
     let ready_after = restart.elapsed();
     let completed = loop {
-        let completed = second.completed().await;
+        let completed = completed(&second).await;
         if completed.len() == BOOKINGS {
             break completed;
         }
-        let failed = second.workflows("failed").await;
+        let failed = workflows(&second, "failed").await;
         assert!(failed.is_empty(), "sagas failed: {failed:?}");
         assert!(
             restart.elapsed() < Duration::from_secs(90),
             "only {} of {BOOKINGS} sagas completed within 90 s of the restart; scheduler log:\n{}",
             completed.len(),
-            second.log_tail()
+            second.log_tail(30)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -375,73 +387,6 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
     suite.stop().await;
 }
 
-/// The scheduler binary next to this test's executable (`target/<profile>/deps/..`), built first
-/// when it is missing or older than the sources it is made of.
-fn scheduler_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps")
-        .to_path_buf();
-    let binary = profile_dir.join(format!("scheduler{}", std::env::consts::EXE_SUFFIX));
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
-    let sources = [workspace.join("services/scheduler"), workspace.join("libs")];
-    let newest = sources.iter().filter_map(|d| newest_source(d)).max();
-    let stale = match (built, newest) {
-        (None, _) => true,
-        (Some(b), Some(n)) => n > b,
-        (Some(_), None) => false,
-    };
-    if stale {
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut args = vec!["build", "-p", "scheduler", "--bin", "scheduler"];
-        if release {
-            args.push("--release");
-        }
-        println!(
-            "{} is missing or older than its sources: running `cargo {}`",
-            binary.display(),
-            args.join(" ")
-        );
-        let status = Command::new(cargo)
-            .args(&args)
-            .current_dir(workspace)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cargo {} failed", args.join(" "));
-    }
-    assert!(
-        binary.exists(),
-        "{} does not exist (run `cargo build --workspace --bins`)",
-        binary.display()
-    );
-    binary
-}
-
-/// The newest modification time of a `.rs` or `Cargo.toml` file under `dir`.
-fn newest_source(dir: &Path) -> Option<SystemTime> {
-    let mut newest = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let name = entry.file_name();
-        let t = if path.is_dir() {
-            if name == "target" {
-                continue;
-            }
-            newest_source(&path)
-        } else if path.extension().is_some_and(|e| e == "rs") || name == "Cargo.toml" {
-            entry.metadata().and_then(|m| m.modified()).ok()
-        } else {
-            None
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
 /// The suite's scheduler settings as the environment of a scheduler process.
 fn scheduler_env(s: &scheduler::Settings) -> Vec<(String, String)> {
     let sc = &s.scheduler;
@@ -509,127 +454,26 @@ fn scheduler_env(s: &scheduler::Settings) -> Vec<(String, String)> {
     owned
 }
 
-/// A scheduler process. Dropping it kills it (SIGKILL) and reaps it, so a failed test leaves
-/// nothing running.
-struct SchedulerProcess {
-    child: Child,
-    port: u16,
-    client: reqwest::Client,
-    log: PathBuf,
+async fn workflows(scheduler: &ServiceProcess, state: &str) -> Vec<Value> {
+    let (status, body) = scheduler
+        .get(&format!("/api/workflows?state={state}&limit={BOOKINGS}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body.as_array().cloned().unwrap()
 }
 
-impl SchedulerProcess {
-    fn spawn(binary: &Path, env: &[(String, String)], dir: &Path, generation: u32) -> Self {
-        let port = free_port();
-        let log = dir.join(format!("scheduler-{generation}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(binary);
-        // Only what the test sets: no APP_* from the environment, no config file from the cwd.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("APP_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.current_dir(dir)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("APP_HTTP__PORT", port.to_string())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        let child = cmd.spawn().expect("the scheduler binary starts");
-        SchedulerProcess {
-            child,
-            port,
-            client: reqwest::Client::new(),
-            log,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    async fn wait_ready(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the scheduler exited during start ({status}); its log:\n{}",
-                    self.log_tail()
-                );
-            }
-            if let Ok(r) = self.client.get(self.url("/readyz")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the scheduler was not ready within {within:?}; its log:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(self.url(path))
-            .bearer_auth(SERVICE_TOKEN)
-            .send()
-            .await
-            .expect("the scheduler answers");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn workflows(&self, state: &str) -> Vec<Value> {
-        let (status, body) = self
-            .get(&format!("/api/workflows?state={state}&limit={BOOKINGS}"))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body.as_array().cloned().unwrap()
-    }
-
-    /// Completed sagas: deliveryId → when it completed.
-    async fn completed(&self) -> HashMap<String, DateTime<Utc>> {
-        self.workflows("completed")
-            .await
-            .iter()
-            .map(|w| {
-                (
-                    w["deliveryId"].as_str().unwrap().to_owned(),
-                    w["updatedAt"].as_str().unwrap().parse().unwrap(),
-                )
-            })
-            .collect()
-    }
-
-    /// `kill -9`, and waits for the process to be gone.
-    fn kill9(&mut self) -> ExitStatus {
-        // `Child::kill` sends SIGKILL on Unix; the exit status confirms it below.
-        self.child.kill().unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for SchedulerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+/// Completed sagas: deliveryId → when it completed.
+async fn completed(scheduler: &ServiceProcess) -> HashMap<String, DateTime<Utc>> {
+    workflows(scheduler, "completed")
+        .await
+        .iter()
+        .map(|w| {
+            (
+                w["deliveryId"].as_str().unwrap().to_owned(),
+                w["updatedAt"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// The scheduler's journal, read directly from its database.

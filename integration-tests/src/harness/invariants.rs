@@ -1,0 +1,480 @@
+//! The invariant checker: after a run, it waits until the suite has settled, reads every
+//! service's own data (the Scheduler's journal, the Package, Drone and Delivery databases, the
+//! Supervisor's parked queue, the client's view through Ingestion) and proves DESIGN §1:
+//!
+//! - every booking that got a `202` has exactly one saga, and it ended in exactly one terminal
+//!   state: `completed` (scheduled), `compensated`, or `failed`/`cancelled` with nothing held;
+//! - a scheduled booking holds exactly its package, one active drone reservation (the drone its
+//!   saga journaled) and a live delivery on that drone; any other booking holds none of them;
+//! - no package, reservation or live delivery exists without a scheduled saga behind it;
+//! - no drone holds two overlapping reservations; no saga step took effect twice;
+//! - nothing is stuck: no saga left running or compensating, no compensation parked;
+//! - the client sees each booking in the state its saga ended in.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::stack::{Service, Stack};
+
+/// What the clients were told: the bookings that got a `202` (deliveryId → owner), and how many
+/// requests got no clear answer (no response, or a 5xx) and so may or may not have been accepted.
+#[derive(Debug, Clone, Default)]
+pub struct Bookings {
+    pub accepted: BTreeMap<Uuid, String>,
+    pub unclear: usize,
+}
+
+impl Bookings {
+    pub fn add(&mut self, id: Uuid, owner: &str) {
+        self.accepted.insert(id, owner.to_owned());
+    }
+
+    pub fn merge(&mut self, other: &Bookings) {
+        self.accepted
+            .extend(other.accepted.iter().map(|(k, v)| (*k, v.clone())));
+        self.unclear += other.unclear;
+    }
+}
+
+/// What a passing check found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Sagas by final state.
+    pub by_state: BTreeMap<String, usize>,
+    pub sagas: usize,
+    /// From the start of the check until everything had settled.
+    pub settled_after: Duration,
+    /// Sagas of requests that got no clear answer (allowed: up to `Bookings::unclear`).
+    pub unacknowledged: usize,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} sagas settled after {:.1} s: {:?}",
+            self.sagas,
+            self.settled_after.as_secs_f64(),
+            self.by_state
+        )?;
+        if self.unacknowledged > 0 {
+            write!(
+                f,
+                "; {} without a 202 (unclear answers)",
+                self.unacknowledged
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Every broken invariant, one line each.
+#[derive(Debug, Clone)]
+pub struct Violations(pub Vec<String>);
+
+impl fmt::Display for Violations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} invariant violations:", self.0.len())?;
+        for v in self.0.iter().take(40) {
+            writeln!(f, "  - {v}")?;
+        }
+        if self.0.len() > 40 {
+            writeln!(f, "  … and {} more", self.0.len() - 40)?;
+        }
+        Ok(())
+    }
+}
+
+/// A row of the Drone service's `reservations`.
+#[derive(Debug, Clone)]
+struct Reservation {
+    delivery: String,
+    drone: String,
+    start: i64,
+    end: i64,
+    active: bool,
+}
+
+#[derive(Debug, Clone)]
+struct SagaRow {
+    state: String,
+    next_step: i32,
+    drone: Option<String>,
+}
+
+/// Steps with an effect to undo among the first `next_step` (CheckAccount has none).
+fn holds_effects(next_step: i32) -> bool {
+    next_step >= 2
+}
+
+/// Final, with nothing left for anyone to do.
+fn settled(s: &SagaRow) -> bool {
+    match s.state.as_str() {
+        "completed" | "compensated" => true,
+        "failed" | "cancelled" => !holds_effects(s.next_step),
+        _ => false,
+    }
+}
+
+async fn connect(url: &str) -> DatabaseConnection {
+    Database::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("the checker reaches {url}: {e}"))
+}
+
+async fn rows(db: &DatabaseConnection, sql: &str) -> Vec<sea_orm::QueryResult> {
+    db.query_all(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn get<T: sea_orm::TryGetable>(r: &sea_orm::QueryResult, col: &str) -> T {
+    r.try_get("", col)
+        .unwrap_or_else(|e| panic!("column {col}: {e}"))
+}
+
+async fn sagas(db: &DatabaseConnection) -> HashMap<Uuid, SagaRow> {
+    rows(
+        db,
+        "SELECT id, state, next_step, outputs FROM saga_instances",
+    )
+    .await
+    .iter()
+    .filter_map(|r| {
+        let id: String = get(r, "id");
+        let outputs: String = get(r, "outputs");
+        let outputs: Value = serde_json::from_str(&outputs).unwrap_or(Value::Null);
+        Some((
+            Uuid::parse_str(&id).ok()?,
+            SagaRow {
+                state: get(r, "state"),
+                next_step: get(r, "next_step"),
+                drone: outputs[scheduler::RESERVE_DRONE]["droneId"]
+                    .as_str()
+                    .map(str::to_owned),
+            },
+        ))
+    })
+    .collect()
+}
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    rows(db, sql).await.first().map_or(0, |r| get(r, "n"))
+}
+
+/// Waits (up to `within`) until the suite has settled, then checks every invariant.
+pub async fn check(
+    stack: &Stack,
+    bookings: &Bookings,
+    within: Duration,
+) -> Result<Report, Violations> {
+    let started = Instant::now();
+    let deadline = started + within;
+    let scheduler_db = connect(&stack.database_url(Service::Scheduler)).await;
+    let mut v: Vec<String> = Vec::new();
+
+    // 1. Settle: every accepted booking has a saga, every saga is final, the outbox is empty.
+    let (sagas, settled_after) = loop {
+        let sagas = sagas(&scheduler_db).await;
+        let outbox = count(&scheduler_db, "SELECT count(*) AS n FROM saga_outbox").await;
+        let missing = bookings
+            .accepted
+            .keys()
+            .filter(|id| !sagas.contains_key(id))
+            .count();
+        let open: Vec<(&Uuid, &SagaRow)> = sagas.iter().filter(|(_, s)| !settled(s)).collect();
+        if missing == 0 && open.is_empty() && outbox == 0 {
+            break (sagas, started.elapsed());
+        }
+        if Instant::now() >= deadline {
+            if missing > 0 {
+                v.push(format!(
+                    "{missing} bookings that got a 202 have no saga (lost), e.g. {:?}",
+                    bookings
+                        .accepted
+                        .keys()
+                        .filter(|id| !sagas.contains_key(id))
+                        .take(3)
+                        .collect::<Vec<_>>()
+                ));
+            }
+            let mut stuck: BTreeMap<(String, i32), usize> = BTreeMap::new();
+            for (_, s) in &open {
+                *stuck.entry((s.state.clone(), s.next_step)).or_default() += 1;
+            }
+            if !open.is_empty() {
+                v.push(format!(
+                    "{} sagas stuck after {within:?} (state, next step → count): {stuck:?}, e.g. {}",
+                    open.len(),
+                    open[0].0
+                ));
+            }
+            if outbox > 0 {
+                v.push(format!("{outbox} outbox rows never left the Scheduler"));
+            }
+            break (sagas, started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let _ = scheduler_db.close().await;
+
+    // 2. Sagas nobody was told about.
+    let accepted: HashSet<Uuid> = bookings.accepted.keys().copied().collect();
+    let unacknowledged = sagas.keys().filter(|id| !accepted.contains(id)).count();
+    if unacknowledged > bookings.unclear {
+        v.push(format!(
+            "{unacknowledged} sagas without a 202, but only {} requests had an unclear answer",
+            bookings.unclear
+        ));
+    }
+
+    // 3. What each domain service holds.
+    let package_db = connect(&stack.database_url(Service::Package)).await;
+    let packages: HashMap<String, String> = rows(&package_db, "SELECT id, status FROM packages")
+        .await
+        .iter()
+        .map(|r| (get(r, "id"), get(r, "status")))
+        .collect();
+    let _ = package_db.close().await;
+    let drone_db = connect(&stack.database_url(Service::Drone)).await;
+    let reservations: Vec<Reservation> = rows(
+        &drone_db,
+        "SELECT delivery_id, drone_id, window_start_ms, window_end_ms, status FROM reservations",
+    )
+    .await
+    .iter()
+    .map(|r| Reservation {
+        delivery: get(r, "delivery_id"),
+        drone: get(r, "drone_id"),
+        start: get(r, "window_start_ms"),
+        end: get(r, "window_end_ms"),
+        active: get::<String>(r, "status") == "active",
+    })
+    .collect();
+    let _ = drone_db.close().await;
+    let delivery_db = connect(&stack.database_url(Service::Delivery)).await;
+    // deliveryId → (droneId, last stage)
+    let deliveries: HashMap<String, (String, String)> = rows(
+        &delivery_db,
+        "SELECT d.id, d.drone_id, (SELECT t.stage FROM tracking_events t WHERE t.delivery_id = d.id \
+         ORDER BY t.sequence DESC LIMIT 1) AS stage FROM deliveries d",
+    )
+    .await
+    .iter()
+    .map(|r| {
+        let stage: Option<String> = get(r, "stage");
+        (get(r, "id"), (get(r, "drone_id"), stage.unwrap_or_default()))
+    })
+    .collect();
+    let _ = delivery_db.close().await;
+
+    let mut active: HashMap<&str, Vec<&Reservation>> = HashMap::new();
+    for r in reservations.iter().filter(|r| r.active) {
+        active.entry(r.delivery.as_str()).or_default().push(r);
+    }
+    for (id, s) in &sagas {
+        let key = id.to_string();
+        let package = packages.get(&key).map(String::as_str);
+        let held: Vec<&Reservation> = active.get(key.as_str()).cloned().unwrap_or_default();
+        let delivery = deliveries.get(&key);
+        let live_delivery = delivery.filter(|(_, stage)| stage != "Cancelled");
+        if !settled(s) {
+            continue; // reported as stuck above; a saga still at work may hold things
+        }
+        match s.state.as_str() {
+            "completed" => {
+                if package != Some("registered") {
+                    v.push(format!(
+                        "scheduled {id}: package is {package:?}, not registered"
+                    ));
+                }
+                if held.len() != 1 {
+                    v.push(format!(
+                        "scheduled {id}: {} active drone reservations",
+                        held.len()
+                    ));
+                } else if Some(&held[0].drone) != s.drone.as_ref() {
+                    v.push(format!(
+                        "scheduled {id}: reserved drone {} is not the journaled {:?}",
+                        held[0].drone, s.drone
+                    ));
+                }
+                match live_delivery {
+                    None => v.push(format!("scheduled {id}: no live delivery ({delivery:?})")),
+                    Some((drone, _)) if Some(drone) != s.drone.as_ref() => v.push(format!(
+                        "scheduled {id}: the delivery's drone {drone} is not the journaled {:?}",
+                        s.drone
+                    )),
+                    Some(_) => {}
+                }
+            }
+            state => {
+                if package == Some("registered") {
+                    v.push(format!("{state} {id} still holds its package"));
+                }
+                if !held.is_empty() {
+                    v.push(format!("{state} {id} still holds drone {}", held[0].drone));
+                }
+                if live_delivery.is_some() {
+                    v.push(format!("{state} {id} still has a live delivery"));
+                }
+            }
+        }
+    }
+
+    // 4. Nothing held without a scheduled saga behind it.
+    let scheduled = |id: &str| {
+        Uuid::parse_str(id)
+            .ok()
+            .and_then(|u| sagas.get(&u))
+            .is_some_and(|s| s.state == "completed")
+    };
+    for (id, status) in &packages {
+        if status == "registered" && !scheduled(id) {
+            v.push(format!(
+                "package {id} is registered without a scheduled saga"
+            ));
+        }
+    }
+    for id in active.keys() {
+        if !scheduled(id) {
+            v.push(format!(
+                "reservation {id} is active without a scheduled saga"
+            ));
+        }
+    }
+    for (id, (_, stage)) in &deliveries {
+        if stage != "Cancelled" && !scheduled(id) {
+            v.push(format!(
+                "delivery {id} is live ({stage}) without a scheduled saga"
+            ));
+        }
+    }
+
+    // 5. No drone is double-booked.
+    let mut by_drone: BTreeMap<&str, Vec<(i64, i64, &str)>> = BTreeMap::new();
+    for r in reservations.iter().filter(|r| r.active) {
+        by_drone
+            .entry(r.drone.as_str())
+            .or_default()
+            .push((r.start, r.end, r.delivery.as_str()));
+    }
+    for (drone, mut windows) in by_drone {
+        windows.sort_unstable();
+        for pair in windows.windows(2) {
+            if pair[1].0 < pair[0].1 {
+                v.push(format!(
+                    "drone {drone} holds overlapping reservations {} and {}",
+                    pair[0].2, pair[1].2
+                ));
+            }
+        }
+    }
+
+    // 6. No step took effect twice (one successful attempt per step at most).
+    let scheduler_db = connect(&stack.database_url(Service::Scheduler)).await;
+    for r in rows(
+        &scheduler_db,
+        "SELECT saga_id, step, count(*) AS n FROM saga_attempts WHERE outcome = 'succeeded' \
+         GROUP BY saga_id, step HAVING count(*) > 1",
+    )
+    .await
+    {
+        let id: String = get(&r, "saga_id");
+        let step: String = get(&r, "step");
+        let n: i64 = get(&r, "n");
+        v.push(format!("saga {id}: step {step} succeeded {n} times"));
+    }
+    let _ = scheduler_db.close().await;
+
+    // 7. No compensation waits for a person.
+    let (status, parked) = stack.service(Service::Supervisor).get("/api/parked").await;
+    match parked.as_array() {
+        Some(p) if p.is_empty() => {}
+        Some(p) => v.push(format!(
+            "{} compensation requests parked: {:?}",
+            p.len(),
+            p.first()
+        )),
+        None => v.push(format!(
+            "supervisor /api/parked answered {status}: {parked}"
+        )),
+    }
+
+    // 8. The client sees what the saga did (Ingestion's read model follows workflow-events).
+    let client = stack.client();
+    let expected = |state: &str| {
+        if state == "completed" {
+            "scheduled".to_owned()
+        } else {
+            state.to_owned()
+        }
+    };
+    let mut pending: Vec<(Uuid, String, String)> = bookings
+        .accepted
+        .iter()
+        .filter_map(|(id, owner)| {
+            sagas
+                .get(id)
+                .map(|s| (*id, owner.clone(), expected(&s.state)))
+        })
+        .collect();
+    let client_deadline = Instant::now().max(deadline) + Duration::from_secs(30);
+    loop {
+        let seen: Vec<(Uuid, String, String, Value)> = futures::stream::iter(pending)
+            .map(|(id, owner, want)| {
+                let client = &client;
+                async move {
+                    let a = client.status(&owner, id).await;
+                    (id, owner, want, a.body["state"].clone())
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        pending = seen
+            .iter()
+            .filter(|(_, _, want, got)| got.as_str() != Some(want.as_str()))
+            .map(|(id, owner, want, _)| (*id, owner.clone(), want.clone()))
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() >= client_deadline {
+            let (id, _, want, got) = seen
+                .iter()
+                .find(|(_, _, want, got)| got.as_str() != Some(want.as_str()))
+                .cloned()
+                .unwrap_or((Uuid::nil(), String::new(), String::new(), Value::Null));
+            v.push(format!(
+                "{} bookings shown to the client in another state than their saga's, e.g. {id}: \
+                 {got} instead of {want}",
+                pending.len()
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
+    for s in sagas.values() {
+        *by_state.entry(s.state.clone()).or_default() += 1;
+    }
+    if v.is_empty() {
+        Ok(Report {
+            by_state,
+            sagas: sagas.len(),
+            settled_after,
+            unacknowledged,
+        })
+    } else {
+        v.push(format!("(saga states: {by_state:?})"));
+        Err(Violations(v))
+    }
+}

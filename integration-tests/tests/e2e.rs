@@ -1,0 +1,282 @@
+//! End to end: the seven services as their own processes (the real binaries) on PostgreSQL and
+//! RabbitMQ, driven only through their public APIs as a client app and the on-call staff would.
+//! Every scenario ends with the invariant checker over every service's data.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+
+use std::time::Duration;
+
+use integration_tests::faults::{Fault, FaultKind};
+use integration_tests::harness::{check, Bookings, Service, Stack, StackClient, StackOptions};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One Large drone, so a second Large booking in the same window finds none free.
+fn options() -> StackOptions {
+    StackOptions {
+        fleet: (10, 5, 1),
+        ..StackOptions::default()
+    }
+}
+
+async fn settle(stack: &Stack, bookings: &Bookings) {
+    println!("checking the invariants");
+    let report = check(stack, bookings, WAIT)
+        .await
+        .unwrap_or_else(|v| panic!("{v}"));
+    println!("invariants hold: {report}");
+}
+
+/// The client's view, once it reaches `state`.
+async fn client_state(client: &StackClient, owner: &str, id: Uuid, state: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let a = client.status(owner, id).await;
+        if a.body["state"] == state {
+            return a.body;
+        }
+        last = a.body;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the client never saw {id} as {state}; last: {last}");
+}
+
+async fn service_json(stack: &Stack, s: Service, path: &str) -> (u16, Value) {
+    stack.service(s).get(path).await
+}
+
+/// Book → scheduled; reschedule → the drone window and the delivery move; cancel before
+/// (Scheduler paused), during (drone step slow) and after scheduling → compensated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn booking_lifecycle() {
+    let mut stack = Stack::start(options()).await;
+    let client = stack.client();
+    let owner = "e2e-owner";
+    stack.account(owner, "active").await;
+    let mut bookings = Bookings::default();
+
+    // Book: scheduled, with one package, one drone and one delivery.
+    let id = client
+        .book_ok(&StackClient::booking(owner, 48 * 60, "Small"))
+        .await;
+    bookings.add(id, owner);
+    let wf = stack.wait_state(id, "completed", WAIT).await;
+    let drone = wf["steps"][2]["output"]["droneId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    client_state(&client, owner, id, "scheduled").await;
+    let (status, reservation) = service_json(
+        &stack,
+        Service::Drone,
+        &format!("/api/dronedeliveries/{id}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{reservation}");
+    assert_eq!(reservation["droneId"], drone.as_str());
+    let window_before = reservation["window"]["start"].clone();
+
+    // Reschedule: two hours later; the reservation's window and the delivery follow.
+    let later = (chrono::Utc::now() + chrono::Duration::hours(50)).to_rfc3339();
+    let a = client
+        .reschedule(owner, id, &json!({"pickupTime": later}))
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let mut moved = Value::Null;
+    for _ in 0..300 {
+        let (_, r) = service_json(
+            &stack,
+            Service::Drone,
+            &format!("/api/dronedeliveries/{id}"),
+        )
+        .await;
+        if r["window"]["start"] != window_before {
+            moved = r;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !moved.is_null(),
+        "the reschedule never moved the drone window"
+    );
+    let (_, events) = service_json(
+        &stack,
+        Service::Delivery,
+        &format!("/api/deliveries/{id}/events"),
+    )
+    .await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["stage"] == "Rescheduled"),
+        "the delivery has a Rescheduled event: {events}"
+    );
+    assert_eq!(
+        stack.wait_state(id, "completed", WAIT).await["state"],
+        "completed"
+    );
+
+    // Cancel after scheduling: the Supervisor undoes Delivery → Drone → Package.
+    let a = client.cancel(owner, id).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    stack.wait_state(id, "compensated", WAIT).await;
+    client_state(&client, owner, id, "compensated").await;
+    let (_, package) = service_json(&stack, Service::Package, &format!("/api/packages/{id}")).await;
+    assert_eq!(package["status"], "cancelled", "{package}");
+    let (_, reservation) = service_json(
+        &stack,
+        Service::Drone,
+        &format!("/api/dronedeliveries/{id}"),
+    )
+    .await;
+    assert_eq!(reservation["status"], "released", "{reservation}");
+    let sup = stack.supervisor_saga(id).await;
+    assert!(
+        sup.to_string().contains("compensated"),
+        "the Supervisor shows the compensation: {sup}"
+    );
+
+    // Cancel before scheduling: the Scheduler is paused (SIGSTOP) while booking and cancel
+    // reach the log; it resumes and must apply both in order.
+    stack.service_mut(Service::Scheduler).pause();
+    let early = client
+        .book_ok(&StackClient::booking(owner, 52 * 60, "Small"))
+        .await;
+    bookings.add(early, owner);
+    // Ingestion records an accepted booking in its read model a moment after the 202 (batched),
+    // and answers a cancel of a booking it does not know yet with 404: wait until it knows.
+    client_state(&client, owner, early, "accepted").await;
+    let a = client.cancel(owner, early).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.service_mut(Service::Scheduler).resume();
+    let ended = wait_any(&stack, early, &["cancelled", "compensated"]).await;
+    println!("cancelled before scheduling ended {ended}");
+
+    // Cancel during scheduling: the drone step answers slowly, the cancel lands meanwhile.
+    stack.scheduler_faults.drone.set_faults(vec![Fault {
+        method: "PUT",
+        path_prefix: "/api/dronedeliveries/".into(),
+        times: 1,
+        kind: FaultKind::Delay(Duration::from_millis(1500)),
+    }]);
+    let during = client
+        .book_ok(&StackClient::booking(owner, 56 * 60, "Small"))
+        .await;
+    bookings.add(during, owner);
+    for _ in 0..100 {
+        if stack.scheduler_faults.drone.hits() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        stack.scheduler_faults.drone.hits(),
+        1,
+        "the drone step was reached"
+    );
+    let a = client.cancel(owner, during).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let wf = stack.wait_state(during, "compensated", WAIT).await;
+    assert!(
+        wf["steps"][1]["status"] == "succeeded",
+        "the package was registered before the cancel: {wf}"
+    );
+    stack.scheduler_faults.clear();
+
+    settle(&stack, &bookings).await;
+    stack.stop().await;
+}
+
+async fn wait_any(stack: &Stack, id: Uuid, states: &[&str]) -> String {
+    for _ in 0..600 {
+        if let Some(w) = stack.workflow(id).await {
+            if let Some(s) = w["state"].as_str() {
+                if states.contains(&s) {
+                    return s.to_owned();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "saga {id} never reached any of {states:?}: {:?}",
+        stack.workflow(id).await
+    );
+}
+
+/// A suspended account fails with nothing held; no drone free until the pickup time fails and
+/// is compensated; a downstream that always refuses (422) fails the saga and is compensated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_end_cleanly() {
+    let stack = Stack::start(options()).await;
+    let client = stack.client();
+    let mut bookings = Bookings::default();
+
+    // Suspended account: fails at CheckAccount, without retries, nothing to undo.
+    stack.account("e2e-suspended", "suspended").await;
+    let id = client
+        .book_ok(&StackClient::booking("e2e-suspended", 24 * 60, "Small"))
+        .await;
+    bookings.add(id, "e2e-suspended");
+    let wf = stack.wait_state(id, "failed", WAIT).await;
+    assert_eq!(wf["steps"][0]["status"], "failed", "{wf}");
+    assert_eq!(
+        wf["steps"][0]["attempts"].as_array().unwrap().len(),
+        1,
+        "{wf}"
+    );
+    client_state(&client, "e2e-suspended", id, "failed").await;
+
+    // No free drone until the deadline: the only Large drone is taken for that window; the
+    // second booking waits for one until its pickup time passes, then fails and is compensated.
+    let owner = "e2e-owner";
+    stack.account(owner, "active").await;
+    let mut soon = StackClient::booking(owner, 0, "Large");
+    soon["pickupTime"] = json!((chrono::Utc::now() + chrono::Duration::seconds(20)).to_rfc3339());
+    let first = client.book_ok(&soon).await;
+    bookings.add(first, owner);
+    stack.wait_state(first, "completed", WAIT).await;
+    let second = client.book_ok(&soon).await;
+    bookings.add(second, owner);
+    let wf = stack.wait_state(second, "compensated", WAIT).await;
+    let drone_attempts = wf["steps"][2]["attempts"].as_array().unwrap();
+    assert!(
+        drone_attempts.len() > 1 && drone_attempts.iter().all(|a| a["outcome"] != "succeeded"),
+        "the drone step was retried until the deadline: {wf}"
+    );
+    let (_, package) =
+        service_json(&stack, Service::Package, &format!("/api/packages/{second}")).await;
+    assert_eq!(package["status"], "cancelled", "{package}");
+
+    // A downstream permanently failing: Delivery refuses every new delivery (422).
+    stack.scheduler_faults.delivery.set_faults(vec![Fault {
+        method: "PUT",
+        path_prefix: "/api/deliveries/".into(),
+        times: usize::MAX,
+        kind: FaultKind::Status(422),
+    }]);
+    let id = client
+        .book_ok(&StackClient::booking(owner, 30 * 60, "Small"))
+        .await;
+    bookings.add(id, owner);
+    let wf = stack.wait_state(id, "compensated", WAIT).await;
+    assert_eq!(wf["steps"][3]["status"], "failed", "{wf}");
+    client_state(&client, owner, id, "compensated").await;
+    let (_, reservation) = service_json(
+        &stack,
+        Service::Drone,
+        &format!("/api/dronedeliveries/{id}"),
+    )
+    .await;
+    assert_eq!(reservation["status"], "released", "{reservation}");
+    stack.scheduler_faults.clear();
+
+    settle(&stack, &bookings).await;
+    stack.stop().await;
+}
