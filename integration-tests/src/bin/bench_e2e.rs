@@ -497,7 +497,12 @@ impl Bench {
             .tcp_nodelay(true)
             .no_proxy()
             .pool_max_idle_per_host(args.max_in_flight)
-            .pool_idle_timeout(Duration::from_secs(600))
+            // Below the services' keep-alive (actix-web closes a connection idle for 5 s), as in
+            // `downstream`: otherwise a pooled connection the server is just closing can take a
+            // request and fail it with a connection-level error — the likely cause of the 145
+            // such errors in the contended 1000/s run of 2026-11-22, where latency spikes opened
+            // many connections that then sat idle.
+            .pool_idle_timeout(Duration::from_secs(4))
             .timeout(args.timeout)
             .build()
             .context("building the HTTP client")?;

@@ -63,6 +63,12 @@ impl LogReader {
     pub async fn next(&mut self) -> Option<LogRecord> {
         self.rx.recv().await
     }
+
+    /// The next record if one has already arrived, without waiting (to take what is there as one
+    /// batch).
+    pub fn try_next(&mut self) -> Option<LogRecord> {
+        self.rx.try_recv().ok()
+    }
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);

@@ -156,28 +156,29 @@ impl<C: Send + Sync> Engine<C> {
             deadline,
             created_at: now,
         };
-        let mut ops = vec![Op::Start(Box::new(instance::Model {
-            id: record.id.clone(),
-            kind: record.kind.clone(),
-            shard,
-            state: record.state.clone(),
-            input: record.input.to_string(),
-            outputs: "{}".into(),
-            next_step: 0,
-            version: 1,
-            error: None,
-            deadline,
-            created_at: now,
-            updated_at: now,
-        }))];
-        // Announced only if the start is new: the outbox rows go in a second write below.
-        let created = self.journal.write(std::mem::take(&mut ops)).await?;
+        // The announcement commits with the start, and only if the start is new (a replay writes
+        // nothing): one journal write, so one group commit to wait for.
+        let announce = self.saga.hooks.announce(ctx, &record, &Lifecycle::Started);
+        let ops = vec![Op::Start(
+            Box::new(instance::Model {
+                id: record.id.clone(),
+                kind: record.kind.clone(),
+                shard,
+                state: record.state.clone(),
+                input: record.input.to_string(),
+                outputs: "{}".into(),
+                next_step: 0,
+                version: 1,
+                error: None,
+                deadline,
+                created_at: now,
+                updated_at: now,
+            }),
+            announce,
+        )];
+        let created = self.journal.write(ops).await?;
         if created.first().copied() != Some(true) {
             return Ok(None);
-        }
-        let announce = self.announce(ctx, &record, &Lifecycle::Started);
-        if !announce.is_empty() {
-            self.journal.write(announce).await?;
         }
         Ok(Some(record))
     }
@@ -221,8 +222,25 @@ impl<C: Send + Sync> Engine<C> {
         self.journal.write(ops).await.map(|_| ())
     }
 
-    /// Runs `saga` from its next step to the end (completed, failed or cancelled).
-    pub async fn run(&self, ctx: &C, mut saga: SagaRecord) -> Result<SagaRecord, JournalError> {
+    /// Runs `saga` from its next step to the end (completed, failed or cancelled). For a saga
+    /// loaded from the journal (a resume): the step it stopped in continues its attempt count from
+    /// the journal.
+    pub async fn run(&self, ctx: &C, saga: SagaRecord) -> Result<SagaRecord, JournalError> {
+        self.drive(ctx, saga, true).await
+    }
+
+    /// [`Engine::run`] for a saga that [`Engine::start`] has just recorded: its journal has no
+    /// attempts yet, so none is read.
+    pub async fn run_started(&self, ctx: &C, saga: SagaRecord) -> Result<SagaRecord, JournalError> {
+        self.drive(ctx, saga, false).await
+    }
+
+    async fn drive(
+        &self,
+        ctx: &C,
+        mut saga: SagaRecord,
+        mut journaled_attempts: bool,
+    ) -> Result<SagaRecord, JournalError> {
         while !saga.is_finished() {
             let Some(step) = self.saga.steps.get(saga.next_step).cloned() else {
                 self.finish(ctx, &mut saga, COMPLETED, None, Lifecycle::Completed)
@@ -233,7 +251,14 @@ impl<C: Send + Sync> Engine<C> {
             let policy = step.policy();
             let first_attempt_at = self.clock.now();
             let mut delays = policy.delays();
-            let mut attempt_no = self.attempts_so_far(&saga.id, index).await?;
+            // Only the step a resumed saga stopped in can have attempts in the journal: every later
+            // step starts here, in this run (one owner per partition, fenced by the lease).
+            let mut attempt_no = if journaled_attempts {
+                self.attempts_so_far(&saga.id, index).await?
+            } else {
+                0
+            };
+            journaled_attempts = false;
             loop {
                 if let Some(reason) = self.saga.hooks.cancellation(ctx, &saga) {
                     self.finish(

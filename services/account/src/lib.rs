@@ -1,6 +1,7 @@
 //! Account service: client accounts (`active` / `suspended`) and the client tokens (JWT, subject =
 //! account id) that Ingestion verifies.
 
+mod cache;
 mod entity;
 mod migration;
 mod routes;
@@ -22,6 +23,11 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub auth: AuthSettings,
     pub tokens: TokenSettings,
+    /// How long `GET /api/accounts/{id}` may answer from memory (milliseconds; 0 = always read
+    /// the database). Every saga checks its owner's account, so most checks are repeats; a
+    /// change made through another instance shows after at most this long (through this one,
+    /// at once).
+    pub read_cache_ttl_ms: u64,
 }
 
 impl Default for Settings {
@@ -31,6 +37,7 @@ impl Default for Settings {
             database: DatabaseSettings::new("sqlite://data/account.db?mode=rwc"),
             auth: AuthSettings::default(),
             tokens: TokenSettings::default(),
+            read_cache_ttl_ms: 1000,
         }
     }
 }
@@ -56,6 +63,7 @@ pub(crate) struct AppState {
     pub db: sea_orm::DatabaseConnection,
     pub tokens: ClientTokens,
     pub token_settings: TokenSettings,
+    pub cache: cache::AccountCache,
 }
 
 /// The running Account service.
@@ -72,6 +80,7 @@ impl Application {
             port = settings.http.port,
             sqlite = settings.database.is_sqlite(),
             default_ttl_secs = settings.tokens.default_ttl_secs,
+            read_cache_ttl_ms = settings.read_cache_ttl_ms,
             "starting account service"
         );
         let db = service_kit::db::connect(&settings.database)
@@ -86,6 +95,9 @@ impl Application {
             db: db.clone(),
             tokens: ClientTokens::new(&settings.auth.jwt_secret),
             token_settings: settings.tokens.clone(),
+            cache: cache::AccountCache::new(std::time::Duration::from_millis(
+                settings.read_cache_ttl_ms,
+            )),
         });
         let service = service_kit::ServiceBuilder::new("account", settings.http.clone())
             .service_token(settings.auth.service_token.clone())

@@ -73,7 +73,12 @@ async fn get_account(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    Ok(HttpResponse::Ok().json(to_wire(find(&state, id).await?)?))
+    if let Some(cached) = state.cache.get(id) {
+        return Ok(HttpResponse::Ok().json(to_wire(cached)?));
+    }
+    let account = find(&state, id).await?;
+    state.cache.put(&account);
+    Ok(HttpResponse::Ok().json(to_wire(account)?))
 }
 
 /// Creates an account (`201`) or updates its name and status (`200`). Idempotent.
@@ -96,6 +101,7 @@ async fn put_account(
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
     let now = service_kit::now();
+    state.cache.forget(id);
     // Insert-if-absent decides the one creator among concurrent PUTs of the same id.
     let inserted = entity::Entity::insert(entity::ActiveModel {
         id: Set(id.to_owned()),
@@ -124,6 +130,7 @@ async fn put_account(
     active.status = Set(body.status.as_str().to_owned());
     active.updated_at = Set(now);
     let updated = active.update(&state.db).await?;
+    state.cache.forget(id);
     tracing::info!(account_id = id, status = %updated.status, "account updated");
     Ok(HttpResponse::Ok().json(to_wire(updated)?))
 }

@@ -5,8 +5,11 @@ use contracts::{
     DroneReservation, DroneReservationRequest, PackageSize, ReservationStatus, TimeWindow,
 };
 use sea_orm::sea_query::{Expr, OnConflict};
+use std::sync::Arc;
+
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, Statement, Value,
 };
 use service_kit::db::{classify, DbErrorKind};
 use service_kit::{ApiError, ApiResult};
@@ -123,144 +126,255 @@ fn window_of(req: &DroneReservationRequest, settings: &ReservationSettings) -> (
     (start, start.saturating_add(minutes.saturating_mul(60_000)))
 }
 
+/// Active drones as `(size_rank, id)`, smallest first, read from the database at most every
+/// [`DroneCache::REFRESH`]. The fleet only changes when a Drone instance starts with another fleet
+/// setting, so a reservation does not need to read the `drones` table: it takes its candidates
+/// from here. A drone retired by another instance may be offered until the next refresh, as it
+/// could be by a reservation that read the table just before the retirement.
+pub(crate) struct DroneCache {
+    cached: std::sync::Mutex<Option<(std::time::Instant, Arc<Vec<(i32, String)>>)>>,
+}
+
+impl DroneCache {
+    const REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub(crate) fn new() -> Self {
+        Self {
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    async fn drones(&self, db: &DatabaseConnection) -> Result<Arc<Vec<(i32, String)>>, DbErr> {
+        if let Some((at, drones)) = &*self.lock() {
+            if at.elapsed() < Self::REFRESH {
+                return Ok(drones.clone());
+            }
+        }
+        let drones: Arc<Vec<(i32, String)>> = Arc::new(
+            drone::Entity::find()
+                .filter(drone::Column::Active.eq(true))
+                .order_by_asc(drone::Column::SizeRank)
+                .order_by_asc(drone::Column::Id)
+                .all(db)
+                .await?
+                .into_iter()
+                .map(|d| (d.size_rank, d.id))
+                .collect(),
+        );
+        *self.lock() = Some((std::time::Instant::now(), drones.clone()));
+        Ok(drones)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, Arc<Vec<(i32, String)>>)>> {
+        self.cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The drones that can carry `rank`, in the order a reservation should try them: `preferred`
+    /// first, then the smallest fitting drones, so large drones stay free for large packages;
+    /// within a size rotated by the delivery id, so concurrent requests spread over the fleet
+    /// instead of all racing for the first drone.
+    async fn candidates(
+        &self,
+        db: &DatabaseConnection,
+        delivery_id: &str,
+        rank: i32,
+        preferred: Option<&str>,
+    ) -> Result<Vec<String>, DbErr> {
+        let drones = self.drones(db).await?;
+        let spread = fnv(delivery_id);
+        let mut out = Vec::with_capacity(drones.len());
+        if let Some(p) = preferred {
+            if drones.iter().any(|(r, id)| *r >= rank && id == p) {
+                out.push(p.to_owned());
+            }
+        }
+        let fitting = &drones[drones.partition_point(|(r, _)| *r < rank)..];
+        for group in fitting.chunk_by(|a, b| a.0 == b.0) {
+            let n = group.len();
+            let first = (spread % n as u64) as usize;
+            out.extend(
+                group[first..]
+                    .iter()
+                    .chain(&group[..first])
+                    .map(|(_, id)| id)
+                    .filter(|id| Some(id.as_str()) != preferred)
+                    .cloned(),
+            );
+        }
+        Ok(out)
+    }
+}
+
 /// Reserves a drone for `delivery_id`, or returns the reservation it already has.
 ///
-/// The database decides every race: the primary key picks one creator among concurrent requests
-/// for one delivery, and the no-overlap constraint refuses a second window on a busy drone, in
-/// which case the next free drone is tried.
+/// A new reservation is one statement (see [`insert_first_free`]). The database decides every
+/// race: the primary key picks one creator among concurrent requests for one delivery, and the
+/// no-overlap constraint refuses a second window on a busy drone, in which case the statement
+/// inserts nothing and the next round tries again.
 pub(crate) async fn reserve(
     db: &DatabaseConnection,
+    drones: &DroneCache,
     settings: &ReservationSettings,
     delivery_id: &str,
     req: &DroneReservationRequest,
 ) -> ApiResult<Outcome> {
     let (start, end) = window_of(req, settings);
     let rank = size_rank(req.size);
-    // A few rounds: a concurrent request for the same delivery may insert between our read and
-    // our write; the next round then finds its row.
+    // A few rounds: a concurrent request may take the drone we picked, or insert this delivery's
+    // row, between our statements; the next round then sees it.
     for _ in 0..3 {
+        let candidates = drones.candidates(db, delivery_id, rank, None).await?;
+        match insert_first_free(db, delivery_id, req, start, end, &candidates).await {
+            Ok(Some(created)) => {
+                tracing::debug!(delivery_id, drone_id = %created.drone_id, "drone reserved");
+                return Ok(Outcome::Created(created));
+            }
+            Ok(None) => {}
+            // SQLite's no-overlap trigger aborts the statement instead.
+            Err(e) if classify(&e) == DbErrorKind::ConstraintConflict => continue,
+            Err(e) => return Err(e.into()),
+        }
+        // Nothing inserted: this delivery has a reservation already, a concurrent request took
+        // the drone we picked, or no drone is free.
         let existing = reservation::Entity::find_by_id(delivery_id.to_owned())
             .one(db)
             .await?;
-        if let Some(current) = &existing {
-            let fits = PackageSize::parse(&current.size).map(size_rank) == Some(rank);
-            if current.status == ReservationStatus::Active.as_str()
-                && current.window_start_ms == start
-                && current.window_end_ms == end
-                && fits
-            {
-                return Ok(Outcome::Existing(current.clone()));
-            }
-        }
-        let preferred = existing.as_ref().map(|r| r.drone_id.as_str());
-        let candidates = free_drones(db, delivery_id, rank, start, end, preferred).await?;
-        for drone_id in candidates {
-            let now = service_kit::now();
-            let row = reservation::ActiveModel {
-                delivery_id: Set(delivery_id.to_owned()),
-                drone_id: Set(drone_id.clone()),
-                window_start_ms: Set(start),
-                window_end_ms: Set(end),
-                status: Set(ReservationStatus::Active.as_str().to_owned()),
-                package_id: Set(req.package_id.clone()),
-                size: Set(req.size.as_str().to_owned()),
-                owner_id: Set(req.owner_id.clone()),
-                pickup_location: Set(req.pickup_location.clone()),
-                drop_off_location: Set(req.drop_off_location.clone()),
-                expedited: Set(req.expedited),
-                created_at: Set(now),
-                updated_at: Set(now),
-            };
-            let written = match &existing {
-                None => reservation::Entity::insert(row)
-                    .on_conflict(
-                        OnConflict::column(reservation::Column::DeliveryId)
-                            .do_nothing()
-                            .to_owned(),
-                    )
-                    .exec_without_returning(db)
-                    .await
-                    .map(|n| n == 1),
-                // Moving (reschedule) or reactivating: only from the state we read.
-                Some(current) => reservation::Entity::update_many()
-                    .col_expr(reservation::Column::DroneId, Expr::value(drone_id.clone()))
-                    .col_expr(reservation::Column::WindowStartMs, Expr::value(start))
-                    .col_expr(reservation::Column::WindowEndMs, Expr::value(end))
-                    .col_expr(
-                        reservation::Column::Status,
-                        Expr::value(ReservationStatus::Active.as_str()),
-                    )
-                    .col_expr(
-                        reservation::Column::PackageId,
-                        Expr::value(req.package_id.clone()),
-                    )
-                    .col_expr(reservation::Column::Size, Expr::value(req.size.as_str()))
-                    .col_expr(
-                        reservation::Column::OwnerId,
-                        Expr::value(req.owner_id.clone()),
-                    )
-                    .col_expr(
-                        reservation::Column::PickupLocation,
-                        Expr::value(req.pickup_location.clone()),
-                    )
-                    .col_expr(
-                        reservation::Column::DropOffLocation,
-                        Expr::value(req.drop_off_location.clone()),
-                    )
-                    .col_expr(reservation::Column::Expedited, Expr::value(req.expedited))
-                    .col_expr(reservation::Column::UpdatedAt, Expr::value(now))
-                    .filter(reservation::Column::DeliveryId.eq(delivery_id))
-                    .filter(reservation::Column::Status.eq(current.status.clone()))
-                    .filter(reservation::Column::WindowStartMs.eq(current.window_start_ms))
-                    .filter(reservation::Column::DroneId.eq(current.drone_id.clone()))
-                    .exec(db)
-                    .await
-                    .map(|r| r.rows_affected == 1),
-            };
-            match written {
-                Ok(true) => {
-                    let stored = reservation::Entity::find_by_id(delivery_id.to_owned())
-                        .one(db)
-                        .await?
-                        .ok_or_else(|| {
-                            ApiError::Internal(anyhow::anyhow!("reservation vanished after write"))
-                        })?;
-                    let reactivated_or_new = existing
-                        .as_ref()
-                        .is_none_or(|c| c.status != ReservationStatus::Active.as_str());
-                    tracing::info!(
-                        delivery_id,
-                        drone_id = %stored.drone_id,
-                        moved = existing.is_some(),
-                        "drone reserved"
-                    );
-                    return Ok(if reactivated_or_new {
-                        Outcome::Created(stored)
-                    } else {
-                        Outcome::Existing(stored)
-                    });
+        match existing {
+            Some(current) => {
+                let fits = PackageSize::parse(&current.size).map(size_rank) == Some(rank);
+                if current.status == ReservationStatus::Active.as_str()
+                    && current.window_start_ms == start
+                    && current.window_end_ms == end
+                    && fits
+                {
+                    return Ok(Outcome::Existing(current));
                 }
-                // Someone else wrote this delivery's row first: read it in the next round.
-                Ok(false) => break,
-                Err(e) if classify(&e) == DbErrorKind::ConstraintConflict => {
-                    tracing::debug!(
-                        delivery_id,
-                        drone_id,
-                        "drone taken concurrently, trying next"
-                    );
+                if let Some(outcome) = rewrite(
+                    db,
+                    drones,
+                    settings,
+                    delivery_id,
+                    req,
+                    rank,
+                    start,
+                    end,
+                    &current,
+                )
+                .await?
+                {
+                    return Ok(outcome);
                 }
-                Err(e) => return Err(e.into()),
             }
-        }
-        let again = reservation::Entity::find_by_id(delivery_id.to_owned())
-            .one(db)
-            .await?;
-        if again == existing {
-            // Nothing changed underneath us and no candidate worked: the fleet is full.
-            return Err(no_drone(settings, req));
+            None => {
+                if free_drones(db, delivery_id, start, end, &candidates)
+                    .await?
+                    .is_empty()
+                {
+                    return Err(no_drone(settings, req));
+                }
+            }
         }
     }
     Err(no_drone(settings, req))
+}
+
+/// Moves (reschedule) or reactivates `current` to `[start, end)`, keeping its drone when it is
+/// free. `None` when the row changed underneath us (the caller reads it again); a fleet with no
+/// free drone is the `503`.
+#[allow(clippy::too_many_arguments)]
+async fn rewrite(
+    db: &DatabaseConnection,
+    drones: &DroneCache,
+    settings: &ReservationSettings,
+    delivery_id: &str,
+    req: &DroneReservationRequest,
+    rank: i32,
+    start: i64,
+    end: i64,
+    current: &reservation::Model,
+) -> ApiResult<Option<Outcome>> {
+    let candidates = drones
+        .candidates(db, delivery_id, rank, Some(current.drone_id.as_str()))
+        .await?;
+    let free = free_drones(db, delivery_id, start, end, &candidates).await?;
+    for drone_id in free {
+        let now = service_kit::now();
+        // Only from the state we read: a concurrent writer makes this a no-op.
+        let written = reservation::Entity::update_many()
+            .col_expr(reservation::Column::DroneId, Expr::value(drone_id.clone()))
+            .col_expr(reservation::Column::WindowStartMs, Expr::value(start))
+            .col_expr(reservation::Column::WindowEndMs, Expr::value(end))
+            .col_expr(
+                reservation::Column::Status,
+                Expr::value(ReservationStatus::Active.as_str()),
+            )
+            .col_expr(
+                reservation::Column::PackageId,
+                Expr::value(req.package_id.clone()),
+            )
+            .col_expr(reservation::Column::Size, Expr::value(req.size.as_str()))
+            .col_expr(
+                reservation::Column::OwnerId,
+                Expr::value(req.owner_id.clone()),
+            )
+            .col_expr(
+                reservation::Column::PickupLocation,
+                Expr::value(req.pickup_location.clone()),
+            )
+            .col_expr(
+                reservation::Column::DropOffLocation,
+                Expr::value(req.drop_off_location.clone()),
+            )
+            .col_expr(reservation::Column::Expedited, Expr::value(req.expedited))
+            .col_expr(reservation::Column::UpdatedAt, Expr::value(now))
+            .filter(reservation::Column::DeliveryId.eq(delivery_id))
+            .filter(reservation::Column::Status.eq(current.status.clone()))
+            .filter(reservation::Column::WindowStartMs.eq(current.window_start_ms))
+            .filter(reservation::Column::DroneId.eq(current.drone_id.clone()))
+            .exec(db)
+            .await
+            .map(|r| r.rows_affected == 1);
+        match written {
+            Ok(true) => {
+                let stored = reservation::Entity::find_by_id(delivery_id.to_owned())
+                    .one(db)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::Internal(anyhow::anyhow!("reservation vanished after write"))
+                    })?;
+                tracing::info!(delivery_id, drone_id = %stored.drone_id, "drone reservation moved");
+                return Ok(Some(
+                    if current.status != ReservationStatus::Active.as_str() {
+                        Outcome::Created(stored)
+                    } else {
+                        Outcome::Existing(stored)
+                    },
+                ));
+            }
+            // Someone else rewrote this delivery's row first: read it in the next round.
+            Ok(false) => return Ok(None),
+            Err(e) if classify(&e) == DbErrorKind::ConstraintConflict => {
+                tracing::debug!(
+                    delivery_id,
+                    drone_id,
+                    "drone taken concurrently, trying next"
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let again = reservation::Entity::find_by_id(delivery_id.to_owned())
+        .one(db)
+        .await?;
+    if again.as_ref() == Some(current) {
+        // Nothing changed underneath us and no candidate worked: the fleet is full.
+        return Err(no_drone(settings, req));
+    }
+    Ok(None)
 }
 
 fn no_drone(settings: &ReservationSettings, req: &DroneReservationRequest) -> ApiError {
@@ -275,64 +389,128 @@ fn no_drone(settings: &ReservationSettings, req: &DroneReservationRequest) -> Ap
     )
 }
 
-/// Active drones that can carry `rank` and have no active reservation overlapping `[start, end)`
-/// (other than `delivery_id`'s own). The smallest fitting drones come first, so large drones stay
-/// free for large packages; within a size the order is rotated by the delivery id, so concurrent
-/// requests spread over the fleet instead of all racing for the first drone.
-async fn free_drones(
-    db: &DatabaseConnection,
-    delivery_id: &str,
-    rank: i32,
-    start: i64,
-    end: i64,
-    preferred: Option<&str>,
-) -> Result<Vec<String>, DbErr> {
-    let drones = drone::Entity::find()
-        .filter(drone::Column::Active.eq(true))
-        .filter(drone::Column::SizeRank.gte(rank))
-        .order_by_asc(drone::Column::SizeRank)
-        .order_by_asc(drone::Column::Id)
-        .all(db)
-        .await?;
-    let busy: std::collections::HashSet<String> = reservation::Entity::find()
-        .filter(reservation::Column::Status.eq(ReservationStatus::Active.as_str()))
-        .filter(reservation::Column::DeliveryId.ne(delivery_id))
-        .filter(reservation::Column::WindowStartMs.lt(end))
-        .filter(reservation::Column::WindowEndMs.gt(start))
-        .all(db)
-        .await?
-        .into_iter()
-        .map(|r| r.drone_id)
-        .collect();
-    let spread = fnv(delivery_id);
-    let mut by_rank: std::collections::BTreeMap<i32, Vec<String>> = Default::default();
-    for d in drones.into_iter().filter(|d| !busy.contains(&d.id)) {
-        by_rank.entry(d.size_rank).or_default().push(d.id);
-    }
-    let mut out = Vec::new();
-    if let Some(p) = preferred {
-        if by_rank.values().flatten().any(|id| id == p) {
-            out.push(p.to_owned());
-        }
-    }
-    for ids in by_rank.values_mut() {
-        let n = ids.len();
-        if n > 0 {
-            ids.rotate_left((spread % n as u64) as usize);
-        }
-        out.extend(
-            ids.iter()
-                .filter(|id| Some(id.as_str()) != preferred)
-                .cloned(),
-        );
-    }
-    Ok(out)
-}
-
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+const PG_INSERT_FIRST_FREE: &str = "
+INSERT INTO reservations (delivery_id, drone_id, window_start_ms, window_end_ms, status, package_id,
+    size, owner_id, pickup_location, drop_off_location, expedited, created_at, updated_at)
+SELECT $1, c.id, $2, $3, 'active', $4, $5, $6, $7, $8, $9, $10, $10
+FROM unnest($11::text[]) AS c(id)
+WHERE NOT EXISTS (
+    SELECT 1 FROM reservations r
+    WHERE r.drone_id = c.id AND r.status = 'active'
+      AND int8range(r.window_start_ms, r.window_end_ms, '[)') && int8range($2, $3, '[)'))
+LIMIT 1
+ON CONFLICT DO NOTHING
+RETURNING *";
+
+const SQLITE_INSERT_FIRST_FREE: &str = "
+INSERT INTO reservations (delivery_id, drone_id, window_start_ms, window_end_ms, status, package_id,
+    size, owner_id, pickup_location, drop_off_location, expedited, created_at, updated_at)
+SELECT ?1, c.value, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10
+FROM json_each(?11) AS c
+WHERE NOT EXISTS (
+    SELECT 1 FROM reservations r
+    WHERE r.drone_id = c.value AND r.status = 'active'
+      AND r.window_start_ms < ?3 AND r.window_end_ms > ?2)
+ORDER BY c.key
+LIMIT 1
+ON CONFLICT DO NOTHING
+RETURNING *";
+
+/// Inserts `delivery_id`'s reservation on the first of `candidates` that is free for
+/// `[start, end)`, in one statement (one round trip, one commit). `None` when nothing was
+/// inserted: the delivery has a row already, no candidate is free, or a concurrent request took
+/// the chosen drone (`ON CONFLICT DO NOTHING` covers the primary key and, on PostgreSQL, the
+/// no-overlap exclusion constraint).
+///
+/// On PostgreSQL each candidate costs one probe of the exclusion constraint's GiST index
+/// (`int8range &&`, `drone_id =`), and the probes stop at the first free drone: the plan is a
+/// nested-loop anti join over the candidate list, which keeps the list's order (no `ORDER BY`,
+/// which would make a generic plan probe every candidate before sorting). Correctness never
+/// depends on that order, only the preference for small drones does.
+async fn insert_first_free(
+    db: &DatabaseConnection,
+    delivery_id: &str,
+    req: &DroneReservationRequest,
+    start: i64,
+    end: i64,
+    candidates: &[String],
+) -> Result<Option<reservation::Model>, DbErr> {
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let backend = db.get_database_backend();
+    let (sql, list) = match backend {
+        DbBackend::Postgres => (PG_INSERT_FIRST_FREE, Value::from(candidates.to_vec())),
+        _ => (SQLITE_INSERT_FIRST_FREE, json_list(candidates)),
+    };
+    let values: Vec<Value> = vec![
+        delivery_id.into(),
+        start.into(),
+        end.into(),
+        req.package_id.clone().into(),
+        req.size.as_str().into(),
+        req.owner_id.clone().into(),
+        req.pickup_location.clone().into(),
+        req.drop_off_location.clone().into(),
+        req.expedited.into(),
+        service_kit::now().into(),
+        list,
+    ];
+    reservation::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(backend, sql, values))
+        .one(db)
+        .await
+}
+
+const PG_FREE: &str = "
+SELECT c.id FROM unnest($1::text[]) WITH ORDINALITY AS c(id, ord)
+WHERE NOT EXISTS (
+    SELECT 1 FROM reservations r
+    WHERE r.drone_id = c.id AND r.status = 'active' AND r.delivery_id <> $2
+      AND int8range(r.window_start_ms, r.window_end_ms, '[)') && int8range($3, $4, '[)'))
+ORDER BY c.ord";
+
+const SQLITE_FREE: &str = "
+SELECT c.value AS id FROM json_each(?1) AS c
+WHERE NOT EXISTS (
+    SELECT 1 FROM reservations r
+    WHERE r.drone_id = c.value AND r.status = 'active' AND r.delivery_id <> ?2
+      AND r.window_start_ms < ?4 AND r.window_end_ms > ?3)
+ORDER BY c.key";
+
+/// Those of `candidates` (in their order) with no active reservation overlapping `[start, end)`
+/// other than `delivery_id`'s own.
+async fn free_drones(
+    db: &DatabaseConnection,
+    delivery_id: &str,
+    start: i64,
+    end: i64,
+    candidates: &[String],
+) -> Result<Vec<String>, DbErr> {
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = db.get_database_backend();
+    let (sql, list) = match backend {
+        DbBackend::Postgres => (PG_FREE, Value::from(candidates.to_vec())),
+        _ => (SQLITE_FREE, json_list(candidates)),
+    };
+    let values: Vec<Value> = vec![list, delivery_id.into(), start.into(), end.into()];
+    db.query_all(Statement::from_sql_and_values(backend, sql, values))
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String>("", "id"))
+        .collect()
+}
+
+fn json_list(ids: &[String]) -> Value {
+    serde_json::to_string(ids).unwrap_or_default().into()
 }
 
 /// Releases the reservation; releasing a released one returns it unchanged.

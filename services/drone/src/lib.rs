@@ -83,6 +83,7 @@ impl Default for ReservationSettings {
 pub(crate) struct AppState {
     pub db: sea_orm::DatabaseConnection,
     pub reservations: ReservationSettings,
+    pub drones: fleet::DroneCache,
 }
 
 /// The running Drone service.
@@ -120,6 +121,7 @@ impl Application {
         let state = actix_web::web::Data::new(AppState {
             db: db.clone(),
             reservations: settings.reservations.clone(),
+            drones: fleet::DroneCache::new(),
         });
         let service = service_kit::ServiceBuilder::new("drone", settings.http.clone())
             .service_token(settings.auth.service_token.clone())

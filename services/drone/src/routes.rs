@@ -78,7 +78,7 @@ async fn put_reservation(
     Json(body): Json<DroneReservationRequest>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
-    match fleet::reserve(&state.db, &state.reservations, id, &body).await? {
+    match fleet::reserve(&state.db, &state.drones, &state.reservations, id, &body).await? {
         Outcome::Created(r) => Ok(HttpResponse::Created().json(fleet::to_wire(r)?)),
         Outcome::Existing(r) => Ok(HttpResponse::Ok().json(fleet::to_wire(r)?)),
     }

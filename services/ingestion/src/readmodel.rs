@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use contracts::{RequestState, WorkflowStateChanged, WORKFLOW_STATE_CHANGED};
 use messaging::{PartitionedLog, StartAt};
 use sea_orm::sea_query::{Alias, Expr, OnConflict};
-use sea_orm::{ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait};
+use sea_orm::{ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -156,9 +156,30 @@ async fn write_batches(db: DatabaseConnection, mut rx: mpsc::Receiver<Accepted>)
     }
 }
 
-/// Applies a workflow event unless the row already has this version or a later one.
-pub(crate) async fn apply(db: &DatabaseConnection, e: &WorkflowStateChanged) -> Result<(), DbErr> {
-    let row = request::ActiveModel {
+/// Applies workflow events unless a row already has the event's version or a later one. One
+/// statement for the batch: per delivery only the newest event counts (applying the older ones
+/// first would end in the same row), which also keeps one statement from touching a row twice.
+pub(crate) async fn apply(
+    db: &impl sea_orm::ConnectionTrait,
+    events: &[WorkflowStateChanged],
+) -> Result<(), DbErr> {
+    // Ordered by id, so concurrent writers lock rows in the same order.
+    let mut newest: std::collections::BTreeMap<Uuid, &WorkflowStateChanged> =
+        std::collections::BTreeMap::new();
+    for e in events {
+        newest
+            .entry(e.delivery_id)
+            .and_modify(|kept| {
+                if e.version > kept.version {
+                    *kept = e;
+                }
+            })
+            .or_insert(e);
+    }
+    if newest.is_empty() {
+        return Ok(());
+    }
+    let rows = newest.into_values().map(|e| request::ActiveModel {
         delivery_id: Set(e.delivery_id.to_string()),
         owner_id: Set(e.owner_id.clone()),
         state: Set(e.state.as_str().to_owned()),
@@ -166,8 +187,8 @@ pub(crate) async fn apply(db: &DatabaseConnection, e: &WorkflowStateChanged) -> 
         version: Set(e.version),
         accepted_at: Set(e.at),
         updated_at: Set(e.at),
-    };
-    request::Entity::insert(row)
+    });
+    request::Entity::insert_many(rows)
         .on_conflict(
             OnConflict::column(request::Column::DeliveryId)
                 .update_columns([
@@ -205,50 +226,82 @@ pub(crate) async fn follow_workflow_events(
     Ok(tasks)
 }
 
+/// Workflow events applied in one transaction at most.
+const PROJECTION_BATCH: usize = 500;
+
+/// Applies the partition's events in batches: whatever has arrived (up to [`PROJECTION_BATCH`])
+/// goes into one transaction, together with the checkpoint when one is due, so a busy log costs
+/// one commit per batch instead of one per event.
 async fn project(db: DatabaseConnection, partition: u32, mut reader: messaging::LogReader) {
-    let mut unsaved = 0u32;
+    let mut unsaved = 0usize;
     let mut last_saved = tokio::time::Instant::now();
-    while let Some(record) = reader.next().await {
-        match &record.event {
-            Ok(e) if e.kind == WORKFLOW_STATE_CHANGED => match e.decode::<WorkflowStateChanged>() {
-                Ok(change) => {
-                    let mut attempt = 0u32;
-                    while let Err(err) = apply(&db, &change).await {
-                        attempt += 1;
-                        tracing::warn!(error = %err, attempt, "applying a workflow event failed");
-                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))))
-                            .await;
-                    }
-                }
-                Err(reason) => {
-                    tracing::warn!(partition, reason, "skipping undecodable workflow event")
-                }
-            },
-            Ok(_) => {}
-            Err(poison) => {
-                tracing::warn!(partition, reason = %poison.reason, "skipping poison record")
+    while let Some(first) = reader.next().await {
+        let mut records = vec![first];
+        while records.len() < PROJECTION_BATCH {
+            match reader.try_next() {
+                Some(r) => records.push(r),
+                None => break,
             }
         }
-        unsaved += 1;
-        // Checkpoints are for restart speed only: re-applying an event is harmless.
-        if unsaved >= 100 || last_saved.elapsed() > Duration::from_secs(1) {
-            let row = checkpoint::ActiveModel {
-                partition: Set(i32::try_from(partition).unwrap_or(i32::MAX)),
-                next_offset: Set(i64::try_from(record.position.offset).unwrap_or(i64::MAX)),
-            };
-            let saved = checkpoint::Entity::insert(row)
-                .on_conflict(
-                    OnConflict::column(checkpoint::Column::Partition)
-                        .update_column(checkpoint::Column::NextOffset)
-                        .to_owned(),
-                )
-                .exec_without_returning(&db)
-                .await;
-            if let Err(e) = saved {
-                tracing::warn!(error = %e, "saving the projection checkpoint failed");
+        let mut changes = Vec::with_capacity(records.len());
+        for record in &records {
+            match &record.event {
+                Ok(e) if e.kind == WORKFLOW_STATE_CHANGED => {
+                    match e.decode::<WorkflowStateChanged>() {
+                        Ok(change) => changes.push(change),
+                        Err(reason) => {
+                            tracing::warn!(partition, reason, "skipping undecodable workflow event")
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(poison) => {
+                    tracing::warn!(partition, reason = %poison.reason, "skipping poison record")
+                }
             }
+        }
+        unsaved += records.len();
+        // Checkpoints are for restart speed only: re-applying an event is harmless.
+        let checkpoint = (unsaved >= 100 || last_saved.elapsed() > Duration::from_secs(1))
+            .then(|| records.last().map(|r| r.position.offset))
+            .flatten();
+        let mut attempt = 0u32;
+        while let Err(err) = apply_batch(&db, partition, &changes, checkpoint).await {
+            attempt += 1;
+            tracing::warn!(error = %err, attempt, events = changes.len(), "applying workflow events failed");
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))).await;
+        }
+        if checkpoint.is_some() {
             unsaved = 0;
             last_saved = tokio::time::Instant::now();
         }
     }
+}
+
+async fn apply_batch(
+    db: &DatabaseConnection,
+    partition: u32,
+    changes: &[WorkflowStateChanged],
+    checkpoint: Option<u64>,
+) -> Result<(), DbErr> {
+    if changes.is_empty() && checkpoint.is_none() {
+        return Ok(());
+    }
+    let txn = db.begin().await?;
+    apply(&txn, changes).await?;
+    if let Some(offset) = checkpoint {
+        let row = checkpoint::ActiveModel {
+            partition: Set(i32::try_from(partition).unwrap_or(i32::MAX)),
+            next_offset: Set(i64::try_from(offset).unwrap_or(i64::MAX)),
+        };
+        checkpoint::Entity::insert(row)
+            .on_conflict(
+                OnConflict::column(checkpoint::Column::Partition)
+                    .update_column(checkpoint::Column::NextOffset)
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
+    }
+    txn.commit().await
 }

@@ -138,7 +138,8 @@ async fn put_package(
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
     let now = service_kit::now();
-    // Insert-if-absent decides the one creator among concurrent PUTs of the same id.
+    // Insert-if-absent decides the one creator among concurrent PUTs of the same id. A new
+    // package is one statement (`RETURNING` gives back the row); only a replay reads it.
     let inserted = entity::Entity::insert(entity::ActiveModel {
         id: Set(id.to_owned()),
         owner_id: Set(body.owner_id.clone()),
@@ -151,13 +152,20 @@ async fn put_package(
         updated_at: Set(now),
     })
     .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned())
-    .exec_without_returning(&state.db)
-    .await?;
-    let current = find(&state.db, id).await?;
-    if inserted == 1 {
-        tracing::info!(package_id = id, owner_id = %current.owner_id, "package registered");
-        return Ok(HttpResponse::Created().json(to_wire(current)?));
-    }
+    .exec_with_returning(&state.db)
+    .await;
+    let current = match inserted {
+        Ok(created) => {
+            tracing::debug!(package_id = id, owner_id = %created.owner_id, "package registered");
+            return Ok(HttpResponse::Created().json(to_wire(created)?));
+        }
+        // Nothing inserted: the id is taken (PostgreSQL reports no returned row, SQLite no
+        // inserted row).
+        Err(sea_orm::DbErr::RecordNotFound(_) | sea_orm::DbErr::RecordNotInserted) => {
+            find(&state.db, id).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
     // A replay returns what is there as is: it neither resurrects a cancelled package nor fails.
     if same_content(&current, &body) {
         return Ok(HttpResponse::Ok().json(to_wire(current)?));

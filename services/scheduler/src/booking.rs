@@ -304,8 +304,8 @@ impl Hooks<Ctx> for BookingHooks {
     fn announce(&self, ctx: &Ctx, saga: &SagaRecord, change: &Lifecycle) -> Vec<OutboxMessage> {
         let mut out = Vec::new();
         match change {
+            // Counted by the worker once the start proved new: this runs before it is known.
             Lifecycle::Started => {
-                ctx.metrics.started();
                 out.extend(state_event(saga, RequestState::Scheduling, None));
             }
             Lifecycle::StepSucceeded { .. } => {}

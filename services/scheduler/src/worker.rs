@@ -161,7 +161,7 @@ async fn own(shared: &Arc<Shared>, held: Held, stop: &mut watch::Receiver<bool>)
                         };
                         let s = shared.clone();
                         sagas.spawn(async move {
-                            run_saga(&s, record).await;
+                            run_saga(&s, record, false).await;
                             drop(permit);
                         });
                     }
@@ -308,7 +308,8 @@ async fn handle(
                 };
                 lock(&t).end(offset);
                 if let Some(record) = started {
-                    run_saga(&s, record).await;
+                    s.ctx.metrics.started();
+                    run_saga(&s, record, true).await;
                 }
                 drop(permit);
             });
@@ -343,9 +344,16 @@ async fn handle(
     true
 }
 
-async fn run_saga(shared: &Arc<Shared>, record: SagaRecord) {
+/// Runs a saga to its end; `fresh` when [`Engine::start`] has just recorded it (so the engine
+/// need not read its journal for earlier attempts).
+async fn run_saga(shared: &Arc<Shared>, record: SagaRecord, fresh: bool) {
     let id = record.id.clone();
-    match shared.engine.run(&shared.ctx, record).await {
+    let run = if fresh {
+        shared.engine.run_started(&shared.ctx, record).await
+    } else {
+        shared.engine.run(&shared.ctx, record).await
+    };
+    match run {
         Ok(done) => {
             tracing::info!(delivery_id = %id, state = %done.state, "saga finished");
             if let Ok(mut c) = shared.ctx.cancellations.lock() {
