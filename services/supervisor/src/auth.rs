@@ -145,8 +145,9 @@ pub async fn login(
         return Ok(None);
     };
     let now = Utc::now();
+    let token = random_token();
     let s = session::Model {
-        id: random_token(),
+        id: session_key(&token),
         user_name: u.name,
         role: u.role,
         csrf: random_token(),
@@ -163,6 +164,8 @@ pub async fn login(
     })
     .exec_without_returning(db)
     .await?;
+    // The cookie gets the token; the database only its hash.
+    let s = session::Model { id: token, ..s };
     // Expired sessions go whenever someone logs in.
     let _ = session::Entity::delete_many()
         .filter(session::Column::ExpiresAt.lt(now))
@@ -174,8 +177,21 @@ pub async fn login(
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2yDmrA9M3Bx3Kq1ZGJ0xS9q3vY3Qe8pM7w2Hc0cFfV8";
 
-pub async fn logout(db: &DatabaseConnection, id: &str) {
-    let _ = session::Entity::delete_by_id(id.to_owned()).exec(db).await;
+/// Ends the session whose cookie carries `token`.
+pub async fn logout(db: &DatabaseConnection, token: &str) {
+    let _ = session::Entity::delete_by_id(session_key(token))
+        .exec(db)
+        .await;
+}
+
+/// What the database keeps of a session token: its SHA-256, so a leaked sessions table (a backup,
+/// a read-only replica) gives no one a usable cookie.
+fn session_key(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The cookie that carries a session (or clears it, with `max_age` 0).
@@ -305,13 +321,13 @@ impl FromRequest for Session {
             let (Some(sessions), Some(id)) = (sessions, id) else {
                 return Err(required().into());
             };
-            let row = session::Entity::find_by_id(id)
+            let row = session::Entity::find_by_id(session_key(&id))
                 .one(&sessions.db)
                 .await
                 .map_err(|e| actix_web::Error::from(ApiError::from(e)))?;
             match row {
                 Some(s) if s.expires_at > Utc::now() => Ok(Session {
-                    id: s.id,
+                    id,
                     user: s.user_name,
                     role: Role::parse(&s.role).unwrap_or(Role::Viewer),
                     csrf: s.csrf,
