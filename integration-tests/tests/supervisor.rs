@@ -539,13 +539,37 @@ mod browser {
             .expect("signed in");
     }
 
+    /// Clicks the element `css` names, finding it again if the page's live refresh replaced it
+    /// between finding and clicking (a stale element reference).
+    async fn click_fresh(c: &Client, css: &str) {
+        let mut last = None;
+        for _ in 0..50 {
+            match c.find(Locator::Css(css)).await {
+                Ok(e) => match e.click().await {
+                    Ok(()) => return,
+                    Err(err) => last = Some(err.to_string()),
+                },
+                Err(err) => last = Some(err.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("could not click {css}: {last:?}");
+    }
+
+    /// The text of the element `css` names (found again if a live refresh replaced it).
     async fn text(c: &Client, css: &str) -> String {
-        c.find(Locator::Css(css))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        let mut last = None;
+        for _ in 0..50 {
+            match c.find(Locator::Css(css)).await {
+                Ok(e) => match e.text().await {
+                    Ok(t) => return t,
+                    Err(err) => last = Some(err.to_string()),
+                },
+                Err(err) => last = Some(err.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no text for {css}: {last:?}");
     }
 
     pub async fn dashboard_in_headless_chromium(backend: Backend) {
@@ -596,14 +620,14 @@ mod browser {
             .click()
             .await
             .unwrap();
-        let row = c
-            .wait()
+        let row = format!("tr[data-delivery-id='{id}'] a");
+        c.wait()
             .at_most(Duration::from_secs(10))
-            .for_element(Locator::Css(&format!("tr[data-delivery-id='{id}'] a")))
+            .for_element(Locator::Css(&row))
             .await
             .expect("the saga in the search results");
         assert!(text(&c, "table.sagas").await.contains("failed"));
-        row.click().await.unwrap();
+        click_fresh(&c, &row).await;
         c.wait()
             .at_most(Duration::from_secs(10))
             .for_element(Locator::Css("#timeline"))
@@ -615,9 +639,11 @@ mod browser {
             timeline.contains("CheckAccount") && timeline.contains("suspended"),
             "{timeline}"
         );
-        c.find(Locator::Css("#trace-id"))
-            .await
-            .expect("trace id field");
+        let trace_id = text(&c, "#trace-id").await;
+        assert!(
+            trace_id.trim().len() == 32 && trace_id.trim().bytes().all(|b| b.is_ascii_hexdigit()),
+            "the timeline shows the booking's trace id: {trace_id:?}"
+        );
         std::fs::write(shots.join("timeline.png"), c.screenshot().await.unwrap()).unwrap();
 
         // Compensate now, with a reason.

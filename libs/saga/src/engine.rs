@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::clock::Clock;
 use crate::entities::{attempt, instance};
+use tracing::Instrument;
 use crate::journal::{InstanceUpdate, Journal, JournalError, Op, OutboxMessage};
 use crate::retry::{RetryPolicy, StepError};
 use crate::{CANCELLED, COMPLETED, FAILED, RUNNING};
@@ -259,6 +260,17 @@ impl<C: Send + Sync> Engine<C> {
                 0
             };
             journaled_attempts = false;
+            // One span per step: its attempts' downstream calls are its children, retries are
+            // events in it, and it ends with the last attempt's number and outcome.
+            let step_span = tracing::info_span!(
+                "saga_step",
+                otel.name = step.name(),
+                saga_kind = %saga.kind,
+                delivery_id = %saga.id,
+                step = step.name(),
+                attempt = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            );
             loop {
                 if let Some(reason) = self.saga.hooks.cancellation(ctx, &saga) {
                     self.finish(
@@ -290,7 +302,19 @@ impl<C: Send + Sync> Engine<C> {
                     return Ok(saga);
                 }
                 attempt_no += 1;
-                let outcome = step.run(ctx, &saga).await;
+                step_span.record("attempt", attempt_no);
+                let outcome = step
+                    .run(ctx, &saga)
+                    .instrument(step_span.clone())
+                    .await;
+                step_span.record(
+                    "outcome",
+                    match &outcome {
+                        Ok(_) => "succeeded",
+                        Err(StepError::Transient { .. }) => "transient",
+                        Err(_) => "permanent",
+                    },
+                );
                 let finished = self.clock.now();
                 match outcome {
                     Ok(output) => {
@@ -397,7 +421,9 @@ impl<C: Send + Sync> Engine<C> {
                                 finished,
                             )])
                             .await?;
-                        tracing::info!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, reason, "step will be retried");
+                        step_span.in_scope(|| {
+                            tracing::info!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, reason, "step will be retried");
+                        });
                         if let Some(d) = delay {
                             self.clock.sleep(d).await;
                         }

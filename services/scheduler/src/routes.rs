@@ -91,6 +91,8 @@ pub struct Workflow {
     #[schema(value_type = Object)]
     pub input: serde_json::Value,
     pub steps: Vec<StepStatus>,
+    /// The booking's W3C trace id (32 hex digits), when the booking event carried one.
+    pub trace_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -185,6 +187,7 @@ async fn get(
         deadline: record.deadline,
         created_at: record.created_at,
         updated_at,
+        trace_id: crate::worker::trace_id_of(&record.input),
         input: record.input,
         steps,
     }))

@@ -3,6 +3,7 @@
 //! and reschedules in log order, and move the checkpoint to the highest offset below which every
 //! record is durably recorded — fenced by the lease, so an owner that lost it stops.
 
+use tracing::Instrument;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -160,10 +161,14 @@ async fn own(shared: &Arc<Shared>, held: Held, stop: &mut watch::Receiver<bool>)
                             return Exit::Stopped;
                         };
                         let s = shared.clone();
-                        sagas.spawn(async move {
-                            run_saga(&s, record, false).await;
-                            drop(permit);
-                        });
+                        let span = resumed_saga_span(&record, partition);
+                        sagas.spawn(
+                            async move {
+                                run_saga(&s, record, false).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
                     }
                     Err(e) => tracing::error!(partition, error = %e, "cannot resume a saga"),
                 }
@@ -237,6 +242,44 @@ async fn own(shared: &Arc<Shared>, held: Held, stop: &mut watch::Receiver<bool>)
     }
 }
 
+/// Where a saga keeps its booking's `traceparent` in its input.
+pub(crate) const TRACEPARENT_KEY: &str = "traceparent";
+
+/// The trace id kept in a saga's input (`00-<trace id>-<span id>-<flags>`).
+pub(crate) fn trace_id_of(input: &serde_json::Value) -> Option<String> {
+    let tp = input.get(TRACEPARENT_KEY)?.as_str()?;
+    let id = tp.split('-').nth(1)?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+}
+
+/// The span a booking's saga runs in: a child of the trace context the booking event carried.
+fn saga_span(
+    delivery_id: &str,
+    partition: u32,
+    headers: &std::collections::BTreeMap<String, String>,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "saga",
+        otel.name = "booking saga",
+        service = "scheduler",
+        delivery_id,
+        partition,
+    );
+    telemetry::set_parent(&span, headers);
+    span
+}
+
+/// The span of a saga resumed from its journal: back in its booking's trace if it kept one.
+fn resumed_saga_span(record: &SagaRecord, partition: u32) -> tracing::Span {
+    let mut headers = std::collections::BTreeMap::new();
+    if let Some(tp) = record.input.get(TRACEPARENT_KEY).and_then(|v| v.as_str()) {
+        headers.insert(telemetry::TRACEPARENT.to_owned(), tp.to_owned());
+    }
+    let span = saga_span(&record.id, partition, &headers);
+    span.record("otel.name", "booking saga (resumed)");
+    span
+}
+
 fn lock(t: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
     t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -283,16 +326,26 @@ async fn handle(
             let s = shared.clone();
             let t = tracker.clone();
             let partition = record.partition;
+            // The saga joins the booking's trace (Ingestion put `traceparent` in the event).
+            let span = saga_span(&request.delivery_id.to_string(), partition, &event.headers);
             sagas.spawn(async move {
                 let id = request.delivery_id.to_string();
                 let deadline = Some(request.pickup_time);
-                let input = match serde_json::to_value(&request) {
+                let mut input = match serde_json::to_value(&request) {
                     Ok(v) => v,
                     Err(_) => {
                         lock(&t).end(offset);
                         return;
                     }
                 };
+                // Kept with the saga, so a resumed saga stays in the booking's trace and the
+                // status API can show the trace id.
+                if let (Some(obj), Some(tp)) = (
+                    input.as_object_mut(),
+                    event.headers.get(telemetry::TRACEPARENT),
+                ) {
+                    obj.insert(TRACEPARENT_KEY.into(), tp.clone().into());
+                }
                 let shard = i32::try_from(partition).unwrap_or(i32::MAX);
                 let mut delay = Duration::from_millis(50);
                 // Until the start is durable the checkpoint must not pass this record.
@@ -312,7 +365,7 @@ async fn handle(
                     run_saga(&s, record, true).await;
                 }
                 drop(permit);
-            });
+            }.instrument(span));
         }
         DELIVERY_CANCELLED | DELIVERY_RESCHEDULED => {
             // Apply after everything before it in the partition is recorded (its booking included).
@@ -320,6 +373,15 @@ async fn handle(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             lock(tracker).begin(offset);
+            let span = tracing::info_span!(
+                "saga_change",
+                otel.name = %event.kind,
+                service = "scheduler",
+                delivery_id = %event.key,
+                partition = record.partition,
+            );
+            telemetry::set_parent(&span, &event.headers);
+            let _entered = span.enter();
             let outcome = if event.kind == DELIVERY_CANCELLED {
                 match event.decode::<DeliveryCancelled>() {
                     Ok(c) => cancel(shared, &c.delivery_id.to_string()).await,

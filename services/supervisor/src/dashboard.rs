@@ -428,13 +428,7 @@ async fn saga_page(
     let trace_id = workflow
         .as_ref()
         .ok()
-        .and_then(|w| {
-            w.input
-                .get("traceId")
-                .or_else(|| w.input.get("traceparent"))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })
+        .and_then(|w| w.trace_id.clone())
         .unwrap_or_default();
     let can_retry = saga_state == "failed";
     let can_compensate = ["failed", "cancelled", "compensation-failed", "compensating"]
