@@ -132,8 +132,11 @@ fn window_of(req: &DroneReservationRequest, settings: &ReservationSettings) -> (
 /// from here. A drone retired by another instance may be offered until the next refresh, as it
 /// could be by a reservation that read the table just before the retirement.
 pub(crate) struct DroneCache {
-    cached: std::sync::Mutex<Option<(std::time::Instant, Arc<Vec<(i32, String)>>)>>,
+    cached: std::sync::Mutex<Option<(std::time::Instant, Drones)>>,
 }
+
+/// `(size_rank, id)` of the active drones, smallest first.
+type Drones = Arc<Vec<(i32, String)>>;
 
 impl DroneCache {
     const REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
@@ -144,13 +147,13 @@ impl DroneCache {
         }
     }
 
-    async fn drones(&self, db: &DatabaseConnection) -> Result<Arc<Vec<(i32, String)>>, DbErr> {
+    async fn drones(&self, db: &DatabaseConnection) -> Result<Drones, DbErr> {
         if let Some((at, drones)) = &*self.lock() {
             if at.elapsed() < Self::REFRESH {
                 return Ok(drones.clone());
             }
         }
-        let drones: Arc<Vec<(i32, String)>> = Arc::new(
+        let drones: Drones = Arc::new(
             drone::Entity::find()
                 .filter(drone::Column::Active.eq(true))
                 .order_by_asc(drone::Column::SizeRank)
@@ -165,9 +168,7 @@ impl DroneCache {
         Ok(drones)
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, Arc<Vec<(i32, String)>>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, Drones)>> {
         self.cached
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
