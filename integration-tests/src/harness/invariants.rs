@@ -223,6 +223,11 @@ pub async fn check(
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let _ = scheduler_db.close().await;
+    println!(
+        "invariants: {} sagas, settled (or given up) after {:.1} s",
+        sagas.len(),
+        settled_after.as_secs_f64()
+    );
 
     // 2. Sagas nobody was told about.
     let accepted: HashSet<Uuid> = bookings.accepted.keys().copied().collect();
@@ -462,6 +467,10 @@ pub async fn check(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    println!(
+        "invariants: checks done {:.1} s after the start of the check",
+        started.elapsed().as_secs_f64()
+    );
     let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
     for s in sagas.values() {
         *by_state.entry(s.state.clone()).or_default() += 1;
