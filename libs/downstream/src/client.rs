@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use tracing::Instrument;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use anyhow::{anyhow, bail, Context};
 use contracts::{

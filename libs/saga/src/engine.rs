@@ -10,10 +10,10 @@ use serde_json::{Map, Value};
 
 use crate::clock::Clock;
 use crate::entities::{attempt, instance};
-use tracing::Instrument;
 use crate::journal::{InstanceUpdate, Journal, JournalError, Op, OutboxMessage};
 use crate::retry::{RetryPolicy, StepError};
 use crate::{CANCELLED, COMPLETED, FAILED, RUNNING};
+use tracing::Instrument;
 
 /// A saga as the engine and its steps see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,10 +303,7 @@ impl<C: Send + Sync> Engine<C> {
                 }
                 attempt_no += 1;
                 step_span.record("attempt", attempt_no);
-                let outcome = step
-                    .run(ctx, &saga)
-                    .instrument(step_span.clone())
-                    .await;
+                let outcome = step.run(ctx, &saga).instrument(step_span.clone()).await;
                 step_span.record(
                     "outcome",
                     match &outcome {

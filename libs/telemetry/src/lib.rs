@@ -27,10 +27,10 @@ use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::Layer as _;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 
 /// The header (and message header) that carries the W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
@@ -82,11 +82,16 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry
     let installed = install(service, &provider, default_filter, format);
     if installed {
         match export_error {
-            Some(e) => tracing::error!(service, error = %e, "OTLP exporter not created; spans are not exported"),
+            Some(e) => {
+                tracing::error!(service, error = %e, "OTLP exporter not created; spans are not exported")
+            }
             None if !endpoint.trim().is_empty() => {
                 tracing::info!(service, endpoint = %endpoint, "telemetry initialised, exporting spans over OTLP")
             }
-            None => tracing::info!(service, "telemetry initialised (no OTLP endpoint: spans are not exported)"),
+            None => tracing::info!(
+                service,
+                "telemetry initialised (no OTLP endpoint: spans are not exported)"
+            ),
         }
     }
     TelemetryGuard {
@@ -169,7 +174,10 @@ pub fn init_for_tests() {
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
             )
     });
-    let _ = tracing_subscriber::registry().with(otel).with(log).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(otel)
+        .with(log)
+        .try_init();
 }
 
 /// The installed subscriber, so the log formatter can ask the OpenTelemetry layer for a span's ids
@@ -304,10 +312,8 @@ pub fn set_parent(span: &tracing::Span, headers: &BTreeMap<String, String>) {
 pub fn inject_http(headers: &mut http::HeaderMap) {
     let cx = tracing::Span::current().context();
     if cx.span().span_context().is_valid() {
-        TraceContextPropagator::new().inject_context(
-            &cx,
-            &mut opentelemetry_http::HeaderInjector(headers),
-        );
+        TraceContextPropagator::new()
+            .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
     }
 }
 
@@ -351,7 +357,9 @@ mod tests {
                 trace_id(&producer)
             };
             drop(producer);
-            assert!(headers.get(TRACEPARENT).is_some_and(|v| v.starts_with("00-")));
+            assert!(headers
+                .get(TRACEPARENT)
+                .is_some_and(|v| v.starts_with("00-")));
             let consumer = tracing::info_span!("consume");
             set_parent(&consumer, &headers);
             assert_eq!(trace_id(&consumer), sent_trace);
@@ -360,7 +368,10 @@ mod tests {
         let _ = provider.force_flush();
         let spans = exporter.get_finished_spans().unwrap_or_default();
         assert_eq!(spans.len(), 2);
-        let produce = spans.iter().find(|s| s.name == "produce").map(|s| s.span_context.clone());
+        let produce = spans
+            .iter()
+            .find(|s| s.name == "produce")
+            .map(|s| s.span_context.clone());
         let consume = spans.iter().find(|s| s.name == "consume");
         let (Some(produce), Some(consume)) = (produce, consume) else {
             panic!("both spans exported: {spans:?}");

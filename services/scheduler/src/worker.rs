@@ -3,10 +3,10 @@
 //! and reschedules in log order, and move the checkpoint to the highest offset below which every
 //! record is durably recorded — fenced by the lease, so an owner that lost it stops.
 
-use tracing::Instrument;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use contracts::{
     DeliveryCancelled, DeliveryRequested, DeliveryRescheduled, RequestState, DELIVERY_CANCELLED,

@@ -9,9 +9,9 @@
 //! acked; a request that cannot be completed is nacked, and after the queue's delivery limit it
 //! is parked for a person (and the saga reported `compensation-failed`).
 
-use tracing::Instrument;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
