@@ -464,13 +464,17 @@ mod browser {
                      (apt-get install chromium chromium-driver; `make up` does it) or set CHROMEDRIVER"
                 )
             });
-        let url = format!("http://127.0.0.1:{port}");
+        // Owned by the guard from here on, so a panic below still kills and reaps it.
+        let driver = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
             {
-                return Driver { child, url };
+                return driver;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
