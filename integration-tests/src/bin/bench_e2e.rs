@@ -497,12 +497,12 @@ impl Bench {
             .tcp_nodelay(true)
             .no_proxy()
             .pool_max_idle_per_host(args.max_in_flight)
-            // Below the services' keep-alive (actix-web closes a connection idle for 5 s), as in
-            // `downstream`: otherwise a pooled connection the server is just closing can take a
-            // request and fail it with a connection-level error — the likely cause of the 145
-            // such errors in the contended 1000/s run of 2026-11-22, where latency spikes opened
-            // many connections that then sat idle.
-            .pool_idle_timeout(Duration::from_secs(4))
+            // Well below the services' keep-alive (actix-web closes a connection idle for 5 s):
+            // a pooled connection the server is just closing can take a request and fail it with
+            // "connection closed before message completed" (the server logs nothing). With the
+            // machine saturated the server's worker sees the request and its keep-alive timer
+            // late, so a 1 s margin (4 s) still lost 78 of 40,000 requests in a 2000/s run.
+            .pool_idle_timeout(Duration::from_secs(2))
             .timeout(args.timeout)
             .build()
             .context("building the HTTP client")?;
