@@ -38,7 +38,17 @@ ensure_postgres() {
     sleep 1
   fi
   pg_ok || { log "PostgreSQL is not reachable on 127.0.0.1:5432 as user postgres"; exit 1; }
-  log "PostgreSQL is up"
+  # The suite's tests run two at a time, each starting up to seven services with their own pools
+  # (the process harness included): Debian's default of 100 connections is too tight for that.
+  local max
+  max=$(psql -h 127.0.0.1 -U postgres -d postgres -Atc 'show max_connections')
+  if [ "$max" -lt 300 ]; then
+    log "raising max_connections from $max to 300 (restarts PostgreSQL)"
+    psql -h 127.0.0.1 -U postgres -d postgres -qc 'alter system set max_connections = 300'
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+    for _ in $(seq 1 30); do pg_ok && break; sleep 1; done
+  fi
+  log "PostgreSQL is up (max_connections $(psql -h 127.0.0.1 -U postgres -d postgres -Atc 'show max_connections'))"
 }
 
 ensure_rabbitmq() {
