@@ -356,6 +356,7 @@ async fn duplicate_request_has_no_second_effect(backend: Backend) {
         delivery_id: id,
         owner_id: "acc-1".into(),
         succeeded_steps: vec!["RegisterPackage".into(), "ReserveDrone".into()],
+        in_doubt_steps: vec!["CreateDelivery".into()],
         reason: c["reason"].as_str().unwrap().to_owned(),
         saga_version: c["sagaVersion"].as_i64().unwrap(),
     };

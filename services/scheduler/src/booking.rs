@@ -37,6 +37,11 @@ pub struct CompensationRequest {
     pub owner_id: String,
     /// Steps that succeeded and have an effect to undo (CheckAccount has none).
     pub succeeded_steps: Vec<String>,
+    /// The step that was under way when the saga stopped, if it has an effect to undo: an attempt
+    /// may have reached the service (a timeout, a crash before the result was journaled) even
+    /// though it is not recorded as succeeded. Undoing it is safe: an undo of nothing is a no-op.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_doubt_steps: Vec<String>,
     pub reason: String,
     pub saga_version: i64,
 }
@@ -248,6 +253,14 @@ pub fn undoable(done: usize) -> Vec<String> {
         .collect()
 }
 
+/// The step at `next` (the one a stopped saga was in), if it has something to undo.
+pub fn in_doubt(next: usize) -> Vec<String> {
+    undoable(next + 1)
+        .into_iter()
+        .filter(|s| !undoable(next).contains(s))
+        .collect()
+}
+
 /// A lifecycle event for the `workflow-events` log, as an outbox row.
 pub fn state_event(
     saga: &SagaRecord,
@@ -273,10 +286,11 @@ pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
         delivery_id: b.delivery_id,
         owner_id: b.owner_id,
         succeeded_steps: undoable(saga.next_step),
+        in_doubt_steps: in_doubt(saga.next_step),
         reason: reason.to_owned(),
         saga_version: saga.version,
     };
-    if body.succeeded_steps.is_empty() {
+    if body.succeeded_steps.is_empty() && body.in_doubt_steps.is_empty() {
         return None;
     }
     envelope_message(COMPENSATIONS_QUEUE, COMPENSATION_REQUESTED, &saga.id, &body)
@@ -356,6 +370,18 @@ mod tests {
         assert_eq!(
             undoable(4),
             vec![REGISTER_PACKAGE, RESERVE_DRONE, CREATE_DELIVERY]
+        );
+    }
+
+    #[test]
+    fn the_step_under_way_is_in_doubt() {
+        assert!(in_doubt(0).is_empty());
+        assert_eq!(in_doubt(1), vec![REGISTER_PACKAGE]);
+        assert_eq!(in_doubt(2), vec![RESERVE_DRONE]);
+        assert_eq!(in_doubt(3), vec![CREATE_DELIVERY]);
+        assert!(
+            in_doubt(4).is_empty(),
+            "a completed saga has nothing in doubt"
         );
     }
 }

@@ -249,10 +249,13 @@ impl Compensator {
         let mut results: Map<String, Value> =
             serde_json::from_str(&row.step_results).unwrap_or_default();
         let mut failure = None;
-        for step in UNDO_ORDER
-            .iter()
-            .filter(|s| request.succeeded_steps.iter().any(|r| r == *s))
-        {
+        for step in UNDO_ORDER.iter().filter(|s| {
+            request
+                .succeeded_steps
+                .iter()
+                .chain(&request.in_doubt_steps)
+                .any(|r| r == *s)
+        }) {
             match self.undo(step, &id).await {
                 Ok(()) => {
                     results.insert(
@@ -440,10 +443,19 @@ pub fn request_for(workflow: &Workflow, reason: &str) -> Option<CompensationRequ
         })
         .map(|s| (*s).to_owned())
         .collect();
+    // The step a stopped saga was in may have had an effect (see `CompensationRequest`).
+    let in_doubt_steps = workflow
+        .steps
+        .iter()
+        .filter(|s| s.status != "succeeded" && !s.attempts.is_empty())
+        .map(|s| s.name.clone())
+        .filter(|name| [REGISTER_PACKAGE, RESERVE_DRONE, CREATE_DELIVERY].contains(&name.as_str()))
+        .collect();
     Some(CompensationRequest {
         delivery_id,
         owner_id,
         succeeded_steps,
+        in_doubt_steps,
         reason: reason.to_owned(),
         saga_version: workflow.version,
     })
