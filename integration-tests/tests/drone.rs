@@ -200,6 +200,41 @@ async fn delete_frees_the_window(backend: Backend) {
             .code,
         "not-found"
     );
+
+    // A released reservation is final: a late request for it (a retry that was still on its way
+    // when the saga was compensated) does not take a drone again...
+    app.delete("/api/dronedeliveries/b").await;
+    assert_eq!(
+        app.put("/api/dronedeliveries/a", &request(at, "Small"))
+            .await
+            .problem(409)
+            .code,
+        "reservation-released"
+    );
+    // ...nor does one that arrives after the release of a reservation it had not made yet.
+    assert_eq!(
+        app.put("/api/dronedeliveries/nope", &request(at, "Small"))
+            .await
+            .problem(409)
+            .code,
+        "reservation-released"
+    );
+    assert_eq!(app.get("/api/dronedeliveries/nope").await.status, 404);
+    assert_eq!(
+        app.delete("/api/dronedeliveries/nope")
+            .await
+            .problem(404)
+            .code,
+        "not-found",
+        "releasing it again changes nothing"
+    );
+    // The drone is free for others all along.
+    assert_eq!(
+        app.put("/api/dronedeliveries/c", &request(at, "Small"))
+            .await
+            .status,
+        201
+    );
     app.stop().await;
 }
 

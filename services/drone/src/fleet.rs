@@ -245,6 +245,9 @@ pub(crate) async fn reserve(
             .one(db)
             .await?;
         match existing {
+            Some(current) if current.status == ReservationStatus::Released.as_str() => {
+                return Err(released(delivery_id));
+            }
             Some(current) => {
                 let fits = PackageSize::parse(&current.size).map(size_rank) == Some(rank);
                 if current.status == ReservationStatus::Active.as_str()
@@ -514,15 +517,75 @@ fn json_list(ids: &[String]) -> Value {
     serde_json::to_string(ids).unwrap_or_default().into()
 }
 
-/// Releases the reservation; releasing a released one returns it unchanged.
+/// A released reservation is final: a later `PUT` for the same delivery (a retry that was still
+/// on its way when the saga was compensated) must not take a drone again.
+fn released(delivery_id: &str) -> ApiError {
+    ApiError::conflict(
+        "reservation-released",
+        format!(
+            "the reservation for delivery '{delivery_id}' was released; a released reservation is not taken again"
+        ),
+    )
+}
+
+/// A tombstone: what releasing a reservation that does not exist (yet) leaves behind, so that a
+/// reservation request still on its way cannot create it afterwards. It holds no drone and is
+/// never shown: reads of it answer `404`.
+pub(crate) fn is_tombstone(m: &reservation::Model) -> bool {
+    m.drone_id.is_empty()
+}
+
+/// Releases the reservation; releasing a released one returns it unchanged. Releasing one that
+/// does not exist records a tombstone (see [`is_tombstone`]) and answers `404`.
 pub(crate) async fn release(
     db: &DatabaseConnection,
     delivery_id: &str,
 ) -> ApiResult<reservation::Model> {
     let current = reservation::Entity::find_by_id(delivery_id.to_owned())
         .one(db)
-        .await?
-        .ok_or_else(|| ApiError::not_found("reservation", delivery_id))?;
+        .await?;
+    let Some(current) = current else {
+        let now = service_kit::now();
+        reservation::Entity::insert(reservation::ActiveModel {
+            delivery_id: Set(delivery_id.to_owned()),
+            drone_id: Set(String::new()),
+            window_start_ms: Set(0),
+            window_end_ms: Set(0),
+            status: Set(ReservationStatus::Released.as_str().to_owned()),
+            package_id: Set(String::new()),
+            size: Set(PackageSize::Small.as_str().to_owned()),
+            owner_id: Set(None),
+            pickup_location: Set(String::new()),
+            drop_off_location: Set(String::new()),
+            expedited: Set(false),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .on_conflict(
+            OnConflict::column(reservation::Column::DeliveryId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+        // A reservation created between the read and the insert is released like any other.
+        let now_there = reservation::Entity::find_by_id(delivery_id.to_owned())
+            .one(db)
+            .await?;
+        return match now_there {
+            Some(r) if !is_tombstone(&r) => Box::pin(release(db, delivery_id)).await,
+            _ => {
+                tracing::info!(
+                    delivery_id,
+                    "release of an unknown reservation: tombstone kept"
+                );
+                Err(ApiError::not_found("reservation", delivery_id))
+            }
+        };
+    };
+    if is_tombstone(&current) {
+        return Err(ApiError::not_found("reservation", delivery_id));
+    }
     if current.status == ReservationStatus::Released.as_str() {
         return Ok(current);
     }

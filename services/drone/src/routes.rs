@@ -68,6 +68,7 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
         (status = 201, description = "Reserved", body = DroneReservation),
         (status = 200, description = "Already reserved (same drone) or moved to the new window", body = DroneReservation),
         (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
+        (status = 409, description = "The reservation was released (code `reservation-released`): a released reservation is not taken again", body = Problem),
         (status = 503, description = "No drone free for the window: retry after `Retry-After` (code `no-drone-available`)", body = Problem),
     )
 )]
@@ -102,6 +103,7 @@ async fn get_reservation(
     let r = reservation::Entity::find_by_id(id.to_owned())
         .one(&state.db)
         .await?
+        .filter(|r| !fleet::is_tombstone(r))
         .ok_or_else(|| ApiError::not_found("reservation", id))?;
     Ok(HttpResponse::Ok().json(fleet::to_wire(r)?))
 }
@@ -112,7 +114,7 @@ async fn get_reservation(
     params(("deliveryId" = String, Path, description = "Delivery id")),
     responses(
         (status = 200, description = "Released", body = DroneReservation),
-        (status = 404, description = "No reservation for this delivery", body = Problem),
+        (status = 404, description = "No reservation for this delivery (none can be made for it afterwards)", body = Problem),
     )
 )]
 async fn delete_reservation(
