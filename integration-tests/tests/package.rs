@@ -171,6 +171,28 @@ async fn put_replay_after_cancel_returns_it_as_is(backend: Backend) {
     assert_eq!(replay.status, 200, "{}", replay.body);
     assert_eq!(replay.body, cancelled.body, "not resurrected");
     assert_eq!(replay.json::<Package>().status, PackageStatus::Cancelled);
+
+    // A registration that arrives after the cancel of a package it had not made yet (a
+    // compensated saga's timed-out attempt) does not create it.
+    assert_eq!(
+        app.delete("/api/packages/late").await.problem(404).code,
+        "not-found"
+    );
+    assert_eq!(
+        app.put("/api/packages/late", &b).await.problem(409).code,
+        "package-cancelled"
+    );
+    assert_eq!(app.get("/api/packages/late").await.status, 404);
+    assert_eq!(
+        app.delete("/api/packages/late").await.problem(404).code,
+        "not-found",
+        "cancelling it again changes nothing"
+    );
+    assert_eq!(
+        summary_of(&app, "o1").await.total,
+        1,
+        "the tombstone is no package of anyone's"
+    );
     app.stop().await;
 }
 

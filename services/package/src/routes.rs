@@ -93,7 +93,24 @@ async fn find(db: &impl ConnectionTrait, id: &str) -> ApiResult<entity::Model> {
     entity::Entity::find_by_id(id.to_owned())
         .one(db)
         .await?
+        .filter(|p| !is_tombstone(p))
         .ok_or_else(|| ApiError::not_found("package", id))
+}
+
+/// A tombstone: what cancelling a package that does not exist (yet) leaves behind, so that a
+/// registration still on its way (a timed-out attempt of a saga that was since compensated)
+/// cannot create it afterwards. It has no owner and is never shown: reads of it answer `404`.
+fn is_tombstone(p: &entity::Model) -> bool {
+    p.owner_id.is_empty()
+}
+
+fn cancelled_before_registered(id: &str) -> ApiError {
+    ApiError::conflict(
+        "package-cancelled",
+        format!(
+            "package '{id}' was cancelled before it was registered; it cannot be registered now"
+        ),
+    )
 }
 
 /// Reads a package.
@@ -127,7 +144,7 @@ async fn get_package(
         (status = 200, description = "Already there with the same content", body = Package),
         (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
         (status = 401, description = "Missing or wrong service token", body = Problem),
-        (status = 409, description = "Already there with different content (`package-conflict`)", body = Problem),
+        (status = 409, description = "Already there with different content (`package-conflict`), or cancelled before it was registered (`package-cancelled`)", body = Problem),
     )
 )]
 async fn put_package(
@@ -162,7 +179,14 @@ async fn put_package(
         // Nothing inserted: the id is taken (PostgreSQL reports no returned row, SQLite no
         // inserted row).
         Err(sea_orm::DbErr::RecordNotFound(_) | sea_orm::DbErr::RecordNotInserted) => {
-            find(&state.db, id).await?
+            match entity::Entity::find_by_id(id.to_owned())
+                .one(&state.db)
+                .await?
+            {
+                Some(p) if is_tombstone(&p) => return Err(cancelled_before_registered(id)),
+                Some(p) => p,
+                None => return Err(ApiError::not_found("package", id)),
+            }
         }
         Err(e) => return Err(e.into()),
     };
@@ -231,7 +255,7 @@ async fn patch_package(
         (status = 200, description = "Cancelled (now or before)", body = Package),
         (status = 400, description = "Invalid id", body = Problem),
         (status = 401, description = "Missing or wrong service token", body = Problem),
-        (status = 404, description = "No such package", body = Problem),
+        (status = 404, description = "No such package (none can be registered under this id afterwards)", body = Problem),
     )
 )]
 async fn delete_package(
@@ -251,6 +275,47 @@ async fn delete_package(
         .exec(&state.db)
         .await?
         .rows_affected;
+    if changed == 0
+        && entity::Entity::find_by_id(id.to_owned())
+            .one(&state.db)
+            .await?
+            .is_none()
+    {
+        let now = service_kit::now();
+        entity::Entity::insert(entity::ActiveModel {
+            id: Set(id.to_owned()),
+            owner_id: Set(String::new()),
+            external_id: Set(String::new()),
+            size: Set(PackageSize::Small.as_str().to_owned()),
+            weight: Set(0.0),
+            tag: Set(None),
+            status: Set(PackageStatus::Cancelled.as_str().to_owned()),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned())
+        .exec_without_returning(&state.db)
+        .await?;
+        tracing::info!(
+            package_id = id,
+            "cancel of an unknown package: tombstone kept"
+        );
+        // A package registered between the two statements is cancelled like any other.
+        let changed = entity::Entity::update_many()
+            .col_expr(
+                Column::Status,
+                Expr::value(PackageStatus::Cancelled.as_str()),
+            )
+            .col_expr(Column::UpdatedAt, Expr::value(service_kit::now()))
+            .filter(Column::Id.eq(id))
+            .filter(Column::Status.eq(PackageStatus::Registered.as_str()))
+            .exec(&state.db)
+            .await?
+            .rows_affected;
+        if changed > 0 {
+            tracing::info!(package_id = id, "package cancelled");
+        }
+    }
     let current = find(&state.db, id).await?;
     if changed > 0 {
         tracing::info!(package_id = id, "package cancelled");
