@@ -877,11 +877,28 @@ async fn restart_loses_nothing(mut h: impl Harness) {
     drop(held);
     drop(rx);
 
-    let queue = broker
-        .queue(&queue_name, QueueOptions { delivery_limit: 5 })
-        .await
-        .unwrap();
-    let mut rx = queue.consume(20).await.unwrap();
+    // An operation started while the client is still learning that its connection was closed
+    // fails (`Unavailable`) rather than hangs; a caller tries again, as the services' consumer
+    // loops do, and the reconnected client serves it.
+    let mut attempts = 0;
+    let (queue, mut rx) = loop {
+        attempts += 1;
+        let opened = match broker
+            .queue(&queue_name, QueueOptions { delivery_limit: 5 })
+            .await
+        {
+            Ok(queue) => queue.consume(20).await.map(|rx| (queue, rx)),
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(opened) => break opened,
+            Err(e) if attempts < 50 => {
+                eprintln!("consume after the restart, attempt {attempts}: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no consumer 10 s after the restart: {e}"),
+        }
+    };
     let mut remaining: HashSet<Uuid> = sent
         .iter()
         .map(|e| e.id)
