@@ -130,7 +130,7 @@ fn install(
             "{default_filter},opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn"
         ))
     });
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned()));
+    let otel = otel_layer(provider.tracer(service.to_owned()));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let dispatch = match format {
         LogFormat::Json => Dispatch::new(
@@ -155,6 +155,22 @@ fn install(
     result.is_ok()
 }
 
+/// The span layer, without the per-span extras that cost CPU on every request and tell an
+/// on-call person nothing a span name does not: source file/line and thread attributes, and
+/// busy/idle time accounting on every poll of an instrumented future.
+fn otel_layer<S>(
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+}
+
 /// For tests: spans get trace ids as in production (nothing is exported), so trace context
 /// travels between in-process services; logs go to the test writer only when `TEST_LOG` is set.
 /// Harmless when a subscriber is already installed.
@@ -166,7 +182,7 @@ pub fn init_for_tests() {
             .with_resource(resource("tests"))
             .build()
     });
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("tests"));
+    let otel = otel_layer(provider.tracer("tests"));
     let log = std::env::var_os("TEST_LOG").is_some().then(|| {
         tracing_subscriber::fmt::layer()
             .with_test_writer()
