@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make chaos`: the chaos runs of integration-tests/tests/chaos.rs — the seven services as real
+# `make chaos`: the chaos cases of integration-tests/src/harness/chaos.rs, run by the `chaos` binary — the seven services as real
 # processes under a steady booking load while a Scheduler is kill -9ed and restarted (and paused
 # past its lease), the Supervisor is killed mid-compensation, each domain service is restarted,
 # RabbitMQ is restarted, and downstream calls fail or answer slowly; the invariant checker runs
@@ -12,7 +12,8 @@
 #
 #   CHAOS_SECS       load length per case in seconds (default 30)
 #   CHAOS_RATE       bookings per second (default 20)
-#   CHAOS_FILTER     nextest filter, e.g. "chaos_rabbitmq_restart" (default: every case)
+#   CHAOS_FILTER     case names, e.g. "rabbitmq_restart downstream_faults" (default: every case;
+#                    target/debug/chaos --list prints them)
 #   CHAOS_AMQP_PORT  port of the private node (default 5673)
 set -euo pipefail
 
@@ -66,19 +67,15 @@ else
 fi
 
 cargo build -p account -p package -p drone -p delivery -p ingestion -p scheduler -p supervisor --bins
-filter=()
-[ -z "${CHAOS_FILTER:-}" ] || filter=("${CHAOS_FILTER}")
+cargo build -p integration-tests --bin chaos
+TARGET=${CARGO_TARGET_DIR:-target}
+cases=()
+[ -z "${CHAOS_FILTER:-}" ] || read -r -a cases <<<"${CHAOS_FILTER}"
 started=$SECONDS
 status=0
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run -p integration-tests --test chaos --run-ignored all --test-threads 1 \
-    --no-fail-fast --no-capture "${filter[@]}" 2>&1 | tee "$DIR/chaos.out" || status=$?
-else
-  cargo test -p integration-tests --test chaos -- --include-ignored --test-threads 1 --nocapture \
-    "${filter[@]}" 2>&1 | tee "$DIR/chaos.out" || status=$?
-fi
+"$TARGET/debug/chaos" "${cases[@]}" 2>&1 | tee "$DIR/chaos.out" || status=$?
 status=${PIPESTATUS[0]:-$status}
 echo
 log "recovery times and verdicts (full output in $DIR/chaos.out, $((SECONDS - started)) s):"
-grep -E '^RECOVERY|invariants hold|invariant violations|PASS \[|FAIL \[' "$DIR/chaos.out" || true
+grep -E '^RECOVERY|invariants hold|invariant violations|^PASS |^FAIL |^failed chaos' "$DIR/chaos.out" || true
 exit "$status"

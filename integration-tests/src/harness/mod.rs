@@ -6,7 +6,9 @@
 //! - [`rabbit`]: stopping and starting the RabbitMQ node (`rabbitmqctl`, after `await_startup`).
 //! - [`load`]: a steady booking load that records what the clients were told.
 //! - [`invariants`]: the checker that proves nothing was lost, doubled or left half-done.
+//! - [`chaos`]: the chaos cases (`make chaos`) and what they share with the short one.
 
+pub mod chaos;
 pub mod invariants;
 pub mod load;
 pub mod process;

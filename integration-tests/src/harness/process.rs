@@ -21,11 +21,14 @@ pub fn binary(name: &str) -> PathBuf {
 /// cargo run instead of seven while others edit `libs/`).
 pub fn binaries(names: &[&str]) -> Vec<PathBuf> {
     let exe = std::env::current_exe().expect("the test knows its executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps")
-        .to_path_buf();
+    // Tests run from target/<profile>/deps, binaries (the `chaos` runner) from target/<profile>.
+    let dir = exe.parent().expect("the executable is in a folder");
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>/deps has a parent")
+    } else {
+        dir
+    }
+    .to_path_buf();
     let workspace = workspace_dir();
     let libs = newest_source(&workspace.join("libs"));
     let path = |name: &str| profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));

@@ -1,0 +1,71 @@
+//! `make chaos`: runs the chaos cases of `integration_tests::harness::chaos` one after the other
+//! (or the ones named on the command line), each on its own fresh stack, and exits non-zero if any
+//! case found an invariant violation or failed. `scripts/chaos.sh` starts a private RabbitMQ node
+//! for it first; `--list` prints the case names.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use futures::FutureExt;
+use integration_tests::harness::chaos;
+
+type Case = fn() -> Pin<Box<dyn Future<Output = ()>>>;
+
+const CASES: [(&str, Case); 5] = [
+    ("scheduler_kill_and_pause", || {
+        Box::pin(chaos::chaos_scheduler_kill_and_pause())
+    }),
+    ("supervisor_kill_mid_compensation", || {
+        Box::pin(chaos::chaos_supervisor_kill_mid_compensation())
+    }),
+    ("domain_service_restart", || {
+        Box::pin(chaos::chaos_domain_service_restart())
+    }),
+    ("rabbitmq_restart", || {
+        Box::pin(chaos::chaos_rabbitmq_restart())
+    }),
+    ("downstream_faults", || {
+        Box::pin(chaos::chaos_downstream_faults())
+    }),
+];
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in CASES {
+            println!("{name}");
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
+    if let Some(unknown) = args
+        .iter()
+        .find(|a| !CASES.iter().any(|(name, _)| name == a))
+    {
+        eprintln!("no chaos case named {unknown:?}; --list shows them");
+        return std::process::ExitCode::from(2);
+    }
+    let mut failed = Vec::new();
+    for (name, case) in CASES {
+        if !args.is_empty() && !args.iter().any(|a| a == name) {
+            continue;
+        }
+        println!("START {name}");
+        let started = std::time::Instant::now();
+        let outcome = std::panic::AssertUnwindSafe(case()).catch_unwind().await;
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => println!("PASS {name} ({secs:.1} s)"),
+            Err(_) => {
+                println!("FAIL {name} ({secs:.1} s)");
+                failed.push(name);
+            }
+        }
+    }
+    if failed.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        println!("failed chaos cases: {}", failed.join(", "));
+        std::process::ExitCode::FAILURE
+    }
+}
