@@ -264,17 +264,7 @@ async fn delete_package(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    let changed = entity::Entity::update_many()
-        .col_expr(
-            Column::Status,
-            Expr::value(PackageStatus::Cancelled.as_str()),
-        )
-        .col_expr(Column::UpdatedAt, Expr::value(service_kit::now()))
-        .filter(Column::Id.eq(id))
-        .filter(Column::Status.eq(PackageStatus::Registered.as_str()))
-        .exec(&state.db)
-        .await?
-        .rows_affected;
+    let mut changed = cancel_registered(&state.db, id).await?;
     if changed == 0
         && entity::Entity::find_by_id(id.to_owned())
             .one(&state.db)
@@ -301,26 +291,29 @@ async fn delete_package(
             "cancel of an unknown package: tombstone kept"
         );
         // A package registered between the two statements is cancelled like any other.
-        let changed = entity::Entity::update_many()
-            .col_expr(
-                Column::Status,
-                Expr::value(PackageStatus::Cancelled.as_str()),
-            )
-            .col_expr(Column::UpdatedAt, Expr::value(service_kit::now()))
-            .filter(Column::Id.eq(id))
-            .filter(Column::Status.eq(PackageStatus::Registered.as_str()))
-            .exec(&state.db)
-            .await?
-            .rows_affected;
-        if changed > 0 {
-            tracing::info!(package_id = id, "package cancelled");
-        }
+        changed = cancel_registered(&state.db, id).await?;
     }
     let current = find(&state.db, id).await?;
     if changed > 0 {
         tracing::info!(package_id = id, "package cancelled");
     }
     Ok(HttpResponse::Ok().json(to_wire(current)?))
+}
+
+/// Cancels the package if it is registered (one statement, so a concurrent change wins cleanly);
+/// how many rows changed.
+async fn cancel_registered(db: &impl ConnectionTrait, id: &str) -> Result<u64, sea_orm::DbErr> {
+    Ok(entity::Entity::update_many()
+        .col_expr(
+            Column::Status,
+            Expr::value(PackageStatus::Cancelled.as_str()),
+        )
+        .col_expr(Column::UpdatedAt, Expr::value(service_kit::now()))
+        .filter(Column::Id.eq(id))
+        .filter(Column::Status.eq(PackageStatus::Registered.as_str()))
+        .exec(db)
+        .await?
+        .rows_affected)
 }
 
 /// Counts and weighs one owner's packages. An owner without packages gets zeros.
