@@ -84,7 +84,11 @@ impl TestApp {
         TestApp {
             address: format!("http://127.0.0.1:{port}"),
             port,
-            client: reqwest::Client::new(),
+            // A service that never answers fails the test with a reason instead of hanging it.
+            client: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .expect("http client"),
             token: Some(SERVICE_TOKEN.to_owned()),
             db,
             shutdown: Some(tx),

@@ -13,6 +13,7 @@ both_backends!(
     concurrent_puts_create_exactly_once,
     full_lifecycle_is_recorded_as_events,
     cancel_is_idempotent,
+    a_cancel_before_the_create_wins,
     concurrent_changes_never_fail_or_skip_a_sequence,
     client_errors_are_problems,
     service_endpoints_answer,
@@ -306,6 +307,81 @@ async fn cancel_is_idempotent(backend: Backend) {
         app.delete("/api/deliveries/nobody").await.problem(404).code,
         "not-found"
     );
+    app.stop().await;
+}
+
+async fn a_cancel_before_the_create_wins(backend: Backend) {
+    let app = spawn_delivery(backend).await;
+    // A compensation cancels a delivery whose creation (a timed-out attempt) is still on its way:
+    // the creation that arrives afterwards must not create it.
+    assert_eq!(
+        app.delete("/api/deliveries/late").await.problem(404).code,
+        "not-found"
+    );
+    let r = app.put("/api/deliveries/late", &upsert()).await;
+    assert_eq!(r.problem(409).code, "delivery-cancelled");
+    for path in [
+        "/api/deliveries/late",
+        "/api/deliveries/late/status",
+        "/api/deliveries/late/events",
+    ] {
+        assert_eq!(app.get(path).await.problem(404).code, "not-found", "{path}");
+    }
+    let r = app
+        .patch("/api/deliveries/late", &json!({"deadline": "Later"}))
+        .await;
+    assert_eq!(r.problem(404).code, "not-found");
+    let r = app
+        .post(
+            "/api/deliveries/late/events",
+            &json!({"stage": "HeadedToPickup"}),
+        )
+        .await;
+    assert_eq!(r.problem(404).code, "not-found");
+    assert_eq!(
+        app.delete("/api/deliveries/late").await.problem(404).code,
+        "not-found",
+        "cancelling it again changes nothing"
+    );
+
+    // Cancel and create racing: whichever order the database picks, the delivery ends cancelled
+    // or was never created; never created and live.
+    for i in 0..20 {
+        let id = format!("race-{i}");
+        let path = format!("/api/deliveries/{id}");
+        let body = upsert();
+        let (put, del) = tokio::join!(app.put(&path, &body), app.delete(&path));
+        assert!(
+            matches!(put.status.as_u16(), 201 | 409),
+            "PUT {i}: {} {}",
+            put.status,
+            put.body
+        );
+        assert!(
+            matches!(del.status.as_u16(), 200 | 404),
+            "DELETE {i}: {} {}",
+            del.status,
+            del.body
+        );
+        let after = app.get(&path).await;
+        if after.status == 200 {
+            assert_eq!(
+                after.json::<Delivery>().stage,
+                DeliveryStage::Cancelled,
+                "race {i}: created and cancelled"
+            );
+        } else {
+            assert_eq!(after.problem(404).code, "not-found", "race {i}");
+            assert_eq!(put.status, 409, "race {i}: created but not readable");
+        }
+        let again = app.put(&path, &body).await;
+        assert!(
+            matches!(again.status.as_u16(), 204 | 409),
+            "race {i}: a replay never creates it: {} {}",
+            again.status,
+            again.body
+        );
+    }
     app.stop().await;
 }
 

@@ -29,6 +29,7 @@ both_backends!(
     workflow_events_drive_the_request_state,
     broker_outage_gives_503_and_nothing_half_accepted,
     full_budget_answers_503_at_once,
+    a_booking_is_found_right_after_its_202,
 );
 
 fn booking(owner: &str) -> Value {
@@ -556,5 +557,114 @@ async fn full_budget_answers_503_at_once(backend: Backend) {
         202,
         "the stalled booking completes"
     );
+    s.stop().await;
+}
+
+async fn a_booking_is_found_right_after_its_202(backend: Backend) {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    use secrecy::ExposeSecret;
+
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    // On PostgreSQL, hold off the batched read-model write (a lock that lets reads through but
+    // not inserts), so every request below meets its booking before its row is written.
+    let db = sea_orm::Database::connect(s.settings.database.url.expose_secret())
+        .await
+        .expect("connect");
+    let lock = if backend == Backend::Postgres {
+        let txn = db.begin().await.expect("begin");
+        txn.execute_unprepared("LOCK TABLE delivery_requests IN SHARE MODE")
+            .await
+            .expect("lock");
+        Some(txn)
+    } else {
+        None
+    };
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let r = post(&s, Some(&token), &booking("acc-1"), None).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        let id = r.json::<DeliveryAccepted>().delivery_id;
+        let got = call(
+            &s,
+            Method::GET,
+            &format!("/api/deliveryrequests/{id}"),
+            &token,
+            None,
+        )
+        .await;
+        assert_eq!(got.status, 200, "GET right after the 202: {}", got.body);
+        assert_eq!(
+            got.json::<DeliveryRequestStatus>().state,
+            RequestState::Accepted
+        );
+        ids.push(id);
+    }
+    let later = (Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+    for id in &ids[..5] {
+        let r = call(
+            &s,
+            Method::PATCH,
+            &format!("/api/deliveryrequests/{id}"),
+            &token,
+            Some(&json!({"pickupTime": later})),
+        )
+        .await;
+        assert_eq!(r.status, 202, "PATCH right after the 202: {}", r.body);
+    }
+    for id in &ids[5..] {
+        let r = call(
+            &s,
+            Method::DELETE,
+            &format!("/api/deliveryrequests/{id}"),
+            &token,
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 202, "DELETE right after the 202: {}", r.body);
+    }
+    let other = s.token("acc-2", &[]);
+    let r = call(
+        &s,
+        Method::GET,
+        &format!("/api/deliveryrequests/{}", ids[0]),
+        &other,
+        None,
+    )
+    .await;
+    assert_eq!(r.problem(403).code, "forbidden", "still only its owner's");
+
+    // Once the write goes through, the rows are there, stored.
+    if let Some(txn) = lock {
+        txn.rollback().await.expect("unlock");
+    }
+    for _ in 0..100 {
+        let stored = db
+            .query_one(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM delivery_requests",
+            ))
+            .await
+            .expect("count")
+            .expect("a row")
+            .try_get::<i64>("", "n")
+            .expect("n");
+        if stored == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in &ids {
+        let got = call(
+            &s,
+            Method::GET,
+            &format!("/api/deliveryrequests/{id}"),
+            &token,
+            None,
+        )
+        .await;
+        assert_eq!(got.status, 200, "{}", got.body);
+    }
+    db.close().await.ok();
     s.stop().await;
 }

@@ -125,11 +125,14 @@ async fn run(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        match sink.publish(partition, payload).await {
-            Ok(confirm) => {
-                let timeout = limits.confirm_timeout;
+        // One deadline covers handing the batch to the broker and its confirm, so an append
+        // always answers within `confirm_timeout`, even when the connection hangs rather than
+        // fails (a caller then answers 503 instead of waiting for ever).
+        let deadline = tokio::time::Instant::now() + limits.confirm_timeout;
+        match tokio::time::timeout_at(deadline, sink.publish(partition, payload)).await {
+            Ok(Ok(confirm)) => {
                 tokio::spawn(async move {
-                    let outcome = match tokio::time::timeout(timeout, confirm).await {
+                    let outcome = match tokio::time::timeout_at(deadline, confirm).await {
                         Ok(r) => r,
                         Err(_) => Err(MessagingError::Timeout),
                     };
@@ -137,9 +140,13 @@ async fn run(
                     notify(waiters, outcome);
                 });
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 drop(permit);
                 notify(waiters, Err(e));
+            }
+            Err(_) => {
+                drop(permit);
+                notify(waiters, Err(MessagingError::Timeout));
             }
         }
     }

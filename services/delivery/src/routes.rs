@@ -76,6 +76,7 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
         (status = 204, description = "Already there; nothing changed"),
         (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
         (status = 401, description = "Missing or wrong service token", body = Problem),
+        (status = 409, description = "Cancelled before it was created (`delivery-cancelled`)", body = Problem),
     )
 )]
 async fn put_delivery(
@@ -137,14 +138,15 @@ async fn patch_delivery(
 }
 
 /// Cancels a delivery (records `Cancelled`). Idempotent: cancelling a cancelled delivery returns it
-/// unchanged.
+/// unchanged. Cancelling one that does not exist answers `404`, and no delivery can be created under
+/// that id afterwards (a late creation of a compensated saga gets `409 delivery-cancelled`).
 #[utoipa::path(
     delete, path = "/api/deliveries/{id}", tag = "deliveries",
     params(("id" = String, Path, description = "Delivery id")),
     responses(
         (status = 200, description = "The cancelled delivery", body = Delivery),
         (status = 401, description = "Missing or wrong service token", body = Problem),
-        (status = 404, description = "No such delivery", body = Problem),
+        (status = 404, description = "No such delivery (none can be created under this id afterwards)", body = Problem),
         (status = 409, description = "Already completed (`delivery-closed`)", body = Problem),
     )
 )]

@@ -67,7 +67,7 @@ pub(crate) async fn create(
         // Nothing inserted (PostgreSQL reports no returned row, SQLite no inserted row).
         Err(sea_orm::DbErr::RecordNotFound(_) | sea_orm::DbErr::RecordNotInserted) => {
             txn.rollback().await?;
-            return Ok(None);
+            return refuse_if_tombstone(db, id).await.map(|()| None);
         }
         Err(e) => return Err(e.into()),
     };
@@ -137,7 +137,27 @@ async fn create_in_one_statement(
             tracing::debug!(delivery_id = id, drone_id = %row.drone_id, "delivery created");
             to_wire(row, DeliveryStage::Created).map(Some)
         }
-        None => Ok(None),
+        None => refuse_if_tombstone(db, id).await.map(|()| None),
+    }
+}
+
+/// A tombstone: what cancelling a delivery that does not exist (yet) leaves behind, so that a
+/// creation still on its way (a timed-out attempt of a saga that was since compensated) cannot
+/// create it afterwards. It has no owner and no events and is never shown: reads answer `404`.
+fn is_tombstone(row: &delivery::Model) -> bool {
+    row.owner_id.is_empty()
+}
+
+/// After a PUT inserted nothing: `409 delivery-cancelled` when what holds the id is a tombstone.
+async fn refuse_if_tombstone(db: &DatabaseConnection, id: &str) -> ApiResult<()> {
+    match delivery::Entity::find_by_id(id.to_owned()).one(db).await? {
+        Some(row) if is_tombstone(&row) => Err(ApiError::conflict(
+            "delivery-cancelled",
+            format!(
+                "delivery '{id}' was cancelled before it was created; it cannot be created now"
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -221,9 +241,46 @@ pub(crate) async fn reschedule(
     Ok(outcome.delivery)
 }
 
-/// Cancels; cancelling a cancelled delivery succeeds without a second event.
+/// Cancels; cancelling a cancelled delivery succeeds without a second event. Cancelling a delivery
+/// that does not exist answers `404` and leaves a tombstone, so it cannot be created afterwards.
 #[tracing::instrument(skip_all, fields(delivery_id = %id))]
 pub(crate) async fn cancel(db: &DatabaseConnection, id: &str) -> ApiResult<Delivery> {
+    match cancel_existing(db, id).await {
+        Err(ApiError::NotFound { .. }) => {}
+        other => return other,
+    }
+    let now = service_kit::now();
+    delivery::Entity::insert(delivery::ActiveModel {
+        id: Set(id.to_owned()),
+        owner_id: Set(String::new()),
+        pickup_location: Set(String::new()),
+        drop_off_location: Set(String::new()),
+        pickup_time: Set(now.trunc_subsecs(6)),
+        deadline: Set(String::new()),
+        expedited: Set(false),
+        confirmation_required: Set(ConfirmationType::None.as_str().to_owned()),
+        package_id: Set(String::new()),
+        drone_id: Set(String::new()),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .on_conflict(
+        OnConflict::column(delivery::Column::Id)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(db)
+    .await?;
+    tracing::info!(
+        delivery_id = id,
+        "cancel of an unknown delivery: tombstone kept"
+    );
+    // A delivery created between the two statements is cancelled like any other; otherwise the
+    // tombstone answers 404.
+    cancel_existing(db, id).await
+}
+
+async fn cancel_existing(db: &DatabaseConnection, id: &str) -> ApiResult<Delivery> {
     let outcome = transition(db, id, |_, stage| match stage {
         DeliveryStage::Cancelled => Ok(None),
         DeliveryStage::Completed => Err(closed(id, stage, "cancelled")),
@@ -341,6 +398,7 @@ where
         .lock_exclusive()
         .one(&txn)
         .await?
+        .filter(|row| !is_tombstone(row))
         .ok_or_else(|| ApiError::not_found("delivery", id))?;
     let latest = latest_event(&txn, id).await?;
     let stage = parse_stage(&latest)?;
@@ -463,6 +521,7 @@ async fn find_row(conn: &impl ConnectionTrait, id: &str) -> ApiResult<delivery::
     delivery::Entity::find_by_id(id.to_owned())
         .one(conn)
         .await?
+        .filter(|row| !is_tombstone(row))
         .ok_or_else(|| ApiError::not_found("delivery", id))
 }
 

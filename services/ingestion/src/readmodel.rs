@@ -3,7 +3,8 @@
 //! advanced by `workflow.state-changed` events; each row keeps the saga's event `version`, so a
 //! replayed or out-of-order event never moves a request backwards.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -64,6 +65,18 @@ pub(crate) struct Accepted {
 }
 
 impl Accepted {
+    fn model(&self) -> request::Model {
+        request::Model {
+            delivery_id: self.delivery_id.to_string(),
+            owner_id: self.owner_id.clone(),
+            state: RequestState::Accepted.as_str().to_owned(),
+            detail: None,
+            version: 0,
+            accepted_at: self.at,
+            updated_at: self.at,
+        }
+    }
+
     fn row(&self) -> request::ActiveModel {
         request::ActiveModel {
             delivery_id: Set(self.delivery_id.to_string()),
@@ -79,9 +92,12 @@ impl Accepted {
 
 /// Reads and writes of the read model. Accepted rows are written by a background task in batches
 /// (one multi-row insert per few milliseconds), so the hot path never waits on the database.
+/// Until its batch is written, an accepted request is found in `pending`: a client that reads,
+/// reschedules or cancels right after its `202` finds it on this instance.
 pub(crate) struct ReadModel {
     db: DatabaseConnection,
     tx: mpsc::Sender<Accepted>,
+    pending: Arc<Mutex<HashMap<Uuid, Accepted>>>,
 }
 
 const BATCH: usize = 500;
@@ -89,8 +105,9 @@ const BATCH: usize = 500;
 impl ReadModel {
     pub(crate) fn start(db: DatabaseConnection) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(BATCH * 20);
-        tokio::spawn(write_batches(db.clone(), rx));
-        Arc::new(Self { db, tx })
+        let pending = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(write_batches(db.clone(), rx, pending.clone()));
+        Arc::new(Self { db, tx, pending })
     }
 
     /// Records an accepted request durably before returning (used with `Idempotency-Key`, whose
@@ -101,16 +118,29 @@ impl ReadModel {
 
     /// Records an accepted request soon.
     pub(crate) async fn record_later(&self, accepted: Accepted) {
+        lock(&self.pending).insert(accepted.delivery_id, accepted.clone());
         if self.tx.send(accepted).await.is_err() {
             tracing::error!("read-model writer stopped");
         }
     }
 
+    /// The stored row, or the accepted request whose row is still on its way.
     pub(crate) async fn find(&self, id: Uuid) -> Result<Option<request::Model>, DbErr> {
-        request::Entity::find_by_id(id.to_string())
+        let stored = request::Entity::find_by_id(id.to_string())
             .one(&self.db)
-            .await
+            .await?;
+        if stored.is_some() {
+            return Ok(stored);
+        }
+        Ok(lock(&self.pending).get(&id).map(Accepted::model))
     }
+}
+
+fn lock(
+    pending: &Mutex<HashMap<Uuid, Accepted>>,
+) -> std::sync::MutexGuard<'_, HashMap<Uuid, Accepted>> {
+    // The map holds plain data: a panic elsewhere cannot leave it half changed.
+    pending.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 async fn insert_accepted(
@@ -128,12 +158,20 @@ async fn insert_accepted(
         .map(|_| ())
 }
 
-async fn write_batches(db: DatabaseConnection, mut rx: mpsc::Receiver<Accepted>) {
+async fn write_batches(
+    db: DatabaseConnection,
+    mut rx: mpsc::Receiver<Accepted>,
+    pending: Arc<Mutex<HashMap<Uuid, Accepted>>>,
+) {
     while let Some(first) = rx.recv().await {
+        let mut ids = vec![first.delivery_id];
         let mut rows = vec![first.row()];
         while rows.len() < BATCH {
             match rx.try_recv() {
-                Ok(a) => rows.push(a.row()),
+                Ok(a) => {
+                    ids.push(a.delivery_id);
+                    rows.push(a.row());
+                }
                 Err(_) => break,
             }
         }
@@ -152,6 +190,10 @@ async fn write_batches(db: DatabaseConnection, mut rx: mpsc::Receiver<Accepted>)
                     break;
                 }
             }
+        }
+        let mut pending = lock(&pending);
+        for id in &ids {
+            pending.remove(id);
         }
     }
 }
