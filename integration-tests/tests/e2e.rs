@@ -148,8 +148,7 @@ async fn booking_lifecycle() {
         .book_ok(&StackClient::booking(owner, 52 * 60, "Small"))
         .await;
     bookings.add(early, owner);
-    // Ingestion records an accepted booking in its read model a moment after the 202 (batched),
-    // and answers a cancel of a booking it does not know yet with 404: wait until it knows.
+    // The client sees its booking as accepted before anything else happens to it.
     client_state(&client, owner, early, "accepted").await;
     let a = client.cancel(owner, early).await;
     assert_eq!(a.status, 202, "{}", a.body);
@@ -187,6 +186,39 @@ async fn booking_lifecycle() {
         wf["steps"][1]["status"] == "succeeded",
         "the package was registered before the cancel: {wf}"
     );
+    stack.scheduler_faults.clear();
+
+    // Cancel during the last step: the saga cannot stop at a step boundary any more and
+    // completes; the cancel still wins (cancelled, everything undone), it is never lost.
+    stack.scheduler_faults.delivery.set_faults(vec![Fault {
+        method: "PUT",
+        path_prefix: "/api/deliveries/".into(),
+        times: 1,
+        kind: FaultKind::Delay(Duration::from_millis(1500)),
+    }]);
+    let last = client
+        .book_ok(&StackClient::booking(owner, 57 * 60, "Small"))
+        .await;
+    bookings.add(last, owner);
+    for _ in 0..200 {
+        if stack.scheduler_faults.delivery.hits() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        stack.scheduler_faults.delivery.hits(),
+        1,
+        "the delivery step was reached"
+    );
+    let a = client.cancel(owner, last).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let wf = stack.wait_state(last, "compensated", WAIT).await;
+    assert!(
+        wf["steps"][3]["status"] == "succeeded",
+        "the delivery was created before the cancel took effect: {wf}"
+    );
+    client_state(&client, owner, last, "compensated").await;
     stack.scheduler_faults.clear();
 
     settle(&stack, &bookings).await;

@@ -264,11 +264,12 @@ pub async fn check(
     .collect();
     let _ = drone_db.close().await;
     let delivery_db = connect(&stack.database_url(Service::Delivery)).await;
-    // deliveryId → (droneId, last stage)
+    // deliveryId → (droneId, last stage). Rows without an owner are tombstones (a cancel that
+    // came before the creation, which can then never happen), not deliveries.
     let deliveries: HashMap<String, (String, String)> = rows(
         &delivery_db,
         "SELECT d.id, d.drone_id, (SELECT t.stage FROM tracking_events t WHERE t.delivery_id = d.id \
-         ORDER BY t.sequence DESC LIMIT 1) AS stage FROM deliveries d",
+         ORDER BY t.sequence DESC LIMIT 1) AS stage FROM deliveries d WHERE d.owner_id <> ''",
     )
     .await
     .iter()

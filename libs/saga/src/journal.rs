@@ -111,6 +111,26 @@ impl Journal {
             .await?)
     }
 
+    /// Replaces the input of a saga that is still `running`, leaving its version and everything
+    /// else to the task running it; `false` when the saga is no longer running (or unknown). One
+    /// conditional statement, so it can neither move a concurrently written version back nor
+    /// flag a saga that has just finished.
+    pub async fn set_input_while_running(
+        &self,
+        id: &str,
+        input: &serde_json::Value,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, JournalError> {
+        let done = instance::Entity::update_many()
+            .col_expr(instance::Column::Input, Expr::value(input.to_string()))
+            .col_expr(instance::Column::UpdatedAt, Expr::value(at))
+            .filter(instance::Column::Id.eq(id))
+            .filter(instance::Column::State.eq(crate::RUNNING))
+            .exec(&self.db)
+            .await?;
+        Ok(done.rows_affected == 1)
+    }
+
     /// Sagas of `kind` still `running` on the given shards, oldest first.
     pub async fn unfinished(
         &self,

@@ -13,7 +13,7 @@ use contracts::{
     DELIVERY_REQUESTED, DELIVERY_RESCHEDULED,
 };
 use messaging::{LogRecord, PartitionedLog, StartAt};
-use saga::{Engine, InstanceUpdate, Op, SagaRecord};
+use saga::{Engine, InstanceUpdate, SagaRecord};
 use sea_orm::DatabaseConnection;
 use serde_json::Value;
 use tokio::sync::{watch, Semaphore};
@@ -418,14 +418,30 @@ async fn run_saga(shared: &Arc<Shared>, record: SagaRecord, fresh: bool) {
     match run {
         Ok(done) => {
             tracing::info!(delivery_id = %id, state = %done.state, "saga finished");
-            if let Ok(mut c) = shared.ctx.cancellations.lock() {
-                c.remove(&id);
+            // A cancel that arrived while the last step ran found the saga still running and left
+            // its request here; the saga completed anyway, so the request is acted on now.
+            if let Some(reason) = take_cancellation(shared, &id) {
+                if done.state == saga::COMPLETED {
+                    if let Err(e) = cancel_completed(shared, done, reason).await {
+                        tracing::error!(delivery_id = %id, error = %e, "cancel after completion not recorded");
+                    }
+                }
             }
         }
         Err(e) => {
             tracing::error!(delivery_id = %id, error = %e, "saga stopped on a journal error; it resumes at the next start")
         }
     }
+}
+
+/// Takes a pending cancel request out of the shared map: whoever takes it acts on it.
+fn take_cancellation(shared: &Shared, id: &str) -> Option<String> {
+    shared
+        .ctx
+        .cancellations
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(id)
 }
 
 async fn load(shared: &Shared, id: &str) -> Result<Option<SagaRecord>, String> {
@@ -443,67 +459,83 @@ async fn load(shared: &Shared, id: &str) -> Result<Option<SagaRecord>, String> {
     }
 }
 
-/// Persists a flag in the saga's input without moving its version (the running task owns that).
-async fn flag_input(shared: &Shared, saga: &SagaRecord, input: Value) -> Result<(), String> {
+/// Persists a changed input of a running saga without moving its version (the running task owns
+/// that); `false` when the saga has stopped running in the meantime.
+async fn set_running_input(shared: &Shared, id: &str, input: &Value) -> Result<bool, String> {
     shared
         .engine
         .journal()
-        .write(vec![Op::Update {
-            id: saga.id.clone(),
-            update: InstanceUpdate {
-                input: Some(input),
-                version: saga.version,
-                at: chrono::Utc::now(),
-                ..Default::default()
-            },
-        }])
+        .set_input_while_running(id, input, chrono::Utc::now())
         .await
-        .map(|_| ())
         .map_err(|e| e.to_string())
 }
 
 async fn cancel(shared: &Shared, id: &str) -> Result<(), String> {
-    let Some(mut saga) = load(shared, id).await? else {
+    let Some(saga) = load(shared, id).await? else {
         return Err(format!("no saga for {id}"));
     };
     let reason = "cancelled by the client".to_owned();
     match saga.state.as_str() {
         saga::RUNNING => {
-            if let Ok(mut c) = shared.ctx.cancellations.lock() {
-                c.insert(id.to_owned(), reason.clone());
-            }
-            let mut input = saga.input.clone();
-            input["cancelRequested"] = Value::String(reason);
-            flag_input(shared, &saga, input).await
-        }
-        saga::COMPLETED => {
-            // Scheduled already: everything it did is handed to the Supervisor to undo.
-            shared.ctx.metrics.finished("cancelled");
-            let mut messages = Vec::new();
-            let mut next = saga.clone();
-            next.version += 1;
-            messages.extend(booking::state_event(
-                &next,
-                RequestState::Cancelled,
-                Some(reason.clone()),
-            ));
-            messages.extend(booking::compensation(&next, &reason));
+            // The running task stops at its next step boundary; should it complete first, it
+            // finds the request in the map when it ends (see `run_saga`).
             shared
-                .engine
-                .update(
-                    &mut saga,
-                    InstanceUpdate {
-                        state: Some(saga::CANCELLED.to_owned()),
-                        error: Some(Some(reason)),
-                        ..Default::default()
-                    },
-                    messages,
-                )
-                .await
-                .map_err(|e| e.to_string())
+                .ctx
+                .cancellations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id.to_owned(), reason.clone());
+            let mut input = saga.input.clone();
+            input["cancelRequested"] = Value::String(reason.clone());
+            if set_running_input(shared, id, &input).await? {
+                return Ok(());
+            }
+            // It ended between the read and the flag. Exactly one of this handler and the
+            // task's end takes the request back out of the map and acts on it.
+            if take_cancellation(shared, id).is_none() {
+                return Ok(());
+            }
+            match load(shared, id).await? {
+                Some(done) if done.state == saga::COMPLETED => {
+                    cancel_completed(shared, done, reason).await
+                }
+                _ => Ok(()), // failed or cancelled: nothing more to do
+            }
         }
+        saga::COMPLETED => cancel_completed(shared, saga, reason).await,
         _ => Ok(()), // failed or cancelled already: nothing more to do
     }
+}
+
+/// Scheduled already: everything it did is handed to the Supervisor to undo.
+async fn cancel_completed(
+    shared: &Shared,
+    mut saga: SagaRecord,
+    reason: String,
+) -> Result<(), String> {
+    shared.ctx.metrics.finished("cancelled");
+    let mut messages = Vec::new();
+    let mut next = saga.clone();
+    next.version += 1;
+    messages.extend(booking::state_event(
+        &next,
+        RequestState::Cancelled,
+        Some(reason.clone()),
+    ));
+    messages.extend(booking::compensation(&next, &reason));
+    shared
+        .engine
+        .update(
+            &mut saga,
+            InstanceUpdate {
+                state: Some(saga::CANCELLED.to_owned()),
+                error: Some(Some(reason)),
+                ..Default::default()
+            },
+            messages,
+        )
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn reschedule(shared: &Shared, change: &DeliveryRescheduled) -> Result<(), String> {
@@ -527,8 +559,12 @@ async fn reschedule(shared: &Shared, change: &DeliveryRescheduled) -> Result<(),
     match saga.state.as_str() {
         saga::RUNNING => {
             // Steps not yet run use the new values after a restart; the running task keeps the
-            // values it started with and its result is moved below once it completes.
-            flag_input(shared, &saga, input).await
+            // values it started with.
+            if set_running_input(shared, &id, &input).await? {
+                return Ok(());
+            }
+            // It ended between the read and the write: apply the change to how it ended.
+            Box::pin(reschedule(shared, change)).await
         }
         saga::COMPLETED => {
             let booking: DeliveryRequested =
