@@ -61,9 +61,12 @@ pub async fn relay(
         match publisher.publish(&messages).await {
             Ok(()) => {
                 failures = 0;
-                let last = rows.last().map_or(0, |r| r.seq);
+                // Exactly the rows published. Not "every seq up to the last one": a transaction
+                // that drew a lower seq may commit after this read, and its rows, unpublished,
+                // would go with them.
+                let published: Vec<i64> = rows.iter().map(|r| r.seq).collect();
                 if let Err(e) = outbox::Entity::delete_many()
-                    .filter(outbox::Column::Seq.lte(last))
+                    .filter(outbox::Column::Seq.is_in(published))
                     .exec(&db)
                     .await
                 {

@@ -570,3 +570,86 @@ async fn outbox_relay_publishes_in_order_and_retries(pg: bool) {
     );
     assert_eq!(saga::outbox::backlog(&db.conn).await.unwrap(), 0);
 }
+
+/// Publishes nothing on its first call until released, so a test can commit something while the
+/// relay holds a batch it has read.
+#[derive(Default)]
+struct Gate {
+    got: Mutex<Vec<OutboxMessage>>,
+    calls: AtomicU32,
+    called: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl saga::outbox::Publisher for Gate {
+    async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), String> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.called.notify_one();
+            self.release.notified().await;
+        }
+        self.got.lock().unwrap().extend_from_slice(messages);
+        Ok(())
+    }
+}
+
+mod postgres_only {
+    #[tokio::test]
+    async fn outbox_relay_never_drops_a_row_committed_late() {
+        super::outbox_relay_never_drops_a_row_committed_late().await;
+    }
+}
+
+/// PostgreSQL hands out sequence numbers at insert, not at commit: a transaction that drew a
+/// lower `seq` can commit after the relay read the rows above it. Its row must still be sent.
+async fn outbox_relay_never_drops_a_row_committed_late() {
+    use sea_orm::TransactionTrait;
+
+    let db = db(true).await;
+    let insert = |name: &str| {
+        format!(
+            "INSERT INTO saga_outbox (destination, key, payload, created_at) \
+             VALUES ('events', 'k', '{{\"name\":\"{name}\"}}', now())"
+        )
+    };
+    let slow = db.conn.begin().await.unwrap();
+    slow.execute_unprepared(&insert("late")).await.unwrap();
+    db.conn.execute_unprepared(&insert("early")).await.unwrap();
+
+    let publisher = Arc::new(Gate::default());
+    let relay = tokio::spawn(saga::outbox::relay(
+        db.conn.clone(),
+        publisher.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+        Duration::from_millis(20),
+    ));
+    // The relay has read "early" (the only row it can see) and is publishing it.
+    tokio::time::timeout(Duration::from_secs(10), publisher.called.notified())
+        .await
+        .expect("the relay publishes");
+    slow.commit().await.unwrap();
+    publisher.release.notify_one();
+
+    let names = || -> Vec<String> {
+        publisher
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.payload["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for _ in 0..200 {
+        if names().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.abort();
+    assert_eq!(
+        names(),
+        vec!["early".to_owned(), "late".to_owned()],
+        "the row committed late is published, not deleted with the batch before it"
+    );
+    assert_eq!(saga::outbox::backlog(&db.conn).await.unwrap(), 0);
+}
