@@ -73,8 +73,8 @@ cases=()
 [ -z "${CHAOS_FILTER:-}" ] || read -r -a cases <<<"${CHAOS_FILTER}"
 started=$SECONDS
 status=0
+# pipefail: the pipeline fails with the chaos binary's status (tee succeeds).
 "$TARGET/debug/chaos" "${cases[@]}" 2>&1 | tee "$DIR/chaos.out" || status=$?
-status=${PIPESTATUS[0]:-$status}
 echo
 log "recovery times and verdicts (full output in $DIR/chaos.out, $((SECONDS - started)) s):"
 grep -E '^RECOVERY|invariants hold|invariant violations|^PASS |^FAIL |^failed chaos' "$DIR/chaos.out" || true

@@ -194,14 +194,16 @@ pub async fn check(
         }
         if Instant::now() >= deadline {
             if missing > 0 {
+                let lost: Vec<Uuid> = bookings
+                    .accepted
+                    .keys()
+                    .filter(|id| !sagas.contains_key(id))
+                    .copied()
+                    .collect();
                 v.push(format!(
-                    "{missing} bookings that got a 202 have no saga (lost), e.g. {:?}",
-                    bookings
-                        .accepted
-                        .keys()
-                        .filter(|id| !sagas.contains_key(id))
-                        .take(3)
-                        .collect::<Vec<_>>()
+                    "{missing} bookings that got a 202 have no saga (lost), e.g. {:?}; {}",
+                    &lost[..lost.len().min(3)],
+                    where_in_log(stack, &lost).await
                 ));
             }
             let mut stuck: BTreeMap<(String, i32), usize> = BTreeMap::new();
@@ -486,5 +488,62 @@ pub async fn check(
     } else {
         v.push(format!("(saga states: {by_state:?})"));
         Err(Violations(v))
+    }
+}
+
+/// Where bookings without a saga are in the booking log: in it (the Scheduler skipped them) or
+/// not (lost between Ingestion's 202 and the broker's storage).
+async fn where_in_log(stack: &Stack, ids: &[Uuid]) -> String {
+    let mut settings = messaging::MessagingSettings::new(stack.amqp_url.clone());
+    settings.prefix = stack.prefix.clone();
+    settings.connection_name = format!("{}-invariants", stack.prefix);
+    let wanted: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
+    let mut found: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+    let mut records = 0usize;
+    let read = async {
+        let broker = messaging::connect(&settings).await?;
+        let log = broker
+            .log(contracts::DELIVERY_REQUESTS_LOG, stack.partitions)
+            .await?;
+        for p in 0..stack.partitions {
+            let mut reader = log.read(p, messaging::StartAt::First).await?;
+            while let Ok(Some(r)) =
+                tokio::time::timeout(Duration::from_millis(700), reader.next()).await
+            {
+                records += 1;
+                if let Ok(e) = &r.event {
+                    if e.kind == contracts::DELIVERY_REQUESTED && wanted.contains(&e.key) {
+                        found.insert(e.key.clone(), (p, r.position.offset));
+                    }
+                }
+            }
+        }
+        Ok::<_, messaging::MessagingError>(())
+    };
+    // When Ingestion accepted them (its read model keeps the time of the 202).
+    let ingestion = connect(&stack.database_url(Service::Ingestion)).await;
+    let list: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+    let times: Vec<String> = rows(
+        &ingestion,
+        &format!(
+            "SELECT to_char(accepted_at AT TIME ZONE 'UTC', 'HH24:MI:SS.MS') AS at \
+             FROM delivery_requests WHERE delivery_id IN ({}) ORDER BY accepted_at",
+            list.join(",")
+        ),
+    )
+    .await
+    .iter()
+    .map(|r| get(r, "at"))
+    .collect();
+    let _ = ingestion.close().await;
+    match read.await {
+        Ok(()) => format!(
+            "of these, {} are in the booking log (the Scheduler skipped them: {:?}) and {} are \
+             not (lost after the 202); {records} records read; accepted at {times:?} (UTC)",
+            found.len(),
+            found.iter().take(3).collect::<Vec<_>>(),
+            ids.len() - found.len()
+        ),
+        Err(e) => format!("the booking log could not be read: {e}"),
     }
 }

@@ -80,12 +80,20 @@ impl RabbitNode {
     /// (stop + `down` + start until booted).
     pub async fn restart(&self, down: Duration) -> Result<Duration, String> {
         let started = Instant::now();
+        println!(
+            "rabbitmq: stopping at {}",
+            chrono::Utc::now().format("%H:%M:%S%.3f")
+        );
         let stopped = self.stop_app().await;
         if stopped.is_ok() {
             tokio::time::sleep(down).await;
         }
         // Started again whatever the stop said: a half-stopped node must not stay down.
         let restarted = self.start_app().await;
+        println!(
+            "rabbitmq: up again at {}",
+            chrono::Utc::now().format("%H:%M:%S%.3f")
+        );
         stopped?;
         restarted?;
         Ok(started.elapsed())

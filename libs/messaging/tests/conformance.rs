@@ -207,6 +207,38 @@ conformance_suite!(
     reader_survives_a_restart,
 );
 
+/// RabbitMQ only: the embedded backend has no broker that could drop a message.
+mod rabbitmq_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_message_that_reaches_no_queue_is_an_error() {
+        super::a_message_that_reaches_no_queue_is_an_error(super::RabbitHarness::start().await)
+            .await;
+    }
+}
+
+/// A message that reaches no queue (its stream or queue is gone, or, right after a broker
+/// restart, not running yet) is confirmed by RabbitMQ all the same. Appending or publishing it
+/// must fail, never report success for a message nobody stored.
+async fn a_message_that_reaches_no_queue_is_an_error(h: impl Harness) {
+    let broker = h.broker().await;
+    let name = unique("gone");
+    let log = broker.log(&name, 1).await.unwrap();
+    log.append(event("k", 1)).await.unwrap();
+    broker.delete_log(&name, 1).await.unwrap();
+    let r = log.append(event("k", 2)).await;
+    assert!(r.is_err(), "append to a deleted stream succeeded: {r:?}");
+
+    let qname = unique("gone-q");
+    let queue = broker
+        .queue(&qname, QueueOptions { delivery_limit: 5 })
+        .await
+        .unwrap();
+    queue.publish(event("k", 1)).await.unwrap();
+    broker.delete_queue(&qname).await.unwrap();
+    let r = queue.publish(event("k", 2)).await;
+    assert!(r.is_err(), "publish to a deleted queue succeeded: {r:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 

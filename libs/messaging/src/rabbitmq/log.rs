@@ -183,6 +183,7 @@ impl BatchSink for StreamSink {
                 c.confirm_select(ConfirmSelectOptions::default())
                     .await
                     .map_err(unavailable)?;
+                ensure_available(&c, stream).await?;
                 *slot = Some(c.clone());
                 c
             }
@@ -191,7 +192,11 @@ impl BatchSink for StreamSink {
             .basic_publish(
                 "".into(),
                 stream.as_str().into(),
-                BasicPublishOptions::default(),
+                // Returned (not silently dropped) when it reaches no queue.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &payload,
                 BasicProperties::default()
                     .with_delivery_mode(2)
@@ -207,7 +212,11 @@ impl BatchSink for StreamSink {
         };
         Ok(Box::pin(async move {
             match confirm.await {
-                Ok(Confirmation::Ack(_)) => Ok(()),
+                Ok(Confirmation::Ack(Some(returned))) => Err(MessagingError::Unavailable(format!(
+                    "the broker returned the batch: {} {}",
+                    returned.reply_code, returned.reply_text
+                ))),
+                Ok(Confirmation::Ack(None)) => Ok(()),
                 Ok(Confirmation::Nack(_)) => Err(MessagingError::Nacked(
                     "the broker did not store the batch".into(),
                 )),
@@ -218,6 +227,24 @@ impl BatchSink for StreamSink {
             }
         }))
     }
+}
+
+/// Checks that `queue` is up (a passive declare) before a new channel publishes to it. Right after
+/// a broker restart a stream or quorum queue exists before its leader runs, and a message
+/// published to it then can be confirmed without being stored: publishing waits until it runs.
+pub(crate) async fn ensure_available(channel: &Channel, queue: &str) -> Result<()> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(unavailable)
 }
 
 /// Where a (re)subscription starts.

@@ -99,6 +99,7 @@ impl RabbitQueue {
             publisher: Arc::new(Publisher {
                 connector: connector.clone(),
                 channel: Mutex::new(None),
+                checked: Mutex::new(Default::default()),
             }),
             queue,
             parked,
@@ -112,6 +113,8 @@ impl RabbitQueue {
 struct Publisher {
     connector: Arc<Connector>,
     channel: Mutex<Option<Channel>>,
+    /// The queues known to be up since the channel was opened.
+    checked: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Publisher {
@@ -125,15 +128,30 @@ impl Publisher {
                     c.confirm_select(ConfirmSelectOptions::default())
                         .await
                         .map_err(unavailable)?;
+                    self.checked.lock().await.clear();
                     *slot = Some(c.clone());
                     c
                 }
             };
+            // Checked per queue once per channel (a broker restart means a new channel).
+            let mut checked = self.checked.lock().await;
+            if !checked.contains(queue) {
+                if let Err(e) = super::log::ensure_available(&channel, queue).await {
+                    *slot = None;
+                    return Err(e);
+                }
+                checked.insert(queue.to_owned());
+            }
+            drop(checked);
             match channel
                 .basic_publish(
                     "".into(),
                     queue.into(),
-                    BasicPublishOptions::default(),
+                    // Returned (not silently dropped) when it reaches no queue.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     payload,
                     props.with_delivery_mode(2),
                 )
@@ -147,7 +165,11 @@ impl Publisher {
             }
         };
         match confirm.await.map_err(unavailable)? {
-            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(MessagingError::Unavailable(format!(
+                "the broker returned the message for {queue}: {} {}",
+                returned.reply_code, returned.reply_text
+            ))),
+            Confirmation::Ack(None) => Ok(()),
             Confirmation::Nack(_) => Err(MessagingError::Nacked(format!(
                 "{queue} refused the message (full?)"
             ))),
