@@ -66,8 +66,9 @@ else
   log "using the shared RabbitMQ at $AMQP_URL (node ${RABBITMQ_NODE:-default}): it will be restarted"
 fi
 
-cargo build -p account -p package -p drone -p delivery -p ingestion -p scheduler -p supervisor --bins
-cargo build -p integration-tests --bin chaos
+# The service binaries and the chaos runner, built as `make test` builds them (same features, so
+# neither rebuilds the other's dependencies).
+cargo build --workspace --bins
 TARGET=${CARGO_TARGET_DIR:-target}
 cases=()
 [ -z "${CHAOS_FILTER:-}" ] || read -r -a cases <<<"${CHAOS_FILTER}"

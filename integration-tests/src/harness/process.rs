@@ -50,11 +50,9 @@ pub fn binaries(names: &[&str]) -> Vec<PathBuf> {
     if !stale.is_empty() {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut args = vec!["build"];
-        for name in &stale {
-            args.extend(["-p", name]);
-        }
-        args.push("--bins");
+        // The whole workspace, as `make test` builds it: per-package builds unify features
+        // differently and would rebuild half the dependency tree each time one alternates.
+        let mut args = vec!["build", "--workspace", "--bins"];
         if release {
             args.push("--release");
         }

@@ -94,6 +94,12 @@ impl Journal {
         &self.db
     }
 
+    /// Resolves when the group-commit writer has stopped (it only stops by panicking): nothing
+    /// can be journaled any more, and the owner should stop so that a restart resumes its sagas.
+    pub async fn stopped(&self) {
+        self.tx.closed().await;
+    }
+
     /// Commits `ops` atomically (possibly with other writers' ops in the same transaction) and
     /// returns, for each `Start` op in order, whether it created the instance.
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<bool>, JournalError> {

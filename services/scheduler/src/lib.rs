@@ -166,6 +166,7 @@ pub struct Application {
     stop: watch::Sender<bool>,
     workers: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
+    journal: Arc<Journal>,
 }
 
 impl Application {
@@ -230,7 +231,7 @@ impl Application {
         });
         let journal = Arc::new(Journal::start(db.clone()));
         let engine = Arc::new(Engine::new(
-            journal,
+            journal.clone(),
             Arc::new(SystemClock),
             Saga {
                 kind: booking::KIND,
@@ -299,6 +300,7 @@ impl Application {
             stop,
             workers,
             background,
+            journal,
         })
     }
 
@@ -307,8 +309,24 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then saves checkpoints and releases the leases.
+    /// Stops early, with an error, when the saga journal's writer dies (a restart resumes every
+    /// saga from the journal, which beats a process that accepts work it can no longer record).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-        let result = self.service.run_until(shutdown).await;
+        let journal = self.journal.clone();
+        let journal_died = std::sync::atomic::AtomicBool::new(false);
+        let stop_on = async {
+            tokio::select! {
+                () = shutdown => {}
+                () = journal.stopped() => {
+                    tracing::error!("the saga journal's writer stopped; shutting down so that a restart resumes the sagas");
+                    journal_died.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        };
+        let mut result = self.service.run_until(stop_on).await;
+        if journal_died.load(std::sync::atomic::Ordering::SeqCst) && result.is_ok() {
+            result = Err(std::io::Error::other("the saga journal's writer stopped"));
+        }
         let _ = self.stop.send(true);
         for w in self.workers {
             let _ = tokio::time::timeout(Duration::from_secs(5), w).await;

@@ -381,21 +381,27 @@ async fn handle(
                 partition = record.partition,
             );
             telemetry::set_parent(&span, &event.headers);
-            let _entered = span.enter();
-            let outcome = if event.kind == DELIVERY_CANCELLED {
-                match event.decode::<DeliveryCancelled>() {
-                    Ok(c) => cancel(shared, &c.delivery_id.to_string()).await,
-                    Err(reason) => Err(reason),
+            // Instrumented, never entered across an await: an entered span stays current on the
+            // worker thread while this task is parked, other tasks polled there pick it up, and
+            // once it closes the tracing registry panics in them (it killed the journal writer).
+            async {
+                let outcome = if event.kind == DELIVERY_CANCELLED {
+                    match event.decode::<DeliveryCancelled>() {
+                        Ok(c) => cancel(shared, &c.delivery_id.to_string()).await,
+                        Err(reason) => Err(reason),
+                    }
+                } else {
+                    match event.decode::<DeliveryRescheduled>() {
+                        Ok(r) => reschedule(shared, &r).await,
+                        Err(reason) => Err(reason),
+                    }
+                };
+                if let Err(reason) = outcome {
+                    tracing::warn!(offset, kind = %event.kind, reason, "change not applied");
                 }
-            } else {
-                match event.decode::<DeliveryRescheduled>() {
-                    Ok(r) => reschedule(shared, &r).await,
-                    Err(reason) => Err(reason),
-                }
-            };
-            if let Err(reason) = outcome {
-                tracing::warn!(offset, kind = %event.kind, reason, "change not applied");
             }
+            .instrument(span)
+            .await;
             lock(tracker).end(offset);
         }
         other => {
