@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::options::{
@@ -139,7 +140,18 @@ impl PartitionedLog for RabbitLog {
             .ok_or_else(|| MessagingError::Config(format!("no partition {partition}")))?;
         // Subscribe once here so an unreachable broker is reported to the caller.
         let since = u64::try_from(chrono::Utc::now().timestamp() - 1).unwrap_or(0);
-        let first = subscribe(&self.connector, &stream, Start::At(from), self.prefetch).await?;
+        // A few quick retries: a channel can be refused for a moment (seen: "invalid channel
+        // state: Closing" right after another reader let its channel go).
+        let first = (|| subscribe(&self.connector, &stream, Start::At(from), self.prefetch))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(std::time::Duration::from_millis(50))
+                    .with_max_delay(std::time::Duration::from_secs(1))
+                    .with_jitter()
+                    .with_max_times(3),
+            )
+            .when(|e| matches!(e, MessagingError::Unavailable(_)))
+            .await?;
         let (tx, rx) = mpsc::channel(usize::from(self.prefetch) * 4);
         let task = tokio::spawn(read_loop(
             self.connector.clone(),
