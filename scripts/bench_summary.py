@@ -51,13 +51,17 @@ def state(st):
     return "not run"
 
 
+def higher(kept, row, col):
+    """`row` if its number in column `col` beats `kept`'s (or nothing is kept yet)."""
+    return row if kept is None or num(row[col]) > num(kept[col]) else kept
+
+
 def messaging(d):
     text, st = read(d, "messaging")
     best, queue = None, None
     for r in rows(text):
         if len(r) == 11 and r[0].startswith("rabbitmq") and num(r[3]) is not None:
-            if best is None or num(r[3]) > num(best[3]):
-                best = r
+            best = higher(best, r, 3)
         if len(r) == 6 and r[0].startswith("rabbitmq") and num(r[2]) is not None:
             queue = r
     figure = "no result"
@@ -71,22 +75,18 @@ def messaging(d):
 
 def ingest(d):
     text, st = read(d, "ingest")
-    sustained, spike = None, None
+    # The highest offered rate without errors, and the highest that also met the latency goal
+    # (p99 < 50 ms).
+    sustained, in_goal, spike = None, None, None
     for r in rows(text):
         if len(r) < 13 or num(r[1]) is None or r[0] == "run":
             continue
         if "spike" in r[0]:
             spike = r
-        elif r[11] == "none" and (sustained is None or num(r[1]) > num(sustained[1])):
-            sustained = r
-    # The highest offered rate that met the latency goal (p99 < 50 ms, no errors).
-    in_goal = None
-    for r in rows(text):
-        if len(r) < 13 or num(r[1]) is None or r[0] == "run" or "spike" in r[0]:
-            continue
-        if r[11] == "none" and (num(r[8]) or 1e9) < 50 and (
-                in_goal is None or num(r[1]) > num(in_goal[1])):
-            in_goal = r
+        elif r[11] == "none":
+            sustained = higher(sustained, r, 1)
+            if (num(r[8]) or 1e9) < 50:
+                in_goal = higher(in_goal, r, 1)
     figure = "no run without errors"
     if sustained:
         figure = (f"{num(sustained[4]):,.0f} accepted/s at {num(sustained[1]):,.0f} offered/s "
@@ -102,22 +102,16 @@ def ingest(d):
 
 def e2e(d):
     text, st = read(d, "e2e")
-    best = None
+    # The best scheduled/s, and the highest offered rate it kept up with (≥ 95 % scheduled).
+    best, kept = None, None
     lost = 0
     for r in rows(text):
         if len(r) < 9 or "×" not in r[0] or num(r[3]) is None:
             continue
         lost += int((num(r[1]) or 0) - (num(r[2]) or 0))
-        if best is None or num(r[3]) > num(best[3]):
-            best = r
-    # The highest offered rate it kept up with (scheduled ≥ 95 % of offered, overall).
-    kept = None
-    for r in rows(text):
-        if len(r) < 9 or "×" not in r[0] or num(r[3]) is None:
-            continue
-        offered = num(r[0]) or 0
-        if num(r[3]) >= 0.95 * offered and (kept is None or offered > num(kept[0])):
-            kept = r
+        best = higher(best, r, 3)
+        if num(r[3]) >= 0.95 * (num(r[0]) or 0):
+            kept = higher(kept, r, 0)
     figure = "no result"
     if best:
         figure = (f"{num(best[3]):,.0f} scheduled/s overall, {num(best[4]):,.0f}/s peak 5 s "

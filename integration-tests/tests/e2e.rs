@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use integration_tests::faults::{Fault, FaultKind};
+use integration_tests::faults::{Fault, FaultKind, FaultProxy};
 use integration_tests::harness::{check, Bookings, Service, Stack, StackClient, StackOptions};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -158,29 +158,15 @@ async fn booking_lifecycle() {
     println!("cancelled before scheduling ended {ended}");
 
     // Cancel during scheduling: the drone step answers slowly, the cancel lands meanwhile.
-    stack.scheduler_faults.drone.set_faults(vec![Fault {
-        method: "PUT",
-        path_prefix: "/api/dronedeliveries/".into(),
-        times: 1,
-        kind: FaultKind::Delay(Duration::from_millis(1500)),
-    }]);
-    let during = client
-        .book_ok(&StackClient::booking(owner, 56 * 60, "Small"))
-        .await;
+    let during = book_and_cancel_in_slow_step(
+        &client,
+        owner,
+        56 * 60,
+        &stack.scheduler_faults.drone,
+        "/api/dronedeliveries/",
+    )
+    .await;
     bookings.add(during, owner);
-    for _ in 0..100 {
-        if stack.scheduler_faults.drone.hits() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        stack.scheduler_faults.drone.hits(),
-        1,
-        "the drone step was reached"
-    );
-    let a = client.cancel(owner, during).await;
-    assert_eq!(a.status, 202, "{}", a.body);
     let wf = stack.wait_state(during, "compensated", WAIT).await;
     assert!(
         wf["steps"][1]["status"] == "succeeded",
@@ -190,29 +176,15 @@ async fn booking_lifecycle() {
 
     // Cancel during the last step: the saga cannot stop at a step boundary any more and
     // completes; the cancel still wins (cancelled, everything undone), it is never lost.
-    stack.scheduler_faults.delivery.set_faults(vec![Fault {
-        method: "PUT",
-        path_prefix: "/api/deliveries/".into(),
-        times: 1,
-        kind: FaultKind::Delay(Duration::from_millis(1500)),
-    }]);
-    let last = client
-        .book_ok(&StackClient::booking(owner, 57 * 60, "Small"))
-        .await;
+    let last = book_and_cancel_in_slow_step(
+        &client,
+        owner,
+        57 * 60,
+        &stack.scheduler_faults.delivery,
+        "/api/deliveries/",
+    )
+    .await;
     bookings.add(last, owner);
-    for _ in 0..200 {
-        if stack.scheduler_faults.delivery.hits() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        stack.scheduler_faults.delivery.hits(),
-        1,
-        "the delivery step was reached"
-    );
-    let a = client.cancel(owner, last).await;
-    assert_eq!(a.status, 202, "{}", a.body);
     let wf = stack.wait_state(last, "compensated", WAIT).await;
     assert!(
         wf["steps"][3]["status"] == "succeeded",
@@ -223,6 +195,40 @@ async fn booking_lifecycle() {
 
     settle(&stack, &bookings).await;
     stack.stop().await;
+}
+
+/// Books (pickup in `minutes`), makes the step behind `faults` answer its `PUT` 1.5 s late, and
+/// cancels once that call is under way (the cancel must be accepted).
+async fn book_and_cancel_in_slow_step(
+    client: &StackClient,
+    owner: &str,
+    minutes: i64,
+    faults: &FaultProxy,
+    path_prefix: &str,
+) -> Uuid {
+    faults.set_faults(vec![Fault {
+        method: "PUT",
+        path_prefix: path_prefix.into(),
+        times: 1,
+        kind: FaultKind::Delay(Duration::from_millis(1500)),
+    }]);
+    let id = client
+        .book_ok(&StackClient::booking(owner, minutes, "Small"))
+        .await;
+    for _ in 0..200 {
+        if faults.hits() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        faults.hits(),
+        1,
+        "the slow step ({path_prefix}) was reached"
+    );
+    let a = client.cancel(owner, id).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    id
 }
 
 async fn wait_any(stack: &Stack, id: Uuid, states: &[&str]) -> String {

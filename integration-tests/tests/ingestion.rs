@@ -80,6 +80,24 @@ async fn call(
     s.app.call_with(method, path, body, Some(token)).await
 }
 
+/// A call on one booking (`/api/deliveryrequests/{id}`).
+async fn on_request(
+    s: &IngestionApp,
+    method: Method,
+    id: Uuid,
+    token: &str,
+    body: Option<&Value>,
+) -> Reply {
+    call(
+        s,
+        method,
+        &format!("/api/deliveryrequests/{id}"),
+        token,
+        body,
+    )
+    .await
+}
+
 /// Every record of one partition of `log`, reading until it has been quiet for a moment.
 async fn records(s: &IngestionApp, log: &str, partition: u32) -> Vec<LogRecord> {
     let log = s
@@ -115,14 +133,7 @@ async fn eventually_state(
     want: RequestState,
 ) -> DeliveryRequestStatus {
     for _ in 0..100 {
-        let r = call(
-            s,
-            Method::GET,
-            &format!("/api/deliveryrequests/{id}"),
-            token,
-            None,
-        )
-        .await;
+        let r = on_request(s, Method::GET, id, token, None).await;
         if r.status == 200 {
             let st: DeliveryRequestStatus = r.json();
             if st.state == want {
@@ -585,14 +596,7 @@ async fn a_booking_is_found_right_after_its_202(backend: Backend) {
         let r = post(&s, Some(&token), &booking("acc-1"), None).await;
         assert_eq!(r.status, 202, "{}", r.body);
         let id = r.json::<DeliveryAccepted>().delivery_id;
-        let got = call(
-            &s,
-            Method::GET,
-            &format!("/api/deliveryrequests/{id}"),
-            &token,
-            None,
-        )
-        .await;
+        let got = on_request(&s, Method::GET, id, &token, None).await;
         assert_eq!(got.status, 200, "GET right after the 202: {}", got.body);
         assert_eq!(
             got.json::<DeliveryRequestStatus>().state,
@@ -601,37 +605,23 @@ async fn a_booking_is_found_right_after_its_202(backend: Backend) {
         ids.push(id);
     }
     let later = (Utc::now() + chrono::Duration::days(3)).to_rfc3339();
-    for id in &ids[..5] {
-        let r = call(
+    for &id in &ids[..5] {
+        let r = on_request(
             &s,
             Method::PATCH,
-            &format!("/api/deliveryrequests/{id}"),
+            id,
             &token,
             Some(&json!({"pickupTime": later})),
         )
         .await;
         assert_eq!(r.status, 202, "PATCH right after the 202: {}", r.body);
     }
-    for id in &ids[5..] {
-        let r = call(
-            &s,
-            Method::DELETE,
-            &format!("/api/deliveryrequests/{id}"),
-            &token,
-            None,
-        )
-        .await;
+    for &id in &ids[5..] {
+        let r = on_request(&s, Method::DELETE, id, &token, None).await;
         assert_eq!(r.status, 202, "DELETE right after the 202: {}", r.body);
     }
     let other = s.token("acc-2", &[]);
-    let r = call(
-        &s,
-        Method::GET,
-        &format!("/api/deliveryrequests/{}", ids[0]),
-        &other,
-        None,
-    )
-    .await;
+    let r = on_request(&s, Method::GET, ids[0], &other, None).await;
     assert_eq!(r.problem(403).code, "forbidden", "still only its owner's");
 
     // Once the write goes through, the rows are there, stored.
@@ -654,15 +644,8 @@ async fn a_booking_is_found_right_after_its_202(backend: Backend) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for id in &ids {
-        let got = call(
-            &s,
-            Method::GET,
-            &format!("/api/deliveryrequests/{id}"),
-            &token,
-            None,
-        )
-        .await;
+    for &id in &ids {
+        let got = on_request(&s, Method::GET, id, &token, None).await;
         assert_eq!(got.status, 200, "{}", got.body);
     }
     db.close().await.ok();

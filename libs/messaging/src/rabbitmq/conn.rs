@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
 use tokio::sync::Mutex;
@@ -85,4 +87,22 @@ impl Drop for ChannelGuard {
             }
         }
     }
+}
+
+/// Checks that `queue` is up (a passive declare) before a new channel publishes to it. Right after
+/// a broker restart a stream or quorum queue exists before its leader runs, and a message
+/// published to it then can be confirmed without being stored: publishing waits until it runs.
+pub(crate) async fn ensure_available(channel: &Channel, queue: &str) -> Result<()> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(unavailable)
 }

@@ -17,7 +17,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::{mpsc, Mutex};
 
-use super::conn::{reconnect_delays, unavailable, ChannelGuard, Connector};
+use super::conn::{ensure_available, reconnect_delays, unavailable, ChannelGuard, Connector};
 use crate::batcher::{BatchSink, Batcher};
 use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
@@ -239,24 +239,6 @@ impl BatchSink for StreamSink {
             }
         }))
     }
-}
-
-/// Checks that `queue` is up (a passive declare) before a new channel publishes to it. Right after
-/// a broker restart a stream or quorum queue exists before its leader runs, and a message
-/// published to it then can be confirmed without being stored: publishing waits until it runs.
-pub(crate) async fn ensure_available(channel: &Channel, queue: &str) -> Result<()> {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|_| ())
-        .map_err(unavailable)
 }
 
 /// Where a (re)subscription starts.

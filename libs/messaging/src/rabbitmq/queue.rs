@@ -4,6 +4,7 @@
 //! last allowed time; the broker's own delivery limit is the safety net for consumers that die
 //! without answering.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -17,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::{mpsc, Mutex};
 
-use super::conn::{reconnect_delays, unavailable, ChannelGuard, Connector};
+use super::conn::{ensure_available, reconnect_delays, unavailable, ChannelGuard, Connector};
 use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
 use crate::settings::MessagingSettings;
@@ -99,7 +100,6 @@ impl RabbitQueue {
             publisher: Arc::new(Publisher {
                 connector: connector.clone(),
                 channel: Mutex::new(None),
-                checked: Mutex::new(Default::default()),
             }),
             queue,
             parked,
@@ -112,37 +112,40 @@ impl RabbitQueue {
 /// A shared confirm-mode channel; concurrent publishes pipeline on it.
 struct Publisher {
     connector: Arc<Connector>,
-    channel: Mutex<Option<Channel>>,
-    /// The queues known to be up since the channel was opened.
-    checked: Mutex<std::collections::HashSet<String>>,
+    channel: Mutex<Option<OpenChannel>>,
+}
+
+/// The publishing channel and the queues known to be running since it was opened (a broker
+/// restart means a new channel, so every queue is checked again).
+struct OpenChannel {
+    channel: Channel,
+    checked: HashSet<String>,
 }
 
 impl Publisher {
     async fn publish(&self, queue: &str, payload: &[u8], props: BasicProperties) -> Result<()> {
         let confirm = {
             let mut slot = self.channel.lock().await;
-            let channel = match slot.as_ref() {
-                Some(c) if c.status().connected() => c.clone(),
+            let mut open = match slot.take() {
+                Some(open) if open.channel.status().connected() => open,
                 _ => {
-                    let c = self.connector.channel().await?;
-                    c.confirm_select(ConfirmSelectOptions::default())
+                    let channel = self.connector.channel().await?;
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
                         .await
                         .map_err(unavailable)?;
-                    self.checked.lock().await.clear();
-                    *slot = Some(c.clone());
-                    c
+                    OpenChannel {
+                        channel,
+                        checked: HashSet::new(),
+                    }
                 }
             };
-            // Checked per queue once per channel (a broker restart means a new channel).
-            let mut checked = self.checked.lock().await;
-            if !checked.contains(queue) {
-                if let Err(e) = super::log::ensure_available(&channel, queue).await {
-                    *slot = None;
-                    return Err(e);
-                }
-                checked.insert(queue.to_owned());
+            if !open.checked.contains(queue) {
+                ensure_available(&open.channel, queue).await?;
+                open.checked.insert(queue.to_owned());
             }
-            drop(checked);
+            let channel = open.channel.clone();
+            *slot = Some(open);
             match channel
                 .basic_publish(
                     "".into(),
