@@ -126,13 +126,14 @@ impl ReadModel {
 
     /// The stored row, or the accepted request whose row is still on its way.
     pub(crate) async fn find(&self, id: Uuid) -> Result<Option<request::Model>, DbErr> {
+        // Looked at before the read: the writer removes an entry only after its row committed,
+        // so whatever is not pending now is found by the read (a stored row wins: it may already
+        // be further along than "accepted").
+        let pending = lock(&self.pending).get(&id).map(Accepted::model);
         let stored = request::Entity::find_by_id(id.to_string())
             .one(&self.db)
             .await?;
-        if stored.is_some() {
-            return Ok(stored);
-        }
-        Ok(lock(&self.pending).get(&id).map(Accepted::model))
+        Ok(stored.or(pending))
     }
 }
 
