@@ -438,6 +438,8 @@ async fn workflow_events_drive_the_request_state(backend: Backend) {
                 version,
                 detail: None,
                 at: Utc::now(),
+                package_id: None,
+                drone_id: None,
             },
         )
         .unwrap()

@@ -196,7 +196,7 @@ async fn suspended_account_fails_with_nothing_to_undo(backend: Backend) {
         .ingestion
         .broker
         .queue(
-            scheduler::COMPENSATIONS_QUEUE,
+            contracts::COMPENSATIONS_QUEUE,
             QueueOptions { delivery_limit: 10 },
         )
         .await
@@ -227,7 +227,7 @@ async fn permanent_failure_after_drone_asks_for_compensation(backend: Backend) {
         .ingestion
         .broker
         .queue(
-            scheduler::COMPENSATIONS_QUEUE,
+            contracts::COMPENSATIONS_QUEUE,
             QueueOptions { delivery_limit: 10 },
         )
         .await
@@ -244,8 +244,8 @@ async fn permanent_failure_after_drone_asks_for_compensation(backend: Backend) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(message.event.kind, scheduler::COMPENSATION_REQUESTED);
-    let request: scheduler::CompensationRequest = message.event.decode().unwrap();
+    assert_eq!(message.event.kind, contracts::COMPENSATION_REQUESTED);
+    let request: contracts::CompensationRequest = message.event.decode().unwrap();
     assert_eq!(request.delivery_id, id);
     assert_eq!(
         request.succeeded_steps,
@@ -472,7 +472,7 @@ async fn no_drone_before_pickup_fails_and_compensates(backend: Backend) {
         .ingestion
         .broker
         .queue(
-            scheduler::COMPENSATIONS_QUEUE,
+            contracts::COMPENSATIONS_QUEUE,
             QueueOptions { delivery_limit: 10 },
         )
         .await
@@ -496,7 +496,7 @@ async fn no_drone_before_pickup_fails_and_compensates(backend: Backend) {
         .await
         .unwrap()
         .unwrap();
-    let request: scheduler::CompensationRequest = message.event.decode().unwrap();
+    let request: contracts::CompensationRequest = message.event.decode().unwrap();
     assert_eq!(request.succeeded_steps, vec!["RegisterPackage"]);
     message.ack().await.unwrap();
     scheduler.stop().await;
@@ -560,7 +560,7 @@ async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
         .ingestion
         .broker
         .queue(
-            scheduler::COMPENSATIONS_QUEUE,
+            contracts::COMPENSATIONS_QUEUE,
             QueueOptions { delivery_limit: 10 },
         )
         .await
@@ -584,7 +584,7 @@ async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
         .await
         .unwrap()
         .unwrap();
-    let request: scheduler::CompensationRequest = message.event.decode().unwrap();
+    let request: contracts::CompensationRequest = message.event.decode().unwrap();
     assert_eq!(request.delivery_id, cancelled);
     assert_eq!(
         request.succeeded_steps,

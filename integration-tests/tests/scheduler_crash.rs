@@ -21,8 +21,7 @@ use futures::StreamExt;
 use integration_tests::harness::{binary, free_port, ServiceProcess};
 use integration_tests::{both_backends, spawn_suite, Backend, Suite, SuiteFaults};
 use messaging::StartAt;
-use saga::entities::{attempt, instance};
-use sea_orm::EntityTrait;
+use sea_orm::{ConnectionTrait, Statement};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use uuid::Uuid;
@@ -490,29 +489,45 @@ async fn journal_state(suite: &Suite) -> JournalState {
     let db = service_kit::db::connect(&suite.scheduler_db.settings)
         .await
         .unwrap();
-    let sagas = instance::Entity::find().all(&db).await.unwrap();
-    let attempts = attempt::Entity::find().all(&db).await.unwrap();
-    let leases = scheduler::ownership::lease::Entity::find()
-        .all(&db)
+    let rows = |sql: &str| {
+        db.query_all(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+    };
+    let sagas: Vec<(String, i32)> = rows("SELECT state, next_step FROM saga_instances")
         .await
-        .unwrap();
+        .unwrap()
+        .iter()
+        .map(|r| (r.try_get("", "state").unwrap(), r.try_get("", "next_step").unwrap()))
+        .collect();
+    let attempt_times: Vec<DateTime<Utc>> = rows("SELECT finished_at FROM saga_attempts")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get("", "finished_at").unwrap())
+        .collect();
+    let checkpoints: BTreeMap<i32, i64> =
+        rows("SELECT shard, checkpoint_offset FROM saga_shards")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get("", "shard").unwrap(),
+                    r.try_get("", "checkpoint_offset").unwrap(),
+                )
+            })
+            .collect();
     let _ = db.close().await;
     let mut by_state_step = BTreeMap::new();
     for s in &sagas {
-        *by_state_step
-            .entry((s.state.clone(), s.next_step))
-            .or_default() += 1;
+        *by_state_step.entry(s.clone()).or_default() += 1;
     }
     JournalState {
         started: sagas.len(),
-        completed: sagas.iter().filter(|s| s.state == "completed").count(),
+        completed: sagas.iter().filter(|s| s.0 == "completed").count(),
         by_state_step,
-        attempts: attempts.len(),
-        attempt_times: attempts.iter().map(|a| a.finished_at).collect(),
-        checkpoints: leases
-            .iter()
-            .map(|l| (l.partition, l.next_offset))
-            .collect(),
+        attempts: attempt_times.len(),
+        attempt_times,
+        checkpoints,
     }
 }
 

@@ -347,12 +347,12 @@ async fn duplicate_request_has_no_second_effect(backend: Backend) {
         .ingestion
         .broker
         .queue(
-            scheduler::COMPENSATIONS_QUEUE,
+            contracts::COMPENSATIONS_QUEUE,
             QueueOptions { delivery_limit: 10 },
         )
         .await
         .unwrap();
-    let request = scheduler::CompensationRequest {
+    let request = contracts::CompensationRequest {
         delivery_id: id,
         owner_id: "acc-1".into(),
         succeeded_steps: vec!["RegisterPackage".into(), "ReserveDrone".into()],
@@ -361,7 +361,7 @@ async fn duplicate_request_has_no_second_effect(backend: Backend) {
         saga_version: c["sagaVersion"].as_i64().unwrap(),
     };
     let envelope = messaging::Envelope::new(
-        scheduler::COMPENSATION_REQUESTED,
+        contracts::COMPENSATION_REQUESTED,
         1,
         &id.to_string(),
         &request,

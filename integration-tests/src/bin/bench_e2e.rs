@@ -295,7 +295,7 @@ async fn cleanup(args: &Args) -> Result<()> {
             .with_context(|| format!("deleting {log}"))?;
     }
     broker
-        .delete_queue(scheduler::COMPENSATIONS_QUEUE)
+        .delete_queue(contracts::COMPENSATIONS_QUEUE)
         .await
         .context("deleting the compensation queue")?;
     println!("deleted the logs and queues of prefix {}", args.prefix);
@@ -1127,36 +1127,28 @@ impl Report {
             .last()
             .map_or(0.0, |last| ms(*last - load_end_wall) / 1000.0);
 
-        let steps = [
-            scheduler::CHECK_ACCOUNT,
-            scheduler::REGISTER_PACKAGE,
-            scheduler::RESERVE_DRONE,
-            scheduler::CREATE_DELIVERY,
-        ]
-        .iter()
-        .map(|step| {
-            let labels = [("step", *step), ("outcome", "succeeded")];
-            let sum = m1.get("saga_step_duration_seconds_sum", &labels)
-                - m0.get("saga_step_duration_seconds_sum", &labels);
-            let count = m1.get("saga_step_duration_seconds_count", &labels)
-                - m0.get("saga_step_duration_seconds_count", &labels);
-            ((*step).to_owned(), sum * 1000.0 / count.max(1.0), count)
-        })
-        .collect();
-        let retries: Vec<(String, f64)> = [
-            scheduler::CHECK_ACCOUNT,
-            scheduler::REGISTER_PACKAGE,
-            scheduler::RESERVE_DRONE,
-            scheduler::CREATE_DELIVERY,
-        ]
-        .iter()
-        .map(|s| {
-            let n = m1.get("saga_step_retries_total", &[("step", s)])
-                - m0.get("saga_step_retries_total", &[("step", s)]);
-            ((*s).to_owned(), n)
-        })
-        .filter(|(_, n)| *n > 0.0)
-        .collect();
+        let steps = contracts::BookingStep::ALL
+            .map(contracts::BookingStep::as_str)
+            .iter()
+            .map(|step| {
+                let labels = [("step", *step), ("outcome", "succeeded")];
+                let sum = m1.get("saga_step_duration_seconds_sum", &labels)
+                    - m0.get("saga_step_duration_seconds_sum", &labels);
+                let count = m1.get("saga_step_duration_seconds_count", &labels)
+                    - m0.get("saga_step_duration_seconds_count", &labels);
+                ((*step).to_owned(), sum * 1000.0 / count.max(1.0), count)
+            })
+            .collect();
+        let retries: Vec<(String, f64)> = contracts::BookingStep::ALL
+            .map(contracts::BookingStep::as_str)
+            .iter()
+            .map(|s| {
+                let n = m1.get("saga_step_retries_total", &[("step", s)])
+                    - m0.get("saga_step_retries_total", &[("step", s)]);
+                ((*s).to_owned(), n)
+            })
+            .filter(|(_, n)| *n > 0.0)
+            .collect();
 
         // Commits: the closing snapshot minus the opening one, minus the idle rate over the
         // interval and this program's own queries.

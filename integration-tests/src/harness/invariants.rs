@@ -155,7 +155,7 @@ async fn sagas(db: &DatabaseConnection) -> HashMap<Uuid, SagaRow> {
             SagaRow {
                 state: get(r, "state"),
                 next_step: get(r, "next_step"),
-                drone: outputs[scheduler::RESERVE_DRONE]["droneId"]
+                drone: outputs[contracts::BookingStep::ReserveDrone.as_str()]["droneId"]
                     .as_str()
                     .map(str::to_owned),
             },

@@ -151,7 +151,7 @@ impl Drop for BrokerCleanup {
                     let _ = b
                         .delete_log(contracts::WORKFLOW_EVENTS_LOG, partitions)
                         .await;
-                    let _ = b.delete_queue(scheduler::COMPENSATIONS_QUEUE).await;
+                    let _ = b.delete_queue(contracts::COMPENSATIONS_QUEUE).await;
                 }
             });
         })

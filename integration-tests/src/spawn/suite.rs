@@ -215,7 +215,7 @@ impl Suite {
         let mut direct = MessagingSettings::new(amqp_url());
         direct.prefix = prefix;
         if let Ok(b) = messaging::connect(&direct).await {
-            let _ = b.delete_queue(scheduler::COMPENSATIONS_QUEUE).await;
+            let _ = b.delete_queue(contracts::COMPENSATIONS_QUEUE).await;
         }
         self.account.stop().await;
         self.package.stop().await;

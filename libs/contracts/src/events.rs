@@ -120,6 +120,12 @@ pub struct WorkflowStateChanged {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     pub at: DateTime<Utc>,
+    /// The client's package id, once the saga knows it (read models search by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_id: Option<String>,
+    /// The reserved drone, once the saga has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone_id: Option<String>,
 }
 
 /// `GET /api/deliveryrequests/{id}`.
@@ -177,10 +183,27 @@ mod tests {
             version: 3,
             detail: Some("drone service down".into()),
             at: now,
+            package_id: Some("p".into()),
+            drone_id: None,
         });
         for s in RequestState::ALL {
             assert_eq!(RequestState::parse(s.as_str()), Some(s));
             round_trip(&s);
         }
+    }
+
+    #[test]
+    fn state_changes_without_ids_read_and_write_as_before() {
+        let id = Uuid::new_v4();
+        let now = Utc::now();
+        let old = serde_json::json!({
+            "deliveryId": id, "ownerId": "o", "state": "scheduling", "version": 1, "at": now,
+        });
+        let change: Option<WorkflowStateChanged> = serde_json::from_value(old.clone()).ok();
+        assert_eq!(
+            change.as_ref().map(|c| (&c.package_id, &c.drone_id)),
+            Some((&None, &None))
+        );
+        assert_eq!(change.and_then(|c| serde_json::to_value(c).ok()), Some(old));
     }
 }

@@ -1,5 +1,6 @@
 //! Wire types shared by the services and their clients: ids, enums, request and response bodies,
-//! the problem+json error body, and the client token claims.
+//! the problem+json error body, and the client token claims; the Scheduler's contract (saga states,
+//! booking steps, compensation requests, its status API) is in `workflow`.
 //!
 //! Field names are camelCase on the wire (Fabrikam-compatible). Request bodies implement
 //! [`validation::FromJsonObject`] so servers can name every bad field; they also derive `Deserialize`
@@ -14,6 +15,7 @@ mod events;
 mod package;
 mod problem;
 mod request;
+mod workflow;
 
 pub use account::*;
 pub use delivery::*;
@@ -22,6 +24,7 @@ pub use events::*;
 pub use package::*;
 pub use problem::*;
 pub use request::*;
+pub use workflow::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

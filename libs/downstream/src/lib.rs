@@ -7,13 +7,18 @@
 //! and every answer that does not decode is [`CallError::Permanent`], carrying the status and the
 //! problem+json `code`. Compensating `DELETE`s treat "no such resource" as done, so the Supervisor
 //! can replay them freely. The retry policy itself (backoff, budgets) belongs to the caller.
+//!
+//! [`Domain`] is the same eight calls as a trait, so a simulation can put in-memory services in
+//! place of the HTTP client.
 
 #![warn(missing_docs)]
 
 mod client;
+mod domain;
 mod error;
 mod settings;
 
 pub use client::Downstream;
+pub use domain::Domain;
 pub use error::CallError;
 pub use settings::DownstreamSettings;

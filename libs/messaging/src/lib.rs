@@ -7,6 +7,8 @@
 //!   exchange, publisher confirms pipelined, reconnection with backoff.
 //! - Embedded (one process, `make run`): SQLite, durable across restarts.
 //!
+//! [`memory::MemoryLog`] is a third, in-memory log for deterministic simulations (no durability).
+//!
 //! Log appends are micro-batched: concurrent appends to one partition travel in one broker message,
 //! and each event is addressed by its [`Position`] (the message's offset and the index inside it).
 
@@ -18,6 +20,7 @@ mod settings;
 mod traits;
 
 pub mod embedded;
+pub mod memory;
 pub mod rabbitmq;
 
 pub use envelope::{Envelope, Poison};

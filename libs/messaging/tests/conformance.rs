@@ -2,6 +2,7 @@
 //! One conformance suite, run unchanged against both backends (`embedded::*` and `rabbitmq::*`):
 //! whatever a service relies on — partitioning, ordering, replay, redelivery, the delivery limit,
 //! parking, redrive, poison messages, restarts — must behave the same on SQLite and on RabbitMQ.
+//! The log tests also run against the simulations' in-memory log (`memory::*`).
 //!
 //! The RabbitMQ half needs `AMQP_URL` (e.g. `AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f`) and
 //! `rabbitmqctl` on this machine (override the command with `RABBITMQCTL`, e.g. `sudo rabbitmqctl`)
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use messaging::memory::MemoryLog;
 use messaging::{
     partition_for, Broker, Envelope, LogReader, LogRecord, MessagingSettings, PartitionedLog,
     QueueMessage, QueueOptions, QueueReceiver, StartAt, WorkQueue,
@@ -131,6 +133,62 @@ impl Harness for RabbitHarness {
     }
 }
 
+/// Hands out [`MemoryLog`]s by name; only the log tests run against it.
+#[derive(Default)]
+struct MemoryHarness {
+    broker: Arc<MemoryBroker>,
+}
+
+#[async_trait]
+impl Harness for MemoryHarness {
+    async fn broker(&self) -> Arc<dyn Broker> {
+        self.broker.clone()
+    }
+
+    async fn restart(&mut self) -> Arc<dyn Broker> {
+        panic!("the in-memory log does not survive a restart; restart tests do not run on it")
+    }
+}
+
+#[derive(Default)]
+struct MemoryBroker {
+    logs: std::sync::Mutex<HashMap<String, MemoryLog>>,
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn log(&self, name: &str, partitions: u32) -> messaging::Result<Arc<dyn PartitionedLog>> {
+        let mut logs = self.logs.lock().expect("memory broker lock");
+        let log = logs
+            .entry(name.to_owned())
+            .or_insert_with(|| MemoryLog::new(name, partitions));
+        Ok(Arc::new(log.clone()))
+    }
+
+    async fn queue(
+        &self,
+        name: &str,
+        _options: QueueOptions,
+    ) -> messaging::Result<Arc<dyn WorkQueue>> {
+        Err(messaging::MessagingError::Config(format!(
+            "the memory broker has no queues ({name})"
+        )))
+    }
+
+    async fn check(&self) -> messaging::Result<()> {
+        Ok(())
+    }
+
+    async fn delete_log(&self, name: &str, _partitions: u32) -> messaging::Result<()> {
+        self.logs.lock().expect("memory broker lock").remove(name);
+        Ok(())
+    }
+
+    async fn delete_queue(&self, _name: &str) -> messaging::Result<()> {
+        Ok(())
+    }
+}
+
 fn rabbitmqctl(args: &[&str]) -> std::process::Output {
     let command = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
     let mut words = command.split_whitespace();
@@ -206,6 +264,35 @@ conformance_suite!(
     restart_loses_nothing,
     reader_survives_a_restart,
 );
+
+/// The in-memory log of the simulations (`messaging::memory`) against the log half of the suite;
+/// it has no queues and nothing that could restart.
+mod memory {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn partition_stability() {
+        super::partition_stability(super::MemoryHarness::default()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn ordering_per_partition() {
+        super::ordering_per_partition(super::MemoryHarness::default()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replay_from_an_offset() {
+        super::replay_from_an_offset(super::MemoryHarness::default()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_producers() {
+        super::concurrent_producers(super::MemoryHarness::default()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn poison_in_the_log() {
+        super::poison_in_the_log(super::MemoryHarness::default()).await;
+    }
+}
 
 /// RabbitMQ only: the embedded backend has no broker that could drop a message.
 mod rabbitmq_only {

@@ -80,3 +80,31 @@ impl Clock for ManualClock {
         Box::pin(tokio::task::yield_now())
     }
 }
+
+/// Tokio's clock (virtual when tokio's time is paused), as wall-clock instants from `base`: the
+/// clock of deterministic simulations.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    base: DateTime<Utc>,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub fn starting_at(base: DateTime<Utc>) -> Self {
+        Self {
+            base,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.base
+            + chrono::Duration::from_std(self.start.elapsed()).unwrap_or(chrono::Duration::MAX)
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(duration))
+    }
+}

@@ -1,65 +1,28 @@
 //! Runs sagas: each step's action retried by its policy, every attempt journaled, the saga's state
-//! and the messages announcing it committed together, and a resumed saga continuing at the first
+//! and the messages announcing it committed together, a saga that must wait parked in the journal
+//! with a wake-up time, signals applied between steps, and a resumed saga continuing at the first
 //! step its journal does not show as done.
+//!
+//! The engine is the only writer of saga state, and every write it makes is fenced: it names the
+//! shard epoch its caller holds and the version it read. A refused write ([`JournalError::Refused`])
+//! ends the run at once; the caller must let the shard go.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-
-use crate::clock::Clock;
-use crate::entities::{attempt, instance};
-use crate::journal::{InstanceUpdate, Journal, JournalError, Op, OutboxMessage};
-use crate::retry::{RetryPolicy, StepError};
-use crate::{CANCELLED, COMPLETED, FAILED, RUNNING};
+use tokio::sync::Notify;
 use tracing::Instrument;
 
-/// A saga as the engine and its steps see it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SagaRecord {
-    pub id: String,
-    pub kind: String,
-    pub shard: i32,
-    pub state: String,
-    pub input: Value,
-    /// Outputs of succeeded steps, by step name.
-    pub outputs: Map<String, Value>,
-    pub next_step: usize,
-    pub version: i64,
-    pub error: Option<String>,
-    /// No step starts after this instant; the saga fails instead.
-    pub deadline: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-}
-
-impl SagaRecord {
-    pub fn from_row(row: instance::Model) -> Result<Self, JournalError> {
-        let input = serde_json::from_str(&row.input)
-            .map_err(|e| JournalError::Corrupt(format!("saga {} input: {e}", row.id)))?;
-        let outputs = match serde_json::from_str(&row.outputs) {
-            Ok(Value::Object(m)) => m,
-            _ => return Err(JournalError::Corrupt(format!("saga {} outputs", row.id))),
-        };
-        Ok(Self {
-            next_step: usize::try_from(row.next_step).unwrap_or(0),
-            id: row.id,
-            kind: row.kind,
-            shard: row.shard,
-            state: row.state,
-            input,
-            outputs,
-            version: row.version,
-            error: row.error,
-            deadline: row.deadline,
-            created_at: row.created_at,
-        })
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.state != RUNNING
-    }
-}
+use crate::clock::Clock;
+use crate::retry::{RetryPolicy, StepError};
+use crate::store::{
+    Attempt, Change, Fence, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Signal,
+    Store, Write, Written,
+};
+use crate::{CANCELLED, COMPLETED, FAILED, RUNNING};
 
 /// One step: an idempotent action (a retry or a replay has no second effect downstream).
 #[async_trait]
@@ -82,20 +45,67 @@ pub enum Lifecycle {
         step: &'static str,
         reason: String,
     },
-    /// Stopped on request before completing.
+    /// Stopped on request (a running saga before completing, or a completed one to be undone).
     Cancelled {
         reason: String,
     },
+    /// A signal changed the input and sent the saga back to an earlier step.
+    Rewound {
+        detail: String,
+    },
+}
+
+/// What a signal does to a saga, decided by the application.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SignalAction {
+    /// Stop and undo: a running or completed saga becomes cancelled.
+    Cancel { reason: String },
+    /// New input; the saga runs again from `to_step` (or from where it is, if that is earlier).
+    /// A completed saga runs again.
+    Rewind {
+        input: Value,
+        to_step: usize,
+        /// A new deadline, when the change moves it.
+        deadline: Option<DateTime<Utc>>,
+        detail: String,
+    },
+    /// Nothing to do (logged with the reason).
+    Ignore { why: String },
 }
 
 /// Application hooks.
 pub trait Hooks<C>: Send + Sync {
     /// Messages to commit with this change (lifecycle events, compensation requests).
     fn announce(&self, ctx: &C, saga: &SagaRecord, change: &Lifecycle) -> Vec<OutboxMessage>;
-    /// Checked before every attempt: `Some(reason)` stops the saga as cancelled.
-    fn cancellation(&self, _ctx: &C, _saga: &SagaRecord) -> Option<String> {
-        None
+    /// What `signal` does to `saga` as it is now.
+    fn on_signal(&self, _ctx: &C, _saga: &SagaRecord, signal: &Signal) -> SignalAction {
+        SignalAction::Ignore {
+            why: format!("no handler for signal {}", signal.kind),
+        }
     }
+}
+
+/// Signals that reach a running saga from outside, taken at its step boundaries.
+pub trait Inbox: Send + Sync {
+    /// Whether signals wait for `id` (checked before every attempt).
+    fn has(&self, id: &str) -> bool;
+    /// The signals waiting for `id`, taken.
+    fn take(&self, id: &str) -> Vec<Signal>;
+    /// These signals are durable now (the write that recorded them committed).
+    fn recorded(&self, signals: &[Signal]);
+}
+
+/// An inbox that never has anything.
+pub struct NoInbox;
+
+impl Inbox for NoInbox {
+    fn has(&self, _: &str) -> bool {
+        false
+    }
+    fn take(&self, _: &str) -> Vec<Signal> {
+        Vec::new()
+    }
+    fn recorded(&self, _: &[Signal]) {}
 }
 
 /// A saga type: its steps in order and its hooks.
@@ -105,27 +115,61 @@ pub struct Saga<C> {
     pub hooks: Arc<dyn Hooks<C>>,
 }
 
+/// How the engine waits.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    /// A retry delay at least this long parks the saga in the journal (a durable timer) and ends
+    /// the run, so its slot is free for others; shorter ones are slept in place.
+    pub park_after: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            park_after: Duration::from_secs(1),
+        }
+    }
+}
+
 pub struct Engine<C> {
-    journal: Arc<Journal>,
+    store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     saga: Saga<C>,
+    settings: EngineSettings,
+    outbox_written: Arc<Notify>,
 }
 
 impl<C: Send + Sync> Engine<C> {
-    pub fn new(journal: Arc<Journal>, clock: Arc<dyn Clock>, saga: Saga<C>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        saga: Saga<C>,
+        settings: EngineSettings,
+    ) -> Self {
         Self {
-            journal,
+            store,
             clock,
             saga,
+            settings,
+            outbox_written: Arc::new(Notify::new()),
         }
     }
 
-    pub fn journal(&self) -> &Arc<Journal> {
-        &self.journal
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     pub fn kind(&self) -> &'static str {
         self.saga.kind
+    }
+
+    /// Notified after every write that put rows in the outbox (relays wait on it).
+    pub fn outbox_written(&self) -> Arc<Notify> {
+        self.outbox_written.clone()
     }
 
     /// Step names in order.
@@ -133,21 +177,62 @@ impl<C: Send + Sync> Engine<C> {
         self.saga.steps.iter().map(|s| s.name()).collect()
     }
 
+    async fn write(&self, write: Write) -> Result<Written, JournalError> {
+        let announces = !write.outbox.is_empty();
+        let r = self.store.write(write).await?;
+        if announces {
+            self.outbox_written.notify_waiters();
+        }
+        Ok(r)
+    }
+
+    /// The fenced update every change goes through: `saga` moves to version + 1 with `update`, the
+    /// attempts and the messages, or nothing happens. `saga` is updated in memory only on success.
+    async fn commit(
+        &self,
+        fence: Fence,
+        saga: &mut SagaRecord,
+        next: SagaRecord,
+        update: InstanceUpdate,
+        attempts: Vec<Attempt>,
+        outbox: Vec<OutboxMessage>,
+    ) -> Result<(), JournalError> {
+        let at = self.clock.now();
+        self.write(Write {
+            fence,
+            change: Change::Update {
+                id: saga.id.clone(),
+                expected_version: saga.version,
+                update,
+                at,
+            },
+            attempts,
+            outbox,
+        })
+        .await?;
+        *saga = next;
+        saga.version += 1;
+        saga.updated_at = at;
+        Ok(())
+    }
+
     /// Records a new saga, idempotently. `None` when a saga with this id already exists (a replay):
-    /// nothing is written and nothing should run twice.
+    /// nothing is written and nothing should run twice. With `wake_at` the saga starts parked (it
+    /// runs when a timer loop finds it due).
     pub async fn start(
         &self,
         ctx: &C,
+        fence: Fence,
         id: &str,
-        shard: i32,
         input: Value,
         deadline: Option<DateTime<Utc>>,
+        wake_at: Option<DateTime<Utc>>,
     ) -> Result<Option<SagaRecord>, JournalError> {
         let now = self.clock.now();
         let record = SagaRecord {
             id: id.to_owned(),
             kind: self.saga.kind.to_owned(),
-            shard,
+            shard: fence.shard,
             state: RUNNING.to_owned(),
             input,
             outputs: Map::new(),
@@ -155,111 +240,137 @@ impl<C: Send + Sync> Engine<C> {
             version: 1,
             error: None,
             deadline,
+            wake_at,
+            signals: Vec::new(),
             created_at: now,
+            updated_at: now,
         };
-        // The announcement commits with the start, and only if the start is new (a replay writes
-        // nothing): one journal write, so one group commit to wait for.
-        let announce = self.saga.hooks.announce(ctx, &record, &Lifecycle::Started);
-        let ops = vec![Op::Start(
-            Box::new(instance::Model {
-                id: record.id.clone(),
-                kind: record.kind.clone(),
-                shard,
-                state: record.state.clone(),
-                input: record.input.to_string(),
-                outputs: "{}".into(),
-                next_step: 0,
-                version: 1,
-                error: None,
-                deadline,
-                created_at: now,
-                updated_at: now,
-            }),
-            announce,
-        )];
-        let created = self.journal.write(ops).await?;
-        if created.first().copied() != Some(true) {
-            return Ok(None);
-        }
-        Ok(Some(record))
+        // The announcement commits with the start, and only if the start is new.
+        let outbox = self.saga.hooks.announce(ctx, &record, &Lifecycle::Started);
+        let written = self
+            .write(Write {
+                fence,
+                change: Change::Start(Box::new(record.clone())),
+                attempts: Vec::new(),
+                outbox,
+            })
+            .await?;
+        Ok((written == Written::Created).then_some(record))
     }
 
-    fn announce(&self, ctx: &C, saga: &SagaRecord, change: &Lifecycle) -> Vec<Op> {
-        self.saga
-            .hooks
-            .announce(ctx, saga, change)
-            .into_iter()
-            .map(Op::Outbox)
-            .collect()
+    /// Records signals for a saga that no task is running: they wait in the journal and the saga
+    /// is due at once, so the timer loop runs it and it applies them.
+    pub async fn signal(
+        &self,
+        fence: Fence,
+        saga: &mut SagaRecord,
+        signals: Vec<Signal>,
+    ) -> Result<(), JournalError> {
+        let mut next = saga.clone();
+        next.signals.extend(signals);
+        next.wake_at = Some(self.clock.now());
+        let update = InstanceUpdate {
+            signals: Some(next.signals.clone()),
+            wake_at: next.wake_at,
+            ..Default::default()
+        };
+        self.commit(fence, saga, next, update, Vec::new(), Vec::new())
+            .await
     }
 
-    /// Writes an application-level change (new state, input, deadline) with its messages.
+    /// An application-level change (control actions: a compensation outcome, a retry) with its
+    /// messages, fenced like every other write. `wake` makes the saga due at once.
     pub async fn update(
         &self,
+        fence: Fence,
         saga: &mut SagaRecord,
         mut update: InstanceUpdate,
         messages: Vec<OutboxMessage>,
+        wake: bool,
     ) -> Result<(), JournalError> {
-        saga.version += 1;
-        update.version = saga.version;
-        update.at = self.clock.now();
+        let mut next = saga.clone();
         if let Some(s) = &update.state {
-            saga.state = s.clone();
+            next.state = s.clone();
         }
         if let Some(i) = &update.input {
-            saga.input = i.clone();
+            next.input = i.clone();
         }
         if let Some(d) = update.deadline {
-            saga.deadline = d;
+            next.deadline = d;
         }
         if let Some(e) = &update.error {
-            saga.error = e.clone();
+            next.error = e.clone();
         }
-        let mut ops = vec![Op::Update {
-            id: saga.id.clone(),
-            update,
-        }];
-        ops.extend(messages.into_iter().map(Op::Outbox));
-        self.journal.write(ops).await.map(|_| ())
+        update.wake_at = if wake {
+            Some(self.clock.now())
+        } else {
+            saga.wake_at
+        };
+        next.wake_at = update.wake_at;
+        self.commit(fence, saga, next, update, Vec::new(), messages)
+            .await
     }
 
-    /// Runs `saga` from its next step to the end (completed, failed or cancelled). For a saga
-    /// loaded from the journal (a resume): the step it stopped in continues its attempt count from
-    /// the journal.
-    pub async fn run(&self, ctx: &C, saga: SagaRecord) -> Result<SagaRecord, JournalError> {
-        self.drive(ctx, saga, true).await
+    /// Runs `saga` until it finishes (completed, failed, cancelled) or parks on a timer, applying
+    /// its signals between steps. For a saga loaded from the journal (a resume, a timer): the step
+    /// it stopped in continues its attempt count and time budget from the journal.
+    pub async fn run(
+        &self,
+        ctx: &C,
+        fence: Fence,
+        saga: SagaRecord,
+        inbox: &dyn Inbox,
+    ) -> Result<SagaRecord, JournalError> {
+        self.drive(ctx, fence, saga, inbox, true).await
     }
 
     /// [`Engine::run`] for a saga that [`Engine::start`] has just recorded: its journal has no
     /// attempts yet, so none is read.
-    pub async fn run_started(&self, ctx: &C, saga: SagaRecord) -> Result<SagaRecord, JournalError> {
-        self.drive(ctx, saga, false).await
+    pub async fn run_started(
+        &self,
+        ctx: &C,
+        fence: Fence,
+        saga: SagaRecord,
+        inbox: &dyn Inbox,
+    ) -> Result<SagaRecord, JournalError> {
+        self.drive(ctx, fence, saga, inbox, false).await
     }
 
     async fn drive(
         &self,
         ctx: &C,
+        fence: Fence,
         mut saga: SagaRecord,
+        inbox: &dyn Inbox,
         mut journaled_attempts: bool,
     ) -> Result<SagaRecord, JournalError> {
-        while !saga.is_finished() {
+        'steps: loop {
+            if !saga.signals.is_empty() || inbox.has(&saga.id) {
+                self.apply_signals(ctx, fence, &mut saga, inbox).await?;
+                // A rewound step may have attempts from its earlier run: continue their numbers.
+                journaled_attempts = true;
+            }
+            if saga.is_finished() {
+                return Ok(saga);
+            }
             let Some(step) = self.saga.steps.get(saga.next_step).cloned() else {
-                self.finish(ctx, &mut saga, COMPLETED, None, Lifecycle::Completed)
+                self.finish(ctx, fence, &mut saga, COMPLETED, None, Lifecycle::Completed)
                     .await?;
-                break;
+                continue 'steps;
             };
             let index = i32::try_from(saga.next_step).unwrap_or(i32::MAX);
             let policy = step.policy();
-            let first_attempt_at = self.clock.now();
-            let mut delays = policy.delays();
-            // Only the step a resumed saga stopped in can have attempts in the journal: every later
-            // step starts here, in this run (one owner per partition, fenced by the lease).
-            let mut attempt_no = if journaled_attempts {
+            let (mut attempt_no, this_try, first) = if journaled_attempts {
                 self.attempts_so_far(&saga.id, index).await?
             } else {
-                0
+                (0, 0, None)
             };
             journaled_attempts = false;
+            let first_attempt_at = first.unwrap_or_else(|| self.clock.now());
+            // The back-off continues where the journal stopped, across parks and restarts.
+            let mut delays = policy
+                .delays_seeded(Some(jitter_seed(&saga.id, index)))
+                .skip(usize::try_from(this_try).unwrap_or(0));
             // One span per step: its attempts' downstream calls are its children, retries are
             // events in it, and it ends with the last attempt's number and outcome.
             let step_span = tracing::info_span!(
@@ -272,16 +383,8 @@ impl<C: Send + Sync> Engine<C> {
                 outcome = tracing::field::Empty,
             );
             loop {
-                if let Some(reason) = self.saga.hooks.cancellation(ctx, &saga) {
-                    self.finish(
-                        ctx,
-                        &mut saga,
-                        CANCELLED,
-                        Some(reason.clone()),
-                        Lifecycle::Cancelled { reason },
-                    )
-                    .await?;
-                    return Ok(saga);
+                if inbox.has(&saga.id) {
+                    continue 'steps;
                 }
                 let started = self.clock.now();
                 if saga.deadline.is_some_and(|d| started >= d) {
@@ -289,17 +392,9 @@ impl<C: Send + Sync> Engine<C> {
                         "{}: deadline passed before the step could complete",
                         step.name()
                     );
-                    self.fail(
-                        ctx,
-                        &mut saga,
-                        step.name(),
-                        index,
-                        attempt_no + 1,
-                        started,
-                        reason,
-                    )
-                    .await?;
-                    return Ok(saga);
+                    self.fail(ctx, fence, &mut saga, step.name(), index, attempt_no + 1, started, reason)
+                        .await?;
+                    continue 'steps;
                 }
                 attempt_no += 1;
                 step_span.record("attempt", attempt_no);
@@ -315,58 +410,43 @@ impl<C: Send + Sync> Engine<C> {
                 let finished = self.clock.now();
                 match outcome {
                     Ok(output) => {
-                        saga.outputs.insert(step.name().to_owned(), output);
-                        saga.next_step += 1;
-                        saga.version += 1;
-                        let last = saga.next_step >= self.saga.steps.len();
+                        let mut next = saga.clone();
+                        next.outputs.insert(step.name().to_owned(), output);
+                        next.next_step += 1;
+                        next.wake_at = None;
+                        let last = next.next_step >= self.saga.steps.len();
                         let change = if last {
-                            saga.state = COMPLETED.to_owned();
+                            next.state = COMPLETED.to_owned();
                             Lifecycle::Completed
                         } else {
                             Lifecycle::StepSucceeded { step: step.name() }
                         };
-                        let mut ops = vec![
-                            attempt_op(
-                                &saga.id,
-                                index,
-                                attempt_no,
-                                step.name(),
-                                "succeeded",
-                                None,
-                                started,
-                                finished,
-                            ),
-                            Op::Update {
-                                id: saga.id.clone(),
-                                update: InstanceUpdate {
-                                    state: last.then(|| COMPLETED.to_owned()),
-                                    outputs: Some(Value::Object(saga.outputs.clone())),
-                                    next_step: Some(
-                                        i32::try_from(saga.next_step).unwrap_or(i32::MAX),
-                                    ),
-                                    version: saga.version,
-                                    at: finished,
-                                    ..Default::default()
-                                },
-                            },
-                        ];
-                        ops.extend(self.announce(ctx, &saga, &change));
-                        self.journal.write(ops).await?;
-                        tracing::debug!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, "step succeeded");
-                        break;
-                    }
-                    Err(StepError::Permanent { reason }) => {
-                        self.fail(
-                            ctx,
-                            &mut saga,
-                            step.name(),
+                        let update = InstanceUpdate {
+                            state: last.then(|| COMPLETED.to_owned()),
+                            outputs: Some(Value::Object(next.outputs.clone())),
+                            next_step: Some(i32::try_from(next.next_step).unwrap_or(i32::MAX)),
+                            ..Default::default()
+                        };
+                        let attempt = attempt_row(
+                            &saga.id,
                             index,
                             attempt_no,
+                            step.name(),
+                            "succeeded",
+                            None,
                             started,
-                            reason,
-                        )
-                        .await?;
-                        return Ok(saga);
+                            finished,
+                        );
+                        let outbox = self.announced(ctx, &next, saga.version + 1, &change);
+                        self.commit(fence, &mut saga, next, update, vec![attempt], outbox)
+                            .await?;
+                        tracing::debug!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, "step succeeded");
+                        continue 'steps;
+                    }
+                    Err(StepError::Permanent { reason }) => {
+                        self.fail(ctx, fence, &mut saga, step.name(), index, attempt_no, started, reason)
+                            .await?;
+                        continue 'steps;
                     }
                     Err(StepError::Transient {
                         reason,
@@ -376,8 +456,7 @@ impl<C: Send + Sync> Engine<C> {
                             .next()
                             .map(|d| d.max(retry_after.unwrap_or_default()));
                         let resume = delay.map(|d| {
-                            finished
-                                + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+                            finished + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
                         });
                         let budget = chrono::Duration::from_std(policy.budget())
                             .unwrap_or(chrono::Duration::MAX);
@@ -394,60 +473,159 @@ impl<C: Send + Sync> Engine<C> {
                         if let Some(why) = why_stop {
                             let reason =
                                 format!("{reason} (gave up after {attempt_no} attempts: {why})");
-                            self.fail(
-                                ctx,
-                                &mut saga,
-                                step.name(),
-                                index,
-                                attempt_no,
-                                started,
-                                reason,
-                            )
-                            .await?;
-                            return Ok(saga);
+                            self.fail(ctx, fence, &mut saga, step.name(), index, attempt_no, started, reason)
+                                .await?;
+                            continue 'steps;
                         }
-                        self.journal
-                            .write(vec![attempt_op(
-                                &saga.id,
-                                index,
-                                attempt_no,
-                                step.name(),
-                                "transient",
-                                Some(reason.clone()),
-                                started,
-                                finished,
-                            )])
+                        let delay = delay.unwrap_or_default();
+                        // A long wait parks the saga: durable, and its slot goes to others.
+                        let park = delay >= self.settings.park_after;
+                        let mut next = saga.clone();
+                        next.wake_at = if park { resume } else { None };
+                        let update = InstanceUpdate {
+                            wake_at: next.wake_at,
+                            ..Default::default()
+                        };
+                        let attempt = attempt_row(
+                            &saga.id,
+                            index,
+                            attempt_no,
+                            step.name(),
+                            "transient",
+                            Some(reason.clone()),
+                            started,
+                            finished,
+                        );
+                        self.commit(fence, &mut saga, next, update, vec![attempt], Vec::new())
                             .await?;
                         step_span.in_scope(|| {
-                            tracing::info!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, reason, "step will be retried");
+                            tracing::info!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, reason, parked = park, "step will be retried");
                         });
-                        if let Some(d) = delay {
-                            self.clock.sleep(d).await;
+                        if park {
+                            return Ok(saga);
                         }
+                        self.clock.sleep(delay).await;
                     }
                 }
             }
         }
-        Ok(saga)
     }
 
-    async fn attempts_so_far(&self, id: &str, index: i32) -> Result<i32, JournalError> {
-        // After a restart, attempt numbers continue where the journal stopped.
-        Ok(self
-            .journal
-            .attempts(id)
-            .await?
-            .iter()
-            .filter(|a: &&attempt::Model| a.step_index == index)
-            .map(|a| a.attempt)
-            .max()
-            .unwrap_or(0))
+    /// Applies the saga's recorded signals and those waiting in `inbox`, in order, in one write.
+    async fn apply_signals(
+        &self,
+        ctx: &C,
+        fence: Fence,
+        saga: &mut SagaRecord,
+        inbox: &dyn Inbox,
+    ) -> Result<(), JournalError> {
+        let incoming = inbox.take(&saga.id);
+        let mut next = saga.clone();
+        let signals: Vec<Signal> = std::mem::take(&mut next.signals)
+            .into_iter()
+            .chain(incoming.iter().cloned())
+            .collect();
+        let mut update = InstanceUpdate {
+            signals: Some(Vec::new()),
+            ..Default::default()
+        };
+        let mut change = None;
+        for signal in &signals {
+            match self.saga.hooks.on_signal(ctx, &next, signal) {
+                SignalAction::Cancel { reason }
+                    if next.state == RUNNING || next.state == COMPLETED =>
+                {
+                    next.state = CANCELLED.to_owned();
+                    next.error = Some(reason.clone());
+                    update.state = Some(CANCELLED.to_owned());
+                    update.error = Some(Some(reason.clone()));
+                    change = Some(Lifecycle::Cancelled { reason });
+                }
+                SignalAction::Rewind {
+                    input,
+                    to_step,
+                    deadline,
+                    detail,
+                } if next.state == RUNNING || next.state == COMPLETED => {
+                    if next.state == COMPLETED {
+                        next.state = RUNNING.to_owned();
+                        next.next_step = to_step;
+                        update.state = Some(RUNNING.to_owned());
+                    } else {
+                        next.next_step = next.next_step.min(to_step);
+                    }
+                    next.input = input;
+                    update.input = Some(next.input.clone());
+                    if let Some(d) = deadline {
+                        next.deadline = Some(d);
+                        update.deadline = Some(Some(d));
+                    }
+                    update.next_step = Some(i32::try_from(next.next_step).unwrap_or(i32::MAX));
+                    change = Some(Lifecycle::Rewound { detail });
+                }
+                SignalAction::Cancel { .. } | SignalAction::Rewind { .. } => {
+                    tracing::info!(saga_id = %saga.id, kind = %signal.kind, state = %next.state, "signal has nothing to act on");
+                }
+                SignalAction::Ignore { why } => {
+                    tracing::info!(saga_id = %saga.id, kind = %signal.kind, why, "signal ignored");
+                }
+            }
+        }
+        next.wake_at = None;
+        // One write, so one version: only the last change is announced.
+        let outbox = change
+            .map(|c| self.announced(ctx, &next, saga.version + 1, &c))
+            .unwrap_or_default();
+        self.commit(fence, saga, next, update, Vec::new(), outbox)
+            .await?;
+        inbox.recorded(&incoming);
+        Ok(())
+    }
+
+    /// The messages announcing `change`, as they will read once `next` is written at `version`.
+    fn announced(
+        &self,
+        ctx: &C,
+        next: &SagaRecord,
+        version: i64,
+        change: &Lifecycle,
+    ) -> Vec<OutboxMessage> {
+        let mut view = next.clone();
+        view.version = version;
+        self.saga.hooks.announce(ctx, &view, change)
+    }
+
+    /// After a restart or a park, attempt numbers continue where the journal stopped. Returns the
+    /// last attempt number of the step, how many attempts the current try has made (since the step
+    /// last succeeded or failed for good: a rewound or retried step starts a new try) and when the
+    /// current try's first attempt started (its time budget counts from there).
+    async fn attempts_so_far(
+        &self,
+        id: &str,
+        index: i32,
+    ) -> Result<(i32, i32, Option<DateTime<Utc>>), JournalError> {
+        let attempts = self.store.attempts(id).await?;
+        let mut last = 0;
+        let mut current = 0;
+        let mut first = None;
+        for a in attempts.iter().filter(|a| a.step_index == index) {
+            last = last.max(a.attempt);
+            if a.outcome == "transient" {
+                current += 1;
+                first = first.or(Some(a.started_at));
+            } else {
+                current = 0;
+                first = None;
+            }
+        }
+        Ok((last, current, first))
     }
 
     #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
         ctx: &C,
+        fence: Fence,
         saga: &mut SagaRecord,
         step: &'static str,
         index: i32,
@@ -456,40 +634,36 @@ impl<C: Send + Sync> Engine<C> {
         reason: String,
     ) -> Result<(), JournalError> {
         let finished = self.clock.now();
-        saga.state = FAILED.to_owned();
-        saga.error = Some(format!("{step}: {reason}"));
-        saga.version += 1;
-        let mut ops = vec![
-            attempt_op(
-                &saga.id,
-                index,
-                attempt_no,
-                step,
-                "permanent",
-                Some(reason.clone()),
-                started,
-                finished,
-            ),
-            Op::Update {
-                id: saga.id.clone(),
-                update: InstanceUpdate {
-                    state: Some(FAILED.to_owned()),
-                    error: Some(saga.error.clone()),
-                    version: saga.version,
-                    at: finished,
-                    ..Default::default()
-                },
-            },
-        ];
-        ops.extend(self.announce(
+        let mut next = saga.clone();
+        next.state = FAILED.to_owned();
+        next.error = Some(format!("{step}: {reason}"));
+        next.wake_at = None;
+        let update = InstanceUpdate {
+            state: Some(FAILED.to_owned()),
+            error: Some(next.error.clone()),
+            ..Default::default()
+        };
+        let attempt = attempt_row(
+            &saga.id,
+            index,
+            attempt_no,
+            step,
+            "permanent",
+            Some(reason.clone()),
+            started,
+            finished,
+        );
+        let outbox = self.announced(
             ctx,
-            saga,
+            &next,
+            saga.version + 1,
             &Lifecycle::Failed {
                 step,
                 reason: reason.clone(),
             },
-        ));
-        self.journal.write(ops).await?;
+        );
+        self.commit(fence, saga, next, update, vec![attempt], outbox)
+            .await?;
         tracing::warn!(saga_id = %saga.id, step, reason, "saga failed");
         Ok(())
     }
@@ -497,31 +671,29 @@ impl<C: Send + Sync> Engine<C> {
     async fn finish(
         &self,
         ctx: &C,
+        fence: Fence,
         saga: &mut SagaRecord,
         state: &str,
         error: Option<String>,
         change: Lifecycle,
     ) -> Result<(), JournalError> {
-        saga.state = state.to_owned();
-        saga.error = error.clone();
-        saga.version += 1;
-        let mut ops = vec![Op::Update {
-            id: saga.id.clone(),
-            update: InstanceUpdate {
-                state: Some(state.to_owned()),
-                error: Some(error),
-                version: saga.version,
-                at: self.clock.now(),
-                ..Default::default()
-            },
-        }];
-        ops.extend(self.announce(ctx, saga, &change));
-        self.journal.write(ops).await.map(|_| ())
+        let mut next = saga.clone();
+        next.state = state.to_owned();
+        next.error = error.clone();
+        next.wake_at = None;
+        let update = InstanceUpdate {
+            state: Some(state.to_owned()),
+            error: Some(error),
+            ..Default::default()
+        };
+        let outbox = self.announced(ctx, &next, saga.version + 1, &change);
+        self.commit(fence, saga, next, update, Vec::new(), outbox)
+            .await
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attempt_op(
+fn attempt_row(
     saga_id: &str,
     index: i32,
     attempt_no: i32,
@@ -530,8 +702,8 @@ fn attempt_op(
     error: Option<String>,
     started: DateTime<Utc>,
     finished: DateTime<Utc>,
-) -> Op {
-    Op::Attempt(attempt::Model {
+) -> Attempt {
+    Attempt {
         saga_id: saga_id.to_owned(),
         step_index: index,
         attempt: attempt_no,
@@ -540,5 +712,14 @@ fn attempt_op(
         error,
         started_at: started,
         finished_at: finished,
-    })
+    }
+}
+
+/// The seed of a step's back-off jitter: stable per saga and step (FNV-1a).
+fn jitter_seed(id: &str, index: i32) -> u64 {
+    id.bytes()
+        .chain(index.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }

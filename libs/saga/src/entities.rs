@@ -1,4 +1,5 @@
-//! The journal's tables: saga instances, every step attempt, and the transactional outbox.
+//! The journal's tables: saga instances, every step attempt, the transactional outbox and the
+//! shard leases.
 
 pub mod instance {
     use sea_orm::entity::prelude::*;
@@ -27,6 +28,11 @@ pub mod instance {
         pub deadline: Option<ChronoDateTimeUtc>,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
+        /// A parked saga's wake-up time (Unix ms): a durable timer.
+        pub wake_at_ms: Option<i64>,
+        /// Signals recorded but not yet applied (JSON array).
+        #[sea_orm(column_type = "Text")]
+        pub signals: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -70,11 +76,36 @@ pub mod outbox {
         #[sea_orm(primary_key)]
         pub seq: i64,
         /// Where the relay sends it (a log or queue name the application understands).
+        /// The shard whose owner relays it.
+        pub shard: i32,
         pub destination: String,
         pub key: String,
         #[sea_orm(column_type = "Text")]
         pub payload: String,
         pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod shard {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "saga_shards")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub shard: i32,
+        pub owner: String,
+        /// Fencing token: grows every time the lease changes hands.
+        pub epoch: i64,
+        pub expires_at_ms: i64,
+        /// The first position not yet durably recorded: (offset, index).
+        pub checkpoint_offset: i64,
+        pub checkpoint_index: i32,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,27 +1,37 @@
 //! A small durable-workflow engine. A saga is a list of steps, each an idempotent action with a
-//! retry policy; the engine journals every attempt and result through sea-orm (PostgreSQL or
-//! SQLite), classifies failures as transient (retried with exponential backoff and jitter within
-//! a per-step attempt and time budget, and never past the saga's deadline) or permanent, commits
-//! state changes together with the messages announcing them (transactional outbox), and resumes
-//! unfinished sagas from their journal. Time comes through [`Clock`], so tests run retries and
-//! deadlines on virtual time.
+//! retry policy; the engine journals every attempt and result, classifies failures as transient
+//! (retried with exponential backoff and jitter within a per-step attempt and time budget, and
+//! never past the saga's deadline) or permanent, commits state changes together with the messages
+//! announcing them (transactional outbox), parks waiting sagas in the journal with a wake-up time
+//! (durable timers), applies signals (cancel, change) between steps, and resumes unfinished sagas
+//! from their journal. Time comes through [`Clock`], so tests run on virtual time.
 //!
-//! Journal writes use group commit (see [`journal`]): thousands of sagas can make progress per
-//! second on a database that manages only a few thousand commits per second.
+//! Storage is the [`Store`] trait: [`SqlStore`] (PostgreSQL or SQLite, group commit) and
+//! [`MemoryStore`] (deterministic, for simulations). Every write is fenced by the shard lease's
+//! epoch and the saga's version (see [`store`]).
 
 mod clock;
 mod engine;
-pub mod entities;
-pub mod journal;
+mod entities;
+pub mod memory;
 mod migration;
 pub mod outbox;
 mod retry;
+mod sql;
+pub mod store;
 
-pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{Engine, Hooks, Lifecycle, Saga, SagaRecord, Step};
-pub use journal::{InstanceUpdate, Journal, JournalError, Op, OutboxMessage};
+pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
+pub use engine::{
+    Engine, EngineSettings, Hooks, Inbox, Lifecycle, NoInbox, Saga, SignalAction, Step,
+};
+pub use memory::MemoryStore;
 pub use migration::migrations;
 pub use retry::{RetryPolicy, StepError};
+pub use sql::SqlStore;
+pub use store::{
+    Attempt, Change, Fence, InstanceUpdate, JournalError, Lease, LeaseRow, ListFilter,
+    OutboxMessage, OutboxRow, Position, SagaRecord, Signal, Store, Write, Written,
+};
 
 /// Engine states of a saga instance.
 pub const RUNNING: &str = "running";

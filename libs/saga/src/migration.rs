@@ -8,7 +8,7 @@ use sea_orm_migration::schema::{
 
 /// The journal migrations, in order. Never edit one that has shipped; add a new one.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(CreateJournal)]
+    vec![Box::new(CreateJournal), Box::new(FencedJournal)]
 }
 
 #[derive(DeriveIden)]
@@ -137,6 +137,137 @@ impl MigrationTrait for CreateJournal {
         ] {
             manager
                 .drop_table(Table::drop().table(t).to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Durable timers and signals on the instance, the outbox row's shard (its owner relays it), and
+/// the shard leases whose epoch fences every write.
+struct FencedJournal;
+
+impl MigrationName for FencedJournal {
+    fn name(&self) -> &str {
+        "m20261205_100001_fenced_journal"
+    }
+}
+
+#[derive(DeriveIden)]
+enum SagaShards {
+    Table,
+    Shard,
+    Owner,
+    Epoch,
+    ExpiresAtMs,
+    CheckpointOffset,
+    CheckpointIndex,
+}
+
+#[derive(DeriveIden)]
+enum Added {
+    WakeAtMs,
+    Signals,
+    Shard,
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for FencedJournal {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(SagaInstances::Table)
+                    .add_column(ColumnDef::new(Added::WakeAtMs).big_integer().null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(SagaInstances::Table)
+                    .add_column(
+                        ColumnDef::new(Added::Signals)
+                            .text()
+                            .not_null()
+                            .default("[]"),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("saga_instances_shard_wake")
+                    .table(SagaInstances::Table)
+                    .col(SagaInstances::Shard)
+                    .col(Added::WakeAtMs)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(SagaOutbox::Table)
+                    .add_column(
+                        ColumnDef::new(Added::Shard)
+                            .integer()
+                            .not_null()
+                            .default(-1),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // Rows written before this migration go to the owner of their saga's shard.
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "UPDATE saga_outbox SET shard = COALESCE((SELECT i.shard FROM saga_instances i \
+                 WHERE i.id = saga_outbox.key), 0) WHERE shard = -1",
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("saga_outbox_shard_seq")
+                    .table(SagaOutbox::Table)
+                    .col(Added::Shard)
+                    .col(SagaOutbox::Seq)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(SagaShards::Table)
+                    .if_not_exists()
+                    .col(integer(SagaShards::Shard).primary_key())
+                    .col(string_len(SagaShards::Owner, 128))
+                    .col(big_integer(SagaShards::Epoch))
+                    .col(big_integer(SagaShards::ExpiresAtMs))
+                    .col(big_integer(SagaShards::CheckpointOffset))
+                    .col(integer(SagaShards::CheckpointIndex))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(SagaShards::Table).to_owned())
+            .await?;
+        manager
+            .drop_index(Index::drop().name("saga_outbox_shard_seq").table(SagaOutbox::Table).to_owned())
+            .await?;
+        manager
+            .alter_table(Table::alter().table(SagaOutbox::Table).drop_column(Added::Shard).to_owned())
+            .await?;
+        manager
+            .drop_index(Index::drop().name("saga_instances_shard_wake").table(SagaInstances::Table).to_owned())
+            .await?;
+        for c in [Added::Signals, Added::WakeAtMs] {
+            manager
+                .alter_table(Table::alter().table(SagaInstances::Table).drop_column(c).to_owned())
                 .await?;
         }
         Ok(())

@@ -69,6 +69,12 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The delays before attempts 2, 3, ...
     pub fn delays(&self) -> impl Iterator<Item = Duration> {
+        self.delays_seeded(None)
+    }
+
+    /// [`RetryPolicy::delays`] with the jitter drawn from `seed` (the engine seeds it per saga
+    /// and step: different sagas still spread out, and a replayed run waits the same).
+    pub fn delays_seeded(&self, seed: Option<u64>) -> impl Iterator<Item = Duration> {
         let mut builder = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.min_delay_ms))
             .with_max_delay(Duration::from_millis(
@@ -77,6 +83,9 @@ impl RetryPolicy {
             .with_max_times(self.max_attempts.saturating_sub(1) as usize);
         if self.jitter {
             builder = builder.with_jitter();
+            if let Some(seed) = seed {
+                builder = builder.with_jitter_seed(seed);
+            }
         }
         builder.build()
     }

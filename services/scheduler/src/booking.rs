@@ -1,18 +1,25 @@
 //! The booking saga: CheckAccount → RegisterPackage → ReserveDrone → CreateDelivery against the
-//! real services. Every resource id is the deliveryId, so a retried or replayed step finds what
-//! an earlier attempt made instead of making a second one.
+//! domain services. Every resource id is the deliveryId, so a retried or replayed step finds what
+//! an earlier attempt made instead of making a second one. Cancel and reschedule arrive as signals
+//! the engine applies between steps: a cancel stops (or undoes) the booking, a reschedule changes
+//! the input and runs the saga again from ReserveDrone (moving the window), and CreateDelivery of a
+//! rescheduled booking updates the delivery it created.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use contracts::{
-    AccountStatus, DeliveryRequested, DeliveryUpsert, DroneReservationRequest, PackageUpsert,
-    RequestState, WorkflowStateChanged, WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED,
+    AccountStatus, BookingStep, CompensationRequest, DeliveryPatch, DeliveryRequested,
+    DeliveryRescheduled, DeliveryUpsert, DroneReservationRequest, PackageUpsert, RequestState,
+    SagaState, WorkflowStateChanged, COMPENSATIONS_QUEUE, COMPENSATION_REQUESTED,
+    DELIVERY_CANCELLED, DELIVERY_RESCHEDULED, WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED,
 };
-use downstream::{CallError, Downstream};
+use downstream::{CallError, Domain};
 use messaging::Envelope;
-use saga::{Hooks, Lifecycle, OutboxMessage, RetryPolicy, SagaRecord, Step, StepError};
+use saga::{
+    Hooks, Lifecycle, OutboxMessage, RetryPolicy, SagaRecord, Signal, SignalAction, Step,
+    StepError,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -20,43 +27,65 @@ use crate::metrics::Metrics;
 use crate::StepPolicies;
 
 pub const KIND: &str = "booking";
-pub const CHECK_ACCOUNT: &str = "CheckAccount";
-pub const REGISTER_PACKAGE: &str = "RegisterPackage";
-pub const RESERVE_DRONE: &str = "ReserveDrone";
-pub const CREATE_DELIVERY: &str = "CreateDelivery";
-/// Queue of compensation requests for the Supervisor.
-pub const COMPENSATIONS_QUEUE: &str = "supervisor.compensations";
-/// Event type of [`CompensationRequest`].
-pub const COMPENSATION_REQUESTED: &str = "saga.compensation-requested";
 
-/// What the Supervisor must undo, in the order the steps succeeded.
+/// The stable reason of a booking that found no drone within the capacity wait.
+pub const NO_DRONE_AVAILABLE: &str = "no-drone-available";
+
+/// A booking saga's input: the request as accepted, its trace, and how often it was rescheduled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CompensationRequest {
-    pub delivery_id: uuid::Uuid,
-    pub owner_id: String,
-    /// Steps that succeeded and have an effect to undo (CheckAccount has none).
-    pub succeeded_steps: Vec<String>,
-    /// The step that was under way when the saga stopped, if it has an effect to undo: an attempt
-    /// may have reached the service (a timeout, a crash before the result was journaled) even
-    /// though it is not recorded as succeeded. Undoing it is safe: an undo of nothing is a no-op.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub in_doubt_steps: Vec<String>,
-    pub reason: String,
-    pub saga_version: i64,
+pub struct BookingInput {
+    #[serde(flatten)]
+    pub request: DeliveryRequested,
+    /// The booking's W3C `traceparent`, so a resumed saga stays in the booking's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// Reschedules applied so far; the delivery of a rescheduled booking is updated, not created.
+    #[serde(default)]
+    pub revision: u32,
 }
 
-/// What steps share: the downstream clients, cancellations, metrics.
+impl BookingInput {
+    pub fn of(saga: &SagaRecord) -> Result<Self, StepError> {
+        serde_json::from_value(saga.input.clone())
+            .map_err(|e| StepError::permanent(format!("saga input is not a booking: {e}")))
+    }
+
+    /// The trace id (`00-<trace id>-<span id>-<flags>`).
+    pub fn trace_id(&self) -> Option<String> {
+        let id = self.traceparent.as_deref()?.split('-').nth(1)?;
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+    }
+
+    /// This booking with a reschedule applied.
+    pub fn rescheduled(&self, change: &DeliveryRescheduled) -> Self {
+        let mut next = self.clone();
+        let r = &mut next.request;
+        if let Some(t) = change.pickup_time {
+            r.pickup_time = t;
+        }
+        if let Some(v) = &change.pickup_location {
+            r.pickup_location = v.clone();
+        }
+        if let Some(v) = &change.drop_off_location {
+            r.drop_off_location = v.clone();
+        }
+        if let Some(v) = &change.deadline {
+            r.deadline = v.clone();
+        }
+        next.revision += 1;
+        next
+    }
+}
+
+/// What steps share: the domain services and the metrics.
 pub struct Ctx {
-    pub downstream: Downstream,
-    /// Cancellations received while sagas run, by deliveryId.
-    pub cancellations: Mutex<HashMap<String, String>>,
+    pub domain: Arc<dyn Domain>,
     pub metrics: Arc<Metrics>,
 }
 
 fn booking(saga: &SagaRecord) -> Result<DeliveryRequested, StepError> {
-    serde_json::from_value(saga.input.clone())
-        .map_err(|e| StepError::permanent(format!("saga input is not a booking: {e}")))
+    BookingInput::of(saga).map(|b| b.request)
 }
 
 fn step_error(e: CallError) -> StepError {
@@ -73,13 +102,13 @@ fn step_error(e: CallError) -> StepError {
 }
 
 /// Wraps a step's action with its metrics.
-struct Metered<S> {
-    inner: S,
+struct Metered<S: ?Sized> {
+    inner: Box<S>,
     metrics: Arc<Metrics>,
 }
 
 #[async_trait]
-impl<S: Step<Ctx>> Step<Ctx> for Metered<S> {
+impl<S: Step<Ctx> + ?Sized> Step<Ctx> for Metered<S> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -107,7 +136,7 @@ struct CreateDelivery(RetryPolicy);
 #[async_trait]
 impl Step<Ctx> for CheckAccount {
     fn name(&self) -> &'static str {
-        CHECK_ACCOUNT
+        BookingStep::CheckAccount.as_str()
     }
     fn policy(&self) -> RetryPolicy {
         self.0
@@ -115,7 +144,7 @@ impl Step<Ctx> for CheckAccount {
     async fn run(&self, ctx: &Ctx, saga: &SagaRecord) -> Result<Value, StepError> {
         let b = booking(saga)?;
         let account = ctx
-            .downstream
+            .domain
             .account(&b.owner_id)
             .await
             .map_err(step_error)?;
@@ -133,7 +162,7 @@ impl Step<Ctx> for CheckAccount {
 #[async_trait]
 impl Step<Ctx> for RegisterPackage {
     fn name(&self) -> &'static str {
-        REGISTER_PACKAGE
+        BookingStep::RegisterPackage.as_str()
     }
     fn policy(&self) -> RetryPolicy {
         self.0
@@ -149,7 +178,7 @@ impl Step<Ctx> for RegisterPackage {
             tag: b.package_info.tag.clone(),
         };
         let p = ctx
-            .downstream
+            .domain
             .put_package(&id, &body)
             .await
             .map_err(step_error)?;
@@ -160,7 +189,7 @@ impl Step<Ctx> for RegisterPackage {
 #[async_trait]
 impl Step<Ctx> for ReserveDrone {
     fn name(&self) -> &'static str {
-        RESERVE_DRONE
+        BookingStep::ReserveDrone.as_str()
     }
     fn policy(&self) -> RetryPolicy {
         self.0
@@ -178,7 +207,7 @@ impl Step<Ctx> for ReserveDrone {
             owner_id: Some(b.owner_id.clone()),
         };
         let r = ctx
-            .downstream
+            .domain
             .reserve_drone(&id, &body)
             .await
             .map_err(step_error)?;
@@ -189,16 +218,19 @@ impl Step<Ctx> for ReserveDrone {
 #[async_trait]
 impl Step<Ctx> for CreateDelivery {
     fn name(&self) -> &'static str {
-        CREATE_DELIVERY
+        BookingStep::CreateDelivery.as_str()
     }
     fn policy(&self) -> RetryPolicy {
         self.0
     }
     async fn run(&self, ctx: &Ctx, saga: &SagaRecord) -> Result<Value, StepError> {
-        let b = booking(saga)?;
+        let input = BookingInput::of(saga)?;
+        let b = &input.request;
         let id = b.delivery_id.to_string();
-        let drone_id = saga.outputs[RESERVE_DRONE]["droneId"]
-            .as_str()
+        let drone_id = saga
+            .outputs
+            .get(BookingStep::ReserveDrone.as_str())
+            .and_then(|o| o["droneId"].as_str())
             .ok_or_else(|| StepError::permanent("no drone in the ReserveDrone output"))?
             .to_owned();
         let body = DeliveryUpsert {
@@ -212,62 +244,86 @@ impl Step<Ctx> for CreateDelivery {
             package_id: id.clone(),
             drone_id: drone_id.clone(),
         };
-        ctx.downstream
+        ctx.domain
             .put_delivery(&id, &body)
             .await
             .map_err(step_error)?;
-        Ok(json!({"deliveryId": id, "droneId": drone_id}))
+        if input.revision > 0 {
+            // Rescheduled: the PUT found the delivery an earlier run made (or made it with the new
+            // values); either way the delivery now takes the new values and drone.
+            let patch = DeliveryPatch {
+                pickup_time: Some(b.pickup_time),
+                deadline: (!b.deadline.is_empty()).then(|| b.deadline.clone()),
+                pickup_location: Some(b.pickup_location.clone()),
+                drop_off_location: Some(b.drop_off_location.clone()),
+                drone_id: Some(drone_id.clone()),
+            };
+            ctx.domain
+                .reschedule_delivery(&id, &patch)
+                .await
+                .map_err(step_error)?;
+        }
+        Ok(json!({"deliveryId": id, "droneId": drone_id, "revision": input.revision}))
     }
 }
 
 /// The steps, in order, with their policies and metrics.
 pub fn steps(policies: &StepPolicies, metrics: &Arc<Metrics>) -> Vec<Arc<dyn Step<Ctx>>> {
-    let m = |s: Arc<dyn Step<Ctx>>| s;
+    let metered = |s: Box<dyn Step<Ctx>>| -> Arc<dyn Step<Ctx>> {
+        Arc::new(Metered {
+            inner: s,
+            metrics: metrics.clone(),
+        })
+    };
     vec![
-        m(Arc::new(Metered {
-            inner: CheckAccount(policies.account),
-            metrics: metrics.clone(),
-        })),
-        m(Arc::new(Metered {
-            inner: RegisterPackage(policies.package),
-            metrics: metrics.clone(),
-        })),
-        m(Arc::new(Metered {
-            inner: ReserveDrone(policies.drone),
-            metrics: metrics.clone(),
-        })),
-        m(Arc::new(Metered {
-            inner: CreateDelivery(policies.delivery),
-            metrics: metrics.clone(),
-        })),
+        metered(Box::new(CheckAccount(policies.account))),
+        metered(Box::new(RegisterPackage(policies.package))),
+        metered(Box::new(ReserveDrone(policies.drone))),
+        metered(Box::new(CreateDelivery(policies.delivery))),
     ]
+}
+
+/// The index of a step in the saga.
+pub fn index_of(step: BookingStep) -> usize {
+    BookingStep::ALL
+        .iter()
+        .position(|s| *s == step)
+        .unwrap_or(0)
 }
 
 /// Steps with something to undo, among the first `done` steps.
 pub fn undoable(done: usize) -> Vec<String> {
-    [REGISTER_PACKAGE, RESERVE_DRONE, CREATE_DELIVERY]
+    BookingStep::ALL
         .iter()
-        .enumerate()
-        .filter(|(i, _)| i + 1 < done)
-        .map(|(_, s)| (*s).to_owned())
+        .take(done)
+        .filter(|s| s.has_effect())
+        .map(|s| s.as_str().to_owned())
         .collect()
 }
 
 /// The step at `next` (the one a stopped saga was in), if it has something to undo.
 pub fn in_doubt(next: usize) -> Vec<String> {
-    undoable(next + 1)
-        .into_iter()
-        .filter(|s| !undoable(next).contains(s))
-        .collect()
+    BookingStep::ALL
+        .get(next)
+        .filter(|s| s.has_effect())
+        .map(|s| vec![s.as_str().to_owned()])
+        .unwrap_or_default()
 }
 
-/// A lifecycle event for the `workflow-events` log, as an outbox row.
+/// A lifecycle event for the `workflow-events` log, as an outbox row: the state the client sees,
+/// with the package and drone the saga holds so far.
 pub fn state_event(
     saga: &SagaRecord,
     state: RequestState,
     detail: Option<String>,
 ) -> Option<OutboxMessage> {
     let b = booking(saga).ok()?;
+    let output = |step: BookingStep, field: &str| {
+        saga.outputs
+            .get(step.as_str())
+            .and_then(|o| o[field].as_str())
+            .map(str::to_owned)
+    };
     let body = WorkflowStateChanged {
         delivery_id: b.delivery_id,
         owner_id: b.owner_id,
@@ -275,18 +331,34 @@ pub fn state_event(
         version: saga.version,
         detail,
         at: chrono::Utc::now(),
+        package_id: output(BookingStep::RegisterPackage, "packageId"),
+        drone_id: output(BookingStep::ReserveDrone, "droneId"),
     };
     envelope_message(WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED, &saga.id, &body)
 }
 
-/// A compensation request for the Supervisor, as an outbox row.
+/// A compensation request for the Supervisor, as an outbox row. Every step that ever succeeded
+/// is undone, also one past `next_step`: a rescheduled booking runs again from ReserveDrone while
+/// the delivery it created earlier still stands.
 pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
     let b = booking(saga).ok()?;
+    let succeeded: Vec<String> = BookingStep::ALL
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| {
+            s.has_effect() && (*i < saga.next_step || saga.outputs.contains_key(s.as_str()))
+        })
+        .map(|(_, s)| s.as_str().to_owned())
+        .collect();
+    let in_doubt = in_doubt(saga.next_step)
+        .into_iter()
+        .filter(|s| !succeeded.contains(s))
+        .collect();
     let body = CompensationRequest {
         delivery_id: b.delivery_id,
         owner_id: b.owner_id,
-        succeeded_steps: undoable(saga.next_step),
-        in_doubt_steps: in_doubt(saga.next_step),
+        succeeded_steps: succeeded,
+        in_doubt_steps: in_doubt,
         reason: reason.to_owned(),
         saga_version: saga.version,
     };
@@ -311,7 +383,18 @@ fn envelope_message(
     })
 }
 
-/// Lifecycle → workflow events and compensation requests, committed with each change.
+/// The reason a failed booking shows: the stable `no-drone-available` when the fleet had no drone
+/// for it within the wait, else the step and what went wrong.
+fn failure_detail(step: &str, reason: &str) -> String {
+    if step == BookingStep::ReserveDrone.as_str() && reason.contains(NO_DRONE_AVAILABLE) {
+        format!("{NO_DRONE_AVAILABLE}: {step}: {reason}")
+    } else {
+        format!("{step}: {reason}")
+    }
+}
+
+/// Lifecycle → workflow events and compensation requests, committed with each change; signals →
+/// what they do to the booking.
 pub struct BookingHooks;
 
 impl Hooks<Ctx> for BookingHooks {
@@ -325,11 +408,15 @@ impl Hooks<Ctx> for BookingHooks {
             Lifecycle::StepSucceeded { .. } => {}
             Lifecycle::Completed => {
                 ctx.metrics.finished("scheduled");
-                out.extend(state_event(saga, RequestState::Scheduled, None));
+                let detail = BookingInput::of(saga)
+                    .ok()
+                    .filter(|b| b.revision > 0)
+                    .map(|b| format!("rescheduled to {}", b.request.pickup_time.to_rfc3339()));
+                out.extend(state_event(saga, RequestState::Scheduled, detail));
             }
             Lifecycle::Failed { step, reason } => {
                 ctx.metrics.finished("failed");
-                let detail = format!("{step}: {reason}");
+                let detail = failure_detail(step, reason);
                 out.extend(state_event(
                     saga,
                     RequestState::Failed,
@@ -346,15 +433,59 @@ impl Hooks<Ctx> for BookingHooks {
                 ));
                 out.extend(compensation(saga, reason));
             }
+            Lifecycle::Rewound { detail } => {
+                out.extend(state_event(
+                    saga,
+                    RequestState::Scheduling,
+                    Some(detail.clone()),
+                ));
+            }
         }
         out
     }
 
-    fn cancellation(&self, ctx: &Ctx, saga: &SagaRecord) -> Option<String> {
-        if let Some(reason) = saga.input.get("cancelRequested").and_then(Value::as_str) {
-            return Some(reason.to_owned());
+    fn on_signal(&self, _ctx: &Ctx, saga: &SagaRecord, signal: &Signal) -> SignalAction {
+        let state = SagaState::parse(&saga.state);
+        let live = matches!(state, Some(SagaState::Running | SagaState::Completed));
+        match signal.kind.as_str() {
+            DELIVERY_CANCELLED if live => SignalAction::Cancel {
+                reason: "cancelled by the client".into(),
+            },
+            DELIVERY_RESCHEDULED if live => {
+                let change: DeliveryRescheduled = match serde_json::from_value(signal.payload.clone()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return SignalAction::Ignore {
+                            why: format!("undecodable reschedule: {e}"),
+                        }
+                    }
+                };
+                let current = match BookingInput::of(saga) {
+                    Ok(b) => b,
+                    Err(e) => return SignalAction::Ignore { why: e.to_string() },
+                };
+                let next = current.rescheduled(&change);
+                // A new time or place needs the drone window moved; a new deadline text only
+                // the delivery updated.
+                let moves = next.request.pickup_time != current.request.pickup_time
+                    || next.request.pickup_location != current.request.pickup_location
+                    || next.request.drop_off_location != current.request.drop_off_location;
+                let to = if moves {
+                    BookingStep::ReserveDrone
+                } else {
+                    BookingStep::CreateDelivery
+                };
+                SignalAction::Rewind {
+                    deadline: Some(next.request.pickup_time),
+                    detail: format!("rescheduling to {}", next.request.pickup_time.to_rfc3339()),
+                    input: serde_json::to_value(&next).unwrap_or(Value::Null),
+                    to_step: index_of(to),
+                }
+            }
+            other => SignalAction::Ignore {
+                why: format!("{other} on a {} booking: nothing to change", saga.state),
+            },
         }
-        ctx.cancellations.lock().ok()?.get(&saga.id).cloned()
     }
 }
 
@@ -364,24 +495,42 @@ mod tests {
 
     #[test]
     fn undoable_steps_follow_progress() {
+        let s = |v: &[BookingStep]| v.iter().map(|s| s.as_str().to_owned()).collect::<Vec<_>>();
         assert!(undoable(0).is_empty());
         assert!(undoable(1).is_empty(), "CheckAccount has nothing to undo");
-        assert_eq!(undoable(3), vec![REGISTER_PACKAGE, RESERVE_DRONE]);
+        assert_eq!(
+            undoable(3),
+            s(&[BookingStep::RegisterPackage, BookingStep::ReserveDrone])
+        );
         assert_eq!(
             undoable(4),
-            vec![REGISTER_PACKAGE, RESERVE_DRONE, CREATE_DELIVERY]
+            s(&[
+                BookingStep::RegisterPackage,
+                BookingStep::ReserveDrone,
+                BookingStep::CreateDelivery
+            ])
         );
     }
 
     #[test]
     fn the_step_under_way_is_in_doubt() {
         assert!(in_doubt(0).is_empty());
-        assert_eq!(in_doubt(1), vec![REGISTER_PACKAGE]);
-        assert_eq!(in_doubt(2), vec![RESERVE_DRONE]);
-        assert_eq!(in_doubt(3), vec![CREATE_DELIVERY]);
+        assert_eq!(in_doubt(1), vec!["RegisterPackage"]);
+        assert_eq!(in_doubt(2), vec!["ReserveDrone"]);
+        assert_eq!(in_doubt(3), vec!["CreateDelivery"]);
         assert!(
             in_doubt(4).is_empty(),
             "a completed saga has nothing in doubt"
         );
+    }
+
+    #[test]
+    fn no_drone_is_a_stable_reason() {
+        let d = failure_detail(
+            "ReserveDrone",
+            "drone PUT answered 503 (no-drone-available): busy (gave up after 9 attempts)",
+        );
+        assert!(d.starts_with("no-drone-available: "), "{d}");
+        assert_eq!(failure_detail("CheckAccount", "x"), "CheckAccount: x");
     }
 }

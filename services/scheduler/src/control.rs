@@ -1,134 +1,20 @@
-//! Steering a finished saga from outside, for the Supervisor: recording the outcome of its
-//! compensation, and running a failed saga again from the step that failed.
+//! Steering a saga from outside, for the Supervisor: recording the outcome of its compensation,
+//! and running a failed saga again from the step that failed.
 //!
-//! The Scheduler stays the owner of saga state, so both go through here. Each change is one
-//! transaction that moves the saga's version by one — only if nobody else moved it meanwhile
-//! (compare-and-set on the version) — and writes the lifecycle event announcing it to the outbox,
-//! so Ingestion's and the Supervisor's read models see it.
+//! Both go through the engine, like every other write of saga state: on the replica that holds
+//! the saga's partition (another one answers `421`), after taking the saga's entry so that no task
+//! of this replica writes it at the same time, fenced by the lease epoch and the saga's version.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use chrono::Utc;
-use contracts::RequestState;
-use saga::entities::{instance, outbox};
-use saga::{Engine, SagaRecord};
-use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    TransactionTrait,
-};
+use contracts::{Outcome, RequestState, SagaState};
+use saga::{InstanceUpdate, JournalError, SagaRecord};
 
-use contracts::validation::{text, FieldError, FromJsonObject, Object};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
-
-use crate::booking::{self, Ctx};
-use crate::ownership;
-
-/// `POST /api/workflows/{deliveryId}/compensation` body: the Supervisor's report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct CompensationReport {
-    /// `compensating`, `compensated` or `compensation-failed`.
-    pub state: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
-
-impl FromJsonObject for CompensationReport {
-    fn from_object(o: &mut Object) -> Result<Self, Vec<FieldError>> {
-        let state = o.required_with("state", |v| match v.as_str().and_then(Outcome::parse) {
-            Some(s) => Ok(s.state().to_owned()),
-            None => Err("must be compensating, compensated or compensation-failed".to_owned()),
-        });
-        let detail = o.optional_with("detail", text(2000));
-        o.finish(|| {
-            Some(CompensationReport {
-                state: state?,
-                detail,
-            })
-        })
-    }
-}
-
-/// `POST /api/workflows/{deliveryId}/retry` body (optional): why.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RetryRequest {
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-impl FromJsonObject for RetryRequest {
-    fn from_object(o: &mut Object) -> Result<Self, Vec<FieldError>> {
-        let reason = o.optional_with("reason", text(2000));
-        o.finish(|| Some(RetryRequest { reason }))
-    }
-}
-
-/// Saga states after a failure or cancellation, set by the Supervisor's reports.
-pub const COMPENSATING: &str = "compensating";
-pub const COMPENSATED: &str = "compensated";
-pub const COMPENSATION_FAILED: &str = "compensation-failed";
-
-/// Every state a saga can be in (for list filters).
-pub const ALL_STATES: [&str; 7] = [
-    saga::RUNNING,
-    saga::COMPLETED,
-    saga::FAILED,
-    saga::CANCELLED,
-    COMPENSATING,
-    COMPENSATED,
-    COMPENSATION_FAILED,
-];
-
-pub fn is_compensation_state(state: &str) -> bool {
-    [COMPENSATING, COMPENSATED, COMPENSATION_FAILED].contains(&state)
-}
-
-/// A compensation outcome the Supervisor may report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Compensating,
-    Compensated,
-    CompensationFailed,
-}
-
-impl Outcome {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            COMPENSATING => Some(Self::Compensating),
-            COMPENSATED => Some(Self::Compensated),
-            COMPENSATION_FAILED => Some(Self::CompensationFailed),
-            _ => None,
-        }
-    }
-
-    pub fn state(self) -> &'static str {
-        match self {
-            Self::Compensating => COMPENSATING,
-            Self::Compensated => COMPENSATED,
-            Self::CompensationFailed => COMPENSATION_FAILED,
-        }
-    }
-
-    fn request_state(self) -> RequestState {
-        match self {
-            Self::Compensating => RequestState::Compensating,
-            Self::Compensated => RequestState::Compensated,
-            Self::CompensationFailed => RequestState::CompensationFailed,
-        }
-    }
-
-    /// Whether a saga in `from` may move to this outcome. A compensated saga stays compensated.
-    fn allowed_from(self, from: &str) -> bool {
-        match from {
-            saga::FAILED | saga::CANCELLED | COMPENSATING | COMPENSATION_FAILED => true,
-            COMPENSATED => false,
-            _ => false, // running or completed: nothing to compensate
-        }
-    }
-}
+use crate::booking;
+use crate::dispatch;
+use crate::owner::Owner;
+use crate::Core;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -145,94 +31,116 @@ pub enum ControlError {
     #[error("saga {0} kept changing while it was updated; try again")]
     Busy(String),
     #[error(transparent)]
-    Database(#[from] DbErr),
+    Journal(JournalError),
     #[error("corrupt saga: {0}")]
     Corrupt(String),
 }
 
-/// The saga after a change, and whether the call changed anything.
-#[derive(Debug)]
-pub struct Changed {
-    pub saga: SagaRecord,
-    pub changed: bool,
+async fn load(core: &Core, id: &str) -> Result<SagaRecord, ControlError> {
+    core.store
+        .load(id)
+        .await
+        .map_err(ControlError::Journal)?
+        .ok_or_else(|| ControlError::NotFound(id.to_owned()))
 }
 
-async fn load(db: &DatabaseConnection, id: &str) -> Result<SagaRecord, ControlError> {
-    let row = instance::Entity::find_by_id(id.to_owned())
-        .one(db)
-        .await?
-        .ok_or_else(|| ControlError::NotFound(id.to_owned()))?;
-    SagaRecord::from_row(row).map_err(|e| ControlError::Corrupt(e.to_string()))
+fn state_of(saga: &SagaRecord) -> Result<SagaState, ControlError> {
+    SagaState::parse(&saga.state)
+        .ok_or_else(|| ControlError::Corrupt(format!("saga {} state {}", saga.id, saga.state)))
 }
 
-/// Moves `saga` to `state` (version + 1) with its lifecycle event, unless another writer moved the
-/// version first (then `false`, and nothing is written).
-async fn compare_and_set(
-    db: &DatabaseConnection,
+/// Takes the saga's entry on the replica holding its partition, waiting a little for a task that
+/// is working on it.
+async fn claim(core: &Core, saga: &SagaRecord) -> Result<Arc<Owner>, ControlError> {
+    let partition = u32::try_from(saga.shard).unwrap_or(u32::MAX);
+    for _ in 0..20 {
+        let Some(owner) = core.owner(partition) else {
+            return Err(ControlError::NotOwner {
+                id: saga.id.clone(),
+                partition: saga.shard,
+            });
+        };
+        if owner.claim(&saga.id) {
+            return Ok(owner);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(ControlError::Busy(saga.id.clone()))
+}
+
+/// Lets the entry go, recording any signal that arrived while it was held.
+fn release(core: &Arc<Core>, owner: &Arc<Owner>, id: &str) {
+    if let Some(signals) = owner.finish(id) {
+        for s in signals {
+            let _ = owner.offer(id, s);
+        }
+        tokio::spawn(dispatch::record_signals(
+            core.clone(),
+            owner.clone(),
+            id.to_owned(),
+        ));
+    }
+}
+
+/// One fenced change with its lifecycle event; `Ok(None)` when the saga moved meanwhile.
+async fn change(
+    core: &Arc<Core>,
     saga: &SagaRecord,
-    state: &str,
-    error: Option<Option<String>>,
+    update: InstanceUpdate,
     event: RequestState,
     detail: Option<String>,
+    wake: bool,
 ) -> Result<Option<SagaRecord>, ControlError> {
-    let mut next = saga.clone();
-    next.version += 1;
-    next.state = state.to_owned();
-    if let Some(e) = &error {
-        next.error = e.clone();
+    let owner = claim(core, saga).await?;
+    // Read again under the entry: what we decided on may have changed before we took it.
+    let result = async {
+        let mut current = load(core, &saga.id).await?;
+        if current.version != saga.version {
+            return Ok(None);
+        }
+        let mut next = current.clone();
+        next.version += 1;
+        if let Some(s) = &update.state {
+            next.state = s.clone();
+        }
+        if let Some(e) = &update.error {
+            next.error = e.clone();
+        }
+        let message = booking::state_event(&next, event, detail).ok_or_else(|| {
+            ControlError::Corrupt(format!("saga {} input is not a booking", saga.id))
+        })?;
+        match core
+            .engine
+            .update(owner.fence(), &mut current, update, vec![message], wake)
+            .await
+        {
+            Ok(()) => Ok(Some(current)),
+            Err(JournalError::Refused(_)) => Ok(None),
+            Err(e) => Err(ControlError::Journal(e)),
+        }
     }
-    let message = booking::state_event(&next, event, detail)
-        .ok_or_else(|| ControlError::Corrupt(format!("saga {} input is not a booking", saga.id)))?;
-    let now = Utc::now();
-    let txn = db.begin().await?;
-    let mut update = instance::Entity::update_many()
-        .col_expr(instance::Column::State, Expr::value(state.to_owned()))
-        .col_expr(instance::Column::Version, Expr::value(next.version))
-        .col_expr(instance::Column::UpdatedAt, Expr::value(now));
-    if let Some(e) = error {
-        update = update.col_expr(instance::Column::Error, Expr::value(e));
-    }
-    let moved = update
-        .filter(instance::Column::Id.eq(saga.id.clone()))
-        .filter(instance::Column::Version.eq(saga.version))
-        .exec(&txn)
-        .await?;
-    if moved.rows_affected != 1 {
-        txn.rollback().await?;
-        return Ok(None);
-    }
-    outbox::Entity::insert(outbox::ActiveModel {
-        destination: Set(message.destination),
-        key: Set(message.key),
-        payload: Set(message.payload.to_string()),
-        created_at: Set(now),
-        ..Default::default()
-    })
-    .exec_without_returning(&txn)
-    .await?;
-    txn.commit().await?;
-    Ok(Some(next))
+    .await;
+    release(core, &owner, &saga.id);
+    result
 }
 
 /// Records a compensation outcome. Reporting the state the saga is already in changes nothing.
 pub async fn record_compensation(
-    db: &DatabaseConnection,
+    core: &Arc<Core>,
     id: &str,
     outcome: Outcome,
     detail: Option<String>,
-) -> Result<Changed, ControlError> {
+) -> Result<SagaRecord, ControlError> {
     for _ in 0..5 {
-        let saga = load(db, id).await?;
-        if saga.state == outcome.state() {
-            return Ok(Changed {
-                saga,
-                changed: false,
-            });
+        let saga = load(core, id).await?;
+        let state = state_of(&saga)?;
+        if state == outcome.state() {
+            return Ok(saga);
         }
-        if !outcome.allowed_from(&saga.state) {
+        if !outcome.allowed_from(state) {
             return Err(ControlError::Conflict {
                 id: id.to_owned(),
-                why: if saga.state == COMPENSATED {
+                why: if state == SagaState::Compensated {
                     "it is compensated already"
                 } else {
                     "only failed or cancelled sagas are compensated"
@@ -240,42 +148,31 @@ pub async fn record_compensation(
                 state: saga.state,
             });
         }
-        if let Some(saga) = compare_and_set(
-            db,
+        let update = InstanceUpdate {
+            state: Some(outcome.state().as_str().to_owned()),
+            ..Default::default()
+        };
+        if let Some(saga) = change(
+            core,
             &saga,
-            outcome.state(),
-            None,
+            update,
             outcome.request_state(),
             detail.clone(),
+            false,
         )
         .await?
         {
-            tracing::info!(delivery_id = %id, state = outcome.state(), version = saga.version, "compensation outcome recorded");
-            return Ok(Changed {
-                saga,
-                changed: true,
-            });
+            tracing::info!(delivery_id = %id, state = %outcome.state(), version = saga.version, "compensation outcome recorded");
+            return Ok(saga);
         }
     }
     Err(ControlError::Busy(id.to_owned()))
 }
 
-/// What a retry needs besides the database: the engine, the steps' context and who we are.
-pub struct Runner {
-    pub engine: Arc<Engine<Ctx>>,
-    pub ctx: Arc<Ctx>,
-    pub instance: String,
-}
-
-/// Runs a failed saga again from the step that failed, on the instance that owns its partition.
-/// Returns once the saga is marked running again; the steps then run in the background.
-pub async fn retry(
-    db: &DatabaseConnection,
-    runner: &Runner,
-    id: &str,
-    reason: &str,
-) -> Result<SagaRecord, ControlError> {
-    let saga = load(db, id).await?;
+/// Runs a failed saga again from the step that failed, on the replica that owns its partition.
+/// Returns once the saga is marked running again and due; a slot then runs it.
+pub async fn retry(core: &Arc<Core>, id: &str, reason: &str) -> Result<SagaRecord, ControlError> {
+    let saga = load(core, id).await?;
     if saga.state != saga::FAILED {
         return Err(ControlError::Conflict {
             id: id.to_owned(),
@@ -283,63 +180,24 @@ pub async fn retry(
             state: saga.state,
         });
     }
-    let owned = ownership::all(db).await?.into_iter().any(|l| {
-        l.partition == saga.shard && l.owner == runner.instance && l.expires_at > Utc::now()
-    });
-    if !owned {
-        return Err(ControlError::NotOwner {
-            id: id.to_owned(),
-            partition: saga.shard,
-        });
-    }
+    let update = InstanceUpdate {
+        state: Some(saga::RUNNING.to_owned()),
+        error: Some(None),
+        ..Default::default()
+    };
     let detail = format!("retried: {reason}");
-    let Some(running) = compare_and_set(
-        db,
+    let Some(running) = change(
+        core,
         &saga,
-        saga::RUNNING,
-        Some(None),
+        update,
         RequestState::Scheduling,
         Some(detail),
+        true,
     )
     .await?
     else {
         return Err(ControlError::Busy(id.to_owned()));
     };
     tracing::info!(delivery_id = %id, step = running.next_step, reason, "saga retried");
-    let (engine, ctx, record) = (runner.engine.clone(), runner.ctx.clone(), running.clone());
-    tokio::spawn(async move {
-        let id = record.id.clone();
-        match engine.run(&ctx, record).await {
-            Ok(done) => {
-                tracing::info!(delivery_id = %id, state = %done.state, "retried saga finished")
-            }
-            // Still `running` in the journal: the partition's owner resumes it at its next start.
-            Err(e) => {
-                tracing::error!(delivery_id = %id, error = %e, "retried saga stopped on a journal error")
-            }
-        }
-    });
     Ok(running)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compensation_transitions() {
-        for o in [
-            Outcome::Compensating,
-            Outcome::Compensated,
-            Outcome::CompensationFailed,
-        ] {
-            assert!(o.allowed_from(saga::FAILED));
-            assert!(o.allowed_from(saga::CANCELLED));
-            assert!(!o.allowed_from(saga::RUNNING));
-            assert!(!o.allowed_from(saga::COMPLETED));
-            assert!(!o.allowed_from(COMPENSATED));
-            assert_eq!(Outcome::parse(o.state()), Some(o));
-        }
-        assert_eq!(Outcome::parse("running"), None);
-    }
 }

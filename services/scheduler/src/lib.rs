@@ -4,36 +4,34 @@
 //! and hands failures to the Supervisor through the transactional outbox.
 
 mod booking;
-pub mod control;
+mod control;
+mod dispatch;
 mod metrics;
 mod migration;
 pub mod ownership;
+mod owner;
+mod partition;
 mod publisher;
 pub(crate) mod routes;
-mod worker;
+mod tracker;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use downstream::{Downstream, DownstreamSettings};
-use futures::future::BoxFuture;
-use messaging::{Broker, MessagingSettings, QueueOptions};
-use saga::{Engine, Journal, RetryPolicy, Saga, SystemClock};
+use downstream::{Domain, Downstream, DownstreamSettings};
+use messaging::{Broker, MessagingSettings, PartitionedLog, QueueOptions};
+use saga::outbox::Publisher;
+use saga::{Clock, Engine, EngineSettings, RetryPolicy, Saga, SqlStore, Store, SystemClock};
 use serde::Deserialize;
-use service_kit::{
-    AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, ReadinessCheck, RunningService,
-};
+use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
 use tokio::sync::{watch, Semaphore};
 
-pub use booking::{
-    CompensationRequest, CHECK_ACCOUNT, COMPENSATIONS_QUEUE, COMPENSATION_REQUESTED,
-    CREATE_DELIVERY, REGISTER_PACKAGE, RESERVE_DRONE,
-};
-pub use control::{CompensationReport, RetryRequest};
+pub use booking::{BookingInput, NO_DRONE_AVAILABLE};
 pub use migration::Migrator;
-pub use routes::{AttemptView, PartitionLease, StepStatus, Workflow, WorkflowSummary};
+pub use publisher::BrokerPublisher;
 
 /// Scheduler settings (`APP_` environment variables with `__` for nesting).
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +75,12 @@ pub struct SchedulerSettings {
     pub max_concurrent_sagas: usize,
     pub lease_ttl_ms: u64,
     pub checkpoint_interval_ms: u64,
+    /// How often each partition looks for sagas whose timer is due.
+    pub dispatch_interval_ms: u64,
+    /// A retry delay at least this long parks the saga in the journal and frees its slot.
+    pub park_after_ms: u64,
+    /// How often an idle outbox relay looks for rows (it is also woken by every commit).
+    pub relay_poll_ms: u64,
     pub steps: StepPolicies,
     /// Deliveries of a compensation request before it is parked.
     pub compensation_delivery_limit: u32,
@@ -92,6 +96,9 @@ impl Default for SchedulerSettings {
             max_concurrent_sagas: 2000,
             lease_ttl_ms: 4000,
             checkpoint_interval_ms: 200,
+            dispatch_interval_ms: 100,
+            park_after_ms: 1000,
+            relay_poll_ms: 500,
             steps: StepPolicies::default(),
             compensation_delivery_limit: 10,
         }
@@ -104,7 +111,9 @@ impl Default for SchedulerSettings {
 pub struct StepPolicies {
     pub account: RetryPolicy,
     pub package: RetryPolicy,
-    /// No drone free is retried until the pickup time (the saga's deadline).
+    /// No drone free is retried, parked between attempts, for at most `drone.budget_ms` (the
+    /// capacity wait, 10 minutes by default) and never past the pickup time; then the booking
+    /// fails with `no-drone-available`.
     pub drone: RetryPolicy,
     pub delivery: RetryPolicy,
 }
@@ -115,7 +124,7 @@ impl Default for StepPolicies {
             min_delay_ms: 200,
             max_delay_ms: 60_000,
             max_attempts: 10_000,
-            budget_ms: 365 * 24 * 3600 * 1000,
+            budget_ms: 10 * 60 * 1000,
             jitter: true,
         };
         Self {
@@ -150,13 +159,125 @@ impl SchedulerSettings {
 
 struct BrokerCheck(Arc<dyn Broker>);
 
-impl ReadinessCheck for BrokerCheck {
+impl service_kit::ReadinessCheck for BrokerCheck {
     fn name(&self) -> &'static str {
         "broker"
     }
 
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// The Scheduler's working parts, without HTTP: what a simulation drives with its own store, log,
+/// publisher, domain services and clock, and what [`Application`] builds from the real ones.
+pub struct Core {
+    engine: Arc<Engine<booking::Ctx>>,
+    ctx: Arc<booking::Ctx>,
+    store: Arc<dyn Store>,
+    log: Arc<dyn PartitionedLog>,
+    publisher: Arc<dyn Publisher>,
+    settings: SchedulerSettings,
+    instance: String,
+    permits: Arc<Semaphore>,
+    owners: Mutex<BTreeMap<u32, Arc<owner::Owner>>>,
+}
+
+/// What a [`Core`] is built from.
+pub struct CoreParts {
+    pub store: Arc<dyn Store>,
+    /// The `delivery-requests` log.
+    pub log: Arc<dyn PartitionedLog>,
+    /// Where outbox rows go (`workflow-events`, the compensation queue).
+    pub publisher: Arc<dyn Publisher>,
+    pub domain: Arc<dyn Domain>,
+    pub clock: Arc<dyn Clock>,
+    pub settings: SchedulerSettings,
+    /// The lease owner name.
+    pub instance: String,
+    /// Where the metrics go.
+    pub registry: prometheus::Registry,
+}
+
+impl Core {
+    pub fn new(parts: CoreParts) -> anyhow::Result<Arc<Self>> {
+        let s = &parts.settings;
+        if s.partitions == 0 || s.replicas == 0 || s.max_concurrent_sagas == 0 {
+            anyhow::bail!(
+                "scheduler partitions, replicas and max_concurrent_sagas must be positive"
+            );
+        }
+        let metrics = Arc::new(metrics::Metrics::register(&parts.registry)?);
+        let ctx = Arc::new(booking::Ctx {
+            domain: parts.domain,
+            metrics: metrics.clone(),
+        });
+        let engine = Arc::new(Engine::new(
+            parts.store.clone(),
+            parts.clock,
+            Saga {
+                kind: booking::KIND,
+                steps: booking::steps(&s.steps, &metrics),
+                hooks: Arc::new(booking::BookingHooks),
+            },
+            EngineSettings {
+                park_after: Duration::from_millis(s.park_after_ms),
+            },
+        ));
+        Ok(Arc::new(Self {
+            engine,
+            ctx,
+            store: parts.store,
+            log: parts.log,
+            publisher: parts.publisher,
+            permits: Arc::new(Semaphore::new(s.max_concurrent_sagas)),
+            settings: parts.settings,
+            instance: parts.instance,
+            owners: Mutex::new(BTreeMap::new()),
+        }))
+    }
+
+    /// Starts one ownership loop per partition this replica owns; they stop when `stop` turns
+    /// true (or when their tasks are aborted: a crash).
+    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        self.settings
+            .owned_partitions()
+            .into_iter()
+            .map(|p| tokio::spawn(partition::run_partition(self.clone(), p, stop.clone())))
+            .collect()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Partitions this replica holds right now.
+    pub fn held(&self) -> Vec<u32> {
+        self.lock_owners().keys().copied().collect()
+    }
+
+    fn lock_owners(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<owner::Owner>>> {
+        self.owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn owner(&self, partition: u32) -> Option<Arc<owner::Owner>> {
+        self.lock_owners()
+            .get(&partition)
+            .filter(|o| !o.is_lost())
+            .cloned()
+    }
+
+    fn hold(&self, partition: u32, owner: Arc<owner::Owner>) {
+        self.lock_owners().insert(partition, owner);
+    }
+
+    fn let_go(&self, partition: u32, owner: &Arc<owner::Owner>) {
+        let mut owners = self.lock_owners();
+        if owners.get(&partition).is_some_and(|o| Arc::ptr_eq(o, owner)) {
+            owners.remove(&partition);
+        }
     }
 }
 
@@ -166,31 +287,25 @@ pub struct Application {
     stop: watch::Sender<bool>,
     workers: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
-    journal: Arc<Journal>,
+    store: Arc<dyn Store>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.auth.require_service_token()?;
         let s = &settings.scheduler;
-        if s.partitions == 0 || s.replicas == 0 || s.max_concurrent_sagas == 0 {
-            anyhow::bail!(
-                "scheduler partitions, replicas and max_concurrent_sagas must be positive"
-            );
-        }
-        if s.ordinal() >= s.replicas {
+        if s.ordinal() >= s.replicas.max(1) {
             anyhow::bail!(
                 "ordinal {} is not below replicas {}",
                 s.ordinal(),
                 s.replicas
             );
         }
-        let owned = s.owned_partitions();
         tracing::info!(
             instance = %s.instance(),
             ordinal = s.ordinal(),
             replicas = s.replicas,
-            partitions = ?owned,
+            partitions = ?s.owned_partitions(),
             max_concurrent_sagas = s.max_concurrent_sagas,
             "starting scheduler"
         );
@@ -213,7 +328,7 @@ impl Application {
             .await?;
         let compensations = broker
             .queue(
-                COMPENSATIONS_QUEUE,
+                contracts::COMPENSATIONS_QUEUE,
                 QueueOptions {
                     delivery_limit: s.compensation_delivery_limit,
                 },
@@ -223,40 +338,28 @@ impl Application {
         let mut downstream_settings = settings.downstream.clone();
         downstream_settings.service_token = settings.auth.service_token.clone();
         let builder = service_kit::ServiceBuilder::new("scheduler", settings.http.clone());
-        let metrics = Arc::new(metrics::Metrics::register(builder.registry())?);
-        let ctx = Arc::new(booking::Ctx {
-            downstream: Downstream::new(&downstream_settings)?,
-            cancellations: Mutex::new(Default::default()),
-            metrics: metrics.clone(),
-        });
-        let journal = Arc::new(Journal::start(db.clone()));
-        let engine = Arc::new(Engine::new(
-            journal.clone(),
-            Arc::new(SystemClock),
-            Saga {
-                kind: booking::KIND,
-                steps: booking::steps(&s.steps, &metrics),
-                hooks: Arc::new(booking::BookingHooks),
-            },
-        ));
-
-        let mut background = Vec::new();
-        let wake = Arc::new(tokio::sync::Notify::new());
-        background.push(tokio::spawn(saga::outbox::relay(
-            db.clone(),
-            Arc::new(publisher::BrokerPublisher {
+        let store: Arc<dyn Store> = Arc::new(SqlStore::start(db.clone()));
+        let core = Core::new(CoreParts {
+            store: store.clone(),
+            log: requests,
+            publisher: Arc::new(BrokerPublisher {
                 events,
                 compensations,
             }),
-            wake,
-            Duration::from_millis(50),
-        )));
+            domain: Arc::new(Downstream::new(&downstream_settings)?),
+            clock: Arc::new(SystemClock),
+            settings: s.clone(),
+            instance: s.instance(),
+            registry: builder.registry().clone(),
+        })?;
+
+        let mut background = Vec::new();
         {
-            let db = db.clone();
-            let gauge = metrics.outbox_backlog.clone();
+            let store = store.clone();
+            let gauge = core.ctx.metrics.outbox_backlog.clone();
             background.push(tokio::spawn(async move {
                 loop {
-                    if let Ok(n) = saga::outbox::backlog(&db).await {
+                    if let Ok(n) = store.outbox_backlog().await {
                         gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
                     }
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -265,30 +368,8 @@ impl Application {
         }
 
         let (stop, stop_rx) = watch::channel(false);
-        let runner = Arc::new(control::Runner {
-            engine: engine.clone(),
-            ctx: ctx.clone(),
-            instance: s.instance(),
-        });
-        let shared = Arc::new(worker::Shared {
-            engine: engine.clone(),
-            ctx,
-            db: db.clone(),
-            log: requests,
-            settings: s.clone(),
-            instance: s.instance(),
-            permits: Arc::new(Semaphore::new(s.max_concurrent_sagas)),
-        });
-        let workers = owned
-            .iter()
-            .map(|p| tokio::spawn(worker::run_partition(shared.clone(), *p, stop_rx.clone())))
-            .collect();
-
-        let state = actix_web::web::Data::new(routes::State {
-            engine,
-            db: db.clone(),
-            runner,
-        });
+        let workers = core.spawn(stop_rx);
+        let state = actix_web::web::Data::new(routes::State { core });
         let service = builder
             .service_token(settings.auth.service_token.clone())
             .openapi(routes::openapi())
@@ -300,7 +381,7 @@ impl Application {
             stop,
             workers,
             background,
-            journal,
+            store,
         })
     }
 
@@ -312,12 +393,12 @@ impl Application {
     /// Stops early, with an error, when the saga journal's writer dies (a restart resumes every
     /// saga from the journal, which beats a process that accepts work it can no longer record).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-        let journal = self.journal.clone();
+        let store = self.store.clone();
         let journal_died = std::sync::atomic::AtomicBool::new(false);
         let stop_on = async {
             tokio::select! {
                 () = shutdown => {}
-                () = journal.stopped() => {
+                () = store.stopped() => {
                     tracing::error!("the saga journal's writer stopped; shutting down so that a restart resumes the sagas");
                     journal_died.store(true, std::sync::atomic::Ordering::SeqCst);
                 }

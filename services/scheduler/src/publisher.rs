@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use messaging::{Envelope, PartitionedLog, WorkQueue};
 use saga::OutboxMessage;
 
-use crate::booking::COMPENSATIONS_QUEUE;
+use contracts::COMPENSATIONS_QUEUE;
 
 pub struct BrokerPublisher {
     pub events: Arc<dyn PartitionedLog>,

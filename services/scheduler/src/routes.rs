@@ -4,26 +4,23 @@
 use std::sync::Arc;
 
 use actix_web::{web, HttpResponse};
-use chrono::{DateTime, Utc};
-use contracts::Problem;
-use saga::entities::instance;
-use saga::{Engine, SagaRecord};
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
-use serde::{Deserialize, Serialize};
+use contracts::{
+    AttemptView, CompensationReport, PartitionLease, Problem, RetryRequest, SagaState,
+    StepStatus, Workflow, WorkflowSummary,
+};
+use saga::{Attempt, ListFilter, SagaRecord};
+use serde::Deserialize;
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
 use service_kit::{valid_id, ApiError, ApiResult};
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi};
 
-use crate::booking::Ctx;
-use crate::control::{self, CompensationReport, ControlError, RetryRequest};
-use crate::ownership;
+use crate::booking::BookingInput;
+use crate::control::{self, ControlError};
+use crate::Core;
 
 pub struct State {
-    pub engine: Arc<Engine<Ctx>>,
-    pub db: DatabaseConnection,
-    /// Runs retried sagas (operator actions through the Supervisor).
-    pub runner: Arc<control::Runner>,
+    pub core: Arc<Core>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<State>) {
@@ -52,68 +49,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AttemptView {
-    pub attempt: i32,
-    /// `succeeded`, `transient` or `permanent`.
-    pub outcome: String,
-    pub error: Option<String>,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: DateTime<Utc>,
-    pub duration_ms: i64,
+fn internal(e: impl std::error::Error + Send + Sync + 'static) -> ApiError {
+    ApiError::Internal(anyhow::Error::new(e))
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct StepStatus {
-    pub name: String,
-    /// `succeeded`, `failed`, `running` or `pending`.
-    pub status: String,
-    #[schema(value_type = Object)]
-    pub output: Option<serde_json::Value>,
-    pub attempts: Vec<AttemptView>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Workflow {
-    pub delivery_id: String,
-    /// `running`, `completed` (scheduled), `failed`, `cancelled`, `compensating`, `compensated`,
-    /// `compensation-failed`.
-    pub state: String,
-    pub partition: i32,
-    pub version: i64,
-    pub error: Option<String>,
-    pub deadline: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    #[schema(value_type = Object)]
-    pub input: serde_json::Value,
-    pub steps: Vec<StepStatus>,
-    /// The booking's W3C trace id (32 hex digits), when the booking event carried one.
-    pub trace_id: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkflowSummary {
-    pub delivery_id: String,
-    pub state: String,
-    pub partition: i32,
-    pub next_step: i32,
-    pub error: Option<String>,
-    pub updated_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PartitionLease {
-    pub partition: i32,
-    pub owner: String,
-    pub token: i64,
-    pub expires_at: DateTime<Utc>,
-    pub next_offset: i64,
+fn saga_state(s: &str) -> ApiResult<SagaState> {
+    SagaState::parse(s).ok_or_else(|| ApiError::Internal(anyhow::anyhow!("unknown saga state {s}")))
 }
 
 /// One saga: state, steps, every attempt with its error and timing.
@@ -128,19 +69,16 @@ async fn get(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
-    let journal = state.engine.journal();
-    let row = journal
+    let store = &state.core.store;
+    let record = store
         .load(id)
         .await
-        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(internal)?
         .ok_or_else(|| ApiError::not_found("workflow", id))?;
-    let updated_at = row.updated_at;
-    let record = SagaRecord::from_row(row).map_err(|e| ApiError::Internal(e.into()))?;
-    let attempts = journal
-        .attempts(id)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    let attempts = store.attempts(id).await.map_err(internal)?;
+    let record_state = saga_state(&record.state)?;
     let steps = state
+        .core
         .engine
         .step_names()
         .into_iter()
@@ -149,12 +87,12 @@ async fn get(
             let status = if i < record.next_step {
                 "succeeded"
             } else if i == record.next_step
-                && (record.state == saga::FAILED
-                    || (control::is_compensation_state(&record.state)
+                && (record_state == SagaState::Failed
+                    || (record_state.is_compensation_state()
                         && last_attempt_failed(&attempts, i)))
             {
                 "failed"
-            } else if i == record.next_step && record.state == saga::RUNNING {
+            } else if i == record.next_step && record_state == SagaState::Running {
                 "running"
             } else {
                 "pending"
@@ -178,16 +116,17 @@ async fn get(
             }
         })
         .collect();
+    let trace_id = BookingInput::of(&record).ok().and_then(|b| b.trace_id());
     Ok(HttpResponse::Ok().json(Workflow {
         delivery_id: record.id,
-        state: record.state,
+        state: record_state,
         partition: record.shard,
         version: record.version,
         error: record.error,
         deadline: record.deadline,
         created_at: record.created_at,
-        updated_at,
-        trace_id: crate::worker::trace_id_of(&record.input),
+        updated_at: record.updated_at,
+        trace_id,
         input: record.input,
         steps,
     }))
@@ -218,56 +157,56 @@ async fn list(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 500"));
     }
-    let mut select = instance::Entity::find();
-    if let Some(s) = &q.state {
-        if !control::ALL_STATES.contains(&s.as_str()) {
-            return Err(ApiError::field(
-                "state",
-                "must be running, completed, failed, cancelled, compensating, compensated or compensation-failed",
-            ));
-        }
-        select = select.filter(instance::Column::State.eq(s.clone()));
-    }
-    if let Some(p) = q.partition {
-        select = select.filter(instance::Column::Shard.eq(p));
-    }
-    let rows = select
-        .order_by_desc(instance::Column::UpdatedAt)
-        .limit(limit)
-        .all(&state.db)
-        .await?;
-    let out: Vec<WorkflowSummary> = rows
-        .into_iter()
-        .map(|r| WorkflowSummary {
-            delivery_id: r.id,
-            state: r.state,
-            partition: r.shard,
-            next_step: r.next_step,
-            error: r.error,
-            updated_at: r.updated_at,
+    let state_filter = match &q.state {
+        Some(s) => Some(
+            SagaState::parse(s)
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "state",
+                        "must be running, completed, failed, cancelled, compensating, compensated or compensation-failed",
+                    )
+                })?
+                .as_str()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let rows = state
+        .core
+        .store
+        .list(&ListFilter {
+            state: state_filter,
+            shard: q.partition,
+            limit,
         })
-        .collect();
+        .await
+        .map_err(internal)?;
+    let out = rows
+        .iter()
+        .map(summary)
+        .collect::<ApiResult<Vec<WorkflowSummary>>>()?;
     Ok(HttpResponse::Ok().json(out))
 }
 
 /// Partition leases: owner, fencing token, expiry and checkpoint.
 #[utoipa::path(get, path = "/api/partitions", tag = "partitions", responses((status = 200, body = [PartitionLease])))]
 async fn partitions(_: ServiceCaller, state: web::Data<State>) -> ApiResult<HttpResponse> {
-    let rows = ownership::all(&state.db).await?;
+    let rows = state.core.store.leases().await.map_err(internal)?;
     let out: Vec<PartitionLease> = rows
         .into_iter()
         .map(|r| PartitionLease {
-            partition: r.partition,
+            partition: r.shard,
             owner: r.owner,
-            token: r.token,
+            token: r.epoch,
             expires_at: r.expires_at,
-            next_offset: r.next_offset,
+            next_offset: i64::try_from(r.checkpoint.offset).unwrap_or(i64::MAX),
+            next_index: i64::from(r.checkpoint.index),
         })
         .collect();
     Ok(HttpResponse::Ok().json(out))
 }
 
-fn last_attempt_failed(attempts: &[saga::entities::attempt::Model], step: usize) -> bool {
+fn last_attempt_failed(attempts: &[Attempt], step: usize) -> bool {
     attempts
         .iter()
         .rev()
@@ -285,7 +224,7 @@ fn control_error(e: ControlError) -> ApiError {
         e @ ControlError::NotOwner { .. } => {
             ApiError::conflict("partition-not-owned", e.to_string())
         }
-        ControlError::Database(e) => ApiError::from(e),
+        e @ ControlError::Journal(_) => ApiError::Internal(e.into()),
         e @ ControlError::Corrupt(_) => ApiError::Internal(e.into()),
     }
 }
@@ -322,16 +261,10 @@ async fn compensation(
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
     let report = body.0;
-    let outcome = control::Outcome::parse(&report.state).ok_or_else(|| {
-        ApiError::field(
-            "state",
-            "must be compensating, compensated or compensation-failed",
-        )
-    })?;
-    let changed = control::record_compensation(&state.db, id, outcome, report.detail)
+    let changed = control::record_compensation(&state.core, id, report.state, report.detail)
         .await
         .map_err(control_error)?;
-    Ok(HttpResponse::Ok().json(summary(&changed.saga)))
+    Ok(HttpResponse::Ok().json(summary(&changed)?))
 }
 
 /// Runs a failed saga again from the step that failed. Only the instance owning the saga's
@@ -362,20 +295,20 @@ async fn retry(
     let reason = request
         .reason
         .unwrap_or_else(|| "retried by an operator".into());
-    match control::retry(&state.db, &state.runner, id, &reason).await {
-        Ok(saga) => Ok(HttpResponse::Accepted().json(summary(&saga))),
+    match control::retry(&state.core, id, &reason).await {
+        Ok(saga) => Ok(HttpResponse::Accepted().json(summary(&saga)?)),
         Err(e @ ControlError::NotOwner { .. }) => Ok(misdirected(e)),
         Err(e) => Err(control_error(e)),
     }
 }
 
-fn summary(saga: &SagaRecord) -> WorkflowSummary {
-    WorkflowSummary {
+fn summary(saga: &SagaRecord) -> ApiResult<WorkflowSummary> {
+    Ok(WorkflowSummary {
         delivery_id: saga.id.clone(),
-        state: saga.state.clone(),
+        state: saga_state(&saga.state)?,
         partition: saga.shard,
         next_step: i32::try_from(saga.next_step).unwrap_or(i32::MAX),
         error: saga.error.clone(),
-        updated_at: chrono::Utc::now(),
-    }
+        updated_at: saga.updated_at,
+    })
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use contracts::Outcome;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -99,9 +100,8 @@ pub async fn compensate_now(
     reason: &str,
 ) -> anyhow::Result<Done> {
     let done = match state.scheduler.workflow(id).await {
-        Ok(w) if !["failed", "cancelled", "compensation-failed", "compensating"]
-            .contains(&w.state.as_str()) =>
-        {
+        // The states a compensation may claim: failed, cancelled, or a compensation not done.
+        Ok(w) if !Outcome::Compensating.allowed_from(w.state) => {
             Done {
                 ok: false,
                 message: format!("refused: the saga is {}; only failed, cancelled or unfinished compensations are compensated", w.state),

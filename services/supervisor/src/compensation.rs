@@ -15,12 +15,11 @@ use tracing::Instrument;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
+use contracts::{
+    BookingStep, CompensationRequest, Outcome, SagaState, Workflow, COMPENSATION_REQUESTED,
+};
 use downstream::{CallError, Downstream};
 use messaging::{Envelope, QueueMessage, WorkQueue};
-use scheduler::{
-    CompensationRequest, Workflow, COMPENSATION_REQUESTED, CREATE_DELIVERY, REGISTER_PACKAGE,
-    RESERVE_DRONE,
-};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait};
 use serde::Deserialize;
@@ -32,11 +31,10 @@ use crate::entities::compensation;
 use crate::metrics::Metrics;
 use crate::scheduler_client::{SchedulerClient, SchedulerError};
 
-/// Undo order: the last step first.
-const UNDO_ORDER: [&str; 3] = [CREATE_DELIVERY, RESERVE_DRONE, REGISTER_PACKAGE];
 /// Message header naming who asked for a compensation (an operator's "compensate now").
 pub const REQUESTED_BY: &str = "requested-by";
 
+/// Statuses of a stored compensation (the `compensations` table), not saga states.
 pub const COMPENSATING: &str = "compensating";
 pub const COMPENSATED: &str = "compensated";
 pub const FAILED: &str = "failed";
@@ -212,13 +210,13 @@ impl Compensator {
 
         // Claim the saga first, so a saga that runs again is never undone under its feet.
         match self
-            .report(&id, COMPENSATING, Some(request.reason.clone()))
+            .report(&id, Outcome::Compensating, Some(request.reason.clone()))
             .await
         {
             Ok(()) => {}
             Err(SchedulerError::Conflict(detail)) => {
                 let state = self.scheduler.workflow(&id).await.map(|w| w.state);
-                let (status, outcome) = if state.as_deref().ok() == Some(COMPENSATED) {
+                let (status, outcome) = if state.ok() == Some(SagaState::Compensated) {
                     (COMPENSATED, "duplicate")
                 } else {
                     (SUPERSEDED, "superseded")
@@ -249,23 +247,17 @@ impl Compensator {
         let mut results: Map<String, Value> =
             serde_json::from_str(&row.step_results).unwrap_or_default();
         let mut failure = None;
-        for step in UNDO_ORDER.iter().filter(|s| {
-            request
-                .succeeded_steps
-                .iter()
-                .chain(&request.in_doubt_steps)
-                .any(|r| r == *s)
-        }) {
+        for step in request.steps_to_undo() {
             match self.undo(step, &id).await {
                 Ok(()) => {
                     results.insert(
-                        (*step).to_owned(),
+                        step.as_str().to_owned(),
                         json!({"outcome": "undone", "at": Utc::now()}),
                     );
                 }
                 Err(e) => {
                     results.insert(
-                        (*step).to_owned(),
+                        step.as_str().to_owned(),
                         json!({"outcome": if e.is_transient() { "transient" } else { "permanent" }, "error": e.to_string(), "at": Utc::now()}),
                     );
                     failure = Some(format!("{step}: {e}"));
@@ -289,7 +281,10 @@ impl Compensator {
             if delivery_count >= self.delivery_limit {
                 // Parked next: the saga waits for a person.
                 let detail = format!("parked after {delivery_count} deliveries: {error}");
-                if let Err(e) = self.report(&id, "compensation-failed", Some(detail)).await {
+                if let Err(e) = self
+                    .report(&id, Outcome::CompensationFailed, Some(detail))
+                    .await
+                {
                     tracing::warn!(delivery_id = %id, error = %e, "reporting compensation-failed failed");
                 }
             }
@@ -316,7 +311,7 @@ impl Compensator {
             format!("undone: {}", steps.join(", "))
         };
         match self
-            .report(&row.delivery_id, COMPENSATED, Some(detail))
+            .report(&row.delivery_id, Outcome::Compensated, Some(detail))
             .await
         {
             // A conflict here means it is compensated already (or running again): nothing to add.
@@ -333,21 +328,24 @@ impl Compensator {
         }
     }
 
-    async fn undo(&self, step: &str, id: &str) -> Result<(), CallError> {
+    async fn undo(&self, step: BookingStep, id: &str) -> Result<(), CallError> {
         let call = || async {
             match step {
-                CREATE_DELIVERY => self.downstream.cancel_delivery(id).await,
-                RESERVE_DRONE => self.downstream.release_drone(id).await,
-                REGISTER_PACKAGE => self.downstream.delete_package(id).await,
-                _ => Ok(()),
+                BookingStep::CreateDelivery => self.downstream.cancel_delivery(id).await,
+                BookingStep::ReserveDrone => self.downstream.release_drone(id).await,
+                BookingStep::RegisterPackage => self.downstream.delete_package(id).await,
+                BookingStep::CheckAccount => Ok(()),
             }
         };
         call.retry(self.retry.backoff())
             .sleep(tokio::time::sleep)
             .when(CallError::is_transient)
             .notify(|e, wait| {
-                self.metrics.undo_retries.with_label_values(&[step]).inc();
-                tracing::info!(delivery_id = %id, step, error = %e, wait_ms = wait.as_millis() as u64, "undo will be retried");
+                self.metrics
+                    .undo_retries
+                    .with_label_values(&[step.as_str()])
+                    .inc();
+                tracing::info!(delivery_id = %id, step = step.as_str(), error = %e, wait_ms = wait.as_millis() as u64, "undo will be retried");
             })
             .await
     }
@@ -355,12 +353,12 @@ impl Compensator {
     async fn report(
         &self,
         id: &str,
-        state: &str,
+        outcome: Outcome,
         detail: Option<String>,
     ) -> Result<(), SchedulerError> {
         let call = || async {
             self.scheduler
-                .report(id, state, detail.clone())
+                .report(id, outcome, detail.clone())
                 .await
                 .map(|_| ())
         };
@@ -433,23 +431,19 @@ async fn store(db: &DatabaseConnection, row: &compensation::Model) -> Result<(),
 pub fn request_for(workflow: &Workflow, reason: &str) -> Option<CompensationRequest> {
     let owner_id = workflow.input["ownerId"].as_str()?.to_owned();
     let delivery_id = uuid::Uuid::parse_str(&workflow.delivery_id).ok()?;
-    let succeeded_steps = [REGISTER_PACKAGE, RESERVE_DRONE, CREATE_DELIVERY]
+    let has_effect = |name: &str| BookingStep::parse(name).is_some_and(BookingStep::has_effect);
+    let succeeded_steps = workflow
+        .steps
         .iter()
-        .filter(|name| {
-            workflow
-                .steps
-                .iter()
-                .any(|s| s.name == **name && s.status == "succeeded")
-        })
-        .map(|s| (*s).to_owned())
+        .filter(|s| s.status == "succeeded" && has_effect(&s.name))
+        .map(|s| s.name.clone())
         .collect();
     // The step a stopped saga was in may have had an effect (see `CompensationRequest`).
     let in_doubt_steps = workflow
         .steps
         .iter()
-        .filter(|s| s.status != "succeeded" && !s.attempts.is_empty())
+        .filter(|s| s.status != "succeeded" && !s.attempts.is_empty() && has_effect(&s.name))
         .map(|s| s.name.clone())
-        .filter(|name| [REGISTER_PACKAGE, RESERVE_DRONE, CREATE_DELIVERY].contains(&name.as_str()))
         .collect();
     Some(CompensationRequest {
         delivery_id,
@@ -472,4 +466,75 @@ pub async fn enqueue(
         Envelope::new(COMPENSATION_REQUESTED, 1, &key, request)?.with_header(REQUESTED_BY, user);
     queue.publish(envelope).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contracts::{AttemptView, StepStatus};
+
+    fn step(name: &str, status: &str, attempts: i32) -> StepStatus {
+        let now = Utc::now();
+        StepStatus {
+            name: name.to_owned(),
+            status: status.to_owned(),
+            output: None,
+            attempts: (1..=attempts)
+                .map(|attempt| AttemptView {
+                    attempt,
+                    outcome: "transient".into(),
+                    error: None,
+                    started_at: now,
+                    finished_at: now,
+                    duration_ms: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn compensate_now_undoes_what_succeeded_and_the_step_in_doubt() {
+        let id = uuid::Uuid::new_v4();
+        let now = Utc::now();
+        let workflow = Workflow {
+            delivery_id: id.to_string(),
+            state: SagaState::Failed,
+            partition: 0,
+            version: 7,
+            error: None,
+            deadline: None,
+            created_at: now,
+            updated_at: now,
+            input: json!({"ownerId": "o"}),
+            steps: vec![
+                step("CheckAccount", "succeeded", 1),
+                step("RegisterPackage", "succeeded", 1),
+                step("ReserveDrone", "failed", 2),
+                step("CreateDelivery", "pending", 0),
+            ],
+            trace_id: None,
+        };
+        let request = request_for(&workflow, "why");
+        assert_eq!(
+            request.as_ref().map(|r| (
+                r.delivery_id,
+                r.succeeded_steps.clone(),
+                r.in_doubt_steps.clone(),
+                r.saga_version
+            )),
+            Some((
+                id,
+                vec!["RegisterPackage".to_owned()],
+                vec!["ReserveDrone".to_owned()],
+                7
+            ))
+        );
+        assert_eq!(
+            request.map(|r| r.steps_to_undo()),
+            Some(vec![
+                BookingStep::ReserveDrone,
+                BookingStep::RegisterPackage
+            ])
+        );
+    }
 }

@@ -5,6 +5,7 @@
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use contracts::{Outcome, SagaState};
 use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 use service_kit::{valid_id, ApiError, ApiResult};
@@ -401,14 +402,6 @@ async fn saga_page(
     let id = valid_id("deliveryId", &id)?.to_owned();
     let detail = api::detail(&state, &id).await?;
     let workflow = state.scheduler.workflow(&id).await;
-    if let Ok(w) = &workflow {
-        // Opening a saga is a good moment to learn its package and drone.
-        if detail.saga.as_ref().is_some_and(|s| s.drone_id.is_none())
-            && readmodel::ids_of(w).1.is_some()
-        {
-            let _ = readmodel::enrich_one(&state.db, &state.scheduler, &id).await;
-        }
-    }
     let parked: Vec<api::ParkedView> = state
         .queue
         .parked(500)
@@ -420,7 +413,7 @@ async fn saga_page(
         .collect();
     let saga_state = workflow
         .as_ref()
-        .map(|w| w.state.clone())
+        .map(|w| w.state.as_str().to_owned())
         .ok()
         .or_else(|| detail.saga.as_ref().map(|s| s.state.clone()))
         .unwrap_or_else(|| "unknown".into());
@@ -430,9 +423,10 @@ async fn saga_page(
         .ok()
         .and_then(|w| w.trace_id.clone())
         .unwrap_or_default();
-    let can_retry = saga_state == "failed";
-    let can_compensate = ["failed", "cancelled", "compensation-failed", "compensating"]
-        .contains(&saga_state.as_str());
+    // Without the Scheduler's answer, the read model's state (the client's spelling) decides.
+    let known = SagaState::parse(&saga_state);
+    let can_retry = known == Some(SagaState::Failed);
+    let can_compensate = known.is_some_and(|s| Outcome::Compensating.allowed_from(s));
     let body = html! {
         (flash(&flash_q))
         dl.facts {

@@ -56,9 +56,11 @@ pub mod saga {
         pub version: i64,
         /// No progress for longer than the configured time while not finished.
         pub stuck: bool,
-        /// The client's package id and the reserved drone, filled from the Scheduler's status.
+        /// The client's package id and the reserved drone, as the workflow events announce them.
         pub package_id: Option<String>,
         pub drone_id: Option<String>,
+        /// Unused: set when the ids were looked up at the Scheduler, which is no longer done.
+        /// Kept rather than dropped by a migration of its own.
         pub enriched: bool,
         pub first_seen_at: ChronoDateTimeUtc,
         /// Time of the last applied event.

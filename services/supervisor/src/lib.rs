@@ -89,8 +89,6 @@ pub struct SupervisorSettings {
     pub stuck_check_interval_ms: u64,
     /// How often the parked queue is counted.
     pub parked_refresh_ms: u64,
-    /// Scheduler status lookups per second to fill in package and drone ids (0 = off).
-    pub enrich_per_second: u32,
     pub session_ttl_secs: u64,
     /// Mark cookies `Secure` (behind TLS).
     pub secure_cookies: bool,
@@ -108,7 +106,6 @@ impl Default for SupervisorSettings {
             stuck_after_secs: 600,
             stuck_check_interval_ms: 5000,
             parked_refresh_ms: 5000,
-            enrich_per_second: 50,
             session_ttl_secs: 8 * 3600,
             secure_cookies: false,
             refresh_ms: 2000,
@@ -181,7 +178,7 @@ impl Application {
             .context("connecting to the message broker")?;
         let queue = broker
             .queue(
-                scheduler::COMPENSATIONS_QUEUE,
+                contracts::COMPENSATIONS_QUEUE,
                 QueueOptions {
                     delivery_limit: s.compensation_delivery_limit,
                 },
@@ -223,12 +220,6 @@ impl Application {
             metrics.clone(),
             chrono::Duration::seconds(i64::try_from(s.stuck_after_secs).unwrap_or(i64::MAX / 1000)),
             Duration::from_millis(s.stuck_check_interval_ms.max(100)),
-            stop_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(readmodel::enrich(
-            db.clone(),
-            scheduler.clone(),
-            s.enrich_per_second,
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(count_parked(

@@ -1,8 +1,8 @@
 //! The Supervisor's read model of every saga, fed by `workflow-events`: one row per saga with its
 //! last announced state, applied by version (a replayed or late event never moves a saga back).
 //! Beside it: rates of recent changes for the dashboard, stuck detection (a saga that is not
-//! finished and has not moved for longer than the configured time), and enrichment with the
-//! package and drone ids from the Scheduler's status, so operators can search by them.
+//! finished and has not moved for longer than the configured time). The package and drone ids
+//! the events carry are kept, so operators can search by them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -20,19 +20,9 @@ use tokio::sync::watch;
 
 use crate::entities::{checkpoint, saga};
 use crate::metrics::Metrics;
-use crate::scheduler_client::SchedulerClient;
 
 /// States in which a saga is expected to move on by itself.
 pub const UNFINISHED: [&str; 3] = ["accepted", "scheduling", "compensating"];
-/// States after which the Scheduler's status has everything the enrichment wants.
-const SETTLED: [&str; 6] = [
-    "scheduled",
-    "failed",
-    "cancelled",
-    "compensating",
-    "compensated",
-    "compensation-failed",
-];
 
 /// Changes per second over the last few seconds, from event times.
 #[derive(Default)]
@@ -81,7 +71,8 @@ impl Rates {
 }
 
 /// Applies a workflow event unless the row already has this version or a later one. A newer
-/// event clears the stuck flag: the saga moved.
+/// event clears the stuck flag: the saga moved. The package and drone ids are set when the event
+/// carries them and kept when it does not (most events do not repeat them).
 pub async fn apply(db: &DatabaseConnection, e: &WorkflowStateChanged) -> Result<(), DbErr> {
     use saga::Column as C;
     let row = saga::ActiveModel {
@@ -91,16 +82,23 @@ pub async fn apply(db: &DatabaseConnection, e: &WorkflowStateChanged) -> Result<
         detail: Set(e.detail.clone()),
         version: Set(e.version),
         stuck: Set(false),
-        package_id: Set(None),
-        drone_id: Set(None),
+        package_id: Set(e.package_id.clone()),
+        drone_id: Set(e.drone_id.clone()),
         enriched: Set(false),
         first_seen_at: Set(e.at),
         updated_at: Set(e.at),
     };
+    let mut update = vec![C::State, C::Detail, C::Version, C::Stuck, C::UpdatedAt];
+    if e.package_id.is_some() {
+        update.push(C::PackageId);
+    }
+    if e.drone_id.is_some() {
+        update.push(C::DroneId);
+    }
     saga::Entity::insert(row)
         .on_conflict(
             OnConflict::column(C::DeliveryId)
-                .update_columns([C::State, C::Detail, C::Version, C::Stuck, C::UpdatedAt])
+                .update_columns(update)
                 .action_and_where(
                     Expr::col((saga::Entity, C::Version))
                         .lt(Expr::col((Alias::new("excluded"), C::Version))),
@@ -256,73 +254,6 @@ pub async fn watch_stuck(
     }
 }
 
-/// Fills in package and drone ids of settled sagas from the Scheduler's status, at most
-/// `per_second` lookups a second.
-pub async fn enrich(
-    db: DatabaseConnection,
-    scheduler: SchedulerClient,
-    per_second: u32,
-    mut stop: watch::Receiver<bool>,
-) {
-    if per_second == 0 {
-        return;
-    }
-    loop {
-        let batch = saga::Entity::find()
-            .filter(saga::Column::Enriched.eq(false))
-            .filter(saga::Column::State.is_in(SETTLED))
-            .order_by_desc(saga::Column::UpdatedAt)
-            .limit(u64::from(per_second))
-            .all(&db)
-            .await
-            .unwrap_or_default();
-        for row in batch {
-            let _ = enrich_one(&db, &scheduler, &row.delivery_id).await;
-        }
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
-}
-
-/// Copies the client's package id and the reserved drone from the Scheduler's status.
-pub async fn enrich_one(
-    db: &DatabaseConnection,
-    scheduler: &SchedulerClient,
-    id: &str,
-) -> anyhow::Result<()> {
-    let (package, drone) = match scheduler.workflow(id).await {
-        Ok(w) => ids_of(&w),
-        // Unknown to the scheduler: nothing to add, do not ask again.
-        Err(crate::scheduler_client::SchedulerError::NotFound(_)) => (None, None),
-        Err(e) => return Err(e.into()),
-    };
-    saga::Entity::update_many()
-        .col_expr(saga::Column::PackageId, Expr::value(package))
-        .col_expr(saga::Column::DroneId, Expr::value(drone))
-        .col_expr(saga::Column::Enriched, Expr::value(true))
-        .filter(saga::Column::DeliveryId.eq(id))
-        .exec(db)
-        .await?;
-    Ok(())
-}
-
-/// The client's package id and the reserved drone of a saga.
-pub fn ids_of(w: &scheduler::Workflow) -> (Option<String>, Option<String>) {
-    let package = w.input["packageInfo"]["packageId"]
-        .as_str()
-        .map(str::to_owned);
-    let drone = w
-        .steps
-        .iter()
-        .find(|s| s.name == scheduler::RESERVE_DRONE)
-        .and_then(|s| s.output.as_ref())
-        .and_then(|o| o["droneId"].as_str())
-        .map(str::to_owned);
-    (package, drone)
-}
-
 /// Search filters for the saga list.
 #[derive(Debug, Default, Clone)]
 pub struct Search {
@@ -362,6 +293,49 @@ pub async fn search(db: &DatabaseConnection, s: &Search) -> Result<Vec<saga::Mod
 #[cfg(test)]
 mod tests {
     use super::*;
+    use contracts::RequestState;
+    use sea_orm_migration::MigratorTrait;
+
+    fn change(version: i64, package: Option<&str>, drone: Option<&str>) -> WorkflowStateChanged {
+        WorkflowStateChanged {
+            delivery_id: uuid::Uuid::nil(),
+            owner_id: "o".into(),
+            state: RequestState::Scheduling,
+            version,
+            detail: None,
+            at: Utc::now(),
+            package_id: package.map(str::to_owned),
+            drone_id: drone.map(str::to_owned),
+        }
+    }
+
+    #[tokio::test]
+    async fn ids_come_from_the_events_and_are_never_cleared() -> anyhow::Result<()> {
+        let db = sea_orm::Database::connect("sqlite::memory:").await?;
+        crate::Migrator::up(&db, None).await?;
+        let ids = || async {
+            let row = saga::Entity::find_by_id(uuid::Uuid::nil().to_string())
+                .one(&db)
+                .await?;
+            anyhow::Ok(row.map(|r| (r.version, r.package_id, r.drone_id)))
+        };
+        let some = |s: &str| Some(s.to_owned());
+
+        apply(&db, &change(1, None, None)).await?;
+        assert_eq!(ids().await?, Some((1, None, None)));
+        apply(&db, &change(2, Some("pkg"), None)).await?;
+        assert_eq!(ids().await?, Some((2, some("pkg"), None)));
+        apply(&db, &change(3, None, Some("drone-1"))).await?;
+        assert_eq!(ids().await?, Some((3, some("pkg"), some("drone-1"))));
+        apply(&db, &change(4, None, None)).await?;
+        assert_eq!(ids().await?, Some((4, some("pkg"), some("drone-1"))));
+        // A replayed older event changes nothing, its ids included.
+        apply(&db, &change(3, None, Some("drone-2"))).await?;
+        assert_eq!(ids().await?, Some((4, some("pkg"), some("drone-1"))));
+        apply(&db, &change(5, None, Some("drone-2"))).await?;
+        assert_eq!(ids().await?, Some((5, some("pkg"), some("drone-2"))));
+        Ok(())
+    }
 
     #[test]
     fn rates_count_recent_events_only() {

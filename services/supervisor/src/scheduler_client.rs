@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use contracts::{
+    CompensationReport, Outcome, PartitionLease, RetryRequest, Workflow, WorkflowSummary,
+};
 use reqwest::{Method, StatusCode};
-use scheduler::{CompensationReport, PartitionLease, RetryRequest, Workflow, WorkflowSummary};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -139,11 +141,11 @@ impl SchedulerClient {
     pub async fn report(
         &self,
         delivery_id: &str,
-        state: &str,
+        outcome: Outcome,
         detail: Option<String>,
     ) -> Result<WorkflowSummary, SchedulerError> {
         let body = serde_json::to_value(CompensationReport {
-            state: state.to_owned(),
+            state: outcome,
             detail,
         })
         .map_err(|e| SchedulerError::Permanent(e.to_string()))?;

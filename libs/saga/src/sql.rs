@@ -1,0 +1,959 @@
+//! [`Store`] on PostgreSQL or SQLite through sea-orm, with **group commit**.
+//!
+//! Many sagas run at once and each must have its progress durable before it moves on. Rather than
+//! one transaction per write, writers hand their writes to one task that commits whatever has
+//! queued up in a single transaction and then answers every writer of that batch. Each write in
+//! the batch still stands alone: it lands only if its fence (shard epoch) and expected version
+//! hold, checked by the statements that apply it, and a refused write takes its attempts and
+//! outbox rows with it without failing its neighbours.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    Statement, TransactionTrait,
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::entities::{attempt, instance, outbox, shard};
+use crate::store::{
+    Attempt, Change, Fence, JournalError, Lease, LeaseRow, ListFilter, OutboxMessage, OutboxRow,
+    Position, SagaRecord, Signal, Store, Write, Written,
+};
+
+/// How many queued writes one transaction takes at most.
+const MAX_GROUP: usize = 512;
+
+struct Pending {
+    write: Write,
+    done: oneshot::Sender<Result<Written, JournalError>>,
+}
+
+/// The store of one database (migrated with [`crate::migrations`]).
+pub struct SqlStore {
+    db: DatabaseConnection,
+    tx: mpsc::Sender<Pending>,
+}
+
+impl SqlStore {
+    /// Starts the group-commit writer on `db`.
+    pub fn start(db: DatabaseConnection) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
+        tokio::spawn(writer(db.clone(), rx));
+        Self { db, tx }
+    }
+}
+
+pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+fn record(row: instance::Model) -> Result<SagaRecord, JournalError> {
+    let input = serde_json::from_str(&row.input)
+        .map_err(|e| JournalError::Corrupt(format!("saga {} input: {e}", row.id)))?;
+    let outputs = match serde_json::from_str(&row.outputs) {
+        Ok(Value::Object(m)) => m,
+        _ => return Err(JournalError::Corrupt(format!("saga {} outputs", row.id))),
+    };
+    let signals: Vec<Signal> = serde_json::from_str(&row.signals)
+        .map_err(|e| JournalError::Corrupt(format!("saga {} signals: {e}", row.id)))?;
+    Ok(SagaRecord {
+        next_step: usize::try_from(row.next_step).unwrap_or(0),
+        id: row.id,
+        kind: row.kind,
+        shard: row.shard,
+        state: row.state,
+        input,
+        outputs,
+        version: row.version,
+        error: row.error,
+        deadline: row.deadline,
+        wake_at: row.wake_at_ms.map(from_ms),
+        signals,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+fn records(rows: Vec<instance::Model>) -> Result<Vec<SagaRecord>, JournalError> {
+    rows.into_iter().map(record).collect()
+}
+
+fn refused(fence: Fence) -> JournalError {
+    JournalError::Refused(format!(
+        "shard {} is no longer held at epoch {}",
+        fence.shard, fence.epoch
+    ))
+}
+
+/// A lease on one shard gives no right to write another shard's sagas.
+fn other_shard(fence: Fence, saga_shard: i32) -> JournalError {
+    JournalError::Refused(format!(
+        "a lease on shard {} does not fence a saga of shard {saga_shard}",
+        fence.shard
+    ))
+}
+
+fn fenced(fence: Fence) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(shard::Column::Shard.eq(fence.shard))
+        .add(shard::Column::Epoch.eq(fence.epoch))
+}
+
+async fn holds(db: &impl ConnectionTrait, fence: Fence) -> Result<bool, DbErr> {
+    Ok(shard::Entity::find()
+        .filter(fenced(fence))
+        .count(db)
+        .await?
+        == 1)
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn write(&self, write: Write) -> Result<Written, JournalError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Pending { write, done })
+            .await
+            .map_err(|_| JournalError::Stopped)?;
+        wait.await.map_err(|_| JournalError::Stopped)?
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<SagaRecord>, JournalError> {
+        instance::Entity::find_by_id(id.to_owned())
+            .one(&self.db)
+            .await?
+            .map(record)
+            .transpose()
+    }
+
+    async fn attempts(&self, id: &str) -> Result<Vec<Attempt>, JournalError> {
+        Ok(attempt::Entity::find()
+            .filter(attempt::Column::SagaId.eq(id))
+            .order_by_asc(attempt::Column::StepIndex)
+            .order_by_asc(attempt::Column::Attempt)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|a| Attempt {
+                saga_id: a.saga_id,
+                step_index: a.step_index,
+                attempt: a.attempt,
+                step: a.step,
+                outcome: a.outcome,
+                error: a.error,
+                started_at: a.started_at,
+                finished_at: a.finished_at,
+            })
+            .collect())
+    }
+
+    async fn orphans(&self, kind: &str, shard: i32) -> Result<Vec<SagaRecord>, JournalError> {
+        records(
+            instance::Entity::find()
+                .filter(instance::Column::Kind.eq(kind))
+                .filter(instance::Column::Shard.eq(shard))
+                .filter(instance::Column::State.eq(crate::RUNNING))
+                .filter(instance::Column::WakeAtMs.is_null())
+                .order_by_asc(instance::Column::CreatedAt)
+                .order_by_asc(instance::Column::Id)
+                .all(&self.db)
+                .await?,
+        )
+    }
+
+    async fn due(
+        &self,
+        shard: i32,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, JournalError> {
+        records(
+            instance::Entity::find()
+                .filter(instance::Column::Shard.eq(shard))
+                .filter(instance::Column::WakeAtMs.lte(ms(now)))
+                .order_by_asc(instance::Column::WakeAtMs)
+                .order_by_asc(instance::Column::Id)
+                .limit(limit as u64)
+                .all(&self.db)
+                .await?,
+        )
+    }
+
+    async fn list(&self, f: &ListFilter) -> Result<Vec<SagaRecord>, JournalError> {
+        let mut q = instance::Entity::find();
+        if let Some(s) = &f.state {
+            q = q.filter(instance::Column::State.eq(s.clone()));
+        }
+        if let Some(s) = f.shard {
+            q = q.filter(instance::Column::Shard.eq(s));
+        }
+        records(
+            q.order_by_desc(instance::Column::UpdatedAt)
+                .limit(f.limit)
+                .all(&self.db)
+                .await?,
+        )
+    }
+
+    async fn acquire(
+        &self,
+        shard_id: i32,
+        owner: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Result<Option<Lease>, JournalError> {
+        shard::Entity::insert(shard::ActiveModel {
+            shard: Set(shard_id),
+            owner: Set(owner.to_owned()),
+            epoch: Set(0),
+            expires_at_ms: Set(ms(now) - 1000),
+            checkpoint_offset: Set(0),
+            checkpoint_index: Set(0),
+        })
+        .on_conflict(
+            OnConflict::column(shard::Column::Shard)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await?;
+        let taken = shard::Entity::update_many()
+            .col_expr(shard::Column::Owner, Expr::value(owner.to_owned()))
+            .col_expr(shard::Column::Epoch, Expr::col(shard::Column::Epoch).add(1))
+            .col_expr(shard::Column::ExpiresAtMs, Expr::value(ms(now + ttl)))
+            .filter(shard::Column::Shard.eq(shard_id))
+            .filter(
+                shard::Column::ExpiresAtMs
+                    .lt(ms(now))
+                    .or(shard::Column::Owner.eq(owner)),
+            )
+            .exec(&self.db)
+            .await?;
+        if taken.rows_affected != 1 {
+            return Ok(None);
+        }
+        let row = shard::Entity::find_by_id(shard_id).one(&self.db).await?;
+        Ok(row.filter(|r| r.owner == owner).map(|r| Lease {
+            shard: shard_id,
+            epoch: r.epoch,
+            checkpoint: Position {
+                offset: u64::try_from(r.checkpoint_offset).unwrap_or(0),
+                index: u32::try_from(r.checkpoint_index).unwrap_or(0),
+            },
+        }))
+    }
+
+    async fn renew(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Result<bool, JournalError> {
+        let r = shard::Entity::update_many()
+            .col_expr(shard::Column::ExpiresAtMs, Expr::value(ms(now + ttl)))
+            .filter(fenced(lease.fence()))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected == 1)
+    }
+
+    async fn checkpoint(&self, lease: &Lease, at: Position) -> Result<bool, JournalError> {
+        let r = shard::Entity::update_many()
+            .col_expr(
+                shard::Column::CheckpointOffset,
+                Expr::value(i64::try_from(at.offset).unwrap_or(i64::MAX)),
+            )
+            .col_expr(
+                shard::Column::CheckpointIndex,
+                Expr::value(i32::try_from(at.index).unwrap_or(i32::MAX)),
+            )
+            .filter(fenced(lease.fence()))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected == 1)
+    }
+
+    async fn release(&self, lease: &Lease, now: DateTime<Utc>) -> Result<(), JournalError> {
+        shard::Entity::update_many()
+            .col_expr(shard::Column::ExpiresAtMs, Expr::value(ms(now) - 1000))
+            .filter(fenced(lease.fence()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn leases(&self) -> Result<Vec<LeaseRow>, JournalError> {
+        Ok(shard::Entity::find()
+            .order_by_asc(shard::Column::Shard)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|r| LeaseRow {
+                shard: r.shard,
+                owner: r.owner,
+                epoch: r.epoch,
+                expires_at: from_ms(r.expires_at_ms),
+                checkpoint: Position {
+                    offset: u64::try_from(r.checkpoint_offset).unwrap_or(0),
+                    index: u32::try_from(r.checkpoint_index).unwrap_or(0),
+                },
+            })
+            .collect())
+    }
+
+    async fn outbox(&self, fence: Fence, limit: usize) -> Result<Vec<OutboxRow>, JournalError> {
+        if !holds(&self.db, fence).await? {
+            return Err(refused(fence));
+        }
+        let rows = outbox::Entity::find()
+            .filter(outbox::Column::Shard.eq(fence.shard))
+            .order_by_asc(outbox::Column::Seq)
+            .limit(limit as u64)
+            .all(&self.db)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            match serde_json::from_str(&r.payload) {
+                Ok(payload) => out.push(OutboxRow {
+                    seq: r.seq,
+                    message: OutboxMessage {
+                        destination: r.destination,
+                        key: r.key,
+                        payload,
+                    },
+                }),
+                Err(e) => {
+                    tracing::error!(seq = r.seq, error = %e, "dropping undecodable outbox row");
+                    outbox::Entity::delete_by_id(r.seq).exec(&self.db).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn outbox_done(&self, fence: Fence, seqs: &[i64]) -> Result<(), JournalError> {
+        // One statement, fenced: a stale relay deletes nothing.
+        let r = outbox::Entity::delete_many()
+            .filter(outbox::Column::Seq.is_in(seqs.iter().copied()))
+            .filter(outbox::Column::Shard.eq(fence.shard))
+            .filter(
+                outbox::Column::Shard.in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(shard::Column::Shard)
+                        .from(shard::Entity)
+                        .cond_where(fenced(fence))
+                        .to_owned(),
+                ),
+            )
+            .exec(&self.db)
+            .await?;
+        if r.rows_affected == 0 && !seqs.is_empty() && !holds(&self.db, fence).await? {
+            return Err(refused(fence));
+        }
+        Ok(())
+    }
+
+    async fn outbox_backlog(&self) -> Result<u64, JournalError> {
+        Ok(outbox::Entity::find().count(&self.db).await?)
+    }
+
+    async fn stopped(&self) {
+        self.tx.closed().await;
+    }
+}
+
+async fn writer(db: DatabaseConnection, mut rx: mpsc::Receiver<Pending>) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(p) => group.push(p),
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<&Write> = group.iter().map(|p| &p.write).collect();
+        match commit(&db, &writes).await {
+            Ok(results) => {
+                for (p, r) in group.into_iter().zip(results) {
+                    let _ = p.done.send(r);
+                }
+            }
+            Err(e) if group.len() > 1 => {
+                // Keep one bad write from failing its neighbours: commit each on its own.
+                tracing::warn!(error = %e, writes = group.len(), "group commit failed, retrying one by one");
+                for p in group {
+                    let r = commit(&db, &[&p.write]).await;
+                    let _ = p.done.send(match r {
+                        Ok(mut v) => v.pop().unwrap_or(Err(JournalError::Stopped)),
+                        Err(e) => Err(e.into()),
+                    });
+                }
+            }
+            Err(e) => {
+                for p in group {
+                    let _ = p.done.send(Err(JournalError::Database(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+type Results = Vec<Result<Written, JournalError>>;
+
+async fn commit(db: &DatabaseConnection, writes: &[&Write]) -> Result<Results, DbErr> {
+    let mut attempt = 0;
+    loop {
+        let r = if db.get_database_backend() == DbBackend::Postgres {
+            batched::try_commit(db, writes).await
+        } else {
+            try_commit(db, writes).await
+        };
+        match r {
+            Ok(r) => return Ok(r),
+            // Lock timeouts and serialisation failures pass; give them a moment.
+            Err(e) if attempt < 3 && transient(&e) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn transient(e: &DbErr) -> bool {
+    matches!(e, DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
+        || e.to_string().contains("database is locked")
+        || e.to_string().contains("deadlock")
+}
+
+fn signals_json(s: &[Signal]) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "[]".into())
+}
+
+/// SQLite runs in process, where a statement per row costs no round trip: each write's
+/// conditional statements run first, and its attempts and outbox rows only if they matched.
+async fn try_commit(db: &DatabaseConnection, writes: &[&Write]) -> Result<Results, DbErr> {
+    let txn = db.begin().await?;
+    let mut results = Vec::with_capacity(writes.len());
+    for w in writes {
+        let r = apply(&txn, w).await?;
+        if r.as_ref().is_ok_and(|r| *r != Written::Existed) {
+            insert_rows(&txn, w).await?;
+        }
+        results.push(r);
+    }
+    txn.commit().await?;
+    Ok(results)
+}
+
+async fn apply(txn: &DatabaseTransaction, w: &Write) -> Result<Result<Written, JournalError>, DbErr> {
+    let backend = txn.get_database_backend();
+    match &w.change {
+        Change::Start(r) => {
+            if r.shard != w.fence.shard {
+                return Ok(Err(other_shard(w.fence, r.shard)));
+            }
+            let sql = "INSERT INTO saga_instances (id, kind, shard, state, input, outputs, \
+                next_step, version, error, deadline, created_at, updated_at, wake_at_ms, signals) \
+                SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+                WHERE EXISTS (SELECT 1 FROM saga_shards WHERE shard = ? AND epoch = ?) \
+                ON CONFLICT (id) DO NOTHING";
+            let n = txn
+                .execute(Statement::from_sql_and_values(
+                    backend,
+                    sql,
+                    [
+                        r.id.clone().into(),
+                        r.kind.clone().into(),
+                        r.shard.into(),
+                        r.state.clone().into(),
+                        r.input.to_string().into(),
+                        Value::Object(r.outputs.clone()).to_string().into(),
+                        i32::try_from(r.next_step).unwrap_or(i32::MAX).into(),
+                        r.version.into(),
+                        r.error.clone().into(),
+                        r.deadline.into(),
+                        r.created_at.into(),
+                        r.updated_at.into(),
+                        r.wake_at.map(ms).into(),
+                        signals_json(&r.signals).into(),
+                        w.fence.shard.into(),
+                        w.fence.epoch.into(),
+                    ],
+                ))
+                .await?
+                .rows_affected();
+            if n == 1 {
+                return Ok(Ok(Written::Created));
+            }
+            Ok(if holds(txn, w.fence).await? {
+                Ok(Written::Existed)
+            } else {
+                Err(refused(w.fence))
+            })
+        }
+        Change::Update {
+            id,
+            expected_version,
+            update: u,
+            at,
+        } => {
+            let mut q = instance::Entity::update_many()
+                .col_expr(instance::Column::Version, Expr::value(expected_version + 1))
+                .col_expr(instance::Column::UpdatedAt, Expr::value(*at))
+                .col_expr(instance::Column::WakeAtMs, Expr::value(u.wake_at.map(ms)));
+            if let Some(s) = &u.state {
+                q = q.col_expr(instance::Column::State, Expr::value(s.clone()));
+            }
+            if let Some(i) = &u.input {
+                q = q.col_expr(instance::Column::Input, Expr::value(i.to_string()));
+            }
+            if let Some(o) = &u.outputs {
+                q = q.col_expr(instance::Column::Outputs, Expr::value(o.to_string()));
+            }
+            if let Some(n) = u.next_step {
+                q = q.col_expr(instance::Column::NextStep, Expr::value(n));
+            }
+            if let Some(e) = &u.error {
+                q = q.col_expr(instance::Column::Error, Expr::value(e.clone()));
+            }
+            if let Some(d) = &u.deadline {
+                q = q.col_expr(instance::Column::Deadline, Expr::value(*d));
+            }
+            if let Some(s) = &u.signals {
+                q = q.col_expr(instance::Column::Signals, Expr::value(signals_json(s)));
+            }
+            let n = q
+                .filter(instance::Column::Id.eq(id.clone()))
+                .filter(instance::Column::Version.eq(*expected_version))
+                .filter(
+                    instance::Column::Shard.in_subquery(
+                        sea_orm::sea_query::Query::select()
+                            .column(shard::Column::Shard)
+                            .from(shard::Entity)
+                            .cond_where(fenced(w.fence))
+                            .to_owned(),
+                    ),
+                )
+                .exec(txn)
+                .await?
+                .rows_affected;
+            Ok(if n == 1 {
+                Ok(Written::Updated)
+            } else if holds(txn, w.fence).await? {
+                Err(JournalError::Refused(format!(
+                    "saga {id} is no longer at version {expected_version}"
+                )))
+            } else {
+                Err(refused(w.fence))
+            })
+        }
+    }
+}
+
+async fn insert_rows(txn: &DatabaseTransaction, w: &Write) -> Result<(), DbErr> {
+    if !w.attempts.is_empty() {
+        attempt::Entity::insert_many(w.attempts.iter().map(|a| attempt::ActiveModel {
+            saga_id: Set(a.saga_id.clone()),
+            step_index: Set(a.step_index),
+            attempt: Set(a.attempt),
+            step: Set(a.step.clone()),
+            outcome: Set(a.outcome.clone()),
+            error: Set(a.error.clone()),
+            started_at: Set(a.started_at),
+            finished_at: Set(a.finished_at),
+        }))
+        .on_conflict(
+            OnConflict::columns([
+                attempt::Column::SagaId,
+                attempt::Column::StepIndex,
+                attempt::Column::Attempt,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    if !w.outbox.is_empty() {
+        let now = Utc::now();
+        outbox::Entity::insert_many(w.outbox.iter().map(|m| outbox::ActiveModel {
+            shard: Set(w.fence.shard),
+            destination: Set(m.destination.clone()),
+            key: Set(m.key.clone()),
+            payload: Set(m.payload.to_string()),
+            created_at: Set(now),
+            ..Default::default()
+        }))
+        .exec_without_returning(txn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The PostgreSQL group commit: a constant number of statements per transaction, whatever the
+/// number of sagas in it. Each kind of row goes in one statement that takes the whole batch as
+/// one JSON parameter (`jsonb_to_recordset`), so the statement text never changes (it stays
+/// prepared) and a group of hundreds of sagas costs a handful of round trips.
+///
+/// The fence: the group first takes a share lock on the lease rows of its shards (a takeover
+/// waits for this commit), writes with a stale epoch are refused at once, and every statement
+/// that changes a saga repeats the epoch and version condition itself.
+mod batched {
+    use std::collections::{HashMap, HashSet};
+
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
+    use serde::Serialize;
+
+    use super::{ms, other_shard, refused, signals_json, Results};
+    use crate::store::{Change, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Write, Written};
+
+    const LOCK_SHARDS: &str = "
+SELECT shard, epoch FROM saga_shards
+WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))
+ORDER BY shard FOR SHARE";
+
+    const INSERT_STARTS: &str = "
+INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, version, error,
+    deadline, created_at, updated_at, wake_at_ms, signals)
+SELECT v.id, v.kind, v.shard, v.state, v.input, v.outputs, v.next_step, v.version, v.error,
+    v.deadline, v.created_at, v.updated_at, v.wake_at_ms, v.signals
+FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (id text, kind text, shard int, state text,
+    input text, outputs text, next_step int, version bigint, error text, deadline timestamptz,
+    created_at timestamptz, updated_at timestamptz, wake_at_ms bigint, signals text,
+    epoch bigint)) WITH ORDINALITY AS v(id, kind, shard, state, input, outputs, next_step,
+    version, error, deadline, created_at, updated_at, wake_at_ms, signals, epoch, ord)
+WHERE EXISTS (SELECT 1 FROM saga_shards l WHERE l.shard = v.shard AND l.epoch = v.epoch)
+ORDER BY ord
+ON CONFLICT (id) DO NOTHING
+RETURNING id";
+
+    const UPDATE_INSTANCES: &str = "
+UPDATE saga_instances AS s SET
+    version = v.expected_version + 1,
+    updated_at = v.updated_at,
+    wake_at_ms = v.wake_at_ms,
+    state = CASE WHEN v.set_state THEN v.state ELSE s.state END,
+    input = CASE WHEN v.set_input THEN v.input ELSE s.input END,
+    outputs = CASE WHEN v.set_outputs THEN v.outputs ELSE s.outputs END,
+    next_step = CASE WHEN v.set_next_step THEN v.next_step ELSE s.next_step END,
+    error = CASE WHEN v.set_error THEN v.error ELSE s.error END,
+    deadline = CASE WHEN v.set_deadline THEN v.deadline ELSE s.deadline END,
+    signals = CASE WHEN v.set_signals THEN v.signals ELSE s.signals END
+FROM jsonb_to_recordset($1::jsonb) AS v(ord int, id text, expected_version bigint, epoch bigint,
+    shard int, updated_at timestamptz, wake_at_ms bigint, set_state bool, state text,
+    set_input bool, input text, set_outputs bool, outputs text, set_next_step bool,
+    next_step int, set_error bool, error text, set_deadline bool, deadline timestamptz,
+    set_signals bool, signals text)
+WHERE s.id = v.id AND s.version = v.expected_version AND s.shard = v.shard
+    AND EXISTS (SELECT 1 FROM saga_shards l WHERE l.shard = s.shard AND l.epoch = v.epoch)
+RETURNING v.ord";
+
+    const INSERT_ATTEMPTS: &str = "
+INSERT INTO saga_attempts (saga_id, step_index, attempt, step, outcome, error, started_at,
+    finished_at)
+SELECT saga_id, step_index, attempt, step, outcome, error, started_at, finished_at
+FROM jsonb_to_recordset($1::jsonb) AS v(saga_id text, step_index int, attempt int, step text,
+    outcome text, error text, started_at timestamptz, finished_at timestamptz)
+ON CONFLICT (saga_id, step_index, attempt) DO NOTHING";
+
+    /// In the batch's order, so the relay publishes in the order the writers wrote.
+    const INSERT_OUTBOX: &str = "
+INSERT INTO saga_outbox (shard, destination, key, payload, created_at)
+SELECT shard, destination, key, payload, created_at
+FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (shard int, destination text, key text,
+    payload text, created_at timestamptz)) WITH ORDINALITY AS v(shard, destination, key,
+    payload, created_at, ord)
+ORDER BY ord";
+
+    /// Microseconds, which is what PostgreSQL keeps (truncated, as the driver binds them).
+    fn ts(t: &DateTime<Utc>) -> String {
+        t.to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+
+    #[derive(Serialize)]
+    struct StartRow<'a> {
+        id: &'a str,
+        kind: &'a str,
+        shard: i32,
+        state: &'a str,
+        input: String,
+        outputs: String,
+        next_step: i32,
+        version: i64,
+        error: Option<&'a str>,
+        deadline: Option<String>,
+        created_at: String,
+        updated_at: String,
+        wake_at_ms: Option<i64>,
+        signals: String,
+        epoch: i64,
+    }
+
+    impl<'a> StartRow<'a> {
+        fn new(m: &'a SagaRecord, epoch: i64) -> Self {
+            Self {
+                id: &m.id,
+                kind: &m.kind,
+                shard: m.shard,
+                state: &m.state,
+                input: m.input.to_string(),
+                outputs: serde_json::Value::Object(m.outputs.clone()).to_string(),
+                next_step: i32::try_from(m.next_step).unwrap_or(i32::MAX),
+                version: m.version,
+                error: m.error.as_deref(),
+                deadline: m.deadline.as_ref().map(ts),
+                created_at: ts(&m.created_at),
+                updated_at: ts(&m.updated_at),
+                wake_at_ms: m.wake_at.map(ms),
+                signals: signals_json(&m.signals),
+                epoch,
+            }
+        }
+    }
+
+    #[derive(Serialize)]
+    struct UpdateRow<'a> {
+        ord: usize,
+        id: &'a str,
+        expected_version: i64,
+        epoch: i64,
+        shard: i32,
+        updated_at: String,
+        wake_at_ms: Option<i64>,
+        set_state: bool,
+        state: Option<&'a str>,
+        set_input: bool,
+        input: Option<String>,
+        set_outputs: bool,
+        outputs: Option<String>,
+        set_next_step: bool,
+        next_step: Option<i32>,
+        set_error: bool,
+        error: Option<&'a str>,
+        set_deadline: bool,
+        deadline: Option<String>,
+        set_signals: bool,
+        signals: Option<String>,
+    }
+
+    impl<'a> UpdateRow<'a> {
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            ord: usize,
+            id: &'a str,
+            expected_version: i64,
+            epoch: i64,
+            shard: i32,
+            at: &DateTime<Utc>,
+            u: &'a InstanceUpdate,
+        ) -> Self {
+            Self {
+                ord,
+                id,
+                expected_version,
+                epoch,
+                shard,
+                updated_at: ts(at),
+                wake_at_ms: u.wake_at.map(ms),
+                set_state: u.state.is_some(),
+                state: u.state.as_deref(),
+                set_input: u.input.is_some(),
+                input: u.input.as_ref().map(ToString::to_string),
+                set_outputs: u.outputs.is_some(),
+                outputs: u.outputs.as_ref().map(ToString::to_string),
+                set_next_step: u.next_step.is_some(),
+                next_step: u.next_step,
+                set_error: u.error.is_some(),
+                error: u.error.as_ref().and_then(|e| e.as_deref()),
+                set_deadline: u.deadline.is_some(),
+                deadline: u.deadline.and_then(|d| d.as_ref().map(ts)),
+                set_signals: u.signals.is_some(),
+                signals: u.signals.as_deref().map(signals_json),
+            }
+        }
+    }
+
+    #[derive(Serialize)]
+    struct AttemptRow<'a> {
+        saga_id: &'a str,
+        step_index: i32,
+        attempt: i32,
+        step: &'a str,
+        outcome: &'a str,
+        error: Option<&'a str>,
+        started_at: String,
+        finished_at: String,
+    }
+
+    #[derive(Serialize)]
+    struct OutboxRow<'a> {
+        shard: i32,
+        destination: &'a str,
+        key: &'a str,
+        payload: String,
+        created_at: String,
+    }
+
+    impl<'a> OutboxRow<'a> {
+        fn new(shard: i32, m: &'a OutboxMessage, now: &str) -> Self {
+            Self {
+                shard,
+                destination: &m.destination,
+                key: &m.key,
+                payload: m.payload.to_string(),
+                created_at: now.to_owned(),
+            }
+        }
+    }
+
+    fn statement(sql: &str, rows: &impl Serialize) -> Result<Statement, DbErr> {
+        let json = serde_json::to_string(rows)
+            .map_err(|e| DbErr::Custom(format!("encoding a journal batch: {e}")))?;
+        Ok(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            [json.into()],
+        ))
+    }
+
+    pub(super) async fn try_commit(
+        db: &DatabaseConnection,
+        writes: &[&Write],
+    ) -> Result<Results, DbErr> {
+        let now = ts(&Utc::now());
+        let mut results: Results = vec![Ok(Written::Updated); writes.len()];
+        let txn = db.begin().await?;
+
+        // Lock the leases of the shards written to; refuse the writes whose epoch is stale.
+        let mut shards: Vec<i32> = writes.iter().map(|w| w.fence.shard).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let epochs: HashMap<i32, i64> = txn
+            .query_all(statement(LOCK_SHARDS, &shards)?)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get::<i32>("", "shard")?, r.try_get::<i64>("", "epoch")?)))
+            .collect::<Result<_, DbErr>>()?;
+        for (i, w) in writes.iter().enumerate() {
+            if epochs.get(&w.fence.shard) != Some(&w.fence.epoch) {
+                results[i] = Err(refused(w.fence));
+            } else if let Change::Start(r) = &w.change {
+                if r.shard != w.fence.shard {
+                    results[i] = Err(other_shard(w.fence, r.shard));
+                }
+            }
+        }
+
+        let mut starts = Vec::new();
+        let mut start_of = Vec::new();
+        // Per update round: the k-th update of a saga in this batch goes in round k, since one
+        // `UPDATE ... FROM` changes a row at most once; rounds run in order.
+        let mut rounds: Vec<Vec<UpdateRow<'_>>> = Vec::new();
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, w) in writes.iter().enumerate() {
+            if results[i].is_err() {
+                continue;
+            }
+            match &w.change {
+                Change::Start(r) => {
+                    starts.push(StartRow::new(r, w.fence.epoch));
+                    start_of.push(i);
+                }
+                Change::Update {
+                    id,
+                    expected_version,
+                    update,
+                    at,
+                } => {
+                    let round = seen.entry(id.as_str()).or_insert(0);
+                    if rounds.len() <= *round {
+                        rounds.push(Vec::new());
+                    }
+                    rounds[*round].push(UpdateRow::new(
+                        i,
+                        id,
+                        *expected_version,
+                        w.fence.epoch,
+                        w.fence.shard,
+                        at,
+                        update,
+                    ));
+                    *round += 1;
+                }
+            }
+        }
+        if !starts.is_empty() {
+            let inserted: HashSet<String> = txn
+                .query_all(statement(INSERT_STARTS, &starts)?)
+                .await?
+                .iter()
+                .map(|row| row.try_get::<String>("", "id"))
+                .collect::<Result<_, _>>()?;
+            // The first start of each id in the batch created it, if it was new.
+            let mut claimed = HashSet::new();
+            for (k, row) in starts.iter().enumerate() {
+                results[start_of[k]] = Ok(
+                    if inserted.contains(row.id) && claimed.insert(row.id) {
+                        Written::Created
+                    } else {
+                        Written::Existed
+                    },
+                );
+            }
+        }
+        for round in &rounds {
+            let updated: HashSet<i32> = txn
+                .query_all(statement(UPDATE_INSTANCES, round)?)
+                .await?
+                .iter()
+                .map(|row| row.try_get::<i32>("", "ord"))
+                .collect::<Result<_, _>>()?;
+            for row in round {
+                if !updated.contains(&i32::try_from(row.ord).unwrap_or(-1)) {
+                    results[row.ord] = Err(JournalError::Refused(format!(
+                        "saga {} is no longer at version {}",
+                        row.id, row.expected_version
+                    )));
+                }
+            }
+        }
+        let mut attempts = Vec::new();
+        let mut outbox = Vec::new();
+        for (i, w) in writes.iter().enumerate() {
+            if !matches!(results[i], Ok(Written::Created) | Ok(Written::Updated)) {
+                continue;
+            }
+            attempts.extend(w.attempts.iter().map(|a| AttemptRow {
+                saga_id: &a.saga_id,
+                step_index: a.step_index,
+                attempt: a.attempt,
+                step: &a.step,
+                outcome: &a.outcome,
+                error: a.error.as_deref(),
+                started_at: ts(&a.started_at),
+                finished_at: ts(&a.finished_at),
+            }));
+            outbox.extend(w.outbox.iter().map(|m| OutboxRow::new(w.fence.shard, m, &now)));
+        }
+        if !attempts.is_empty() {
+            txn.execute(statement(INSERT_ATTEMPTS, &attempts)?).await?;
+        }
+        if !outbox.is_empty() {
+            txn.execute(statement(INSERT_OUTBOX, &outbox)?).await?;
+        }
+        txn.commit().await?;
+        Ok(results)
+    }
+}

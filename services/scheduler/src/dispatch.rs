@@ -1,0 +1,234 @@
+//! Running sagas on this replica's slots: a task per saga that drives it through the engine until
+//! it finishes or parks, the dispatcher that gives free slots to queued and due sagas (durable
+//! timers), and the writer that records signals for sagas no task is working on.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use saga::{Inbox, JournalError, SagaRecord, Signal};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::booking::BookingInput;
+use crate::owner::Owner;
+use crate::Core;
+
+/// How a task came to run a saga.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Just started from the log: its journal has no attempts yet.
+    Fresh,
+    /// Resumed after a takeover or queued for a slot.
+    Resumed,
+    /// Its timer was due.
+    Timer,
+}
+
+/// The span a booking's saga runs in: a child of the trace context the booking carried.
+pub fn saga_span(delivery_id: &str, partition: u32, traceparent: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "saga",
+        otel.name = "booking saga",
+        service = "scheduler",
+        delivery_id,
+        partition,
+    );
+    if let Some(tp) = traceparent {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert(telemetry::TRACEPARENT.to_owned(), tp.to_owned());
+        telemetry::set_parent(&span, &headers);
+    }
+    span
+}
+
+fn span_of(record: &SagaRecord, partition: u32) -> tracing::Span {
+    let tp = BookingInput::of(record).ok().and_then(|b| b.traceparent);
+    saga_span(&record.id, partition, tp.as_deref())
+}
+
+/// Runs a claimed saga on a slot, in the partition's task set.
+pub fn spawn_saga(
+    core: &Arc<Core>,
+    owner: &Arc<Owner>,
+    tasks: &mut JoinSet<()>,
+    record: SagaRecord,
+    permit: OwnedSemaphorePermit,
+    origin: Origin,
+) {
+    let span = span_of(&record, owner.partition);
+    let (core, owner) = (core.clone(), owner.clone());
+    tasks.spawn(
+        async move {
+            drive(&core, &owner, record, origin).await;
+            if origin == Origin::Timer {
+                owner.from_timer.fetch_sub(1, Ordering::SeqCst);
+            }
+            drop(permit);
+            owner.ended.notify_one();
+        }
+        .instrument(span),
+    );
+}
+
+/// Drives the saga until it finishes or parks, then releases its entry (or goes on with the
+/// signals that arrived meanwhile).
+pub async fn drive(core: &Arc<Core>, owner: &Arc<Owner>, mut record: SagaRecord, origin: Origin) {
+    let fence = owner.fence();
+    let mut fresh = origin == Origin::Fresh;
+    let mut failures = 0u32;
+    loop {
+        let id = record.id.clone();
+        let run = if fresh {
+            core.engine
+                .run_started(&core.ctx, fence, record.clone(), owner.as_ref())
+                .await
+        } else {
+            core.engine
+                .run(&core.ctx, fence, record.clone(), owner.as_ref())
+                .await
+        };
+        fresh = false;
+        match run {
+            Ok(done) => {
+                if done.is_finished() {
+                    tracing::info!(delivery_id = %id, state = %done.state, "saga finished");
+                }
+                if owner.has_signals(&id) {
+                    // A signal arrived after the engine's last look (say, during the last step):
+                    // go on, the engine applies it first.
+                    record = done;
+                    continue;
+                }
+                match owner.finish(&id) {
+                    None => return,
+                    Some(signals) => {
+                        // Raced in between the two looks: put them back for the engine.
+                        for s in signals {
+                            let _ = owner.offer(&id, s);
+                        }
+                        record = done;
+                    }
+                }
+            }
+            Err(JournalError::Refused(why)) => {
+                tracing::warn!(delivery_id = %id, why, partition = owner.partition, "saga write refused; letting the partition go");
+                owner.lose();
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                tracing::error!(delivery_id = %id, error = %e, ?wait, "saga stopped on a journal error; resuming it from the journal");
+                core.engine.clock().sleep(wait).await;
+                if owner.is_lost() {
+                    return;
+                }
+                match core.store.load(&id).await {
+                    Ok(Some(r)) => record = r,
+                    Ok(None) => {
+                        owner.finish(&id);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(delivery_id = %id, error = %e, "cannot reload the saga");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Records the signals waiting in a claimed saga's slot, until none is left, then releases the
+/// entry. The saga becomes due, so a slot runs it and it applies them.
+pub async fn record_signals(core: Arc<Core>, owner: Arc<Owner>, id: String) {
+    let fence = owner.fence();
+    let mut failures = 0u32;
+    let mut pending: Vec<Signal> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            match owner.finish(&id) {
+                None => return,
+                Some(s) => pending = s,
+            }
+        }
+        let outcome = match core.store.load(&id).await {
+            Ok(Some(mut saga)) => core
+                .engine
+                .signal(fence, &mut saga, pending.clone())
+                .await
+                .map(|()| true),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(found) => {
+                if !found {
+                    tracing::warn!(delivery_id = %id, signals = pending.len(), "signal for an unknown booking; ignored");
+                }
+                owner.recorded(&pending);
+                pending.clear();
+                failures = 0;
+            }
+            Err(JournalError::Refused(why)) => {
+                tracing::warn!(delivery_id = %id, why, "signal write refused; letting the partition go");
+                owner.lose();
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(delivery_id = %id, error = %e, "recording a signal failed; retrying");
+                core.engine
+                    .clock()
+                    .sleep(Duration::from_millis(100 * 2u64.pow(failures.min(6))))
+                    .await;
+                if owner.is_lost() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Gives free slots to queued sagas, then to sagas whose timer is due.
+pub async fn dispatch(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<()>) {
+    while owner.queued() > 0 {
+        let Ok(permit) = core.permits.clone().try_acquire_owned() else {
+            return;
+        };
+        let Some(record) = owner.dequeue() else {
+            break;
+        };
+        spawn_saga(core, owner, tasks, record, permit, Origin::Resumed);
+    }
+    let free = core.permits.available_permits();
+    if free == 0 {
+        return;
+    }
+    // A saga dispatched from its timer looks due until its first write: ask for that many more.
+    let limit = free + owner.from_timer.load(Ordering::SeqCst);
+    let now = core.engine.clock().now();
+    let due = match core
+        .store
+        .due(i32::try_from(owner.partition).unwrap_or(i32::MAX), now, limit)
+        .await
+    {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::warn!(partition = owner.partition, error = %e, "cannot read due sagas");
+            return;
+        }
+    };
+    for record in due {
+        if !owner.claim(&record.id) {
+            continue;
+        }
+        let Ok(permit) = core.permits.clone().try_acquire_owned() else {
+            owner.queue(record);
+            continue;
+        };
+        owner.from_timer.fetch_add(1, Ordering::SeqCst);
+        spawn_saga(core, owner, tasks, record, permit, Origin::Timer);
+    }
+}
