@@ -102,12 +102,24 @@ async fn booking_lifecycle() {
         !moved.is_null(),
         "the reschedule never moved the drone window"
     );
-    let (_, events) = service_json(
-        &stack,
-        Service::Delivery,
-        &format!("/api/deliveries/{id}/events"),
-    )
-    .await;
+    // The saga moves the drone window first, then updates the delivery (its next step).
+    let mut events = Value::Null;
+    for _ in 0..100 {
+        let (_, e) = service_json(
+            &stack,
+            Service::Delivery,
+            &format!("/api/deliveries/{id}/events"),
+        )
+        .await;
+        events = e;
+        if events
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["stage"] == "Rescheduled"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         events
             .as_array()

@@ -311,6 +311,29 @@ async fn two_schedulers_never_share_a_partition(backend: Backend) {
         !metrics_b.contains("saga_started_total 1"),
         "B started no saga"
     );
+    // Only the owner relays a partition's outbox: every lifecycle event is on the log once
+    // (with both replicas relaying the whole outbox, B published A's rows as well).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let partitions_n = suite.scheduler_settings.scheduler.partitions;
+    let events = suite
+        .ingestion
+        .broker
+        .log(contracts::WORKFLOW_EVENTS_LOG, partitions_n)
+        .await
+        .unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for p in 0..partitions_n {
+        let mut reader = events.read(p, messaging::StartAt::First).await.unwrap();
+        while let Ok(Some(record)) =
+            tokio::time::timeout(Duration::from_secs(1), reader.next()).await
+        {
+            let e = record.event.unwrap();
+            *seen.entry(e.id).or_insert(0) += 1;
+        }
+    }
+    assert!(seen.len() >= 2 * ids.len(), "{} events", seen.len());
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "events published more than once: {twice:?}");
 
     // A stops: B takes over and schedules new bookings.
     a.stop().await;
@@ -337,13 +360,17 @@ async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
     }
     let before_summary = suite.package.get("/api/packages/summary/acc-1").await.body;
     let before_fleet: Fleet = suite.drone.get("/api/drones").await.json();
-    let checkpoints = |parts: Vec<Value>| -> Vec<i64> {
-        let mut v: Vec<(i64, i64)> = parts
+    // Checkpoints are positions (offset, index): one message may carry several bookings.
+    let checkpoints = |parts: Vec<Value>| -> Vec<(i64, i64)> {
+        let mut v: Vec<(i64, (i64, i64))> = parts
             .iter()
             .map(|p| {
                 (
                     p["partition"].as_i64().unwrap(),
-                    p["nextOffset"].as_i64().unwrap(),
+                    (
+                        p["nextOffset"].as_i64().unwrap(),
+                        p["nextIndex"].as_i64().unwrap_or(0),
+                    ),
                 )
             })
             .collect();
@@ -362,7 +389,7 @@ async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
             &db,
             sea_orm::Statement::from_string(
                 db.get_database_backend(),
-                "SELECT partition, next_offset FROM partition_leases".to_owned(),
+                "SELECT shard, checkpoint_offset, checkpoint_index FROM saga_shards".to_owned(),
             ),
         )
         .await
@@ -370,17 +397,18 @@ async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
         .iter()
         .map(|r| {
             serde_json::json!({
-                "partition": r.try_get::<i32>("", "partition").unwrap(),
-                "nextOffset": r.try_get::<i64>("", "next_offset").unwrap(),
+                "partition": r.try_get::<i32>("", "shard").unwrap(),
+                "nextOffset": r.try_get::<i64>("", "checkpoint_offset").unwrap(),
+                "nextIndex": r.try_get::<i32>("", "checkpoint_index").unwrap(),
             })
         })
         .collect(),
     );
     assert!(
-        before.iter().sum::<i64>() > 0,
+        before.iter().map(|(o, i)| o + i).sum::<i64>() > 0,
         "checkpoints moved: {before:?}"
     );
-    db.execute_unprepared("UPDATE partition_leases SET next_offset = 0")
+    db.execute_unprepared("UPDATE saga_shards SET checkpoint_offset = 0, checkpoint_index = 0")
         .await
         .unwrap();
     let attempts_before: i64 = count(&db, "SELECT COUNT(*) AS n FROM saga_attempts").await;

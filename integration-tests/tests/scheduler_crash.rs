@@ -293,7 +293,7 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
     let checkpoints = loop {
         let (status, body) = second.get("/api/partitions").await;
         assert_eq!(status, 200, "{body}");
-        let checkpoints: BTreeMap<u32, (i64, String)> = body
+        let checkpoints: BTreeMap<u32, ((i64, i64), String)> = body
             .as_array()
             .unwrap()
             .iter()
@@ -301,16 +301,21 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
                 (
                     u32::try_from(p["partition"].as_i64().unwrap()).unwrap(),
                     (
-                        p["nextOffset"].as_i64().unwrap(),
+                        (
+                            p["nextOffset"].as_i64().unwrap(),
+                            p["nextIndex"].as_i64().unwrap_or(0),
+                        ),
                         p["owner"].as_str().unwrap().to_owned(),
                     ),
                 )
             })
             .collect();
-        let past = last.iter().all(|(p, offset)| {
-            checkpoints
-                .get(p)
-                .is_some_and(|(next, _)| u64::try_from(*next).unwrap_or(0) > *offset)
+        // The checkpoint is a position (offset, index): past the last event of the last message.
+        let past = last.iter().all(|(p, (offset, index))| {
+            checkpoints.get(p).is_some_and(|((next, next_index), _)| {
+                (u64::try_from(*next).unwrap_or(0), u64::try_from(*next_index).unwrap_or(0))
+                    > (*offset, u64::from(*index))
+            })
         });
         if past {
             break checkpoints;
@@ -327,7 +332,7 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
     );
     let behind: u64 = last
         .iter()
-        .map(|(p, offset)| {
+        .map(|(p, (offset, _))| {
             let at_kill = at_kill
                 .checkpoints
                 .get(&i32::try_from(*p).unwrap())
@@ -531,9 +536,9 @@ async fn journal_state(suite: &Suite) -> JournalState {
     }
 }
 
-/// The offset of the last record of each partition of `delivery-requests`, checking on the way
+/// The position (offset, index) of the last record of each partition of `delivery-requests`, checking on the way
 /// that the log holds every booking exactly once.
-async fn last_offsets(suite: &Suite, expected: &HashSet<Uuid>) -> BTreeMap<u32, u64> {
+async fn last_offsets(suite: &Suite, expected: &HashSet<Uuid>) -> BTreeMap<u32, (u64, u32)> {
     let partitions = suite.scheduler_settings.scheduler.partitions;
     let log = suite
         .ingestion
@@ -549,7 +554,7 @@ async fn last_offsets(suite: &Suite, expected: &HashSet<Uuid>) -> BTreeMap<u32, 
         while let Ok(Some(record)) =
             tokio::time::timeout(Duration::from_secs(2), reader.next()).await
         {
-            last.insert(p, record.position.offset);
+            last.insert(p, (record.position.offset, record.position.index));
             let request: DeliveryRequested = record.event.unwrap().decode().unwrap();
             seen.push(request.delivery_id);
         }

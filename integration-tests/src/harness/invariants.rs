@@ -385,12 +385,15 @@ pub async fn check(
         }
     }
 
-    // 6. No step took effect twice (one successful attempt per step at most).
+    // 6. No step took effect twice: one successful attempt per step, plus one per reschedule
+    //    applied (a reschedule runs ReserveDrone and CreateDelivery again, to move them).
     let scheduler_db = connect(&stack.database_url(Service::Scheduler)).await;
     for r in rows(
         &scheduler_db,
-        "SELECT saga_id, step, count(*) AS n FROM saga_attempts WHERE outcome = 'succeeded' \
-         GROUP BY saga_id, step HAVING count(*) > 1",
+        "SELECT a.saga_id, a.step, count(*) AS n FROM saga_attempts a \
+         JOIN saga_instances i ON i.id = a.saga_id WHERE a.outcome = 'succeeded' \
+         GROUP BY a.saga_id, a.step, i.input \
+         HAVING count(*) > 1 + COALESCE((i.input::jsonb->>'revision')::int, 0)",
     )
     .await
     {

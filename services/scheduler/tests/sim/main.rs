@@ -500,8 +500,9 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
                 .filter(|s| !s.is_finished() || !s.signals.is_empty())
                 .map(|s| format!("{} {} step {} wake {:?} signals {}", s.id, s.state, s.next_step, s.wake_at, s.signals.len()))
                 .collect();
+            let also = check_invariants(&store, &domain, &published, &work).err().unwrap_or_default();
             return Err(format!(
-                "not settled after 10 virtual minutes: {} sagas, {} bookings, backlog {}, stuck: {stuck:?}",
+                "not settled after 10 virtual minutes: {} sagas, {} bookings, backlog {}, stuck: {stuck:?}\n  {also}",
                 sagas.len(),
                 work.bookings.len(),
                 store.outbox_backlog().await.unwrap_or(0)
@@ -763,4 +764,92 @@ fn a_seed_replays_exactly() {
         let second = run_seed(seed).unwrap();
         assert_eq!(first, second, "SIM_SEED={seed} did not replay exactly");
     }
+}
+
+/// Defect 2 of issue 13: sagas waiting for a drone must not hold the replica's slots. With four
+/// slots and thirty bookings for one overbooked pickup time, a booking for another day is still
+/// scheduled at once, the lease keeps being renewed, the overbooked bookings that find no drone
+/// end `failed` with `no-drone-available` after the capacity wait, and the replica stops at once.
+#[test]
+fn a_full_replica_keeps_scheduling_other_days() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut rng = StdRng::seed_from_u64(7);
+        let store = MemoryStore::new();
+        let log = MemoryLog::new("delivery-requests", PARTITIONS);
+        let domain = FakeDomain::new(7, FleetSize { small: 3, medium: 1, large: 1 }).with_epoch(epoch());
+        domain.set_account(OWNER, AccountStatus::Active);
+        let world = World {
+            store: store.clone(),
+            log: log.clone(),
+            domain: domain.clone(),
+            publisher: Arc::new(SimPublisher {
+                published: Arc::new(Mutex::new(Published::default())),
+                domain: domain.clone(),
+                rng: Mutex::new(StdRng::seed_from_u64(7)),
+                failures: 0.0,
+            }),
+            clock: TokioClock::starting_at(epoch()),
+        };
+        let replica = world.start("replica-a", Arc::new(AtomicBool::new(false)));
+        let busy = epoch() + chrono::Duration::hours(1);
+        let mut ids = Vec::new();
+        for _ in 0..30 {
+            let id = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
+            ids.push(id.to_string());
+            log.append(envelope(DELIVERY_REQUESTED, &id.to_string(), &booking(&mut rng, id, busy, OWNER)))
+                .await
+                .unwrap();
+        }
+        // Let the busy slot fill up and the rest start waiting.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let other = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
+        let tomorrow = epoch() + chrono::Duration::days(1);
+        log.append(envelope(DELIVERY_REQUESTED, &other.to_string(), &booking(&mut rng, other, tomorrow, OWNER)))
+            .await
+            .unwrap();
+        let appended = tokio::time::Instant::now();
+        let lease_before = store.leases().await.unwrap();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if store.load(&other.to_string()).await.unwrap().is_some_and(|s| s.state == "completed") {
+                break;
+            }
+            assert!(
+                appended.elapsed() < Duration::from_secs(5),
+                "the booking for another day waited behind the overbooked slot"
+            );
+        }
+        // The lease is renewed while sagas wait.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let lease_after = store.leases().await.unwrap();
+        for (b, a) in lease_before.iter().zip(&lease_after) {
+            assert!(a.expires_at > b.expires_at, "the lease of shard {} was not renewed", a.shard);
+            assert_eq!(a.epoch, b.epoch, "shard {} changed hands", a.shard);
+        }
+        // After the capacity wait (20 s) every overbooked booking has an answer.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        let mut scheduled = 0;
+        for id in &ids {
+            let s = store.load(id).await.unwrap().unwrap();
+            match s.state.as_str() {
+                "completed" => scheduled += 1,
+                "failed" => assert!(
+                    s.error.as_deref().unwrap_or("").contains("no-drone-available"),
+                    "{id} failed for {:?}",
+                    s.error
+                ),
+                other => panic!("{id} is still {other} after the capacity wait"),
+            }
+        }
+        assert_eq!(scheduled, 5, "one booking per drone of the fleet");
+        assert!(domain.snapshot().overlaps().is_empty());
+        let stopping = tokio::time::Instant::now();
+        replica.stop().await;
+        assert!(stopping.elapsed() < Duration::from_secs(10), "stop took {:?}", stopping.elapsed());
+    });
 }
