@@ -6,7 +6,7 @@ export DATABASE_URL AMQP_URL
 
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: help run test lint fmt up clean-test-dbs chaos bench bench-messaging bench-ingest bench-e2e k8s-validate k8s-base
+.PHONY: help run test lint fmt up clean-test-dbs sim chaos bench bench-messaging bench-ingest bench-e2e k8s-validate k8s-base
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -58,3 +58,6 @@ up: ## start (installing if needed) PostgreSQL and RabbitMQ on this machine
 clean-test-dbs: ## drop test databases left behind by interrupted test runs
 	psql "$(DATABASE_URL)" -Atc "select datname from pg_database where datname like 'test\_%'" \
 	  | while read -r db; do psql "$(DATABASE_URL)" -qc "drop database if exists \"$$db\" with (force)"; done
+
+sim: ## the Scheduler's deterministic simulation: SIM_SEEDS=<n> seeds (default 2000), SIM_SEED=<n> replays one; prints seeds per second
+	SIM_SEEDS=$${SIM_SEEDS:-2000} cargo test --release -p scheduler --test sim -- --nocapture --test-threads 1

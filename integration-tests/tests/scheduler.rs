@@ -333,7 +333,10 @@ async fn two_schedulers_never_share_a_partition(backend: Backend) {
     }
     assert!(seen.len() >= 2 * ids.len(), "{} events", seen.len());
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "events published more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "events published more than once: {twice:?}"
+    );
 
     // A stops: B takes over and schedules new bookings.
     a.stop().await;

@@ -313,8 +313,10 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
         // The checkpoint is a position (offset, index): past the last event of the last message.
         let past = last.iter().all(|(p, (offset, index))| {
             checkpoints.get(p).is_some_and(|((next, next_index), _)| {
-                (u64::try_from(*next).unwrap_or(0), u64::try_from(*next_index).unwrap_or(0))
-                    > (*offset, u64::from(*index))
+                (
+                    u64::try_from(*next).unwrap_or(0),
+                    u64::try_from(*next_index).unwrap_or(0),
+                ) > (*offset, u64::from(*index))
             })
         });
         if past {
@@ -495,13 +497,21 @@ async fn journal_state(suite: &Suite) -> JournalState {
         .await
         .unwrap();
     let rows = |sql: &str| {
-        db.query_all(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+        db.query_all(Statement::from_string(
+            db.get_database_backend(),
+            sql.to_owned(),
+        ))
     };
     let sagas: Vec<(String, i32)> = rows("SELECT state, next_step FROM saga_instances")
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.try_get("", "state").unwrap(), r.try_get("", "next_step").unwrap()))
+        .map(|r| {
+            (
+                r.try_get("", "state").unwrap(),
+                r.try_get("", "next_step").unwrap(),
+            )
+        })
         .collect();
     let attempt_times: Vec<DateTime<Utc>> = rows("SELECT finished_at FROM saga_attempts")
         .await
@@ -509,18 +519,17 @@ async fn journal_state(suite: &Suite) -> JournalState {
         .iter()
         .map(|r| r.try_get("", "finished_at").unwrap())
         .collect();
-    let checkpoints: BTreeMap<i32, i64> =
-        rows("SELECT shard, checkpoint_offset FROM saga_shards")
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get("", "shard").unwrap(),
-                    r.try_get("", "checkpoint_offset").unwrap(),
-                )
-            })
-            .collect();
+    let checkpoints: BTreeMap<i32, i64> = rows("SELECT shard, checkpoint_offset FROM saga_shards")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "shard").unwrap(),
+                r.try_get("", "checkpoint_offset").unwrap(),
+            )
+        })
+        .collect();
     let _ = db.close().await;
     let mut by_state_step = BTreeMap::new();
     for s in &sagas {

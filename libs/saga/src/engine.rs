@@ -19,8 +19,8 @@ use tracing::Instrument;
 use crate::clock::Clock;
 use crate::retry::{RetryPolicy, StepError};
 use crate::store::{
-    Attempt, Change, Fence, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Signal,
-    Store, Write, Written,
+    Attempt, Change, Fence, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Signal, Store,
+    Write, Written,
 };
 use crate::{CANCELLED, COMPLETED, FAILED, RUNNING};
 
@@ -392,8 +392,17 @@ impl<C: Send + Sync> Engine<C> {
                         "{}: deadline passed before the step could complete",
                         step.name()
                     );
-                    self.fail(ctx, fence, &mut saga, step.name(), index, attempt_no + 1, started, reason)
-                        .await?;
+                    self.fail(
+                        ctx,
+                        fence,
+                        &mut saga,
+                        step.name(),
+                        index,
+                        attempt_no + 1,
+                        started,
+                        reason,
+                    )
+                    .await?;
                     continue 'steps;
                 }
                 attempt_no += 1;
@@ -444,8 +453,17 @@ impl<C: Send + Sync> Engine<C> {
                         continue 'steps;
                     }
                     Err(StepError::Permanent { reason }) => {
-                        self.fail(ctx, fence, &mut saga, step.name(), index, attempt_no, started, reason)
-                            .await?;
+                        self.fail(
+                            ctx,
+                            fence,
+                            &mut saga,
+                            step.name(),
+                            index,
+                            attempt_no,
+                            started,
+                            reason,
+                        )
+                        .await?;
                         continue 'steps;
                     }
                     Err(StepError::Transient {
@@ -456,7 +474,8 @@ impl<C: Send + Sync> Engine<C> {
                             .next()
                             .map(|d| d.max(retry_after.unwrap_or_default()));
                         let resume = delay.map(|d| {
-                            finished + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+                            finished
+                                + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
                         });
                         let budget = chrono::Duration::from_std(policy.budget())
                             .unwrap_or(chrono::Duration::MAX);
@@ -473,8 +492,17 @@ impl<C: Send + Sync> Engine<C> {
                         if let Some(why) = why_stop {
                             let reason =
                                 format!("{reason} (gave up after {attempt_no} attempts: {why})");
-                            self.fail(ctx, fence, &mut saga, step.name(), index, attempt_no, started, reason)
-                                .await?;
+                            self.fail(
+                                ctx,
+                                fence,
+                                &mut saga,
+                                step.name(),
+                                index,
+                                attempt_no,
+                                started,
+                                reason,
+                            )
+                            .await?;
                             continue 'steps;
                         }
                         let delay = delay.unwrap_or_default();

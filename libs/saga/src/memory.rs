@@ -144,10 +144,13 @@ impl Store for MemoryStore {
                     saga.deadline = v;
                 }
                 if let Some(v) = u.signals {
-                    saga.signals = v.into_iter().map(|mut x| {
-                        x.position = None;
-                        x
-                    }).collect();
+                    saga.signals = v
+                        .into_iter()
+                        .map(|mut x| {
+                            x.position = None;
+                            x
+                        })
+                        .collect();
                 }
                 saga.wake_at = u.wake_at;
                 (id, saga.version, Written::Updated)
@@ -191,7 +194,10 @@ impl Store for MemoryStore {
             .sagas
             .values()
             .filter(|r| {
-                r.kind == kind && r.shard == shard && r.state == crate::RUNNING && r.wake_at.is_none()
+                r.kind == kind
+                    && r.shard == shard
+                    && r.state == crate::RUNNING
+                    && r.wake_at.is_none()
             })
             .cloned()
             .collect();
@@ -329,7 +335,10 @@ impl Store for MemoryStore {
         }
         for seq in seqs {
             // Only the fence's shard's rows (another shard's owner relays the others).
-            if s.outbox.get(seq).is_some_and(|(shard, _)| *shard == fence.shard) {
+            if s.outbox
+                .get(seq)
+                .is_some_and(|(shard, _)| *shard == fence.shard)
+            {
                 s.outbox.remove(seq);
             }
         }

@@ -257,17 +257,37 @@ impl MigrationTrait for FencedJournal {
             .drop_table(Table::drop().table(SagaShards::Table).to_owned())
             .await?;
         manager
-            .drop_index(Index::drop().name("saga_outbox_shard_seq").table(SagaOutbox::Table).to_owned())
+            .drop_index(
+                Index::drop()
+                    .name("saga_outbox_shard_seq")
+                    .table(SagaOutbox::Table)
+                    .to_owned(),
+            )
             .await?;
         manager
-            .alter_table(Table::alter().table(SagaOutbox::Table).drop_column(Added::Shard).to_owned())
+            .alter_table(
+                Table::alter()
+                    .table(SagaOutbox::Table)
+                    .drop_column(Added::Shard)
+                    .to_owned(),
+            )
             .await?;
         manager
-            .drop_index(Index::drop().name("saga_instances_shard_wake").table(SagaInstances::Table).to_owned())
+            .drop_index(
+                Index::drop()
+                    .name("saga_instances_shard_wake")
+                    .table(SagaInstances::Table)
+                    .to_owned(),
+            )
             .await?;
         for c in [Added::Signals, Added::WakeAtMs] {
             manager
-                .alter_table(Table::alter().table(SagaInstances::Table).drop_column(c).to_owned())
+                .alter_table(
+                    Table::alter()
+                        .table(SagaInstances::Table)
+                        .drop_column(c)
+                        .to_owned(),
+                )
                 .await?;
         }
         Ok(())

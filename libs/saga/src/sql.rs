@@ -14,8 +14,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    Statement, TransactionTrait,
+    DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
+    TransactionTrait,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -456,7 +456,10 @@ async fn try_commit(db: &DatabaseConnection, writes: &[&Write]) -> Result<Result
     Ok(results)
 }
 
-async fn apply(txn: &DatabaseTransaction, w: &Write) -> Result<Result<Written, JournalError>, DbErr> {
+async fn apply(
+    txn: &DatabaseTransaction,
+    w: &Write,
+) -> Result<Result<Written, JournalError>, DbErr> {
     let backend = txn.get_database_backend();
     match &w.change {
         Change::Start(r) => {
@@ -613,11 +616,15 @@ mod batched {
     use std::collections::{HashMap, HashSet};
 
     use chrono::{DateTime, SecondsFormat, Utc};
-    use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
+    use sea_orm::{
+        ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait,
+    };
     use serde::Serialize;
 
     use super::{ms, other_shard, refused, signals_json, Results};
-    use crate::store::{Change, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Write, Written};
+    use crate::store::{
+        Change, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Write, Written,
+    };
 
     const LOCK_SHARDS: &str = "
 SELECT shard, epoch FROM saga_shards
@@ -844,7 +851,12 @@ ORDER BY ord";
             .query_all(statement(LOCK_SHARDS, &shards)?)
             .await?
             .iter()
-            .map(|r| Ok((r.try_get::<i32>("", "shard")?, r.try_get::<i64>("", "epoch")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get::<i32>("", "shard")?,
+                    r.try_get::<i64>("", "epoch")?,
+                ))
+            })
             .collect::<Result<_, DbErr>>()?;
         for (i, w) in writes.iter().enumerate() {
             if epochs.get(&w.fence.shard) != Some(&w.fence.epoch) {
@@ -904,13 +916,11 @@ ORDER BY ord";
             // The first start of each id in the batch created it, if it was new.
             let mut claimed = HashSet::new();
             for (k, row) in starts.iter().enumerate() {
-                results[start_of[k]] = Ok(
-                    if inserted.contains(row.id) && claimed.insert(row.id) {
-                        Written::Created
-                    } else {
-                        Written::Existed
-                    },
-                );
+                results[start_of[k]] = Ok(if inserted.contains(row.id) && claimed.insert(row.id) {
+                    Written::Created
+                } else {
+                    Written::Existed
+                });
             }
         }
         for round in &rounds {
@@ -945,7 +955,11 @@ ORDER BY ord";
                 started_at: ts(&a.started_at),
                 finished_at: ts(&a.finished_at),
             }));
-            outbox.extend(w.outbox.iter().map(|m| OutboxRow::new(w.fence.shard, m, &now)));
+            outbox.extend(
+                w.outbox
+                    .iter()
+                    .map(|m| OutboxRow::new(w.fence.shard, m, &now)),
+            );
         }
         if !attempts.is_empty() {
             txn.execute(statement(INSERT_ATTEMPTS, &attempts)?).await?;

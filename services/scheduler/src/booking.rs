@@ -17,8 +17,7 @@ use contracts::{
 use downstream::{CallError, Domain};
 use messaging::Envelope;
 use saga::{
-    Hooks, Lifecycle, OutboxMessage, RetryPolicy, SagaRecord, Signal, SignalAction, Step,
-    StepError,
+    Hooks, Lifecycle, OutboxMessage, RetryPolicy, SagaRecord, Signal, SignalAction, Step, StepError,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -143,11 +142,7 @@ impl Step<Ctx> for CheckAccount {
     }
     async fn run(&self, ctx: &Ctx, saga: &SagaRecord) -> Result<Value, StepError> {
         let b = booking(saga)?;
-        let account = ctx
-            .domain
-            .account(&b.owner_id)
-            .await
-            .map_err(step_error)?;
+        let account = ctx.domain.account(&b.owner_id).await.map_err(step_error)?;
         if account.status != AccountStatus::Active {
             return Err(StepError::permanent(format!(
                 "account '{}' is {}",
@@ -291,16 +286,6 @@ pub fn index_of(step: BookingStep) -> usize {
         .unwrap_or(0)
 }
 
-/// Steps with something to undo, among the first `done` steps.
-pub fn undoable(done: usize) -> Vec<String> {
-    BookingStep::ALL
-        .iter()
-        .take(done)
-        .filter(|s| s.has_effect())
-        .map(|s| s.as_str().to_owned())
-        .collect()
-}
-
 /// The step at `next` (the one a stopped saga was in), if it has something to undo.
 pub fn in_doubt(next: usize) -> Vec<String> {
     BookingStep::ALL
@@ -393,6 +378,16 @@ fn failure_detail(step: &str, reason: &str) -> String {
     }
 }
 
+/// A failed saga's error as the client sees it: the stable `no-drone-available` first when that
+/// is why.
+pub fn client_reason(error: &str) -> String {
+    if error.contains(NO_DRONE_AVAILABLE) && !error.starts_with(NO_DRONE_AVAILABLE) {
+        format!("{NO_DRONE_AVAILABLE}: {error}")
+    } else {
+        error.to_owned()
+    }
+}
+
 /// Lifecycle → workflow events and compensation requests, committed with each change; signals →
 /// what they do to the booking.
 pub struct BookingHooks;
@@ -452,14 +447,15 @@ impl Hooks<Ctx> for BookingHooks {
                 reason: "cancelled by the client".into(),
             },
             DELIVERY_RESCHEDULED if live => {
-                let change: DeliveryRescheduled = match serde_json::from_value(signal.payload.clone()) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        return SignalAction::Ignore {
-                            why: format!("undecodable reschedule: {e}"),
+                let change: DeliveryRescheduled =
+                    match serde_json::from_value(signal.payload.clone()) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            return SignalAction::Ignore {
+                                why: format!("undecodable reschedule: {e}"),
+                            }
                         }
-                    }
-                };
+                    };
                 let current = match BookingInput::of(saga) {
                     Ok(b) => b,
                     Err(e) => return SignalAction::Ignore { why: e.to_string() },
@@ -494,25 +490,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn undoable_steps_follow_progress() {
-        let s = |v: &[BookingStep]| v.iter().map(|s| s.as_str().to_owned()).collect::<Vec<_>>();
-        assert!(undoable(0).is_empty());
-        assert!(undoable(1).is_empty(), "CheckAccount has nothing to undo");
-        assert_eq!(
-            undoable(3),
-            s(&[BookingStep::RegisterPackage, BookingStep::ReserveDrone])
-        );
-        assert_eq!(
-            undoable(4),
-            s(&[
-                BookingStep::RegisterPackage,
-                BookingStep::ReserveDrone,
-                BookingStep::CreateDelivery
-            ])
-        );
-    }
-
-    #[test]
     fn the_step_under_way_is_in_doubt() {
         assert!(in_doubt(0).is_empty());
         assert_eq!(in_doubt(1), vec!["RegisterPackage"]);
@@ -521,6 +498,66 @@ mod tests {
         assert!(
             in_doubt(4).is_empty(),
             "a completed saga has nothing in doubt"
+        );
+    }
+
+    /// Found by the simulation: a scheduled booking rescheduled to a full slot runs again from
+    /// ReserveDrone and fails there; its compensation must still undo the delivery it created.
+    #[test]
+    fn compensation_undoes_what_a_rewound_saga_made_earlier() {
+        let id = uuid::Uuid::new_v4();
+        let request = DeliveryRequested {
+            delivery_id: id,
+            owner_id: "acc".into(),
+            pickup_location: "a".into(),
+            drop_off_location: "b".into(),
+            pickup_time: chrono::Utc::now(),
+            deadline: String::new(),
+            expedited: false,
+            confirmation_required: contracts::ConfirmationType::None,
+            package_info: contracts::PackageInfo {
+                package_id: "p".into(),
+                size: contracts::PackageSize::Small,
+                weight: 1.0,
+                tag: None,
+            },
+            accepted_at: chrono::Utc::now(),
+        };
+        let input = BookingInput {
+            request,
+            traceparent: None,
+            revision: 1,
+        };
+        let mut outputs = serde_json::Map::new();
+        for s in BookingStep::ALL {
+            outputs.insert(s.as_str().to_owned(), json!({}));
+        }
+        let saga = SagaRecord {
+            id: id.to_string(),
+            kind: KIND.into(),
+            shard: 0,
+            state: "failed".into(),
+            input: serde_json::to_value(&input).unwrap_or_default(),
+            outputs,
+            next_step: index_of(BookingStep::ReserveDrone),
+            version: 9,
+            error: None,
+            deadline: None,
+            wake_at: None,
+            signals: Vec::new(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        };
+        let message = compensation(&saga, "no drone").expect("something to undo");
+        let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
+        let request: CompensationRequest = envelope.decode().expect("a request");
+        assert_eq!(
+            request.steps_to_undo(),
+            vec![
+                BookingStep::CreateDelivery,
+                BookingStep::ReserveDrone,
+                BookingStep::RegisterPackage
+            ]
         );
     }
 

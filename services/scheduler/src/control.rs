@@ -152,15 +152,16 @@ pub async fn record_compensation(
             state: Some(outcome.state().as_str().to_owned()),
             ..Default::default()
         };
-        if let Some(saga) = change(
-            core,
-            &saga,
-            update,
-            outcome.request_state(),
-            detail.clone(),
-            false,
-        )
-        .await?
+        // The client keeps seeing why the booking failed (a stable reason first), then what the
+        // compensation did.
+        let why = saga.error.as_deref().map(booking::client_reason);
+        let shown = match (why, &detail) {
+            (Some(w), Some(d)) => Some(format!("{w}; {d}")),
+            (Some(w), None) => Some(w),
+            (None, d) => d.clone(),
+        };
+        if let Some(saga) =
+            change(core, &saga, update, outcome.request_state(), shown, false).await?
         {
             tracing::info!(delivery_id = %id, state = %outcome.state(), version = saga.version, "compensation outcome recorded");
             return Ok(saga);

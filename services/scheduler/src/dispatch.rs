@@ -211,7 +211,11 @@ pub async fn dispatch(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<
     let now = core.engine.clock().now();
     let due = match core
         .store
-        .due(i32::try_from(owner.partition).unwrap_or(i32::MAX), now, limit)
+        .due(
+            i32::try_from(owner.partition).unwrap_or(i32::MAX),
+            now,
+            limit,
+        )
         .await
     {
         Ok(due) => due,

@@ -8,8 +8,8 @@ mod control;
 mod dispatch;
 mod metrics;
 mod migration;
-pub mod ownership;
 mod owner;
+pub mod ownership;
 mod partition;
 mod publisher;
 pub(crate) mod routes;
@@ -239,7 +239,10 @@ impl Core {
 
     /// Starts one ownership loop per partition this replica owns; they stop when `stop` turns
     /// true (or when their tasks are aborted: a crash).
-    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         self.settings
             .owned_partitions()
             .into_iter()
@@ -275,7 +278,10 @@ impl Core {
 
     fn let_go(&self, partition: u32, owner: &Arc<owner::Owner>) {
         let mut owners = self.lock_owners();
-        if owners.get(&partition).is_some_and(|o| Arc::ptr_eq(o, owner)) {
+        if owners
+            .get(&partition)
+            .is_some_and(|o| Arc::ptr_eq(o, owner))
+        {
             owners.remove(&partition);
         }
     }

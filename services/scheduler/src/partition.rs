@@ -42,9 +42,8 @@ fn shard_of(partition: u32) -> i32 {
 
 /// Owns `partition` whenever it can until `stop` turns true.
 pub async fn run_partition(core: Arc<Core>, partition: u32, mut stop: watch::Receiver<bool>) {
-    let ttl = chrono::Duration::milliseconds(
-        i64::try_from(core.settings.lease_ttl_ms).unwrap_or(10_000),
-    );
+    let ttl =
+        chrono::Duration::milliseconds(i64::try_from(core.settings.lease_ttl_ms).unwrap_or(10_000));
     let label = partition.to_string();
     loop {
         let lease = loop {
@@ -81,10 +80,7 @@ pub async fn run_partition(core: Arc<Core>, partition: u32, mut stop: watch::Rec
         let exit = own(&core, &owner, &mut stop).await;
         core.let_go(partition, &owner);
         core.ctx.metrics.owned.with_label_values(&[&label]).set(0);
-        let _ = core
-            .store
-            .release(&lease, core.engine.clock().now())
-            .await;
+        let _ = core.store.release(&lease, core.engine.clock().now()).await;
         match exit {
             Exit::Stopped => {
                 tracing::info!(partition, "partition released");
@@ -101,9 +97,8 @@ async fn own(core: &Arc<Core>, owner: &Arc<Owner>, stop: &mut watch::Receiver<bo
     let partition = owner.partition;
     let lease: Lease = owner.lease;
     let label = partition.to_string();
-    let ttl = chrono::Duration::milliseconds(
-        i64::try_from(core.settings.lease_ttl_ms).unwrap_or(10_000),
-    );
+    let ttl =
+        chrono::Duration::milliseconds(i64::try_from(core.settings.lease_ttl_ms).unwrap_or(10_000));
     // Every task of this ownership lives in here: dropping it (any exit) stops them all.
     let mut tasks: JoinSet<()> = JoinSet::new();
 
@@ -147,9 +142,8 @@ async fn own(core: &Arc<Core>, owner: &Arc<Owner>, stop: &mut watch::Receiver<bo
         }
     };
     let mut saved = lease.checkpoint;
-    let mut checkpoint_tick = tokio::time::interval(Duration::from_millis(
-        core.settings.checkpoint_interval_ms,
-    ));
+    let mut checkpoint_tick =
+        tokio::time::interval(Duration::from_millis(core.settings.checkpoint_interval_ms));
     let mut renew_tick =
         tokio::time::interval(Duration::from_millis(core.settings.lease_ttl_ms / 3));
     let mut dispatch_tick =
@@ -234,7 +228,12 @@ fn handle(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<()>, record:
             let request: DeliveryRequested = match event.decode() {
                 Ok(r) => r,
                 Err(reason) => {
-                    tracing::error!(offset = at.offset, index = at.index, reason, "skipping undecodable booking");
+                    tracing::error!(
+                        offset = at.offset,
+                        index = at.index,
+                        reason,
+                        "skipping undecodable booking"
+                    );
                     owner.tracker().seen(at);
                     return;
                 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use actix_web::{web, HttpResponse};
 use contracts::{
-    AttemptView, CompensationReport, PartitionLease, Problem, RetryRequest, SagaState,
-    StepStatus, Workflow, WorkflowSummary,
+    AttemptView, CompensationReport, PartitionLease, Problem, RetryRequest, SagaState, StepStatus,
+    Workflow, WorkflowSummary,
 };
 use saga::{Attempt, ListFilter, SagaRecord};
 use serde::Deserialize;
@@ -88,8 +88,7 @@ async fn get(
                 "succeeded"
             } else if i == record.next_step
                 && (record_state == SagaState::Failed
-                    || (record_state.is_compensation_state()
-                        && last_attempt_failed(&attempts, i)))
+                    || (record_state.is_compensation_state() && last_attempt_failed(&attempts, i)))
             {
                 "failed"
             } else if i == record.next_step && record_state == SagaState::Running {
@@ -250,7 +249,8 @@ fn misdirected(e: ControlError) -> HttpResponse {
     responses(
         (status = 200, body = WorkflowSummary, description = "recorded, or already in that state"),
         (status = 400, body = Problem), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "the saga is running, scheduled or compensated already")
+        (status = 409, body = Problem, description = "the saga is running, scheduled or compensated already"),
+        (status = 421, body = Problem, description = "another instance owns the saga's partition")
     )
 )]
 async fn compensation(
@@ -261,10 +261,11 @@ async fn compensation(
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
     let report = body.0;
-    let changed = control::record_compensation(&state.core, id, report.state, report.detail)
-        .await
-        .map_err(control_error)?;
-    Ok(HttpResponse::Ok().json(summary(&changed)?))
+    match control::record_compensation(&state.core, id, report.state, report.detail).await {
+        Ok(changed) => Ok(HttpResponse::Ok().json(summary(&changed)?)),
+        Err(e @ ControlError::NotOwner { .. }) => Ok(misdirected(e)),
+        Err(e) => Err(control_error(e)),
+    }
 }
 
 /// Runs a failed saga again from the step that failed. Only the instance owning the saga's

@@ -75,7 +75,11 @@ mod tests {
         assert_eq!(t.checkpoint(p(7, 0)), p(7, 1), "(7,1) is still pending");
         t.end(p(8, 0));
         t.end(p(7, 1));
-        assert_eq!(t.checkpoint(p(7, 0)), p(9, 1), "all recorded: after the last read");
+        assert_eq!(
+            t.checkpoint(p(7, 0)),
+            p(9, 1),
+            "all recorded: after the last read"
+        );
     }
 
     /// Defect 1 of issue 13: record (10,0) recorded while (10,1) has not reached the worker must

@@ -137,7 +137,7 @@ impl SchedulerClient {
         })
     }
 
-    /// Records a compensation outcome on the saga.
+    /// Records a compensation outcome on the saga, on the replica that owns its partition.
     pub async fn report(
         &self,
         delivery_id: &str,
@@ -149,13 +149,25 @@ impl SchedulerClient {
             detail,
         })
         .map_err(|e| SchedulerError::Permanent(e.to_string()))?;
-        self.call(
-            &self.link.url,
-            Method::POST,
-            &format!("/api/workflows/{delivery_id}/compensation"),
-            Some(body),
-        )
-        .await
+        let path = format!("/api/workflows/{delivery_id}/compensation");
+        // Only the replica holding the saga's partition writes it; any replica tells which
+        // partition that is.
+        match self
+            .call(&self.link.url, Method::POST, &path, Some(body.clone()))
+            .await
+        {
+            Err(SchedulerError::Misdirected(_)) => {
+                let partition = self.workflow(delivery_id).await?.partition;
+                self.call(
+                    &self.base_for_partition(partition),
+                    Method::POST,
+                    &path,
+                    Some(body),
+                )
+                .await
+            }
+            other => other,
+        }
     }
 
     /// One saga's status: steps, attempts, errors, timings.

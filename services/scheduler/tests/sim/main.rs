@@ -103,7 +103,9 @@ impl Store for ReplicaStore {
         ttl: chrono::Duration,
     ) -> Result<bool, JournalError> {
         if self.renewals_fail.load(Ordering::SeqCst) {
-            return Err(JournalError::Database("connection refused (simulated)".into()));
+            return Err(JournalError::Database(
+                "connection refused (simulated)".into(),
+            ));
         }
         self.inner.renew(lease, now, ttl).await
     }
@@ -316,7 +318,12 @@ struct Summary {
     digest: u64,
 }
 
-fn booking(rng: &mut StdRng, id: uuid::Uuid, pickup: DateTime<Utc>, owner: &str) -> DeliveryRequested {
+fn booking(
+    rng: &mut StdRng,
+    id: uuid::Uuid,
+    pickup: DateTime<Utc>,
+    owner: &str,
+) -> DeliveryRequested {
     DeliveryRequested {
         delivery_id: id,
         owner_id: owner.to_owned(),
@@ -345,9 +352,10 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
     let clock = TokioClock::starting_at(epoch());
     let store = MemoryStore::new();
     let delay_rng = Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ 0x5eed)));
-    let log = MemoryLog::new("delivery-requests", PARTITIONS).with_delivery_delay(Arc::new(
-        move || Duration::from_millis(delay_rng.lock().unwrap().random_range(0..30)),
-    ));
+    let log =
+        MemoryLog::new("delivery-requests", PARTITIONS).with_delivery_delay(Arc::new(move || {
+            Duration::from_millis(delay_rng.lock().unwrap().random_range(0..30))
+        }));
     let domain = FakeDomain::new(
         seed,
         FleetSize {
@@ -407,7 +415,11 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
                         } else {
                             slots[rng.random_range(0..slots.len())]
                         };
-                        let owner = if rng.random_bool(0.05) { SUSPENDED } else { OWNER };
+                        let owner = if rng.random_bool(0.05) {
+                            SUSPENDED
+                        } else {
+                            OWNER
+                        };
                         let b = booking(&mut rng, id, pickup, owner);
                         work.bookings.insert(id.to_string(), b.clone());
                         envelope(DELIVERY_REQUESTED, &id.to_string(), &b)
@@ -498,9 +510,20 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
             let stuck: Vec<String> = sagas
                 .iter()
                 .filter(|s| !s.is_finished() || !s.signals.is_empty())
-                .map(|s| format!("{} {} step {} wake {:?} signals {}", s.id, s.state, s.next_step, s.wake_at, s.signals.len()))
+                .map(|s| {
+                    format!(
+                        "{} {} step {} wake {:?} signals {}",
+                        s.id,
+                        s.state,
+                        s.next_step,
+                        s.wake_at,
+                        s.signals.len()
+                    )
+                })
                 .collect();
-            let also = check_invariants(&store, &domain, &published, &work).err().unwrap_or_default();
+            let also = check_invariants(&store, &domain, &published, &work)
+                .err()
+                .unwrap_or_default();
             return Err(format!(
                 "not settled after 10 virtual minutes: {} sagas, {} bookings, backlog {}, stuck: {stuck:?}\n  {also}",
                 sagas.len(),
@@ -541,7 +564,11 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
 
 /// Every booking below a partition's stored checkpoint has its saga: the checkpoint never
 /// passes an event that is not durably recorded.
-async fn check_checkpoints(store: &MemoryStore, log: &MemoryLog, work: &Workload) -> Result<(), String> {
+async fn check_checkpoints(
+    store: &MemoryStore,
+    log: &MemoryLog,
+    work: &Workload,
+) -> Result<(), String> {
     let leases = store.leases().await.map_err(|e| e.to_string())?;
     for lease in leases {
         let partition = u32::try_from(lease.shard).unwrap();
@@ -554,7 +581,9 @@ async fn check_checkpoints(store: &MemoryStore, log: &MemoryLog, work: &Workload
                 if at >= lease.checkpoint || event.kind != DELIVERY_REQUESTED {
                     continue;
                 }
-                if work.bookings.contains_key(&event.key) && store.load(&event.key).await.ok().flatten().is_none() {
+                if work.bookings.contains_key(&event.key)
+                    && store.load(&event.key).await.ok().flatten().is_none()
+                {
                     return Err(format!(
                         "checkpoint {:?} of partition {partition} passed booking {} at {at:?}, which has no saga",
                         lease.checkpoint, event.key
@@ -591,8 +620,11 @@ fn check_invariants(
     published: &Mutex<Published>,
     work: &Workload,
 ) -> Result<(), String> {
-    let sagas: BTreeMap<String, SagaRecord> =
-        store.sagas().into_iter().map(|s| (s.id.clone(), s)).collect();
+    let sagas: BTreeMap<String, SagaRecord> = store
+        .sagas()
+        .into_iter()
+        .map(|s| (s.id.clone(), s))
+        .collect();
     let snap = domain.snapshot();
     let published = published.lock().unwrap();
     let mut errors = Vec::new();
@@ -604,11 +636,16 @@ fn check_invariants(
         };
         // Exactly one terminal state.
         if !["completed", "failed", "cancelled"].contains(&s.state.as_str()) {
-            errors.push(format!("booking {id} ended {} at step {}", s.state, s.next_step));
+            errors.push(format!(
+                "booking {id} ended {} at step {}",
+                s.state, s.next_step
+            ));
         }
         let input: BookingInput = serde_json::from_value(s.input.clone()).unwrap();
         if work.cancelled.contains(id) && s.state == "completed" {
-            errors.push(format!("booking {id} was cancelled by its client but is scheduled"));
+            errors.push(format!(
+                "booking {id} was cancelled by its client but is scheduled"
+            ));
         }
         if s.state == "completed" {
             if let Some(to) = work.rescheduled.get(id) {
@@ -620,20 +657,39 @@ fn check_invariants(
                 }
             }
             // What the saga says it holds is what the services hold.
-            let drone = s.outputs[BookingStep::ReserveDrone.as_str()]["droneId"].as_str().unwrap_or("");
+            let drone = s.outputs[BookingStep::ReserveDrone.as_str()]["droneId"]
+                .as_str()
+                .unwrap_or("");
             match snap.reservations.get(id) {
                 Some(r) if r.status == Status::Active && r.drone_id == drone && r.window.start == input.request.pickup_time => {}
                 other => errors.push(format!("scheduled booking {id} (drone {drone}, {}) but the drone service holds {other:?}", input.request.pickup_time)),
             }
             match snap.deliveries.get(id) {
-                Some(d) if d.status == Status::Active && d.pickup_time == input.request.pickup_time && d.drone_id == drone => {}
-                other => errors.push(format!("scheduled booking {id} ({}) but the delivery service holds {other:?}", input.request.pickup_time)),
+                Some(d)
+                    if d.status == Status::Active
+                        && d.pickup_time == input.request.pickup_time
+                        && d.drone_id == drone => {}
+                other => errors.push(format!(
+                    "scheduled booking {id} ({}) but the delivery service holds {other:?}",
+                    input.request.pickup_time
+                )),
             }
             if snap.packages.get(id) != Some(&Status::Active) {
-                errors.push(format!("scheduled booking {id} has package {:?}", snap.packages.get(id)));
+                errors.push(format!(
+                    "scheduled booking {id} has package {:?}",
+                    snap.packages.get(id)
+                ));
             }
         }
-        if s.state == "failed" && b.owner_id == OWNER && !s.error.as_deref().unwrap_or("").contains("no-drone-available") && !s.error.as_deref().unwrap_or("").contains("deadline") {
+        if s.state == "failed"
+            && b.owner_id == OWNER
+            && !s
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("no-drone-available")
+            && !s.error.as_deref().unwrap_or("").contains("deadline")
+        {
             // Faults are transient and budgets generous: a failure should be for capacity.
             errors.push(format!("booking {id} failed for {:?}", s.error));
         }
@@ -642,17 +698,27 @@ fn check_invariants(
     let scheduled = |id: &str| sagas.get(id).is_some_and(|s| s.state == "completed");
     for (id, r) in &snap.reservations {
         if r.status == Status::Active && !scheduled(id) {
-            errors.push(format!("drone {} held for {id}, whose saga is {:?}", r.drone_id, sagas.get(id).map(|s| &s.state)));
+            errors.push(format!(
+                "drone {} held for {id}, whose saga is {:?}",
+                r.drone_id,
+                sagas.get(id).map(|s| &s.state)
+            ));
         }
     }
     for (id, d) in &snap.deliveries {
         if d.status == Status::Active && !scheduled(id) {
-            errors.push(format!("delivery {id} active, saga {:?}", sagas.get(id).map(|s| &s.state)));
+            errors.push(format!(
+                "delivery {id} active, saga {:?}",
+                sagas.get(id).map(|s| &s.state)
+            ));
         }
     }
     for (id, p) in &snap.packages {
         if *p == Status::Active && !scheduled(id) {
-            errors.push(format!("package {id} active, saga {:?}", sagas.get(id).map(|s| &s.state)));
+            errors.push(format!(
+                "package {id} active, saga {:?}",
+                sagas.get(id).map(|s| &s.state)
+            ));
         }
     }
     // No step effect twice; no drone double-booked.
@@ -663,7 +729,10 @@ fn check_invariants(
     for w in &store.history() {
         let v = last.entry(w.saga_id.as_str()).or_insert(0);
         if w.version <= *v {
-            errors.push(format!("saga {} went from version {v} to {}", w.saga_id, w.version));
+            errors.push(format!(
+                "saga {} went from version {v} to {}",
+                w.saga_id, w.version
+            ));
         }
         *v = w.version;
         // No write by a stale owner landed.
@@ -684,7 +753,9 @@ fn check_invariants(
                 continue;
             }
             if *v < high {
-                errors.push(format!("events of {id} went back from version {high} to {v} ({state})"));
+                errors.push(format!(
+                    "events of {id} went back from version {high} to {v} ({state})"
+                ));
             }
             high = high.max(*v);
         }
@@ -781,7 +852,15 @@ fn a_full_replica_keeps_scheduling_other_days() {
         let mut rng = StdRng::seed_from_u64(7);
         let store = MemoryStore::new();
         let log = MemoryLog::new("delivery-requests", PARTITIONS);
-        let domain = FakeDomain::new(7, FleetSize { small: 3, medium: 1, large: 1 }).with_epoch(epoch());
+        let domain = FakeDomain::new(
+            7,
+            FleetSize {
+                small: 3,
+                medium: 1,
+                large: 1,
+            },
+        )
+        .with_epoch(epoch());
         domain.set_account(OWNER, AccountStatus::Active);
         let world = World {
             store: store.clone(),
@@ -801,22 +880,35 @@ fn a_full_replica_keeps_scheduling_other_days() {
         for _ in 0..30 {
             let id = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
             ids.push(id.to_string());
-            log.append(envelope(DELIVERY_REQUESTED, &id.to_string(), &booking(&mut rng, id, busy, OWNER)))
-                .await
-                .unwrap();
+            log.append(envelope(
+                DELIVERY_REQUESTED,
+                &id.to_string(),
+                &booking(&mut rng, id, busy, OWNER),
+            ))
+            .await
+            .unwrap();
         }
         // Let the busy slot fill up and the rest start waiting.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let other = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
         let tomorrow = epoch() + chrono::Duration::days(1);
-        log.append(envelope(DELIVERY_REQUESTED, &other.to_string(), &booking(&mut rng, other, tomorrow, OWNER)))
-            .await
-            .unwrap();
+        log.append(envelope(
+            DELIVERY_REQUESTED,
+            &other.to_string(),
+            &booking(&mut rng, other, tomorrow, OWNER),
+        ))
+        .await
+        .unwrap();
         let appended = tokio::time::Instant::now();
         let lease_before = store.leases().await.unwrap();
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if store.load(&other.to_string()).await.unwrap().is_some_and(|s| s.state == "completed") {
+            if store
+                .load(&other.to_string())
+                .await
+                .unwrap()
+                .is_some_and(|s| s.state == "completed")
+            {
                 break;
             }
             assert!(
@@ -828,7 +920,11 @@ fn a_full_replica_keeps_scheduling_other_days() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let lease_after = store.leases().await.unwrap();
         for (b, a) in lease_before.iter().zip(&lease_after) {
-            assert!(a.expires_at > b.expires_at, "the lease of shard {} was not renewed", a.shard);
+            assert!(
+                a.expires_at > b.expires_at,
+                "the lease of shard {} was not renewed",
+                a.shard
+            );
             assert_eq!(a.epoch, b.epoch, "shard {} changed hands", a.shard);
         }
         // After the capacity wait (20 s) every overbooked booking has an answer.
@@ -839,7 +935,10 @@ fn a_full_replica_keeps_scheduling_other_days() {
             match s.state.as_str() {
                 "completed" => scheduled += 1,
                 "failed" => assert!(
-                    s.error.as_deref().unwrap_or("").contains("no-drone-available"),
+                    s.error
+                        .as_deref()
+                        .unwrap_or("")
+                        .contains("no-drone-available"),
                     "{id} failed for {:?}",
                     s.error
                 ),
@@ -850,6 +949,10 @@ fn a_full_replica_keeps_scheduling_other_days() {
         assert!(domain.snapshot().overlaps().is_empty());
         let stopping = tokio::time::Instant::now();
         replica.stop().await;
-        assert!(stopping.elapsed() < Duration::from_secs(10), "stop took {:?}", stopping.elapsed());
+        assert!(
+            stopping.elapsed() < Duration::from_secs(10),
+            "stop took {:?}",
+            stopping.elapsed()
+        );
     });
 }
