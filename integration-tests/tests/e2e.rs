@@ -137,7 +137,12 @@ async fn booking_lifecycle() {
     let a = client.cancel(owner, id).await;
     assert_eq!(a.status, 202, "{}", a.body);
     stack.wait_state(id, "compensated", WAIT).await;
-    client_state(&client, owner, id, "compensated").await;
+    // The client asked for it: the booking reads `cancelled`, with what was undone.
+    let seen = client_state(&client, owner, id, "cancelled").await;
+    assert!(
+        seen.to_string().contains("cancelled by the client"),
+        "{seen}"
+    );
     let (_, package) = service_json(&stack, Service::Package, &format!("/api/packages/{id}")).await;
     assert_eq!(package["status"], "cancelled", "{package}");
     let (_, reservation) = service_json(
@@ -202,7 +207,7 @@ async fn booking_lifecycle() {
         wf["steps"][3]["status"] == "succeeded",
         "the delivery was created before the cancel took effect: {wf}"
     );
-    client_state(&client, owner, last, "compensated").await;
+    client_state(&client, owner, last, "cancelled").await;
     stack.scheduler_faults.clear();
 
     settle(&stack, &bookings).await;

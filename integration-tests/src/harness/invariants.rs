@@ -104,6 +104,7 @@ struct Reservation {
 #[derive(Debug, Clone)]
 struct SagaRow {
     state: String,
+    error: Option<String>,
     next_step: i32,
     drone: Option<String>,
 }
@@ -142,7 +143,7 @@ fn get<T: sea_orm::TryGetable>(r: &sea_orm::QueryResult, col: &str) -> T {
 async fn sagas(db: &DatabaseConnection) -> HashMap<Uuid, SagaRow> {
     rows(
         db,
-        "SELECT id, state, next_step, outputs FROM saga_instances",
+        "SELECT id, state, next_step, outputs, error FROM saga_instances",
     )
     .await
     .iter()
@@ -154,6 +155,7 @@ async fn sagas(db: &DatabaseConnection) -> HashMap<Uuid, SagaRow> {
             Uuid::parse_str(&id).ok()?,
             SagaRow {
                 state: get(r, "state"),
+                error: get(r, "error"),
                 next_step: get(r, "next_step"),
                 drone: outputs[contracts::BookingStep::ReserveDrone.as_str()]["droneId"]
                     .as_str()
@@ -420,12 +422,13 @@ pub async fn check(
 
     // 8. The client sees what the saga did (Ingestion's read model follows workflow-events).
     let client = stack.client();
-    let expected = |state: &str| {
-        if state == "completed" {
-            "scheduled".to_owned()
-        } else {
-            state.to_owned()
+    // A booking its client cancelled stays `cancelled` for the client while it is undone.
+    let expected = |s: &SagaRow| match s.state.as_str() {
+        "completed" => "scheduled".to_owned(),
+        "compensating" | "compensated" if s.error.as_deref() == Some("cancelled by the client") => {
+            "cancelled".to_owned()
         }
+        other => other.to_owned(),
     };
     let mut pending: Vec<(Uuid, String, String)> = bookings
         .accepted
@@ -433,7 +436,7 @@ pub async fn check(
         .filter_map(|(id, owner)| {
             sagas
                 .get(id)
-                .map(|s| (*id, owner.clone(), expected(&s.state)))
+                .map(|s| (*id, owner.clone(), expected(s)))
         })
         .collect();
     let client_deadline = Instant::now().max(deadline) + Duration::from_secs(30);

@@ -27,6 +27,9 @@ use crate::StepPolicies;
 
 pub const KIND: &str = "booking";
 
+/// Why a booking its client cancelled stopped (its saga's error).
+pub const CLIENT_CANCEL: &str = "cancelled by the client";
+
 /// The stable reason of a booking that found no drone within the capacity wait.
 pub const NO_DRONE_AVAILABLE: &str = "no-drone-available";
 
@@ -444,7 +447,7 @@ impl Hooks<Ctx> for BookingHooks {
         let live = matches!(state, Some(SagaState::Running | SagaState::Completed));
         match signal.kind.as_str() {
             DELIVERY_CANCELLED if live => SignalAction::Cancel {
-                reason: "cancelled by the client".into(),
+                reason: CLIENT_CANCEL.into(),
             },
             DELIVERY_RESCHEDULED if live => {
                 let change: DeliveryRescheduled =
@@ -486,6 +489,7 @@ impl Hooks<Ctx> for BookingHooks {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 mod tests {
     use super::*;
 

@@ -152,17 +152,23 @@ pub async fn record_compensation(
             state: Some(outcome.state().as_str().to_owned()),
             ..Default::default()
         };
-        // The client keeps seeing why the booking failed (a stable reason first), then what the
-        // compensation did.
+        // The client keeps seeing why the booking stopped (a stable reason first), then what
+        // the compensation did. A booking its client cancelled stays `cancelled` for the client
+        // while it is undone: nothing failed (unless the undo needs a person).
         let why = saga.error.as_deref().map(booking::client_reason);
         let shown = match (why, &detail) {
             (Some(w), Some(d)) => Some(format!("{w}; {d}")),
             (Some(w), None) => Some(w),
             (None, d) => d.clone(),
         };
-        if let Some(saga) =
-            change(core, &saga, update, outcome.request_state(), shown, false).await?
-        {
+        let client_cancel = saga.error.as_deref() == Some(booking::CLIENT_CANCEL);
+        let event = match outcome {
+            Outcome::Compensating | Outcome::Compensated if client_cancel => {
+                RequestState::Cancelled
+            }
+            _ => outcome.request_state(),
+        };
+        if let Some(saga) = change(core, &saga, update, event, shown, false).await? {
             tracing::info!(delivery_id = %id, state = %outcome.state(), version = saga.version, "compensation outcome recorded");
             return Ok(saga);
         }
