@@ -433,11 +433,7 @@ pub async fn check(
     let mut pending: Vec<(Uuid, String, String)> = bookings
         .accepted
         .iter()
-        .filter_map(|(id, owner)| {
-            sagas
-                .get(id)
-                .map(|s| (*id, owner.clone(), expected(s)))
-        })
+        .filter_map(|(id, owner)| sagas.get(id).map(|s| (*id, owner.clone(), expected(s))))
         .collect();
     let client_deadline = Instant::now().max(deadline) + Duration::from_secs(30);
     loop {

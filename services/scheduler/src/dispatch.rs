@@ -191,8 +191,9 @@ pub async fn record_signals(core: Arc<Core>, owner: Arc<Owner>, id: String) {
     }
 }
 
-/// Gives free slots to queued sagas, then to sagas whose timer is due.
-pub async fn dispatch(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<()>) {
+/// Gives free slots to queued sagas, then (with `timers`: on the dispatch tick, not at every
+/// saga's end) to sagas whose timer is due.
+pub async fn dispatch(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<()>, timers: bool) {
     while owner.queued() > 0 {
         let Ok(permit) = core.permits.clone().try_acquire_owned() else {
             return;
@@ -203,7 +204,7 @@ pub async fn dispatch(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<
         spawn_saga(core, owner, tasks, record, permit, Origin::Resumed);
     }
     let free = core.permits.available_permits();
-    if free == 0 {
+    if free == 0 || !timers {
         return;
     }
     // A saga dispatched from its timer looks due until its first write: ask for that many more.

@@ -182,8 +182,8 @@ async fn own(core: &Arc<Core>, owner: &Arc<Owner>, stop: &mut watch::Receiver<bo
                 }
                 while tasks.try_join_next().is_some() {}
             }
-            _ = owner.ended.notified() => dispatch::dispatch(core, owner, &mut tasks).await,
-            _ = dispatch_tick.tick() => dispatch::dispatch(core, owner, &mut tasks).await,
+            _ = owner.ended.notified() => dispatch::dispatch(core, owner, &mut tasks, false).await,
+            _ = dispatch_tick.tick() => dispatch::dispatch(core, owner, &mut tasks, true).await,
             // Backpressure: no free slot, no reading (the loop goes on renewing and stopping).
             record = reader.next(), if core.permits.available_permits() > 0 => {
                 let Some(record) = record else {
