@@ -136,7 +136,8 @@ pub struct Engine<C> {
     clock: Arc<dyn Clock>,
     saga: Saga<C>,
     settings: EngineSettings,
-    outbox_written: Arc<Notify>,
+    /// Per shard: notified after a write that put rows in the shard's outbox.
+    outbox_written: std::sync::Mutex<std::collections::BTreeMap<i32, Arc<Notify>>>,
 }
 
 impl<C: Send + Sync> Engine<C> {
@@ -151,7 +152,7 @@ impl<C: Send + Sync> Engine<C> {
             clock,
             saga,
             settings,
-            outbox_written: Arc::new(Notify::new()),
+            outbox_written: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -167,9 +168,14 @@ impl<C: Send + Sync> Engine<C> {
         self.saga.kind
     }
 
-    /// Notified after every write that put rows in the outbox (relays wait on it).
-    pub fn outbox_written(&self) -> Arc<Notify> {
-        self.outbox_written.clone()
+    /// Notified after every write that put rows in `shard`'s outbox (its relay waits on it).
+    pub fn outbox_written(&self, shard: i32) -> Arc<Notify> {
+        self.outbox_written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(shard)
+            .or_default()
+            .clone()
     }
 
     /// Step names in order.
@@ -178,10 +184,10 @@ impl<C: Send + Sync> Engine<C> {
     }
 
     async fn write(&self, write: Write) -> Result<Written, JournalError> {
-        let announces = !write.outbox.is_empty();
+        let announces = (!write.outbox.is_empty()).then_some(write.fence.shard);
         let r = self.store.write(write).await?;
-        if announces {
-            self.outbox_written.notify_waiters();
+        if let Some(shard) = announces {
+            self.outbox_written(shard).notify_one();
         }
         Ok(r)
     }

@@ -19,7 +19,8 @@ pub trait Publisher: Send + Sync {
 }
 
 /// Relays the rows of `fence.shard` until the fence no longer holds (then returns the refusal) or
-/// the task is dropped. `wake` speeds it up after commits; it also polls every `poll`.
+/// the task is dropped. `wake` (notified with `notify_one` after commits to the shard's outbox)
+/// speeds it up; it also polls every `poll`.
 pub async fn relay(
     store: Arc<dyn Store>,
     fence: Fence,
@@ -29,8 +30,8 @@ pub async fn relay(
 ) -> JournalError {
     let mut failures = 0u32;
     loop {
-        // Registered before the read, so a commit between the read and the wait is not missed.
-        let woken = wake.notified();
+        // `wake` keeps a permit for a commit made while the relay was busy (notify_one), so no
+        // commit between the read and the wait is missed.
         let rows = match store.outbox(fence, 500).await {
             Ok(rows) => rows,
             Err(e @ JournalError::Refused(_)) => return e,
@@ -41,7 +42,7 @@ pub async fn relay(
             }
         };
         if rows.is_empty() {
-            let _ = tokio::time::timeout(poll, woken).await;
+            let _ = tokio::time::timeout(poll, wake.notified()).await;
             continue;
         }
         let messages: Vec<OutboxMessage> = rows.iter().map(|r| r.message.clone()).collect();

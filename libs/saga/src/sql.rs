@@ -312,7 +312,7 @@ impl Store for SqlStore {
     }
 
     async fn outbox(&self, fence: Fence, limit: usize) -> Result<Vec<OutboxRow>, JournalError> {
-        // Fenced in the statement; only an empty answer asks whether the fence still holds.
+        // Fenced in the statement.
         let rows = outbox::Entity::find()
             .filter(outbox::Column::Shard.eq(fence.shard))
             .filter(
@@ -328,6 +328,7 @@ impl Store for SqlStore {
             .limit(limit as u64)
             .all(&self.db)
             .await?;
+        // Only an empty answer asks whether the fence still holds.
         if rows.is_empty() && !holds(&self.db, fence).await? {
             return Err(refused(fence));
         }
@@ -636,11 +637,6 @@ mod batched {
         Change, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Write, Written,
     };
 
-    const LOCK_SHARDS: &str = "
-SELECT shard, epoch FROM saga_shards
-WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))
-ORDER BY shard FOR SHARE";
-
     const INSERT_STARTS: &str = "
 INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, version, error,
     deadline, created_at, updated_at, wake_at_ms, signals)
@@ -651,7 +647,8 @@ FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (id text, kind text, shard int,
     created_at timestamptz, updated_at timestamptz, wake_at_ms bigint, signals text,
     epoch bigint)) WITH ORDINALITY AS v(id, kind, shard, state, input, outputs, next_step,
     version, error, deadline, created_at, updated_at, wake_at_ms, signals, epoch, ord)
-WHERE EXISTS (SELECT 1 FROM saga_shards l WHERE l.shard = v.shard AND l.epoch = v.epoch)
+WHERE EXISTS (SELECT 1 FROM saga_shards l WHERE l.shard = v.shard AND l.epoch = v.epoch
+    FOR SHARE)
 ORDER BY ord
 ON CONFLICT (id) DO NOTHING
 RETURNING id";
@@ -674,7 +671,8 @@ FROM jsonb_to_recordset($1::jsonb) AS v(ord int, id text, expected_version bigin
     next_step int, set_error bool, error text, set_deadline bool, deadline timestamptz,
     set_signals bool, signals text)
 WHERE s.id = v.id AND s.version = v.expected_version AND s.shard = v.shard
-    AND EXISTS (SELECT 1 FROM saga_shards l WHERE l.shard = s.shard AND l.epoch = v.epoch)
+    AND EXISTS (SELECT 1 FROM saga_shards l WHERE l.shard = s.shard AND l.epoch = v.epoch
+        FOR SHARE)
 RETURNING v.ord";
 
     const INSERT_ATTEMPTS: &str = "
@@ -845,20 +843,19 @@ ORDER BY ord";
         ))
     }
 
-    pub(super) async fn try_commit(
-        db: &DatabaseConnection,
-        writes: &[&Write],
-    ) -> Result<Results, DbErr> {
-        let now = ts(&Utc::now());
-        let mut results: Results = vec![Ok(Written::Updated); writes.len()];
-        let txn = db.begin().await?;
+    const EPOCHS: &str = "
+SELECT shard, epoch FROM saga_shards
+WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))";
 
-        // Lock the leases of the shards written to; refuse the writes whose epoch is stale.
+    /// The epochs of the shards a group writes to (to tell a replayed start from a fenced one).
+    async fn current_epochs(
+        txn: &sea_orm::DatabaseTransaction,
+        writes: &[&Write],
+    ) -> Result<HashMap<i32, i64>, DbErr> {
         let mut shards: Vec<i32> = writes.iter().map(|w| w.fence.shard).collect();
         shards.sort_unstable();
         shards.dedup();
-        let epochs: HashMap<i32, i64> = txn
-            .query_all(statement(LOCK_SHARDS, &shards)?)
+        txn.query_all(statement(EPOCHS, &shards)?)
             .await?
             .iter()
             .map(|r| {
@@ -867,11 +864,22 @@ ORDER BY ord";
                     r.try_get::<i64>("", "epoch")?,
                 ))
             })
-            .collect::<Result<_, DbErr>>()?;
+            .collect()
+    }
+
+    pub(super) async fn try_commit(
+        db: &DatabaseConnection,
+        writes: &[&Write],
+    ) -> Result<Results, DbErr> {
+        let now = ts(&Utc::now());
+        let mut results: Results = vec![Ok(Written::Updated); writes.len()];
+        let txn = db.begin().await?;
+
+        // Every statement that changes a saga checks the epoch of its shard itself and takes a
+        // share lock on the lease row (a takeover waits for this commit, so a stale owner's write
+        // cannot land after it).
         for (i, w) in writes.iter().enumerate() {
-            if epochs.get(&w.fence.shard) != Some(&w.fence.epoch) {
-                results[i] = Err(refused(w.fence));
-            } else if let Change::Start(r) = &w.change {
+            if let Change::Start(r) = &w.change {
                 if r.shard != w.fence.shard {
                     results[i] = Err(other_shard(w.fence, r.shard));
                 }
@@ -923,14 +931,24 @@ ORDER BY ord";
                 .iter()
                 .map(|row| row.try_get::<String>("", "id"))
                 .collect::<Result<_, _>>()?;
-            // The first start of each id in the batch created it, if it was new.
+            // The first start of each id in the batch created it, if it was new. One not
+            // inserted found its saga there already (a replay), or its fence stale.
             let mut claimed = HashSet::new();
+            let mut epochs: Option<HashMap<i32, i64>> = None;
             for (k, row) in starts.iter().enumerate() {
-                results[start_of[k]] = Ok(if inserted.contains(row.id) && claimed.insert(row.id) {
-                    Written::Created
+                let w = writes[start_of[k]];
+                results[start_of[k]] = if inserted.contains(row.id) && claimed.insert(row.id) {
+                    Ok(Written::Created)
                 } else {
-                    Written::Existed
-                });
+                    if epochs.is_none() {
+                        epochs = Some(current_epochs(&txn, writes).await?);
+                    }
+                    if epochs.as_ref().and_then(|e| e.get(&w.fence.shard)) == Some(&w.fence.epoch) {
+                        Ok(Written::Existed)
+                    } else {
+                        Err(refused(w.fence))
+                    }
+                };
             }
         }
         for round in &rounds {

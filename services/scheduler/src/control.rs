@@ -121,6 +121,9 @@ async fn change(
     }
     .await;
     release(core, &owner, &saga.id);
+    if wake {
+        owner.timers.notify_one();
+    }
     result
 }
 

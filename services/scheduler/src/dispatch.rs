@@ -170,6 +170,7 @@ pub async fn record_signals(core: Arc<Core>, owner: Arc<Owner>, id: String) {
                 owner.recorded(&pending);
                 pending.clear();
                 failures = 0;
+                owner.timers.notify_one();
             }
             Err(JournalError::Refused(why)) => {
                 tracing::warn!(delivery_id = %id, why, "signal write refused; letting the partition go");

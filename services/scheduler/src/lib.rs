@@ -75,7 +75,8 @@ pub struct SchedulerSettings {
     pub max_concurrent_sagas: usize,
     pub lease_ttl_ms: u64,
     pub checkpoint_interval_ms: u64,
-    /// How often each partition looks for sagas whose timer is due.
+    /// How often each partition looks for sagas whose timer is due (a saga this replica makes
+    /// due at once, by a signal or a retry, is looked for at once).
     pub dispatch_interval_ms: u64,
     /// A retry delay at least this long parks the saga in the journal and frees its slot.
     pub park_after_ms: u64,
@@ -96,7 +97,7 @@ impl Default for SchedulerSettings {
             max_concurrent_sagas: 2000,
             lease_ttl_ms: 4000,
             checkpoint_interval_ms: 200,
-            dispatch_interval_ms: 100,
+            dispatch_interval_ms: 1000,
             park_after_ms: 1000,
             relay_poll_ms: 500,
             steps: StepPolicies::default(),

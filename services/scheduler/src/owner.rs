@@ -40,6 +40,8 @@ pub struct Owner {
     pub lost_notify: Notify,
     /// Notified when a saga task ends: a slot is free.
     pub ended: Notify,
+    /// Notified when this replica made a saga due now (a signal recorded, a retry).
+    pub timers: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -58,6 +60,7 @@ impl Owner {
             lost: AtomicBool::new(false),
             lost_notify: Notify::new(),
             ended: Notify::new(),
+            timers: Notify::new(),
         }
     }
 

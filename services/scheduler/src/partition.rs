@@ -124,7 +124,7 @@ async fn own(core: &Arc<Core>, owner: &Arc<Owner>, stop: &mut watch::Receiver<bo
         core.store.clone(),
         lease.fence(),
         core.publisher.clone(),
-        core.engine.outbox_written(),
+        core.engine.outbox_written(lease.shard),
         Duration::from_millis(core.settings.relay_poll_ms),
     )));
 
@@ -183,6 +183,8 @@ async fn own(core: &Arc<Core>, owner: &Arc<Owner>, stop: &mut watch::Receiver<bo
                 while tasks.try_join_next().is_some() {}
             }
             _ = owner.ended.notified() => dispatch::dispatch(core, owner, &mut tasks, false).await,
+            // Timers: on the tick, and at once when this replica made a saga due (a signal, a retry).
+            _ = owner.timers.notified() => dispatch::dispatch(core, owner, &mut tasks, true).await,
             _ = dispatch_tick.tick() => dispatch::dispatch(core, owner, &mut tasks, true).await,
             // Backpressure: no free slot, no reading (the loop goes on renewing and stopping).
             record = reader.next(), if core.permits.available_permits() > 0 => {
