@@ -136,8 +136,9 @@ pub struct Engine<C> {
     clock: Arc<dyn Clock>,
     saga: Saga<C>,
     settings: EngineSettings,
-    /// Per shard: notified after a write that put rows in the shard's outbox.
-    outbox_written: std::sync::Mutex<std::collections::BTreeMap<i32, Arc<Notify>>>,
+    /// Notified (`notify_one`, so a busy relay finds a permit) after a write that put rows in the
+    /// outbox.
+    outbox_written: Arc<Notify>,
 }
 
 impl<C: Send + Sync> Engine<C> {
@@ -152,7 +153,7 @@ impl<C: Send + Sync> Engine<C> {
             clock,
             saga,
             settings,
-            outbox_written: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            outbox_written: Arc::new(Notify::new()),
         }
     }
 
@@ -168,14 +169,9 @@ impl<C: Send + Sync> Engine<C> {
         self.saga.kind
     }
 
-    /// Notified after every write that put rows in `shard`'s outbox (its relay waits on it).
-    pub fn outbox_written(&self, shard: i32) -> Arc<Notify> {
-        self.outbox_written
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(shard)
-            .or_default()
-            .clone()
+    /// Notified after every write that put rows in the outbox (the relay waits on it).
+    pub fn outbox_written(&self) -> Arc<Notify> {
+        self.outbox_written.clone()
     }
 
     /// Step names in order.
@@ -184,10 +180,10 @@ impl<C: Send + Sync> Engine<C> {
     }
 
     async fn write(&self, write: Write) -> Result<Written, JournalError> {
-        let announces = (!write.outbox.is_empty()).then_some(write.fence.shard);
+        let announces = !write.outbox.is_empty();
         let r = self.store.write(write).await?;
-        if let Some(shard) = announces {
-            self.outbox_written(shard).notify_one();
+        if announces {
+            self.outbox_written.notify_one();
         }
         Ok(r)
     }

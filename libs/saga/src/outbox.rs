@@ -1,5 +1,6 @@
-//! The outbox relay of one shard: publishes the shard's committed outbox rows in order and deletes
-//! them once the broker confirmed, fenced by the shard's lease, so only its owner relays them. A
+//! The outbox relay: publishes the committed outbox rows of the shards its replica holds, in order,
+//! and deletes them once the broker confirmed, fenced by each shard's lease, so only a shard's owner
+//! relays its rows. A
 //! crash between publish and delete publishes a row again (at-least-once), so consumers dedupe by
 //! event id or version.
 
@@ -18,9 +19,12 @@ pub trait Publisher: Send + Sync {
     async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), String>;
 }
 
+/// The shards a relay works for, as their fences, asked before every read.
+pub type Held = Arc<dyn Fn() -> Vec<Fence> + Send + Sync>;
+
 /// Relays the rows of `fence.shard` until the fence no longer holds (then returns the refusal) or
-/// the task is dropped. `wake` (notified with `notify_one` after commits to the shard's outbox)
-/// speeds it up; it also polls every `poll`.
+/// the task is dropped. `wake` (notified with `notify_one` after commits to the outbox) speeds it
+/// up; it also polls every `poll`.
 pub async fn relay(
     store: Arc<dyn Store>,
     fence: Fence,
@@ -28,15 +32,57 @@ pub async fn relay(
     wake: Arc<Notify>,
     poll: Duration,
 ) -> JournalError {
+    run(
+        store,
+        Arc::new(move || vec![fence]),
+        publisher,
+        wake,
+        poll,
+        true,
+    )
+    .await
+}
+
+/// One relay for every shard a replica holds (`held`, asked before every read): the rows of the
+/// shards whose lease it holds, fenced by their epochs in the statements that read and delete
+/// them. Runs until the task is dropped; a shard whose lease went elsewhere simply drops out.
+pub async fn relay_held(
+    store: Arc<dyn Store>,
+    held: Held,
+    publisher: Arc<dyn Publisher>,
+    wake: Arc<Notify>,
+    poll: Duration,
+) {
+    run(store, held, publisher, wake, poll, false).await;
+}
+
+async fn run(
+    store: Arc<dyn Store>,
+    held: Held,
+    publisher: Arc<dyn Publisher>,
+    wake: Arc<Notify>,
+    poll: Duration,
+    stop_when_refused: bool,
+) -> JournalError {
+    const BATCH: usize = 500;
     let mut failures = 0u32;
     loop {
+        let fences = held();
+        if fences.is_empty() {
+            let _ = tokio::time::timeout(poll, wake.notified()).await;
+            continue;
+        }
         // `wake` keeps a permit for a commit made while the relay was busy (notify_one), so no
         // commit between the read and the wait is missed.
-        let rows = match store.outbox(fence, 500).await {
+        let rows = match store.outbox_of(&fences, BATCH).await {
             Ok(rows) => rows,
-            Err(e @ JournalError::Refused(_)) => return e,
+            Err(e @ JournalError::Refused(_)) if stop_when_refused => return e,
+            Err(JournalError::Refused(_)) => {
+                let _ = tokio::time::timeout(poll, wake.notified()).await;
+                continue;
+            }
             Err(e) => {
-                tracing::warn!(shard = fence.shard, error = %e, "outbox read failed");
+                tracing::warn!(error = %e, "outbox read failed");
                 tokio::time::sleep(poll).await;
                 continue;
             }
@@ -52,18 +98,23 @@ pub async fn relay(
                 // Exactly the rows published: a write that drew a lower seq may commit after the
                 // read, and its rows, unpublished, must stay.
                 let published: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-                match store.outbox_done(fence, &published).await {
+                match store.outbox_done_of(&fences, &published).await {
                     Ok(()) => {}
-                    Err(e @ JournalError::Refused(_)) => return e,
+                    Err(e @ JournalError::Refused(_)) if stop_when_refused => return e,
                     Err(e) => {
                         tracing::warn!(error = %e, "outbox cleanup failed; rows will be sent again")
                     }
+                }
+                // A full batch: more are waiting. Otherwise the next commit wakes the relay (or
+                // has already left its permit).
+                if rows.len() < BATCH {
+                    let _ = tokio::time::timeout(poll, wake.notified()).await;
                 }
             }
             Err(e) => {
                 failures += 1;
                 let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                tracing::warn!(shard = fence.shard, error = %e, rows = rows.len(), ?wait, "outbox publish failed; will retry");
+                tracing::warn!(error = %e, rows = rows.len(), ?wait, "outbox publish failed; will retry");
                 tokio::time::sleep(wait).await;
             }
         }

@@ -84,6 +84,31 @@ fn record(row: instance::Model) -> Result<SagaRecord, JournalError> {
     })
 }
 
+/// Outbox rows as messages; an undecodable one is logged and deleted (it can never be sent).
+async fn decode_rows(
+    db: &DatabaseConnection,
+    rows: Vec<outbox::Model>,
+) -> Result<Vec<OutboxRow>, JournalError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        match serde_json::from_str(&r.payload) {
+            Ok(payload) => out.push(OutboxRow {
+                seq: r.seq,
+                message: OutboxMessage {
+                    destination: r.destination,
+                    key: r.key,
+                    payload,
+                },
+            }),
+            Err(e) => {
+                tracing::error!(seq = r.seq, error = %e, "dropping undecodable outbox row");
+                outbox::Entity::delete_by_id(r.seq).exec(db).await?;
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn records(rows: Vec<instance::Model>) -> Result<Vec<SagaRecord>, JournalError> {
     rows.into_iter().map(record).collect()
 }
@@ -332,24 +357,7 @@ impl Store for SqlStore {
         if rows.is_empty() && !holds(&self.db, fence).await? {
             return Err(refused(fence));
         }
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            match serde_json::from_str(&r.payload) {
-                Ok(payload) => out.push(OutboxRow {
-                    seq: r.seq,
-                    message: OutboxMessage {
-                        destination: r.destination,
-                        key: r.key,
-                        payload,
-                    },
-                }),
-                Err(e) => {
-                    tracing::error!(seq = r.seq, error = %e, "dropping undecodable outbox row");
-                    outbox::Entity::delete_by_id(r.seq).exec(&self.db).await?;
-                }
-            }
-        }
-        Ok(out)
+        decode_rows(&self.db, rows).await
     }
 
     async fn outbox_done(&self, fence: Fence, seqs: &[i64]) -> Result<(), JournalError> {
@@ -371,6 +379,68 @@ impl Store for SqlStore {
         if r.rows_affected == 0 && !seqs.is_empty() && !holds(&self.db, fence).await? {
             return Err(refused(fence));
         }
+        Ok(())
+    }
+
+    async fn outbox_of(
+        &self,
+        fences: &[Fence],
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, JournalError> {
+        // One statement for every shard held: a replica's relay costs what one relay did.
+        let held = || {
+            sea_orm::sea_query::Query::select()
+                .column(shard::Column::Shard)
+                .from(shard::Entity)
+                .cond_where(
+                    fences
+                        .iter()
+                        .fold(sea_orm::Condition::any(), |c, f| c.add(fenced(*f))),
+                )
+                .to_owned()
+        };
+        if fences.is_empty() {
+            return Err(JournalError::Refused("no shard is held".into()));
+        }
+        let rows = outbox::Entity::find()
+            .filter(outbox::Column::Shard.in_subquery(held()))
+            .order_by_asc(outbox::Column::Seq)
+            .limit(limit as u64)
+            .all(&self.db)
+            .await?;
+        if rows.is_empty() {
+            let any = shard::Entity::find()
+                .filter(shard::Column::Shard.in_subquery(held()))
+                .count(&self.db)
+                .await?;
+            if any == 0 {
+                return Err(JournalError::Refused("no shard is held any more".into()));
+            }
+        }
+        decode_rows(&self.db, rows).await
+    }
+
+    async fn outbox_done_of(&self, fences: &[Fence], seqs: &[i64]) -> Result<(), JournalError> {
+        if fences.is_empty() || seqs.is_empty() {
+            return Ok(());
+        }
+        outbox::Entity::delete_many()
+            .filter(outbox::Column::Seq.is_in(seqs.iter().copied()))
+            .filter(
+                outbox::Column::Shard.in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(shard::Column::Shard)
+                        .from(shard::Entity)
+                        .cond_where(
+                            fences
+                                .iter()
+                                .fold(sea_orm::Condition::any(), |c, f| c.add(fenced(*f))),
+                        )
+                        .to_owned(),
+                ),
+            )
+            .exec(&self.db)
+            .await?;
         Ok(())
     }
 

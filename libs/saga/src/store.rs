@@ -265,6 +265,45 @@ pub trait Store: Send + Sync {
     /// Deletes published rows, fenced.
     async fn outbox_done(&self, fence: Fence, seqs: &[i64]) -> Result<(), JournalError>;
 
+    /// [`Store::outbox`] for several shards at once (one relay for every shard a replica holds):
+    /// the rows of the shards whose fence holds, in write order; refused when none holds.
+    async fn outbox_of(
+        &self,
+        fences: &[Fence],
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, JournalError> {
+        let mut out = Vec::new();
+        let mut held = false;
+        for f in fences {
+            match self.outbox(*f, limit).await {
+                Ok(rows) => {
+                    held = true;
+                    out.extend(rows);
+                }
+                Err(JournalError::Refused(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !held {
+            return Err(JournalError::Refused("no shard is held".into()));
+        }
+        out.sort_by_key(|r| r.seq);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// [`Store::outbox_done`] for several shards: deletes the published rows of the shards whose
+    /// fence holds.
+    async fn outbox_done_of(&self, fences: &[Fence], seqs: &[i64]) -> Result<(), JournalError> {
+        for f in fences {
+            match self.outbox_done(*f, seqs).await {
+                Ok(()) | Err(JournalError::Refused(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Rows waiting to be published, all shards.
     async fn outbox_backlog(&self) -> Result<u64, JournalError>;
 

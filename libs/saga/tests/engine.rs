@@ -762,7 +762,7 @@ async fn outbox_relay_publishes_in_order_and_retries(b: Backend) {
         store.clone(),
         fence,
         publisher.clone(),
-        e.outbox_written(fence.shard),
+        e.outbox_written(),
         Duration::from_millis(20),
     ));
     for _ in 0..500 {

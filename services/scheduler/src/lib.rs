@@ -244,10 +244,41 @@ impl Core {
         self: &Arc<Self>,
         stop: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        self.settings
+        let mut tasks: Vec<_> = self
+            .settings
             .owned_partitions()
             .into_iter()
             .map(|p| tokio::spawn(partition::run_partition(self.clone(), p, stop.clone())))
+            .collect();
+        // One outbox relay for the partitions this replica holds, fenced by their leases.
+        let core = self.clone();
+        let mut stopped = stop;
+        tasks.push(tokio::spawn(async move {
+            let held: saga::outbox::Held = {
+                let core = core.clone();
+                Arc::new(move || core.fences())
+            };
+            tokio::select! {
+                biased;
+                _ = stopped.wait_for(|s| *s) => {}
+                () = saga::outbox::relay_held(
+                    core.store.clone(),
+                    held,
+                    core.publisher.clone(),
+                    core.engine.outbox_written(),
+                    Duration::from_millis(core.settings.relay_poll_ms),
+                ) => {}
+            }
+        }));
+        tasks
+    }
+
+    /// The fences of the partitions this replica holds.
+    fn fences(&self) -> Vec<saga::Fence> {
+        self.lock_owners()
+            .values()
+            .filter(|o| !o.is_lost())
+            .map(|o| o.fence())
             .collect()
     }
 

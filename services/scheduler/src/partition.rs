@@ -1,5 +1,5 @@
 //! One task per owned partition: take the lease, resume the sagas the previous owner left running,
-//! relay the partition's outbox, read the partition from its checkpoint, start a saga per booking,
+//! read the partition from its checkpoint, start a saga per booking,
 //! hand cancels and reschedules to their sagas as signals, wake parked sagas, and move the
 //! checkpoint to the first position not yet durably recorded.
 //!
@@ -25,15 +25,6 @@ use crate::Core;
 enum Exit {
     Stopped,
     LeaseLost,
-}
-
-/// Aborts a task when dropped (the relay lives exactly as long as the ownership).
-struct AbortOnDrop(tokio::task::JoinHandle<JournalError>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 fn shard_of(partition: u32) -> i32 {
@@ -120,14 +111,6 @@ async fn own(core: &Arc<Core>, owner: &Arc<Owner>, stop: &mut watch::Receiver<bo
         }
     }
 
-    let mut relay = AbortOnDrop(tokio::spawn(saga::outbox::relay(
-        core.store.clone(),
-        lease.fence(),
-        core.publisher.clone(),
-        core.engine.outbox_written(lease.shard),
-        Duration::from_millis(core.settings.relay_poll_ms),
-    )));
-
     let start = if lease.checkpoint == Position::default() {
         StartAt::First
     } else {
@@ -157,10 +140,6 @@ async fn own(core: &Arc<Core>, owner: &Arc<Owner>, stop: &mut watch::Receiver<bo
                 return Exit::Stopped;
             }
             _ = owner.lost_notify.notified() => return Exit::LeaseLost,
-            refused = &mut relay.0 => {
-                tracing::warn!(partition, outcome = ?refused, "outbox relay stopped");
-                return Exit::LeaseLost;
-            }
             _ = renew_tick.tick() => {
                 match core.store.renew(&lease, core.engine.clock().now(), ttl).await {
                     Ok(true) => {}
