@@ -212,8 +212,9 @@ impl<C: Send + Sync> Engine<C> {
             outbox,
         })
         .await?;
+        let version = saga.version + 1;
         *saga = next;
-        saga.version += 1;
+        saga.version = version;
         saga.updated_at = at;
         Ok(())
     }
@@ -448,7 +449,7 @@ impl<C: Send + Sync> Engine<C> {
                             started,
                             finished,
                         );
-                        let outbox = self.announced(ctx, &next, saga.version + 1, &change);
+                        let outbox = self.announced(ctx, &mut next, saga.version + 1, &change);
                         self.commit(fence, &mut saga, next, update, vec![attempt], outbox)
                             .await?;
                         tracing::debug!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, "step succeeded");
@@ -604,7 +605,7 @@ impl<C: Send + Sync> Engine<C> {
         next.wake_at = None;
         // One write, so one version: only the last change is announced.
         let outbox = change
-            .map(|c| self.announced(ctx, &next, saga.version + 1, &c))
+            .map(|c| self.announced(ctx, &mut next, saga.version + 1, &c))
             .unwrap_or_default();
         self.commit(fence, saga, next, update, Vec::new(), outbox)
             .await?;
@@ -616,13 +617,14 @@ impl<C: Send + Sync> Engine<C> {
     fn announced(
         &self,
         ctx: &C,
-        next: &SagaRecord,
+        next: &mut SagaRecord,
         version: i64,
         change: &Lifecycle,
     ) -> Vec<OutboxMessage> {
-        let mut view = next.clone();
-        view.version = version;
-        self.saga.hooks.announce(ctx, &view, change)
+        let kept = std::mem::replace(&mut next.version, version);
+        let out = self.saga.hooks.announce(ctx, next, change);
+        next.version = kept;
+        out
     }
 
     /// After a restart or a park, attempt numbers continue where the journal stopped. Returns the
@@ -685,7 +687,7 @@ impl<C: Send + Sync> Engine<C> {
         );
         let outbox = self.announced(
             ctx,
-            &next,
+            &mut next,
             saga.version + 1,
             &Lifecycle::Failed {
                 step,
@@ -716,7 +718,7 @@ impl<C: Send + Sync> Engine<C> {
             error: Some(error),
             ..Default::default()
         };
-        let outbox = self.announced(ctx, &next, saga.version + 1, &change);
+        let outbox = self.announced(ctx, &mut next, saga.version + 1, &change);
         self.commit(fence, saga, next, update, Vec::new(), outbox)
             .await
     }

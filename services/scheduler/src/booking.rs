@@ -48,9 +48,24 @@ pub struct BookingInput {
 }
 
 impl BookingInput {
+    /// Read from the saga's input in place (every step does this: no copy of the JSON, and no
+    /// `flatten`, which buffers the whole object first).
     pub fn of(saga: &SagaRecord) -> Result<Self, StepError> {
-        serde_json::from_value(saga.input.clone())
-            .map_err(|e| StepError::permanent(format!("saga input is not a booking: {e}")))
+        let input = &saga.input;
+        let request = DeliveryRequested::deserialize(input)
+            .map_err(|e| StepError::permanent(format!("saga input is not a booking: {e}")))?;
+        Ok(Self {
+            request,
+            traceparent: input
+                .get("traceparent")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            revision: input
+                .get("revision")
+                .and_then(Value::as_u64)
+                .and_then(|r| u32::try_from(r).ok())
+                .unwrap_or(0),
+        })
     }
 
     /// The trace id (`00-<trace id>-<span id>-<flags>`).
