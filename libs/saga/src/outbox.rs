@@ -65,6 +65,7 @@ async fn run(
     stop_when_refused: bool,
 ) -> JournalError {
     const BATCH: usize = 500;
+    const LINGER: Duration = Duration::from_millis(5);
     let mut failures = 0u32;
     loop {
         let fences = held();
@@ -88,7 +89,11 @@ async fn run(
             }
         };
         if rows.is_empty() {
-            let _ = tokio::time::timeout(poll, wake.notified()).await;
+            if tokio::time::timeout(poll, wake.notified()).await.is_ok() {
+                // Woken by a commit: let the commits right behind it join this batch (one read,
+                // one publish and one delete for many sagas instead of one each).
+                tokio::time::sleep(LINGER).await;
+            }
             continue;
         }
         let messages: Vec<OutboxMessage> = rows.iter().map(|r| r.message.clone()).collect();
@@ -107,8 +112,10 @@ async fn run(
                 }
                 // A full batch: more are waiting. Otherwise the next commit wakes the relay (or
                 // has already left its permit).
-                if rows.len() < BATCH {
-                    let _ = tokio::time::timeout(poll, wake.notified()).await;
+                if rows.len() < BATCH
+                    && tokio::time::timeout(poll, wake.notified()).await.is_ok()
+                {
+                    tokio::time::sleep(LINGER).await;
                 }
             }
             Err(e) => {
