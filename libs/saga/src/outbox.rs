@@ -112,9 +112,7 @@ async fn run(
                 }
                 // A full batch: more are waiting. Otherwise the next commit wakes the relay (or
                 // has already left its permit).
-                if rows.len() < BATCH
-                    && tokio::time::timeout(poll, wake.notified()).await.is_ok()
-                {
+                if rows.len() < BATCH && tokio::time::timeout(poll, wake.notified()).await.is_ok() {
                     tokio::time::sleep(LINGER).await;
                 }
             }
