@@ -1101,3 +1101,43 @@ async fn list_filters_by_state_and_shard_with_a_limit(s: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(list(Some("running"), None, 10).await, ["a", "d", "c"]);
 }
+
+/// PostgreSQL only: a takeover waits for a group commit in flight under the old epoch (which holds
+/// the shard's advisory lock shared until it commits), so no write checked against the old epoch
+/// can commit after the new owner has taken the shard and started reading.
+#[tokio::test]
+async fn postgres_a_takeover_waits_for_writes_in_flight() {
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    let db = common::db(true).await;
+    let store: Arc<dyn Store> = Arc::new(saga::SqlStore::start(db.conn.clone()));
+    let t0 = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap();
+    let ttl = chrono::Duration::seconds(5);
+    store.acquire(3, "a", t0, ttl).await.unwrap().unwrap();
+    // A write of the old owner, checked and not yet committed.
+    let in_flight = db.conn.begin().await.unwrap();
+    in_flight
+        .execute(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock_shared(23146, 3)",
+        ))
+        .await
+        .unwrap();
+    // The lease has expired: another owner takes the shard, and must wait for that write.
+    let later = t0 + chrono::Duration::seconds(10);
+    let taker = {
+        let store = store.clone();
+        tokio::spawn(async move { store.acquire(3, "b", later, ttl).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !taker.is_finished(),
+        "the takeover did not wait for the write in flight"
+    );
+    in_flight.commit().await.unwrap();
+    let lease = taker
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("taken after the write committed");
+    assert_eq!(lease.epoch, 2);
+}
