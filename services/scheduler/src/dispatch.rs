@@ -199,10 +199,15 @@ pub async fn dispatch(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<
         let Ok(permit) = core.permits.clone().try_acquire_owned() else {
             return;
         };
-        let Some(record) = owner.dequeue() else {
+        let Some((record, fresh)) = owner.dequeue() else {
             break;
         };
-        spawn_saga(core, owner, tasks, record, permit, Origin::Resumed);
+        let origin = if fresh {
+            Origin::Fresh
+        } else {
+            Origin::Resumed
+        };
+        spawn_saga(core, owner, tasks, record, permit, origin);
     }
     let free = core.permits.available_permits();
     if free == 0 || !timers {
@@ -231,7 +236,7 @@ pub async fn dispatch(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<
             continue;
         }
         let Ok(permit) = core.permits.clone().try_acquire_owned() else {
-            owner.queue(record);
+            owner.queue(record, false);
             continue;
         };
         owner.from_timer.fetch_add(1, Ordering::SeqCst);

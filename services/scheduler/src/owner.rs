@@ -32,7 +32,7 @@ pub struct Owner {
     tracker: Mutex<Tracker>,
     /// Sagas claimed and waiting for a slot (resumed after a takeover, or started while every
     /// slot was busy).
-    queue: Mutex<VecDeque<SagaRecord>>,
+    queue: Mutex<VecDeque<(SagaRecord, bool)>>,
     /// Tasks dispatched from a due timer that are still running (their row may still look due).
     pub from_timer: AtomicUsize,
     lost: AtomicBool,
@@ -119,11 +119,12 @@ impl Owner {
             .is_some_and(|s| !s.signals.is_empty())
     }
 
-    pub fn queue(&self, saga: SagaRecord) {
-        lock(&self.queue).push_back(saga);
+    /// `fresh`: just started, so its journal has no attempts to read when it runs.
+    pub fn queue(&self, saga: SagaRecord, fresh: bool) {
+        lock(&self.queue).push_back((saga, fresh));
     }
 
-    pub fn dequeue(&self) -> Option<SagaRecord> {
+    pub fn dequeue(&self) -> Option<(SagaRecord, bool)> {
         lock(&self.queue).pop_front()
     }
 

@@ -101,7 +101,7 @@ async fn own(core: &Arc<Core>, owner: &Arc<Owner>, stop: &mut watch::Receiver<bo
             }
             for r in rows {
                 if owner.claim(&r.id) {
-                    owner.queue(r);
+                    owner.queue(r, false);
                 }
             }
         }
@@ -284,7 +284,7 @@ fn handle(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<()>, record:
                         }
                         (Some(record), None) => {
                             core.ctx.metrics.started();
-                            owner.queue(record);
+                            owner.queue(record, true);
                         }
                         // A replay of a booking whose saga exists: record any signal that came
                         // meanwhile, and let the entry go.
