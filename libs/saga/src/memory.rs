@@ -67,29 +67,19 @@ fn holds(s: &State, fence: Fence) -> bool {
         .is_some_and(|l| l.epoch == fence.epoch)
 }
 
-fn other_shard(fence: Fence, saga_shard: i32) -> JournalError {
-    JournalError::Refused(format!(
-        "a lease on shard {} does not fence a saga of shard {saga_shard}",
-        fence.shard
-    ))
-}
-
 #[async_trait]
 impl Store for MemoryStore {
     async fn write(&self, w: Write) -> Result<Written, JournalError> {
         let mut s = self.lock();
         if !holds(&s, w.fence) {
-            return Err(JournalError::Refused(format!(
-                "shard {} is no longer held at epoch {}",
-                w.fence.shard, w.fence.epoch
-            )));
+            return Err(JournalError::stale(w.fence));
         }
         // The epoch the store holds now (equal to the fence's while the fence check stands).
         let epoch = s.leases.get(&w.fence.shard).map_or(-1, |l| l.epoch);
         let (id, version, written) = match w.change {
             Change::Start(mut record) => {
                 if record.shard != w.fence.shard {
-                    return Err(other_shard(w.fence, record.shard));
+                    return Err(JournalError::other_shard(w.fence, record.shard));
                 }
                 if s.sagas.contains_key(&record.id) {
                     return Ok(Written::Existed);
@@ -112,7 +102,7 @@ impl Store for MemoryStore {
                     return Err(JournalError::Refused(format!("no saga {id}")));
                 };
                 if saga.shard != w.fence.shard {
-                    return Err(other_shard(w.fence, saga.shard));
+                    return Err(JournalError::other_shard(w.fence, saga.shard));
                 }
                 if saga.version != expected_version {
                     return Err(JournalError::Refused(format!(
@@ -309,10 +299,7 @@ impl Store for MemoryStore {
     async fn outbox(&self, fence: Fence, limit: usize) -> Result<Vec<OutboxRow>, JournalError> {
         let s = self.lock();
         if !holds(&s, fence) {
-            return Err(JournalError::Refused(format!(
-                "shard {} is no longer held at epoch {}",
-                fence.shard, fence.epoch
-            )));
+            return Err(JournalError::stale(fence));
         }
         Ok(s.outbox
             .iter()
@@ -328,10 +315,7 @@ impl Store for MemoryStore {
     async fn outbox_done(&self, fence: Fence, seqs: &[i64]) -> Result<(), JournalError> {
         let mut s = self.lock();
         if !holds(&s, fence) {
-            return Err(JournalError::Refused(format!(
-                "shard {} is no longer held at epoch {}",
-                fence.shard, fence.epoch
-            )));
+            return Err(JournalError::stale(fence));
         }
         for seq in seqs {
             // Only the fence's shard's rows (another shard's owner relays the others).

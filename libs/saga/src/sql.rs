@@ -117,25 +117,32 @@ fn records(rows: Vec<instance::Model>) -> Result<Vec<SagaRecord>, JournalError> 
     rows.into_iter().map(record).collect()
 }
 
-fn refused(fence: Fence) -> JournalError {
-    JournalError::Refused(format!(
-        "shard {} is no longer held at epoch {}",
-        fence.shard, fence.epoch
-    ))
-}
-
-/// A lease on one shard gives no right to write another shard's sagas.
-fn other_shard(fence: Fence, saga_shard: i32) -> JournalError {
-    JournalError::Refused(format!(
-        "a lease on shard {} does not fence a saga of shard {saga_shard}",
-        fence.shard
-    ))
-}
-
 fn fenced(fence: Fence) -> sea_orm::Condition {
     sea_orm::Condition::all()
         .add(shard::Column::Shard.eq(fence.shard))
         .add(shard::Column::Epoch.eq(fence.epoch))
+}
+
+/// The shards among `fences` whose fence still holds, as a subquery: statements that read or
+/// delete a shard's rows check their fence in the statement itself.
+fn held(fences: &[Fence]) -> sea_orm::sea_query::SelectStatement {
+    sea_orm::sea_query::Query::select()
+        .column(shard::Column::Shard)
+        .from(shard::Entity)
+        .cond_where(
+            fences
+                .iter()
+                .fold(sea_orm::Condition::any(), |c, f| c.add(fenced(*f))),
+        )
+        .to_owned()
+}
+
+/// A stored checkpoint as a position.
+fn position(offset: i64, index: i32) -> Position {
+    Position {
+        offset: u64::try_from(offset).unwrap_or(0),
+        index: u32::try_from(index).unwrap_or(0),
+    }
 }
 
 async fn holds(db: &impl ConnectionTrait, fence: Fence) -> Result<bool, DbErr> {
@@ -288,10 +295,7 @@ impl Store for SqlStore {
         Ok(row.filter(|r| r.owner == owner).map(|r| Lease {
             shard: shard_id,
             epoch: r.epoch,
-            checkpoint: Position {
-                offset: u64::try_from(r.checkpoint_offset).unwrap_or(0),
-                index: u32::try_from(r.checkpoint_index).unwrap_or(0),
-            },
+            checkpoint: position(r.checkpoint_offset, r.checkpoint_index),
         }))
     }
 
@@ -345,56 +349,24 @@ impl Store for SqlStore {
                 owner: r.owner,
                 epoch: r.epoch,
                 expires_at: from_ms(r.expires_at_ms),
-                checkpoint: Position {
-                    offset: u64::try_from(r.checkpoint_offset).unwrap_or(0),
-                    index: u32::try_from(r.checkpoint_index).unwrap_or(0),
-                },
+                checkpoint: position(r.checkpoint_offset, r.checkpoint_index),
             })
             .collect())
     }
 
     async fn outbox(&self, fence: Fence, limit: usize) -> Result<Vec<OutboxRow>, JournalError> {
-        // Fenced in the statement.
-        let rows = outbox::Entity::find()
-            .filter(outbox::Column::Shard.eq(fence.shard))
-            .filter(
-                outbox::Column::Shard.in_subquery(
-                    sea_orm::sea_query::Query::select()
-                        .column(shard::Column::Shard)
-                        .from(shard::Entity)
-                        .cond_where(fenced(fence))
-                        .to_owned(),
-                ),
-            )
-            .order_by_asc(outbox::Column::Seq)
-            .limit(limit as u64)
-            .all(&self.db)
-            .await?;
-        // Only an empty answer asks whether the fence still holds.
-        if rows.is_empty() && !holds(&self.db, fence).await? {
-            return Err(refused(fence));
-        }
-        decode_rows(&self.db, rows).await
+        self.outbox_of(&[fence], limit).await
     }
 
     async fn outbox_done(&self, fence: Fence, seqs: &[i64]) -> Result<(), JournalError> {
         // One statement, fenced: a stale relay deletes nothing.
         let r = outbox::Entity::delete_many()
             .filter(outbox::Column::Seq.is_in(seqs.iter().copied()))
-            .filter(outbox::Column::Shard.eq(fence.shard))
-            .filter(
-                outbox::Column::Shard.in_subquery(
-                    sea_orm::sea_query::Query::select()
-                        .column(shard::Column::Shard)
-                        .from(shard::Entity)
-                        .cond_where(fenced(fence))
-                        .to_owned(),
-                ),
-            )
+            .filter(outbox::Column::Shard.in_subquery(held(&[fence])))
             .exec(&self.db)
             .await?;
         if r.rows_affected == 0 && !seqs.is_empty() && !holds(&self.db, fence).await? {
-            return Err(refused(fence));
+            return Err(JournalError::stale(fence));
         }
         Ok(())
     }
@@ -405,29 +377,18 @@ impl Store for SqlStore {
         limit: usize,
     ) -> Result<Vec<OutboxRow>, JournalError> {
         // One statement for every shard held: a replica's relay costs what one relay did.
-        let held = || {
-            sea_orm::sea_query::Query::select()
-                .column(shard::Column::Shard)
-                .from(shard::Entity)
-                .cond_where(
-                    fences
-                        .iter()
-                        .fold(sea_orm::Condition::any(), |c, f| c.add(fenced(*f))),
-                )
-                .to_owned()
-        };
         if fences.is_empty() {
             return Err(JournalError::Refused("no shard is held".into()));
         }
         let rows = outbox::Entity::find()
-            .filter(outbox::Column::Shard.in_subquery(held()))
+            .filter(outbox::Column::Shard.in_subquery(held(fences)))
             .order_by_asc(outbox::Column::Seq)
             .limit(limit as u64)
             .all(&self.db)
             .await?;
         if rows.is_empty() {
             let any = shard::Entity::find()
-                .filter(shard::Column::Shard.in_subquery(held()))
+                .filter(shard::Column::Shard.in_subquery(held(fences)))
                 .count(&self.db)
                 .await?;
             if any == 0 {
@@ -443,19 +404,7 @@ impl Store for SqlStore {
         }
         outbox::Entity::delete_many()
             .filter(outbox::Column::Seq.is_in(seqs.iter().copied()))
-            .filter(
-                outbox::Column::Shard.in_subquery(
-                    sea_orm::sea_query::Query::select()
-                        .column(shard::Column::Shard)
-                        .from(shard::Entity)
-                        .cond_where(
-                            fences
-                                .iter()
-                                .fold(sea_orm::Condition::any(), |c, f| c.add(fenced(*f))),
-                        )
-                        .to_owned(),
-                ),
-            )
+            .filter(outbox::Column::Shard.in_subquery(held(fences)))
             .exec(&self.db)
             .await?;
         Ok(())
@@ -562,7 +511,7 @@ async fn apply(
     match &w.change {
         Change::Start(r) => {
             if r.shard != w.fence.shard {
-                return Ok(Err(other_shard(w.fence, r.shard)));
+                return Ok(Err(JournalError::other_shard(w.fence, r.shard)));
             }
             let sql = "INSERT INTO saga_instances (id, kind, shard, state, input, outputs, \
                 next_step, version, error, deadline, created_at, updated_at, wake_at_ms, signals) \
@@ -600,7 +549,7 @@ async fn apply(
             Ok(if holds(txn, w.fence).await? {
                 Ok(Written::Existed)
             } else {
-                Err(refused(w.fence))
+                Err(JournalError::stale(w.fence))
             })
         }
         Change::Update {
@@ -637,15 +586,7 @@ async fn apply(
             let n = q
                 .filter(instance::Column::Id.eq(id.clone()))
                 .filter(instance::Column::Version.eq(*expected_version))
-                .filter(
-                    instance::Column::Shard.in_subquery(
-                        sea_orm::sea_query::Query::select()
-                            .column(shard::Column::Shard)
-                            .from(shard::Entity)
-                            .cond_where(fenced(w.fence))
-                            .to_owned(),
-                    ),
-                )
+                .filter(instance::Column::Shard.in_subquery(held(&[w.fence])))
                 .exec(txn)
                 .await?
                 .rows_affected;
@@ -656,7 +597,7 @@ async fn apply(
                     "saga {id} is no longer at version {expected_version}"
                 )))
             } else {
-                Err(refused(w.fence))
+                Err(JournalError::stale(w.fence))
             })
         }
     }
@@ -719,7 +660,7 @@ mod batched {
     };
     use serde::Serialize;
 
-    use super::{ms, other_shard, refused, signals_json, Results};
+    use super::{ms, signals_json, Results};
     use crate::store::{
         Change, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Write, Written,
     };
@@ -980,7 +921,7 @@ WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))";
         for (i, w) in writes.iter().enumerate() {
             if let Change::Start(r) = &w.change {
                 if r.shard != w.fence.shard {
-                    results[i] = Err(other_shard(w.fence, r.shard));
+                    results[i] = Err(JournalError::other_shard(w.fence, r.shard));
                 }
             }
         }
@@ -1045,7 +986,7 @@ WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))";
                     if epochs.as_ref().and_then(|e| e.get(&w.fence.shard)) == Some(&w.fence.epoch) {
                         Ok(Written::Existed)
                     } else {
-                        Err(refused(w.fence))
+                        Err(JournalError::stale(w.fence))
                     }
                 };
             }

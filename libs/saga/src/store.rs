@@ -28,6 +28,24 @@ pub enum JournalError {
     Refused(String),
 }
 
+impl JournalError {
+    /// The fence's epoch is no longer the shard's.
+    pub fn stale(fence: Fence) -> Self {
+        JournalError::Refused(format!(
+            "shard {} is no longer held at epoch {}",
+            fence.shard, fence.epoch
+        ))
+    }
+
+    /// A lease on one shard gives no right to write another shard's sagas.
+    pub fn other_shard(fence: Fence, saga_shard: i32) -> Self {
+        JournalError::Refused(format!(
+            "a lease on shard {} does not fence a saga of shard {saga_shard}",
+            fence.shard
+        ))
+    }
+}
+
 impl From<sea_orm::DbErr> for JournalError {
     fn from(e: sea_orm::DbErr) -> Self {
         JournalError::Database(e.to_string())

@@ -387,16 +387,6 @@ fn envelope_message(
     })
 }
 
-/// The reason a failed booking shows: the stable `no-drone-available` when the fleet had no drone
-/// for it within the wait, else the step and what went wrong.
-fn failure_detail(step: &str, reason: &str) -> String {
-    if step == BookingStep::ReserveDrone.as_str() && reason.contains(NO_DRONE_AVAILABLE) {
-        format!("{NO_DRONE_AVAILABLE}: {step}: {reason}")
-    } else {
-        format!("{step}: {reason}")
-    }
-}
-
 /// A failed saga's error as the client sees it: the stable `no-drone-available` first when that
 /// is why.
 pub fn client_reason(error: &str) -> String {
@@ -430,7 +420,7 @@ impl Hooks<Ctx> for BookingHooks {
             }
             Lifecycle::Failed { step, reason } => {
                 ctx.metrics.finished("failed");
-                let detail = failure_detail(step, reason);
+                let detail = client_reason(&format!("{step}: {reason}"));
                 out.extend(state_event(
                     saga,
                     RequestState::Failed,
@@ -584,11 +574,10 @@ mod tests {
 
     #[test]
     fn no_drone_is_a_stable_reason() {
-        let d = failure_detail(
-            "ReserveDrone",
-            "drone PUT answered 503 (no-drone-available): busy (gave up after 9 attempts)",
+        let d = client_reason(
+            "ReserveDrone: drone PUT answered 503 (no-drone-available): busy (gave up after 9 attempts)",
         );
         assert!(d.starts_with("no-drone-available: "), "{d}");
-        assert_eq!(failure_detail("CheckAccount", "x"), "CheckAccount: x");
+        assert_eq!(client_reason("CheckAccount: x"), "CheckAccount: x");
     }
 }

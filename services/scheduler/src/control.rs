@@ -70,10 +70,7 @@ async fn claim(core: &Core, saga: &SagaRecord) -> Result<Arc<Owner>, ControlErro
 
 /// Lets the entry go, recording any signal that arrived while it was held.
 fn release(core: &Arc<Core>, owner: &Arc<Owner>, id: &str) {
-    if let Some(signals) = owner.finish(id) {
-        for s in signals {
-            let _ = owner.offer(id, s);
-        }
+    if !owner.release_if_idle(id) {
         tokio::spawn(dispatch::record_signals(
             core.clone(),
             owner.clone(),

@@ -95,22 +95,12 @@ pub async fn drive(core: &Arc<Core>, owner: &Arc<Owner>, mut record: SagaRecord,
                 if done.is_finished() {
                     tracing::info!(delivery_id = %id, state = %done.state, "saga finished");
                 }
-                if owner.has_signals(&id) {
-                    // A signal arrived after the engine's last look (say, during the last step):
-                    // go on, the engine applies it first.
-                    record = done;
-                    continue;
+                if owner.release_if_idle(&id) {
+                    return;
                 }
-                match owner.finish(&id) {
-                    None => return,
-                    Some(signals) => {
-                        // Raced in between the two looks: put them back for the engine.
-                        for s in signals {
-                            let _ = owner.offer(&id, s);
-                        }
-                        record = done;
-                    }
-                }
+                // A signal arrived after the engine's last look (say, during the last step): go
+                // on, the engine applies it first.
+                record = done;
             }
             Err(JournalError::Refused(why)) => {
                 tracing::warn!(delivery_id = %id, why, partition = owner.partition, "saga write refused; letting the partition go");

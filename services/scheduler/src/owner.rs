@@ -112,7 +112,18 @@ impl Owner {
         }
     }
 
-    /// Like [`Owner::finish`], but keeps the entry when signals are there (the holder goes on).
+    /// The holder is done: releases the entry and answers true, unless signals arrived meanwhile;
+    /// then the entry and its signals stay, and the holder goes on with them.
+    pub fn release_if_idle(&self, id: &str) -> bool {
+        let mut active = lock(&self.active);
+        if active.get(id).is_some_and(|s| !s.signals.is_empty()) {
+            return false;
+        }
+        active.remove(id);
+        true
+    }
+
+    /// Whether signals wait in the saga's slot.
     pub fn has_signals(&self, id: &str) -> bool {
         lock(&self.active)
             .get(id)
