@@ -16,6 +16,8 @@
 #                       scheduler keeps 16), so six services stay under max_connections = 100
 #   BENCH_E2E_LOG       RUST_LOG of the services (default info, as in production)
 #   BENCH_E2E_ARGS      extra bench-e2e arguments, e.g. "--accounts 5000 --drain-timeout 600"
+#   BENCH_E2E_BUILD     0 runs the binaries already in $CARGO_TARGET_DIR/release without building
+#                       (to pair builds of other code, e.g. another allocator; default 1)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -49,9 +51,13 @@ db_url() {
 }
 url() { printf 'http://127.0.0.1:%s' "${PORT[$1]}"; }
 
-log "building the services and bench-e2e (release)"
-cargo build --release -p account -p package -p drone -p delivery -p ingestion -p scheduler
-cargo build --release -p integration-tests --bin bench-e2e
+if [ "${BENCH_E2E_BUILD:-1}" = 0 ]; then
+  log "running the binaries in $TARGET/release as they are (BENCH_E2E_BUILD=0)"
+else
+  log "building the services and bench-e2e (release)"
+  cargo build --release -p account -p package -p drone -p delivery -p ingestion -p scheduler
+  cargo build --release -p integration-tests --bin bench-e2e
+fi
 BENCH="$TARGET/release/bench-e2e"
 
 for svc in "${SERVICES[@]}"; do

@@ -22,11 +22,14 @@ use uuid::Uuid;
 
 use super::stack::{Service, Stack};
 
-/// What the clients were told: the bookings that got a `202` (deliveryId → owner), and how many
-/// requests got no clear answer (no response, or a 5xx) and so may or may not have been accepted.
+/// What the clients were told: the bookings that got a `202` (deliveryId → owner), the ones
+/// whose cancel got a `202`, and how many requests got no clear answer (no response, or a 5xx)
+/// and so may or may not have been accepted.
 #[derive(Debug, Clone, Default)]
 pub struct Bookings {
     pub accepted: BTreeMap<Uuid, String>,
+    /// An accepted cancel is in the log: the booking must not end scheduled.
+    pub cancelled: HashSet<Uuid>,
     pub unclear: usize,
 }
 
@@ -38,6 +41,7 @@ impl Bookings {
     pub fn merge(&mut self, other: &Bookings) {
         self.accepted
             .extend(other.accepted.iter().map(|(k, v)| (*k, v.clone())));
+        self.cancelled.extend(other.cancelled.iter().copied());
         self.unclear += other.unclear;
     }
 }
@@ -107,6 +111,8 @@ struct SagaRow {
     error: Option<String>,
     next_step: i32,
     drone: Option<String>,
+    /// Cancels or reschedules journaled but not yet applied by the saga.
+    signals_pending: bool,
 }
 
 /// Steps with an effect to undo among the first `next_step` (CheckAccount has none).
@@ -116,6 +122,9 @@ fn holds_effects(next_step: i32) -> bool {
 
 /// Final, with nothing left for anyone to do.
 fn settled(s: &SagaRow) -> bool {
+    if s.signals_pending {
+        return false;
+    }
     match s.state.as_str() {
         "completed" | "compensated" => true,
         "failed" | "cancelled" => !holds_effects(s.next_step),
@@ -143,7 +152,7 @@ fn get<T: sea_orm::TryGetable>(r: &sea_orm::QueryResult, col: &str) -> T {
 async fn sagas(db: &DatabaseConnection) -> HashMap<Uuid, SagaRow> {
     rows(
         db,
-        "SELECT id, state, next_step, outputs, error FROM saga_instances",
+        "SELECT id, state, next_step, outputs, error, signals FROM saga_instances",
     )
     .await
     .iter()
@@ -151,6 +160,8 @@ async fn sagas(db: &DatabaseConnection) -> HashMap<Uuid, SagaRow> {
         let id: String = get(r, "id");
         let outputs: String = get(r, "outputs");
         let outputs: Value = serde_json::from_str(&outputs).unwrap_or(Value::Null);
+        let signals: String = get(r, "signals");
+        let signals: Value = serde_json::from_str(&signals).unwrap_or(Value::Null);
         Some((
             Uuid::parse_str(&id).ok()?,
             SagaRow {
@@ -160,6 +171,7 @@ async fn sagas(db: &DatabaseConnection) -> HashMap<Uuid, SagaRow> {
                 drone: outputs[contracts::BookingStep::ReserveDrone.as_str()]["droneId"]
                     .as_str()
                     .map(str::to_owned),
+                signals_pending: signals.as_array().is_some_and(|a| !a.is_empty()),
             },
         ))
     })
@@ -191,7 +203,14 @@ pub async fn check(
             .filter(|id| !sagas.contains_key(id))
             .count();
         let open: Vec<(&Uuid, &SagaRow)> = sagas.iter().filter(|(_, s)| !settled(s)).collect();
-        if missing == 0 && open.is_empty() && outbox == 0 {
+        // A cancel that got a 202 is in the log; until its saga has applied it, a `completed`
+        // saga is not final (its compensation is about to start).
+        let uncancelled: Vec<&Uuid> = sagas
+            .iter()
+            .filter(|(id, s)| s.state == "completed" && bookings.cancelled.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        if missing == 0 && open.is_empty() && uncancelled.is_empty() && outbox == 0 {
             break (sagas, started.elapsed());
         }
         if Instant::now() >= deadline {
@@ -217,6 +236,13 @@ pub async fn check(
                     "{} sagas stuck after {within:?} (state, next step → count): {stuck:?}, e.g. {}",
                     open.len(),
                     open[0].0
+                ));
+            }
+            if !uncancelled.is_empty() {
+                v.push(format!(
+                    "{} bookings whose cancel got a 202 are still scheduled after {within:?}, e.g. {}",
+                    uncancelled.len(),
+                    uncancelled[0]
                 ));
             }
             if outbox > 0 {

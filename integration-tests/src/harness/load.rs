@@ -129,6 +129,7 @@ async fn run(
                 o.cancels_sent += 1;
                 if c.status == 202 {
                     o.cancels_accepted += 1;
+                    o.bookings.cancelled.insert(id);
                 }
             }
         });

@@ -188,13 +188,14 @@ impl<C: Send + Sync> Engine<C> {
         Ok(r)
     }
 
-    /// The fenced update every change goes through: `saga` moves to version + 1 with `update`, the
-    /// attempts and the messages, or nothing happens. `saga` is updated in memory only on success.
+    /// The fenced update every change goes through: the saga moves to version + 1 with `update`, the
+    /// attempts and the messages, or nothing is written. The caller has already made the change in
+    /// `saga` (in place: a saga record is not copied per write); on an error that record no longer
+    /// matches the journal, and the caller drops it (the engine's callers reload from the journal).
     async fn commit(
         &self,
         fence: Fence,
         saga: &mut SagaRecord,
-        next: SagaRecord,
         update: InstanceUpdate,
         attempts: Vec<Attempt>,
         outbox: Vec<OutboxMessage>,
@@ -212,9 +213,7 @@ impl<C: Send + Sync> Engine<C> {
             outbox,
         })
         .await?;
-        let version = saga.version + 1;
-        *saga = next;
-        saga.version = version;
+        saga.version += 1;
         saga.updated_at = at;
         Ok(())
     }
@@ -277,8 +276,10 @@ impl<C: Send + Sync> Engine<C> {
             wake_at: next.wake_at,
             ..Default::default()
         };
-        self.commit(fence, saga, next, update, Vec::new(), Vec::new())
-            .await
+        self.commit(fence, &mut next, update, Vec::new(), Vec::new())
+            .await?;
+        *saga = next;
+        Ok(())
     }
 
     /// An application-level change (control actions: a compensation outcome, a retry) with its
@@ -310,8 +311,10 @@ impl<C: Send + Sync> Engine<C> {
             saga.wake_at
         };
         next.wake_at = update.wake_at;
-        self.commit(fence, saga, next, update, Vec::new(), messages)
-            .await
+        self.commit(fence, &mut next, update, Vec::new(), messages)
+            .await?;
+        *saga = next;
+        Ok(())
     }
 
     /// Runs `saga` until it finishes (completed, failed, cancelled) or parks on a timer, applying
@@ -422,21 +425,20 @@ impl<C: Send + Sync> Engine<C> {
                 let finished = self.clock.now();
                 match outcome {
                     Ok(output) => {
-                        let mut next = saga.clone();
-                        next.outputs.insert(step.name().to_owned(), output);
-                        next.next_step += 1;
-                        next.wake_at = None;
-                        let last = next.next_step >= self.saga.steps.len();
+                        saga.outputs.insert(step.name().to_owned(), output);
+                        saga.next_step += 1;
+                        saga.wake_at = None;
+                        let last = saga.next_step >= self.saga.steps.len();
                         let change = if last {
-                            next.state = COMPLETED.to_owned();
+                            saga.state = COMPLETED.to_owned();
                             Lifecycle::Completed
                         } else {
                             Lifecycle::StepSucceeded { step: step.name() }
                         };
                         let update = InstanceUpdate {
                             state: last.then(|| COMPLETED.to_owned()),
-                            outputs: Some(Value::Object(next.outputs.clone())),
-                            next_step: Some(i32::try_from(next.next_step).unwrap_or(i32::MAX)),
+                            outputs: Some(Value::Object(saga.outputs.clone())),
+                            next_step: Some(i32::try_from(saga.next_step).unwrap_or(i32::MAX)),
                             ..Default::default()
                         };
                         let attempt = attempt_row(
@@ -449,8 +451,9 @@ impl<C: Send + Sync> Engine<C> {
                             started,
                             finished,
                         );
-                        let outbox = self.announced(ctx, &mut next, saga.version + 1, &change);
-                        self.commit(fence, &mut saga, next, update, vec![attempt], outbox)
+                        let version = saga.version + 1;
+                        let outbox = self.announced(ctx, &mut saga, version, &change);
+                        self.commit(fence, &mut saga, update, vec![attempt], outbox)
                             .await?;
                         tracing::debug!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, "step succeeded");
                         continue 'steps;
@@ -511,10 +514,9 @@ impl<C: Send + Sync> Engine<C> {
                         let delay = delay.unwrap_or_default();
                         // A long wait parks the saga: durable, and its slot goes to others.
                         let park = delay >= self.settings.park_after;
-                        let mut next = saga.clone();
-                        next.wake_at = if park { resume } else { None };
+                        saga.wake_at = if park { resume } else { None };
                         let update = InstanceUpdate {
-                            wake_at: next.wake_at,
+                            wake_at: saga.wake_at,
                             ..Default::default()
                         };
                         let attempt = attempt_row(
@@ -527,7 +529,7 @@ impl<C: Send + Sync> Engine<C> {
                             started,
                             finished,
                         );
-                        self.commit(fence, &mut saga, next, update, vec![attempt], Vec::new())
+                        self.commit(fence, &mut saga, update, vec![attempt], Vec::new())
                             .await?;
                         step_span.in_scope(|| {
                             tracing::info!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, reason, parked = park, "step will be retried");
@@ -551,8 +553,7 @@ impl<C: Send + Sync> Engine<C> {
         inbox: &dyn Inbox,
     ) -> Result<(), JournalError> {
         let incoming = inbox.take(&saga.id);
-        let mut next = saga.clone();
-        let signals: Vec<Signal> = std::mem::take(&mut next.signals)
+        let signals: Vec<Signal> = std::mem::take(&mut saga.signals)
             .into_iter()
             .chain(incoming.iter().cloned())
             .collect();
@@ -562,12 +563,12 @@ impl<C: Send + Sync> Engine<C> {
         };
         let mut change = None;
         for signal in &signals {
-            match self.saga.hooks.on_signal(ctx, &next, signal) {
+            match self.saga.hooks.on_signal(ctx, saga, signal) {
                 SignalAction::Cancel { reason }
-                    if next.state == RUNNING || next.state == COMPLETED =>
+                    if saga.state == RUNNING || saga.state == COMPLETED =>
                 {
-                    next.state = CANCELLED.to_owned();
-                    next.error = Some(reason.clone());
+                    saga.state = CANCELLED.to_owned();
+                    saga.error = Some(reason.clone());
                     update.state = Some(CANCELLED.to_owned());
                     update.error = Some(Some(reason.clone()));
                     change = Some(Lifecycle::Cancelled { reason });
@@ -577,38 +578,38 @@ impl<C: Send + Sync> Engine<C> {
                     to_step,
                     deadline,
                     detail,
-                } if next.state == RUNNING || next.state == COMPLETED => {
-                    if next.state == COMPLETED {
-                        next.state = RUNNING.to_owned();
-                        next.next_step = to_step;
+                } if saga.state == RUNNING || saga.state == COMPLETED => {
+                    if saga.state == COMPLETED {
+                        saga.state = RUNNING.to_owned();
+                        saga.next_step = to_step;
                         update.state = Some(RUNNING.to_owned());
                     } else {
-                        next.next_step = next.next_step.min(to_step);
+                        saga.next_step = saga.next_step.min(to_step);
                     }
-                    next.input = input;
-                    update.input = Some(next.input.clone());
+                    saga.input = input;
+                    update.input = Some(saga.input.clone());
                     if let Some(d) = deadline {
-                        next.deadline = Some(d);
+                        saga.deadline = Some(d);
                         update.deadline = Some(Some(d));
                     }
-                    update.next_step = Some(i32::try_from(next.next_step).unwrap_or(i32::MAX));
+                    update.next_step = Some(i32::try_from(saga.next_step).unwrap_or(i32::MAX));
                     change = Some(Lifecycle::Rewound { detail });
                 }
                 SignalAction::Cancel { .. } | SignalAction::Rewind { .. } => {
-                    tracing::info!(saga_id = %saga.id, kind = %signal.kind, state = %next.state, "signal has nothing to act on");
+                    tracing::info!(saga_id = %saga.id, kind = %signal.kind, state = %saga.state, "signal has nothing to act on");
                 }
                 SignalAction::Ignore { why } => {
                     tracing::info!(saga_id = %saga.id, kind = %signal.kind, why, "signal ignored");
                 }
             }
         }
-        next.wake_at = None;
+        saga.wake_at = None;
         // One write, so one version: only the last change is announced.
+        let version = saga.version + 1;
         let outbox = change
-            .map(|c| self.announced(ctx, &mut next, saga.version + 1, &c))
+            .map(|c| self.announced(ctx, saga, version, &c))
             .unwrap_or_default();
-        self.commit(fence, saga, next, update, Vec::new(), outbox)
-            .await?;
+        self.commit(fence, saga, update, Vec::new(), outbox).await?;
         inbox.recorded(&incoming);
         Ok(())
     }
@@ -666,13 +667,12 @@ impl<C: Send + Sync> Engine<C> {
         reason: String,
     ) -> Result<(), JournalError> {
         let finished = self.clock.now();
-        let mut next = saga.clone();
-        next.state = FAILED.to_owned();
-        next.error = Some(format!("{step}: {reason}"));
-        next.wake_at = None;
+        saga.state = FAILED.to_owned();
+        saga.error = Some(format!("{step}: {reason}"));
+        saga.wake_at = None;
         let update = InstanceUpdate {
             state: Some(FAILED.to_owned()),
-            error: Some(next.error.clone()),
+            error: Some(saga.error.clone()),
             ..Default::default()
         };
         let attempt = attempt_row(
@@ -685,16 +685,17 @@ impl<C: Send + Sync> Engine<C> {
             started,
             finished,
         );
+        let version = saga.version + 1;
         let outbox = self.announced(
             ctx,
-            &mut next,
-            saga.version + 1,
+            saga,
+            version,
             &Lifecycle::Failed {
                 step,
                 reason: reason.clone(),
             },
         );
-        self.commit(fence, saga, next, update, vec![attempt], outbox)
+        self.commit(fence, saga, update, vec![attempt], outbox)
             .await?;
         tracing::warn!(saga_id = %saga.id, step, reason, "saga failed");
         Ok(())
@@ -709,18 +710,17 @@ impl<C: Send + Sync> Engine<C> {
         error: Option<String>,
         change: Lifecycle,
     ) -> Result<(), JournalError> {
-        let mut next = saga.clone();
-        next.state = state.to_owned();
-        next.error = error.clone();
-        next.wake_at = None;
+        saga.state = state.to_owned();
+        saga.error = error.clone();
+        saga.wake_at = None;
         let update = InstanceUpdate {
             state: Some(state.to_owned()),
             error: Some(error),
             ..Default::default()
         };
-        let outbox = self.announced(ctx, &mut next, saga.version + 1, &change);
-        self.commit(fence, saga, next, update, Vec::new(), outbox)
-            .await
+        let version = saga.version + 1;
+        let outbox = self.announced(ctx, saga, version, &change);
+        self.commit(fence, saga, update, Vec::new(), outbox).await
     }
 }
 

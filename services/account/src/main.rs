@@ -1,5 +1,8 @@
 use account::{Application, Settings};
 
+#[global_allocator]
+static GLOBAL: service_kit::MiMalloc = service_kit::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init("account", "info", telemetry::LogFormat::Json);

@@ -1,5 +1,8 @@
 use delivery::{Application, Settings};
 
+#[global_allocator]
+static GLOBAL: service_kit::MiMalloc = service_kit::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init("delivery", "info", telemetry::LogFormat::Json);

@@ -1,5 +1,8 @@
 use package::{Application, Settings};
 
+#[global_allocator]
+static GLOBAL: service_kit::MiMalloc = service_kit::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init("package", "info", telemetry::LogFormat::Json);

@@ -1,3 +1,6 @@
+#[global_allocator]
+static GLOBAL: service_kit::MiMalloc = service_kit::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(
