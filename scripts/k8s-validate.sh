@@ -3,7 +3,11 @@
 #   kubectl kustomize k8s/overlays/{dev,prod}; helm template with the default values and with
 #   values-prod.yaml; `kubernetes-validate --strict` against Kubernetes 1.30 for built-in kinds,
 #   a structural check for the allowed CRDs (PrometheusRule, ServiceMonitor), the suite's own
-#   rules (scripts/k8s_check.py), `helm lint --strict`, and that k8s/base is what the chart renders.
+#   rules (scripts/k8s_check.py: among them, only the dashboard of the Supervisor behind the
+#   Ingress, over TLS with Secure cookies, and at least two Supervisors under a PDB),
+#   `helm lint --strict`, that k8s/base is what the chart renders, and that no overlay's Secret
+#   source is committed. The dev overlay is rendered from a copy whose Secret sources
+#   scripts/k8s-dev-secrets.sh fills with throwaway values (a checkout has none).
 #
 #   scripts/k8s-validate.sh               validate (then run the self-test)
 #   scripts/k8s-validate.sh --self-test   only prove that broken manifests and values fail
@@ -58,6 +62,17 @@ validate() {
   log "$name: every object valid against Kubernetes $KUBE_VERSION (strict)"
 }
 
+# prepare_k8s SRC DEST: a copy of k8s/ whose dev overlay has throwaway Secret sources (the real
+# ones are generated at deploy time and git-ignored; any a developer has are left out, so no
+# working credential lands in the rendered files under target/).
+prepare_k8s() {
+  local src="$1" dest="$2"
+  rm -rf "$dest"
+  cp -r "$src" "$dest"
+  rm -f "$dest"/overlays/dev/*.env
+  bash "$ROOT/scripts/k8s-dev-secrets.sh" --dir "$dest/overlays/dev" --force --quiet
+}
+
 # render_all K8S_DIR CHART_DIR DEST: the four renderings.
 render_all() {
   local k8s="$1" chart="$2" dest="$3"
@@ -99,7 +114,7 @@ self_test() {
   log "self-test: broken copies under $work must fail"
 
   # 1. An unknown field in a manifest (strict schema validation).
-  cp -r "$ROOT/k8s" "$work/k8s-unknown-field"
+  prepare_k8s "$ROOT/k8s" "$work/k8s-unknown-field"
   sed -i 's/^  podManagementPolicy: Parallel$/  podManagementPolicy: Parallel\n  replica: 3/' \
     "$work/k8s-unknown-field/base/scheduler.yaml"
   grep -q '^  replica: 3$' "$work/k8s-unknown-field/base/scheduler.yaml"
@@ -116,7 +131,7 @@ self_test() {
   expect_failure "an unknown apiVersion (apps/v1beta9)" validate broken-api-version "$work/bad-api.yaml"
 
   # 4. A Scheduler whose replica setting disagrees with the StatefulSet (ownership gaps).
-  cp -r "$ROOT/k8s" "$work/k8s-replicas"
+  prepare_k8s "$ROOT/k8s" "$work/k8s-replicas"
   sed -i '/replacements:/,$d' "$work/k8s-replicas/overlays/prod/kustomization.yaml"
   "$KUBECTL" kustomize "$work/k8s-replicas/overlays/prod" >"$work/replicas.yaml"
   expect_failure "APP_SCHEDULER__REPLICAS not following spec.replicas" \
@@ -140,6 +155,55 @@ self_test() {
   grep -q 'exp: sum(supervisor_stuck_sagas)' "$work/bad-rule.yaml"
   expect_failure "a PrometheusRule rule without expr" validate broken-rule "$work/bad-rule.yaml"
 
+  # 9. An Ingress that routes the whole Supervisor (`/` as a Prefix): /api/*, /metrics, /readyz
+  #    and /openapi.json would be reachable from outside.
+  cp -r "$ROOT/helm/drone-delivery" "$work/chart-open-supervisor"
+  sed -i 's#^- {path: /, pathType: Exact}$#- {path: /, pathType: Prefix}#' \
+    "$work/chart-open-supervisor/templates/_helpers.tpl"
+  "$HELM" template x "$work/chart-open-supervisor" >"$work/open-supervisor.yaml"
+  grep -q 'pathType: Prefix' "$work/open-supervisor.yaml"
+  expect_failure "an Ingress routing / (Prefix) to the Supervisor" \
+    validate broken-open-supervisor "$work/open-supervisor.yaml"
+  # 10. ... or only its API and metrics, next to the dashboard.
+  cp -r "$ROOT/helm/drone-delivery" "$work/chart-supervisor-api"
+  sed -i 's#^- {path: /logout, pathType: Exact}$#&\n- {path: /api, pathType: Prefix}\n- {path: /metrics, pathType: Exact}#' \
+    "$work/chart-supervisor-api/templates/_helpers.tpl"
+  "$HELM" template x "$work/chart-supervisor-api" >"$work/supervisor-api.yaml"
+  grep -q 'path: /metrics' "$work/supervisor-api.yaml"
+  expect_failure "an Ingress routing /api and /metrics to the Supervisor" \
+    validate broken-supervisor-api "$work/supervisor-api.yaml"
+  # 11. TLS on the Ingress but cookies without `Secure`.
+  sed 's/^\(\s*\)APP_SUPERVISOR__SECURE_COOKIES: "true"$/\1APP_SUPERVISOR__SECURE_COOKIES: "false"/' \
+    "$OUT/helm-default.yaml" >"$work/insecure-cookies.yaml"
+  grep -q 'APP_SUPERVISOR__SECURE_COOKIES: "false"' "$work/insecure-cookies.yaml"
+  expect_failure "TLS with APP_SUPERVISOR__SECURE_COOKIES false" \
+    validate broken-insecure-cookies "$work/insecure-cookies.yaml"
+  # 12. The dashboard (passwords, session cookies) served without TLS.
+  "$HELM" template x "$ROOT/helm/drone-delivery" --set ingress.tls.enabled=false >"$work/no-tls.yaml"
+  expect_failure "the dashboard without TLS" validate broken-no-tls "$work/no-tls.yaml"
+  # 13. One Supervisor.
+  "$HELM" template x "$ROOT/helm/drone-delivery" --set supervisor.replicas=1 >"$work/one-supervisor.yaml"
+  expect_failure "a single Supervisor replica" validate broken-one-supervisor "$work/one-supervisor.yaml"
+  # 14. No PodDisruptionBudget for the Supervisor.
+  "$PY" - "$OUT/helm-default.yaml" "$work/no-supervisor-pdb.yaml" <<'PYEOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+keep = [d for d in docs if not (d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "supervisor")]
+assert len(keep) == len(docs) - 1
+open(sys.argv[2], "w").write("---\n".join(yaml.safe_dump(d, sort_keys=False) for d in keep))
+PYEOF
+  expect_failure "a Supervisor without a PodDisruptionBudget" \
+    validate broken-no-supervisor-pdb "$work/no-supervisor-pdb.yaml"
+  # 15. A dev Secret source committed to git (a throwaway repository holding a copy of k8s/).
+  mkdir -p "$work/repo"
+  git -C "$work/repo" init -q
+  cp "$ROOT/.gitignore" "$work/repo/.gitignore"
+  prepare_k8s "$ROOT/k8s" "$work/repo/k8s"
+  git -C "$work/repo" add -A
+  git -C "$work/repo" add -f k8s/overlays/dev/secrets.env
+  expect_failure "a committed dev Secret source (k8s/overlays/dev/secrets.env)" \
+    "$PY" "$ROOT/scripts/k8s_check.py" committed-secrets "$work/repo"
+
   if [ "$self_test_failures" -ne 0 ]; then
     log "self-test: $self_test_failures broken case(s) passed validation"
     return 1
@@ -155,7 +219,8 @@ case "${1:-}" in
     ;;
   --self-test)
     mkdir -p "$OUT"
-    render_all "$ROOT/k8s" "$ROOT/helm/drone-delivery" "$OUT"
+    prepare_k8s "$ROOT/k8s" "$OUT/k8s"
+    render_all "$OUT/k8s" "$ROOT/helm/drone-delivery" "$OUT"
     self_test
     exit $?
     ;;
@@ -186,8 +251,12 @@ done
 log "k8s/observability and the chart's copies agree"
 "$PY" "$ROOT/scripts/k8s_check.py" observability "$ROOT" || failed=1
 
+log "no overlay's Secret source is committed (the dev overlay's are generated at deploy time)"
+"$PY" "$ROOT/scripts/k8s_check.py" committed-secrets "$ROOT" || failed=1
+
 log "rendering kustomize dev/prod and helm default/prod into $OUT"
-render_all "$ROOT/k8s" "$ROOT/helm/drone-delivery" "$OUT"
+prepare_k8s "$ROOT/k8s" "$OUT/k8s"
+render_all "$OUT/k8s" "$ROOT/helm/drone-delivery" "$OUT"
 validate_all "$OUT" || failed=1
 
 if [ "$failed" -ne 0 ]; then

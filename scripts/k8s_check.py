@@ -10,9 +10,12 @@ Runs with the Python of the kubernetes-validate virtualenv (it has PyYAML). Subc
                            (security context, probes, secrets only from Secrets, the Scheduler's
                            replicas and partitions, PDBs, HPAs, default deny)
   observability ROOT       k8s/observability and the chart's copies say the same
+  committed-secrets ROOT   every overlay's secretGenerator sources are git-ignored and untracked
+                           (the dev overlay's are written by scripts/k8s-dev-secrets.sh)
 """
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +52,36 @@ SECRET_SETTINGS = {
     "APP_DOWNSTREAM__SERVICE_TOKEN",
 }
 STATELESS = {"ingestion", "account", "package", "drone", "delivery"}
+
+# What an Ingress may route to the Supervisor: its dashboard (services/supervisor/src/dashboard.rs)
+# — `/`, the login and logout forms, the two static assets, and the pages under /dashboard.
+DASHBOARD_EXACT = {"/", "/login", "/logout", "/assets/app.css", "/assets/app.js"}
+DASHBOARD_PREFIXES = ("/dashboard",)
+# The dashboard must stay reachable through it.
+DASHBOARD_NEEDED = ("/login", "/logout", "/dashboard", "/dashboard/sagas", "/assets/app.css")
+# The Supervisor's paths that stay inside the cluster, probed against every routed path.
+SUPERVISOR_INTERNAL = ("/api", "/api/overview", "/api/sagas", "/api/parked", "/api/audit",
+                       "/metrics", "/readyz", "/healthz", "/openapi.json", "/docs")
+# ingress-nginx annotations that route or rewrite paths other than the listed ones.
+REROUTING_ANNOTATIONS = ("use-regex", "rewrite-target", "app-root", "server-snippet",
+                         "configuration-snippet")
+# The Supervisor runs at least this many replicas (sessions and read model are in its database).
+SUPERVISOR_MIN_REPLICAS = 2
+
+
+def prefix_covers(prefix, path):
+    """Kubernetes `Prefix` matching: element-wise on `/`-separated segments."""
+    p = prefix.rstrip("/")
+    return p == "" or path == p or path.startswith(p + "/")
+
+
+def path_routes(rule_path, path):
+    """Whether an Ingress path sends `path` to its backend. `ImplementationSpecific` counts as
+    a prefix (what ingress-nginx does without regex annotations)."""
+    p = rule_path.get("path") or "/"
+    if rule_path.get("pathType") == "Exact":
+        return path == p
+    return prefix_covers(p, path)
 
 
 def load_all(path):
@@ -262,10 +295,95 @@ class Checker:
                 self.fail(w, "the scheduler must not be autoscaled (ownership follows replicas)")
             if app in STATELESS and name_of(w) not in hpas:
                 self.fail(w, "stateless service without a HorizontalPodAutoscaler")
+        self.supervisor_replicas(objs, pdbs, hpas)
+        self.ingress(objs, configmaps)
         nps = [o for o in objs if o["kind"] == "NetworkPolicy"]
         if not any(set(n["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
                    and not n["spec"].get("ingress") and not n["spec"].get("egress") for n in nps):
             self.fail("NetworkPolicy", "no default-deny (Ingress+Egress, no rules) policy")
+
+    def supervisor_replicas(self, objs, pdbs, hpas):
+        """Two Supervisors at least, and a PDB that never lets every one of them go at once."""
+        sup = [o for o in objs if o["kind"] == "Deployment"
+               and (o["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == "supervisor"]
+        if len(sup) != 1:
+            return self.fail("Deployment", f"expected exactly one supervisor Deployment, found {len(sup)}")
+        d = sup[0]
+        hpa = hpas.get(name_of(d))
+        if hpa is not None:
+            replicas, src = int(hpa["spec"].get("minReplicas", 1)), f"HorizontalPodAutoscaler/{name_of(hpa)} minReplicas"
+        else:
+            replicas, src = int(d["spec"].get("replicas", 1)), "spec.replicas"
+        if replicas < SUPERVISOR_MIN_REPLICAS:
+            self.fail(d, f"the Supervisor must run at least {SUPERVISOR_MIN_REPLICAS} replicas "
+                         f"({src} is {replicas})")
+        sel = d["spec"]["selector"]["matchLabels"]
+        for p in pdbs:
+            if p["spec"]["selector"].get("matchLabels") != sel:
+                continue
+            spec = p["spec"]
+            if "minAvailable" in spec:
+                keeps = percent_of(spec["minAvailable"], replicas) >= 1
+            else:
+                keeps = percent_of(spec.get("maxUnavailable", 1), replicas) < replicas
+            if not keeps:
+                self.fail(p, f"lets all {replicas} Supervisor replicas be evicted at once")
+
+    def ingress(self, objs, configmaps):
+        """Only the dashboard reaches the Supervisor from outside, over TLS, with Secure cookies."""
+        sup_services = {name_of(o) for o in objs if o["kind"] == "Service"
+                        and (o["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == "supervisor"}
+        sup = [o for o in objs if o["kind"] == "Deployment" and name_of(o) in sup_services]
+        secure = None
+        if sup:
+            c = next((c for c in sup[0]["spec"]["template"]["spec"]["containers"]
+                      if c["name"] == "supervisor"), None)
+            if c is not None:
+                secure, _ = self.env_value(c, "APP_SUPERVISOR__SECURE_COOKIES", configmaps)
+
+        def to_supervisor(backend):
+            return ((backend or {}).get("service") or {}).get("name") in sup_services
+
+        for ing in (o for o in objs if o["kind"] == "Ingress"):
+            spec = ing.get("spec") or {}
+            if to_supervisor(spec.get("defaultBackend")):
+                self.fail(ing, "defaultBackend is the Supervisor: every path of it would be exposed")
+            routed = {}  # host -> the paths that reach the Supervisor
+            for rule in spec.get("rules") or []:
+                for path in (rule.get("http") or {}).get("paths") or []:
+                    if to_supervisor(path.get("backend")):
+                        routed.setdefault(rule.get("host", "*"), []).append(path)
+            if not routed:
+                continue
+            annotations = (ing.get("metadata") or {}).get("annotations") or {}
+            for key in annotations:
+                if any(key.endswith("/" + a) for a in REROUTING_ANNOTATIONS):
+                    self.fail(ing, f"annotation {key} may route other paths to the Supervisor")
+            tls_hosts = set()
+            for t in spec.get("tls") or []:
+                tls_hosts.update(t.get("hosts") or ["*"])
+            for host, paths in routed.items():
+                for p in paths:
+                    where = f"host {host} path {p.get('path')} ({p.get('pathType')})"
+                    leaked = [x for x in SUPERVISOR_INTERNAL if path_routes(p, x)]
+                    if p.get("pathType") not in ("Exact", "Prefix"):
+                        self.fail(ing, f"{where}: only Exact or Prefix paths may reach the Supervisor")
+                    elif leaked:
+                        self.fail(ing, f"{where} exposes the Supervisor's {', '.join(leaked)}: "
+                                       "only the dashboard may be routed")
+                    elif not (p.get("path") in DASHBOARD_EXACT and p.get("pathType") == "Exact"
+                              or any(prefix_covers(d, p.get("path") or "/") for d in DASHBOARD_PREFIXES)):
+                        self.fail(ing, f"{where} is not a dashboard path (allowed: Exact "
+                                       f"{sorted(DASHBOARD_EXACT)}, anything under {DASHBOARD_PREFIXES})")
+                missing = [n for n in DASHBOARD_NEEDED if not any(path_routes(p, n) for p in paths)]
+                if missing:
+                    self.fail(ing, f"host {host}: the dashboard's {', '.join(missing)} not routed")
+                if host not in tls_hosts and "*" not in tls_hosts:
+                    self.fail(ing, f"host {host} serves the dashboard (passwords, session "
+                                   "cookies) without TLS")
+                elif str(secure).lower() != "true":
+                    self.fail(ing, f"host {host} has TLS but the Supervisor's "
+                                   f"APP_SUPERVISOR__SECURE_COOKIES is {secure!r}: cookies must be Secure")
 
     def check(self, render, out):
         objs = load_all(render)
@@ -307,6 +425,44 @@ def observability(root):
     return errors
 
 
+def percent_of(value, replicas):
+    """A PDB's minAvailable/maxUnavailable as a pod count (percentages round up, as Kubernetes
+    does)."""
+    if isinstance(value, str) and value.endswith("%"):
+        return -(-int(value[:-1]) * replicas // 100)
+    return int(value)
+
+
+def committed_secrets(root):
+    """Every file an overlay's secretGenerator reads must be git-ignored and not tracked: the
+    dev overlay's are generated at deploy time (scripts/k8s-dev-secrets.sh)."""
+    root = Path(root)
+    errors = []
+    for kfile in sorted((root / "k8s/overlays").glob("*/kustomization.yaml")):
+        k = yaml.safe_load(kfile.read_text()) or {}
+        for gen in k.get("secretGenerator") or []:
+            sources = list(gen.get("envs") or []) + list(gen.get("files") or [])
+            if gen.get("literals"):
+                errors.append(f"{kfile.relative_to(root)}: secretGenerator {gen.get('name')} has "
+                              "literals: working values would be committed")
+            for src in sources:
+                src = src.split("=", 1)[-1]
+                rel = (kfile.parent / src).resolve().relative_to(root.resolve())
+                tracked = subprocess.run(["git", "-C", str(root), "ls-files", "--", str(rel)],
+                                         capture_output=True, text=True)
+                ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q",
+                                          "--no-index", "--", str(rel)], capture_output=True)
+                if tracked.returncode != 0 or ignored.returncode not in (0, 1):
+                    errors.append(f"{rel}: git cannot tell whether it is committed "
+                                  f"({(tracked.stderr or '').strip()})")
+                elif tracked.stdout.strip():
+                    errors.append(f"{rel} is committed: secret sources are generated at deploy "
+                                  "time (scripts/k8s-dev-secrets.sh), never committed")
+                elif ignored.returncode != 0:
+                    errors.append(f"{rel} is not git-ignored: a generated secret could be committed")
+    return errors
+
+
 def main(argv):
     if len(argv) >= 3 and argv[1] == "split":
         print("\n".join(split(argv[2], argv[3])))
@@ -315,6 +471,8 @@ def main(argv):
         errors = Checker(argv[2]).check(argv[3], argv[4])
     elif len(argv) == 3 and argv[1] == "observability":
         errors = observability(argv[2])
+    elif len(argv) == 3 and argv[1] == "committed-secrets":
+        errors = committed_secrets(argv[2])
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -30,6 +30,8 @@ both_backends!(
     broker_outage_gives_503_and_nothing_half_accepted,
     full_budget_answers_503_at_once,
     a_booking_is_found_right_after_its_202,
+    another_accounts_booking_is_answered_as_unknown,
+    idempotent_replay_answers_the_booking_as_first_accepted,
 );
 
 fn booking(owner: &str) -> Value {
@@ -295,7 +297,7 @@ async fn authentication_and_ownership(backend: Backend) {
     let r = post(&s, Some(&admin), &booking("acc-1"), None).await;
     assert_eq!(r.status, 202, "admin may book for any owner");
     let id = r.json::<DeliveryAccepted>().delivery_id;
-    // The owner sees it; another account does not.
+    // The owner sees it; to another account it does not exist.
     let owner = s.token("acc-1", &[]);
     eventually_state(&s, id, &owner, RequestState::Accepted).await;
     let r = call(
@@ -306,7 +308,7 @@ async fn authentication_and_ownership(backend: Backend) {
         None,
     )
     .await;
-    assert_eq!(r.problem(403).code, "forbidden");
+    assert_eq!(r.problem(404).code, "not-found");
     let r = call(
         &s,
         Method::DELETE,
@@ -315,7 +317,7 @@ async fn authentication_and_ownership(backend: Backend) {
         None,
     )
     .await;
-    assert_eq!(r.problem(403).code, "forbidden");
+    assert_eq!(r.problem(404).code, "not-found");
     s.stop().await;
 }
 
@@ -624,7 +626,7 @@ async fn a_booking_is_found_right_after_its_202(backend: Backend) {
     }
     let other = s.token("acc-2", &[]);
     let r = on_request(&s, Method::GET, ids[0], &other, None).await;
-    assert_eq!(r.problem(403).code, "forbidden", "still only its owner's");
+    assert_eq!(r.problem(404).code, "not-found", "still only its owner's");
 
     // Once the write goes through, the rows are there, stored.
     if let Some(txn) = lock {
@@ -651,5 +653,123 @@ async fn a_booking_is_found_right_after_its_202(backend: Backend) {
         assert_eq!(got.status, 200, "{}", got.body);
     }
     db.close().await.ok();
+    s.stop().await;
+}
+
+/// A problem body with what legitimately differs between two requests taken out: the id the
+/// caller asked about (echoed in `detail`) and the request id.
+fn problem_shape(r: &Reply, asked: Uuid) -> Value {
+    let mut body = r.body.clone();
+    let obj = body.as_object_mut().expect("a problem object");
+    obj.remove("requestId");
+    obj.remove("instance");
+    if let Some(Value::String(detail)) = obj.get_mut("detail") {
+        *detail = detail.replace(&asked.to_string(), "{id}");
+    }
+    body
+}
+
+/// Another account's booking is answered exactly as an unknown one (same status, problem type
+/// and body), so a client learns nothing about bookings that are not its own, not even that
+/// they exist or whose they are; nothing it sends about them reaches the log.
+async fn another_accounts_booking_is_answered_as_unknown(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let owner = s.token("acc-owner-1", &[]);
+    let r = post(&s, Some(&owner), &booking("acc-owner-1"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json::<DeliveryAccepted>().delivery_id;
+    eventually_state(&s, id, &owner, RequestState::Accepted).await;
+
+    let stranger = s.token("acc-stranger", &[]);
+    let unknown = Uuid::new_v4();
+    let later = json!({"pickupTime": (Utc::now() + chrono::Duration::days(3)).to_rfc3339()});
+    for (method, body) in [
+        (Method::GET, None),
+        (Method::PATCH, Some(&later)),
+        (Method::DELETE, None),
+    ] {
+        let theirs = on_request(&s, method.clone(), id, &stranger, body).await;
+        let missing = on_request(&s, method.clone(), unknown, &stranger, body).await;
+        let p = theirs.problem(404);
+        assert_eq!(p.code, "not-found", "{method} of another account's booking");
+        assert_eq!(
+            (theirs.status, theirs.header("content-type")),
+            (missing.status, missing.header("content-type")),
+            "{method}: same status and media type as an unknown booking"
+        );
+        assert_eq!(
+            problem_shape(&theirs, id),
+            problem_shape(&missing, unknown),
+            "{method}: the same problem as an unknown booking"
+        );
+        assert!(
+            !theirs.body.to_string().contains("acc-owner-1"),
+            "{method}: the owner is never named: {}",
+            theirs.body
+        );
+    }
+    // Its owner and an admin still reach it; the stranger's attempts changed nothing.
+    assert_eq!(
+        on_request(&s, Method::GET, id, &owner, None).await.status,
+        200
+    );
+    let admin = s.token("ops", &[ADMIN_SCOPE]);
+    assert_eq!(
+        on_request(&s, Method::GET, id, &admin, None).await.status,
+        200
+    );
+    let kinds: Vec<String> = all_requests(&s)
+        .await
+        .into_iter()
+        .filter(|e| e.key == id.to_string())
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![DELIVERY_REQUESTED],
+        "only the owner's booking is in the log"
+    );
+    s.stop().await;
+}
+
+/// A replay of an Idempotency-Key answers the booking the key first booked (same id, same
+/// body), whatever the replay's body says; the log holds the first body once.
+async fn idempotent_replay_answers_the_booking_as_first_accepted(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    let first_body = booking("acc-1");
+    let first = post(&s, Some(&token), &first_body, Some("order-77")).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let accepted: DeliveryAccepted = first.json();
+
+    let mut changed = booking("acc-1");
+    changed["pickupLocation"] = json!("42 Elsewhere Ave, Tacoma");
+    changed["pickupTime"] = json!((Utc::now() + chrono::Duration::days(9)).to_rfc3339());
+    changed["packageInfo"]["packageId"] = json!("pkg-other");
+    changed["expedited"] = json!(false);
+    let mut past = booking("acc-1");
+    past["pickupTime"] = json!((Utc::now() - chrono::Duration::hours(3)).to_rfc3339());
+    for replay_body in [&first_body, &changed, &past] {
+        let replay = post(&s, Some(&token), replay_body, Some("order-77")).await;
+        assert_eq!(replay.status, 202, "{}", replay.body);
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+        assert_eq!(replay.header("location"), first.header("location"));
+        assert_eq!(
+            replay.json::<DeliveryAccepted>(),
+            accepted,
+            "the replay answers the booking as first accepted"
+        );
+        assert_eq!(replay.body, first.body);
+    }
+
+    let events: Vec<Envelope> = all_requests(&s)
+        .await
+        .into_iter()
+        .filter(|e| e.key == accepted.delivery_id.to_string())
+        .collect();
+    assert_eq!(events.len(), 1, "appended once");
+    let event: DeliveryRequested = events[0].decode().unwrap();
+    assert_eq!(event.pickup_location, "1 Main St, Redmond");
+    assert_eq!(event.package_info.package_id, "pkg-1");
     s.stop().await;
 }

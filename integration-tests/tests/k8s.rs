@@ -6,6 +6,10 @@
 //!
 //! `k8s/base` is the chart rendered with its default values (`make k8s-base`; `make k8s-validate`
 //! fails when it drifts), so the base also stands for the chart's templates.
+//!
+//! Also what an operator relies on at the edge: the Ingress reaches only the Supervisor's
+//! dashboard, over TLS with Secure cookies; two Supervisors under a PodDisruptionBudget; the dev
+//! overlay's Secrets generated at deploy time, never committed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
@@ -235,4 +239,182 @@ fn ownership_covers_what_an_operator_may_configure() {
     }
     // A name prefix (`namePrefix`) keeps the ordinal readable from the pod name.
     assert_eq!(ordinal_from_hostname("prod-scheduler-3"), Some(3));
+}
+
+/// An Ingress path's backend Service name.
+fn backend_service(path: &Value) -> Option<&str> {
+    path["backend"]["service"]["name"].as_str()
+}
+
+/// Whether an Ingress path sends `url_path` to its backend (Kubernetes `Exact`, or `Prefix`
+/// matched element-wise; anything else is counted as a prefix).
+fn ingress_routes(path: &Value, url_path: &str) -> bool {
+    let p = path["path"].as_str().unwrap_or("/");
+    if path["pathType"].as_str() == Some("Exact") {
+        return url_path == p;
+    }
+    let p = p.trim_end_matches('/');
+    p.is_empty() || url_path == p || url_path.starts_with(&format!("{p}/"))
+}
+
+#[test]
+fn ingress_exposes_only_the_supervisor_dashboard_over_tls() {
+    let suite = yaml_docs("k8s/base/suite.yaml");
+    let ingress = object(&suite, "Ingress", "drone-delivery");
+    let rules = ingress["spec"]["rules"].as_sequence().unwrap();
+    let mut dashboard_hosts = Vec::new();
+    for rule in rules {
+        let paths: Vec<&Value> = rule["http"]["paths"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter(|p| backend_service(p) == Some("supervisor"))
+            .collect();
+        if paths.is_empty() {
+            continue;
+        }
+        let host = rule["host"].as_str().unwrap().to_owned();
+        for inside in [
+            "/api/overview",
+            "/api/sagas",
+            "/api/parked",
+            "/api/audit",
+            "/metrics",
+            "/readyz",
+            "/healthz",
+            "/openapi.json",
+            "/docs",
+        ] {
+            assert!(
+                !paths.iter().any(|p| ingress_routes(p, inside)),
+                "{host}: the Supervisor's {inside} must stay inside the cluster"
+            );
+        }
+        for dashboard in [
+            "/",
+            "/login",
+            "/logout",
+            "/dashboard",
+            "/dashboard/sagas/0b9f86c0-0000-4000-8000-000000000000",
+            "/assets/app.css",
+            "/assets/app.js",
+        ] {
+            assert!(
+                paths.iter().any(|p| ingress_routes(p, dashboard)),
+                "{host}: the dashboard's {dashboard} must be reachable"
+            );
+        }
+        dashboard_hosts.push(host);
+    }
+    assert!(
+        !dashboard_hosts.is_empty(),
+        "the Ingress serves the dashboard"
+    );
+    assert!(
+        ingress["spec"]["defaultBackend"].is_null(),
+        "no default backend"
+    );
+
+    // TLS by default on the dashboard's host, and the Supervisor's cookies are Secure with it.
+    let tls_hosts: Vec<&str> = ingress["spec"]["tls"]
+        .as_sequence()
+        .expect("TLS on by default")
+        .iter()
+        .flat_map(|t| t["hosts"].as_sequence().unwrap())
+        .filter_map(Value::as_str)
+        .collect();
+    for host in &dashboard_hosts {
+        assert!(tls_hosts.contains(&host.as_str()), "{host} without TLS");
+    }
+    let sup = yaml_docs("k8s/base/supervisor.yaml");
+    let config = object(&sup, "ConfigMap", "supervisor-config");
+    assert_eq!(
+        config["data"]["APP_SUPERVISOR__SECURE_COOKIES"].as_str(),
+        Some("true"),
+        "cookies must be Secure behind TLS"
+    );
+    let values = yaml("helm/drone-delivery/values.yaml");
+    assert_eq!(values["ingress"]["tls"]["enabled"].as_bool(), Some(true));
+}
+
+#[test]
+fn two_supervisors_under_a_disruption_budget() {
+    let values = yaml("helm/drone-delivery/values.yaml");
+    assert!(
+        as_u32(&values["supervisor"]["replicas"]) >= 2,
+        "the chart runs 2 Supervisors by default"
+    );
+    let sup = yaml_docs("k8s/base/supervisor.yaml");
+    let deployment = object(&sup, "Deployment", "supervisor");
+    let replicas = as_u32(&deployment["spec"]["replicas"]);
+    assert!(replicas >= 2, "k8s/base runs {replicas} Supervisor(s)");
+    let selector = &deployment["spec"]["selector"]["matchLabels"];
+    let pdb = sup
+        .iter()
+        .find(|d| {
+            d["kind"].as_str() == Some("PodDisruptionBudget")
+                && &d["spec"]["selector"]["matchLabels"] == selector
+        })
+        .expect("a PodDisruptionBudget selects the Supervisor");
+    let max_unavailable = as_u32(&pdb["spec"]["maxUnavailable"]);
+    assert!(
+        max_unavailable < replicas,
+        "the PDB lets {max_unavailable} of {replicas} Supervisors go at once"
+    );
+}
+
+/// `git` in the repository; panics with its error output when it cannot run.
+fn git(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("git {args:?}: {e}"))
+}
+
+#[test]
+fn dev_overlay_secrets_are_generated_never_committed() {
+    let dev = yaml("k8s/overlays/dev/kustomization.yaml");
+    let generators = dev["secretGenerator"]
+        .as_sequence()
+        .expect("secretGenerator");
+    assert!(!generators.is_empty());
+    for g in generators {
+        assert!(
+            g["literals"].is_null(),
+            "{}: literals would be committed values",
+            g["name"].as_str().unwrap_or("?")
+        );
+        for source in g["envs"].as_sequence().expect("envs") {
+            let rel = format!("k8s/overlays/dev/{}", source.as_str().unwrap());
+            let tracked = git(&["ls-files", "--", &rel]);
+            assert!(tracked.status.success(), "git ls-files: {tracked:?}");
+            assert!(
+                tracked.stdout.is_empty(),
+                "{rel} is committed: the dev Secrets must be generated at deploy time"
+            );
+            let ignored = git(&["check-ignore", "-q", "--no-index", "--", &rel]);
+            assert_eq!(
+                ignored.status.code(),
+                Some(0),
+                "{rel} must be git-ignored (it holds generated credentials)"
+            );
+        }
+    }
+    // Nothing else with working credentials sits in the overlay either (a file deleted but
+    // not yet committed as deleted is gone already).
+    let committed = git(&["ls-files", "--", "k8s/overlays/dev"]);
+    let env_files: Vec<String> = String::from_utf8(committed.stdout)
+        .unwrap()
+        .lines()
+        .filter(|f| f.ends_with(".env") && repo().join(f).exists())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        env_files.is_empty(),
+        "committed env files in the dev overlay: {env_files:?}"
+    );
+    // The generator the overlay and the README name.
+    assert!(repo().join("scripts/k8s-dev-secrets.sh").is_file());
 }

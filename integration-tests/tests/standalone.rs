@@ -62,6 +62,25 @@ fn credentials(dir: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// `credentials.env` holds the service token, the JWT key and the dashboard passwords: mode
+/// 0600, whatever the umask.
+fn assert_only_owner_reads_credentials(dir: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("credentials.env"))
+            .expect("credentials.env written")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "credentials.env mode {:o}",
+            mode & 0o777
+        );
+    }
+}
+
 async fn send(
     method: reqwest::Method,
     url: String,
@@ -85,6 +104,7 @@ async fn make_run_serves_every_service_and_keeps_its_data() {
     let dir = tempfile::tempdir().expect("tempdir");
     let suite = start(dir.path()).await;
     let creds = credentials(dir.path());
+    assert_only_owner_reads_credentials(dir.path());
     let token = creds.get("SERVICE_TOKEN").cloned().expect("SERVICE_TOKEN");
     assert_eq!(
         creds.get("CLIENT_ACCOUNT_ID").map(String::as_str),
@@ -173,6 +193,7 @@ async fn make_run_serves_every_service_and_keeps_its_data() {
     // A second start keeps the data and the service token.
     let suite = start(dir.path()).await;
     let again = credentials(dir.path());
+    assert_only_owner_reads_credentials(dir.path());
     assert_eq!(again.get("SERVICE_TOKEN"), Some(&token));
     let (status, body) = send(
         reqwest::Method::GET,

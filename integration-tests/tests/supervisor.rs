@@ -721,8 +721,72 @@ mod browser {
             .await
             .unwrap();
         assert_eq!(status, json!(403));
+        // One compensation done, by the operator; the viewer's attempt recorded as refused; both
+        // logins recorded.
         let audit = supervisor.app.get("/api/audit").await;
-        assert_eq!(audit.body.as_array().unwrap().len(), 1, "{}", audit.body);
+        let rows = audit.body.as_array().unwrap();
+        let of = |actor: &str, action: &str| -> Vec<String> {
+            rows.iter()
+                .filter(|r| r["actor"] == actor && r["action"] == action)
+                .map(|r| r["outcome"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        };
+        let done = of(OPERATOR.0, "compensate");
+        assert_eq!(done.len(), 1, "{}", audit.body);
+        assert!(done[0].starts_with("compensation queued"), "{done:?}");
+        let refused = of(VIEWER.0, "compensate");
+        assert_eq!(refused.len(), 1, "{}", audit.body);
+        assert!(
+            refused[0].starts_with("refused: only operators"),
+            "{refused:?}"
+        );
+        assert_eq!(of(OPERATOR.0, "login"), ["ok"]);
+        assert_eq!(of(VIEWER.0, "login"), ["ok"]);
+
+        // Wrong passwords, again and again: the login page says to wait, and for how long.
+        c.delete_all_cookies().await.unwrap();
+        let mut throttled = None;
+        for _ in 0..10 {
+            c.goto(&format!("{base}/login")).await.unwrap();
+            c.find(Locator::Css("#username"))
+                .await
+                .unwrap()
+                .send_keys(VIEWER.0)
+                .await
+                .unwrap();
+            c.find(Locator::Css("#password"))
+                .await
+                .unwrap()
+                .send_keys("not-the-password")
+                .await
+                .unwrap();
+            c.find(Locator::Css("#sign-in"))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+            let notice = c
+                .wait()
+                .at_most(Duration::from_secs(10))
+                .for_element(Locator::Css(".flash.err"))
+                .await
+                .expect("a message above the login form");
+            if c.find(Locator::Css("#throttled")).await.is_ok() {
+                throttled = Some(notice.text().await.unwrap());
+                break;
+            }
+        }
+        let throttled = throttled.expect("the login was throttled after a few wrong passwords");
+        assert!(
+            throttled.contains("Too many failed sign-ins") && throttled.contains("Wait "),
+            "{throttled}"
+        );
+        std::fs::write(
+            shots.join("login-throttled.png"),
+            c.screenshot().await.unwrap(),
+        )
+        .unwrap();
 
         c.close().await.unwrap();
         drop(driver);

@@ -23,6 +23,21 @@ supervisor: {port: 8086, messaging: true,  downstream: true,  jwt: false, compon
 [account, package, drone, delivery]
 {{- end -}}
 
+{{/*
+The Supervisor's paths the Ingress routes: the dashboard only (services/supervisor/src/
+dashboard.rs): `/` (redirects to /dashboard), the login and logout forms, the pages and their
+JSON under /dashboard, the two static assets. Exact where the dashboard has one path, Prefix
+only for /dashboard, whose pages take ids.
+*/}}
+{{- define "dd.dashboardPaths" -}}
+- {path: /, pathType: Exact}
+- {path: /login, pathType: Exact}
+- {path: /logout, pathType: Exact}
+- {path: /dashboard, pathType: Prefix}
+- {path: /assets/app.css, pathType: Exact}
+- {path: /assets/app.js, pathType: Exact}
+{{- end -}}
+
 {{/* Object name of a service: `dd.name (list $ "scheduler")`. */}}
 {{- define "dd.name" -}}
 {{- $root := index . 0 -}}

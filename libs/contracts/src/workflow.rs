@@ -1,6 +1,6 @@
 //! The Scheduler's contract with the Supervisor and the tools: saga states, the booking saga's
 //! steps, the compensation hand-off on `supervisor.compensations`, and the bodies of the
-//! Scheduler's status and control API (`/api/workflows`, `/api/partitions`).
+//! Scheduler's status and control API (`/api/workflows`, `/api/partitions`, `/api/waiting`).
 //!
 //! States and step names keep the spellings they always had on the wire and in the journal, so
 //! stored rows, queued messages and older clients still read the same.
@@ -253,6 +253,39 @@ pub struct PartitionLease {
     pub next_index: i64,
 }
 
+/// `GET /api/waiting`: the running sagas of every partition, those that wait (parked in the
+/// journal until a wake-up time: no drone free yet, a long back-off, later an open breaker) apart
+/// from those that make progress, with why they wait.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingSagas {
+    /// Running sagas working on a step or due to run now.
+    pub progressing: i64,
+    /// Running sagas parked until a wake-up time in the future.
+    pub waiting: i64,
+    /// The waiting ones by the step they run again when they wake and why, largest group first.
+    pub reasons: Vec<WaitReason>,
+    pub at: DateTime<Utc>,
+}
+
+/// Sagas that wait to run the same step again for the same reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitReason {
+    /// The step that runs again at the wake-up.
+    pub step: String,
+    /// Stable: the problem code of the last failed attempt (`no-drone-available`), else
+    /// `timeout`, `unreachable`, `http-<status>` or `transient-error`; `timer` when no attempt
+    /// failed (a saga started parked).
+    pub reason: String,
+    pub count: i64,
+    /// The group's earliest wake-up.
+    pub next_wake_at: Option<DateTime<Utc>>,
+    /// One saga of the group (the first to wake) and its last error, to look at.
+    pub example_delivery_id: String,
+    pub last_error: Option<String>,
+}
+
 /// A compensation outcome the Supervisor may report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -315,6 +348,11 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// Longest free text the Scheduler's control endpoints accept (a retry's `reason`, a compensation
+/// report's `detail`), counted in characters after trimming. The Supervisor bounds what operators
+/// type by it, so an action never fails with a `400` from the Scheduler.
+pub const REASON_MAX_CHARS: usize = 2000;
+
 /// `POST /api/workflows/{deliveryId}/compensation` body: the Supervisor's report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -332,7 +370,7 @@ impl FromJsonObject for CompensationReport {
                 "must be compensating, compensated or compensation-failed".to_owned()
             })
         });
-        let detail = o.optional_with("detail", text(2000));
+        let detail = o.optional_with("detail", text(REASON_MAX_CHARS));
         o.finish(|| {
             Some(CompensationReport {
                 state: state?,
@@ -352,7 +390,7 @@ pub struct RetryRequest {
 
 impl FromJsonObject for RetryRequest {
     fn from_object(o: &mut Object) -> Result<Self, Vec<FieldError>> {
-        let reason = o.optional_with("reason", text(2000));
+        let reason = o.optional_with("reason", text(REASON_MAX_CHARS));
         o.finish(|| Some(RetryRequest { reason }))
     }
 }

@@ -28,8 +28,8 @@ pub use error::{MessagingError, Result};
 pub use hash::{partition_for, stable_hash};
 pub use settings::MessagingSettings;
 pub use traits::{
-    Appended, Broker, LogReader, LogRecord, Parked, PartitionedLog, Position, QueueMessage,
-    QueueOptions, QueueReceiver, StartAt, WorkQueue,
+    Appended, Broker, LogReader, LogRecord, Parked, ParkedMessage, ParkedReceiver, PartitionedLog,
+    Position, QueueMessage, QueueOptions, QueueReceiver, StartAt, WorkQueue, PEEK_WAIT,
 };
 
 use std::sync::Arc;

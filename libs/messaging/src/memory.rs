@@ -225,6 +225,19 @@ impl PartitionedLog for MemoryLog {
         ));
         Ok(LogReader::new(rx, task))
     }
+
+    /// Exact, and without the delivery delay (a probe is not a reader).
+    async fn peek(&self, partition: u32, from: Position) -> Result<Option<LogRecord>> {
+        let p = self.checked(partition)?;
+        let messages = p.lock();
+        let start = usize::try_from(from.offset).unwrap_or(usize::MAX);
+        Ok(messages
+            .iter()
+            .enumerate()
+            .skip(start)
+            .flat_map(|(offset, m)| m.records(partition, offset as u64))
+            .find(|r| r.position >= from))
+    }
 }
 
 /// Hands out every record from offset `next` on, in order, then follows new appends. Ends when

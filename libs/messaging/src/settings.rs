@@ -28,6 +28,14 @@ pub struct MessagingSettings {
     pub confirm_timeout_ms: u64,
     /// Stream consumer prefetch (broker messages, each possibly a batch of events).
     pub log_prefetch: u16,
+    /// Delivery limit of every parked (dead-letter) queue, declared explicitly so that no broker
+    /// version's default applies (RabbitMQ 4 gives quorum queues 20 and then drops the message,
+    /// a parked queue having no dead-letter queue of its own). A parked message is delivered only
+    /// to the process that moves it into its store, and returned only when that process dies
+    /// holding it, so this is a safety net that should never be reached. Every process that
+    /// declares a queue must use the same value (RabbitMQ refuses a declaration with other
+    /// arguments).
+    pub parked_delivery_limit: u32,
 }
 
 impl Default for MessagingSettings {
@@ -44,6 +52,7 @@ impl Default for MessagingSettings {
             max_in_flight: 64,
             confirm_timeout_ms: 10_000,
             log_prefetch: 64,
+            parked_delivery_limit: 1000,
         }
     }
 }

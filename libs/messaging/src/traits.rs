@@ -105,7 +105,18 @@ pub trait PartitionedLog: Send + Sync {
     /// Reads `partition` from `from`, in order, following new appends. After a connection loss
     /// the reader resumes by itself after the last record it handed out.
     async fn read(&self, partition: u32, from: StartAt) -> Result<LogReader>;
+
+    /// The first record of `partition` at or after `from`, without following the log: `None`
+    /// when the partition holds nothing there. Lag probes use it from outside the reader — the
+    /// oldest record a consumer whose checkpoint is `from` has not handled yet — so they keep
+    /// working while that consumer is stalled. RabbitMQ cannot tell "nothing there" from "not
+    /// delivered yet" and answers `None` after [`PEEK_WAIT`] without a delivery.
+    async fn peek(&self, partition: u32, from: Position) -> Result<Option<LogRecord>>;
 }
+
+/// How long [`PartitionedLog::peek`] waits for a broker to deliver a record before it concludes
+/// there is none (RabbitMQ streams deliver an existing record within milliseconds).
+pub const PEEK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Work-queue options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,13 +203,71 @@ impl QueueReceiver {
 /// A message in a queue's parked (dead-letter) queue, waiting for a person.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Parked {
-    /// The event id, or a generated id for an undecodable message. Pass it to `redrive`.
+    /// This parking of the message: the same every time the parked message is handed out again
+    /// (so whoever stores it can do so idempotently), new when a redriven message is parked again.
+    pub park_id: String,
+    /// The event id, or a generated id for an undecodable message. Republish under it.
     pub message_id: String,
+    /// The bytes as they were published, kept even when they do not decode.
+    pub payload: Vec<u8>,
     /// The event, when it decodes.
     pub event: Option<Envelope>,
     pub reason: String,
     pub delivery_count: u32,
     pub parked_at: DateTime<Utc>,
+}
+
+/// A parked message taken out of the parked queue to be kept elsewhere (the Supervisor moves
+/// them into its database, where listing them changes nothing). Call `ack` once it is stored:
+/// that removes it from the parked queue. Unanswered, it stays parked and is handed out again
+/// once the receiver is dropped (or its process is gone).
+pub struct ParkedMessage {
+    pub parked: Parked,
+    pub(crate) acker: Box<dyn ParkedAcker>,
+}
+
+impl std::fmt::Debug for ParkedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParkedMessage")
+            .field("parked", &self.parked)
+            .finish()
+    }
+}
+
+impl ParkedMessage {
+    /// Stored elsewhere: removes the message from the parked queue.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+}
+
+/// Backend side of a [`ParkedMessage`].
+#[async_trait]
+pub(crate) trait ParkedAcker: Send + Sync {
+    async fn ack(&self) -> Result<()>;
+}
+
+/// Hands out the messages of a queue's parked queue, at most `prefetch` unanswered at a time.
+pub struct ParkedReceiver {
+    rx: mpsc::Receiver<ParkedMessage>,
+    _task: AbortOnDrop,
+}
+
+impl ParkedReceiver {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<ParkedMessage>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Self {
+            rx,
+            _task: AbortOnDrop(task.abort_handle()),
+        }
+    }
+
+    /// The next parked message; waits for one. `None` once the broker is gone for good.
+    pub async fn next(&mut self) -> Option<ParkedMessage> {
+        self.rx.recv().await
+    }
 }
 
 /// A queue with competing consumers, acks, a delivery limit and a parked queue.
@@ -218,12 +287,15 @@ pub trait WorkQueue: Send + Sync {
     /// Messages waiting in the queue (not yet delivered).
     async fn depth(&self) -> Result<u64>;
 
-    /// Up to `limit` parked messages, oldest first.
-    async fn parked(&self, limit: usize) -> Result<Vec<Parked>>;
+    /// Takes parked messages out of the parked queue, oldest first, at most `prefetch`
+    /// unanswered at a time. There is deliberately no way to list them in place: on RabbitMQ a
+    /// look is a delivery (it reorders them, counts towards limits and hides them meanwhile), so
+    /// whoever shows them to people moves them into a store of their own first.
+    async fn take_parked(&self, prefetch: u16) -> Result<ParkedReceiver>;
 
-    /// Moves a parked message back to the queue with a fresh delivery count. False if no parked
-    /// message has that id.
-    async fn redrive(&self, message_id: &str) -> Result<bool>;
+    /// Publishes `payload` (a parked message's bytes, decodable or not) under `message_id` and
+    /// returns once the broker confirmed it: a redrive. The message starts a fresh delivery count.
+    async fn republish(&self, message_id: &str, payload: Vec<u8>) -> Result<()>;
 }
 
 /// Hands out logs and queues, declaring them on first use (idempotently).

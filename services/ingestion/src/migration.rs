@@ -10,7 +10,7 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateReadModel)]
+        vec![Box::new(CreateReadModel), Box::new(KeepFirstRequest)]
     }
 }
 
@@ -24,6 +24,7 @@ enum DeliveryRequests {
     Version,
     AcceptedAt,
     UpdatedAt,
+    FirstRequest,
 }
 
 #[derive(DeriveIden)]
@@ -77,6 +78,40 @@ impl MigrationTrait for CreateReadModel {
             .await?;
         manager
             .drop_table(Table::drop().table(DeliveryRequests::Table).to_owned())
+            .await
+    }
+}
+
+/// The body a booking with an Idempotency-Key was first accepted with, so a replay answers it.
+struct KeepFirstRequest;
+
+impl MigrationName for KeepFirstRequest {
+    fn name(&self) -> &str {
+        "m20261205_000001_keep_first_request"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for KeepFirstRequest {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(DeliveryRequests::Table)
+                    .add_column(text_null(DeliveryRequests::FirstRequest))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(DeliveryRequests::Table)
+                    .drop_column(DeliveryRequests::FirstRequest)
+                    .to_owned(),
+            )
             .await
     }
 }

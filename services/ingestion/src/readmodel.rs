@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use contracts::{RequestState, WorkflowStateChanged, WORKFLOW_STATE_CHANGED};
 use messaging::{PartitionedLog, StartAt};
 use sea_orm::sea_query::{Alias, Expr, OnConflict};
-use sea_orm::{ActiveValue::Set, DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
+use sea_orm::ActiveValue::{NotSet, Set};
+use sea_orm::{DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -30,6 +31,9 @@ pub mod request {
         pub version: i64,
         pub accepted_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
+        /// The body (JSON) of a booking made with an Idempotency-Key, as first accepted: what
+        /// a replay of the key answers. `None` without a key.
+        pub first_request: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -74,6 +78,7 @@ impl Accepted {
             version: 0,
             accepted_at: self.at,
             updated_at: self.at,
+            first_request: None,
         }
     }
 
@@ -86,6 +91,7 @@ impl Accepted {
             version: Set(0),
             accepted_at: Set(self.at),
             updated_at: Set(self.at),
+            first_request: NotSet,
         }
     }
 }
@@ -110,10 +116,31 @@ impl ReadModel {
         Arc::new(Self { db, tx, pending })
     }
 
-    /// Records an accepted request durably before returning (used with `Idempotency-Key`, whose
-    /// replays must find it).
-    pub(crate) async fn record_now(&self, accepted: &Accepted) -> Result<(), DbErr> {
-        insert_accepted(&self.db, vec![accepted.row()]).await
+    /// Records an accepted request durably before returning, with its body (used with
+    /// `Idempotency-Key`, whose replays must find it and answer that body).
+    pub(crate) async fn record_now(
+        &self,
+        accepted: &Accepted,
+        first_request: String,
+    ) -> Result<(), DbErr> {
+        let row = request::ActiveModel {
+            first_request: Set(Some(first_request)),
+            ..accepted.row()
+        };
+        // The saga's first workflow event may have created the row already: keep its state and
+        // add the body. A body already there stays: it is the first one.
+        request::Entity::insert(row)
+            .on_conflict(
+                OnConflict::column(request::Column::DeliveryId)
+                    .update_column(request::Column::FirstRequest)
+                    .action_and_where(
+                        Expr::col((request::Entity, request::Column::FirstRequest)).is_null(),
+                    )
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await
+            .map(|_| ())
     }
 
     /// Records an accepted request soon.
@@ -230,6 +257,7 @@ pub(crate) async fn apply(
         version: Set(e.version),
         accepted_at: Set(e.at),
         updated_at: Set(e.at),
+        first_request: NotSet,
     });
     request::Entity::insert_many(rows)
         .on_conflict(

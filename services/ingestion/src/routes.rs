@@ -90,8 +90,14 @@ impl AppState {
     }
 }
 
+fn may_act_for(claims: &ClientClaims, owner: &str) -> bool {
+    claims.sub == owner || claims.has_scope(ADMIN_SCOPE)
+}
+
+/// A new booking names its owner itself: booking for another account is refused as such (the
+/// caller already knows both names, nothing is revealed).
 fn owns(claims: &ClientClaims, owner: &str) -> ApiResult<()> {
-    if claims.sub == owner || claims.has_scope(ADMIN_SCOPE) {
+    if may_act_for(claims, owner) {
         Ok(())
     } else {
         Err(ApiError::Forbidden(format!(
@@ -154,7 +160,7 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
     request_body = DeliveryRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "Same key from the same owner: same deliveryId, appended once")),
     responses(
-        (status = 202, description = "Accepted; `Location: /api/deliveries/{deliveryId}`", body = DeliveryAccepted),
+        (status = 202, description = "Accepted; `Location: /api/deliveries/{deliveryId}`. A replayed Idempotency-Key answers the booking as first accepted (`Idempotent-Replayed: true`)", body = DeliveryAccepted),
         (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
         (status = 401, description = "Missing or invalid client token", body = Problem),
         (status = 403, description = "ownerId is not the token's account", body = Problem),
@@ -171,7 +177,6 @@ async fn create(
     let claims = state.client(&req)?;
     let request: DeliveryRequest = service_kit::parse_json(&body)?;
     owns(&claims, &request.owner_id)?;
-    state.check_pickup(request.pickup_time)?;
     let key = idempotency_key(&req)?;
 
     let (id, _claim) = match &key {
@@ -180,13 +185,17 @@ async fn create(
                 &IDEMPOTENCY_NAMESPACE,
                 format!("{}\n{key}", request.owner_id).as_bytes(),
             );
-            if state.store.find(id).await?.is_some() {
-                return Ok(accepted(id, request, true));
+            if let Some(row) = state.store.find(id).await? {
+                // A replay answers what the key booked, not this body (which may differ, or
+                // have a pickup time that has passed since): it is checked only for a new key.
+                let first = first_accepted(&row)?.unwrap_or(request);
+                return Ok(accepted(id, first, true));
             }
             (id, Some(InProgress::claim(&state.in_progress, id)?))
         }
         None => (Uuid::new_v4(), None),
     };
+    state.check_pickup(request.pickup_time)?;
 
     let Ok(_permit) = state.budget.clone().try_acquire_owned() else {
         return Err(ApiError::unavailable(
@@ -224,13 +233,28 @@ async fn create(
         at: now,
     };
     if key.is_some() {
-        // A replay of this key must find it: record before answering.
-        state.store.record_now(&row).await?;
+        // A replay of this key must find it, with the body it answers: record before answering.
+        let first = serde_json::to_string(&request).map_err(|e| ApiError::Internal(e.into()))?;
+        state.store.record_now(&row, first).await?;
     } else {
         state.store.record_later(row).await;
     }
     tracing::debug!(delivery_id = %id, "booking accepted");
     Ok(accepted(id, request, false))
+}
+
+/// The body a key first booked; `None` for a row recorded before bodies were kept.
+fn first_accepted(row: &crate::readmodel::request::Model) -> ApiResult<Option<DeliveryRequest>> {
+    row.first_request
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| {
+            ApiError::Internal(anyhow::Error::new(e).context(format!(
+                "stored first request of {} does not decode",
+                row.delivery_id
+            )))
+        })
 }
 
 fn accepted(id: Uuid, request: DeliveryRequest, replayed: bool) -> HttpResponse {
@@ -294,8 +318,7 @@ impl Drop for InProgress<'_> {
     params(("id" = Uuid, Path, description = "deliveryId")),
     responses(
         (status = 200, description = "State", body = DeliveryRequestStatus),
-        (status = 403, description = "Not this account's booking", body = Problem),
-        (status = 404, description = "Unknown deliveryId", body = Problem),
+        (status = 404, description = "Unknown deliveryId, or not this account's booking (answered alike)", body = Problem),
     )
 )]
 async fn status(
@@ -305,16 +328,22 @@ async fn status(
 ) -> ApiResult<HttpResponse> {
     let claims = state.client(&req)?;
     let id = delivery_id(&id)?;
-    let row = known(&state, id).await?;
-    owns(&claims, &row.owner_id)?;
+    let row = known(&state, &claims, id).await?;
     Ok(HttpResponse::Ok().json(to_status(row)?))
 }
 
-async fn known(state: &AppState, id: Uuid) -> ApiResult<crate::readmodel::request::Model> {
+/// The booking if the caller may see it. Another account's booking is answered exactly as an
+/// unknown one (same error, same body): a client must not learn that it exists or whose it is.
+async fn known(
+    state: &AppState,
+    claims: &ClientClaims,
+    id: Uuid,
+) -> ApiResult<crate::readmodel::request::Model> {
     state
         .store
         .find(id)
         .await?
+        .filter(|row| may_act_for(claims, &row.owner_id))
         .ok_or_else(|| ApiError::not_found("delivery request", id.to_string()))
 }
 
@@ -349,7 +378,7 @@ fn closed(state: RequestState) -> bool {
     responses(
         (status = 202, description = "Reschedule accepted", body = ChangeAccepted),
         (status = 400, description = "Invalid body", body = Problem),
-        (status = 404, description = "Unknown deliveryId", body = Problem),
+        (status = 404, description = "Unknown deliveryId, or not this account's booking (answered alike)", body = Problem),
         (status = 409, description = "The booking is already closed", body = Problem),
         (status = 503, description = "The log is unavailable; nothing was accepted", body = Problem),
     )
@@ -365,8 +394,7 @@ async fn reschedule(
     if let Some(t) = change.pickup_time {
         state.check_pickup(t)?;
     }
-    let row = to_status(known(&state, id).await?)?;
-    owns(&claims, &row.owner_id)?;
+    let row = to_status(known(&state, &claims, id).await?)?;
     if closed(row.state) {
         return Err(ApiError::conflict(
             "request-closed",
@@ -396,7 +424,7 @@ async fn reschedule(
     params(("id" = Uuid, Path, description = "deliveryId")),
     responses(
         (status = 202, description = "Cancellation accepted", body = ChangeAccepted),
-        (status = 404, description = "Unknown deliveryId", body = Problem),
+        (status = 404, description = "Unknown deliveryId, or not this account's booking (answered alike)", body = Problem),
         (status = 409, description = "The booking already ended otherwise", body = Problem),
         (status = 503, description = "The log is unavailable; nothing was accepted", body = Problem),
     )
@@ -408,8 +436,7 @@ async fn cancel(
 ) -> ApiResult<HttpResponse> {
     let claims = state.client(&req)?;
     let id = delivery_id(&id)?;
-    let row = to_status(known(&state, id).await?)?;
-    owns(&claims, &row.owner_id)?;
+    let row = to_status(known(&state, &claims, id).await?)?;
     if closed(row.state) && row.state != RequestState::Cancelled {
         return Err(ApiError::conflict(
             "request-closed",

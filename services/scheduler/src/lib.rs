@@ -14,6 +14,7 @@ mod partition;
 mod publisher;
 pub(crate) mod routes;
 mod tracker;
+mod waiting;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -407,7 +408,10 @@ impl Application {
 
         let (stop, stop_rx) = watch::channel(false);
         let workers = core.spawn(stop_rx);
-        let state = actix_web::web::Data::new(routes::State { core });
+        let state = actix_web::web::Data::new(routes::State {
+            core,
+            db: db.clone(),
+        });
         let service = builder
             .service_token(settings.auth.service_token.clone())
             .openapi(routes::openapi())

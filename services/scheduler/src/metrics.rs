@@ -14,7 +14,9 @@ pub struct Metrics {
     pub checkpoint: IntGaugeVec,
     pub read_offset: IntGaugeVec,
     pub owned: IntGaugeVec,
-    /// Age of the last record read: how far behind the log the partition's processing is.
+    /// Age of the last record read, as this replica saw it. Self-reported: it stands still when
+    /// the replica stalls, so stalls are judged by the Supervisor against the log's head
+    /// (`supervisor_partition_oldest_unstarted_age_seconds`, `supervisor_partition_stalled`).
     pub lag_seconds: prometheus::GaugeVec,
     pub outbox_backlog: prometheus::IntGauge,
 }
@@ -65,7 +67,7 @@ impl Metrics {
             lag_seconds: prometheus::GaugeVec::new(
                 Opts::new(
                     "scheduler_partition_lag_seconds",
-                    "Age of the last record read from the partition when it was read",
+                    "Age of the last record read from the partition when it was read (self-reported; see supervisor_partition_oldest_unstarted_age_seconds for the lag against the log's head)",
                 ),
                 &["partition"],
             )?,

@@ -1,12 +1,12 @@
 //! Status API: one saga's state, steps, attempts, errors and timings; a filtered list; the
-//! partition leases. Internal (service token).
+//! partition leases; the sagas that wait and why. Internal (service token).
 
 use std::sync::Arc;
 
 use actix_web::{web, HttpResponse};
 use contracts::{
     AttemptView, CompensationReport, PartitionLease, Problem, RetryRequest, SagaState, StepStatus,
-    Workflow, WorkflowSummary,
+    WaitReason, WaitingSagas, Workflow, WorkflowSummary,
 };
 use saga::{Attempt, ListFilter, SagaRecord};
 use serde::Deserialize;
@@ -21,6 +21,8 @@ use crate::Core;
 
 pub struct State {
     pub core: Arc<Core>,
+    /// The journal's database, for the read of `/api/waiting`.
+    pub db: sea_orm::DatabaseConnection,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<State>) {
@@ -32,14 +34,15 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<State>) {
             web::post().to(compensation),
         )
         .route("/api/workflows/{deliveryId}/retry", web::post().to(retry))
-        .route("/api/partitions", web::get().to(partitions));
+        .route("/api/partitions", web::get().to(partitions))
+        .route("/api/waiting", web::get().to(waiting));
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Scheduler service", description = "Status of the booking sagas and the partition leases."),
-    paths(get, list, partitions, compensation, retry),
-    components(schemas(Workflow, WorkflowSummary, StepStatus, AttemptView, PartitionLease, Problem, CompensationReport, RetryRequest)),
+    paths(get, list, partitions, waiting, compensation, retry),
+    components(schemas(Workflow, WorkflowSummary, StepStatus, AttemptView, PartitionLease, WaitingSagas, WaitReason, Problem, CompensationReport, RetryRequest)),
     modifiers(&BearerSchemes),
     security(("serviceToken" = []))
 )]
@@ -202,6 +205,18 @@ async fn partitions(_: ServiceCaller, state: web::Data<State>) -> ApiResult<Http
             next_index: i64::from(r.checkpoint.index),
         })
         .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+/// Running sagas of every partition: those parked until a wake-up time (waiting for a drone, a
+/// back-off) apart from those making progress, grouped by step and reason.
+#[utoipa::path(get, path = "/api/waiting", tag = "partitions", responses((status = 200, body = WaitingSagas)))]
+async fn waiting(_: ServiceCaller, state: web::Data<State>) -> ApiResult<HttpResponse> {
+    let now = state.core.engine.clock().now();
+    let steps = state.core.engine.step_names();
+    let out = crate::waiting::waiting(&state.db, &steps, now)
+        .await
+        .map_err(internal)?;
     Ok(HttpResponse::Ok().json(out))
 }
 

@@ -385,9 +385,30 @@ fn write_env_file(path: &Path, values: &BTreeMap<String, String>) -> anyhow::Res
         text.push_str(&format!("{k}='{v}'\n"));
     }
     let tmp = path.with_extension("env.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    write_private(&tmp, text.as_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
+    // The rename replaces any older file (and its looser mode) with the private one.
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Writes a new file that only its owner may read: created with mode 0600 (the umask can only
+/// narrow it), never created wider and narrowed after, so the secrets are never readable by
+/// others, not even for a moment. A leftover of an interrupted write is removed first, because
+/// opening an existing file would keep its mode.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 #[cfg(test)]
@@ -404,5 +425,40 @@ mod tests {
         write_env_file(&path, &m).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read_env_file(&path), m);
         assert!(read_env_file(&dir.path().join("missing")).is_empty());
+    }
+
+    /// The file holds the service token, the JWT key and the dashboard passwords: only its
+    /// owner may read it, whatever the umask, also when it replaces a file (or a leftover
+    /// temporary file) that others could read.
+    #[cfg(unix)]
+    #[test]
+    fn credentials_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let mode = |p: &Path| {
+            let mode = std::fs::metadata(p)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .permissions()
+                .mode();
+            format!("{:o}", mode & 0o777)
+        };
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("credentials.env");
+        let mut m = BTreeMap::new();
+        m.insert("SERVICE_TOKEN".to_owned(), "abc".to_owned());
+        write_env_file(&path, &m).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mode(&path), "600", "a new credentials file");
+
+        // An older, world-readable file and a world-readable leftover of an interrupted write.
+        let loose = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(&path, loose.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let tmp = path.with_extension("env.tmp");
+        std::fs::write(&tmp, "stale").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&tmp, loose).unwrap_or_else(|e| panic!("{e}"));
+        m.insert("CLIENT_TOKEN".to_owned(), "x.y.z".to_owned());
+        write_env_file(&path, &m).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mode(&path), "600", "a rewritten credentials file");
+        assert_eq!(read_env_file(&path), m);
+        assert!(!tmp.exists(), "no temporary file left behind");
     }
 }

@@ -13,8 +13,8 @@ use service_kit::{valid_id, ApiError, ApiResult};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::actions::{self, Actor, Overview, PartitionView};
-use crate::entities::{compensation, saga};
-use crate::{audit, readmodel, AppState};
+use crate::entities::{compensation, parked_message, saga};
+use crate::{audit, parked, readmodel, AppState};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/api/overview", web::get().to(overview))
@@ -117,28 +117,42 @@ pub struct SagaDetail {
     pub compensations: Vec<CompensationView>,
 }
 
-/// A compensation request waiting for a person.
+/// A compensation request waiting for a person, as the Supervisor keeps it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ParkedView {
+    /// Redrive by this id.
     pub message_id: String,
+    /// This parking of the message (a message redriven and parked again gets a new one).
+    pub park_id: String,
+    /// `null` when the message does not decode.
     pub delivery_id: Option<String>,
     pub reason: String,
-    pub delivery_count: u32,
+    pub delivery_count: i32,
     pub parked_at: DateTime<Utc>,
+    /// The compensation request, when the message decodes.
     #[schema(value_type = Object)]
     pub request: Option<serde_json::Value>,
+    /// The message as published, as text (invalid UTF-8 shown as U+FFFD), also when it does not
+    /// decode.
+    pub payload: String,
+    /// The same bytes exactly, in hex.
+    pub payload_hex: String,
 }
 
-impl From<messaging::Parked> for ParkedView {
-    fn from(p: messaging::Parked) -> Self {
+impl From<parked_message::Model> for ParkedView {
+    fn from(m: parked_message::Model) -> Self {
+        let event = parked::event_of(&m);
         Self {
-            message_id: p.message_id,
-            delivery_id: p.event.as_ref().map(|e| e.key.clone()),
-            reason: p.reason,
-            delivery_count: p.delivery_count,
-            parked_at: p.parked_at,
-            request: p.event.map(|e| e.body),
+            payload: String::from_utf8_lossy(&m.payload).into_owned(),
+            payload_hex: m.payload.iter().map(|b| format!("{b:02x}")).collect(),
+            message_id: m.message_id,
+            park_id: m.park_id,
+            delivery_id: m.delivery_id,
+            reason: m.reason,
+            delivery_count: m.delivery_count,
+            parked_at: m.parked_at,
+            request: event.map(|e| e.body),
         }
     }
 }
@@ -280,19 +294,16 @@ async fn saga_one(
     Ok(HttpResponse::Ok().json(d))
 }
 
-/// Compensation requests parked after the delivery limit: they need a person.
+/// Compensation requests parked after the delivery limit (or undecodable): they need a person.
+/// Read from the Supervisor's table; looking changes nothing.
 #[utoipa::path(get, path = "/api/parked", tag = "supervisor", responses((status = 200, body = [ParkedView])))]
 async fn parked(_: ServiceCaller, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    let list = state
-        .queue
-        .parked(500)
-        .await
-        .map_err(|e| ApiError::unavailable("broker-unavailable", e.to_string(), 1))?;
-    let out: Vec<ParkedView> = list.into_iter().map(ParkedView::from).collect();
+    let rows = parked::waiting(&state.db, 500).await?;
+    let out: Vec<ParkedView> = rows.into_iter().map(ParkedView::from).collect();
     Ok(HttpResponse::Ok().json(out))
 }
 
-/// Moves a parked request back to the compensation queue (audited as the service caller).
+/// Republishes a parked request to the compensation queue (audited as the service caller).
 #[utoipa::path(post, path = "/api/parked/{messageId}/redrive", tag = "supervisor",
     params(("messageId" = String, Path, description = "id from /api/parked")),
     request_body = RedriveRequest,

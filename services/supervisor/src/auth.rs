@@ -1,10 +1,16 @@
 //! Dashboard logins: users seeded from settings with argon2id password hashes, sessions in the
 //! database behind an HttpOnly, SameSite=Strict cookie, a CSRF token per session for every
 //! state-changing form, and the viewer/operator split (only operators act).
+//!
+//! The settings are the truth about users: a user removed from them is deleted with its sessions
+//! at the next start, and every request reads the role from the user row (not from the session),
+//! so a changed role applies to sessions already open. Password checks run through a small
+//! bounded pool, behind the per-user and per-address delays of [`crate::throttle`].
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse, ResponseError};
@@ -13,12 +19,17 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use chrono::Utc;
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    TransactionTrait,
+};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use service_kit::ApiError;
+use tokio::sync::Semaphore;
 
 use crate::entities::{session, user};
+use crate::throttle::{self, Keys, LoginSettings};
 
 pub const SESSION_COOKIE: &str = "sv_session";
 /// Login form CSRF token (double-submit cookie: there is no session yet).
@@ -77,12 +88,26 @@ fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Writes the configured users (hashing plain passwords). Users not configured keep their rows.
+/// Longest user name: the name goes in front of every reason sent to the Scheduler
+/// (`crate::actions::on_behalf`), whose length is bounded.
+pub const USER_NAME_MAX_CHARS: usize = 64;
+
+/// Writes the configured users (hashing plain passwords) and removes every user the settings no
+/// longer name, with their sessions: the settings are the only source of users.
 pub async fn seed_users(
     db: &DatabaseConnection,
     users: &BTreeMap<String, UserSettings>,
 ) -> anyhow::Result<()> {
+    let mut rows = Vec::with_capacity(users.len());
     for (name, u) in users {
+        if name.is_empty()
+            || name.chars().count() > USER_NAME_MAX_CHARS
+            || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            anyhow::bail!(
+                "user {name:?}: a user name has 1 to {USER_NAME_MAX_CHARS} characters, no spaces"
+            );
+        }
         let role = Role::parse(&u.role)
             .ok_or_else(|| anyhow::anyhow!("user {name}: role must be viewer or operator"))?;
         let hash = match (&u.password_hash, &u.password) {
@@ -97,6 +122,11 @@ pub async fn seed_users(
             }
             (None, None) => anyhow::bail!("user {name}: set password or password_hash"),
         };
+        rows.push((name.clone(), role, hash));
+    }
+    // One transaction: a start that fails half-way leaves the users as they were.
+    let txn = db.begin().await?;
+    for (name, role, hash) in rows {
         user::Entity::insert(user::ActiveModel {
             name: Set(name.clone()),
             role: Set(role.as_str().to_owned()),
@@ -112,10 +142,39 @@ pub async fn seed_users(
                 ])
                 .to_owned(),
         )
-        .exec_without_returning(db)
+        .exec_without_returning(&txn)
         .await?;
         tracing::info!(user = %name, role = role.as_str(), "dashboard user configured");
     }
+    let configured: Vec<String> = users.keys().cloned().collect();
+    let gone: Vec<String> = user::Entity::find()
+        .all(&txn)
+        .await?
+        .into_iter()
+        .map(|u| u.name)
+        .filter(|n| !users.contains_key(n))
+        .collect();
+    if !gone.is_empty() {
+        let ended = session::Entity::delete_many()
+            .filter(session::Column::UserName.is_in(gone.clone()))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        user::Entity::delete_many()
+            .filter(user::Column::Name.is_in(gone.clone()))
+            .exec(&txn)
+            .await?;
+        tracing::warn!(users = ?gone, sessions_ended = ended, "dashboard users no longer configured: removed");
+    }
+    // Sessions whose user row is gone by any other way (a manual delete) end as well.
+    let orphans = session::Entity::delete_many();
+    let orphans = if configured.is_empty() {
+        orphans
+    } else {
+        orphans.filter(session::Column::UserName.is_not_in(configured))
+    };
+    orphans.exec(&txn).await?;
+    txn.commit().await?;
     Ok(())
 }
 
@@ -126,30 +185,82 @@ pub fn random_token() -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks a login; the new session on success.
-pub async fn login(
-    db: &DatabaseConnection,
+/// How a login attempt went.
+pub enum Attempt {
+    /// The password matched; no session yet (the audit row of the login comes first).
+    Verified(user::Model),
+    /// Wrong user name or password; `wait` is the delay this failure imposed, if any (seconds).
+    Wrong { wait: Option<u64> },
+    /// Too many failures of this user name or address: not checked; try again after this long.
+    Throttled { retry_after: u64 },
+    /// Every password-check slot is busy: not checked; try again in a moment.
+    Busy,
+}
+
+/// Checks a login: throttled keys are refused before any work, the password check takes a slot
+/// of the bounded pool (or is refused at once), and a failure counts against `keys` before the
+/// slot is given back. A slot holder checks the throttle again, so failures recorded by earlier
+/// holders count: per wait, at most `free_failures` + `verify_concurrency` guesses are checked,
+/// however many arrive at once.
+pub async fn attempt(
+    sessions: &Sessions,
     name: &str,
     password: &str,
-    ttl: chrono::Duration,
-) -> anyhow::Result<Option<session::Model>> {
+    keys: &Keys,
+) -> Result<Attempt, ApiError> {
+    let db = &sessions.db;
+    if let Some(retry_after) = throttle::wait(db, keys).await? {
+        return Ok(Attempt::Throttled { retry_after });
+    }
     let found = user::Entity::find_by_id(name.to_owned()).one(db).await?;
     // Verify against a dummy hash for unknown users too, so timing does not tell who exists.
     let hash = found
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| DUMMY_HASH.to_owned());
-    let password = password.to_owned();
-    let ok = web::block(move || verify_password(&password, &hash)).await?;
-    let Some(u) = found.filter(|_| ok) else {
-        return Ok(None);
+    let Ok(permit) = sessions.verifiers.clone().try_acquire_owned() else {
+        return Ok(Attempt::Busy);
     };
+    let slot = Arc::new(permit);
+    if let Some(retry_after) = throttle::wait(db, keys).await? {
+        return Ok(Attempt::Throttled { retry_after });
+    }
+    let password = password.to_owned();
+    // The blocking task holds the slot too: should this future be dropped (the client hung up),
+    // the slot is still taken until the check (and its memory) is done.
+    let held = slot.clone();
+    let ok = tokio::task::spawn_blocking(move || {
+        let _slot = held;
+        verify_password(&password, &hash)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("password check")))?;
+    let outcome = match found.filter(|_| ok) {
+        Some(u) => {
+            throttle::succeeded(db, &sessions.login, keys).await?;
+            Attempt::Verified(u)
+        }
+        None => Attempt::Wrong {
+            wait: throttle::failed(db, &sessions.login, keys).await?,
+        },
+    };
+    drop(slot);
+    Ok(outcome)
+}
+
+/// A new session of a verified user.
+pub async fn start_session(
+    db: &DatabaseConnection,
+    u: &user::Model,
+    ttl: chrono::Duration,
+) -> Result<session::Model, DbErr> {
     let now = Utc::now();
     let token = random_token();
     let s = session::Model {
         id: session_key(&token),
-        user_name: u.name,
-        role: u.role,
+        user_name: u.name.clone(),
+        // Kept as a record of the role at login; requests read the user row's role.
+        role: u.role.clone(),
         csrf: random_token(),
         created_at: now,
         expires_at: now + ttl,
@@ -171,7 +282,7 @@ pub async fn login(
         .filter(session::Column::ExpiresAt.lt(now))
         .exec(db)
         .await;
-    Ok(Some(s))
+    Ok(s)
 }
 
 const DUMMY_HASH: &str =
@@ -210,12 +321,99 @@ pub fn cookie_value(req: &HttpRequest, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// Session settings the extractor needs.
+/// Sessions and logins: what the extractor and the login handler need.
 #[derive(Clone)]
 pub struct Sessions {
     pub db: DatabaseConnection,
     pub secure_cookies: bool,
     pub ttl: chrono::Duration,
+    pub login: LoginSettings,
+    /// Slots of the bounded password-check pool.
+    verifiers: Arc<Semaphore>,
+}
+
+impl Sessions {
+    pub fn new(db: DatabaseConnection, s: &crate::SupervisorSettings) -> Self {
+        Self {
+            db,
+            secure_cookies: s.secure_cookies,
+            ttl: chrono::Duration::seconds(i64::try_from(s.session_ttl_secs).unwrap_or(3600)),
+            login: s.login.clone(),
+            verifiers: Arc::new(Semaphore::new(s.login.verify_concurrency.max(1))),
+        }
+    }
+}
+
+/// The client's address: the TCP peer, or the rightmost entry of the header the trusted proxy in
+/// front sets (`client_address_header`).
+pub fn client_address(req: &HttpRequest, s: &LoginSettings) -> String {
+    let forwarded = s.client_address_header.as_deref().and_then(|h| {
+        req.headers()
+            .get_all(h)
+            .last()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    });
+    forwarded
+        .or_else(|| req.peer_addr().map(|a| a.ip().to_string()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The path to go to after login: only a same-origin path, so the login cannot send anyone
+/// elsewhere. Refused (the overview instead): anything not starting with one `/`, `//` or `/\`
+/// (another host to a browser), a backslash anywhere, and any control, space or non-ASCII
+/// character, also percent-encoded (`/%09/evil.example` is `//evil.example` once a browser drops
+/// the tab).
+pub fn safe_next(next: Option<&str>) -> String {
+    const FALLBACK: &str = "/dashboard";
+    let Some(next) = next else {
+        return FALLBACK.to_owned();
+    };
+    let acceptable = |s: &str| {
+        s.len() <= 2048
+            && s.starts_with('/')
+            && !s.starts_with("//")
+            && !s.contains('\\')
+            && s.chars().all(|c| c.is_ascii_graphic())
+    };
+    // Every decoding must pass (a double-encoded `%2509` hides a tab one level down).
+    let mut current = next.to_owned();
+    for _ in 0..4 {
+        if !acceptable(&current) {
+            return FALLBACK.to_owned();
+        }
+        let decoded = percent_decode(&current);
+        if decoded == current {
+            return next.to_owned();
+        }
+        current = decoded;
+    }
+    FALLBACK.to_owned()
+}
+
+/// `%XX` to its byte; anything else kept. Bytes that are not UTF-8 become U+FFFD (refused).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                let v = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A logged-in dashboard user. Without a valid session, pages redirect to the login page.
@@ -321,19 +519,32 @@ impl FromRequest for Session {
             let (Some(sessions), Some(id)) = (sessions, id) else {
                 return Err(required().into());
             };
-            let row = session::Entity::find_by_id(session_key(&id))
+            let db_error = |e: DbErr| actix_web::Error::from(ApiError::from(e));
+            let key = session_key(&id);
+            let Some(s) = session::Entity::find_by_id(key.clone())
                 .one(&sessions.db)
                 .await
-                .map_err(|e| actix_web::Error::from(ApiError::from(e)))?;
-            match row {
-                Some(s) if s.expires_at > Utc::now() => Ok(Session {
-                    id,
-                    user: s.user_name,
-                    role: Role::parse(&s.role).unwrap_or(Role::Viewer),
-                    csrf: s.csrf,
-                }),
-                _ => Err(required().into()),
-            }
+                .map_err(db_error)?
+                .filter(|s| s.expires_at > Utc::now())
+            else {
+                return Err(required().into());
+            };
+            // The role is the user row's now, not the one at login: a changed role applies at
+            // once, and a user removed from the settings has no row and no session.
+            let Some(u) = user::Entity::find_by_id(s.user_name.clone())
+                .one(&sessions.db)
+                .await
+                .map_err(db_error)?
+            else {
+                let _ = session::Entity::delete_by_id(key).exec(&sessions.db).await;
+                return Err(required().into());
+            };
+            Ok(Session {
+                id,
+                user: u.name,
+                role: Role::parse(&u.role).unwrap_or(Role::Viewer),
+                csrf: s.csrf,
+            })
         })
     }
 }
@@ -349,6 +560,51 @@ mod tests {
         assert!(verify_password("s3cret", &h));
         assert!(!verify_password("wrong", &h));
         assert!(!verify_password("s3cret", "not a hash"));
+    }
+
+    #[test]
+    fn next_is_a_same_origin_path_only() {
+        for good in [
+            "/dashboard",
+            "/dashboard/sagas?state=failed&q=acc-1",
+            "/dashboard/sagas/0b6f9c1e-6a39-4e59-8a3c-6a1f2b3c4d5e",
+        ] {
+            assert_eq!(safe_next(Some(good)), good);
+        }
+        for evil in [
+            "/%09/evil.example",
+            "/%2509/evil.example",
+            "//evil.example",
+            "/\\evil.example",
+            "/%5Cevil.example",
+            "/%2F/evil.example",
+            "https://evil.example",
+            "evil.example",
+            "/\tevil",
+            "/ /evil.example",
+            "/dashboard\r\nSet-Cookie:x=1",
+            "/dashboard%0d%0aSet-Cookie:x=1",
+            "/é",
+            "",
+        ] {
+            assert_eq!(safe_next(Some(evil)), "/dashboard", "{evil:?}");
+        }
+        assert_eq!(safe_next(None), "/dashboard");
+    }
+
+    #[test]
+    fn client_address_is_the_rightmost_forwarded_entry_only_when_configured() {
+        use actix_web::test::TestRequest;
+        let req = TestRequest::default()
+            .peer_addr(std::net::SocketAddr::from(([10, 0, 0, 9], 4000)))
+            .insert_header(("x-forwarded-for", "1.2.3.4, 203.0.113.7"))
+            .to_http_request();
+        assert_eq!(client_address(&req, &LoginSettings::default()), "10.0.0.9");
+        let behind_ingress = LoginSettings {
+            client_address_header: Some("x-forwarded-for".into()),
+            ..LoginSettings::default()
+        };
+        assert_eq!(client_address(&req, &behind_ingress), "203.0.113.7");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! (`compensating`); a saga the Scheduler no longer lets us compensate (running again after a
 //! retry, or compensated already) is left alone. The outcome is stored before the message is
 //! acked; a request that cannot be completed is nacked, and after the queue's delivery limit it
-//! is parked for a person (and the saga reported `compensation-failed`).
+//! is parked for a person (and the saga reported `compensation-failed`); `parked` then moves it
+//! into the Supervisor's table, where the dashboard lists it and a redrive republishes it.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,14 +12,19 @@ use service_kit::{valid_id, ApiError, ApiResult};
 
 use crate::actions::{self, Actor};
 use crate::api::{self, SagaQuery};
-use crate::auth::{self, Session, Sessions};
+use crate::auth::{self, Attempt, Session, Sessions};
 use crate::{audit, readmodel, AppState};
 
 const CSS: &str = include_str!("assets/app.css");
 const JS: &str = include_str!("assets/app.js");
 
+/// Largest dashboard form body: a reason of [`actions::REASON_MAX_CHARS`] characters of four
+/// bytes each is three times that once form-encoded (actix's default limit is 16 KiB).
+const FORM_LIMIT: usize = 64 * 1024;
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(root))
+    cfg.app_data(web::FormConfig::default().limit(FORM_LIMIT))
+        .route("/", web::get().to(root))
         .route("/assets/app.css", web::get().to(css))
         .route("/assets/app.js", web::get().to(js))
         .route("/login", web::get().to(login_page))
@@ -132,24 +137,52 @@ async fn js() -> HttpResponse {
 struct LoginQuery {
     next: Option<String>,
     failed: Option<String>,
+    /// Seconds to wait after too many failures.
+    throttled: Option<u64>,
+    busy: Option<String>,
 }
 
-/// Only local paths, so the login cannot send anyone elsewhere.
-fn safe_next(next: Option<&str>) -> String {
-    match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
-        _ => "/dashboard".to_owned(),
+/// What the login page says above the form.
+enum LoginNotice {
+    None,
+    Failed,
+    /// Too many failures: seconds to wait.
+    Throttled(u64),
+    /// Every password-check slot is busy.
+    Busy,
+}
+
+/// "5 seconds", "3 minutes": what a person reads.
+fn wait_text(secs: u64) -> String {
+    match secs {
+        1 => "1 second".to_owned(),
+        s if s < 120 => format!("{s} seconds"),
+        s => format!("{} minutes", s.div_ceil(60)),
     }
 }
 
-async fn login_page(q: web::Query<LoginQuery>, sessions: web::Data<Sessions>) -> HttpResponse {
+/// The login page with a fresh form token (double-submit cookie: there is no session yet).
+fn login_form(next: &str, notice: &LoginNotice, secure_cookies: bool) -> HttpResponse {
     let token = auth::random_token();
-    let next = safe_next(q.next.as_deref());
     let body = html! {
         form #login.card method="post" action="/login" {
             input type="hidden" name="csrf" value=(token);
             input type="hidden" name="next" value=(next);
-            @if q.failed.is_some() { p.flash.err role="alert" { "Wrong user name or password." } }
+            @match notice {
+                LoginNotice::None => {}
+                LoginNotice::Failed => { p.flash.err role="alert" { "Wrong user name or password." } }
+                LoginNotice::Throttled(secs) => {
+                    p #throttled.flash.err role="alert" {
+                        "Too many failed sign-ins for this user name or from this address. "
+                        "Wait " (wait_text(*secs)) ", then try again."
+                    }
+                }
+                LoginNotice::Busy => {
+                    p #busy.flash.err role="alert" {
+                        "Too many sign-ins are being checked right now. Try again in a moment."
+                    }
+                }
+            }
             label { "User name" input #username name="username" autocomplete="username" required autofocus; }
             label { "Password" input #password type="password" name="password" autocomplete="current-password" required; }
             button #sign-in type="submit" { "Sign in" }
@@ -160,11 +193,26 @@ async fn login_page(q: web::Query<LoginQuery>, sessions: web::Data<Sessions>) ->
         auth::LOGIN_COOKIE,
         &token,
         600,
-        sessions.secure_cookies,
+        secure_cookies,
     )) {
         res.headers_mut().append(header::SET_COOKIE, v);
     }
     res
+}
+
+async fn login_page(q: web::Query<LoginQuery>, sessions: web::Data<Sessions>) -> HttpResponse {
+    let notice = match (&q.throttled, &q.busy, &q.failed) {
+        // Bounded: the number comes from the address bar.
+        (Some(secs), _, _) => LoginNotice::Throttled((*secs).clamp(1, 86_400)),
+        (None, Some(_), _) => LoginNotice::Busy,
+        (None, None, Some(_)) => LoginNotice::Failed,
+        (None, None, None) => LoginNotice::None,
+    };
+    login_form(
+        &auth::safe_next(q.next.as_deref()),
+        &notice,
+        sessions.secure_cookies,
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +221,33 @@ struct LoginForm {
     password: String,
     csrf: String,
     next: Option<String>,
+}
+
+/// Back to the login page, which says why (`notice`), after a refused attempt; `Retry-After`
+/// tells tools the same as the page tells people. (A `429`/`503` page of our own would be
+/// replaced by a bare problem+json on the way out: every error response of the service is one.)
+fn back_to_login(notice: &str, next: &str, retry_after: u64) -> HttpResponse {
+    let mut res = see_other(&format!("/login?{notice}&next={}", auth::urlencode(next)));
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+    res
+}
+
+/// A client that asks for JSON (a tool, a script) gets problem+json instead of the login page.
+fn wants_json(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("json") && !a.contains("text/html"))
+}
+
+/// Failed logins and logouts change nothing to act on, so a broken audit log does not stop them;
+/// it is logged loudly instead.
+async fn audit_best_effort(db: &sea_orm::DatabaseConnection, entry: audit::Entry<'_>) {
+    let (action, actor) = (entry.action, entry.actor.to_owned());
+    if let Err(e) = audit::record(db, entry).await {
+        tracing::error!(error = %e, action, actor, "writing the audit log failed");
+    }
 }
 
 async fn login(
@@ -187,21 +262,89 @@ async fn login(
             "the login form expired; reload the page".into(),
         ));
     }
-    let next = safe_next(form.next.as_deref());
-    let Some(s) = auth::login(
-        &sessions.db,
-        form.username.trim(),
-        &form.password,
-        sessions.ttl,
-    )
-    .await?
-    else {
-        tracing::warn!(user = %form.username, "failed dashboard login");
-        return Ok(see_other(&format!(
-            "/login?failed=1&next={}",
-            auth::urlencode(&next)
-        )));
+    let json = wants_json(&req);
+    let next = auth::safe_next(form.next.as_deref());
+    let name = form.username.trim();
+    let address = auth::client_address(&req, &sessions.login);
+    let keys = crate::throttle::Keys::new(name, &address);
+    let user = match auth::attempt(&sessions, name, &form.password, &keys).await? {
+        Attempt::Verified(user) => user,
+        // Throttled and busy attempts are not audited one by one: a flood would flood the log.
+        // The failure that starts a wait is (below).
+        Attempt::Throttled { retry_after } => {
+            tracing::warn!(user = %name, address = %address, retry_after, "dashboard login throttled");
+            if json {
+                return Err(ApiError::RateLimited { retry_after });
+            }
+            return Ok(back_to_login(
+                &format!("throttled={retry_after}"),
+                &next,
+                retry_after,
+            ));
+        }
+        Attempt::Busy => {
+            tracing::warn!(user = %name, address = %address, "dashboard login refused: password checks busy");
+            if json {
+                return Err(ApiError::unavailable(
+                    "login-busy",
+                    "too many sign-ins are being checked right now; try again in a moment",
+                    1,
+                ));
+            }
+            return Ok(back_to_login("busy=1", &next, 1));
+        }
+        Attempt::Wrong { wait } => {
+            tracing::warn!(user = %name, address = %address, wait, "failed dashboard login");
+            let outcome = match wait {
+                Some(secs) => format!("failed; the next attempt waits {secs} s"),
+                None => "failed".to_owned(),
+            };
+            audit_best_effort(
+                &sessions.db,
+                audit::Entry {
+                    actor: name,
+                    role: "",
+                    action: "login",
+                    target: &address,
+                    reason: "",
+                    outcome: &outcome,
+                },
+            )
+            .await;
+            if json {
+                return Err(ApiError::Unauthorized("wrong user name or password".into()));
+            }
+            return Ok(see_other(&format!(
+                "/login?failed=1&next={}",
+                auth::urlencode(&next)
+            )));
+        }
     };
+    // A session is an action like the others: its audit row first, or no session.
+    let entry = audit::record(
+        &sessions.db,
+        audit::Entry {
+            actor: &user.name,
+            role: &user.role,
+            action: "login",
+            target: &address,
+            reason: "",
+            outcome: audit::PENDING,
+        },
+    )
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, user = %user.name, "audit log not writable: login refused");
+        ApiError::unavailable(
+            "audit-unavailable",
+            "the audit log cannot be written, so no one can sign in; try again later",
+            5,
+        )
+    })?;
+    let s = auth::start_session(&sessions.db, &user, sessions.ttl).await?;
+    if let Err(e) = audit::finish(&sessions.db, entry, "ok").await {
+        tracing::error!(error = %e, user = %user.name, "recording a login's outcome failed");
+    }
     tracing::info!(user = %s.user_name, role = %s.role, "dashboard login");
     let mut res = see_other(&next);
     let h = res.headers_mut();
@@ -227,11 +370,25 @@ struct CsrfForm {
 }
 
 async fn logout(
+    req: HttpRequest,
     session: Session,
     form: web::Form<CsrfForm>,
     sessions: web::Data<Sessions>,
 ) -> ApiResult<HttpResponse> {
     session.check_csrf(&form.csrf)?;
+    // Ending a session never waits for the audit log.
+    audit_best_effort(
+        &sessions.db,
+        audit::Entry {
+            actor: &session.user,
+            role: session.role.as_str(),
+            action: "logout",
+            target: &auth::client_address(&req, &sessions.login),
+            reason: "",
+            outcome: "ok",
+        },
+    )
+    .await;
     auth::logout(&sessions.db, &session.id).await;
     let mut res = see_other("/login");
     if let Ok(v) = header::HeaderValue::from_str(&auth::cookie(
@@ -276,17 +433,41 @@ async fn overview_page(session: Session, state: web::Data<AppState>) -> ApiResul
             (counter("compensationFailed", "compensation failed", o.compensation_failed.to_string()))
             (counter("parked", "parked (needs a person)", o.parked.to_string()))
             (counter("stuck", "stuck", o.stuck.to_string()))
+            (counter("stalledPartitions", "stalled partitions", o.stalled_partitions.to_string()))
+            (counter("progressing", "sagas in progress", optional(o.progressing)))
+            (counter("waiting", "sagas waiting", optional(o.waiting)))
         }
         p.muted { "Updated " span #updated-at { (o.at.format("%H:%M:%S UTC")) } ", refreshing by itself." }
         h2 { "Partitions" }
-        @if let Some(e) = &o.partitions_error { p.flash.err { "Scheduler unavailable: " (e) } }
+        p.muted {
+            "Lag is the age of the oldest booking not yet started, read from the log. A partition is flagged stalled when its lease has expired (its owner is not alive) or that booking is older than "
+            (o.stall_after_secs) " s."
+        }
+        p.flash.err #partitions-error role="alert" hidden[o.partitions_error.is_none()] {
+            (o.partitions_error.as_deref().unwrap_or_default())
+        }
         table #partitions {
-            thead { tr { th { "partition" } th { "owner" } th { "checkpoint" } th { "lag (s)" } } }
+            thead { tr { th { "partition" } th { "owner" } th { "owner alive" } th { "lease expires" } th { "checkpoint" } th { "lag (s)" } th { "status" } } }
             tbody {
                 @for p in &o.partitions {
+                    (partition_row(p))
+                }
+            }
+        }
+        h2 { "Waiting sagas" }
+        p.muted { "Running sagas parked until a wake-up time (no drone free yet, a back-off), apart from those in progress, by the step they wait to run and why." }
+        p.flash.err #waiting-error role="alert" hidden[o.waiting_error.is_none()] {
+            (o.waiting_error.as_deref().unwrap_or_default())
+        }
+        table #waiting {
+            thead { tr { th { "step" } th { "reason" } th { "sagas" } th { "next wake-up" } th { "for example" } th { "last error" } } }
+            tbody {
+                @for r in &o.waiting_reasons {
                     tr {
-                        td { (p.partition) } td { (p.owner) } td { (p.checkpoint) }
-                        td { @if let Some(l) = p.lag_seconds { (format!("{l:.2}")) } @else { "–" } }
+                        td { (r.step) } td { (r.reason) } td { (r.count) }
+                        td { (r.next_wake_at.map_or("–".to_owned(), |t| t.format("%H:%M:%S UTC").to_string())) }
+                        td { @if r.example_delivery_id.is_empty() { "–" } @else { a href=(format!("/dashboard/sagas/{}", r.example_delivery_id)) { (r.example_delivery_id) } } }
+                        td { (r.last_error.as_deref().unwrap_or("–")) }
                     }
                 }
             }
@@ -304,6 +485,26 @@ async fn overview_page(session: Session, state: web::Data<AppState>) -> ApiResul
         p { a href="/dashboard/audit" { "Whole audit log" } }
     };
     Ok(page(layout("Overview", Some(&session), body)))
+}
+
+/// A count the Scheduler may not have told yet.
+fn optional(n: Option<i64>) -> String {
+    n.map_or("–".to_owned(), |n| n.to_string())
+}
+
+/// One partition of the overview; `app.js` renders the same row on refresh.
+fn partition_row(p: &actions::PartitionView) -> Markup {
+    html! {
+        tr id=(format!("partition-{}", p.partition)) class=(if p.stalled { "stalled" } else { "ok" }) data-stalled=(p.stalled) {
+            td { (p.partition) }
+            td { @if p.owner.is_empty() { "–" } @else { (p.owner) } }
+            td { (if p.owner_alive { "yes" } else { "no" }) }
+            td { (p.lease_expires_at.map_or("–".to_owned(), |t| t.format("%H:%M:%S UTC").to_string())) }
+            td { (p.checkpoint) "." (p.checkpoint_index) }
+            td { @if let Some(l) = p.lag_seconds { (format!("{l:.2}")) } @else { "–" } }
+            td.status { @if p.stalled { "STALLED: " (p.stall_reasons.join("; ")) } @else { "ok" } }
+        }
+    }
 }
 
 async fn overview_json(_: Session, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
@@ -387,7 +588,10 @@ fn action_form(session: &Session, id: &str, action: &str, label: &str, target: &
     html! {
         form.action id=(format!("{action}-form")) method="post" action=(target) {
             input type="hidden" name="csrf" value=(session.csrf);
-            label { "Reason (required)" textarea name="reason" id=(format!("{action}-reason")) required maxlength="2000" {} }
+            label {
+                "Reason (required, at most " (actions::REASON_MAX_CHARS) " characters)"
+                textarea name="reason" id=(format!("{action}-reason")) required maxlength=(actions::REASON_MAX_CHARS) {}
+            }
             button type="submit" id=(format!("{action}-button")) data-delivery-id=(id) { (label) }
         }
     }
@@ -402,14 +606,10 @@ async fn saga_page(
     let id = valid_id("deliveryId", &id)?.to_owned();
     let detail = api::detail(&state, &id).await?;
     let workflow = state.scheduler.workflow(&id).await;
-    let parked: Vec<api::ParkedView> = state
-        .queue
-        .parked(500)
-        .await
-        .unwrap_or_default()
+    let parked: Vec<api::ParkedView> = crate::parked::waiting_of(&state.db, &id)
+        .await?
         .into_iter()
         .map(api::ParkedView::from)
-        .filter(|p| p.delivery_id.as_deref() == Some(id.as_str()))
         .collect();
     let saga_state = workflow
         .as_ref()
@@ -513,13 +713,18 @@ fn parked_table(session: &Session, rows: &[api::ParkedView]) -> Markup {
                     @for p in rows {
                         tr {
                             td { @if let Some(d) = &p.delivery_id { a href=(format!("/dashboard/sagas/{d}")) { code { (d) } } } @else { "undecodable" } }
-                            td { (p.reason) } td { (p.delivery_count) }
+                            td {
+                                (p.reason)
+                                // The message as it was published, for the person who must fix it.
+                                details.payload { summary { "message" } pre { code { (p.payload) } } }
+                            }
+                            td { (p.delivery_count) }
                             td { (p.parked_at.format("%Y-%m-%d %H:%M:%S")) }
                             @if session.is_operator() {
                                 td {
                                     form.action.inline method="post" action=(format!("/dashboard/parked/{}/redrive", p.message_id)) {
                                         input type="hidden" name="csrf" value=(session.csrf);
-                                        input type="text" name="reason" placeholder="reason (required)" required maxlength="2000";
+                                        input type="text" name="reason" placeholder="reason (required)" required maxlength=(actions::REASON_MAX_CHARS);
                                         button type="submit" { "Redrive" }
                                     }
                                 }
@@ -537,11 +742,8 @@ async fn parked_page(
     state: web::Data<AppState>,
     flash_q: web::Query<Flash>,
 ) -> ApiResult<HttpResponse> {
-    let rows: Vec<api::ParkedView> = state
-        .queue
-        .parked(500)
-        .await
-        .map_err(|e| ApiError::unavailable("broker-unavailable", e.to_string(), 1))?
+    let rows: Vec<api::ParkedView> = crate::parked::waiting(&state.db, 500)
+        .await?
         .into_iter()
         .map(api::ParkedView::from)
         .collect();
@@ -574,22 +776,57 @@ struct ActionForm {
 }
 
 impl ActionForm {
-    fn reason(&self) -> Result<&str, ApiError> {
-        let r = self.reason.trim();
+    /// The reason as the Scheduler will count it: browsers send a textarea's line breaks as
+    /// CRLF but count them as one character against `maxlength`, so they are counted as one here.
+    fn reason(&self) -> Result<String, ApiError> {
+        let r = self.reason.replace("\r\n", "\n");
+        let r = r.trim();
         if r.is_empty() {
             Err(ApiError::field("reason", "is required"))
-        } else if r.chars().count() > 2000 {
-            Err(ApiError::field("reason", "must be at most 2000 characters"))
+        } else if r.chars().count() > actions::REASON_MAX_CHARS {
+            Err(ApiError::field(
+                "reason",
+                format!("must be at most {} characters", actions::REASON_MAX_CHARS),
+            ))
         } else {
-            Ok(r)
+            Ok(r.to_owned())
         }
     }
 }
 
-/// Only operators, with this session's CSRF token and a reason.
-fn authorise<'a>(session: &Session, form: &'a ActionForm) -> Result<&'a str, ApiError> {
-    session.require_operator()?;
-    session.check_csrf(&form.csrf)?;
+/// Only operators, with this session's CSRF token, and a reason. A refusal is audited too (best
+/// effort: a refused action changes nothing).
+async fn authorise(
+    state: &AppState,
+    session: &Session,
+    form: &ActionForm,
+    action: &str,
+    target: &str,
+) -> Result<String, ApiError> {
+    let allowed = session
+        .require_operator()
+        .and_then(|()| session.check_csrf(&form.csrf));
+    if let Err(refusal) = allowed {
+        let reason: String = form
+            .reason
+            .trim()
+            .chars()
+            .take(actions::REASON_MAX_CHARS)
+            .collect();
+        audit_best_effort(
+            &state.db,
+            audit::Entry {
+                actor: &session.user,
+                role: session.role.as_str(),
+                action,
+                target,
+                reason: &reason,
+                outcome: &format!("refused: {refusal}"),
+            },
+        )
+        .await;
+        return Err(refusal);
+    }
     form.reason()
 }
 
@@ -605,12 +842,12 @@ async fn retry(
     form: web::Form<ActionForm>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
-    let reason = authorise(&session, &form)?;
+    let reason = authorise(&state, &session, &form, "retry", id).await?;
     let actor = Actor {
         name: &session.user,
         role: session.role.as_str(),
     };
-    let done = actions::retry(&state, &actor, id, reason).await?;
+    let done = actions::retry(&state, &actor, id, &reason).await?;
     Ok(back(&format!("/dashboard/sagas/{id}"), &done))
 }
 
@@ -621,12 +858,12 @@ async fn compensate(
     form: web::Form<ActionForm>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
-    let reason = authorise(&session, &form)?;
+    let reason = authorise(&state, &session, &form, "compensate", id).await?;
     let actor = Actor {
         name: &session.user,
         role: session.role.as_str(),
     };
-    let done = actions::compensate_now(&state, &actor, id, reason).await?;
+    let done = actions::compensate_now(&state, &actor, id, &reason).await?;
     Ok(back(&format!("/dashboard/sagas/{id}"), &done))
 }
 
@@ -637,11 +874,46 @@ async fn redrive(
     form: web::Form<ActionForm>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("messageId", &id)?;
-    let reason = authorise(&session, &form)?;
+    let reason = authorise(&state, &session, &form, "redrive", id).await?;
     let actor = Actor {
         name: &session.user,
         role: session.role.as_str(),
     };
-    let done = actions::redrive(&state, &actor, id, reason).await?;
+    let done = actions::redrive(&state, &actor, id, &reason).await?;
     Ok(back("/dashboard/parked", &done))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(reason: &str) -> ActionForm {
+        ActionForm {
+            csrf: String::new(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    #[test]
+    fn reasons_are_counted_as_the_form_counts_them() {
+        let n = actions::REASON_MAX_CHARS;
+        // A textarea's line break counts once against maxlength but is sent as CRLF.
+        let at_limit = format!("{}\r\n{}", "🛸".repeat(n - 2), "z");
+        assert_eq!(
+            form(&at_limit).reason().map(|r| r.chars().count()).ok(),
+            Some(n)
+        );
+        let over = "a".repeat(n + 1);
+        assert!(form(&over).reason().is_err());
+        assert!(form("  \r\n ").reason().is_err());
+        assert_eq!(form("  why  ").reason().ok().as_deref(), Some("why"));
+    }
+
+    #[test]
+    fn waits_read_as_a_person_would_say_them() {
+        assert_eq!(wait_text(1), "1 second");
+        assert_eq!(wait_text(45), "45 seconds");
+        assert_eq!(wait_text(900), "15 minutes");
+        assert_eq!(wait_text(121), "3 minutes");
+    }
 }

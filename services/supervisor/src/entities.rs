@@ -157,3 +157,37 @@ pub mod session {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod parked_message {
+    use sea_orm::entity::prelude::*;
+
+    /// A parked compensation request, moved out of the broker's parked queue (where looking at
+    /// it would be a delivery) into the Supervisor's keeping. Keyed by the parking, so a message
+    /// handed out again after a crash finds its row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "parked_messages")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub park_id: String,
+        /// The event id; a redrive republishes under it.
+        pub message_id: String,
+        /// The event's key, when the message decodes.
+        pub delivery_id: Option<String>,
+        /// The bytes as published, also when they do not decode.
+        #[sea_orm(column_type = "Blob")]
+        pub payload: Vec<u8>,
+        #[sea_orm(column_type = "Text")]
+        pub reason: String,
+        pub delivery_count: i32,
+        pub parked_at: ChronoDateTimeUtc,
+        pub stored_at: ChronoDateTimeUtc,
+        /// Set once a redrive republished it: no longer waiting for a person.
+        pub redriven_at: Option<ChronoDateTimeUtc>,
+        pub redriven_by: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -4,6 +4,8 @@
 //! - `compensation`: consumes `supervisor.compensations`, undoes the succeeded steps in reverse
 //!   order, stores the outcome, reports it to the Scheduler (the owner of saga state), acks; what
 //!   cannot be done is parked after the delivery limit and waits for a person.
+//! - `parked`: moves parked requests out of the broker into the Supervisor's table, where they
+//!   are listed and redriven from.
 //! - `readmodel`: every saga from `workflow-events`, stuck detection, rates.
 //! - `dashboard` (login, roles, CSRF, audit log) and `api` (the same data as JSON for tools).
 
@@ -16,8 +18,11 @@ mod dashboard;
 mod entities;
 mod metrics;
 mod migration;
+mod parked;
 mod readmodel;
 mod scheduler_client;
+mod stall;
+mod throttle;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -38,6 +43,7 @@ pub use auth::UserSettings;
 pub use compensation::UndoRetry;
 pub use migration::Migrator;
 pub use scheduler_client::SchedulerLink;
+pub use throttle::LoginSettings;
 
 /// Supervisor settings (`APP_` environment variables with `__` for nesting).
 #[derive(Debug, Clone, Deserialize)]
@@ -75,7 +81,7 @@ impl Default for Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct SupervisorSettings {
-    /// Partitions of `workflow-events` (the same number everywhere).
+    /// Partitions of `workflow-events` and `delivery-requests` (the same number everywhere).
     pub partitions: u32,
     /// Deliveries of a compensation request before it is parked; must equal the Scheduler's
     /// `compensation_delivery_limit` (both declare the queue).
@@ -94,6 +100,14 @@ pub struct SupervisorSettings {
     pub secure_cookies: bool,
     /// Dashboard refresh period of the live counters.
     pub refresh_ms: u64,
+    /// A partition whose oldest unstarted booking is older than this is flagged stalled (as is
+    /// one whose lease has expired).
+    pub stall_after_secs: u64,
+    /// How often the partition leases, the log's unstarted bookings and the waiting sagas are
+    /// looked at.
+    pub partition_refresh_ms: u64,
+    /// Failed-login delays and the password-check pool.
+    pub login: LoginSettings,
 }
 
 impl Default for SupervisorSettings {
@@ -109,6 +123,9 @@ impl Default for SupervisorSettings {
             session_ttl_secs: 8 * 3600,
             secure_cookies: false,
             refresh_ms: 2000,
+            stall_after_secs: 60,
+            partition_refresh_ms: 5000,
+            login: LoginSettings::default(),
         }
     }
 }
@@ -133,6 +150,8 @@ pub(crate) struct AppState {
     pub rates: Arc<readmodel::Rates>,
     pub metrics: Arc<metrics::Metrics>,
     pub settings: SupervisorSettings,
+    /// Partition leases, unstarted bookings and waiting sagas, as last looked at.
+    pub stall: Arc<stall::Watch>,
 }
 
 /// The running Supervisor.
@@ -161,6 +180,7 @@ impl Application {
             partitions = s.partitions,
             delivery_limit = s.compensation_delivery_limit,
             stuck_after_secs = s.stuck_after_secs,
+            stall_after_secs = s.stall_after_secs,
             users = ?settings.users.keys().collect::<Vec<_>>(),
             "starting supervisor"
         );
@@ -186,6 +206,10 @@ impl Application {
             .await?;
         let events = broker
             .log(contracts::WORKFLOW_EVENTS_LOG, s.partitions)
+            .await?;
+        // Read only, to age the bookings no Scheduler has started (see `stall`).
+        let requests = broker
+            .log(contracts::DELIVERY_REQUESTS_LOG, s.partitions)
             .await?;
 
         let builder = service_kit::ServiceBuilder::new("supervisor", settings.http.clone());
@@ -222,13 +246,31 @@ impl Application {
             Duration::from_millis(s.stuck_check_interval_ms.max(100)),
             stop_rx.clone(),
         )));
+        tasks.push(tokio::spawn(parked::keep(
+            db.clone(),
+            queue.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(count_parked(
+            db.clone(),
             queue.clone(),
             metrics.clone(),
             Duration::from_millis(s.parked_refresh_ms.max(100)),
             stop_rx.clone(),
         )));
 
+        let stall = Arc::new(stall::Watch::new(
+            s.partitions,
+            Duration::from_secs(s.stall_after_secs),
+        ));
+        tasks.push(tokio::spawn(stall::run(
+            stall.clone(),
+            scheduler.clone(),
+            requests,
+            metrics.clone(),
+            Duration::from_millis(s.partition_refresh_ms.max(100)),
+            stop_rx.clone(),
+        )));
         let state = actix_web::web::Data::new(AppState {
             db: db.clone(),
             scheduler,
@@ -236,12 +278,9 @@ impl Application {
             rates,
             metrics,
             settings: s.clone(),
+            stall,
         });
-        let sessions = actix_web::web::Data::new(auth::Sessions {
-            db: db.clone(),
-            secure_cookies: s.secure_cookies,
-            ttl: chrono::Duration::seconds(i64::try_from(s.session_ttl_secs).unwrap_or(3600)),
-        });
+        let sessions = actix_web::web::Data::new(auth::Sessions::new(db.clone(), &s));
         let service = builder
             .service_token(settings.auth.service_token.clone())
             .openapi(api::openapi())
@@ -275,16 +314,15 @@ impl Application {
 }
 
 async fn count_parked(
+    db: sea_orm::DatabaseConnection,
     queue: Arc<dyn WorkQueue>,
     metrics: Arc<metrics::Metrics>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        match queue.parked(10_000).await {
-            Ok(p) => metrics
-                .parked
-                .set(i64::try_from(p.len()).unwrap_or(i64::MAX)),
+        match parked::count_waiting(&db).await {
+            Ok(n) => metrics.parked.set(i64::try_from(n).unwrap_or(i64::MAX)),
             Err(e) => tracing::warn!(error = %e, "counting parked messages failed"),
         }
         match queue.depth().await {

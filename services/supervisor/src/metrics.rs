@@ -1,6 +1,6 @@
 //! Supervisor metrics, registered in the service's `/metrics` registry.
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 pub struct Metrics {
     /// Compensation requests handled, by outcome (`compensated`, `failed`, `duplicate`,
@@ -18,6 +18,20 @@ pub struct Metrics {
     pub stuck: IntGauge,
     /// Sagas in the read model by state.
     pub sagas: IntGaugeVec,
+    /// 1 while a partition is flagged stalled (lease expired or missing, or its oldest unstarted
+    /// booking older than `stall_after_secs`), by partition.
+    pub partition_stalled: IntGaugeVec,
+    /// 1 while a partition's lease is unexpired, by partition.
+    pub partition_owner_alive: IntGaugeVec,
+    /// Age of the oldest record at or after a partition's checkpoint (not yet started), by
+    /// partition: its lag against the log's head.
+    pub partition_oldest_unstarted_age: GaugeVec,
+    /// 1 while the Scheduler answers the Supervisor's status calls.
+    pub scheduler_up: IntGauge,
+    /// Running sagas making progress (not parked until a wake-up time).
+    pub sagas_progressing: IntGauge,
+    /// Running sagas parked until a wake-up time, by the step they wait to run and why.
+    pub sagas_waiting: IntGaugeVec,
 }
 
 impl Metrics {
@@ -57,6 +71,42 @@ impl Metrics {
                 Opts::new("supervisor_sagas", "Sagas in the read model, by state"),
                 &["state"],
             )?,
+            partition_stalled: IntGaugeVec::new(
+                Opts::new(
+                    "supervisor_partition_stalled",
+                    "1 while the partition's lease has expired (or none is held) or its oldest unstarted booking is older than stall_after_secs",
+                ),
+                &["partition"],
+            )?,
+            partition_owner_alive: IntGaugeVec::new(
+                Opts::new(
+                    "supervisor_partition_owner_alive",
+                    "1 while the partition's lease is unexpired (its owner renews it)",
+                ),
+                &["partition"],
+            )?,
+            partition_oldest_unstarted_age: GaugeVec::new(
+                Opts::new(
+                    "supervisor_partition_oldest_unstarted_age_seconds",
+                    "Age of the oldest record at or after the partition's checkpoint, read from the log (lag against its head)",
+                ),
+                &["partition"],
+            )?,
+            scheduler_up: IntGauge::new(
+                "supervisor_scheduler_up",
+                "1 while the Scheduler answers the Supervisor's status calls",
+            )?,
+            sagas_progressing: IntGauge::new(
+                "supervisor_sagas_progressing",
+                "Running sagas making progress (not parked until a wake-up time)",
+            )?,
+            sagas_waiting: IntGaugeVec::new(
+                Opts::new(
+                    "supervisor_sagas_waiting",
+                    "Running sagas parked until a wake-up time, by the step they wait to run and the reason",
+                ),
+                &["step", "reason"],
+            )?,
         };
         registry.register(Box::new(m.compensations.clone()))?;
         registry.register(Box::new(m.undo_retries.clone()))?;
@@ -65,6 +115,12 @@ impl Metrics {
         registry.register(Box::new(m.queue_depth.clone()))?;
         registry.register(Box::new(m.stuck.clone()))?;
         registry.register(Box::new(m.sagas.clone()))?;
+        registry.register(Box::new(m.partition_stalled.clone()))?;
+        registry.register(Box::new(m.partition_owner_alive.clone()))?;
+        registry.register(Box::new(m.partition_oldest_unstarted_age.clone()))?;
+        registry.register(Box::new(m.scheduler_up.clone()))?;
+        registry.register(Box::new(m.sagas_progressing.clone()))?;
+        registry.register(Box::new(m.sagas_waiting.clone()))?;
         Ok(m)
     }
 }

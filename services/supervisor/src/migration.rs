@@ -7,12 +7,19 @@ use sea_orm_migration::schema::{
     timestamp_with_time_zone,
 };
 
+mod m20261205_000001_parked_messages;
+mod m20261205_000002_login_failures;
+
 pub struct Migrator;
 
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateSupervisor)]
+        vec![
+            Box::new(CreateSupervisor),
+            Box::new(m20261205_000001_parked_messages::Migration),
+            Box::new(m20261205_000002_login_failures::Migration),
+        ]
     }
 }
 

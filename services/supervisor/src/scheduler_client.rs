@@ -1,11 +1,12 @@
 //! The Scheduler as the Supervisor calls it: report compensation outcomes, retry a saga on the
-//! instance that owns its partition, read a saga's status, the partition leases and the lag.
+//! instance that owns its partition, read a saga's status, the partition leases and the sagas
+//! that wait. (Lag is not asked of the Scheduler: a stalled one would report none; see `stall`.)
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use contracts::{
-    CompensationReport, Outcome, PartitionLease, RetryRequest, Workflow, WorkflowSummary,
+    CompensationReport, Outcome, PartitionLease, RetryRequest, WaitingSagas, Workflow,
+    WorkflowSummary,
 };
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
@@ -206,52 +207,9 @@ impl SchedulerClient {
             .await
     }
 
-    /// `scheduler_partition_lag_seconds` by partition, from the Scheduler's `/metrics` (one
-    /// instance; with several replicas each shows the partitions it owns).
-    pub async fn lag_seconds(&self) -> Result<BTreeMap<u32, f64>, SchedulerError> {
-        let url = format!("{}/metrics", self.link.url.trim_end_matches('/'));
-        let text = self
-            .http
-            .get(&url)
-            .send()
+    /// Running sagas that wait (parked until a wake-up time) apart from those making progress.
+    pub async fn waiting(&self) -> Result<WaitingSagas, SchedulerError> {
+        self.call(&self.link.url, Method::GET, "/api/waiting", None)
             .await
-            .map_err(|e| SchedulerError::Transient(e.to_string()))?
-            .text()
-            .await
-            .map_err(|e| SchedulerError::Transient(e.to_string()))?;
-        Ok(parse_lag(&text))
-    }
-}
-
-fn parse_lag(metrics: &str) -> BTreeMap<u32, f64> {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("scheduler_partition_lag_seconds{"))
-        .filter_map(|l| {
-            let p = l
-                .split("partition=\"")
-                .nth(1)?
-                .split('"')
-                .next()?
-                .parse()
-                .ok()?;
-            let v = l.rsplit(' ').next()?.parse().ok()?;
-            Some((p, v))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lag_is_read_from_prometheus_text() {
-        let text = "# HELP x\nscheduler_partition_lag_seconds{partition=\"0\",service=\"scheduler\"} 0.25\n\
-                    scheduler_partition_lag_seconds{service=\"scheduler\",partition=\"3\"} 2\nother 1\n";
-        let lag = parse_lag(text);
-        assert_eq!(lag.get(&0), Some(&0.25));
-        assert_eq!(lag.get(&3), Some(&2.0));
-        assert_eq!(lag.len(), 2);
     }
 }

@@ -163,6 +163,37 @@ impl PartitionedLog for EmbeddedLog {
         let task = tokio::spawn(reader.run(next, tx));
         Ok(LogReader::new(rx, task))
     }
+
+    /// Exact: the rows say whether anything is there.
+    async fn peek(&self, partition: u32, from: Position) -> Result<Option<LogRecord>> {
+        self.check_partition(partition)?;
+        let store = self.sink.store.clone();
+        let reader = Reader {
+            signal: store.signal(&signal_name(&self.name, partition)),
+            store,
+            log: self.name.clone(),
+            partition,
+            // The batch at `from.offset` may end before `from.index`; then the next one answers.
+            page: 2,
+        };
+        let mut next = from.offset;
+        loop {
+            let rows = reader.page_from(next).await?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            for (offset, payload) in rows {
+                let found = reader
+                    .records(offset, &payload)
+                    .into_iter()
+                    .find(|r| r.position >= from);
+                if found.is_some() {
+                    return Ok(found);
+                }
+                next = offset + 1;
+            }
+        }
+    }
 }
 
 async fn next_offset(store: &Store, log: &str, partition: u32) -> Result<u64> {

@@ -2,6 +2,9 @@
 //! consumer) → deleted (ack), back to `ready` (nack, or its consumer went away), or `parked`
 //! (delivery limit, reject, undecodable). A claim is one `UPDATE ... RETURNING`, so competing
 //! consumers never hold the same message at once.
+//!
+//! Parked rows are handed out the same way to whoever keeps them elsewhere (`take_parked`: the
+//! row stays `parked`, claimed by that consumer) and deleted when it acks.
 
 use std::sync::Arc;
 
@@ -13,7 +16,10 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use super::store::{column, parse_timestamp, timestamp, Store, FALLBACK_POLL};
 use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
-use crate::traits::{Acker, Parked, QueueMessage, QueueOptions, QueueReceiver, WorkQueue};
+use crate::traits::{
+    Acker, Parked, ParkedAcker, ParkedMessage, ParkedReceiver, QueueMessage, QueueOptions,
+    QueueReceiver, WorkQueue,
+};
 
 /// Most messages claimed by one statement, whatever the prefetch.
 const CLAIM_PAGE: usize = 100;
@@ -29,17 +35,21 @@ struct Shared {
     delivery_limit: u32,
     /// Wakes this process's consumers when a message becomes ready.
     signal: Arc<Notify>,
+    /// Wakes this process's takers of parked messages when a message is parked.
+    parked_signal: Arc<Notify>,
 }
 
 impl EmbeddedQueue {
     pub(super) fn new(store: Arc<Store>, name: String, options: QueueOptions) -> Self {
         let signal = store.signal(&format!("queue\u{0}{name}"));
+        let parked_signal = store.signal(&format!("parked\u{0}{name}"));
         Self {
             shared: Arc::new(Shared {
                 store,
                 name,
                 delivery_limit: options.delivery_limit.max(1),
                 signal,
+                parked_signal,
             }),
         }
     }
@@ -121,56 +131,26 @@ impl WorkQueue for EmbeddedQueue {
         }
     }
 
-    async fn parked(&self, limit: usize) -> Result<Vec<Parked>> {
-        let rows = self
-            .shared
-            .store
-            .query(
-                "SELECT message_id, payload, reason, delivery_count, parked_at
-                 FROM messaging_queue_messages WHERE queue = ? AND state = 'parked'
-                 ORDER BY parked_at, seq LIMIT ?",
-                [
-                    Value::from(self.shared.name.clone()),
-                    Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
-                ],
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let payload = column::<Vec<u8>>(row, "payload")?;
-                let parked_at = column::<Option<String>>(row, "parked_at")?.unwrap_or_default();
-                Ok(Parked {
-                    message_id: column(row, "message_id")?,
-                    event: Envelope::decode_one(&payload).ok(),
-                    reason: column::<Option<String>>(row, "reason")?.unwrap_or_default(),
-                    delivery_count: count(column(row, "delivery_count")?),
-                    parked_at: parse_timestamp(&parked_at)?,
-                })
-            })
-            .collect()
+    async fn take_parked(&self, prefetch: u16) -> Result<ParkedReceiver> {
+        let slots = if prefetch == 0 {
+            usize::from(u16::MAX)
+        } else {
+            usize::from(prefetch)
+        };
+        let taker = ParkedTaker {
+            shared: self.shared.clone(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            slots: Arc::new(Semaphore::new(slots)),
+        };
+        let (tx, rx) = mpsc::channel(slots);
+        let task = tokio::spawn(taker.run(tx));
+        Ok(ParkedReceiver::new(rx, task))
     }
 
-    async fn redrive(&self, message_id: &str) -> Result<bool> {
-        // One message per call: should two parked messages share an id, each is redriven on its own.
-        let moved = self
-            .shared
-            .store
-            .execute(
-                "UPDATE messaging_queue_messages
-                 SET state = 'ready', delivery_count = 0, reason = NULL, parked_at = NULL
-                 WHERE seq = (SELECT seq FROM messaging_queue_messages
-                              WHERE queue = ? AND state = 'parked' AND message_id = ?
-                              ORDER BY seq LIMIT 1)",
-                [
-                    Value::from(self.shared.name.clone()),
-                    Value::from(message_id.to_owned()),
-                ],
-            )
-            .await?;
-        if moved > 0 {
-            self.shared.signal.notify_waiters();
-        }
-        Ok(moved > 0)
+    async fn republish(&self, message_id: &str, payload: Vec<u8>) -> Result<()> {
+        self.insert(message_id.to_owned(), payload).await?;
+        tracing::info!(queue = %self.shared.name, message_id, "parked message republished");
+        Ok(())
     }
 }
 
@@ -413,6 +393,7 @@ impl EmbeddedAcker {
             .await;
         if parked.is_ok() {
             tracing::warn!(queue = %self.shared.name, reason, "message parked");
+            self.shared.parked_signal.notify_waiters();
         }
         parked
     }
@@ -457,5 +438,177 @@ impl Acker for EmbeddedAcker {
     async fn reject(&self, _delivery_count: u32, _event: &Envelope, reason: &str) -> Result<()> {
         let outcome = self.park(reason, false).await;
         self.release(outcome)
+    }
+}
+
+/// Hands out parked rows: each is claimed (`consumer` set, still `parked`) so it goes to one
+/// taker at a time, deleted on ack, and released when the taker goes away unanswered.
+struct ParkedTaker {
+    shared: Arc<Shared>,
+    id: String,
+    slots: Arc<Semaphore>,
+}
+
+impl ParkedTaker {
+    async fn run(self, tx: mpsc::Sender<ParkedMessage>) {
+        let _release = ReleaseParkedOnDrop {
+            shared: self.shared.clone(),
+            taker: self.id.clone(),
+        };
+        loop {
+            let Ok(first) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut permits = vec![first];
+            while permits.len() < CLAIM_PAGE {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            let parked = self.shared.parked_signal.notified();
+            tokio::pin!(parked);
+            parked.as_mut().enable();
+            let claimed = match self.claim(permits.len()).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(queue = %self.shared.name, error = %e, "taking parked messages failed; retrying");
+                    drop(permits);
+                    tokio::time::sleep(FALLBACK_POLL).await;
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                drop(permits);
+                tokio::select! {
+                    _ = &mut parked => {}
+                    _ = tokio::time::sleep(FALLBACK_POLL) => {}
+                    _ = tx.closed() => return,
+                }
+                continue;
+            }
+            for (seq, parked) in claimed {
+                if let Some(permit) = permits.pop() {
+                    permit.forget();
+                }
+                let message = ParkedMessage {
+                    parked,
+                    acker: Box::new(EmbeddedParkedAcker {
+                        shared: self.shared.clone(),
+                        seq,
+                        taker: self.id.clone(),
+                        slots: self.slots.clone(),
+                    }),
+                };
+                if tx.send(message).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Claims up to `n` unclaimed parked rows, oldest first.
+    async fn claim(&self, n: usize) -> Result<Vec<(i64, Parked)>> {
+        let rows = self
+            .shared
+            .store
+            .query(
+                "UPDATE messaging_queue_messages SET owner = ?, consumer = ?
+                 WHERE seq IN (SELECT seq FROM messaging_queue_messages
+                               WHERE queue = ? AND state = 'parked' AND consumer IS NULL
+                               ORDER BY seq LIMIT ?)
+                 RETURNING seq, message_id, payload, reason, delivery_count, parked_at",
+                [
+                    Value::from(self.shared.store.instance.clone()),
+                    Value::from(self.id.clone()),
+                    Value::from(self.shared.name.clone()),
+                    Value::from(i64::try_from(n).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await?;
+        let mut claimed = rows
+            .iter()
+            .map(|row| {
+                let seq: i64 = column(row, "seq")?;
+                let payload = column::<Vec<u8>>(row, "payload")?;
+                let parked_at = column::<Option<String>>(row, "parked_at")?.unwrap_or_default();
+                Ok((
+                    seq,
+                    Parked {
+                        // A row is parked once (a redrive is a new row), and the time guards
+                        // against a recreated file reusing a sequence number.
+                        park_id: format!("{seq}@{parked_at}"),
+                        message_id: column(row, "message_id")?,
+                        event: Envelope::decode_one(&payload).ok(),
+                        payload,
+                        reason: column::<Option<String>>(row, "reason")?.unwrap_or_default(),
+                        delivery_count: count(column(row, "delivery_count")?),
+                        parked_at: parse_timestamp(&parked_at)?,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        claimed.sort_by_key(|(seq, _)| *seq);
+        Ok(claimed)
+    }
+}
+
+/// Releases a taker's unanswered parked rows for the next taker (see [`RequeueOnDrop`]).
+struct ReleaseParkedOnDrop {
+    shared: Arc<Shared>,
+    taker: String,
+}
+
+impl Drop for ReleaseParkedOnDrop {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let taker = std::mem::take(&mut self.taker);
+        runtime.spawn(async move {
+            let released = shared
+                .store
+                .execute(
+                    "UPDATE messaging_queue_messages SET owner = NULL, consumer = NULL
+                     WHERE queue = ? AND state = 'parked' AND consumer = ?",
+                    [Value::from(shared.name.clone()), Value::from(taker)],
+                )
+                .await;
+            match released {
+                Ok(0) => {}
+                Ok(_) => shared.parked_signal.notify_waiters(),
+                Err(e) => {
+                    tracing::warn!(queue = %shared.name, error = %e, "releasing taken parked messages failed")
+                }
+            }
+        });
+    }
+}
+
+struct EmbeddedParkedAcker {
+    shared: Arc<Shared>,
+    seq: i64,
+    taker: String,
+    slots: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl ParkedAcker for EmbeddedParkedAcker {
+    async fn ack(&self) -> Result<()> {
+        let deleted = self
+            .shared
+            .store
+            .execute(
+                "DELETE FROM messaging_queue_messages
+                 WHERE seq = ? AND state = 'parked' AND consumer = ?",
+                [Value::from(self.seq), Value::from(self.taker.clone())],
+            )
+            .await;
+        self.slots.add_permits(1);
+        match deleted? {
+            0 => Err(MessagingError::Closed),
+            _ => Ok(()),
+        }
     }
 }

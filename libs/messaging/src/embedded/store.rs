@@ -139,6 +139,14 @@ impl Store {
                 "requeued messages left in flight by a stopped process"
             );
         }
+        // Parked messages a stopped process had taken but not stored stay parked, for the next.
+        let sql = format!(
+            "UPDATE messaging_queue_messages SET owner = NULL, consumer = NULL
+             WHERE state = 'parked' AND consumer IS NOT NULL
+               AND (owner IS NULL OR owner NOT IN ({marks}))"
+        );
+        let values = live.iter().map(|s| Value::from(s.clone()));
+        self.execute(&sql, values).await?;
         Ok(())
     }
 

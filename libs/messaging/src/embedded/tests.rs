@@ -36,6 +36,26 @@ async fn quiet(rx: &mut crate::traits::QueueReceiver) {
     assert!(got.is_err(), "unexpected message: {got:?}");
 }
 
+async fn next_parked(rx: &mut crate::traits::ParkedReceiver) -> crate::traits::ParkedMessage {
+    tokio::time::timeout(WAIT, rx.next())
+        .await
+        .expect("timed out waiting for a parked message")
+        .expect("receiver ended")
+}
+
+/// Rows of `queue` in `state`, read straight from the file.
+async fn rows_in(broker: &EmbeddedBroker, state: &str) -> i64 {
+    let rows = broker
+        .store
+        .query(
+            "SELECT COUNT(*) AS n FROM messaging_queue_messages WHERE state = ?",
+            [Value::from(state.to_owned())],
+        )
+        .await
+        .unwrap();
+    column::<i64>(&rows[0], "n").unwrap()
+}
+
 #[tokio::test]
 async fn messages_in_flight_when_the_process_died_are_redelivered_on_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,14 +128,14 @@ async fn a_message_whose_consumers_keep_dying_is_parked_at_the_limit() {
     }
     let mut rx = queue.consume(1).await.unwrap();
     quiet(&mut rx).await;
-    let parked = queue.parked(10).await.unwrap();
-    assert_eq!(parked.len(), 1);
-    assert_eq!(parked[0].message_id, sent.id.to_string());
-    assert_eq!(parked[0].delivery_count, 2);
+    let mut taken = queue.take_parked(10).await.unwrap();
+    let parked = next_parked(&mut taken).await.parked;
+    assert_eq!(parked.message_id, sent.id.to_string());
+    assert_eq!(parked.delivery_count, 2);
     assert!(
-        parked[0].reason.starts_with("delivery limit 2 reached"),
+        parked.reason.starts_with("delivery limit 2 reached"),
         "{}",
-        parked[0].reason
+        parked.reason
     );
 }
 
@@ -145,15 +165,21 @@ async fn parked_messages_and_log_batches_survive_a_reopen() {
     queue.publish_raw(b"nope".to_vec()).await.unwrap();
     let mut rx = queue.consume(1).await.unwrap();
     quiet(&mut rx).await;
-    let parked = queue.parked(10).await.unwrap();
-    assert_eq!(parked.len(), 1);
+    assert_eq!(rows_in(&broker, "parked").await, 1);
     let log = broker.log("l", 2).await.unwrap();
     log.append(event(7)).await.unwrap();
     drop((rx, queue, log, broker));
 
     let broker = open_broker(&settings(&dir)).await.unwrap();
     let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
-    assert_eq!(queue.parked(10).await.unwrap(), parked);
+    let mut taken = queue.take_parked(10).await.unwrap();
+    let parked = next_parked(&mut taken).await.parked;
+    assert_eq!(parked.payload, b"nope");
+    assert!(
+        parked.reason.starts_with("undecodable"),
+        "{}",
+        parked.reason
+    );
     let log = broker.log("l", 2).await.unwrap();
     let p = log.partition_of("k");
     let mut reader = log.read(p, StartAt::First).await.unwrap();
@@ -209,4 +235,35 @@ async fn only_sqlite_urls_open() {
         open_broker(&settings).await,
         Err(MessagingError::Config(_))
     ));
+}
+
+#[tokio::test]
+async fn parked_messages_taken_by_a_process_that_died_are_handed_out_again_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open_broker(&settings(&dir)).await.unwrap();
+    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    queue.publish_raw(b"nope".to_vec()).await.unwrap();
+    let mut rx = queue.consume(1).await.unwrap();
+    quiet(&mut rx).await;
+    let mut taken = queue.take_parked(1).await.unwrap();
+    let first = next_parked(&mut taken).await.parked;
+    // What a process that crashed before storing it leaves behind: a claim by a gone instance.
+    broker
+        .store
+        .execute(
+            "UPDATE messaging_queue_messages SET owner = 'gone', consumer = 'gone'",
+            Vec::<Value>::new(),
+        )
+        .await
+        .unwrap();
+    // Its release on drop no longer matches the claim: as if the process had died.
+    drop((taken, rx, queue, broker));
+
+    let broker = open_broker(&settings(&dir)).await.unwrap();
+    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    let mut taken = queue.take_parked(1).await.unwrap();
+    let again = next_parked(&mut taken).await;
+    assert_eq!(again.parked, first, "the same parking, the same park id");
+    again.ack().await.unwrap();
+    assert_eq!(rows_in(&broker, "parked").await, 0);
 }

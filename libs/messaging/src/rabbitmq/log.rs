@@ -23,7 +23,7 @@ use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
 use crate::hash::partition_for;
 use crate::settings::MessagingSettings;
-use crate::traits::{Appended, LogReader, LogRecord, PartitionedLog, Position, StartAt};
+use crate::traits::{Appended, LogReader, LogRecord, PartitionedLog, Position, StartAt, PEEK_WAIT};
 
 pub(crate) fn stream_name(settings: &MessagingSettings, log: &str, partition: u32) -> String {
     format!("{}.{partition}", settings.qualified(log))
@@ -165,7 +165,18 @@ impl PartitionedLog for RabbitLog {
         ));
         Ok(LogReader::new(rx, task))
     }
+
+    async fn peek(&self, partition: u32, from: Position) -> Result<Option<LogRecord>> {
+        let stream = self
+            .streams
+            .get(partition as usize)
+            .ok_or_else(|| MessagingError::Config(format!("no partition {partition}")))?;
+        peek_stream(&self.connector, stream, partition, from).await
+    }
 }
+
+/// Stream messages a peek's consumer may hold unacknowledged: the first one usually answers.
+const PEEK_PREFETCH: u16 = 4;
 
 /// Publishes batches, one confirm-mode channel per partition (re-opened after a loss).
 struct StreamSink {
@@ -293,6 +304,74 @@ fn stream_offset(delivery: &lapin::message::Delivery) -> Option<u64> {
     }
 }
 
+/// The events of one stream message (a batch), or one poison record when it does not decode.
+fn batch_records(partition: u32, offset: u64, data: &[u8]) -> Vec<LogRecord> {
+    match Envelope::decode_batch(data) {
+        Ok(events) => events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| LogRecord {
+                partition,
+                position: Position {
+                    offset,
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                },
+                event: Ok(e),
+            })
+            .collect(),
+        Err(poison) => vec![LogRecord {
+            partition,
+            position: Position { offset, index: 0 },
+            event: Err(poison),
+        }],
+    }
+}
+
+/// [`PartitionedLog::peek`]: a consumer of its own from `from.offset` with a small prefetch,
+/// dropped (its channel closed) as soon as the answer is known.
+async fn peek_stream(
+    connector: &Connector,
+    stream: &str,
+    partition: u32,
+    from: Position,
+) -> Result<Option<LogRecord>> {
+    let (_guard, mut consumer) = subscribe(
+        connector,
+        stream,
+        Start::At(StartAt::Offset(from.offset)),
+        PEEK_PREFETCH,
+    )
+    .await?;
+    loop {
+        let delivery = match tokio::time::timeout(PEEK_WAIT, consumer.next()).await {
+            // Nothing delivered in time: nothing is there (see `PEEK_WAIT`).
+            Err(_) => return Ok(None),
+            Ok(None) => {
+                return Err(MessagingError::Unavailable(format!(
+                    "the consumer of {stream} ended"
+                )))
+            }
+            Ok(Some(Err(e))) => return Err(unavailable(e)),
+            Ok(Some(Ok(d))) => d,
+        };
+        let Some(offset) = stream_offset(&delivery) else {
+            continue;
+        };
+        // A stream may start a consumer at the beginning of the chunk holding `from.offset`.
+        let found = batch_records(partition, offset, &delivery.data)
+            .into_iter()
+            .find(|r| r.position >= from);
+        if found.is_some() {
+            return Ok(found);
+        }
+        // Credit for the next delivery.
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(unavailable)?;
+    }
+}
+
 /// Forwards records in order; on any consumer failure re-subscribes (with backoff) at the offset
 /// of the last record handed out and skips what was already handed out, so nothing is lost or
 /// repeated.
@@ -347,26 +426,7 @@ async fn read_loop(
                 let _ = delivery.ack(BasicAckOptions::default()).await;
                 continue;
             };
-            let records: Vec<LogRecord> = match Envelope::decode_batch(&delivery.data) {
-                Ok(events) => events
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, e)| LogRecord {
-                        partition,
-                        position: Position {
-                            offset,
-                            index: u32::try_from(i).unwrap_or(u32::MAX),
-                        },
-                        event: Ok(e),
-                    })
-                    .collect(),
-                Err(poison) => vec![LogRecord {
-                    partition,
-                    position: Position { offset, index: 0 },
-                    event: Err(poison),
-                }],
-            };
-            for record in records {
+            for record in batch_records(partition, offset, &delivery.data) {
                 if last.is_some_and(|l| record.position <= l) {
                     continue;
                 }

@@ -2,7 +2,12 @@
 //! (at-least-once, with `reject-publish` overflow) to `<name>.parked`. Consumers park a message
 //! themselves, with the reason in its headers, when it is rejected, undecodable, or nacked for the
 //! last allowed time; the broker's own delivery limit is the safety net for consumers that die
-//! without answering.
+//! without answering. Both queues declare their delivery limit explicitly, so no broker version's
+//! default applies.
+//!
+//! Parked messages are never looked at in place (a `basic.get` is a delivery: it reorders them,
+//! counts towards the limit and hides them meanwhile); they are consumed by whoever keeps them
+//! (`take_parked`) and acked once stored there.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,8 +16,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
@@ -22,12 +27,16 @@ use super::conn::{ensure_available, reconnect_delays, unavailable, ChannelGuard,
 use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
 use crate::settings::MessagingSettings;
-use crate::traits::{Acker, Parked, QueueMessage, QueueOptions, QueueReceiver, WorkQueue};
+use crate::traits::{
+    Acker, Parked, ParkedAcker, ParkedMessage, ParkedReceiver, QueueMessage, QueueOptions,
+    QueueReceiver, WorkQueue,
+};
 
 const PARK_REASON: &str = "x-park-reason";
 const MESSAGE_ID: &str = "x-message-id";
 const DELIVERIES: &str = "x-deliveries";
 const PARKED_AT: &str = "x-parked-at";
+const PARK_ID: &str = "x-park-id";
 
 pub(crate) fn parked_name(queue: &str) -> String {
     format!("{queue}.parked")
@@ -61,10 +70,32 @@ impl RabbitQueue {
             "x-queue-type".into(),
             AMQPValue::LongString("quorum".into()),
         );
-        channel
+        parked_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(settings.parked_delivery_limit.max(1))),
+        );
+        let channel = match channel
             .queue_declare(parked.as_str().into(), durable, parked_args)
             .await
-            .map_err(unavailable)?;
+        {
+            Ok(_) => channel,
+            // Declared by an earlier version without a delivery limit. RabbitMQ cannot change a
+            // queue's arguments, and refusing to start would turn an upgrade into an outage;
+            // the queue is drained continuously by the Supervisor, so the broker's default limit
+            // only matters for a message handed out again and again by crashing Supervisors.
+            Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
+                tracing::error!(
+                    queue = %parked,
+                    error = %e,
+                    "the parked queue exists with other arguments (an earlier version declared it \
+                     without x-delivery-limit); kept as it is, so the broker's default delivery \
+                     limit applies to it: once it is empty, delete it to have it declared anew"
+                );
+                // The refused declaration closed the channel.
+                connector.channel().await?
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
@@ -237,6 +268,11 @@ async fn park(
         PARKED_AT.into(),
         AMQPValue::LongString(Utc::now().to_rfc3339().into()),
     );
+    // One id per parking, carried by every redelivery of the parked copy.
+    headers.insert(
+        PARK_ID.into(),
+        AMQPValue::LongString(uuid::Uuid::new_v4().to_string().into()),
+    );
     let props = BasicProperties::default()
         .with_headers(headers)
         .with_message_id(ShortString::from(message_id.to_owned()));
@@ -346,56 +382,26 @@ impl WorkQueue for RabbitQueue {
         Ok(u64::from(q.message_count()))
     }
 
-    async fn parked(&self, limit: usize) -> Result<Vec<Parked>> {
-        // Take up to `limit` without acking, then close the channel: they all go back, in order.
-        let channel = self.connector.channel().await?;
-        let mut out = Vec::new();
-        while out.len() < limit {
-            let Some(got) = channel
-                .basic_get(
-                    self.parked.as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await
-                .map_err(unavailable)?
-            else {
-                break;
-            };
-            out.push(describe_parked(&got.delivery));
-        }
-        let _ = channel.close(200, "listed".into()).await;
-        Ok(out)
+    async fn take_parked(&self, prefetch: u16) -> Result<ParkedReceiver> {
+        let first = subscribe(&self.connector, &self.parked, prefetch).await?;
+        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        let task = tokio::spawn(take_parked_loop(
+            self.connector.clone(),
+            self.parked.clone(),
+            prefetch,
+            first,
+            tx,
+        ));
+        Ok(ParkedReceiver::new(rx, task))
     }
 
-    async fn redrive(&self, message_id: &str) -> Result<bool> {
-        let channel = self.connector.channel().await?;
-        let mut found = false;
-        while let Some(got) = channel
-            .basic_get(
-                self.parked.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .map_err(unavailable)?
-        {
-            let d = got.delivery;
-            if message_id_of(&d.properties).as_deref() == Some(message_id) {
-                let props = BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_message_id(ShortString::from(message_id.to_owned()));
-                self.publisher.publish(&self.queue, &d.data, props).await?;
-                d.ack(BasicAckOptions::default())
-                    .await
-                    .map_err(unavailable)?;
-                found = true;
-                break;
-            }
-        }
-        let _ = channel.close(200, "redriven".into()).await;
-        if found {
-            tracing::info!(queue = %self.queue, message_id, "parked message redriven");
-        }
-        Ok(found)
+    async fn republish(&self, message_id: &str, payload: Vec<u8>) -> Result<()> {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(ShortString::from(message_id.to_owned()));
+        self.publisher.publish(&self.queue, &payload, props).await?;
+        tracing::info!(queue = %self.queue, message_id, "parked message republished");
+        Ok(())
     }
 }
 
@@ -413,15 +419,115 @@ fn describe_parked(d: &lapin::message::Delivery) -> Parked {
     let delivery_count = header_int(&d.properties, DELIVERIES)
         .and_then(|v| u32::try_from(v).ok())
         .unwrap_or(0);
+    let death = first_death(&d.properties);
     let parked_at = header_text(&d.properties, PARKED_AT)
         .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
-        .map_or_else(Utc::now, |t| t.with_timezone(&Utc));
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|| {
+            death
+                .and_then(|(at, _)| i64::try_from(at).ok())
+                .and_then(|at| DateTime::from_timestamp(at, 0))
+        })
+        .unwrap_or_else(Utc::now);
+    // Dead-lettered by the broker, the message has no park id of ours: the death's time and
+    // count identify this parking just as well, on every redelivery of it.
+    let park_id = header_text(&d.properties, PARK_ID).unwrap_or_else(|| match death {
+        Some((at, count)) => format!("{message_id}@dead-lettered-{at}-{count}"),
+        None => format!("{message_id}@dead-lettered"),
+    });
     Parked {
+        park_id,
         message_id,
+        payload: d.data.clone(),
         event,
         reason,
         delivery_count,
         parked_at,
+    }
+}
+
+/// The time (unix seconds) and count of the broker's first `x-death` record, if any.
+fn first_death(props: &BasicProperties) -> Option<(u64, i64)> {
+    let AMQPValue::FieldArray(deaths) = header(props, "x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let at = match first.inner().get("time")? {
+        AMQPValue::Timestamp(t) => *t,
+        _ => return None,
+    };
+    let count = match first.inner().get("count") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        _ => 1,
+    };
+    Some((at, count))
+}
+
+struct RabbitParkedAcker(lapin::Acker);
+
+#[async_trait]
+impl ParkedAcker for RabbitParkedAcker {
+    async fn ack(&self) -> Result<()> {
+        self.0
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+/// Hands out the parked queue's messages; re-subscribes with backoff after a connection loss
+/// (the broker returns whatever was unanswered to the parked queue).
+async fn take_parked_loop(
+    connector: Arc<Connector>,
+    parked: String,
+    prefetch: u16,
+    first: (ChannelGuard, lapin::Consumer),
+    tx: mpsc::Sender<ParkedMessage>,
+) {
+    let mut consumer = Some(first);
+    let mut delays = reconnect_delays();
+    loop {
+        let (_guard, mut current) = match consumer.take() {
+            Some(c) => c,
+            None => match subscribe(&connector, &parked, prefetch).await {
+                Ok(c) => {
+                    tracing::info!(queue = %parked, "parked queue consumer resumed");
+                    c
+                }
+                Err(e) => {
+                    let wait = delays.next().unwrap_or(std::time::Duration::from_secs(5));
+                    tracing::warn!(queue = %parked, error = %e, ?wait, "parked queue consumer reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => continue,
+                        () = tx.closed() => return,
+                    }
+                }
+            },
+        };
+        while let Some(delivery) = current.next().await {
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(queue = %parked, error = %e, "parked queue consumer lost");
+                    break;
+                }
+            };
+            delays = reconnect_delays();
+            let message = ParkedMessage {
+                parked: describe_parked(&delivery),
+                acker: Box::new(RabbitParkedAcker(delivery.acker.clone())),
+            };
+            if tx.send(message).await.is_err() {
+                return; // receiver dropped: closing the channel returns the rest
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
     }
 }
 

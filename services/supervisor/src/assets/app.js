@@ -5,7 +5,51 @@
   if (!counters) { return; }
   var every = parseInt(counters.getAttribute("data-refresh-ms"), 10) || 2000;
   function fmt(key, v) {
+    if (v === null || v === undefined) { return "\u2013"; }
     return /PerSecond$/.test(key) ? Number(v).toFixed(1) : String(v);
+  }
+  function clock(t) {
+    return t ? new Date(t).toISOString().substring(11, 19) + " UTC" : "\u2013";
+  }
+  function alertText(id, text) {
+    var el = document.getElementById(id);
+    if (el) { el.textContent = text || ""; el.hidden = !text; }
+  }
+  // The same row as the server renders (dashboard.rs `partition_row`).
+  function partitionRow(p) {
+    var tr = document.createElement("tr");
+    tr.id = "partition-" + p.partition;
+    tr.className = p.stalled ? "stalled" : "ok";
+    tr.setAttribute("data-stalled", p.stalled ? "true" : "false");
+    tr.appendChild(cell(p.partition));
+    tr.appendChild(cell(p.owner || "\u2013"));
+    tr.appendChild(cell(p.ownerAlive ? "yes" : "no"));
+    tr.appendChild(cell(clock(p.leaseExpiresAt)));
+    tr.appendChild(cell(p.checkpoint + "." + p.checkpointIndex));
+    tr.appendChild(cell(p.lagSeconds == null ? "\u2013" : Number(p.lagSeconds).toFixed(2)));
+    var status = cell(p.stalled ? "STALLED: " + (p.stallReasons || []).join("; ") : "ok");
+    status.className = "status";
+    tr.appendChild(status);
+    return tr;
+  }
+  function waitingRow(r) {
+    var tr = document.createElement("tr");
+    tr.appendChild(cell(r.step));
+    tr.appendChild(cell(r.reason));
+    tr.appendChild(cell(r.count));
+    tr.appendChild(cell(clock(r.nextWakeAt)));
+    var example = document.createElement("td");
+    if (r.exampleDeliveryId) {
+      var a = document.createElement("a");
+      a.href = "/dashboard/sagas/" + encodeURIComponent(r.exampleDeliveryId);
+      a.textContent = r.exampleDeliveryId;
+      example.appendChild(a);
+    } else {
+      example.textContent = "\u2013";
+    }
+    tr.appendChild(example);
+    tr.appendChild(cell(r.lastError || "\u2013"));
+    return tr;
   }
   function cell(text) {
     var td = document.createElement("td");
@@ -21,15 +65,15 @@
     var body = document.querySelector("#partitions tbody");
     if (body && o.partitions) {
       while (body.firstChild) { body.removeChild(body.firstChild); }
-      o.partitions.forEach(function (p) {
-        var tr = document.createElement("tr");
-        tr.appendChild(cell(p.partition));
-        tr.appendChild(cell(p.owner));
-        tr.appendChild(cell(p.checkpoint));
-        tr.appendChild(cell(p.lagSeconds == null ? "–" : Number(p.lagSeconds).toFixed(2)));
-        body.appendChild(tr);
-      });
+      o.partitions.forEach(function (p) { body.appendChild(partitionRow(p)); });
     }
+    var waiting = document.querySelector("#waiting tbody");
+    if (waiting && o.waitingReasons) {
+      while (waiting.firstChild) { waiting.removeChild(waiting.firstChild); }
+      o.waitingReasons.forEach(function (r) { waiting.appendChild(waitingRow(r)); });
+    }
+    alertText("partitions-error", o.partitionsError);
+    alertText("waiting-error", o.waitingError);
     var at = document.getElementById("updated-at");
     if (at && o.at) { at.textContent = new Date(o.at).toISOString().substring(11, 19) + " UTC"; }
   }
