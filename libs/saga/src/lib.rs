@@ -26,7 +26,7 @@ pub use engine::{
 };
 pub use memory::MemoryStore;
 pub use migration::migrations;
-pub use retry::{RetryPolicy, StepError};
+pub use retry::{RetryOverrides, RetryPolicy, StepError};
 pub use sql::SqlStore;
 pub use store::{
     Attempt, Change, Fence, InstanceUpdate, JournalError, Lease, LeaseRow, ListFilter,

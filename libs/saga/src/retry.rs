@@ -54,6 +54,31 @@ pub struct RetryPolicy {
     pub jitter: bool,
 }
 
+/// Some fields of a [`RetryPolicy`], as a setting gives them: the rest come from a base policy
+/// that need not be [`RetryPolicy::default`] (a step with its own defaults keeps them when one
+/// field is set).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
+pub struct RetryOverrides {
+    pub min_delay_ms: Option<u64>,
+    pub max_delay_ms: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub budget_ms: Option<u64>,
+    pub jitter: Option<bool>,
+}
+
+impl RetryOverrides {
+    pub fn over(self, base: RetryPolicy) -> RetryPolicy {
+        RetryPolicy {
+            min_delay_ms: self.min_delay_ms.unwrap_or(base.min_delay_ms),
+            max_delay_ms: self.max_delay_ms.unwrap_or(base.max_delay_ms),
+            max_attempts: self.max_attempts.unwrap_or(base.max_attempts),
+            budget_ms: self.budget_ms.unwrap_or(base.budget_ms),
+            jitter: self.jitter.unwrap_or(base.jitter),
+        }
+    }
+}
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {

@@ -25,7 +25,9 @@ use anyhow::Context;
 use downstream::{Domain, Downstream, DownstreamSettings};
 use messaging::{Broker, MessagingSettings, PartitionedLog, QueueOptions};
 use saga::outbox::Publisher;
-use saga::{Clock, Engine, EngineSettings, RetryPolicy, Saga, SqlStore, Store, SystemClock};
+use saga::{
+    Clock, Engine, EngineSettings, RetryOverrides, RetryPolicy, Saga, SqlStore, Store, SystemClock,
+};
 use serde::Deserialize;
 use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
 use tokio::sync::{watch, Semaphore};
@@ -115,20 +117,31 @@ pub struct StepPolicies {
     pub package: RetryPolicy,
     /// No drone free is retried, parked between attempts, for at most `drone.budget_ms` (the
     /// capacity wait, 10 minutes by default) and never past the pickup time; then the booking
-    /// fails with `no-drone-available`.
+    /// fails with `no-drone-available`. A field set alone overrides only itself: the others keep
+    /// these capacity-wait defaults, not the generic ones.
+    #[serde(deserialize_with = "capacity_wait")]
     pub drone: RetryPolicy,
     pub delivery: RetryPolicy,
 }
 
+/// The drone step's defaults: waiting for a free drone, parked between attempts, for 10 minutes.
+fn drone_capacity_wait() -> RetryPolicy {
+    RetryPolicy {
+        min_delay_ms: 200,
+        max_delay_ms: 60_000,
+        max_attempts: 10_000,
+        budget_ms: 10 * 60 * 1000,
+        jitter: true,
+    }
+}
+
+fn capacity_wait<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RetryPolicy, D::Error> {
+    RetryOverrides::deserialize(d).map(|o| o.over(drone_capacity_wait()))
+}
+
 impl Default for StepPolicies {
     fn default() -> Self {
-        let drone = RetryPolicy {
-            min_delay_ms: 200,
-            max_delay_ms: 60_000,
-            max_attempts: 10_000,
-            budget_ms: 10 * 60 * 1000,
-            jitter: true,
-        };
+        let drone = drone_capacity_wait();
         Self {
             account: RetryPolicy::default(),
             package: RetryPolicy::default(),
@@ -458,5 +471,26 @@ impl Application {
             b.abort();
         }
         result
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed test step should panic
+mod tests {
+    use super::*;
+
+    /// Found while testing the stall display: `APP_SCHEDULER__STEPS__DRONE__MAX_DELAY_MS` alone
+    /// turned the drone step's 10-minute capacity wait into the generic 8 attempts.
+    #[test]
+    fn one_drone_setting_keeps_the_capacity_wait_of_the_others() {
+        let steps: StepPolicies =
+            serde_json::from_str(r#"{"drone": {"max_delay_ms": 5000}}"#).unwrap();
+        let wait = StepPolicies::default().drone;
+        assert_eq!(steps.drone.max_delay_ms, 5000);
+        assert_eq!(steps.drone.budget_ms, wait.budget_ms);
+        assert_eq!(steps.drone.max_attempts, wait.max_attempts);
+        assert_eq!(steps.drone.min_delay_ms, wait.min_delay_ms);
+        // The other steps keep the generic defaults.
+        assert_eq!(steps.account, RetryPolicy::default());
     }
 }
