@@ -17,6 +17,11 @@ mod spawn;
 pub use app::{Reply, TestApp};
 pub use db::{Backend, TestDb};
 
+/// An `application/x-www-form-urlencoded` body of `fields`, as a browser posts a form.
+pub fn form(fields: &[(&str, &str)]) -> String {
+    serde_urlencoded::to_string(fields).expect("string pairs always encode")
+}
+
 /// The RabbitMQ server the tests use, from `AMQP_URL`.
 pub fn amqp_url() -> String {
     match std::env::var("AMQP_URL") {

@@ -139,7 +139,7 @@ impl Web {
             .post(format!("{}/login", self.base))
             .header("cookie", "sv_login=form-token")
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(form_body(&form));
+            .body(integration_tests::form(&form));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -168,18 +168,9 @@ impl Web {
             .post(format!("{}{path}", self.base))
             .header("cookie", format!("sv_session={session}"))
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(form_body(form));
+            .body(integration_tests::form(form));
         self.send(req).await
     }
-}
-
-/// `application/x-www-form-urlencoded`, as a browser encodes a form.
-fn form_body(fields: &[(&str, &str)]) -> String {
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 /// Every byte but ASCII letters and digits percent-encoded.

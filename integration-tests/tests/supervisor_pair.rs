@@ -14,7 +14,7 @@ use integration_tests::faults::{Fault, FaultKind};
 use integration_tests::harness::{
     binary, check, free_port, Bookings, Service, ServiceProcess, Stack, StackClient, StackOptions,
 };
-use integration_tests::{OPERATOR, SERVICE_TOKEN};
+use integration_tests::{form, OPERATOR, SERVICE_TOKEN};
 use messaging::{MessagingSettings, QueueOptions};
 use serde_json::Value;
 use uuid::Uuid;
@@ -76,25 +76,6 @@ async fn metric(base: &str, line_start: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
-}
-
-/// An `application/x-www-form-urlencoded` body.
-fn form(fields: &[(&str, &str)]) -> String {
-    let enc = |s: &str| -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 /// Signs `user` in on the dashboard at `base`; the session cookie (`name=value`).

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::{amqp_url, test_auth, test_http, Backend, TestApp, TestDb, OPERATOR};
+use integration_tests::{amqp_url, form, test_auth, test_http, Backend, TestApp, TestDb, OPERATOR};
 use messaging::{Envelope, MessagingSettings, QueueOptions, WorkQueue};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -148,25 +148,6 @@ async fn left_in_the_broker(backing: Backing, messaging: &MessagingSettings) -> 
             u64::try_from(n).unwrap()
         }
     }
-}
-
-/// An `application/x-www-form-urlencoded` body.
-fn form(fields: &[(&str, &str)]) -> String {
-    let enc = |s: &str| -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 /// Signs `user` in on the dashboard; the session cookie (`name=value`).

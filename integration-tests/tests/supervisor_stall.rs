@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::faults::{Fault, FaultKind};
 use integration_tests::harness::{Service, Stack, StackClient, StackOptions};
-use integration_tests::OPERATOR;
+use integration_tests::{form, OPERATOR};
 use serde_json::Value;
 
 const OWNER: &str = "acc-stall";
@@ -492,23 +492,4 @@ fn cookies(r: &reqwest::Response) -> String {
         .filter(|pair| pair.split_once('=').is_some_and(|(_, v)| !v.is_empty()))
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-/// `application/x-www-form-urlencoded` of `fields`.
-fn form(fields: &[(&str, &str)]) -> String {
-    let encode = |s: &str| {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    char::from(b).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect::<String>()
-    };
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
 }
