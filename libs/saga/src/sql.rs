@@ -26,10 +26,6 @@ use crate::store::{
     Position, SagaRecord, Signal, Store, Write, Written,
 };
 
-/// The first key of the PostgreSQL advisory locks that order writes and takeovers of a shard
-/// (the second is the shard).
-const FENCE_LOCK_CLASS: i32 = 0x5a6a;
-
 /// How many queued writes one transaction takes at most.
 const MAX_GROUP: usize = 512;
 
@@ -263,15 +259,16 @@ impl Store for SqlStore {
         )
         .exec_without_returning(&self.db)
         .await?;
-        // A new epoch waits for every write in flight under the old one (PostgreSQL: they hold
-        // the shard's advisory lock shared until they commit, see `batched`), so no write checked
+        // A new epoch waits for every write in flight under the old one (PostgreSQL: each group
+        // commit holds its shards' lease rows `FOR KEY SHARE` until it commits, see `batched`;
+        // this `FOR UPDATE` is the one row lock that conflicts with it), so no write checked
         // against the old epoch can commit after the new owner starts reading.
         let txn = self.db.begin().await?;
         if self.db.get_database_backend() == DbBackend::Postgres {
             txn.execute(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "SELECT pg_advisory_xact_lock($1, $2)",
-                [FENCE_LOCK_CLASS.into(), shard_id.into()],
+                "SELECT 1 FROM saga_shards WHERE shard = $1 FOR UPDATE",
+                [shard_id.into()],
             ))
             .await?;
         }
@@ -643,14 +640,20 @@ async fn insert_rows(txn: &DatabaseTransaction, w: &Write) -> Result<(), DbErr> 
     Ok(())
 }
 
-/// The PostgreSQL group commit: a constant number of statements per transaction, whatever the
-/// number of sagas in it. Each kind of row goes in one statement that takes the whole batch as
-/// one JSON parameter (`jsonb_to_recordset`), so the statement text never changes (it stays
-/// prepared) and a group of hundreds of sagas costs a handful of round trips.
+/// The PostgreSQL group commit. Each kind of row goes in as one JSON parameter
+/// (`jsonb_to_recordset`), so the statement text never changes (it stays prepared) whatever the
+/// number of sagas in the group. A group whose sagas are all different (the usual case: a saga's
+/// engine waits for each of its writes) is **one statement**, committed on its own: one round trip
+/// for the whole group. A group that changes one saga twice takes a transaction of a few
+/// statements, in order.
 ///
-/// The fence: the group first takes a share lock on the lease rows of its shards (a takeover
-/// waits for this commit), writes with a stale epoch are refused at once, and every statement
-/// that changes a saga repeats the epoch and version condition itself.
+/// The fence: the group reads the lease rows of its shards `FOR KEY SHARE` and writes only the
+/// rows whose fence names the epoch it read. That lock conflicts only with `FOR UPDATE`, which a
+/// takeover takes before it raises the epoch (lease renewals and checkpoints change no key column
+/// and never wait for it): a takeover waits for a group in flight, and a group that meets a
+/// takeover in flight waits for it and then reads the new epoch (PostgreSQL re-reads a locked row
+/// that was updated meanwhile), so no write checked against an old epoch commits after the new
+/// owner has taken the shard.
 mod batched {
     use std::collections::{HashMap, HashSet};
 
@@ -727,6 +730,8 @@ ORDER BY ord";
 
     #[derive(Serialize)]
     struct StartRow<'a> {
+        /// The index of its write in the group.
+        w: usize,
         id: &'a str,
         kind: &'a str,
         shard: i32,
@@ -745,8 +750,9 @@ ORDER BY ord";
     }
 
     impl<'a> StartRow<'a> {
-        fn new(m: &'a SagaRecord, epoch: i64) -> Self {
+        fn new(w: usize, m: &'a SagaRecord, epoch: i64) -> Self {
             Self {
+                w,
                 id: &m.id,
                 kind: &m.kind,
                 shard: m.shard,
@@ -830,6 +836,7 @@ ORDER BY ord";
 
     #[derive(Serialize)]
     struct AttemptRow<'a> {
+        w: usize,
         saga_id: &'a str,
         step_index: i32,
         attempt: i32,
@@ -842,6 +849,7 @@ ORDER BY ord";
 
     #[derive(Serialize)]
     struct OutboxRow<'a> {
+        w: usize,
         shard: i32,
         destination: &'a str,
         key: &'a str,
@@ -850,8 +858,9 @@ ORDER BY ord";
     }
 
     impl<'a> OutboxRow<'a> {
-        fn new(shard: i32, m: &'a OutboxMessage, now: &str) -> Self {
+        fn new(w: usize, shard: i32, m: &'a OutboxMessage, now: &str) -> Self {
             Self {
+                w,
                 shard,
                 destination: &m.destination,
                 key: &m.key,
@@ -871,33 +880,187 @@ ORDER BY ord";
         ))
     }
 
-    /// In shard order, so groups and takeovers never wait on each other in a cycle.
-    const LOCK_SHARED: &str = "
-SELECT pg_advisory_xact_lock_shared(23146, s)
-FROM (SELECT value::int AS s FROM jsonb_array_elements_text($1::jsonb) ORDER BY 1) AS shards";
-
-    const EPOCHS: &str = "
+    /// The lease rows of the group's shards, locked until the group commits; in shard order, so
+    /// groups and takeovers never wait on each other in a cycle.
+    const FENCE: &str = "
 SELECT shard, epoch FROM saga_shards
-WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))";
+WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))
+ORDER BY shard
+FOR KEY SHARE";
 
-    /// The epochs of the shards a group writes to (to tell a replayed start from a fenced one).
-    async fn current_epochs(
-        txn: &sea_orm::DatabaseTransaction,
-        writes: &[&Write],
-    ) -> Result<HashMap<i32, i64>, DbErr> {
-        let mut shards: Vec<i32> = writes.iter().map(|w| w.fence.shard).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        txn.query_all(statement(EPOCHS, &shards)?)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i32>("", "shard")?,
-                    r.try_get::<i64>("", "epoch")?,
-                ))
-            })
-            .collect()
+    /// A whole group of writes to different sagas in one statement: $1 the shards, $2 the starts,
+    /// $3 the updates, $4 the attempts and $5 the outbox messages (the last two carry the index
+    /// `w` of their write, and land only if that write did). It returns the writes that landed
+    /// (`what` = 'w') and the epoch of each shard as locked (`what` = 'e').
+    const AT_ONCE: &str = "
+WITH fence AS MATERIALIZED (
+    SELECT shard, epoch FROM saga_shards
+    WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))
+    ORDER BY shard
+    FOR KEY SHARE
+),
+sv AS MATERIALIZED (
+    SELECT * FROM ROWS FROM (jsonb_to_recordset($2::jsonb) AS (w int, id text, kind text,
+        shard int, state text, input text, outputs text, next_step int, version bigint,
+        error text, deadline timestamptz, created_at timestamptz, updated_at timestamptz,
+        wake_at_ms bigint, signals text, epoch bigint)) WITH ORDINALITY AS v(w, id, kind, shard,
+        state, input, outputs, next_step, version, error, deadline, created_at, updated_at,
+        wake_at_ms, signals, epoch, ord)
+),
+started AS (
+    INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, version, error,
+        deadline, created_at, updated_at, wake_at_ms, signals)
+    SELECT v.id, v.kind, v.shard, v.state, v.input, v.outputs, v.next_step, v.version, v.error,
+        v.deadline, v.created_at, v.updated_at, v.wake_at_ms, v.signals
+    FROM sv v JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
+    ORDER BY v.ord
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+),
+updated AS (
+    UPDATE saga_instances AS s SET
+        version = v.expected_version + 1,
+        updated_at = v.updated_at,
+        wake_at_ms = v.wake_at_ms,
+        state = CASE WHEN v.set_state THEN v.state ELSE s.state END,
+        input = CASE WHEN v.set_input THEN v.input ELSE s.input END,
+        outputs = CASE WHEN v.set_outputs THEN v.outputs ELSE s.outputs END,
+        next_step = CASE WHEN v.set_next_step THEN v.next_step ELSE s.next_step END,
+        error = CASE WHEN v.set_error THEN v.error ELSE s.error END,
+        deadline = CASE WHEN v.set_deadline THEN v.deadline ELSE s.deadline END,
+        signals = CASE WHEN v.set_signals THEN v.signals ELSE s.signals END
+    FROM jsonb_to_recordset($3::jsonb) AS v(ord int, id text, expected_version bigint,
+        epoch bigint, shard int, updated_at timestamptz, wake_at_ms bigint, set_state bool,
+        state text, set_input bool, input text, set_outputs bool, outputs text,
+        set_next_step bool, next_step int, set_error bool, error text, set_deadline bool,
+        deadline timestamptz, set_signals bool, signals text)
+    JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
+    WHERE s.id = v.id AND s.version = v.expected_version AND s.shard = v.shard
+    RETURNING v.ord AS w
+),
+landed AS (
+    SELECT w FROM updated
+    UNION ALL
+    SELECT v.w FROM sv v JOIN started USING (id)
+),
+attempts AS (
+    INSERT INTO saga_attempts (saga_id, step_index, attempt, step, outcome, error, started_at,
+        finished_at)
+    SELECT a.saga_id, a.step_index, a.attempt, a.step, a.outcome, a.error, a.started_at,
+        a.finished_at
+    FROM jsonb_to_recordset($4::jsonb) AS a(w int, saga_id text, step_index int, attempt int,
+        step text, outcome text, error text, started_at timestamptz, finished_at timestamptz)
+    WHERE a.w IN (SELECT w FROM landed)
+    ON CONFLICT (saga_id, step_index, attempt) DO NOTHING
+),
+outbox AS (
+    INSERT INTO saga_outbox (shard, destination, key, payload, created_at)
+    SELECT o.shard, o.destination, o.key, o.payload, o.created_at
+    FROM ROWS FROM (jsonb_to_recordset($5::jsonb) AS (w int, shard int, destination text,
+        key text, payload text, created_at timestamptz)) WITH ORDINALITY AS o(w, shard,
+        destination, key, payload, created_at, ord)
+    WHERE o.w IN (SELECT w FROM landed)
+    ORDER BY o.ord
+)
+SELECT 'w' AS what, w AS n, 0::bigint AS epoch FROM landed
+UNION ALL
+SELECT 'e', shard, epoch FROM fence";
+
+    fn json(rows: &impl Serialize) -> Result<sea_orm::Value, DbErr> {
+        serde_json::to_string(rows)
+            .map(Into::into)
+            .map_err(|e| DbErr::Custom(format!("encoding a journal batch: {e}")))
+    }
+
+    /// The rows of a group, each tagged with the index of its write.
+    #[derive(Default)]
+    struct Rows<'a> {
+        starts: Vec<StartRow<'a>>,
+        /// Per update round: the k-th update of a saga in this group goes in round k, since one
+        /// `UPDATE ... FROM` changes a row at most once; rounds run in order.
+        rounds: Vec<Vec<UpdateRow<'a>>>,
+        attempts: Vec<AttemptRow<'a>>,
+        outbox: Vec<OutboxRow<'a>>,
+        /// Whether some saga has more than one write in the group (a start and an update, two
+        /// starts or two updates).
+        repeats: bool,
+    }
+
+    impl<'a> Rows<'a> {
+        fn of(writes: &[&'a Write], results: &Results, now: &str) -> Self {
+            let mut rows = Rows::default();
+            let mut seen: HashMap<&str, usize> = HashMap::new();
+            for (i, w) in writes.iter().enumerate() {
+                if results[i].is_err() {
+                    continue;
+                }
+                let id = match &w.change {
+                    Change::Start(r) => {
+                        rows.starts.push(StartRow::new(i, r, w.fence.epoch));
+                        r.id.as_str()
+                    }
+                    Change::Update {
+                        id,
+                        expected_version,
+                        update,
+                        at,
+                    } => {
+                        let round = seen.get(id.as_str()).copied().unwrap_or(0);
+                        if rows.rounds.len() <= round {
+                            rows.rounds.push(Vec::new());
+                        }
+                        rows.rounds[round].push(UpdateRow::new(
+                            i,
+                            id,
+                            *expected_version,
+                            w.fence.epoch,
+                            w.fence.shard,
+                            at,
+                            update,
+                        ));
+                        id.as_str()
+                    }
+                };
+                let n = seen.entry(id).or_insert(0);
+                *n += 1;
+                rows.repeats |= *n > 1;
+                rows.attempts.extend(w.attempts.iter().map(|a| AttemptRow {
+                    w: i,
+                    saga_id: &a.saga_id,
+                    step_index: a.step_index,
+                    attempt: a.attempt,
+                    step: &a.step,
+                    outcome: &a.outcome,
+                    error: a.error.as_deref(),
+                    started_at: ts(&a.started_at),
+                    finished_at: ts(&a.finished_at),
+                }));
+                rows.outbox.extend(
+                    w.outbox
+                        .iter()
+                        .map(|m| OutboxRow::new(i, w.fence.shard, m, now)),
+                );
+            }
+            rows
+        }
+    }
+
+    /// What a write that did not land ran into, given the epoch its shard had under the lock.
+    fn not_landed(w: &Write, epochs: &HashMap<i32, i64>) -> Result<Written, JournalError> {
+        if epochs.get(&w.fence.shard) != Some(&w.fence.epoch) {
+            return Err(JournalError::stale(w.fence));
+        }
+        match &w.change {
+            // The saga was there already: a replay.
+            Change::Start(_) => Ok(Written::Existed),
+            Change::Update {
+                id,
+                expected_version,
+                ..
+            } => Err(JournalError::Refused(format!(
+                "saga {id} is no longer at version {expected_version}"
+            ))),
+        }
     }
 
     pub(super) async fn try_commit(
@@ -906,18 +1069,6 @@ WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))";
     ) -> Result<Results, DbErr> {
         let now = ts(&Utc::now());
         let mut results: Results = vec![Ok(Written::Updated); writes.len()];
-        let txn = db.begin().await?;
-
-        // Every statement that changes a saga checks the epoch of its shard itself. First the
-        // group holds each shard's advisory lock shared until it commits: a takeover takes it
-        // exclusively, so it waits for this commit, and a write cannot have been checked against
-        // an epoch that changed before it committed. (A row lock on the lease would do the same,
-        // but it collides with every renewal and checkpoint of the lease row: it tripled the
-        // latency of a saga at low load.)
-        let mut shards: Vec<i32> = writes.iter().map(|w| w.fence.shard).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        txn.execute(statement(LOCK_SHARED, &shards)?).await?;
         for (i, w) in writes.iter().enumerate() {
             if let Change::Start(r) = &w.change {
                 if r.shard != w.fence.shard {
@@ -925,48 +1076,77 @@ WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))";
                 }
             }
         }
-
-        let mut starts = Vec::new();
-        let mut start_of = Vec::new();
-        // Per update round: the k-th update of a saga in this batch goes in round k, since one
-        // `UPDATE ... FROM` changes a row at most once; rounds run in order.
-        let mut rounds: Vec<Vec<UpdateRow<'_>>> = Vec::new();
-        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut shards: Vec<i32> = writes.iter().map(|w| w.fence.shard).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let rows = Rows::of(writes, &results, &now);
+        if rows.repeats {
+            return in_steps(db, writes, &shards, rows, results).await;
+        }
+        let updates = rows.rounds.first().map(Vec::as_slice).unwrap_or_default();
+        let answer = db
+            .query_all(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                AT_ONCE,
+                [
+                    json(&shards)?,
+                    json(&rows.starts)?,
+                    json(&updates)?,
+                    json(&rows.attempts)?,
+                    json(&rows.outbox)?,
+                ],
+            ))
+            .await?;
+        let mut landed = HashSet::new();
+        let mut epochs = HashMap::new();
+        for row in &answer {
+            let n = row.try_get::<i32>("", "n")?;
+            if row.try_get::<String>("", "what")? == "w" {
+                landed.insert(usize::try_from(n).unwrap_or(usize::MAX));
+            } else {
+                epochs.insert(n, row.try_get::<i64>("", "epoch")?);
+            }
+        }
         for (i, w) in writes.iter().enumerate() {
             if results[i].is_err() {
                 continue;
             }
-            match &w.change {
-                Change::Start(r) => {
-                    starts.push(StartRow::new(r, w.fence.epoch));
-                    start_of.push(i);
-                }
-                Change::Update {
-                    id,
-                    expected_version,
-                    update,
-                    at,
-                } => {
-                    let round = seen.entry(id.as_str()).or_insert(0);
-                    if rounds.len() <= *round {
-                        rounds.push(Vec::new());
-                    }
-                    rounds[*round].push(UpdateRow::new(
-                        i,
-                        id,
-                        *expected_version,
-                        w.fence.epoch,
-                        w.fence.shard,
-                        at,
-                        update,
-                    ));
-                    *round += 1;
-                }
-            }
+            results[i] = if landed.contains(&i) {
+                Ok(match w.change {
+                    Change::Start(_) => Written::Created,
+                    Change::Update { .. } => Written::Updated,
+                })
+            } else {
+                not_landed(w, &epochs)
+            };
         }
-        if !starts.is_empty() {
+        Ok(results)
+    }
+
+    /// A group that changes some saga more than once: a transaction of a few statements, the
+    /// updates in rounds.
+    async fn in_steps(
+        db: &DatabaseConnection,
+        writes: &[&Write],
+        shards: &[i32],
+        rows: Rows<'_>,
+        mut results: Results,
+    ) -> Result<Results, DbErr> {
+        let txn = db.begin().await?;
+        let epochs: HashMap<i32, i64> = txn
+            .query_all(statement(FENCE, &shards)?)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i32>("", "shard")?,
+                    r.try_get::<i64>("", "epoch")?,
+                ))
+            })
+            .collect::<Result<_, DbErr>>()?;
+        if !rows.starts.is_empty() {
             let inserted: HashSet<String> = txn
-                .query_all(statement(INSERT_STARTS, &starts)?)
+                .query_all(statement(INSERT_STARTS, &rows.starts)?)
                 .await?
                 .iter()
                 .map(|row| row.try_get::<String>("", "id"))
@@ -974,24 +1154,15 @@ WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))";
             // The first start of each id in the batch created it, if it was new. One not
             // inserted found its saga there already (a replay), or its fence stale.
             let mut claimed = HashSet::new();
-            let mut epochs: Option<HashMap<i32, i64>> = None;
-            for (k, row) in starts.iter().enumerate() {
-                let w = writes[start_of[k]];
-                results[start_of[k]] = if inserted.contains(row.id) && claimed.insert(row.id) {
+            for row in &rows.starts {
+                results[row.w] = if inserted.contains(row.id) && claimed.insert(row.id) {
                     Ok(Written::Created)
                 } else {
-                    if epochs.is_none() {
-                        epochs = Some(current_epochs(&txn, writes).await?);
-                    }
-                    if epochs.as_ref().and_then(|e| e.get(&w.fence.shard)) == Some(&w.fence.epoch) {
-                        Ok(Written::Existed)
-                    } else {
-                        Err(JournalError::stale(w.fence))
-                    }
+                    not_landed(writes[row.w], &epochs)
                 };
             }
         }
-        for round in &rounds {
+        for round in &rows.rounds {
             let updated: HashSet<i32> = txn
                 .query_all(statement(UPDATE_INSTANCES, round)?)
                 .await?
@@ -1000,35 +1171,13 @@ WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))";
                 .collect::<Result<_, _>>()?;
             for row in round {
                 if !updated.contains(&i32::try_from(row.ord).unwrap_or(-1)) {
-                    results[row.ord] = Err(JournalError::Refused(format!(
-                        "saga {} is no longer at version {}",
-                        row.id, row.expected_version
-                    )));
+                    results[row.ord] = not_landed(writes[row.ord], &epochs);
                 }
             }
         }
-        let mut attempts = Vec::new();
-        let mut outbox = Vec::new();
-        for (i, w) in writes.iter().enumerate() {
-            if !matches!(results[i], Ok(Written::Created) | Ok(Written::Updated)) {
-                continue;
-            }
-            attempts.extend(w.attempts.iter().map(|a| AttemptRow {
-                saga_id: &a.saga_id,
-                step_index: a.step_index,
-                attempt: a.attempt,
-                step: &a.step,
-                outcome: &a.outcome,
-                error: a.error.as_deref(),
-                started_at: ts(&a.started_at),
-                finished_at: ts(&a.finished_at),
-            }));
-            outbox.extend(
-                w.outbox
-                    .iter()
-                    .map(|m| OutboxRow::new(w.fence.shard, m, &now)),
-            );
-        }
+        let landed = |w: usize| matches!(results[w], Ok(Written::Created) | Ok(Written::Updated));
+        let attempts: Vec<&AttemptRow<'_>> = rows.attempts.iter().filter(|a| landed(a.w)).collect();
+        let outbox: Vec<&OutboxRow<'_>> = rows.outbox.iter().filter(|o| landed(o.w)).collect();
         if !attempts.is_empty() {
             txn.execute(statement(INSERT_ATTEMPTS, &attempts)?).await?;
         }

@@ -43,6 +43,7 @@ conformance!(
     an_update_fenced_by_another_shard_is_refused,
     an_update_of_a_missing_saga_is_refused,
     a_refused_write_does_not_fail_its_group,
+    a_group_of_different_sagas_keeps_each_outcome_apart,
     versions_never_go_backwards,
     attempts_come_in_order_and_are_kept_once,
     due_returns_the_timers_that_are_due_in_order,
@@ -722,6 +723,123 @@ async fn a_refused_write_does_not_fail_its_group(s: Arc<dyn Store>) {
     assert_eq!(ns(&s.outbox(f2, 1_000).await.unwrap()), vec![108]);
 }
 
+/// A group in which every write is to a different saga (PostgreSQL writes it as one statement):
+/// each write lands or is refused on its own, with its attempts and messages.
+async fn a_group_of_different_sagas_keeps_each_outcome_apart(s: Arc<dyn Store>) {
+    let f = take(&s, 1, "a", 0).await.fence();
+    let old2 = take(&s, 2, "a", 0).await.fence();
+    let f2 = take(&s, 2, "b", LATER).await.fence();
+    for i in 0..10 {
+        created(&s, f, record(&format!("g{i}"), 1, i)).await;
+    }
+    created(&s, f2, record("h", 2, 0)).await;
+    created(&s, f2, record("k", 2, 0)).await;
+
+    let mut writes = Vec::new();
+    let mut expect: Vec<Result<Written, &str>> = Vec::new();
+    for i in 0..8 {
+        let id = format!("g{i}");
+        writes.push(update(
+            f,
+            &id,
+            1,
+            step(1),
+            1_000,
+            vec![attempt(&id, 0, 1)],
+            vec![msg(&id, i)],
+        ));
+        expect.push(Ok(Written::Updated));
+    }
+    // A version the saga does not have.
+    writes.push(update(
+        f,
+        "g8",
+        5,
+        step(5),
+        1_000,
+        vec![attempt("g8", 0, 9)],
+        vec![msg("g8", 100)],
+    ));
+    expect.push(Err("version"));
+    // A stale epoch: an update and a start.
+    writes.push(update(
+        old2,
+        "h",
+        1,
+        step(1),
+        1_000,
+        vec![attempt("h", 0, 1)],
+        vec![msg("h", 101)],
+    ));
+    expect.push(Err("no longer held at epoch"));
+    writes.push(start(old2, record("h2", 2, 0), vec![msg("h2", 102)]));
+    expect.push(Err("no longer held at epoch"));
+    // A saga fenced by another shard's lease.
+    writes.push(start(f, record("x", 2, 0), vec![msg("x", 103)]));
+    expect.push(Err("does not fence"));
+    // A missing saga.
+    writes.push(update(
+        f,
+        "ghost",
+        1,
+        step(1),
+        1_000,
+        vec![attempt("ghost", 0, 1)],
+        vec![msg("ghost", 104)],
+    ));
+    expect.push(Err("ghost"));
+    // A new saga, and a replay of an old one (its attempt and message are dropped).
+    writes.push(start(f, record("new", 1, 1_000), vec![msg("new", 105)]));
+    expect.push(Ok(Written::Created));
+    let mut w = start(f, record("g9", 1, 1_000), vec![msg("g9", 106)]);
+    w.attempts.push(attempt("g9", 0, 9));
+    writes.push(w);
+    expect.push(Ok(Written::Existed));
+    // The current owner of shard 2, in the same group as the stale one.
+    writes.push(update(
+        f2,
+        "k",
+        1,
+        step(1),
+        1_000,
+        vec![attempt("k", 0, 1)],
+        vec![msg("k", 107)],
+    ));
+    expect.push(Ok(Written::Updated));
+
+    let results = futures::future::join_all(writes.into_iter().map(|w| s.write(w))).await;
+    assert_eq!(results.len(), expect.len());
+    for (i, (got, want)) in results.iter().zip(&expect).enumerate() {
+        match want {
+            Ok(w) => assert_eq!(got.as_ref().ok(), Some(w), "write {i}: {got:?}"),
+            Err(why) => assert!(
+                matches!(got, Err(JournalError::Refused(r)) if r.contains(why)),
+                "write {i}: {got:?}, expected a refusal saying {why:?}"
+            ),
+        }
+    }
+    for i in 0..8 {
+        let g = load(&s, &format!("g{i}")).await;
+        assert_eq!((g.version, g.next_step), (2, 1), "g{i}");
+        assert_eq!(s.attempts(&g.id).await.unwrap(), vec![attempt(&g.id, 0, 1)]);
+    }
+    assert_eq!(load(&s, "g8").await.version, 1);
+    assert!(s.attempts("g8").await.unwrap().is_empty());
+    assert_eq!(load(&s, "g9").await.version, 1);
+    assert!(s.attempts("g9").await.unwrap().is_empty());
+    assert_eq!(load(&s, "h").await.version, 1);
+    assert!(s.attempts("h").await.unwrap().is_empty());
+    assert!(s.load("h2").await.unwrap().is_none());
+    assert!(s.load("x").await.unwrap().is_none());
+    assert!(s.attempts("ghost").await.unwrap().is_empty());
+    assert_eq!(load(&s, "new").await.version, 1);
+    assert_eq!(load(&s, "k").await.version, 2);
+    let mut want: Vec<i64> = (0..8).collect();
+    want.push(105);
+    assert_eq!(ns(&s.outbox(f, 1_000).await.unwrap()), want);
+    assert_eq!(ns(&s.outbox(f2, 1_000).await.unwrap()), vec![107]);
+}
+
 async fn versions_never_go_backwards(s: Arc<dyn Store>) {
     let f = take(&s, 1, "a", 0).await.fence();
     created(&s, f, record("v", 1, 0)).await;
@@ -1103,8 +1221,8 @@ async fn list_filters_by_state_and_shard_with_a_limit(s: Arc<dyn Store>) {
 }
 
 /// PostgreSQL only: a takeover waits for a group commit in flight under the old epoch (which holds
-/// the shard's advisory lock shared until it commits), so no write checked against the old epoch
-/// can commit after the new owner has taken the shard and started reading.
+/// its shards' lease rows `FOR KEY SHARE` until it commits), so no write checked against the old
+/// epoch can commit after the new owner has taken the shard and started reading.
 #[tokio::test]
 async fn postgres_a_takeover_waits_for_writes_in_flight() {
     use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
@@ -1118,7 +1236,7 @@ async fn postgres_a_takeover_waits_for_writes_in_flight() {
     in_flight
         .execute(Statement::from_string(
             sea_orm::DbBackend::Postgres,
-            "SELECT pg_advisory_xact_lock_shared(23146, 3)",
+            "SELECT epoch FROM saga_shards WHERE shard = 3 FOR KEY SHARE",
         ))
         .await
         .unwrap();
@@ -1140,4 +1258,92 @@ async fn postgres_a_takeover_waits_for_writes_in_flight() {
         .unwrap()
         .expect("taken after the write committed");
     assert_eq!(lease.epoch, 2);
+}
+
+/// PostgreSQL only: a group commit that meets a takeover in flight waits for it, then finds the
+/// new epoch and writes nothing (its statement re-reads the lease row the takeover changed).
+#[tokio::test]
+async fn postgres_a_write_behind_a_takeover_in_flight_is_refused() {
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    let db = common::db(true).await;
+    let store: Arc<dyn Store> = Arc::new(saga::SqlStore::start(db.conn.clone()));
+    let t0 = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap();
+    let ttl = chrono::Duration::seconds(5);
+    let old = store.acquire(3, "a", t0, ttl).await.unwrap().unwrap();
+    created(&store, old.fence(), record("s", 3, 0)).await;
+    // A takeover that has locked the lease row and raised the epoch, not yet committed.
+    let takeover = db.conn.begin().await.unwrap();
+    for sql in [
+        "SELECT 1 FROM saga_shards WHERE shard = 3 FOR UPDATE",
+        "UPDATE saga_shards SET epoch = epoch + 1, owner = 'b' WHERE shard = 3",
+    ] {
+        takeover
+            .execute(Statement::from_string(sea_orm::DbBackend::Postgres, sql))
+            .await
+            .unwrap();
+    }
+    let writes = {
+        let store = store.clone();
+        let fence = old.fence();
+        tokio::spawn(async move {
+            let a = store.write(update(
+                fence,
+                "s",
+                1,
+                step(1),
+                1_000,
+                vec![attempt("s", 0, 1)],
+                vec![msg("s", 1)],
+            ));
+            let b = store.write(start(fence, record("s2", 3, 0), vec![msg("s2", 2)]));
+            futures::future::join(a, b).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !writes.is_finished(),
+        "the writes did not wait for the takeover in flight"
+    );
+    takeover.commit().await.unwrap();
+    let (a, b) = writes.await.unwrap();
+    refused(a);
+    refused(b);
+    assert_eq!(load(&store, "s").await.version, 1);
+    assert!(store.attempts("s").await.unwrap().is_empty());
+    assert!(store.load("s2").await.unwrap().is_none());
+    let new = Fence {
+        shard: 3,
+        epoch: old.epoch + 1,
+    };
+    assert!(store.outbox(new, 100).await.unwrap().is_empty());
+}
+
+/// PostgreSQL only: lease renewals and checkpoints do not wait for a group commit in flight (the
+/// group's lock conflicts with a takeover only).
+#[tokio::test]
+async fn postgres_renewals_and_checkpoints_do_not_wait_for_writes_in_flight() {
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    let db = common::db(true).await;
+    let store: Arc<dyn Store> = Arc::new(saga::SqlStore::start(db.conn.clone()));
+    let t0 = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap();
+    let ttl = chrono::Duration::seconds(5);
+    let lease = store.acquire(3, "a", t0, ttl).await.unwrap().unwrap();
+    let in_flight = db.conn.begin().await.unwrap();
+    in_flight
+        .execute(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT epoch FROM saga_shards WHERE shard = 3 FOR KEY SHARE",
+        ))
+        .await
+        .unwrap();
+    let quick = std::time::Duration::from_secs(5);
+    let renewed = tokio::time::timeout(quick, store.renew(&lease, t0, ttl)).await;
+    assert!(matches!(renewed, Ok(Ok(true))), "{renewed:?}");
+    let at = Position {
+        offset: 7,
+        index: 1,
+    };
+    let moved = tokio::time::timeout(quick, store.checkpoint(&lease, at)).await;
+    assert!(matches!(moved, Ok(Ok(true))), "{moved:?}");
+    in_flight.commit().await.unwrap();
 }

@@ -24,6 +24,11 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
     options
         .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
         .acquire_timeout(Duration::from_secs(settings.connect_timeout_secs.max(5)))
+        // No ping before every query: the pool already pings each connection when it comes back
+        // (and drops a broken one), so a ping on the way out too only doubled the round trips of
+        // every single-statement query. A connection that broke while idle (a database restart)
+        // fails the one query that meets it, which callers retry like any transient error.
+        .test_before_acquire(false)
         .sqlx_logging(false);
     if settings.is_sqlite() {
         if let Some(dir) = sqlite_dir(url) {
