@@ -989,7 +989,9 @@ SELECT 'e', shard, epoch FROM fence";
     impl<'a> Rows<'a> {
         fn of(writes: &[&'a Write], results: &Results, now: &str) -> Self {
             let mut rows = Rows::default();
+            // Writes per saga, and updates per saga (which round its next update goes in).
             let mut seen: HashMap<&str, usize> = HashMap::new();
+            let mut updates: HashMap<&str, usize> = HashMap::new();
             for (i, w) in writes.iter().enumerate() {
                 if results[i].is_err() {
                     continue;
@@ -1005,11 +1007,11 @@ SELECT 'e', shard, epoch FROM fence";
                         update,
                         at,
                     } => {
-                        let round = seen.get(id.as_str()).copied().unwrap_or(0);
-                        if rows.rounds.len() <= round {
+                        let round = updates.entry(id.as_str()).or_insert(0);
+                        if rows.rounds.len() <= *round {
                             rows.rounds.push(Vec::new());
                         }
-                        rows.rounds[round].push(UpdateRow::new(
+                        rows.rounds[*round].push(UpdateRow::new(
                             i,
                             id,
                             *expected_version,
@@ -1018,6 +1020,7 @@ SELECT 'e', shard, epoch FROM fence";
                             at,
                             update,
                         ));
+                        *round += 1;
                         id.as_str()
                     }
                 };

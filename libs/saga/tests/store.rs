@@ -44,6 +44,7 @@ conformance!(
     an_update_of_a_missing_saga_is_refused,
     a_refused_write_does_not_fail_its_group,
     a_group_of_different_sagas_keeps_each_outcome_apart,
+    a_replayed_start_and_the_next_step_of_its_saga_in_one_group,
     versions_never_go_backwards,
     attempts_come_in_order_and_are_kept_once,
     due_returns_the_timers_that_are_due_in_order,
@@ -584,6 +585,7 @@ async fn a_refused_write_does_not_fail_its_group(s: Arc<dyn Store>) {
     for i in 0..20 {
         created(&s, f, record(&format!("g{i}"), 1, i)).await;
     }
+    created(&s, f, record("r", 1, 0)).await;
     created(&s, f2, record("h", 2, 0)).await;
 
     let mut writes = Vec::new();
@@ -665,6 +667,19 @@ async fn a_refused_write_does_not_fail_its_group(s: Arc<dyn Store>) {
     w.attempts.push(attempt("g3", 0, 9));
     writes.push(w);
     expect.push(Ok(Written::Existed));
+    // A saga's replayed start and its own next step in the same group.
+    writes.push(start(f, record("r", 1, 1_000), vec![msg("r", 110)]));
+    expect.push(Ok(Written::Existed));
+    writes.push(update(
+        f,
+        "r",
+        1,
+        step(1),
+        1_000,
+        vec![attempt("r", 0, 1)],
+        vec![msg("r", 109)],
+    ));
+    expect.push(Ok(Written::Updated));
     // The current owner of shard 2, in the same group as the stale one.
     writes.push(update(
         f2,
@@ -715,10 +730,12 @@ async fn a_refused_write_does_not_fail_its_group(s: Arc<dyn Store>) {
         vec![attempt("g3", 0, 1)],
         "the replayed start's attempt is absent"
     );
+    assert_eq!(load(&s, "r").await.version, 2);
+    assert_eq!(s.attempts("r").await.unwrap(), vec![attempt("r", 0, 1)]);
     assert!(s.attempts("ghost").await.unwrap().is_empty());
     // Shard 1's outbox: the accepted writes' messages, in the order they were written.
     let mut want: Vec<i64> = (0..20).collect();
-    want.extend([101, 106]);
+    want.extend([101, 106, 109]);
     assert_eq!(ns(&s.outbox(f, 1_000).await.unwrap()), want);
     assert_eq!(ns(&s.outbox(f2, 1_000).await.unwrap()), vec![108]);
 }
@@ -838,6 +855,45 @@ async fn a_group_of_different_sagas_keeps_each_outcome_apart(s: Arc<dyn Store>) 
     want.push(105);
     assert_eq!(ns(&s.outbox(f, 1_000).await.unwrap()), want);
     assert_eq!(ns(&s.outbox(f2, 1_000).await.unwrap()), vec![107]);
+}
+
+/// After a restart, the log can replay a booking's start while its saga, resumed from the
+/// journal, writes its next step: both in one group.
+async fn a_replayed_start_and_the_next_step_of_its_saga_in_one_group(s: Arc<dyn Store>) {
+    let f = take(&s, 1, "a", 0).await.fence();
+    created(&s, f, record("r", 1, 0)).await;
+    created(&s, f, record("o", 1, 0)).await;
+    let writes = vec![
+        start(f, record("r", 1, 1_000), vec![msg("r", 1)]),
+        update(
+            f,
+            "r",
+            1,
+            step(1),
+            1_000,
+            vec![attempt("r", 0, 1)],
+            vec![msg("r", 2)],
+        ),
+        update(
+            f,
+            "o",
+            1,
+            step(1),
+            1_000,
+            vec![attempt("o", 0, 1)],
+            vec![msg("o", 3)],
+        ),
+    ];
+    let results = futures::future::join_all(writes.into_iter().map(|w| s.write(w))).await;
+    let results: Vec<Written> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        results,
+        [Written::Existed, Written::Updated, Written::Updated]
+    );
+    assert_eq!(load(&s, "r").await.version, 2);
+    assert_eq!(s.attempts("r").await.unwrap(), vec![attempt("r", 0, 1)]);
+    assert_eq!(load(&s, "o").await.version, 2);
+    assert_eq!(ns(&s.outbox(f, 100).await.unwrap()), vec![2, 3]);
 }
 
 async fn versions_never_go_backwards(s: Arc<dyn Store>) {
