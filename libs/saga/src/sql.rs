@@ -644,8 +644,8 @@ async fn insert_rows(txn: &DatabaseTransaction, w: &Write) -> Result<(), DbErr> 
 /// (`jsonb_to_recordset`), so the statement text never changes (it stays prepared) whatever the
 /// number of sagas in the group. A group whose sagas are all different (the usual case: a saga's
 /// engine waits for each of its writes) is **one statement**, committed on its own: one round trip
-/// for the whole group. A group that changes one saga twice takes a transaction of a few
-/// statements, in order.
+/// for the whole group. A group that writes one saga k times is k such statements in one
+/// transaction, the saga's writes in their order.
 ///
 /// The fence: the group reads the lease rows of its shards `FOR KEY SHARE` and writes only the
 /// rows whose fence names the epoch it read. That lock conflicts only with `FOR UPDATE`, which a
@@ -668,60 +668,89 @@ mod batched {
         Change, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Write, Written,
     };
 
-    const INSERT_STARTS: &str = "
-INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, version, error,
-    deadline, created_at, updated_at, wake_at_ms, signals)
-SELECT v.id, v.kind, v.shard, v.state, v.input, v.outputs, v.next_step, v.version, v.error,
-    v.deadline, v.created_at, v.updated_at, v.wake_at_ms, v.signals
-FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (id text, kind text, shard int, state text,
-    input text, outputs text, next_step int, version bigint, error text, deadline timestamptz,
-    created_at timestamptz, updated_at timestamptz, wake_at_ms bigint, signals text,
-    epoch bigint)) WITH ORDINALITY AS v(id, kind, shard, state, input, outputs, next_step,
-    version, error, deadline, created_at, updated_at, wake_at_ms, signals, epoch, ord)
-WHERE EXISTS (SELECT 1 FROM saga_shards l WHERE l.shard = v.shard AND l.epoch = v.epoch
-    )
-ORDER BY ord
-ON CONFLICT (id) DO NOTHING
-RETURNING id";
+    /// A whole group of writes to different sagas in one statement: $1 the shards, $2 the starts,
+    /// $3 the updates, $4 the attempts and $5 the outbox messages (the last two carry the index
+    /// `w` of their write, and land only if that write did). It returns the writes that landed
+    /// (`what` = 'w') and the epoch of each shard as locked (`what` = 'e').
+    const AT_ONCE: &str = "
+WITH fence AS MATERIALIZED (
+    SELECT shard, epoch FROM saga_shards
+    WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))
+    ORDER BY shard
+    FOR KEY SHARE
+),
+sv AS MATERIALIZED (
+    SELECT * FROM ROWS FROM (jsonb_to_recordset($2::jsonb) AS (w int, id text, kind text,
+        shard int, state text, input text, outputs text, next_step int, version bigint,
+        error text, deadline timestamptz, created_at timestamptz, updated_at timestamptz,
+        wake_at_ms bigint, signals text, epoch bigint)) WITH ORDINALITY AS v(w, id, kind, shard,
+        state, input, outputs, next_step, version, error, deadline, created_at, updated_at,
+        wake_at_ms, signals, epoch, ord)
+),
+started AS (
+    INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, version, error,
+        deadline, created_at, updated_at, wake_at_ms, signals)
+    SELECT v.id, v.kind, v.shard, v.state, v.input, v.outputs, v.next_step, v.version, v.error,
+        v.deadline, v.created_at, v.updated_at, v.wake_at_ms, v.signals
+    FROM sv v JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
+    ORDER BY v.ord
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+),
+updated AS (
+    UPDATE saga_instances AS s SET
+        version = v.expected_version + 1,
+        updated_at = v.updated_at,
+        wake_at_ms = v.wake_at_ms,
+        state = CASE WHEN v.set_state THEN v.state ELSE s.state END,
+        input = CASE WHEN v.set_input THEN v.input ELSE s.input END,
+        outputs = CASE WHEN v.set_outputs THEN v.outputs ELSE s.outputs END,
+        next_step = CASE WHEN v.set_next_step THEN v.next_step ELSE s.next_step END,
+        error = CASE WHEN v.set_error THEN v.error ELSE s.error END,
+        deadline = CASE WHEN v.set_deadline THEN v.deadline ELSE s.deadline END,
+        signals = CASE WHEN v.set_signals THEN v.signals ELSE s.signals END
+    FROM jsonb_to_recordset($3::jsonb) AS v(ord int, id text, expected_version bigint,
+        epoch bigint, shard int, updated_at timestamptz, wake_at_ms bigint, set_state bool,
+        state text, set_input bool, input text, set_outputs bool, outputs text,
+        set_next_step bool, next_step int, set_error bool, error text, set_deadline bool,
+        deadline timestamptz, set_signals bool, signals text)
+    JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
+    WHERE s.id = v.id AND s.version = v.expected_version AND s.shard = v.shard
+    RETURNING v.ord AS w
+),
+landed AS (
+    SELECT w FROM updated
+    UNION ALL
+    SELECT v.w FROM sv v JOIN started USING (id)
+),
+attempts AS (
+    INSERT INTO saga_attempts (saga_id, step_index, attempt, step, outcome, error, started_at,
+        finished_at)
+    SELECT a.saga_id, a.step_index, a.attempt, a.step, a.outcome, a.error, a.started_at,
+        a.finished_at
+    FROM jsonb_to_recordset($4::jsonb) AS a(w int, saga_id text, step_index int, attempt int,
+        step text, outcome text, error text, started_at timestamptz, finished_at timestamptz)
+    WHERE a.w IN (SELECT w FROM landed)
+    ON CONFLICT (saga_id, step_index, attempt) DO NOTHING
+),
+outbox AS (
+    INSERT INTO saga_outbox (shard, destination, key, payload, created_at)
+    SELECT o.shard, o.destination, o.key, o.payload, o.created_at
+    FROM ROWS FROM (jsonb_to_recordset($5::jsonb) AS (w int, shard int, destination text,
+        key text, payload text, created_at timestamptz)) WITH ORDINALITY AS o(w, shard,
+        destination, key, payload, created_at, ord)
+    WHERE o.w IN (SELECT w FROM landed)
+    ORDER BY o.ord
+)
+SELECT 'w' AS what, w AS n, 0::bigint AS epoch FROM landed
+UNION ALL
+SELECT 'e', shard, epoch FROM fence";
 
-    const UPDATE_INSTANCES: &str = "
-UPDATE saga_instances AS s SET
-    version = v.expected_version + 1,
-    updated_at = v.updated_at,
-    wake_at_ms = v.wake_at_ms,
-    state = CASE WHEN v.set_state THEN v.state ELSE s.state END,
-    input = CASE WHEN v.set_input THEN v.input ELSE s.input END,
-    outputs = CASE WHEN v.set_outputs THEN v.outputs ELSE s.outputs END,
-    next_step = CASE WHEN v.set_next_step THEN v.next_step ELSE s.next_step END,
-    error = CASE WHEN v.set_error THEN v.error ELSE s.error END,
-    deadline = CASE WHEN v.set_deadline THEN v.deadline ELSE s.deadline END,
-    signals = CASE WHEN v.set_signals THEN v.signals ELSE s.signals END
-FROM jsonb_to_recordset($1::jsonb) AS v(ord int, id text, expected_version bigint, epoch bigint,
-    shard int, updated_at timestamptz, wake_at_ms bigint, set_state bool, state text,
-    set_input bool, input text, set_outputs bool, outputs text, set_next_step bool,
-    next_step int, set_error bool, error text, set_deadline bool, deadline timestamptz,
-    set_signals bool, signals text)
-WHERE s.id = v.id AND s.version = v.expected_version AND s.shard = v.shard
-    AND EXISTS (SELECT 1 FROM saga_shards l WHERE l.shard = s.shard AND l.epoch = v.epoch
-        )
-RETURNING v.ord";
-
-    const INSERT_ATTEMPTS: &str = "
-INSERT INTO saga_attempts (saga_id, step_index, attempt, step, outcome, error, started_at,
-    finished_at)
-SELECT saga_id, step_index, attempt, step, outcome, error, started_at, finished_at
-FROM jsonb_to_recordset($1::jsonb) AS v(saga_id text, step_index int, attempt int, step text,
-    outcome text, error text, started_at timestamptz, finished_at timestamptz)
-ON CONFLICT (saga_id, step_index, attempt) DO NOTHING";
-
-    /// In the batch's order, so the relay publishes in the order the writers wrote.
-    const INSERT_OUTBOX: &str = "
-INSERT INTO saga_outbox (shard, destination, key, payload, created_at)
-SELECT shard, destination, key, payload, created_at
-FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (shard int, destination text, key text,
-    payload text, created_at timestamptz)) WITH ORDINALITY AS v(shard, destination, key,
-    payload, created_at, ord)
-ORDER BY ord";
+    fn json(rows: &impl Serialize) -> Result<sea_orm::Value, DbErr> {
+        serde_json::to_string(rows)
+            .map(Into::into)
+            .map_err(|e| DbErr::Custom(format!("encoding a journal batch: {e}")))
+    }
 
     /// Microseconds, which is what PostgreSQL keeps (truncated, as the driver binds them).
     fn ts(t: &DateTime<Utc>) -> String {
@@ -870,163 +899,39 @@ ORDER BY ord";
         }
     }
 
-    fn statement(sql: &str, rows: &impl Serialize) -> Result<Statement, DbErr> {
-        let json = serde_json::to_string(rows)
-            .map_err(|e| DbErr::Custom(format!("encoding a journal batch: {e}")))?;
-        Ok(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            sql,
-            [json.into()],
-        ))
-    }
-
-    /// The lease rows of the group's shards, locked until the group commits; in shard order, so
-    /// groups and takeovers never wait on each other in a cycle.
-    const FENCE: &str = "
-SELECT shard, epoch FROM saga_shards
-WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))
-ORDER BY shard
-FOR KEY SHARE";
-
-    /// A whole group of writes to different sagas in one statement: $1 the shards, $2 the starts,
-    /// $3 the updates, $4 the attempts and $5 the outbox messages (the last two carry the index
-    /// `w` of their write, and land only if that write did). It returns the writes that landed
-    /// (`what` = 'w') and the epoch of each shard as locked (`what` = 'e').
-    const AT_ONCE: &str = "
-WITH fence AS MATERIALIZED (
-    SELECT shard, epoch FROM saga_shards
-    WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))
-    ORDER BY shard
-    FOR KEY SHARE
-),
-sv AS MATERIALIZED (
-    SELECT * FROM ROWS FROM (jsonb_to_recordset($2::jsonb) AS (w int, id text, kind text,
-        shard int, state text, input text, outputs text, next_step int, version bigint,
-        error text, deadline timestamptz, created_at timestamptz, updated_at timestamptz,
-        wake_at_ms bigint, signals text, epoch bigint)) WITH ORDINALITY AS v(w, id, kind, shard,
-        state, input, outputs, next_step, version, error, deadline, created_at, updated_at,
-        wake_at_ms, signals, epoch, ord)
-),
-started AS (
-    INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, version, error,
-        deadline, created_at, updated_at, wake_at_ms, signals)
-    SELECT v.id, v.kind, v.shard, v.state, v.input, v.outputs, v.next_step, v.version, v.error,
-        v.deadline, v.created_at, v.updated_at, v.wake_at_ms, v.signals
-    FROM sv v JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
-    ORDER BY v.ord
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
-),
-updated AS (
-    UPDATE saga_instances AS s SET
-        version = v.expected_version + 1,
-        updated_at = v.updated_at,
-        wake_at_ms = v.wake_at_ms,
-        state = CASE WHEN v.set_state THEN v.state ELSE s.state END,
-        input = CASE WHEN v.set_input THEN v.input ELSE s.input END,
-        outputs = CASE WHEN v.set_outputs THEN v.outputs ELSE s.outputs END,
-        next_step = CASE WHEN v.set_next_step THEN v.next_step ELSE s.next_step END,
-        error = CASE WHEN v.set_error THEN v.error ELSE s.error END,
-        deadline = CASE WHEN v.set_deadline THEN v.deadline ELSE s.deadline END,
-        signals = CASE WHEN v.set_signals THEN v.signals ELSE s.signals END
-    FROM jsonb_to_recordset($3::jsonb) AS v(ord int, id text, expected_version bigint,
-        epoch bigint, shard int, updated_at timestamptz, wake_at_ms bigint, set_state bool,
-        state text, set_input bool, input text, set_outputs bool, outputs text,
-        set_next_step bool, next_step int, set_error bool, error text, set_deadline bool,
-        deadline timestamptz, set_signals bool, signals text)
-    JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
-    WHERE s.id = v.id AND s.version = v.expected_version AND s.shard = v.shard
-    RETURNING v.ord AS w
-),
-landed AS (
-    SELECT w FROM updated
-    UNION ALL
-    SELECT v.w FROM sv v JOIN started USING (id)
-),
-attempts AS (
-    INSERT INTO saga_attempts (saga_id, step_index, attempt, step, outcome, error, started_at,
-        finished_at)
-    SELECT a.saga_id, a.step_index, a.attempt, a.step, a.outcome, a.error, a.started_at,
-        a.finished_at
-    FROM jsonb_to_recordset($4::jsonb) AS a(w int, saga_id text, step_index int, attempt int,
-        step text, outcome text, error text, started_at timestamptz, finished_at timestamptz)
-    WHERE a.w IN (SELECT w FROM landed)
-    ON CONFLICT (saga_id, step_index, attempt) DO NOTHING
-),
-outbox AS (
-    INSERT INTO saga_outbox (shard, destination, key, payload, created_at)
-    SELECT o.shard, o.destination, o.key, o.payload, o.created_at
-    FROM ROWS FROM (jsonb_to_recordset($5::jsonb) AS (w int, shard int, destination text,
-        key text, payload text, created_at timestamptz)) WITH ORDINALITY AS o(w, shard,
-        destination, key, payload, created_at, ord)
-    WHERE o.w IN (SELECT w FROM landed)
-    ORDER BY o.ord
-)
-SELECT 'w' AS what, w AS n, 0::bigint AS epoch FROM landed
-UNION ALL
-SELECT 'e', shard, epoch FROM fence";
-
-    fn json(rows: &impl Serialize) -> Result<sea_orm::Value, DbErr> {
-        serde_json::to_string(rows)
-            .map(Into::into)
-            .map_err(|e| DbErr::Custom(format!("encoding a journal batch: {e}")))
-    }
-
-    /// The rows of a group, each tagged with the index of its write.
+    /// The rows of a batch of writes to different sagas, each tagged with the index of its write.
     #[derive(Default)]
     struct Rows<'a> {
+        shards: Vec<i32>,
         starts: Vec<StartRow<'a>>,
-        /// Per update round: the k-th update of a saga in this group goes in round k, since one
-        /// `UPDATE ... FROM` changes a row at most once; rounds run in order.
-        rounds: Vec<Vec<UpdateRow<'a>>>,
+        updates: Vec<UpdateRow<'a>>,
         attempts: Vec<AttemptRow<'a>>,
         outbox: Vec<OutboxRow<'a>>,
-        /// Whether some saga has more than one write in the group (a start and an update, two
-        /// starts or two updates).
-        repeats: bool,
     }
 
     impl<'a> Rows<'a> {
-        fn of(writes: &[&'a Write], results: &Results, now: &str) -> Self {
+        fn of(writes: &[&'a Write], batch: &[usize], now: &str) -> Self {
             let mut rows = Rows::default();
-            // Writes per saga, and updates per saga (which round its next update goes in).
-            let mut seen: HashMap<&str, usize> = HashMap::new();
-            let mut updates: HashMap<&str, usize> = HashMap::new();
-            for (i, w) in writes.iter().enumerate() {
-                if results[i].is_err() {
-                    continue;
-                }
-                let id = match &w.change {
-                    Change::Start(r) => {
-                        rows.starts.push(StartRow::new(i, r, w.fence.epoch));
-                        r.id.as_str()
-                    }
+            for &i in batch {
+                let w = writes[i];
+                rows.shards.push(w.fence.shard);
+                match &w.change {
+                    Change::Start(r) => rows.starts.push(StartRow::new(i, r, w.fence.epoch)),
                     Change::Update {
                         id,
                         expected_version,
                         update,
                         at,
-                    } => {
-                        let round = updates.entry(id.as_str()).or_insert(0);
-                        if rows.rounds.len() <= *round {
-                            rows.rounds.push(Vec::new());
-                        }
-                        rows.rounds[*round].push(UpdateRow::new(
-                            i,
-                            id,
-                            *expected_version,
-                            w.fence.epoch,
-                            w.fence.shard,
-                            at,
-                            update,
-                        ));
-                        *round += 1;
-                        id.as_str()
-                    }
-                };
-                let n = seen.entry(id).or_insert(0);
-                *n += 1;
-                rows.repeats |= *n > 1;
+                    } => rows.updates.push(UpdateRow::new(
+                        i,
+                        id,
+                        *expected_version,
+                        w.fence.epoch,
+                        w.fence.shard,
+                        at,
+                        update,
+                    )),
+                }
                 rows.attempts.extend(w.attempts.iter().map(|a| AttemptRow {
                     w: i,
                     saga_id: &a.saga_id,
@@ -1044,7 +949,16 @@ SELECT 'e', shard, epoch FROM fence";
                         .map(|m| OutboxRow::new(i, w.fence.shard, m, now)),
                 );
             }
+            rows.shards.sort_unstable();
+            rows.shards.dedup();
             rows
+        }
+    }
+
+    fn saga_of(w: &Write) -> &str {
+        match &w.change {
+            Change::Start(r) => &r.id,
+            Change::Update { id, .. } => id,
         }
     }
 
@@ -1072,29 +986,58 @@ SELECT 'e', shard, epoch FROM fence";
     ) -> Result<Results, DbErr> {
         let now = ts(&Utc::now());
         let mut results: Results = vec![Ok(Written::Updated); writes.len()];
+        // The k-th write of a saga in this group goes in batch k: one statement changes a row
+        // at most once, and a saga's later write must see its earlier one.
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, w) in writes.iter().enumerate() {
             if let Change::Start(r) = &w.change {
                 if r.shard != w.fence.shard {
                     results[i] = Err(JournalError::other_shard(w.fence, r.shard));
+                    continue;
                 }
             }
+            let k = seen.entry(saga_of(w)).or_insert(0);
+            if batches.len() <= *k {
+                batches.push(Vec::new());
+            }
+            batches[*k].push(i);
+            *k += 1;
         }
-        let mut shards: Vec<i32> = writes.iter().map(|w| w.fence.shard).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        let rows = Rows::of(writes, &results, &now);
-        if rows.repeats {
-            return in_steps(db, writes, &shards, rows, results).await;
+        match batches.as_slice() {
+            [] => {}
+            [batch] => at_once(db, writes, batch, &now, &mut results).await?,
+            // Rare (a control write racing the engine, a replayed start beside its saga's next
+            // step): the batches in order, in one transaction.
+            _ => {
+                let txn = db.begin().await?;
+                for batch in &batches {
+                    at_once(&txn, writes, batch, &now, &mut results).await?;
+                }
+                txn.commit().await?;
+            }
         }
-        let updates = rows.rounds.first().map(Vec::as_slice).unwrap_or_default();
-        let answer = db
+        Ok(results)
+    }
+
+    /// Writes one batch (every write to a different saga) with [`AT_ONCE`] and records each
+    /// write's outcome.
+    async fn at_once(
+        conn: &impl ConnectionTrait,
+        writes: &[&Write],
+        batch: &[usize],
+        now: &str,
+        results: &mut Results,
+    ) -> Result<(), DbErr> {
+        let rows = Rows::of(writes, batch, now);
+        let answer = conn
             .query_all(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 AT_ONCE,
                 [
-                    json(&shards)?,
+                    json(&rows.shards)?,
                     json(&rows.starts)?,
-                    json(&updates)?,
+                    json(&rows.updates)?,
                     json(&rows.attempts)?,
                     json(&rows.outbox)?,
                 ],
@@ -1110,10 +1053,8 @@ SELECT 'e', shard, epoch FROM fence";
                 epochs.insert(n, row.try_get::<i64>("", "epoch")?);
             }
         }
-        for (i, w) in writes.iter().enumerate() {
-            if results[i].is_err() {
-                continue;
-            }
+        for &i in batch {
+            let w = writes[i];
             results[i] = if landed.contains(&i) {
                 Ok(match w.change {
                     Change::Start(_) => Written::Created,
@@ -1123,71 +1064,6 @@ SELECT 'e', shard, epoch FROM fence";
                 not_landed(w, &epochs)
             };
         }
-        Ok(results)
-    }
-
-    /// A group that changes some saga more than once: a transaction of a few statements, the
-    /// updates in rounds.
-    async fn in_steps(
-        db: &DatabaseConnection,
-        writes: &[&Write],
-        shards: &[i32],
-        rows: Rows<'_>,
-        mut results: Results,
-    ) -> Result<Results, DbErr> {
-        let txn = db.begin().await?;
-        let epochs: HashMap<i32, i64> = txn
-            .query_all(statement(FENCE, &shards)?)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i32>("", "shard")?,
-                    r.try_get::<i64>("", "epoch")?,
-                ))
-            })
-            .collect::<Result<_, DbErr>>()?;
-        if !rows.starts.is_empty() {
-            let inserted: HashSet<String> = txn
-                .query_all(statement(INSERT_STARTS, &rows.starts)?)
-                .await?
-                .iter()
-                .map(|row| row.try_get::<String>("", "id"))
-                .collect::<Result<_, _>>()?;
-            // The first start of each id in the batch created it, if it was new. One not
-            // inserted found its saga there already (a replay), or its fence stale.
-            let mut claimed = HashSet::new();
-            for row in &rows.starts {
-                results[row.w] = if inserted.contains(row.id) && claimed.insert(row.id) {
-                    Ok(Written::Created)
-                } else {
-                    not_landed(writes[row.w], &epochs)
-                };
-            }
-        }
-        for round in &rows.rounds {
-            let updated: HashSet<i32> = txn
-                .query_all(statement(UPDATE_INSTANCES, round)?)
-                .await?
-                .iter()
-                .map(|row| row.try_get::<i32>("", "ord"))
-                .collect::<Result<_, _>>()?;
-            for row in round {
-                if !updated.contains(&i32::try_from(row.ord).unwrap_or(-1)) {
-                    results[row.ord] = not_landed(writes[row.ord], &epochs);
-                }
-            }
-        }
-        let landed = |w: usize| matches!(results[w], Ok(Written::Created) | Ok(Written::Updated));
-        let attempts: Vec<&AttemptRow<'_>> = rows.attempts.iter().filter(|a| landed(a.w)).collect();
-        let outbox: Vec<&OutboxRow<'_>> = rows.outbox.iter().filter(|o| landed(o.w)).collect();
-        if !attempts.is_empty() {
-            txn.execute(statement(INSERT_ATTEMPTS, &attempts)?).await?;
-        }
-        if !outbox.is_empty() {
-            txn.execute(statement(INSERT_OUTBOX, &outbox)?).await?;
-        }
-        txn.commit().await?;
-        Ok(results)
+        Ok(())
     }
 }
