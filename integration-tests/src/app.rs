@@ -63,15 +63,8 @@ impl Reply {
 
 impl TestApp {
     /// Wraps an application already bound to `port`; `run` is its serve-until-shutdown future.
-    pub fn start<F>(port: u16, db: TestDb, run: impl FnOnce(oneshot::Receiver<()>) -> F) -> TestApp
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        Self::start_with(port, Some(db), run)
-    }
-
-    /// Like [`TestApp::start`], with the database kept by the caller.
-    pub fn start_with<F>(
+    /// `db` goes with the app (`None` when the caller keeps it, e.g. to restart on it).
+    pub fn start<F>(
         port: u16,
         db: Option<TestDb>,
         run: impl FnOnce(oneshot::Receiver<()>) -> F,

@@ -8,14 +8,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed setup should panic
 
 mod app;
+pub mod bench;
 mod db;
 pub mod faults;
 pub mod harness;
 pub mod proxy;
 mod spawn;
+pub mod wait;
 
 pub use app::{Reply, TestApp};
 pub use db::{Backend, TestDb};
+pub use wait::{done_if, eventually, eventually_every};
 
 /// An `application/x-www-form-urlencoded` body of `fields`, as a browser posts a form.
 pub fn form(fields: &[(&str, &str)]) -> String {

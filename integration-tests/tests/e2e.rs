@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use integration_tests::faults::{Fault, FaultKind, FaultProxy};
 use integration_tests::harness::{check, Bookings, Service, Stack, StackClient, StackOptions};
+use integration_tests::{done_if, eventually, eventually_every};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -31,16 +32,12 @@ async fn settle(stack: &Stack, bookings: &Bookings) {
 
 /// The client's view, once it reaches `state`.
 async fn client_state(client: &StackClient, owner: &str, id: Uuid, state: &str) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..300 {
+    let what = format!("the client to see {id} as {state}");
+    eventually(Duration::from_secs(60), what, async || {
         let a = client.status(owner, id).await;
-        if a.body["state"] == state {
-            return a.body;
-        }
-        last = a.body;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the client never saw {id} as {state}; last: {last}");
+        done_if(a.body["state"] == state, a.body)
+    })
+    .await
 }
 
 async fn service_json(stack: &Stack, s: Service, path: &str) -> (u16, Value) {
@@ -84,50 +81,26 @@ async fn booking_lifecycle() {
         .reschedule(owner, id, &json!({"pickupTime": later}))
         .await;
     assert_eq!(a.status, 202, "{}", a.body);
-    let mut moved = Value::Null;
-    for _ in 0..300 {
-        let (_, r) = service_json(
-            &stack,
-            Service::Drone,
-            &format!("/api/dronedeliveries/{id}"),
-        )
-        .await;
-        if r["window"]["start"] != window_before {
-            moved = r;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        !moved.is_null(),
-        "the reschedule never moved the drone window"
-    );
+    let what = "the reschedule to move the drone window";
+    eventually(Duration::from_secs(60), what, async || {
+        let path = format!("/api/dronedeliveries/{id}");
+        let (_, r) = service_json(&stack, Service::Drone, &path).await;
+        done_if(r["window"]["start"] != window_before, r)
+    })
+    .await;
     // The saga moves the drone window first, then updates the delivery (its next step).
-    let mut events = Value::Null;
-    for _ in 0..100 {
-        let (_, e) = service_json(
-            &stack,
-            Service::Delivery,
-            &format!("/api/deliveries/{id}/events"),
+    let what = "a Rescheduled event of the delivery";
+    eventually(Duration::from_secs(20), what, async || {
+        let path = format!("/api/deliveries/{id}/events");
+        let (_, events) = service_json(&stack, Service::Delivery, &path).await;
+        done_if(
+            events
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e["stage"] == "Rescheduled")),
+            events,
         )
-        .await;
-        events = e;
-        if events
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["stage"] == "Rescheduled"))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        events
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["stage"] == "Rescheduled"),
-        "the delivery has a Rescheduled event: {events}"
-    );
+    })
+    .await;
     assert_eq!(
         stack.wait_state(id, "completed", WAIT).await["state"],
         "completed"
@@ -232,12 +205,15 @@ async fn book_and_cancel_in_slow_step(
     let id = client
         .book_ok(&StackClient::booking(owner, minutes, "Small"))
         .await;
-    for _ in 0..200 {
-        if faults.hits() > 0 {
-            break;
+    let what = format!("the slow step ({path_prefix}) to be reached");
+    let every = Duration::from_millis(20);
+    eventually_every(Duration::from_secs(8), every, what, async || {
+        match faults.hits() {
+            0 => Err(0),
+            n => Ok(n),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     assert_eq!(
         faults.hits(),
         1,
@@ -249,20 +225,15 @@ async fn book_and_cancel_in_slow_step(
 }
 
 async fn wait_any(stack: &Stack, id: Uuid, states: &[&str]) -> String {
-    for _ in 0..600 {
-        if let Some(w) = stack.workflow(id).await {
-            if let Some(s) = w["state"].as_str() {
-                if states.contains(&s) {
-                    return s.to_owned();
-                }
-            }
+    let what = format!("saga {id} to reach any of {states:?}");
+    eventually(Duration::from_secs(120), what, async || {
+        let w = stack.workflow(id).await;
+        match w.as_ref().and_then(|w| w["state"].as_str()) {
+            Some(s) if states.contains(&s) => Ok(s.to_owned()),
+            _ => Err(format!("{w:?}")),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "saga {id} never reached any of {states:?}: {:?}",
-        stack.workflow(id).await
-    );
+    })
+    .await
 }
 
 /// A suspended account fails with nothing held; no drone free until the pickup time fails and

@@ -13,7 +13,10 @@ use contracts::{
     DELIVERY_RESCHEDULED, WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED,
 };
 use integration_tests::proxy::Mode;
-use integration_tests::{both_backends, spawn_ingestion, Backend, IngestionApp, Reply};
+use integration_tests::{
+    both_backends, done_if, eventually, eventually_every, spawn_ingestion, Backend, IngestionApp,
+    Reply,
+};
 use messaging::{partition_for, Envelope, LogRecord, StartAt};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -134,17 +137,16 @@ async fn eventually_state(
     token: &str,
     want: RequestState,
 ) -> DeliveryRequestStatus {
-    for _ in 0..100 {
+    let what = format!("request {id} to reach {want:?}");
+    eventually(Duration::from_secs(20), what, async || {
         let r = on_request(s, Method::GET, id, token, None).await;
-        if r.status == 200 {
-            let st: DeliveryRequestStatus = r.json();
-            if st.state == want {
-                return st;
-            }
+        if r.status == 200 && r.json::<DeliveryRequestStatus>().state == want {
+            Ok(r.json())
+        } else {
+            Err(r.body)
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("request {id} never reached {want:?}");
+    })
+    .await
 }
 
 async fn fabrikam_booking_is_accepted_and_in_the_log(backend: Backend) {
@@ -508,16 +510,17 @@ async fn broker_outage_gives_503_and_nothing_half_accepted(backend: Backend) {
 
     // The broker comes back: accepted again without a restart.
     s.proxy.set(Mode::Forward);
-    let mut after = None;
-    for _ in 0..50 {
+    let what = "a booking accepted again once the broker is back";
+    let every = Duration::from_millis(200);
+    let after = eventually_every(Duration::from_secs(20), every, what, async || {
         let r = post(&s, Some(&token), &booking("acc-1"), None).await;
         if r.status == 202 {
-            after = Some(r.json::<DeliveryAccepted>().delivery_id);
-            break;
+            Ok(r.json::<DeliveryAccepted>().delivery_id)
+        } else {
+            Err(r.body)
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let after = after.expect("accepted again once the broker is back");
+    })
+    .await;
 
     let ids: Vec<String> = all_requests(&s).await.into_iter().map(|e| e.key).collect();
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -632,7 +635,8 @@ async fn a_booking_is_found_right_after_its_202(backend: Backend) {
     if let Some(txn) = lock {
         txn.rollback().await.expect("unlock");
     }
-    for _ in 0..100 {
+    let (what, every) = ("10 stored rows", Duration::from_millis(50));
+    eventually_every(Duration::from_secs(10), every, what, async || {
         let stored = db
             .query_one(sea_orm::Statement::from_string(
                 db.get_database_backend(),
@@ -640,14 +644,11 @@ async fn a_booking_is_found_right_after_its_202(backend: Backend) {
             ))
             .await
             .expect("count")
-            .expect("a row")
-            .try_get::<i64>("", "n")
-            .expect("n");
-        if stored == 10 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .expect("a row");
+        let stored: i64 = stored.try_get("", "n").expect("n");
+        done_if(stored == 10, stored)
+    })
+    .await;
     for &id in &ids {
         let got = on_request(&s, Method::GET, id, &token, None).await;
         assert_eq!(got.status, 200, "{}", got.body);

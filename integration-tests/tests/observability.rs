@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use integration_tests::{spawn_suite, Backend, Suite, SuiteFaults};
+use integration_tests::{eventually, spawn_suite, Backend, Suite, SuiteFaults};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 
@@ -39,18 +39,19 @@ async fn one_booking_is_one_trace_across_every_service() {
     let workflow = suite.workflow(&scheduler, id, "completed", WAIT).await;
 
     // Spans end a little after the answers that reveal them: wait until the saga span is in.
-    let mut spans = Vec::new();
-    for _ in 0..100 {
+    let spans = eventually(Duration::from_secs(20), "the saga span", async || {
         let _ = provider.force_flush();
-        spans = exporter.get_finished_spans().unwrap();
+        let spans = exporter.get_finished_spans().unwrap();
         if spans
             .iter()
             .any(|s| s.name == "booking saga" && attr(s, "delivery_id") == Some(id.to_string()))
         {
-            break;
+            Ok(spans)
+        } else {
+            Err(format!("{} other spans", spans.len()))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 
     let booking = spans
         .iter()

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use contracts::{DroneReservation, Fleet, PackageSummary, TrackingEvent};
 use integration_tests::faults::{Fault, FaultKind};
-use integration_tests::{both_backends, spawn_suite, Backend, Suite, SuiteFaults, TestApp};
+use integration_tests::wait::poll;
+use integration_tests::{
+    both_backends, done_if, eventually, spawn_suite, Backend, Suite, SuiteFaults, TestApp,
+};
 use messaging::QueueOptions;
 use serde_json::Value;
 use uuid::Uuid;
@@ -107,26 +110,7 @@ async fn booking_ends_scheduled_with_one_of_everything(backend: Backend) {
         1
     );
     // The client sees it scheduled through Ingestion's read model (fed by workflow events).
-    let token = suite.ingestion.token("acc-1", &[]);
-    let mut state = Value::Null;
-    for _ in 0..100 {
-        let r = suite
-            .ingestion
-            .app
-            .call_with(
-                reqwest::Method::GET,
-                &format!("/api/deliveryrequests/{id}"),
-                None,
-                Some(&token),
-            )
-            .await;
-        state = r.body["state"].clone();
-        if state == "scheduled" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(state, "scheduled");
+    suite.client_state("acc-1", id, "scheduled", WAIT).await;
     let metrics = scheduler
         .client
         .get(scheduler.url("/metrics"))
@@ -275,13 +259,15 @@ async fn two_schedulers_never_share_a_partition(backend: Backend) {
     let suite = spawn_suite(backend, SuiteFaults::default()).await;
     suite.account("acc-1", "active").await;
     let a = suite.start_scheduler(|_| {}).await;
-    // Wait until A holds every partition, then start B for the same partitions.
-    for _ in 0..100 {
-        if partitions(&a).await.len() == 4 {
-            break;
+    // Wait (up to 10 s) until A holds every partition, then start B for the same partitions.
+    let every = Duration::from_millis(50);
+    let _ = poll(Duration::from_secs(10), every, async || {
+        match partitions(&a).await.len() {
+            4 => Ok(()),
+            n => Err(n),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let b = suite
         .start_scheduler(|s| s.scheduler.instance_id = Some("scheduler-test-b".into()))
         .await;
@@ -417,17 +403,16 @@ async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
     let attempts_before: i64 = count(&db, "SELECT COUNT(*) AS n FROM saga_attempts").await;
     let scheduler = suite.start_scheduler(|_| {}).await;
     // Wait until every checkpoint is back where it was: the whole log was read again.
-    let mut caught_up = false;
-    for _ in 0..150 {
+    let what = format!("the scheduler to read the partitions again, up to {before:?}");
+    eventually(Duration::from_secs(30), what, async || {
         let now = checkpoints(partitions(&scheduler).await);
-        if now.len() == before.len() && now.iter().zip(&before).all(|(n, b)| n >= b) {
-            caught_up = true;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(caught_up, "the scheduler read the partitions again");
+        done_if(
+            now.len() == before.len() && now.iter().zip(&before).all(|(n, b)| n >= b),
+            format!("{now:?}"),
+        )
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         count(&db, "SELECT COUNT(*) AS n FROM saga_attempts").await,
         attempts_before,
@@ -560,31 +545,26 @@ async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
         .await;
     assert_eq!(r.status, 202, "{}", r.body);
     // The saga moves the drone window first, then the delivery: wait for both.
-    let mut window_moved = false;
-    let mut last_stage = None;
-    for _ in 0..100 {
+    let what = "the drone reservation to move to the new pickup time, then a Rescheduled event";
+    eventually(Duration::from_secs(20), what, async || {
         let r: DroneReservation = suite
             .drone
             .get(&format!("/api/dronedeliveries/{moved}"))
             .await
             .json();
-        window_moved = (r.window.start - later).num_seconds().abs() < 2;
+        let window_moved = (r.window.start - later).num_seconds().abs() < 2;
         let events: Vec<TrackingEvent> = suite
             .delivery
             .get(&format!("/api/deliveries/{moved}/events"))
             .await
             .json();
-        last_stage = events.last().map(|e| e.stage);
-        if window_moved && last_stage == Some(contracts::DeliveryStage::Rescheduled) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        window_moved,
-        "the drone reservation moved to the new pickup time"
-    );
-    assert_eq!(last_stage, Some(contracts::DeliveryStage::Rescheduled));
+        let last_stage = events.last().map(|e| e.stage);
+        done_if(
+            window_moved && last_stage == Some(contracts::DeliveryStage::Rescheduled),
+            format!("window {:?}, last stage {last_stage:?}", r.window),
+        )
+    })
+    .await;
 
     // Cancel a scheduled booking: the saga ends cancelled and asks to undo all three steps.
     let queue = suite
@@ -623,25 +603,9 @@ async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
     );
     message.ack().await.unwrap();
     // The client sees it cancelled.
-    let mut state = Value::Null;
-    for _ in 0..100 {
-        let r = suite
-            .ingestion
-            .app
-            .call_with(
-                reqwest::Method::GET,
-                &format!("/api/deliveryrequests/{cancelled}"),
-                None,
-                Some(&token),
-            )
-            .await;
-        state = r.body["state"].clone();
-        if state == "cancelled" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(state, "cancelled");
+    suite
+        .client_state("acc-1", cancelled, "cancelled", WAIT)
+        .await;
     scheduler.stop().await;
     suite.stop().await;
 }

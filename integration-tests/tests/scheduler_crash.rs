@@ -19,7 +19,10 @@ use chrono::{DateTime, Utc};
 use contracts::{DeliveryRequested, DroneReservation, Fleet, PackageSummary, TrackingEvent};
 use futures::StreamExt;
 use integration_tests::harness::{binary, free_port, ServiceProcess};
-use integration_tests::{both_backends, spawn_suite, Backend, Suite, SuiteFaults};
+use integration_tests::wait::poll;
+use integration_tests::{
+    both_backends, eventually, eventually_every, spawn_suite, Backend, Suite, SuiteFaults,
+};
 use messaging::StartAt;
 use sea_orm::{ConnectionTrait, Statement};
 use secrecy::ExposeSecret;
@@ -75,18 +78,20 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
     );
     first.wait_ready(Duration::from_secs(60)).await;
     let started = Instant::now();
-    let seen_before_kill = loop {
-        let n = completed(&first).await.len();
-        if n >= KILL_AFTER {
-            break n;
+    let every = Duration::from_millis(10);
+    let seen_before_kill = poll(Duration::from_secs(60), every, async || {
+        match completed(&first).await.len() {
+            n if n >= KILL_AFTER => Ok(n),
+            n => Err(n),
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "fewer than {KILL_AFTER} sagas completed within 60 s; scheduler log:\n{}",
+    })
+    .await
+    .unwrap_or_else(|n| {
+        panic!(
+            "only {n} (fewer than {KILL_AFTER}) sagas completed within 60 s; scheduler log:\n{}",
             first.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+        )
+    });
     let status = first.kill9().expect("the scheduler ran");
     assert_eq!(
         status.signal(),
@@ -126,21 +131,23 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
     );
     second.wait_ready(Duration::from_secs(60)).await;
     let ready_after = restart.elapsed();
-    let completed = loop {
+    let within = Duration::from_secs(90).saturating_sub(ready_after); // 90 s from the restart
+    let completed = poll(within, Duration::from_millis(50), async || {
         let completed = completed(&second).await;
         if completed.len() == BOOKINGS {
-            break completed;
+            return Ok(completed);
         }
         let failed = workflows(&second, "failed").await;
         assert!(failed.is_empty(), "sagas failed: {failed:?}");
-        assert!(
-            restart.elapsed() < Duration::from_secs(90),
-            "only {} of {BOOKINGS} sagas completed within 90 s of the restart; scheduler log:\n{}",
-            completed.len(),
+        Err(completed.len())
+    })
+    .await
+    .unwrap_or_else(|n| {
+        panic!(
+            "only {n} of {BOOKINGS} sagas completed within 90 s of the restart; scheduler log:\n{}",
             second.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        )
+    });
     let all_done_after = restart.elapsed();
     let completed_ids: HashSet<Uuid> = completed.keys().map(|id| id.parse().unwrap()).collect();
     assert_eq!(
@@ -289,8 +296,8 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
 
     // The checkpoint of every partition is past its last record.
     let last = last_offsets(&suite, &expected).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let checkpoints = loop {
+    let what = format!("the checkpoints to pass the last offsets {last:?}");
+    let checkpoints = eventually(Duration::from_secs(10), what, async || {
         let (status, body) = second.get("/api/partitions").await;
         assert_eq!(status, 200, "{body}");
         let checkpoints: BTreeMap<u32, ((i64, i64), String)> = body
@@ -320,14 +327,12 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
             })
         });
         if past {
-            break checkpoints;
+            Ok(checkpoints)
+        } else {
+            Err(format!("{checkpoints:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "checkpoints {checkpoints:?} not past the last offsets {last:?} after 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     assert!(
         checkpoints.values().all(|(_, owner)| owner == INSTANCE),
         "{checkpoints:?}"
@@ -349,9 +354,10 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
 
     // The client sees every booking scheduled (the workflow events left the outbox).
     let token = suite.ingestion.token(OWNER, &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
     let mut pending: Vec<Uuid> = ids.clone();
-    while !pending.is_empty() {
+    let what = "the client to see every booking scheduled";
+    let every = Duration::from_millis(200);
+    eventually_every(Duration::from_secs(30), every, what, async || {
         let states: Vec<(Uuid, Value)> = futures::stream::iter(pending.iter().copied())
             .map(|id| {
                 let (suite, token) = (&suite, &token);
@@ -377,16 +383,15 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
             .filter(|(_, s)| *s != "scheduled")
             .map(|(id, _)| *id)
             .collect();
-        if !pending.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "{} bookings not scheduled for the client after 30 s, e.g. {:?}",
-                pending.len(),
-                states.iter().find(|(_, s)| *s != "scheduled")
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        match states.iter().find(|(_, s)| *s != "scheduled") {
+            None => Ok(()),
+            Some(e) => Err(format!(
+                "{} bookings not scheduled, e.g. {e:?}",
+                pending.len()
+            )),
         }
-    }
+    })
+    .await;
 
     drop(second);
     drop(first);

@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
+use integration_tests::{done_if, eventually};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -214,19 +216,12 @@ async fn make_run_serves_every_service_and_keeps_its_data() {
         "http://127.0.0.1:{}/api/deliveryrequests/{delivery_id}",
         suite.ports.ingestion
     );
-    let mut body = Value::Null;
-    for _ in 0..200 {
-        let (status, b) = send(reqwest::Method::GET, url.clone(), &client_token, None).await;
-        assert_eq!(status, 200, "{b}");
-        body = b;
-        if body["state"] == "scheduled" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        body["state"], "scheduled",
-        "the read model followed the saga"
-    );
+    let what = "the read model to follow the saga to scheduled";
+    eventually(Duration::from_secs(40), what, async || {
+        let (status, body) = send(reqwest::Method::GET, url.clone(), &client_token, None).await;
+        assert_eq!(status, 200, "{body}");
+        done_if(body["state"] == "scheduled", body)
+    })
+    .await;
     suite.stop().await;
 }

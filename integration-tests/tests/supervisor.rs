@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use contracts::{Fleet, TrackingEvent};
 use integration_tests::faults::{Fault, FaultKind};
+use integration_tests::wait::poll;
 use integration_tests::{
-    both_backends, spawn_suite, spawn_supervisor, Backend, Suite, SuiteFaults, SupervisorApp,
-    TestApp, OPERATOR, VIEWER,
+    both_backends, done_if, eventually, eventually_every, spawn_suite, spawn_supervisor, Backend,
+    Suite, SuiteFaults, SupervisorApp, TestApp, OPERATOR, VIEWER,
 };
 use messaging::QueueOptions;
 use serde_json::{json, Value};
@@ -75,30 +76,6 @@ async fn package_status(suite: &Suite, id: Uuid) -> Value {
     suite.package.get(&format!("/api/packages/{id}")).await.body["status"].clone()
 }
 
-/// What the client sees through Ingestion, once it reaches `state`.
-async fn client_state(suite: &Suite, owner: &str, id: Uuid, state: &str) -> Value {
-    let token = suite.ingestion.token(owner, &[]);
-    let mut last = Value::Null;
-    for _ in 0..150 {
-        let r = suite
-            .ingestion
-            .app
-            .call_with(
-                reqwest::Method::GET,
-                &format!("/api/deliveryrequests/{id}"),
-                None,
-                Some(&token),
-            )
-            .await;
-        if r.body["state"] == state {
-            return r.body;
-        }
-        last = r.body;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("ingestion did not show {id} as {state}; last: {last}");
-}
-
 async fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
     let text = app
         .client
@@ -155,7 +132,7 @@ async fn failure_after_the_drone_step_ends_compensated(backend: Backend) {
     assert_eq!(again.status, 200, "{}", again.body);
     let after = suite.workflow(&scheduler, id, "compensated", WAIT).await;
     assert_eq!(after["version"], wf["version"]);
-    let seen = client_state(&suite, "acc-1", id, "compensated").await;
+    let seen = suite.client_state("acc-1", id, "compensated", WAIT).await;
     assert!(
         seen["detail"].as_str().unwrap().contains("RegisterPackage"),
         "{seen}"
@@ -207,7 +184,7 @@ async fn failure_after_the_drone_step_ends_compensated(backend: Backend) {
         Some(contracts::DeliveryStage::Cancelled)
     );
     // Cancelled by its client: the booking reads `cancelled` while and after it is undone.
-    client_state(&suite, "acc-1", id2, "cancelled").await;
+    suite.client_state("acc-1", id2, "cancelled", WAIT).await;
     assert_eq!(
         metric(
             &supervisor.app,
@@ -283,7 +260,9 @@ async fn failing_compensation_is_parked_and_redriven(backend: Backend) {
         .as_str()
         .unwrap()
         .contains("RegisterPackage"));
-    client_state(&suite, "acc-1", id, "compensation-failed").await;
+    suite
+        .client_state("acc-1", id, "compensation-failed", WAIT)
+        .await;
     // The drone was released before the package failed; the package is still there.
     assert_eq!(reserved_drones(&suite).await, 0);
     assert_eq!(package_status(&suite, id).await, "registered");
@@ -304,7 +283,7 @@ async fn failing_compensation_is_parked_and_redriven(backend: Backend) {
     assert_eq!(r.body["ok"], true);
     suite.workflow(&scheduler, id, "compensated", WAIT).await;
     assert_eq!(package_status(&suite, id).await, "cancelled");
-    client_state(&suite, "acc-1", id, "compensated").await;
+    suite.client_state("acc-1", id, "compensated", WAIT).await;
     assert!(supervisor.parked_of(id, Duration::ZERO).await.is_empty());
     let audit = supervisor.app.get("/api/audit").await;
     assert_eq!(audit.body[0]["action"], "redrive", "{}", audit.body);
@@ -371,22 +350,15 @@ async fn duplicate_request_has_no_second_effect(backend: Backend) {
     queue.publish(envelope.clone()).await.unwrap();
     queue.publish(envelope).await.unwrap();
 
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, "both duplicates to be counted", async || {
         let n = metric(
             &supervisor.app,
             "supervisor_compensations_total{outcome=\"duplicate\"",
         )
         .await;
-        if n == Some(2.0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "duplicates not seen: {n:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        done_if(n == Some(2.0), format!("{n:?}"))
+    })
+    .await;
     for proxy in [&supervisor.package, &supervisor.drone, &supervisor.delivery] {
         assert_eq!(proxy.hits(), 0, "a duplicate called a service again");
     }
@@ -403,13 +375,15 @@ async fn duplicate_request_has_no_second_effect(backend: Backend) {
 }
 
 async fn depth(queue: &std::sync::Arc<dyn messaging::WorkQueue>) -> u64 {
-    for _ in 0..50 {
-        if queue.depth().await.unwrap() == 0 {
-            return 0;
+    let every = Duration::from_millis(100);
+    poll(Duration::from_secs(10), every, async || {
+        match queue.depth().await.unwrap() {
+            0 => Ok(0),
+            n => Err(n),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    queue.depth().await.unwrap()
+    })
+    .await
+    .unwrap_or_else(|n| n)
 }
 
 /// The Scheduler's compensation endpoint, as the Supervisor uses it.
@@ -471,16 +445,12 @@ mod browser {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return driver;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("chromedriver did not listen on {port}");
+        let what = format!("chromedriver to listen on {port}");
+        eventually(Duration::from_secs(20), what, async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+        })
+        .await;
+        driver
     }
 
     async fn browser(driver: &Driver) -> Client {
@@ -548,34 +518,22 @@ mod browser {
     /// Clicks the element `css` names, finding it again if the page's live refresh replaced it
     /// between finding and clicking (a stale element reference).
     async fn click_fresh(c: &Client, css: &str) {
-        let mut last = None;
-        for _ in 0..50 {
-            match c.find(Locator::Css(css)).await {
-                Ok(e) => match e.click().await {
-                    Ok(()) => return,
-                    Err(err) => last = Some(err.to_string()),
-                },
-                Err(err) => last = Some(err.to_string()),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("could not click {css}: {last:?}");
+        eventually(
+            Duration::from_secs(10),
+            format!("a click on {css}"),
+            async || c.find(Locator::Css(css)).await?.click().await,
+        )
+        .await;
     }
 
     /// The text of the element `css` names (found again if a live refresh replaced it).
     async fn text(c: &Client, css: &str) -> String {
-        let mut last = None;
-        for _ in 0..50 {
-            match c.find(Locator::Css(css)).await {
-                Ok(e) => match e.text().await {
-                    Ok(t) => return t,
-                    Err(err) => last = Some(err.to_string()),
-                },
-                Err(err) => last = Some(err.to_string()),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("no text for {css}: {last:?}");
+        eventually(
+            Duration::from_secs(10),
+            format!("the text of {css}"),
+            async || c.find(Locator::Css(css)).await?.text().await,
+        )
+        .await
     }
 
     pub async fn dashboard_in_headless_chromium(backend: Backend) {
@@ -670,18 +628,18 @@ mod browser {
             .for_element(Locator::Css(".flash.ok"))
             .await
             .expect("compensation queued");
-        let mut state = String::new();
-        for _ in 0..100 {
+        let (what, every) = (
+            "the saga page to show compensated",
+            Duration::from_millis(200),
+        );
+        eventually_every(Duration::from_secs(40), every, what, async || {
             c.goto(&format!("{base}/dashboard/sagas/{id}"))
                 .await
                 .unwrap();
-            state = text(&c, "#saga-state").await;
-            if state == "compensated" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        assert_eq!(state, "compensated");
+            let state = text(&c, "#saga-state").await;
+            done_if(state == "compensated", state)
+        })
+        .await;
         std::fs::write(
             shots.join("timeline-compensated.png"),
             c.screenshot().await.unwrap(),

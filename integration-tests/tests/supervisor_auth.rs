@@ -11,13 +11,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 
 use integration_tests::harness::{binary, free_port, ServiceProcess};
 use integration_tests::{
-    spawn_suite, spawn_supervisor, test_auth, test_http, Backend, Suite, SuiteFaults,
-    SupervisorApp, TestApp, TestDb, OPERATOR, SERVICE_TOKEN, VIEWER,
+    done_if, eventually, spawn, spawn_suite, spawn_supervisor, test_auth, test_http, Backend,
+    Suite, SuiteFaults, SupervisorApp, TestApp, TestDb, OPERATOR, SERVICE_TOKEN, VIEWER,
 };
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
@@ -26,25 +25,6 @@ use serde_json::Value;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Polls `check` until it gives a value, or fails the test saying what did not happen.
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// One HTTP answer, read whole.
 struct Page {
@@ -223,17 +203,7 @@ async fn lone_supervisor(
         users,
         ..Default::default()
     };
-    let app = supervisor::Application::build(settings)
-        .await
-        .expect("supervisor starts");
-    let port = app.port();
-    TestApp::start_with(port, None, move |rx| async move {
-        let _ = app
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await;
-    })
+    spawn::<supervisor::Application>(settings, None).await
 }
 
 /// Resident memory of a process in KiB: (now, peak) from /proc/<pid>/status.
@@ -411,22 +381,19 @@ async fn login_flood_is_throttled_within_bounded_memory() {
     // The attacked user, after the wait, with the right password.
     let wait: u64 = on_b.header("retry-after").unwrap().parse().unwrap();
     tokio::time::sleep(Duration::from_secs(wait)).await;
-    let operator = eventually("the operator's login after the wait", WAIT, || {
-        let web = web.clone();
-        async move {
-            let p = web
-                .login_with(
-                    OPERATOR.0,
-                    OPERATOR.1,
-                    None,
-                    &[("x-forwarded-for", "198.51.100.2")],
-                )
-                .await;
-            match p.status.as_u16() {
-                303 => Some(p),
-                429 => None,
-                other => panic!("unexpected {other}: {}", p.body),
-            }
+    let operator = eventually(WAIT, "the operator's login after the wait", async || {
+        let p = web
+            .login_with(
+                OPERATOR.0,
+                OPERATOR.1,
+                None,
+                &[("x-forwarded-for", "198.51.100.2")],
+            )
+            .await;
+        match p.status.as_u16() {
+            303 => Ok(p),
+            429 => Err(p.status),
+            other => panic!("unexpected {other}: {}", p.body),
         }
     })
     .await;
@@ -838,12 +805,9 @@ async fn the_longest_reason_the_form_allows_reaches_the_scheduler() {
         "the retry was not done: {}",
         p.location()
     );
-    let after = eventually("the retried saga to move on", WAIT, || {
-        let (scheduler, before) = (&scheduler, &before);
-        async move {
-            let r = scheduler.get(&format!("/api/workflows/{id}")).await;
-            (r.body["version"] != before["version"]).then_some(r.body)
-        }
+    let after = eventually(WAIT, "the retried saga to move on", async || {
+        let r = scheduler.get(&format!("/api/workflows/{id}")).await;
+        done_if(r.body["version"] != before["version"], r.body)
     })
     .await;
     assert_ne!(after["version"], before["version"]);

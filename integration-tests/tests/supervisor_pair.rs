@@ -7,39 +7,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::Duration;
 
 use integration_tests::faults::{Fault, FaultKind};
 use integration_tests::harness::{
     binary, check, free_port, Bookings, Service, ServiceProcess, Stack, StackClient, StackOptions,
 };
-use integration_tests::{form, OPERATOR, SERVICE_TOKEN};
+use integration_tests::{done_if, eventually, form, OPERATOR, SERVICE_TOKEN};
 use messaging::{MessagingSettings, QueueOptions};
 use serde_json::Value;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 const COMPENSATED: &str = "supervisor_compensations_total{outcome=\"compensated\"}";
-
-/// Waits until `check` returns something; panics with `what` (and the last miss) after `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting until {what}; last: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -225,18 +205,18 @@ async fn two_supervisors_share_one_database_and_broker() {
         "both took a share: A {by_a}, B {by_b}"
     );
     // Both read models show every saga the same.
-    eventually("both read models show every saga compensated", || async {
-        let (a, b) = (read_model(&a_url).await, read_model(&b_url).await);
-        let done = ids.iter().all(|id| {
-            a.iter()
-                .any(|(d, s, _)| *d == id.to_string() && s == "compensated")
-        });
-        if a == b && done {
-            Ok(())
-        } else {
-            Err(format!("A {a:?}\nB {b:?}"))
-        }
-    })
+    eventually(
+        WAIT,
+        "both read models show every saga compensated",
+        async || {
+            let (a, b) = (read_model(&a_url).await, read_model(&b_url).await);
+            let done = ids.iter().all(|id| {
+                a.iter()
+                    .any(|(d, s, _)| *d == id.to_string() && s == "compensated")
+            });
+            done_if(a == b && done, format!("A {a:?}\nB {b:?}"))
+        },
+    )
     .await;
 
     // Kill A while it is in the middle of compensations (drone releases answer slowly).
@@ -247,12 +227,14 @@ async fn two_supervisors_share_one_database_and_broker() {
         kind: FaultKind::Delay(Duration::from_millis(1500)),
     }]);
     let more = book(&client, owner, 10, &mut bookings).await;
-    eventually("both supervisors are releasing drones", || async {
-        match stack.supervisor_faults.drone.hits() {
+    eventually(
+        WAIT,
+        "both supervisors are releasing drones",
+        async || match stack.supervisor_faults.drone.hits() {
             n if n >= 6 => Ok(()),
             n => Err(format!("{n} releases started")),
-        }
-    })
+        },
+    )
     .await;
     stack.kill9(Service::Supervisor);
     stack.supervisor_faults.drone.set_faults(Vec::new());
@@ -301,7 +283,7 @@ async fn two_supervisors_share_one_database_and_broker() {
         .publish_raw(b"not a compensation request".to_vec())
         .await
         .unwrap();
-    let parked = eventually("both list the parked request", || async {
+    let parked = eventually(WAIT, "both list the parked request", async || {
         let (a, b) = (
             get(&a_url, "/api/parked").await.1,
             get(&b_url, "/api/parked").await.1,
@@ -317,16 +299,15 @@ async fn two_supervisors_share_one_database_and_broker() {
         assert_eq!(a.1, parked, "A's list changed");
         assert_eq!(b.1, parked, "B's list changed");
     }
-    eventually("both overviews count it", || async {
+    eventually(WAIT, "both overviews count it", async || {
         let (a, b) = (
             get(&a_url, "/api/overview").await.1,
             get(&b_url, "/api/overview").await.1,
         );
-        if a["parked"] == 1 && b["parked"] == 1 {
-            Ok(())
-        } else {
-            Err(format!("A {} B {}", a["parked"], b["parked"]))
-        }
+        done_if(
+            a["parked"] == 1 && b["parked"] == 1,
+            format!("A {} B {}", a["parked"], b["parked"]),
+        )
     })
     .await;
     assert_eq!(read_model(&a_url).await, read_model(&b_url).await);

@@ -7,11 +7,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::{amqp_url, form, test_auth, test_http, Backend, TestApp, TestDb, OPERATOR};
+use integration_tests::{
+    amqp_url, done_if, eventually, form, spawn, test_auth, test_http, Backend, TestApp, TestDb,
+    OPERATOR,
+};
 use messaging::{Envelope, MessagingSettings, QueueOptions, WorkQueue};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -43,25 +45,6 @@ enum Backing {
     Embedded,
 }
 
-/// Waits until `check` returns something; panics with `what` (and the last miss) after `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting until {what}; last: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -88,17 +71,7 @@ async fn start(db: &TestDb, messaging: &MessagingSettings) -> TestApp {
         users: BTreeMap::from([(OPERATOR.0.to_owned(), operator)]),
         ..Default::default()
     };
-    let app = supervisor::Application::build(settings)
-        .await
-        .expect("supervisor starts");
-    let port = app.port();
-    TestApp::start_with(port, None, move |rx| async move {
-        let _ = app
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await;
-    })
+    spawn::<supervisor::Application>(settings, None).await
 }
 
 /// Messages still in the broker's parked queue (not yet moved into the Supervisor's table).
@@ -224,7 +197,7 @@ async fn parked_requests_are_kept_by_the_supervisor(backing: Backing) {
     .unwrap();
     queue.publish(misshapen.clone()).await.unwrap();
 
-    let listed: Vec<Value> = eventually("both requests are listed as parked", || async {
+    let listed: Vec<Value> = eventually(WAIT, "both requests are listed as parked", async || {
         let r = app.get("/api/parked").await;
         match r.body.as_array() {
             Some(rows) if r.status == 200 && rows.len() == 2 => Ok(rows.clone()),
@@ -265,25 +238,23 @@ async fn parked_requests_are_kept_by_the_supervisor(backing: Backing) {
     );
 
     // Moved out of the broker: nothing is left where a look would be a delivery.
-    eventually("the broker's parked queue is empty", || async {
-        match left_in_the_broker(backing, &messaging).await {
+    eventually(
+        WAIT,
+        "the broker's parked queue is empty",
+        async || match left_in_the_broker(backing, &messaging).await {
             0 => Ok(()),
             n => Err(format!("{n} messages")),
-        }
-    })
+        },
+    )
     .await;
     // Looking changes nothing: the same list, in the same order, every time.
     for _ in 0..5 {
         let again = app.get("/api/parked").await;
         assert_eq!(again.body, Value::Array(listed.clone()));
     }
-    eventually("the overview counts both", || async {
+    eventually(WAIT, "the overview counts both", async || {
         let o = app.get("/api/overview").await;
-        if o.body["parked"] == 2 {
-            Ok(())
-        } else {
-            Err(o.body.to_string())
-        }
+        done_if(o.body["parked"] == 2, o.body.to_string())
     })
     .await;
 
@@ -321,7 +292,7 @@ async fn parked_requests_are_kept_by_the_supervisor(backing: Backing) {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["ok"], true, "{}", r.body);
-    let reparked = eventually("the redriven message is parked again", || async {
+    let reparked = eventually(WAIT, "the redriven message is parked again", async || {
         let r = app.get("/api/parked").await;
         r.body
             .as_array()

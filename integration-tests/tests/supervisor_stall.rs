@@ -21,12 +21,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_tests::faults::{Fault, FaultKind};
 use integration_tests::harness::{Service, Stack, StackClient, StackOptions};
-use integration_tests::{form, OPERATOR};
+use integration_tests::{done_if, eventually_every, form, OPERATOR};
 use serde_json::Value;
 
 const OWNER: &str = "acc-stall";
@@ -36,6 +35,8 @@ const STALL_AFTER_SECS: f64 = 3.0;
 const LEASE_TTL_MS: u64 = 2000;
 /// Longest wait for something that must happen.
 const WAIT: Duration = Duration::from_secs(60);
+/// How often a wait asks again.
+const POLL: Duration = Duration::from_millis(200);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics() {
@@ -96,21 +97,18 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
         .book_ok(&StackClient::booking(OWNER, 120, "Small"))
         .await;
     stack.wait_state(first, "completed", WAIT).await;
-    let st = &stack;
-    eventually(
+    eventually_every(
+        WAIT,
+        POLL,
         "every partition has an owner and none is stalled",
-        || async move {
-            let o = overview(st).await;
+        async || {
+            let o = overview(&stack).await;
             let ps = o["partitions"].as_array().cloned().unwrap_or_default();
             let fine = ps.len() == partitions
                 && ps.iter().all(|p| {
                     p["owner"].as_str().is_some_and(|o| !o.is_empty()) && p["stalled"] != true
                 });
-            if fine {
-                Ok(())
-            } else {
-                Err(o)
-            }
+            done_if(fine, o)
         },
     )
     .await;
@@ -127,11 +125,12 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
     let waiting = client
         .book_ok(&StackClient::booking(OWNER, 120, "Small"))
         .await;
-    let st = &stack;
-    let o = eventually(
+    let o = eventually_every(
+        WAIT,
+        POLL,
         "the parked saga is counted as waiting, with its reason",
-        || async move {
-            let o = overview(st).await;
+        async || {
+            let o = overview(&stack).await;
             let reason = o["waitingReasons"].as_array().and_then(|rs| {
                 rs.iter()
                     .find(|r| r["step"] == "ReserveDrone" && r["reason"] == "injected-fault")
@@ -165,28 +164,32 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
         "the last error is shown: {group}"
     );
     let supervisor = stack.service(Service::Supervisor);
-    eventually("the waiting saga is in the metrics", || async move {
-        let text = metrics(supervisor).await;
-        let n = sample(
-            &text,
-            "supervisor_sagas_waiting",
-            &["step=\"ReserveDrone\"", "reason=\"injected-fault\""],
-        );
-        if n.is_some_and(|n| n >= 1.0)
-            && sample(&text, "supervisor_sagas_progressing", &[]).is_some()
-        {
-            Ok(())
-        } else {
-            Err(format!("supervisor_sagas_waiting {n:?}"))
-        }
-    })
+    eventually_every(
+        WAIT,
+        POLL,
+        "the waiting saga is in the metrics",
+        async || {
+            let text = metrics(supervisor).await;
+            let n = sample(
+                &text,
+                "supervisor_sagas_waiting",
+                &["step=\"ReserveDrone\"", "reason=\"injected-fault\""],
+            );
+            done_if(
+                n.is_some_and(|n| n >= 1.0)
+                    && sample(&text, "supervisor_sagas_progressing", &[]).is_some(),
+                format!("supervisor_sagas_waiting {n:?}"),
+            )
+        },
+    )
     .await;
     // Between its attempts (a timer due, then the attempt) a saga is not waiting: look again.
     let dashboard = Dashboard::login(&stack).await;
-    let dashboard = &dashboard;
-    eventually(
+    eventually_every(
+        WAIT,
+        POLL,
         "the dashboard lists the waiting saga with its reason",
-        || async move {
+        async || {
             let html = dashboard.get("/dashboard").await;
             let table = html
                 .split("<table id=\"waiting\"")
@@ -194,25 +197,19 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
                 .and_then(|t| t.split("</table>").next())
                 .unwrap_or_default()
                 .to_owned();
-            if table.contains("injected-fault") && table.contains(&waiting.to_string()) {
-                Ok(())
-            } else {
-                Err(table)
-            }
+            done_if(
+                table.contains("injected-fault") && table.contains(&waiting.to_string()),
+                table,
+            )
         },
     )
     .await;
     // Drones again: it is scheduled and no longer waits.
     stack.scheduler_faults.drone.set_faults(Vec::new());
     stack.wait_state(waiting, "completed", WAIT).await;
-    let st = &stack;
-    eventually("nothing waits any more", || async move {
-        let o = overview(st).await;
-        if o["waiting"] == 0 {
-            Ok(())
-        } else {
-            Err(o)
-        }
+    eventually_every(WAIT, POLL, "nothing waits any more", async || {
+        let o = overview(&stack).await;
+        done_if(o["waiting"] == 0, o)
     })
     .await;
 
@@ -229,13 +226,14 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
 
     // The JSON API flags its partition: lease expired, owner not alive, the booking unstarted for
     // longer than the threshold.
-    let st = &stack;
-    let flagged = eventually(
+    let flagged = eventually_every(
+        WAIT,
+        POLL,
         &format!(
             "partition {p} is flagged stalled with an expired lease and an old unstarted booking"
         ),
-        || async move {
-            let o = overview(st).await;
+        async || {
+            let o = overview(&stack).await;
             let part = o["partitions"][p].clone();
             let age = part["oldestUnstartedAgeSeconds"].as_f64().unwrap_or(0.0);
             if part["stalled"] == true && part["ownerAlive"] == false && age > STALL_AFTER_SECS {
@@ -263,15 +261,10 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
     );
     // The age keeps growing while the Scheduler is stalled.
     let age = part["oldestUnstartedAgeSeconds"].as_f64().unwrap();
-    let st = &stack;
-    eventually("the unstarted age grows", || async move {
-        let o = overview(st).await;
+    eventually_every(WAIT, POLL, "the unstarted age grows", async || {
+        let o = overview(&stack).await;
         let now = o["partitions"][p]["oldestUnstartedAgeSeconds"].as_f64();
-        if now.is_some_and(|a| a > age + 1.0) {
-            Ok(())
-        } else {
-            Err(o)
-        }
+        done_if(now.is_some_and(|a| a > age + 1.0), o)
     })
     .await;
 
@@ -291,7 +284,7 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
 
     // And the metrics, for the alert rule.
     let supervisor = stack.service(Service::Supervisor);
-    eventually("the metrics flag the partition", || async move {
+    eventually_every(WAIT, POLL, "the metrics flag the partition", async || {
         let text = metrics(supervisor).await;
         let stalled = metric(&text, "supervisor_partition_stalled", p);
         let alive = metric(&text, "supervisor_partition_owner_alive", p);
@@ -313,29 +306,21 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
     // Resumed: the booking is scheduled and the flags clear.
     stack.service_mut(Service::Scheduler).resume();
     stack.wait_state(second, "completed", WAIT).await;
-    let st = &stack;
-    eventually(
+    eventually_every(
+        WAIT,
+        POLL,
         &format!("partition {p} is no longer flagged"),
-        || async move {
-            let o = overview(st).await;
+        async || {
+            let o = overview(&stack).await;
             let part = &o["partitions"][p];
-            if part["stalled"] == false && part["ownerAlive"] == true {
-                Ok(())
-            } else {
-                Err(o)
-            }
+            done_if(part["stalled"] == false && part["ownerAlive"] == true, o)
         },
     )
     .await;
-    let st = &stack;
-    eventually("the metrics clear", || async move {
-        let text = metrics(st.service(Service::Supervisor)).await;
+    eventually_every(WAIT, POLL, "the metrics clear", async || {
+        let text = metrics(stack.service(Service::Supervisor)).await;
         let stalled = metric(&text, "supervisor_partition_stalled", p);
-        if stalled == Some(0.0) {
-            Ok(())
-        } else {
-            Err(format!("stalled {stalled:?}"))
-        }
+        done_if(stalled == Some(0.0), format!("stalled {stalled:?}"))
     })
     .await;
     let html = dashboard.get("/dashboard").await;
@@ -396,26 +381,6 @@ fn partition_row(html: &str, p: usize) -> Option<String> {
     let start = html.find(&format!("<tr id=\"partition-{p}\""))?;
     let end = html[start..].find("</tr>")? + start;
     Some(html[start..end].to_owned())
-}
-
-/// Waits until `probe` answers `Ok`; panics with the last answer when `WAIT` is up.
-async fn eventually<T, E, F, Fut>(what: &str, mut probe: F) -> T
-where
-    E: std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match probe().await {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                Instant::now() < deadline,
-                "not within {WAIT:?}: {what}; last seen: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// A signed-in operator's browser, without a browser: the login form, then the session cookie.

@@ -24,182 +24,191 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
-use contracts::{
-    ConfirmationType, DeliveryAccepted, DeliveryRequest, PackageInfo, PackageSize,
-    DELIVERY_REQUESTS_LOG, WORKFLOW_EVENTS_LOG,
+use clap::{CommandFactory, Parser};
+use contracts::{DeliveryAccepted, DeliveryRequest, DELIVERY_REQUESTS_LOG, WORKFLOW_EVENTS_LOG};
+use integration_tests::bench::{
+    self, cores, env_var, error_chain, flag, process_ticks, processes, splitmix64, MachineTicks,
+    TICKS_PER_SECOND,
 };
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
-use secrecy::SecretString;
-use service_kit::auth::ClientTokens;
 use tokio::sync::{mpsc, Semaphore};
 use uuid::Uuid;
 
-const USAGE: &str = "\
-usage: bench-e2e --runs 'RATE:SECONDS ...' --scheduler-db URL --stats-db URL
-                 --databases SERVICE=DBNAME,... [--pids NAME=PID,...]
-                 [--ingestion-url URL] [--account-url URL] [--scheduler-url URL]
-                 [--accounts N] [--drain-timeout S] [--flush-wait S] [--idle-window S]
-                 [--max-in-flight N] [--timeout-ms MS]
-       bench-e2e --cleanup --prefix PREFIX --amqp-url URL [--partitions P]
-
-  --runs           offered rate and duration of each run, in order (e.g. '1000:20 2000:20')
-  --scheduler-db   the Scheduler's PostgreSQL database (its journal holds the timings)
-  --stats-db       any database on the same server, to read pg_stat_database from
-  --databases      each service's database name, for commits per saga
-  --pids           service processes to measure the CPU of
-  --ingestion-url  default http://127.0.0.1:18080
-  --account-url    default http://127.0.0.1:18081 (the client accounts are created there)
-  --scheduler-url  default http://127.0.0.1:18085 (its /metrics shows progress)
-  --accounts       client accounts the bookings are spread over (default 1000)
-  --drain-timeout  how long after a run's last booking its sagas may take (default 900 s)
-  --flush-wait     wait before a closing pg_stat snapshot (default 11 s: backends report
-                   their counters at most 10 s late)
-  --idle-window    length of the idle measurement before the first run (default 10 s)
-  --max-in-flight  requests open at once (default 4096)
-  --timeout-ms     request timeout (default 5000)
-  --cleanup        delete the logs and the compensation queue under PREFIX and exit
-
-The JWT key comes from APP_AUTH__JWT_SECRET and the service token from APP_AUTH__SERVICE_TOKEN.";
-
-/// `/proc` times are in USER_HZ, which Linux fixes at 100 for user space.
-const TICKS_PER_SECOND: f64 = 100.0;
 /// Pickup times fall between one hour and a year from now, so the drone fleet is not the limit.
-const PICKUP_MIN_SECS: u64 = 3_600;
 const PICKUP_SPREAD_SECS: u64 = 365 * 24 * 3_600;
 
+/// End-to-end sagas (`make bench-e2e`): offers bookings to Ingestion open loop and measures
+/// scheduled/s, booking-to-scheduled latency, commits per saga and CPU per process, against
+/// services that scripts/bench-e2e.sh started.
+#[derive(Parser)]
+#[command(
+    name = "bench-e2e",
+    // A flag given twice keeps its last value, so extra arguments (BENCH_E2E_ARGS) can override.
+    args_override_self = true,
+    override_usage = "bench-e2e --runs 'RATE:SECONDS ...' --scheduler-db URL --stats-db URL \
+                      --databases SERVICE=DBNAME,... [OPTIONS]\n       \
+                      bench-e2e --cleanup --prefix PREFIX --amqp-url URL [--partitions P]",
+    after_help = "The JWT key comes from APP_AUTH__JWT_SECRET and the service token from \
+                  APP_AUTH__SERVICE_TOKEN."
+)]
 struct Args {
-    runs: Vec<(f64, f64)>,
-    ingestion_url: String,
-    account_url: String,
-    scheduler_url: String,
+    /// Offered rate and duration of each run, in order (e.g. '1000:20 2000:20')
+    // `::std::vec::Vec`: one value that holds the list, not a repeated flag.
+    #[arg(
+        long,
+        value_name = "'RATE:SECONDS ...'",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = runs,
+    )]
+    runs: ::std::vec::Vec<(f64, f64)>,
+    /// The Scheduler's PostgreSQL database (its journal holds the timings)
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "",
+        hide_default_value = true
+    )]
     scheduler_db: String,
+    /// Any database on the same server, to read pg_stat_database from
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "",
+        hide_default_value = true
+    )]
     stats_db: String,
-    databases: Vec<(String, String)>,
-    pids: Vec<(String, u32)>,
+    /// Each service's database name, for commits per saga
+    #[arg(
+        long,
+        value_name = "SERVICE=DBNAME,...",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = flag::name_values::<String>,
+    )]
+    databases: ::std::vec::Vec<(String, String)>,
+    /// Service processes to measure the CPU of
+    #[arg(
+        long,
+        value_name = "NAME=PID,...",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = flag::name_values::<u32>,
+    )]
+    pids: ::std::vec::Vec<(String, u32)>,
+    /// Ingestion's base URL
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:18080",
+        value_parser = flag::base_url,
+    )]
+    ingestion_url: String,
+    /// The Account service's base URL (the client accounts are created there)
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:18081",
+        value_parser = flag::base_url,
+    )]
+    account_url: String,
+    /// The Scheduler's base URL (its /metrics shows progress)
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:18085",
+        value_parser = flag::base_url,
+    )]
+    scheduler_url: String,
+    /// Client accounts the bookings are spread over
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     accounts: usize,
+    /// How long after a run's last booking its sagas may take, in seconds
+    #[arg(long, value_name = "S", default_value = "900", value_parser = flag::seconds)]
     drain_timeout: Duration,
+    /// Wait before a closing pg_stat snapshot, in seconds (backends report their counters at
+    /// most 10 s late)
+    #[arg(long, value_name = "S", default_value = "11", value_parser = flag::seconds)]
     flush_wait: Duration,
+    /// Length of the idle measurement before the first run, in seconds
+    #[arg(long, value_name = "S", default_value = "10", value_parser = flag::seconds)]
     idle_window: Duration,
+    /// Requests open at once
+    #[arg(long, value_name = "N", default_value_t = 4096)]
     max_in_flight: usize,
+    /// Request timeout in milliseconds
+    #[arg(
+        long = "timeout-ms",
+        value_name = "MS",
+        default_value = "5000",
+        value_parser = flag::millis,
+    )]
     timeout: Duration,
+    /// Delete the logs and the compensation queue under PREFIX and exit
+    #[arg(long)]
     cleanup: bool,
+    /// The services' APP_MESSAGING__PREFIX (for --cleanup)
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "",
+        hide_default_value = true
+    )]
     prefix: String,
+    /// RabbitMQ URL (for --cleanup)
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     amqp_url: String,
+    /// Partitions of the logs (for --cleanup)
+    #[arg(long, value_name = "P", default_value_t = 8)]
     partitions: u32,
 }
 
-fn pairs(value: &str) -> Result<Vec<(String, String)>> {
+/// `RATE:SECONDS RATE:SECONDS ...`
+fn runs(value: &str) -> Result<Vec<(f64, f64)>, String> {
     value
-        .split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .with_context(|| format!("{p:?} is not NAME=VALUE"))
+        .split_whitespace()
+        .map(|run| {
+            let (rate, secs) = run
+                .split_once(':')
+                .ok_or_else(|| format!("run {run:?} is not RATE:SECONDS"))?;
+            let number = |v: &str| v.parse::<f64>().map_err(|e| format!("run {run:?}: {e}"));
+            Ok((number(rate)?, number(secs)?))
         })
         .collect()
 }
 
 impl Args {
-    fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
-        let mut a = Args {
-            runs: Vec::new(),
-            ingestion_url: "http://127.0.0.1:18080".into(),
-            account_url: "http://127.0.0.1:18081".into(),
-            scheduler_url: "http://127.0.0.1:18085".into(),
-            scheduler_db: String::new(),
-            stats_db: String::new(),
-            databases: Vec::new(),
-            pids: Vec::new(),
-            accounts: 1000,
-            drain_timeout: Duration::from_secs(900),
-            flush_wait: Duration::from_secs(11),
-            idle_window: Duration::from_secs(10),
-            max_in_flight: 4096,
-            timeout: Duration::from_secs(5),
-            cleanup: false,
-            prefix: String::new(),
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            partitions: 8,
-        };
-        while let Some(flag) = args.next() {
-            match flag.as_str() {
-                "--help" | "-h" => {
-                    println!("{USAGE}");
-                    std::process::exit(0);
-                }
-                "--cleanup" => {
-                    a.cleanup = true;
-                    continue;
-                }
-                _ => {}
-            }
-            let value = args
-                .next()
-                .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-            let bad = || format!("invalid value {value:?} for {flag}");
-            let secs = |v: &str| -> Result<Duration> {
-                Ok(Duration::from_secs_f64(v.parse::<f64>().with_context(bad)?))
-            };
-            match flag.as_str() {
-                "--runs" => {
-                    a.runs = value
-                        .split_whitespace()
-                        .map(|run| {
-                            let (rate, secs) = run
-                                .split_once(':')
-                                .with_context(|| format!("run {run:?} is not RATE:SECONDS"))?;
-                            Ok((rate.parse()?, secs.parse()?))
-                        })
-                        .collect::<Result<_>>()
-                        .with_context(bad)?
-                }
-                "--ingestion-url" => a.ingestion_url = value.trim_end_matches('/').to_owned(),
-                "--account-url" => a.account_url = value.trim_end_matches('/').to_owned(),
-                "--scheduler-url" => a.scheduler_url = value.trim_end_matches('/').to_owned(),
-                "--scheduler-db" => a.scheduler_db = value,
-                "--stats-db" => a.stats_db = value,
-                "--databases" => a.databases = pairs(&value)?,
-                "--pids" => {
-                    a.pids = pairs(&value)?
-                        .into_iter()
-                        .map(|(k, v)| Ok((k, v.parse().with_context(bad)?)))
-                        .collect::<Result<_>>()?
-                }
-                "--accounts" => a.accounts = value.parse().with_context(bad)?,
-                "--drain-timeout" => a.drain_timeout = secs(&value)?,
-                "--flush-wait" => a.flush_wait = secs(&value)?,
-                "--idle-window" => a.idle_window = secs(&value)?,
-                "--max-in-flight" => a.max_in_flight = value.parse().with_context(bad)?,
-                "--timeout-ms" => {
-                    a.timeout = Duration::from_millis(value.parse().with_context(bad)?)
-                }
-                "--prefix" => a.prefix = value,
-                "--amqp-url" => a.amqp_url = value,
-                "--partitions" => a.partitions = value.parse().with_context(bad)?,
-                _ => bail!("unknown argument {flag:?}\n{USAGE}"),
-            }
-        }
-        if a.cleanup {
-            if a.prefix.is_empty() {
+    /// The flags, their combinations checked.
+    fn checked(self) -> Result<Self> {
+        if self.cleanup {
+            if self.prefix.is_empty() {
                 bail!("--cleanup needs --prefix");
             }
-            return Ok(a);
+            return Ok(self);
         }
-        if a.runs.is_empty()
-            || a.runs
+        let usage = || Args::command().render_usage();
+        if self.runs.is_empty()
+            || self
+                .runs
                 .iter()
                 .any(|(r, s)| !(r.is_finite() && *r > 0.0 && s.is_finite() && *s > 0.0))
         {
-            bail!("--runs needs positive RATE:SECONDS pairs\n{USAGE}");
+            bail!("--runs needs positive RATE:SECONDS pairs\n{}", usage());
         }
-        if a.scheduler_db.is_empty() || a.stats_db.is_empty() || a.databases.is_empty() {
-            bail!("--scheduler-db, --stats-db and --databases are required\n{USAGE}");
+        if self.scheduler_db.is_empty() || self.stats_db.is_empty() || self.databases.is_empty() {
+            bail!(
+                "--scheduler-db, --stats-db and --databases are required\n{}",
+                usage()
+            );
         }
         // The names go into SQL as literals: only what the script generates is accepted.
-        for (_, db) in &a.databases {
+        for (_, db) in &self.databases {
             if !db
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
@@ -207,23 +216,20 @@ impl Args {
                 bail!("database name {db:?} must be lowercase letters, digits and '_'");
             }
         }
-        if a.accounts == 0 || a.max_in_flight == 0 {
+        if self.accounts == 0 || self.max_in_flight == 0 {
             bail!("--accounts and --max-in-flight must be at least 1");
         }
-        Ok(a)
+        Ok(self)
     }
 }
 
 fn env_secret(name: &str) -> Result<String> {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .with_context(|| format!("{name} must be set"))
+    env_var(name).with_context(|| format!("{name} must be set"))
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse(std::env::args().skip(1))?;
+    let args = Args::parse().checked()?;
     if args.cleanup {
         return cleanup(&args).await;
     }
@@ -231,7 +237,7 @@ async fn main() -> Result<()> {
     bench.create_accounts().await?;
     println!(
         "bench-e2e: {} cores, {} accounts; idle measurement ({} s flush wait, then {} s)",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores(),
         bench.args.accounts,
         bench.args.flush_wait.as_secs_f64(),
         bench.args.idle_window.as_secs_f64(),
@@ -405,52 +411,6 @@ impl CpuUse {
     }
 }
 
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(0, |n| n.get())
-}
-
-/// utime + stime of a process, in ticks.
-fn proc_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-fn machine_busy_ticks() -> u64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0;
-    };
-    let Some(line) = stat.lines().next() else {
-        return 0;
-    };
-    // user nice system idle iowait irq softirq steal (guest time is already in user)
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let get = |i: usize| v.get(i).copied().unwrap_or(0);
-    get(0) + get(1) + get(2) + get(5) + get(6) + get(7)
-}
-
-/// Every process with its command name (`/proc/<pid>/comm`).
-fn processes() -> Vec<(u32, String)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            Some((pid, comm.trim().to_owned()))
-        })
-        .collect()
-}
-
 /// A booking that `202` accepted.
 struct Accepted {
     id: Uuid,
@@ -480,18 +440,7 @@ impl Bench {
     async fn connect(args: Args) -> Result<Self> {
         let secret = env_secret("APP_AUTH__JWT_SECRET")?;
         let service_token = env_secret("APP_AUTH__SERVICE_TOKEN")?;
-        let minter = ClientTokens::new(&SecretString::from(secret));
-        let tokens = (0..args.accounts)
-            .map(|k| {
-                let account = format!("bench-{k:05}");
-                let (token, _) = minter
-                    .mint(&account, &[], chrono::Duration::hours(12))
-                    .context("minting a client token")?;
-                let header = HeaderValue::from_str(&format!("Bearer {token}"))
-                    .context("client token as a header value")?;
-                Ok((account, header))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let tokens = bench::client_tokens(&secret, "bench", args.accounts)?;
         let client = reqwest::Client::builder()
             .http1_only()
             .tcp_nodelay(true)
@@ -620,11 +569,11 @@ impl Bench {
     async fn cpu_snapshot(&self) -> Result<CpuSnapshot> {
         let mut groups = BTreeMap::new();
         for (name, pid) in &self.args.pids {
-            groups.insert(name.clone(), proc_ticks(*pid).unwrap_or(0));
+            groups.insert(name.clone(), process_ticks(*pid).unwrap_or(0));
         }
         groups.insert(
             "bench-e2e (load generator)".into(),
-            proc_ticks(std::process::id()).unwrap_or(0),
+            process_ticks(std::process::id()).unwrap_or(0),
         );
         // PostgreSQL backends serving each service database; the rest of PostgreSQL apart.
         let backend = self.stats_db.get_database_backend();
@@ -656,7 +605,7 @@ impl Bench {
             if ours.contains(&pid) {
                 continue;
             }
-            let ticks = proc_ticks(pid).unwrap_or(0);
+            let ticks = process_ticks(pid).unwrap_or(0);
             let group = match comm.as_str() {
                 "beam.smp" => "rabbitmq".to_owned(),
                 "postgres" => match db_of.get(&pid) {
@@ -673,7 +622,7 @@ impl Bench {
         Ok(CpuSnapshot {
             at: Instant::now(),
             groups,
-            machine_busy: machine_busy_ticks(),
+            machine_busy: MachineTicks::read().map_or(0, |m| m.busy),
         })
     }
 
@@ -691,24 +640,14 @@ impl Bench {
 
     fn booking(&self, i: u64, run: &str, now: DateTime<Utc>) -> (&HeaderValue, DeliveryRequest) {
         let (owner, auth) = &self.tokens[(i % self.tokens.len() as u64) as usize];
-        let r = splitmix64(i ^ fnv(run));
-        let pickup =
-            now + chrono::Duration::seconds((PICKUP_MIN_SECS + r % PICKUP_SPREAD_SECS) as i64);
-        let request = DeliveryRequest {
-            owner_id: owner.clone(),
-            pickup_location: format!("{} Pike St, Seattle", 1 + (r >> 20) % 2000),
-            drop_off_location: format!("{} Broad St, Seattle", 1 + (r >> 32) % 2000),
-            pickup_time: pickup,
-            deadline: "LinkedIn".into(),
-            expedited: r & 1 == 1,
-            confirmation_required: ConfirmationType::ALL[((r >> 8) % 4) as usize],
-            package_info: PackageInfo {
-                package_id: format!("{run}-{i}"),
-                size: PackageSize::ALL[((r >> 12) % 3) as usize],
-                weight: 0.5 + ((r >> 40) % 200) as f64 / 10.0,
-                tag: Some(run.to_owned()),
-            },
-        };
+        let request = bench::booking(
+            owner,
+            run,
+            i,
+            splitmix64(i ^ fnv(run)),
+            now,
+            PICKUP_SPREAD_SECS,
+        );
         (auth, request)
     }
 
@@ -897,14 +836,7 @@ async fn send(request: reqwest::RequestBuilder) -> Result<Accepted, String> {
         } else {
             // The whole chain (reset, closed, ...): the URL is the same for every request, so
             // alike errors still count together.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            text
+            error_chain(&e)
         }
     })?;
     let status = res.status();
@@ -924,14 +856,7 @@ async fn send(request: reqwest::RequestBuilder) -> Result<Accepted, String> {
         .map_err(|_| "bad 202 body".to_owned())
 }
 
-/// SplitMix64's finalizer: spreads pickup times, sizes and addresses without a random generator.
-fn splitmix64(i: u64) -> u64 {
-    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
+/// FNV-1a of `s`: each run books other addresses, sizes and pickup times.
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -1327,5 +1252,71 @@ impl Report {
             self.cpu_load.top(4),
             self.cpu_load.others(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(command_line: &str) -> Result<Args, clap::Error> {
+        Args::try_parse_from(command_line.split_whitespace())
+    }
+
+    #[test]
+    fn the_flags_of_bench_e2e_sh_parse_as_they_did() -> Result<()> {
+        Args::command().debug_assert();
+        // scripts/bench-e2e.sh, then BENCH_E2E_ARGS: a flag given again overrides.
+        let args = parse(
+            "bench-e2e --runs 200:20 --ingestion-url http://127.0.0.1:18090/ \
+             --account-url http://127.0.0.1:18091 --scheduler-url http://127.0.0.1:18095 \
+             --scheduler-db postgres://h/bench_scheduler_ab --stats-db postgres://h/postgres \
+             --databases account=bench_account_ab,scheduler=bench_scheduler_ab, \
+             --pids account=12,scheduler=34 --accounts 5000 --drain-timeout 600 --runs 100:5",
+        )?
+        .checked()?;
+        assert_eq!(args.runs, [(100.0, 5.0)]);
+        assert_eq!(args.ingestion_url, "http://127.0.0.1:18090");
+        assert_eq!(args.account_url, "http://127.0.0.1:18091");
+        assert_eq!(args.scheduler_url, "http://127.0.0.1:18095");
+        assert_eq!(args.scheduler_db, "postgres://h/bench_scheduler_ab");
+        assert_eq!(args.stats_db, "postgres://h/postgres");
+        let databases = [
+            ("account", "bench_account_ab"),
+            ("scheduler", "bench_scheduler_ab"),
+        ]
+        .map(|(s, d)| (s.to_owned(), d.to_owned()));
+        assert_eq!(args.databases, databases);
+        let pids = [("account".to_owned(), 12), ("scheduler".to_owned(), 34)];
+        assert_eq!(args.pids, pids);
+        assert_eq!(args.accounts, 5000);
+        assert_eq!(args.drain_timeout, Duration::from_secs(600));
+        assert_eq!(args.flush_wait, Duration::from_secs(11));
+        assert_eq!(args.idle_window, Duration::from_secs(10));
+        assert_eq!(
+            (args.max_in_flight, args.timeout),
+            (4096, Duration::from_secs(5))
+        );
+        assert!(!args.cleanup);
+        // The script passes one run per call; the flag takes several.
+        let runs = Args::try_parse_from(["bench-e2e", "--runs", "200:20 1000:2.5"])?.runs;
+        assert_eq!(runs, [(200.0, 20.0), (1000.0, 2.5)]);
+
+        let args = parse(
+            "bench-e2e --cleanup --prefix bench-e2e-ab --amqp-url amqp://h/%2f --partitions 4",
+        )?
+        .checked()?;
+        assert!(args.cleanup);
+        assert_eq!(
+            (args.prefix.as_str(), args.amqp_url.as_str()),
+            ("bench-e2e-ab", "amqp://h/%2f")
+        );
+        assert_eq!(args.partitions, 4);
+
+        let no_databases = parse("bench-e2e --runs 1:1 --scheduler-db a --stats-db b")?;
+        assert!(no_databases.checked().is_err());
+        assert!(parse("bench-e2e --runs 1000").is_err());
+        assert!(parse("bench-e2e --drain-timeout -1").is_err());
+        Ok(())
     }
 }

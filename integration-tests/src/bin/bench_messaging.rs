@@ -14,29 +14,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, ValueEnum};
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressStyle};
+use integration_tests::bench::{
+    self, env_var, flag, latency_histogram, percentile_cells, percentiles, Progress,
+};
 use messaging::{
     Broker, Envelope, MessagingSettings, PartitionedLog, QueueOptions, StartAt, WorkQueue,
 };
 use uuid::Uuid;
-
-const USAGE: &str = "\
-usage: bench-messaging [--backend rabbitmq|embedded|both] [--url AMQP_URL]
-                       [--embedded-file PATH] [--events N] [--partitions P]
-                       [--concurrency C] [--payload-bytes B] [--batch-sizes 1,16,64,256]
-
-  --backend        which backends to measure (default both)
-  --url            RabbitMQ URL (default $AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/%2f)
-  --embedded-file  SQLite file for the embedded backend, removed afterwards
-                   (default target/bench/messaging.db)
-  --events         events appended per batch size (default 200000 on RabbitMQ, 100000 embedded;
-                   batch size 1 is capped at 50000 / 5000)
-  --partitions     log partitions (default 8)
-  --concurrency    concurrent producer tasks (default 512)
-  --payload-bytes  size of each event's JSON body (default 400)
-  --batch-sizes    log batch sizes (batch_max_events) to measure (default 1,16,64,256)";
 
 const LOG_NAME: &str = "bench-log";
 const QUEUE_NAME: &str = "bench-queue";
@@ -44,8 +31,6 @@ const QUEUE_PUBLISHERS: usize = 64;
 const QUEUE_PREFETCH: u16 = 100;
 /// A reader or consumer that sees nothing new for this long gives up (and reports what is missing).
 const IDLE_LIMIT: Duration = Duration::from_secs(15);
-/// Latencies are recorded in microseconds, up to 10 minutes.
-const MAX_LATENCY_US: u64 = 600_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
@@ -85,70 +70,82 @@ impl Backend {
     }
 }
 
+/// Which backends `--backend` measures.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Backends {
+    /// RabbitMQ at --url
+    Rabbitmq,
+    /// The SQLite backend in --embedded-file
+    Embedded,
+    /// RabbitMQ, then the embedded backend
+    Both,
+}
+
+/// The messaging library's backends under load (`make bench-messaging`): confirmed appends and
+/// the read-back of a partitioned log at several batch sizes, then a work queue; a markdown table
+/// for docs/BENCHMARKS.md.
+#[derive(Parser)]
+#[command(
+    name = "bench-messaging",
+    // A flag given twice keeps its last value, as it always did.
+    args_override_self = true
+)]
 struct Args {
-    backends: Vec<Backend>,
-    url: String,
+    /// Which backends to measure
+    #[arg(long, value_enum, default_value = "both")]
+    backend: Backends,
+    /// RabbitMQ URL [default: $AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, value_name = "AMQP_URL")]
+    url: Option<String>,
+    /// SQLite file for the embedded backend, removed afterwards
+    #[arg(long, value_name = "PATH", default_value = "target/bench/messaging.db")]
     embedded_file: PathBuf,
+    /// Events appended per batch size [default: 200000 on RabbitMQ, 100000 embedded; batch size
+    /// 1 is capped at 50000 / 5000]
+    #[arg(long, value_name = "N")]
     events: Option<u64>,
+    /// Log partitions
+    #[arg(long, value_name = "P", default_value_t = 8)]
     partitions: u32,
+    /// Concurrent producer tasks
+    #[arg(long, value_name = "C", default_value_t = 512)]
     concurrency: usize,
+    /// Size of each event's JSON body
+    #[arg(long, value_name = "B", default_value_t = 400)]
     payload_bytes: usize,
-    batch_sizes: Vec<usize>,
+    /// Log batch sizes (batch_max_events) to measure
+    // `::std::vec::Vec`: one value that holds the list, not a repeated flag.
+    #[arg(
+        long,
+        value_name = "1,16,64,256",
+        default_value = "1,16,64,256",
+        value_parser = flag::list::<usize>,
+    )]
+    batch_sizes: ::std::vec::Vec<usize>,
 }
 
 impl Args {
-    fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
-        let mut parsed = Args {
-            backends: vec![Backend::RabbitMq, Backend::Embedded],
-            url: std::env::var("AMQP_URL")
-                .ok()
-                .filter(|u| !u.is_empty())
-                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-            embedded_file: PathBuf::from("target/bench/messaging.db"),
-            events: None,
-            partitions: 8,
-            concurrency: 512,
-            payload_bytes: 400,
-            batch_sizes: vec![1, 16, 64, 256],
-        };
-        while let Some(flag) = args.next() {
-            if flag == "--help" || flag == "-h" {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            let value = args
-                .next()
-                .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-            let bad = || format!("invalid value {value:?} for {flag}");
-            match flag.as_str() {
-                "--backend" => {
-                    parsed.backends = match value.as_str() {
-                        "rabbitmq" => vec![Backend::RabbitMq],
-                        "embedded" => vec![Backend::Embedded],
-                        "both" => vec![Backend::RabbitMq, Backend::Embedded],
-                        _ => bail!("{}: expected rabbitmq, embedded or both", bad()),
-                    }
-                }
-                "--url" => parsed.url = value,
-                "--embedded-file" => parsed.embedded_file = PathBuf::from(value),
-                "--events" => parsed.events = Some(value.parse().with_context(bad)?),
-                "--partitions" => parsed.partitions = value.parse().with_context(bad)?,
-                "--concurrency" => parsed.concurrency = value.parse().with_context(bad)?,
-                "--payload-bytes" => parsed.payload_bytes = value.parse().with_context(bad)?,
-                "--batch-sizes" => {
-                    parsed.batch_sizes = value
-                        .split(',')
-                        .map(|s| s.trim().parse::<usize>())
-                        .collect::<Result<_, _>>()
-                        .with_context(bad)?;
-                }
-                _ => bail!("unknown argument {flag:?}\n{USAGE}"),
-            }
-        }
-        if parsed.partitions == 0 || parsed.concurrency == 0 || parsed.batch_sizes.contains(&0) {
+    /// The flags, their numbers checked.
+    fn checked(self) -> Result<Self> {
+        if self.partitions == 0 || self.concurrency == 0 || self.batch_sizes.contains(&0) {
             bail!("--partitions, --concurrency and --batch-sizes must be at least 1");
         }
-        Ok(parsed)
+        Ok(self)
+    }
+
+    fn backends(&self) -> Vec<Backend> {
+        match self.backend {
+            Backends::Rabbitmq => vec![Backend::RabbitMq],
+            Backends::Embedded => vec![Backend::Embedded],
+            Backends::Both => vec![Backend::RabbitMq, Backend::Embedded],
+        }
+    }
+
+    fn url(&self) -> String {
+        self.url
+            .clone()
+            .or_else(|| env_var("AMQP_URL"))
+            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
     }
 
     /// Events to append at `batch` on `backend`.
@@ -189,12 +186,12 @@ struct QueueResult {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse(std::env::args().skip(1))?;
+    let args = Args::parse().checked()?;
     let template = template_envelope(args.payload_bytes)?;
     let encoded = serde_json::to_vec(&template).context("encoding the sample envelope")?;
     println!(
         "bench-messaging: {} cores, partitions {}, concurrency {}, body {} B (envelope {} B)",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        bench::cores(),
         args.partitions,
         args.concurrency,
         template.body.to_string().len(),
@@ -204,7 +201,7 @@ async fn main() -> Result<()> {
     let mut logs = Vec::new();
     let mut queues = Vec::new();
     let mut problems = Vec::new();
-    for &backend in &args.backends {
+    for backend in args.backends() {
         if let Err(e) = run_backend(backend, &args, &template, &mut logs, &mut queues).await {
             eprintln!("{}: {e:#}", backend.label());
             problems.push(format!("{}: {e:#}", backend.label()));
@@ -253,7 +250,7 @@ async fn run_backend(
     queues: &mut Vec<QueueResult>,
 ) -> Result<()> {
     let url = match backend {
-        Backend::RabbitMq => args.url.clone(),
+        Backend::RabbitMq => args.url(),
         Backend::Embedded => {
             if let Some(dir) = args.embedded_file.parent() {
                 std::fs::create_dir_all(dir)
@@ -378,14 +375,14 @@ async fn bench_log(
     }
 
     // Read-back: one reader per partition from the start, until every confirmed event is seen.
-    let progress = Progress::start(confirmed, format!("{title}: consume"))?;
+    let (progress, done) = progress_bar(confirmed, format!("{title}: consume"))?;
     let started = Instant::now();
     let readers: Vec<_> = (0..args.partitions)
         .zip(produced.per_partition.iter().copied())
         .map(|(partition, expected)| {
             let log = log.clone();
             let ledger = ledger.clone();
-            let done = progress.done.clone();
+            let done = done.clone();
             tokio::spawn(read_partition(log, partition, expected, ledger, done))
         })
         .collect();
@@ -533,9 +530,9 @@ async fn bench_queue(
         eprintln!("{title}: first publish error: {e}");
     }
 
-    let progress = Progress::start(confirmed, format!("{title}: consume"))?;
+    let (progress, done) = progress_bar(confirmed, format!("{title}: consume"))?;
     let started = Instant::now();
-    let consumed = consume_queue(queue.as_ref(), confirmed, &ledger, &progress.done).await?;
+    let consumed = consume_queue(queue.as_ref(), confirmed, &ledger, &done).await?;
     let elapsed = started.elapsed();
     drop(progress);
     let consumed_per_sec = per_sec(consumed.records, elapsed);
@@ -677,7 +674,7 @@ async fn produce(
     template: &Envelope,
     title: &str,
 ) -> Result<Produced> {
-    let progress = Progress::start(ledger.events, title.to_owned())?;
+    let (progress, done) = progress_bar(ledger.events, title.to_owned())?;
     let next = Arc::new(AtomicU64::new(0));
     let template = Arc::new(template.clone());
     let started = Instant::now();
@@ -687,7 +684,7 @@ async fn produce(
             let next = next.clone();
             let ledger = ledger.clone();
             let template = template.clone();
-            let done = progress.done.clone();
+            let done = done.clone();
             let mut rng =
                 SplitMix64(ledger.nonce ^ (task as u64).wrapping_mul(0xA24B_AED4_963E_E407));
             tokio::spawn(async move {
@@ -726,8 +723,7 @@ async fn produce(
         .collect();
     let mut all = Produced {
         elapsed: Duration::ZERO,
-        latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-            .context("creating a latency histogram")?,
+        latency: latency_histogram()?,
         per_partition: vec![0; partitions as usize],
         failed: 0,
         first_error: None,
@@ -834,51 +830,27 @@ struct SplitMix64(u64);
 
 impl SplitMix64 {
     fn next(&mut self) -> u64 {
+        // The finalizer of the state before the step is the value of the state after it.
+        let z = bench::splitmix64(self.0);
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        z
     }
 }
 
-/// A progress bar fed from a counter the workers bump (cheaper than touching the bar per event).
-struct Progress {
-    bar: ProgressBar,
-    done: Arc<AtomicU64>,
-    ticker: tokio::task::JoinHandle<()>,
-}
-
-impl Progress {
-    fn start(len: u64, message: String) -> Result<Self> {
-        let bar = ProgressBar::new(len);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:32} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec:>12} eta {eta}",
-            )
-            .context("progress bar template")?,
-        );
-        bar.set_message(message);
-        let done = Arc::new(AtomicU64::new(0));
-        let ticker = tokio::spawn({
-            let bar = bar.clone();
+/// A bar titled `message`, and the counter of done events the workers bump to move it.
+fn progress_bar(len: u64, message: String) -> Result<(Progress, Arc<AtomicU64>)> {
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start(
+        len,
+        "{msg:32} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec:>12} eta {eta}",
+        Duration::from_millis(100),
+        {
             let done = done.clone();
-            async move {
-                loop {
-                    bar.set_position(done.load(Ordering::Relaxed));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        });
-        Ok(Self { bar, done, ticker })
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.ticker.abort();
-        self.bar.finish_and_clear();
-    }
+            move |bar| bar.set_position(done.load(Ordering::Relaxed))
+        },
+    )?;
+    progress.bar().set_message(message);
+    Ok((progress, done))
 }
 
 /// A delivery-request-like event whose JSON body is about `payload_bytes` long.
@@ -905,21 +877,6 @@ fn fresh_prefix() -> String {
 
 fn per_sec(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
-}
-
-fn ms(h: &Histogram<u64>, quantile: f64) -> f64 {
-    h.value_at_quantile(quantile) as f64 / 1000.0
-}
-
-fn percentiles(h: &Histogram<u64>) -> String {
-    format!(
-        "p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
-        ms(h, 0.5),
-        ms(h, 0.9),
-        ms(h, 0.99),
-        ms(h, 0.999),
-        h.max() as f64 / 1000.0
-    )
 }
 
 fn remove_sqlite_files(path: &Path) -> Result<()> {
@@ -952,16 +909,12 @@ fn print_tables(logs: &[LogResult], queues: &[QueueResult]) {
                 String::new()
             };
             println!(
-                "| {} | {} | {}{failed} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |",
+                "| {} | {} | {}{failed} | {:.0} | {} | {:.1} | {:.0} |",
                 r.backend.label(),
                 r.batch,
                 r.confirmed,
                 r.appends_per_sec,
-                ms(&r.latency, 0.5),
-                ms(&r.latency, 0.9),
-                ms(&r.latency, 0.99),
-                ms(&r.latency, 0.999),
-                r.latency.max() as f64 / 1000.0,
+                percentile_cells(&r.latency),
                 r.events_per_message,
                 r.consumed_per_sec,
             );
@@ -985,11 +938,56 @@ fn print_tables(logs: &[LogResult], queues: &[QueueResult]) {
                 r.backend.label(),
                 r.confirmed,
                 r.publishes_per_sec,
-                ms(&r.latency, 0.5),
-                ms(&r.latency, 0.99),
+                bench::ms(&r.latency, 0.5),
+                bench::ms(&r.latency, 0.99),
                 r.consumed_per_sec,
             );
         }
     }
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(command_line: &str) -> Result<Args, clap::Error> {
+        Args::try_parse_from(command_line.split_whitespace())
+    }
+
+    #[test]
+    fn the_flags_of_make_bench_parse_as_they_did() -> Result<()> {
+        Args::command().debug_assert();
+        // scripts/bench.sh with BENCH_QUICK=1 (the Makefile passes the first three).
+        let args = parse(
+            "bench-messaging --backend both --url amqp://h/%2f \
+             --embedded-file target/bench/m.db --events 5000 --batch-sizes 1,64",
+        )?
+        .checked()?;
+        assert_eq!(args.backends(), [Backend::RabbitMq, Backend::Embedded]);
+        assert_eq!(args.url(), "amqp://h/%2f");
+        assert_eq!(args.embedded_file, PathBuf::from("target/bench/m.db"));
+        assert_eq!(args.batch_sizes, [1, 64]);
+        assert_eq!(args.events(Backend::RabbitMq, 64), 5000);
+
+        let args = parse("bench-messaging --backend embedded")?.checked()?;
+        assert_eq!(args.backends(), [Backend::Embedded]);
+        assert_eq!(
+            args.embedded_file,
+            PathBuf::from("target/bench/messaging.db")
+        );
+        assert_eq!(args.batch_sizes, [1, 16, 64, 256]);
+        assert_eq!(
+            (args.partitions, args.concurrency, args.payload_bytes),
+            (8, 512, 400)
+        );
+        assert_eq!(args.events(Backend::Embedded, 1), 5_000);
+        assert_eq!(args.events(Backend::Embedded, 16), 100_000);
+        let rabbitmq = parse("bench-messaging --backend rabbitmq")?.backends();
+        assert_eq!(rabbitmq, [Backend::RabbitMq]);
+        assert!(parse("bench-messaging --backend kafka").is_err());
+        assert!(parse("bench-messaging --batch-sizes 0")?.checked().is_err());
+        Ok(())
+    }
 }

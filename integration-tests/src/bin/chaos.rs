@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use clap::Parser;
 use futures::FutureExt;
 use integration_tests::harness::chaos;
 
@@ -29,16 +30,30 @@ const CASES: [(&str, Case); 5] = [
     }),
 ];
 
+/// Runs the chaos cases (`make chaos`), each on its own fresh stack; the exit status is non-zero
+/// if any found an invariant violation or failed.
+#[derive(Parser)]
+#[command(name = "chaos", args_override_self = true)]
+struct Args {
+    /// Print the case names and exit
+    #[arg(long)]
+    list: bool,
+    /// The cases to run [default: every case]
+    #[arg(value_name = "CASE")]
+    cases: Vec<String>,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
+    let args = Args::parse();
+    if args.list {
         for (name, _) in CASES {
             println!("{name}");
         }
         return std::process::ExitCode::SUCCESS;
     }
     if let Some(unknown) = args
+        .cases
         .iter()
         .find(|a| !CASES.iter().any(|(name, _)| name == a))
     {
@@ -47,7 +62,7 @@ async fn main() -> std::process::ExitCode {
     }
     let mut failed = Vec::new();
     for (name, case) in CASES {
-        if !args.is_empty() && !args.iter().any(|a| a == name) {
+        if !args.cases.is_empty() && !args.cases.iter().any(|a| a == name) {
             continue;
         }
         println!("START {name}");
@@ -67,5 +82,22 @@ async fn main() -> std::process::ExitCode {
     } else {
         println!("failed chaos cases: {}", failed.join(", "));
         std::process::ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_arguments_of_chaos_sh_parse() -> Result<(), clap::Error> {
+        Args::command().debug_assert();
+        let args = Args::try_parse_from(["chaos", "rabbitmq_restart", "downstream_faults"])?;
+        assert_eq!(args.cases, ["rabbitmq_restart", "downstream_faults"]);
+        assert!(!args.list);
+        assert!(Args::try_parse_from(["chaos", "--list"])?.list);
+        assert!(Args::try_parse_from(["chaos"])?.cases.is_empty());
+        Ok(())
     }
 }

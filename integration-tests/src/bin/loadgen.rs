@@ -18,62 +18,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
+use clap::{CommandFactory, Parser};
 use contracts::{
-    ConfirmationType, DeliveryAccepted, DeliveryRequest, DeliveryRequested, PackageInfo,
-    PackageSize, DELIVERY_REQUESTED, DELIVERY_REQUESTS_LOG, WORKFLOW_EVENTS_LOG,
+    DeliveryAccepted, DeliveryRequest, DeliveryRequested, DELIVERY_REQUESTED,
+    DELIVERY_REQUESTS_LOG, WORKFLOW_EVENTS_LOG,
 };
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressStyle};
+use integration_tests::bench::{
+    self, env_var, error_chain, flag, latency_histogram, percentile_cells, percentiles,
+    process_ticks, splitmix64, MachineTicks, Progress,
+};
 use messaging::{MessagingSettings, PartitionedLog, StartAt};
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
-use secrecy::SecretString;
 use serde::Deserialize;
-use service_kit::auth::ClientTokens;
 use tokio::sync::{mpsc, Semaphore};
 use uuid::Uuid;
 
-const USAGE: &str = "\
-usage: loadgen --rate R --duration S [--url URL] [--accounts N] [--jwt-secret SECRET]
-               [--timeout-ms MS] [--max-in-flight N] [--warmup-connections N] [--label TEXT]
-               [--threads N] [--cpu-of NAME=PID]...
-               [--verify --prefix PREFIX [--amqp-url URL] [--partitions P]]
-       loadgen --cleanup --prefix PREFIX [--amqp-url URL] [--partitions P]
-
-  --url                 Ingestion base URL (default http://127.0.0.1:8080)
-  --rate                bookings offered per second, on a fixed schedule (open loop)
-  --duration            seconds to offer them for (fractions allowed)
-  --accounts            client accounts the bookings are spread over, one JWT each (default 1000)
-  --jwt-secret          HS256 key for the client tokens (default $APP_AUTH__JWT_SECRET)
-  --timeout-ms          a request not answered this long after it was due is a 'timeout' error
-                        (default 2000)
-  --max-in-flight       requests the generator keeps open at once; beyond it requests wait inside
-                        the generator, and that wait counts in their latency (default 8192)
-  --warmup-connections  keep-alive connections opened (GET /healthz) before the clock starts
-                        (default 256)
-  --label               name of this run in the result line (default '<rate>/s')
-  --threads             generator threads; 1 (default) runs everything on one thread, which
-                        costs the least CPU per request when the service shares the machine
-  --cpu-of NAME=PID     also report the CPU time process PID used during the load (repeatable;
-                        Linux), e.g. --cpu-of ingestion=1234
-  --verify              afterwards, read the delivery-requests log and check every 202 is there
-                        exactly once, on the partition of its deliveryId
-  --prefix              the service's APP_MESSAGING__PREFIX (default $APP_MESSAGING__PREFIX)
-  --amqp-url            RabbitMQ URL (default $APP_MESSAGING__URL, else $AMQP_URL, else
-                        amqp://guest:guest@127.0.0.1:5672/%2f)
-  --partitions          partitions of the log (default 8)
-  --cleanup             only delete the service's delivery-requests and workflow-events logs (the
-                        stream queues under PREFIX) and exit";
-
-/// Latencies are recorded in microseconds, up to 10 minutes.
-const MAX_LATENCY_US: u64 = 600_000_000;
 /// A partition reader still waiting for expected ids gives up after this long without a record.
 const IDLE_LIMIT: Duration = Duration::from_secs(5);
 /// Once a partition's expected ids were all seen, it is read on until quiet this long, so
 /// duplicates appended after them are seen too.
 const DRAIN_IDLE: Duration = Duration::from_secs(1);
 /// Pickup times fall between one hour and eight days from the start of the run.
-const PICKUP_MIN_SECS: u64 = 3_600;
 const PICKUP_SPREAD_SECS: u64 = 7 * 24 * 3_600;
 /// A timed-out request's answer is still awaited this long (to keep its connection) before the
 /// connection is dropped.
@@ -81,117 +48,135 @@ const ABANDON_AFTER: Duration = Duration::from_secs(30);
 /// The generator is "behind" when it starts a request this late; its figures are then pessimistic.
 const LAG_WARNING: Duration = Duration::from_millis(10);
 
+/// An open-loop load generator for Ingestion's booking API (`make bench-ingest`): bookings at a
+/// fixed rate, latency measured from each one's due time; `--verify` then checks the log.
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    // A flag given twice keeps its last value, so extra arguments (LOADGEN_ARGS) can override.
+    args_override_self = true,
+    override_usage = "loadgen --rate R --duration S [OPTIONS]\n       \
+                      loadgen --cleanup --prefix PREFIX [--amqp-url URL] [--partitions P]"
+)]
 struct Args {
+    /// Ingestion base URL
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8080",
+        value_parser = flag::base_url,
+    )]
     url: String,
+    /// Bookings offered per second, on a fixed schedule (open loop)
+    #[arg(
+        long,
+        value_name = "R",
+        default_value_t = 0.0,
+        hide_default_value = true
+    )]
     rate: f64,
+    /// Seconds to offer them for (fractions allowed)
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 0.0,
+        hide_default_value = true
+    )]
     duration: f64,
+    /// Client accounts the bookings are spread over, one JWT each
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     accounts: usize,
+    /// HS256 key for the client tokens [default: $APP_AUTH__JWT_SECRET]
+    #[arg(long, value_name = "SECRET")]
     jwt_secret: Option<String>,
+    /// A request not answered this long after it was due is a 'timeout' error
+    #[arg(
+        long = "timeout-ms",
+        value_name = "MS",
+        default_value = "2000",
+        value_parser = flag::millis,
+    )]
     timeout: Duration,
+    /// Requests the generator keeps open at once; beyond it requests wait inside the generator,
+    /// and that wait counts in their latency
+    #[arg(long, value_name = "N", default_value_t = 8192)]
     max_in_flight: usize,
+    /// Keep-alive connections opened (GET /healthz) before the clock starts
+    #[arg(long, value_name = "N", default_value_t = 256)]
     warmup_connections: usize,
+    /// Name of this run in the result line [default: '<rate>/s']
+    #[arg(long, value_name = "TEXT")]
     label: Option<String>,
+    /// Also report the CPU time process PID used during the load (repeatable; Linux), e.g.
+    /// --cpu-of ingestion=1234
+    #[arg(long, value_name = "NAME=PID", value_parser = flag::name_value::<u32>)]
     cpu_of: Vec<(String, u32)>,
+    /// Generator threads; 1 runs everything on one thread, which costs the least CPU per request
+    /// when the service shares the machine
+    #[arg(long, value_name = "N", default_value_t = 1)]
     threads: usize,
+    /// Afterwards, read the delivery-requests log and check every 202 is there exactly once, on
+    /// the partition of its deliveryId
+    #[arg(long)]
     verify: bool,
+    /// Only delete the service's delivery-requests and workflow-events logs (the stream queues
+    /// under PREFIX) and exit
+    #[arg(long)]
     cleanup: bool,
+    /// The service's APP_MESSAGING__PREFIX [default: $APP_MESSAGING__PREFIX]
+    #[arg(long, value_name = "PREFIX")]
     prefix: Option<String>,
-    amqp_url: String,
+    /// RabbitMQ URL [default: $APP_MESSAGING__URL, else $AMQP_URL, else
+    /// amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, value_name = "URL")]
+    amqp_url: Option<String>,
+    /// Partitions of the log
+    #[arg(long, value_name = "P", default_value_t = 8)]
     partitions: u32,
 }
 
 impl Args {
-    fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let mut parsed = Args {
-            url: "http://127.0.0.1:8080".into(),
-            rate: 0.0,
-            duration: 0.0,
-            accounts: 1000,
-            jwt_secret: env("APP_AUTH__JWT_SECRET"),
-            timeout: Duration::from_millis(2000),
-            max_in_flight: 8192,
-            warmup_connections: 256,
-            label: None,
-            cpu_of: Vec::new(),
-            threads: 1,
-            verify: false,
-            cleanup: false,
-            prefix: env("APP_MESSAGING__PREFIX"),
-            amqp_url: env("APP_MESSAGING__URL")
-                .or_else(|| env("AMQP_URL"))
-                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-            partitions: 8,
-        };
-        while let Some(flag) = args.next() {
-            match flag.as_str() {
-                "--help" | "-h" => {
-                    println!("{USAGE}");
-                    std::process::exit(0);
-                }
-                "--verify" => {
-                    parsed.verify = true;
-                    continue;
-                }
-                "--cleanup" => {
-                    parsed.cleanup = true;
-                    continue;
-                }
-                _ => {}
-            }
-            let value = args
-                .next()
-                .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-            let bad = || format!("invalid value {value:?} for {flag}");
-            match flag.as_str() {
-                "--url" => parsed.url = value.trim_end_matches('/').to_owned(),
-                "--rate" => parsed.rate = value.parse().with_context(bad)?,
-                "--duration" => parsed.duration = value.parse().with_context(bad)?,
-                "--accounts" => parsed.accounts = value.parse().with_context(bad)?,
-                "--jwt-secret" => parsed.jwt_secret = Some(value),
-                "--timeout-ms" => {
-                    parsed.timeout = Duration::from_millis(value.parse().with_context(bad)?)
-                }
-                "--max-in-flight" => parsed.max_in_flight = value.parse().with_context(bad)?,
-                "--warmup-connections" => {
-                    parsed.warmup_connections = value.parse().with_context(bad)?
-                }
-                "--label" => parsed.label = Some(value),
-                "--cpu-of" => {
-                    let (name, pid) = value.split_once('=').with_context(bad)?;
-                    parsed
-                        .cpu_of
-                        .push((name.to_owned(), pid.parse().with_context(bad)?));
-                }
-                "--prefix" => parsed.prefix = Some(value),
-                "--amqp-url" => parsed.amqp_url = value,
-                "--partitions" => parsed.partitions = value.parse().with_context(bad)?,
-                "--threads" => parsed.threads = value.parse().with_context(bad)?,
-                _ => bail!("unknown argument {flag:?}\n{USAGE}"),
-            }
-        }
-        if parsed.cleanup {
-            if parsed.prefix.is_none() || parsed.partitions == 0 {
+    /// The flags with the defaults that come from the environment filled in, and their
+    /// combinations checked.
+    fn checked(mut self) -> Result<Self> {
+        self.jwt_secret = self.jwt_secret.or_else(|| env_var("APP_AUTH__JWT_SECRET"));
+        self.prefix = self.prefix.or_else(|| env_var("APP_MESSAGING__PREFIX"));
+        if self.cleanup {
+            if self.prefix.is_none() || self.partitions == 0 {
                 bail!("--cleanup needs --prefix (or APP_MESSAGING__PREFIX) and --partitions >= 1");
             }
-            return Ok(parsed);
+            return Ok(self);
         }
-        if !(parsed.rate.is_finite() && parsed.rate > 0.0) {
-            bail!("--rate must be a positive number of requests per second\n{USAGE}");
+        if !(self.rate.is_finite() && self.rate > 0.0) {
+            bail!(
+                "--rate must be a positive number of requests per second\n{}",
+                Args::command().render_usage()
+            );
         }
-        if !(parsed.duration.is_finite() && parsed.duration > 0.0) {
-            bail!("--duration must be a positive number of seconds\n{USAGE}");
+        if !(self.duration.is_finite() && self.duration > 0.0) {
+            bail!(
+                "--duration must be a positive number of seconds\n{}",
+                Args::command().render_usage()
+            );
         }
-        if parsed.accounts == 0 || parsed.max_in_flight == 0 || parsed.partitions == 0 {
+        if self.accounts == 0 || self.max_in_flight == 0 || self.partitions == 0 {
             bail!("--accounts, --max-in-flight and --partitions must be at least 1");
         }
-        if parsed.timeout.is_zero() {
+        if self.timeout.is_zero() {
             bail!("--timeout-ms must be at least 1");
         }
-        if parsed.verify && parsed.prefix.is_none() {
+        if self.verify && self.prefix.is_none() {
             bail!("--verify needs --prefix (or APP_MESSAGING__PREFIX): the service's log prefix");
         }
-        Ok(parsed)
+        Ok(self)
+    }
+
+    fn amqp_url(&self) -> String {
+        self.amqp_url
+            .clone()
+            .or_else(|| env_var("APP_MESSAGING__URL"))
+            .or_else(|| env_var("AMQP_URL"))
+            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
     }
 
     fn total(&self) -> u64 {
@@ -206,7 +191,7 @@ impl Args {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse(std::env::args().skip(1))?;
+    let args = Args::parse().checked()?;
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -234,7 +219,7 @@ async fn run(args: Args) -> Result<()> {
     println!(
         "loadgen {run}: {} cores, {} -> {}/api/deliveryrequests for {}s = {total} bookings from {} \
          accounts, timeout {} ms, at most {} in flight",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        bench::cores(),
         args.label(),
         args.url,
         args.duration,
@@ -259,7 +244,7 @@ async fn run(args: Args) -> Result<()> {
         client,
         endpoint: reqwest::Url::parse(&format!("{}/api/deliveryrequests", args.url))
             .with_context(|| format!("invalid --url {}", args.url))?,
-        tokens: mint_tokens(&secret, args.accounts)?,
+        tokens: bench::client_tokens(&secret, "loadgen", args.accounts)?,
         run: run.clone(),
         started_at: Utc::now(),
         timeout: args.timeout,
@@ -311,7 +296,7 @@ fn broker_settings(args: &Args, prefix: &str) -> MessagingSettings {
     MessagingSettings {
         prefix: prefix.to_owned(),
         connection_name: "loadgen".into(),
-        ..MessagingSettings::new(args.amqp_url.clone())
+        ..MessagingSettings::new(args.amqp_url())
     }
 }
 
@@ -349,22 +334,6 @@ async fn warm_up(client: &reqwest::Client, url: &str, connections: usize) -> Res
             .context("warming up connections with GET /healthz")?;
     }
     Ok(())
-}
-
-/// `Bearer` headers for accounts `loadgen-00000`, `loadgen-00001`, ...
-fn mint_tokens(secret: &str, accounts: usize) -> Result<Vec<(String, HeaderValue)>> {
-    let tokens = ClientTokens::new(&SecretString::from(secret.to_owned()));
-    (0..accounts)
-        .map(|k| {
-            let account = format!("loadgen-{k:05}");
-            let (token, _) = tokens
-                .mint(&account, &[], chrono::Duration::hours(12))
-                .context("minting a client token")?;
-            let header = HeaderValue::from_str(&format!("Bearer {token}"))
-                .context("client token as a header value")?;
-            Ok((account, header))
-        })
-        .collect()
 }
 
 /// Live counts for the progress bar.
@@ -420,24 +389,14 @@ impl Generator {
     /// Booking `i`: account `i mod accounts`, pickup somewhere in the coming week.
     fn booking(&self, i: u64) -> (&HeaderValue, DeliveryRequest) {
         let (owner, auth) = &self.tokens[(i % self.tokens.len() as u64) as usize];
-        let r = splitmix64(i);
-        let pickup = self.started_at
-            + chrono::Duration::seconds((PICKUP_MIN_SECS + r % PICKUP_SPREAD_SECS) as i64);
-        let request = DeliveryRequest {
-            owner_id: owner.clone(),
-            pickup_location: format!("{} Pike St, Seattle", 1 + (r >> 20) % 2000),
-            drop_off_location: format!("{} Broad St, Seattle", 1 + (r >> 32) % 2000),
-            pickup_time: pickup,
-            deadline: "LinkedIn".into(),
-            expedited: r & 1 == 1,
-            confirmation_required: ConfirmationType::ALL[((r >> 8) % 4) as usize],
-            package_info: PackageInfo {
-                package_id: format!("{}-{i}", self.run),
-                size: PackageSize::ALL[((r >> 12) % 3) as usize],
-                weight: 0.5 + ((r >> 40) % 200) as f64 / 10.0,
-                tag: Some(self.run.clone()),
-            },
-        };
+        let request = bench::booking(
+            owner,
+            &self.run,
+            i,
+            splitmix64(i),
+            self.started_at,
+            PICKUP_SPREAD_SECS,
+        );
         (auth, request)
     }
 
@@ -537,26 +496,6 @@ fn classify(e: &reqwest::Error) -> Outcome {
     }
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// A well-mixed 64-bit value of `i` (SplitMix64's finalizer): spreads pickup times, sizes and
-/// addresses without a random-number dependency, and the same `i` always books the same thing.
-fn splitmix64(i: u64) -> u64 {
-    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// What the load phase measured.
 struct Load {
     offered: u64,
@@ -583,7 +522,7 @@ struct Load {
 /// Schedules `total` requests at `rate`/s and collects their outcomes.
 async fn run_load(gen: Generator, rate: f64, total: u64) -> Result<Load> {
     let counters = gen.counters.clone();
-    let progress = Progress::start(total, counters.clone(), rate)?;
+    let progress = load_progress(total, counters.clone(), rate)?;
     let gen = Arc::new(gen);
     let (tx, rx) = mpsc::unbounded_channel::<Done>();
     let collector = tokio::spawn(collect(rx));
@@ -643,7 +582,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Done>) -> Result<Load> {
         wall: Duration::ZERO,
         accepted: HashMap::new(),
         duplicate_ids: 0,
-        latency: new_histogram()?,
+        latency: latency_histogram()?,
         errors: BTreeMap::new(),
         first_errors: BTreeMap::new(),
         max_lag: Duration::ZERO,
@@ -777,18 +716,14 @@ impl Load {
             Some(r) => r.summary(),
         };
         format!(
-            "RESULT | {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            "RESULT | {} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {} | {} |",
             args.label(),
             args.rate,
             self.offered,
             accepted,
             accepted as f64 / args.duration,
             self.answered() as f64 / self.drained.as_secs_f64().max(1e-9),
-            ms(&self.latency, 0.5),
-            ms(&self.latency, 0.9),
-            ms(&self.latency, 0.99),
-            ms(&self.latency, 0.999),
-            self.latency.max() as f64 / 1000.0,
+            percentile_cells(&self.latency),
             self.errors_text(),
             verified,
         )
@@ -805,32 +740,22 @@ struct CpuSample {
 
 impl CpuSample {
     fn take(others: &[(String, u32)]) -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let ticks: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|t| t.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal ...
-        let idle = ticks.get(3)? + ticks.get(4).unwrap_or(&0);
-        let total = ticks.iter().take(8).sum::<u64>();
-        let mut processes = vec![("generator".to_owned(), process_ticks("self"))];
+        let machine = MachineTicks::read()?;
+        let mut processes = vec![("generator".to_owned(), process_ticks(std::process::id()))];
         for (name, pid) in others {
-            processes.push((name.clone(), process_ticks(&pid.to_string())));
+            processes.push((name.clone(), process_ticks(*pid)));
         }
         Some(Self {
             at: Instant::now(),
-            busy: total.saturating_sub(idle),
-            total,
+            busy: machine.busy,
+            total: machine.total,
             processes,
         })
     }
 
     /// Machine busy share and, per process, cores used and CPU time per request.
     fn report(&self, after: &CpuSample, requests: u64) -> String {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let cores = bench::cores().max(1) as f64;
         let total = after.total.saturating_sub(self.total).max(1) as f64;
         // Ticks of one core over the interval: no need to know the tick rate.
         let per_core = total / cores;
@@ -860,16 +785,6 @@ impl CpuSample {
         ));
         text
     }
-}
-
-/// utime + stime of `/proc/<pid>/stat`, in ticks.
-fn process_ticks(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces: fields are counted after its closing parenthesis.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
 }
 
 /// A booking of this run found in the log.
@@ -1000,7 +915,7 @@ async fn verify(
         }
     }
     let counters = Arc::new(Counters::default());
-    let progress = Progress::verifying(accepted.len() as u64, counters.clone())?;
+    let progress = verify_progress(accepted.len() as u64, counters.clone())?;
     let prefix_of_run = format!("{run}-");
     let readers: Vec<_> = per_partition
         .into_iter()
@@ -1190,91 +1105,39 @@ async fn read_partition(
     Ok(read)
 }
 
-/// A progress bar fed from counters the tasks bump (cheaper than touching the bar per request).
-struct Progress {
-    bar: ProgressBar,
-    ticker: tokio::task::JoinHandle<()>,
+/// The load phase's bar: answered of `total`, with what was sent, due, accepted and failed.
+fn load_progress(total: u64, counters: Arc<Counters>, rate: f64) -> Result<Progress> {
+    let started = Instant::now();
+    let mut last = (Instant::now(), 0u64);
+    Progress::start(
+        total,
+        "[{elapsed_precise}] {wide_bar} {pos}/{len} answered  {msg}",
+        Duration::from_millis(250),
+        move |bar| {
+            let done = counters.done.load(Ordering::Relaxed);
+            let accepted = counters.accepted.load(Ordering::Relaxed);
+            let now = Instant::now();
+            let recent =
+                (accepted - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-9);
+            last = (now, accepted);
+            bar.set_position(done);
+            bar.set_message(format!(
+                "sent {} (due {}), accepted {accepted} ({recent:.0}/s), errors {}",
+                counters.sent.load(Ordering::Relaxed),
+                ((started.elapsed().as_secs_f64() * rate) as u64).min(total),
+                counters.errors.load(Ordering::Relaxed),
+            ));
+        },
+    )
 }
 
-impl Progress {
-    fn start(total: u64, counters: Arc<Counters>, rate: f64) -> Result<Self> {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "[{elapsed_precise}] {wide_bar} {pos}/{len} answered  {msg}",
-            )
-            .context("progress bar template")?,
-        );
-        let started = Instant::now();
-        let ticker = tokio::spawn({
-            let bar = bar.clone();
-            async move {
-                let mut last = (Instant::now(), 0u64);
-                loop {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    let done = counters.done.load(Ordering::Relaxed);
-                    let accepted = counters.accepted.load(Ordering::Relaxed);
-                    let now = Instant::now();
-                    let recent = (accepted - last.1) as f64
-                        / now.duration_since(last.0).as_secs_f64().max(1e-9);
-                    last = (now, accepted);
-                    bar.set_position(done);
-                    bar.set_message(format!(
-                        "sent {} (due {}), accepted {accepted} ({recent:.0}/s), errors {}",
-                        counters.sent.load(Ordering::Relaxed),
-                        ((started.elapsed().as_secs_f64() * rate) as u64).min(total),
-                        counters.errors.load(Ordering::Relaxed),
-                    ));
-                }
-            }
-        });
-        Ok(Self { bar, ticker })
-    }
-
-    fn verifying(expected: u64, counters: Arc<Counters>) -> Result<Self> {
-        let bar = ProgressBar::new(expected);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "verify [{elapsed_precise}] {wide_bar} {pos}/{len} 202s found {per_sec:>12}",
-            )
-            .context("progress bar template")?,
-        );
-        let ticker = tokio::spawn({
-            let bar = bar.clone();
-            async move {
-                loop {
-                    bar.set_position(counters.done.load(Ordering::Relaxed));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        });
-        Ok(Self { bar, ticker })
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.ticker.abort();
-        self.bar.finish_and_clear();
-    }
-}
-
-fn new_histogram() -> Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("creating a latency histogram")
-}
-
-fn ms(h: &Histogram<u64>, quantile: f64) -> f64 {
-    h.value_at_quantile(quantile) as f64 / 1000.0
-}
-
-fn percentiles(h: &Histogram<u64>) -> String {
-    format!(
-        "p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
-        ms(h, 0.5),
-        ms(h, 0.9),
-        ms(h, 0.99),
-        ms(h, 0.999),
-        h.max() as f64 / 1000.0
+/// The log check's bar: 202s found of `expected`.
+fn verify_progress(expected: u64, counters: Arc<Counters>) -> Result<Progress> {
+    Progress::start(
+        expected,
+        "verify [{elapsed_precise}] {wide_bar} {pos}/{len} 202s found {per_sec:>12}",
+        Duration::from_millis(100),
+        move |bar| bar.set_position(counters.done.load(Ordering::Relaxed)),
     )
 }
 
@@ -1297,6 +1160,53 @@ mod tests {
             found,
             ..PartitionRead::default()
         }
+    }
+
+    fn parse(command_line: &str) -> Result<Args, clap::Error> {
+        Args::try_parse_from(command_line.split_whitespace())
+    }
+
+    #[test]
+    fn the_flags_of_bench_ingest_parse_as_they_did() -> Result<()> {
+        Args::command().debug_assert();
+        // scripts/bench-ingest.sh, then LOADGEN_ARGS: a flag given again overrides.
+        let args = parse(
+            "loadgen --url http://127.0.0.1:8080/ --rate 5000 --duration 2.5 --label spike-50000/s \
+             --verify --prefix bench-ingest-1 --amqp-url amqp://guest:guest@127.0.0.1:5672/%2f \
+             --partitions 8 --cpu-of ingestion=12 --cpu-of rabbitmq=34 --accounts 5000 \
+             --timeout-ms 1000 --partitions 4 --jwt-secret s",
+        )?
+        .checked()?;
+        assert_eq!(args.url, "http://127.0.0.1:8080");
+        assert_eq!(
+            (args.rate, args.duration, args.total()),
+            (5000.0, 2.5, 12_500)
+        );
+        assert_eq!(args.label(), "spike-50000/s");
+        assert!(args.verify && !args.cleanup);
+        assert_eq!(args.prefix.as_deref(), Some("bench-ingest-1"));
+        assert_eq!(args.amqp_url(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(args.partitions, 4);
+        let cpu_of = [("ingestion".to_owned(), 12), ("rabbitmq".to_owned(), 34)];
+        assert_eq!(args.cpu_of, cpu_of);
+        assert_eq!(args.accounts, 5000);
+        assert_eq!(args.timeout, Duration::from_millis(1000));
+        assert_eq!(args.jwt_secret.as_deref(), Some("s"));
+
+        let args = parse("loadgen --rate 200 --duration 1")?;
+        assert_eq!(args.url, "http://127.0.0.1:8080");
+        assert_eq!(args.label(), "200/s");
+        assert_eq!(args.timeout, Duration::from_millis(2000));
+        let sizes = (args.accounts, args.max_in_flight, args.warmup_connections);
+        assert_eq!(sizes, (1000, 8192, 256));
+        assert_eq!((args.threads, args.partitions), (1, 8));
+        assert!(args.cpu_of.is_empty() && !args.verify && !args.cleanup);
+
+        let cleanup = parse("loadgen --cleanup --prefix p --partitions 8")?.checked()?;
+        assert!(cleanup.cleanup);
+        assert!(parse("loadgen --duration 1")?.checked().is_err());
+        assert!(parse("loadgen --cpu-of ingestion").is_err());
+        Ok(())
     }
 
     #[test]
@@ -1359,7 +1269,7 @@ mod tests {
         let gen = Generator {
             client: reqwest::Client::new(),
             endpoint: reqwest::Url::parse("http://127.0.0.1:1/api/deliveryrequests")?,
-            tokens: mint_tokens(&secret, 3)?,
+            tokens: bench::client_tokens(&secret, "loadgen", 3)?,
             run: "lgtest".into(),
             started_at: Utc::now(),
             timeout: Duration::from_secs(1),

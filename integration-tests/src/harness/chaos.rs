@@ -18,7 +18,11 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{Fault, FaultKind};
 use crate::harness::{check, Load, LoadOptions, Service, Stack, StackOptions};
+use crate::wait::eventually_every;
 use serde_json::Value;
+
+/// How often a case asks whether what it waits for has happened.
+const POLL: Duration = Duration::from_millis(50);
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -131,29 +135,26 @@ pub async fn chaos_supervisor_kill_mid_compensation() {
         kind: FaultKind::Delay(Duration::from_millis(800)),
     }]);
     tokio::time::sleep(chaos_secs() / 3).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let compensating = loop {
+    let what = "a compensation in flight";
+    let compensating = eventually_every(Duration::from_secs(60), POLL, what, async || {
         let (_, list) = stack
             .service(Service::Scheduler)
             .get("/api/workflows?state=compensating&limit=500")
             .await;
-        let n = list.as_array().map_or(0, Vec::len);
-        if n > 0 {
-            break n;
+        match list.as_array().map_or(0, Vec::len) {
+            0 => Err(list),
+            n => Ok(n),
         }
-        assert!(
-            Instant::now() < deadline,
-            "no compensation was ever in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     stack.kill9(Service::Supervisor);
     println!("killed the supervisor with {compensating} sagas compensating");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ready = stack.restart(Service::Supervisor).await;
     let restarted = Instant::now();
     // Those sagas are finished by the new process (redelivered, idempotent DELETEs).
-    loop {
+    let what = "a compensation completed after the supervisor restart";
+    eventually_every(Duration::from_secs(60), POLL, what, async || {
         let (_, list) = stack
             .service(Service::Scheduler)
             .get("/api/workflows?state=compensated&limit=1")
@@ -166,14 +167,12 @@ pub async fn chaos_supervisor_kill_mid_compensation() {
         if recent.is_some_and(|t| {
             t > chrono::Utc::now() - chrono::Duration::from_std(restarted.elapsed()).unwrap()
         }) {
-            break;
+            Ok(())
+        } else {
+            Err(list)
         }
-        assert!(
-            restarted.elapsed() < Duration::from_secs(60),
-            "no compensation completed after the supervisor restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     println!(
         "RECOVERY supervisor kill: ready {} ms after its restart, first compensation completed after {} ms",
         ready.as_millis(),
@@ -226,17 +225,19 @@ pub async fn chaos_rabbitmq_restart() {
         .expect("rabbitmqctl restarts the node");
     let back = Instant::now();
     // Bookings are accepted again once Ingestion has reconnected.
-    while load.accepted() == before || {
+    let what = "bookings accepted again after the restart";
+    eventually_every(Duration::from_secs(120), POLL, what, async || {
         let n = load.accepted();
+        if n == before {
+            return Err(format!("{n} accepted, as before the restart"));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        load.accepted() == n
-    } {
-        assert!(
-            back.elapsed() < Duration::from_secs(120),
-            "no booking accepted after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        match load.accepted() {
+            now if now == n => Err(format!("{n} accepted, none in the last 100 ms")),
+            _ => Ok(()),
+        }
+    })
+    .await;
     println!(
         "RECOVERY rabbitmq restart: broker unavailable {} ms, bookings accepted again {} ms after it was up",
         outage.as_millis(),

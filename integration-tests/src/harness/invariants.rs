@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::mem::take;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -21,6 +22,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::stack::{Service, Stack};
+use crate::wait::{done_if, poll};
 
 /// What the clients were told: the bookings that got a `202` (deliveryId → owner), the ones
 /// whose cancel got a `202`, and how many requests got no clear answer (no response, or a 5xx)
@@ -182,6 +184,28 @@ async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
     rows(db, sql).await.first().map_or(0, |r| get(r, "n"))
 }
 
+/// What keeps the sagas from being final: accepted bookings without a saga (lost), sagas not
+/// settled, and sagas still `completed` although their booking's cancel got a 202 (the cancel is
+/// in the log; until the saga has applied it, its compensation is about to start).
+fn unsettled<'a>(
+    bookings: &Bookings,
+    sagas: &'a HashMap<Uuid, SagaRow>,
+) -> (Vec<Uuid>, Vec<(&'a Uuid, &'a SagaRow)>, Vec<&'a Uuid>) {
+    let lost = bookings
+        .accepted
+        .keys()
+        .filter(|id| !sagas.contains_key(id))
+        .copied()
+        .collect();
+    let open = sagas.iter().filter(|(_, s)| !settled(s)).collect();
+    let uncancelled = sagas
+        .iter()
+        .filter(|(id, s)| s.state == "completed" && bookings.cancelled.contains(id))
+        .map(|(id, _)| id)
+        .collect();
+    (lost, open, uncancelled)
+}
+
 /// Waits (up to `within`) until the suite has settled, then checks every invariant.
 pub async fn check(
     stack: &Stack,
@@ -194,35 +218,26 @@ pub async fn check(
     let mut v: Vec<String> = Vec::new();
 
     // 1. Settle: every accepted booking has a saga, every saga is final, the outbox is empty.
-    let (sagas, settled_after) = loop {
+    let settling = poll(within, Duration::from_millis(250), async || {
         let sagas = sagas(&scheduler_db).await;
         let outbox = count(&scheduler_db, "SELECT count(*) AS n FROM saga_outbox").await;
-        let missing = bookings
-            .accepted
-            .keys()
-            .filter(|id| !sagas.contains_key(id))
-            .count();
-        let open: Vec<(&Uuid, &SagaRow)> = sagas.iter().filter(|(_, s)| !settled(s)).collect();
-        // A cancel that got a 202 is in the log; until its saga has applied it, a `completed`
-        // saga is not final (its compensation is about to start).
-        let uncancelled: Vec<&Uuid> = sagas
-            .iter()
-            .filter(|(id, s)| s.state == "completed" && bookings.cancelled.contains(id))
-            .map(|(id, _)| id)
-            .collect();
-        if missing == 0 && open.is_empty() && uncancelled.is_empty() && outbox == 0 {
-            break (sagas, started.elapsed());
+        let (lost, open, uncancelled) = unsettled(bookings, &sagas);
+        if lost.is_empty() && open.is_empty() && uncancelled.is_empty() && outbox == 0 {
+            Ok(sagas)
+        } else {
+            Err((sagas, outbox))
         }
-        if Instant::now() >= deadline {
-            if missing > 0 {
-                let lost: Vec<Uuid> = bookings
-                    .accepted
-                    .keys()
-                    .filter(|id| !sagas.contains_key(id))
-                    .copied()
-                    .collect();
+    })
+    .await;
+    let settled_after = started.elapsed();
+    let sagas = match settling {
+        Ok(sagas) => sagas,
+        Err((sagas, outbox)) => {
+            let (lost, open, uncancelled) = unsettled(bookings, &sagas);
+            if !lost.is_empty() {
                 v.push(format!(
-                    "{missing} bookings that got a 202 have no saga (lost), e.g. {:?}; {}",
+                    "{} bookings that got a 202 have no saga (lost), e.g. {:?}; {}",
+                    lost.len(),
                     &lost[..lost.len().min(3)],
                     where_in_log(stack, &lost).await
                 ));
@@ -248,9 +263,8 @@ pub async fn check(
             if outbox > 0 {
                 v.push(format!("{outbox} outbox rows never left the Scheduler"));
             }
-            break (sagas, started.elapsed());
+            sagas
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let _ = scheduler_db.close().await;
     println!(
@@ -461,9 +475,10 @@ pub async fn check(
         .iter()
         .filter_map(|(id, owner)| sagas.get(id).map(|s| (*id, owner.clone(), expected(s))))
         .collect();
-    let client_deadline = Instant::now().max(deadline) + Duration::from_secs(30);
-    loop {
-        let seen: Vec<(Uuid, String, String, Value)> = futures::stream::iter(pending)
+    let client_within =
+        deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(30);
+    let shown = poll(client_within, Duration::from_millis(500), async || {
+        let seen: Vec<(Uuid, String, String, Value)> = futures::stream::iter(take(&mut pending))
             .map(|(id, owner, want)| {
                 let client = &client;
                 async move {
@@ -479,23 +494,20 @@ pub async fn check(
             .filter(|(_, _, want, got)| got.as_str() != Some(want.as_str()))
             .map(|(id, owner, want, _)| (*id, owner.clone(), want.clone()))
             .collect();
-        if pending.is_empty() {
-            break;
-        }
-        if Instant::now() >= client_deadline {
-            let (id, _, want, got) = seen
-                .iter()
-                .find(|(_, _, want, got)| got.as_str() != Some(want.as_str()))
-                .cloned()
-                .unwrap_or((Uuid::nil(), String::new(), String::new(), Value::Null));
-            v.push(format!(
-                "{} bookings shown to the client in another state than their saga's, e.g. {id}: \
-                 {got} instead of {want}",
-                pending.len()
-            ));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        done_if(pending.is_empty(), seen)
+    })
+    .await;
+    if let Err(seen) = shown {
+        let (id, _, want, got) = seen
+            .iter()
+            .find(|(_, _, want, got)| got.as_str() != Some(want.as_str()))
+            .cloned()
+            .unwrap_or((Uuid::nil(), String::new(), String::new(), Value::Null));
+        v.push(format!(
+            "{} bookings shown to the client in another state than their saga's, e.g. {id}: \
+             {got} instead of {want}",
+            pending.len()
+        ));
     }
 
     println!(

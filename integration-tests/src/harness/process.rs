@@ -5,10 +5,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
+use crate::wait::poll;
 use crate::SERVICE_TOKEN;
 
 /// The binary `name` next to this test's executable (`target/<profile>/deps/..`), built first
@@ -244,35 +245,33 @@ impl ServiceProcess {
     /// Waits until `/readyz` answers 200; panics with the log's end when the process exits or
     /// the time is up.
     pub async fn wait_ready(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "{} exited during start ({status}); its log:\n{}",
-                        self.name,
-                        self.log_tail(30)
-                    );
-                }
+        let ready = poll(within, Duration::from_millis(50), async || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "{} exited during start ({status}); its log:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
             }
-            if let Ok(r) = self
+            let r = self
                 .client
                 .get(self.url("/readyz"))
                 .timeout(Duration::from_secs(2))
                 .send()
-                .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
+                .await;
+            match r {
+                Ok(r) if r.status() == 200 => Ok(()),
+                Ok(r) => Err(r.status().to_string()),
+                Err(e) => Err(e.to_string()),
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} was not ready within {within:?}; its log:\n{}",
+        })
+        .await;
+        if let Err(last) = ready {
+            panic!(
+                "{} was not ready within {within:?} (last answer: {last}); its log:\n{}",
                 self.name,
                 self.log_tail(30)
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -291,15 +290,20 @@ impl ServiceProcess {
             self.resume();
         }
         signal(pid, "TERM");
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                return Some(status);
+        let exited = poll(grace, Duration::from_millis(50), async || {
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => Ok(status),
+                _ => Err(()),
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await;
+        match exited {
+            Ok(status) => {
+                self.child = None;
+                Some(status)
+            }
+            Err(()) => self.kill9(),
         }
-        self.kill9()
     }
 
     /// Starts it again with the same environment and port (killing it first if it still runs).

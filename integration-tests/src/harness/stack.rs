@@ -20,6 +20,7 @@ use uuid::Uuid;
 use super::process::{binaries, free_port, workspace_dir, ServiceProcess};
 use super::rabbit::RabbitNode;
 use crate::faults::FaultProxy;
+use crate::wait::{eventually_every, poll};
 use crate::{amqp_url, Backend, TestDb, JWT_SECRET, OPERATOR, SERVICE_TOKEN, VIEWER};
 
 /// The services of the suite.
@@ -449,13 +450,12 @@ impl Stack {
         let db = Database::connect(self.database_url(Service::Scheduler))
             .await
             .ok()?;
-        let deadline = Instant::now() + within;
         let sql = format!(
             "SELECT min(updated_at) AS t FROM saga_instances WHERE state = 'completed' \
              AND updated_at >= '{}'",
             since.to_rfc3339()
         );
-        let found = loop {
+        let found = poll(within, Duration::from_millis(20), async || {
             let row = db
                 .query_one(Statement::from_string(DbBackend::Postgres, sql.clone()))
                 .await
@@ -463,16 +463,11 @@ impl Stack {
                 .flatten();
             let t: Option<chrono::DateTime<chrono::Utc>> =
                 row.and_then(|r| r.try_get("", "t").ok()).flatten();
-            if let Some(t) = t {
-                break (t - since).to_std().ok();
-            }
-            if Instant::now() >= deadline {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+            t.ok_or(())
+        })
+        .await;
         let _ = db.close().await;
-        found
+        found.ok().and_then(|t| (t - since).to_std().ok())
     }
 
     pub fn service(&self, s: Service) -> &ServiceProcess {
@@ -513,8 +508,9 @@ impl Stack {
     /// Creates (or updates) an account with `status` (`active` or `suspended`), retrying for a
     /// while when Account is briefly unavailable (a busy shared PostgreSQL answers 503).
     pub async fn account(&self, id: &str, status: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let what = format!("account {id} to be {status}");
+        let every = Duration::from_millis(200);
+        eventually_every(Duration::from_secs(30), every, what, async || {
             let r = self
                 .client
                 .http
@@ -526,14 +522,13 @@ impl Stack {
                 .json(&json!({"name": id, "status": status}))
                 .send()
                 .await;
-            let last = match r {
-                Ok(r) if r.status().is_success() => return,
-                Ok(r) => r.status().to_string(),
-                Err(e) => e.to_string(),
-            };
-            assert!(Instant::now() < deadline, "account {id}: {last}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            match r {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(r.status().to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
     }
 
     /// The saga of `id` from the Scheduler's status API (`None` on 404 or no answer).
@@ -557,21 +552,19 @@ impl Stack {
 
     /// Waits until the saga of `id` is in `state`; returns it. Panics with the last state seen.
     pub async fn wait_state(&self, id: Uuid, state: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        let mut last = Value::Null;
-        while Instant::now() < deadline {
-            if let Some(w) = self.workflow(id).await {
-                if w["state"] == state {
-                    return w;
-                }
-                last = w;
+        let seen = poll(within, Duration::from_millis(100), async || {
+            match self.workflow(id).await {
+                Some(w) if w["state"] == state => Ok(w),
+                w => Err(w.unwrap_or_default()),
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "saga {id} did not reach {state} within {within:?}; last seen: {last}\nscheduler log:\n{}",
-            self.service(Service::Scheduler).log_tail(20)
-        );
+        })
+        .await;
+        seen.unwrap_or_else(|last| {
+            panic!(
+                "saga {id} did not reach {state} within {within:?}; last seen: {last}\nscheduler log:\n{}",
+                self.service(Service::Scheduler).log_tail(20)
+            )
+        })
     }
 
     /// The Supervisor's view of a saga (`GET /api/sagas/{id}`), with its compensations.

@@ -4,7 +4,9 @@ use messaging::{Broker, MessagingSettings};
 use service_kit::auth::ClientTokens;
 
 use crate::proxy::Proxy;
-use crate::{amqp_host_port, amqp_url, test_auth, test_http, Backend, TestApp, TestDb, JWT_SECRET};
+use crate::{
+    amqp_host_port, amqp_url, spawn, test_auth, test_http, Backend, TestApp, TestDb, JWT_SECRET,
+};
 
 /// Ingestion on a fresh database, talking to RabbitMQ through a [`Proxy`] the test controls,
 /// with its own queue prefix. `broker` reaches RabbitMQ directly (not through the proxy) with the
@@ -66,17 +68,7 @@ pub async fn spawn_ingestion(
         },
     };
     adjust(&mut settings);
-    let app = ingestion::Application::build(settings.clone())
-        .await
-        .expect("ingestion starts");
-    let port = app.port();
-    let app = TestApp::start(port, db, move |rx| async move {
-        let _ = app
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let app = spawn::<ingestion::Application>(settings.clone(), Some(db)).await;
     let mut direct = MessagingSettings::new(upstream);
     direct.prefix = prefix;
     let broker = messaging::connect(&direct).await.expect("test broker");

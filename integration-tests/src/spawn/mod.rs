@@ -1,24 +1,125 @@
-//! One spawn function per service: fresh database, migrations run at start, port 0.
+//! Services run inside the test process: one generic [`spawn`] over [`ServiceApp`], and one
+//! function per service that makes its settings (fresh database, migrations run at start, port 0).
 
-mod account;
-mod delivery;
-mod drone;
 mod ingestion;
-mod package;
 mod suite;
 mod supervisor;
 
-pub use account::spawn_account;
-pub use delivery::spawn_delivery;
-pub use drone::{spawn_drone, spawn_drone_with};
 pub use ingestion::{spawn_ingestion, IngestionApp};
-pub use package::spawn_package;
 pub use suite::{spawn_suite, Suite, SuiteFaults};
 pub use supervisor::{spawn_supervisor, SupervisorApp, OPERATOR, VIEWER};
 
-use service_kit::{AuthSettings, HttpSettings};
+use std::future::Future;
 
-use crate::{JWT_SECRET, SERVICE_TOKEN};
+use service_kit::{AuthSettings, HttpSettings};
+use tokio::sync::oneshot;
+
+use crate::{Backend, TestApp, TestDb, JWT_SECRET, SERVICE_TOKEN};
+
+/// A service's `Application` as the tests start and stop it. Every service crate has the same
+/// three functions (`build`, `port`, `run_until`); this trait names them so that one [`spawn`]
+/// serves all.
+pub trait ServiceApp: Sized {
+    type Settings;
+    /// The service's name, for messages and database names.
+    const NAME: &'static str;
+    fn build(settings: Self::Settings) -> impl Future<Output = anyhow::Result<Self>>;
+    fn port(&self) -> u16;
+    /// Serves until `stop` fires (or its sender is dropped).
+    fn run_until(self, stop: oneshot::Receiver<()>) -> impl Future<Output = ()> + Send + 'static;
+}
+
+macro_rules! service_app {
+    ($($service:ident),* $(,)?) => {$(
+        impl ServiceApp for ::$service::Application {
+            type Settings = ::$service::Settings;
+            const NAME: &'static str = stringify!($service);
+            fn build(settings: Self::Settings) -> impl Future<Output = anyhow::Result<Self>> {
+                ::$service::Application::build(settings)
+            }
+            fn port(&self) -> u16 {
+                ::$service::Application::port(self)
+            }
+            async fn run_until(self, stop: oneshot::Receiver<()>) {
+                let _ = ::$service::Application::run_until(self, async {
+                    let _ = stop.await;
+                })
+                .await;
+            }
+        }
+    )*};
+}
+
+service_app!(account, package, drone, delivery, ingestion, scheduler, supervisor);
+
+/// Builds `A` from `settings` and runs it in this process until the [`TestApp`] is stopped; `db`
+/// (if any) goes with the app.
+pub async fn spawn<A: ServiceApp>(settings: A::Settings, db: Option<TestDb>) -> TestApp {
+    let app = A::build(settings)
+        .await
+        .unwrap_or_else(|e| panic!("{} service starts: {e:?}", A::NAME));
+    TestApp::start(app.port(), db, |stop| app.run_until(stop))
+}
+
+/// A service on a fresh database of its own; `settings` makes its settings from the database's.
+async fn spawn_on_fresh_db<A: ServiceApp>(
+    backend: Backend,
+    settings: impl FnOnce(service_kit::DatabaseSettings) -> A::Settings,
+) -> TestApp {
+    telemetry::init_for_tests();
+    let db = TestDb::new(backend, A::NAME).await;
+    spawn::<A>(settings(db.settings.clone()), Some(db)).await
+}
+
+pub async fn spawn_account(backend: Backend) -> TestApp {
+    spawn_on_fresh_db::<account::Application>(backend, |database| account::Settings {
+        http: test_http(),
+        database,
+        auth: test_auth(),
+        ..Default::default()
+    })
+    .await
+}
+
+pub async fn spawn_package(backend: Backend) -> TestApp {
+    spawn_on_fresh_db::<package::Application>(backend, |database| package::Settings {
+        http: test_http(),
+        database,
+        auth: test_auth(),
+    })
+    .await
+}
+
+pub async fn spawn_delivery(backend: Backend) -> TestApp {
+    spawn_on_fresh_db::<delivery::Application>(backend, |database| delivery::Settings {
+        http: test_http(),
+        database,
+        auth: test_auth(),
+    })
+    .await
+}
+
+pub async fn spawn_drone(backend: Backend) -> TestApp {
+    spawn_drone_with(backend, |_| {}).await
+}
+
+/// A Drone service whose settings the test adjusts first (fleet size, window length, ...).
+pub async fn spawn_drone_with(
+    backend: Backend,
+    adjust: impl FnOnce(&mut drone::Settings),
+) -> TestApp {
+    spawn_on_fresh_db::<drone::Application>(backend, |database| {
+        let mut settings = drone::Settings {
+            http: test_http(),
+            database,
+            auth: test_auth(),
+            ..Default::default()
+        };
+        adjust(&mut settings);
+        settings
+    })
+    .await
+}
 
 /// HTTP settings for tests: localhost, a free port, two workers.
 pub fn test_http() -> HttpSettings {

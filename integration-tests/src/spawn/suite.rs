@@ -8,8 +8,9 @@ use uuid::Uuid;
 
 use crate::faults::{Fault, FaultProxy};
 use crate::{
-    amqp_url, spawn_account, spawn_delivery, spawn_drone_with, spawn_ingestion, spawn_package,
-    test_auth, test_http, Backend, IngestionApp, TestApp, TestDb,
+    amqp_url, done_if, eventually, eventually_every, spawn, spawn_account, spawn_delivery,
+    spawn_drone_with, spawn_ingestion, spawn_package, test_auth, test_http, Backend, IngestionApp,
+    TestApp, TestDb,
 };
 
 /// Faults to put in front of the domain services the Scheduler calls.
@@ -128,17 +129,7 @@ impl Suite {
     pub async fn start_scheduler(&self, adjust: impl FnOnce(&mut scheduler::Settings)) -> TestApp {
         let mut settings = self.scheduler_settings.clone();
         adjust(&mut settings);
-        let app = scheduler::Application::build(settings)
-            .await
-            .expect("scheduler starts");
-        let port = app.port();
-        TestApp::start_with(port, None, move |rx| async move {
-            let _ = app
-                .run_until(async {
-                    let _ = rx.await;
-                })
-                .await;
-        })
+        spawn::<scheduler::Application>(settings, None).await
     }
 
     /// Creates (or updates) an account with `status` (`active` or `suspended`).
@@ -196,17 +187,39 @@ impl Suite {
         state: &str,
         within: Duration,
     ) -> Value {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut last = Value::Null;
-        while tokio::time::Instant::now() < deadline {
+        let what = format!("workflow {id} to reach {state}");
+        eventually_every(within, Duration::from_millis(50), what, async || {
             let r = scheduler.get(&format!("/api/workflows/{id}")).await;
-            if r.status == 200 && r.body["state"] == state {
-                return r.body;
-            }
-            last = r.body;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("workflow {id} did not reach {state}; last seen: {last}");
+            done_if(r.status == 200 && r.body["state"] == state, r.body)
+        })
+        .await
+    }
+
+    /// Waits until the client `owner` sees booking `id` in `state` through Ingestion's read model;
+    /// returns what it sees.
+    pub async fn client_state(
+        &self,
+        owner: &str,
+        id: Uuid,
+        state: &str,
+        within: Duration,
+    ) -> Value {
+        let token = self.ingestion.token(owner, &[]);
+        let what = format!("the client to see {id} as {state}");
+        eventually(within, what, async || {
+            let r = self
+                .ingestion
+                .app
+                .call_with(
+                    reqwest::Method::GET,
+                    &format!("/api/deliveryrequests/{id}"),
+                    None,
+                    Some(&token),
+                )
+                .await;
+            done_if(r.body["state"] == state, r.body)
+        })
+        .await
     }
 
     pub async fn stop(self) {

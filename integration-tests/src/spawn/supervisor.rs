@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use downstream::DownstreamSettings;
 use messaging::MessagingSettings;
@@ -6,7 +7,8 @@ use secrecy::SecretString;
 use serde_json::Value;
 
 use crate::faults::FaultProxy;
-use crate::{amqp_url, test_auth, test_http, Backend, Suite, TestApp, TestDb};
+use crate::wait::{done_if, eventually, poll};
+use crate::{amqp_url, spawn, test_auth, test_http, Backend, Suite, TestApp, TestDb};
 
 /// Dashboard logins of the test supervisor: (user, password).
 pub const OPERATOR: (&str, &str) = ("olivia", "operator-password-1");
@@ -80,17 +82,7 @@ pub async fn spawn_supervisor(
         ]),
     };
     adjust(&mut settings);
-    let app = supervisor::Application::build(settings.clone())
-        .await
-        .expect("supervisor starts");
-    let port = app.port();
-    let app = TestApp::start(port, db, move |rx| async move {
-        let _ = app
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let app = spawn::<supervisor::Application>(settings.clone(), Some(db)).await;
     SupervisorApp {
         app,
         settings,
@@ -102,24 +94,21 @@ pub async fn spawn_supervisor(
 
 impl SupervisorApp {
     /// Waits until the Supervisor's read model shows the saga in `state`; returns its detail.
-    pub async fn saga(&self, id: uuid::Uuid, state: &str, within: std::time::Duration) -> Value {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut last = Value::Null;
-        while tokio::time::Instant::now() < deadline {
-            let r = self.app.get(&format!("/api/sagas/{id}")).await;
-            if r.status == 200 && r.body["saga"]["state"] == state {
-                return r.body;
-            }
-            last = r.body;
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("supervisor did not see saga {id} in {state}; last seen: {last}");
+    pub async fn saga(&self, id: uuid::Uuid, state: &str, within: Duration) -> Value {
+        eventually(
+            within,
+            format!("the supervisor to see saga {id} in {state}"),
+            async || {
+                let r = self.app.get(&format!("/api/sagas/{id}")).await;
+                done_if(r.status == 200 && r.body["saga"]["state"] == state, r.body)
+            },
+        )
+        .await
     }
 
     /// Parked compensation requests of saga `id`, waiting up to `within` for at least one.
-    pub async fn parked_of(&self, id: uuid::Uuid, within: std::time::Duration) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
+    pub async fn parked_of(&self, id: uuid::Uuid, within: Duration) -> Vec<Value> {
+        poll(within, Duration::from_millis(200), async || {
             let r = self.app.get("/api/parked").await;
             let mine: Vec<Value> = r
                 .body
@@ -129,11 +118,14 @@ impl SupervisorApp {
                 .into_iter()
                 .filter(|p| p["deliveryId"] == id.to_string())
                 .collect();
-            if !mine.is_empty() || tokio::time::Instant::now() >= deadline {
-                return mine;
+            if mine.is_empty() {
+                Err(())
+            } else {
+                Ok(mine)
             }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
+        })
+        .await
+        .unwrap_or_default()
     }
 
     pub async fn stop(self) {

@@ -34,6 +34,21 @@ pub use traits::{
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+
+/// Ready when the broker answers (a `/readyz` check of every service that uses one).
+pub struct BrokerCheck(pub Arc<dyn Broker>);
+
+impl service_kit::ReadinessCheck for BrokerCheck {
+    fn name(&self) -> &'static str {
+        "broker"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
+    }
+}
+
 /// Opens the broker named by `settings.url`: `amqp://...` (RabbitMQ) or `sqlite://...` (embedded).
 pub async fn connect(settings: &MessagingSettings) -> Result<Arc<dyn Broker>> {
     let url = secrecy::ExposeSecret::expose_secret(&settings.url);

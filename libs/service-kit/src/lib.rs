@@ -1,6 +1,7 @@
 //! Everything a service needs to be built the same way as every other one: layered settings,
 //! problem+json errors, JSON validation, service-token and client-token auth, database connection and
-//! migrations, health/readiness/metrics/OpenAPI endpoints, request ids and graceful shutdown.
+//! migrations, health/readiness/metrics/OpenAPI endpoints, request ids, background tasks under one
+//! stop signal and one shutdown order.
 
 pub mod auth;
 pub mod db;
@@ -15,7 +16,7 @@ pub mod settings;
 pub use error::{ApiError, ApiResult};
 pub use extract::{parse_json, valid_id, Json};
 pub use health::{DatabaseCheck, ReadinessCheck};
-pub use server::{shutdown_signal, RequestId, RunningService, ServiceBuilder};
+pub use server::{shutdown_signal, RequestId, RunningService, ServiceBuilder, StopSignal};
 pub use settings::{AuthSettings, DatabaseSettings, HttpSettings};
 
 /// Re-exported so service crates name one version.

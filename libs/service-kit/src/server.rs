@@ -1,10 +1,11 @@
-//! Builds every service's HTTP server the same way and runs it until a shutdown future fires.
+//! Builds every service the same way (its database, its HTTP server, its background tasks under
+//! one stop signal) and runs it until a shutdown future fires, then stops it in one order.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
@@ -12,23 +13,33 @@ use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::middleware::{from_fn, ErrorHandlerResponse, ErrorHandlers, Next};
 use actix_web::web::{self, PayloadConfig};
 use actix_web::{App, HttpMessage, HttpResponse, HttpServer, ResponseError};
+use anyhow::Context;
+use sea_orm::DatabaseConnection;
+use sea_orm_migration::MigratorTrait;
 use secrecy::SecretString;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::auth::ServiceToken;
 use crate::docs::docs_page;
 use crate::error::{ApiError, PROBLEM_JSON};
 use crate::extract::BodyLimit;
-use crate::health::{healthz, readyz, Readiness, ReadinessCheck};
-use crate::settings::HttpSettings;
+use crate::health::{healthz, readyz, DatabaseCheck, Readiness, ReadinessCheck};
+use crate::settings::{AuthSettings, DatabaseSettings, HttpSettings};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Turns true once the service is stopping. A background task that holds work worth finishing
+/// (a partition lease, a checkpoint, an unacked message) watches it and finishes that work first.
+pub type StopSignal = watch::Receiver<bool>;
 
 /// The id of the current request (from `X-Request-Id` or generated), echoed in the response.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Assembles a service: its routes plus the endpoints and middleware every service shares.
+/// Assembles a service: its routes plus the endpoints and middleware every service shares, and
+/// the background tasks that run and stop with it.
 pub struct ServiceBuilder {
     name: &'static str,
     http: HttpSettings,
@@ -36,6 +47,14 @@ pub struct ServiceBuilder {
     openapi: Option<utoipa::openapi::OpenApi>,
     readiness: Readiness,
     registry: prometheus::Registry,
+    tasks: Tasks,
+}
+
+/// A service's background tasks, their stop signal, and how long they may take to stop.
+struct Tasks {
+    stop: watch::Sender<bool>,
+    handles: Vec<JoinHandle<()>>,
+    bound: Duration,
 }
 
 impl ServiceBuilder {
@@ -47,7 +66,35 @@ impl ServiceBuilder {
             openapi: None,
             readiness: Readiness::default(),
             registry: prometheus::Registry::new(),
+            tasks: Tasks {
+                stop: watch::Sender::new(false),
+                handles: Vec::new(),
+                bound: Duration::from_secs(5),
+            },
         }
+    }
+
+    /// How every service starts: its database connected and migrated (when `migrate_on_start`,
+    /// behind a lock named after the service), a builder that requires the service token on
+    /// internal calls and is ready while the database answers, and the database for its state.
+    pub async fn start<M: MigratorTrait>(
+        name: &'static str,
+        http: &HttpSettings,
+        database: &DatabaseSettings,
+        auth: &AuthSettings,
+    ) -> anyhow::Result<(Self, DatabaseConnection)> {
+        let db = crate::db::connect(database)
+            .await
+            .with_context(|| format!("connecting to the {name} database"))?;
+        if database.migrate_on_start {
+            crate::db::migrate::<M>(database, &db, name)
+                .await
+                .with_context(|| format!("migrating the {name} database"))?;
+        }
+        let builder = Self::new(name, http.clone())
+            .service_token(auth.service_token.clone())
+            .readiness(DatabaseCheck(db.clone()));
+        Ok((builder, db))
     }
 
     /// Internal calls must present this token (see `auth::ServiceCaller`).
@@ -71,6 +118,41 @@ impl ServiceBuilder {
     /// The registry behind `/metrics`; services register their own metrics here.
     pub fn registry(&self) -> &prometheus::Registry {
         &self.registry
+    }
+
+    /// True once the service is stopping: what background tasks watch.
+    pub fn stop_signal(&self) -> StopSignal {
+        self.tasks.stop.subscribe()
+    }
+
+    /// Runs a background task that watches [`stop_signal`](Self::stop_signal): once it turns
+    /// true, the task finishes the work it holds and returns.
+    pub fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.handles.push(tokio::spawn(task));
+    }
+
+    /// Runs a background loop that holds nothing worth finishing (a gauge refresh): at the stop
+    /// signal it is dropped at its next await.
+    pub fn spawn_until_stopped(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut stop = self.stop_signal();
+        self.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => {}
+                () = task => {}
+            }
+        });
+    }
+
+    /// Takes background tasks started elsewhere from [`stop_signal`](Self::stop_signal).
+    pub fn adopt(&mut self, tasks: impl IntoIterator<Item = JoinHandle<()>>) {
+        self.tasks.handles.extend(tasks);
+    }
+
+    /// How long the background tasks may take to stop (5 s unless set); then they are aborted.
+    pub fn stop_within(mut self, bound: Duration) -> Self {
+        self.tasks.bound = bound;
+        self
     }
 
     /// Binds the listener (port 0 picks a free one) and starts the server.
@@ -156,6 +238,7 @@ impl ServiceBuilder {
             name,
             port,
             server: server.run(),
+            tasks: self.tasks,
         })
     }
 }
@@ -269,11 +352,12 @@ async fn request_context(
     Ok(res.map_body(|_, b| EitherBody::left(b.boxed())))
 }
 
-/// A started server. Dropping it does not stop it; call [`RunningService::run_until`].
+/// A started service. Dropping it does not stop it; call [`RunningService::run_until`].
 pub struct RunningService {
     name: &'static str,
     port: u16,
     server: Server,
+    tasks: Tasks,
 }
 
 impl RunningService {
@@ -281,11 +365,16 @@ impl RunningService {
         self.port
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
+    /// Serves until `shutdown` resolves, then stops in the same order for every service: stop
+    /// taking work (the listener closes and in-flight requests finish), drain and release (the
+    /// background tasks see the stop signal and finish what they hold: a partition saves its
+    /// checkpoint and releases its lease, a compensation finishes or goes back to the queue),
+    /// abort what has not stopped within the bound, and close (the service's database and broker
+    /// handles are dropped with it).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
         let handle = self.server.handle();
         let mut server = std::pin::pin!(self.server);
-        tokio::select! {
+        let result = tokio::select! {
             result = &mut server => result,
             () = shutdown => {
                 tracing::info!(service = self.name, "shutting down");
@@ -293,6 +382,33 @@ impl RunningService {
                 let (result, ()) = tokio::join!(server, handle.stop(true));
                 result
             }
+        };
+        self.tasks.stop(self.name).await;
+        result
+    }
+}
+
+impl Tasks {
+    /// Signals every task, waits for them until the bound has passed, then aborts the rest (a
+    /// task left running after its service has stopped would hold its leases and connections).
+    async fn stop(self, service: &'static str) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + self.bound;
+        let mut aborted = 0usize;
+        for mut task in self.handles {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                aborted += 1;
+            }
+        }
+        if aborted > 0 {
+            let bound_ms = self.bound.as_millis();
+            tracing::warn!(
+                service,
+                aborted,
+                bound_ms,
+                "background tasks did not stop in time"
+            );
         }
     }
 }
@@ -318,5 +434,43 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn tasks_that_watch_the_signal_finish_and_the_others_are_aborted() {
+        let mut builder = ServiceBuilder::new("test", HttpSettings::default());
+        let (finished_tx, finished_rx) = tokio::sync::oneshot::channel();
+        let mut stop = builder.stop_signal();
+        builder.spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            let _ = finished_tx.send(());
+        });
+        builder.spawn_until_stopped(std::future::pending());
+        let (_never_tx, never_rx) = tokio::sync::oneshot::channel::<()>();
+        let deaf = tokio::spawn(async move {
+            let _ = never_rx.await;
+        });
+        let deaf_abort = deaf.abort_handle();
+        builder.adopt([deaf]);
+
+        let started = tokio::time::Instant::now();
+        builder.tasks.stop("test").await;
+        assert!(
+            finished_rx.await.is_ok(),
+            "the watching task finished its work"
+        );
+        let waited = started.elapsed();
+        assert_eq!(
+            waited,
+            Duration::from_secs(5),
+            "waited for the bound, no longer"
+        );
+        tokio::task::yield_now().await;
+        assert!(deaf_abort.is_finished(), "the deaf task was aborted");
     }
 }

@@ -5,13 +5,13 @@ mod cache;
 mod entity;
 mod migration;
 mod routes;
+mod store;
 
 use std::future::Future;
 
-use anyhow::Context;
 use serde::Deserialize;
 use service_kit::auth::ClientTokens;
-use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
+use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
 
 pub use migration::Migrator;
 
@@ -83,26 +83,23 @@ impl Application {
             read_cache_ttl_ms = settings.read_cache_ttl_ms,
             "starting account service"
         );
-        let db = service_kit::db::connect(&settings.database)
-            .await
-            .context("connecting to the account database")?;
-        if settings.database.migrate_on_start {
-            service_kit::db::migrate::<Migrator>(&settings.database, &db, "account")
-                .await
-                .context("migrating the account database")?;
-        }
+        let (builder, db) = ServiceBuilder::start::<Migrator>(
+            "account",
+            &settings.http,
+            &settings.database,
+            &settings.auth,
+        )
+        .await?;
         let state = actix_web::web::Data::new(AppState {
-            db: db.clone(),
+            db,
             tokens: ClientTokens::new(&settings.auth.jwt_secret),
             token_settings: settings.tokens.clone(),
             cache: cache::AccountCache::new(std::time::Duration::from_millis(
                 settings.read_cache_ttl_ms,
             )),
         });
-        let service = service_kit::ServiceBuilder::new("account", settings.http.clone())
-            .service_token(settings.auth.service_token.clone())
+        let service = builder
             .openapi(routes::openapi())
-            .readiness(DatabaseCheck(db))
             .build(move |cfg| routes::configure(cfg, state.clone()))?;
         Ok(Self { service })
     }

@@ -2,14 +2,12 @@
 
 use actix_web::{web, HttpResponse};
 use contracts::{Account, AccountStatus, AccountUpsert, Problem, TokenRequest, TokenResponse};
-use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveModelTrait, ActiveValue::Set, EntityTrait};
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
 use service_kit::{parse_json, valid_id, ApiError, ApiResult, Json};
 use utoipa::OpenApi;
 
-use crate::entity;
+use crate::store::{self, Saved, StoreError};
 use crate::AppState;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>) {
@@ -33,28 +31,15 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-fn to_wire(m: entity::Model) -> ApiResult<Account> {
-    let status = AccountStatus::parse(&m.status).ok_or_else(|| {
-        ApiError::Internal(anyhow::anyhow!(
-            "account {} has unknown status {}",
-            m.id,
-            m.status
-        ))
-    })?;
-    Ok(Account {
-        id: m.id,
-        name: m.name,
-        status,
-        created_at: m.created_at,
-        updated_at: m.updated_at,
-    })
-}
-
-async fn find(state: &AppState, id: &str) -> ApiResult<entity::Model> {
-    entity::Entity::find_by_id(id.to_owned())
-        .one(&state.db)
-        .await?
-        .ok_or_else(|| ApiError::not_found("account", id))
+/// The one place store errors become HTTP answers.
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NotFound(id) => ApiError::not_found("account", id),
+            StoreError::Db(e) => e.into(),
+            StoreError::Unexpected(_) => ApiError::Internal(err.into()),
+        }
+    }
 }
 
 /// Reads an account.
@@ -73,12 +58,7 @@ async fn get_account(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    if let Some(cached) = state.cache.get(id) {
-        return Ok(HttpResponse::Ok().json(to_wire(cached)?));
-    }
-    let account = find(&state, id).await?;
-    state.cache.put(&account);
-    Ok(HttpResponse::Ok().json(to_wire(account)?))
+    Ok(HttpResponse::Ok().json(store::get_cached(&state.db, &state.cache, id).await?))
 }
 
 /// Creates an account (`201`) or updates its name and status (`200`). Idempotent.
@@ -100,39 +80,11 @@ async fn put_account(
     Json(body): Json<AccountUpsert>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    let now = service_kit::now();
-    state.cache.forget(id);
-    // Insert-if-absent decides the one creator among concurrent PUTs of the same id.
-    let inserted = entity::Entity::insert(entity::ActiveModel {
-        id: Set(id.to_owned()),
-        name: Set(body.name.clone()),
-        status: Set(body.status.as_str().to_owned()),
-        created_at: Set(now),
-        updated_at: Set(now),
+    let saved = store::upsert(&state.db, &state.cache, id, &body).await?;
+    Ok(match saved {
+        Saved::Created(account) => HttpResponse::Created().json(account),
+        Saved::Existing(account) => HttpResponse::Ok().json(account),
     })
-    .on_conflict(
-        OnConflict::column(entity::Column::Id)
-            .do_nothing()
-            .to_owned(),
-    )
-    .exec_without_returning(&state.db)
-    .await?;
-    let current = find(&state, id).await?;
-    if inserted == 1 {
-        tracing::info!(account_id = id, "account created");
-        return Ok(HttpResponse::Created().json(to_wire(current)?));
-    }
-    if current.name == body.name && current.status == body.status.as_str() {
-        return Ok(HttpResponse::Ok().json(to_wire(current)?));
-    }
-    let mut active: entity::ActiveModel = current.into();
-    active.name = Set(body.name);
-    active.status = Set(body.status.as_str().to_owned());
-    active.updated_at = Set(now);
-    let updated = active.update(&state.db).await?;
-    state.cache.forget(id);
-    tracing::info!(account_id = id, status = %updated.status, "account updated");
-    Ok(HttpResponse::Ok().json(to_wire(updated)?))
 }
 
 /// Mints a client token (JWT, subject = account id) for an active account.
@@ -168,7 +120,7 @@ async fn mint_token(
             format!("must be at most {}", settings.max_ttl_secs),
         ));
     }
-    let account = to_wire(find(&state, id).await?)?;
+    let account = store::get(&state.db, id).await?;
     if account.status != AccountStatus::Active {
         return Err(ApiError::conflict(
             "account-suspended",

@@ -8,9 +8,8 @@ mod store;
 
 use std::future::Future;
 
-use anyhow::Context;
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
+use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
 
 pub use migration::Migrator;
 
@@ -51,19 +50,16 @@ impl Application {
             sqlite = settings.database.is_sqlite(),
             "starting delivery service"
         );
-        let db = service_kit::db::connect(&settings.database)
-            .await
-            .context("connecting to the delivery database")?;
-        if settings.database.migrate_on_start {
-            service_kit::db::migrate::<Migrator>(&settings.database, &db, "delivery")
-                .await
-                .context("migrating the delivery database")?;
-        }
-        let state = actix_web::web::Data::new(AppState { db: db.clone() });
-        let service = service_kit::ServiceBuilder::new("delivery", settings.http.clone())
-            .service_token(settings.auth.service_token.clone())
+        let (builder, db) = ServiceBuilder::start::<Migrator>(
+            "delivery",
+            &settings.http,
+            &settings.database,
+            &settings.auth,
+        )
+        .await?;
+        let state = actix_web::web::Data::new(AppState { db });
+        let service = builder
             .openapi(routes::openapi())
-            .readiness(DatabaseCheck(db))
             .build(move |cfg| routes::configure(cfg, state.clone()))?;
         Ok(Self { service })
     }

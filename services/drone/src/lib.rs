@@ -7,12 +7,13 @@ mod entity;
 mod fleet;
 mod migration;
 mod routes;
+mod store;
 
 use std::future::Future;
 
 use anyhow::Context;
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
+use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
 
 pub use migration::Migrator;
 
@@ -107,26 +108,23 @@ impl Application {
             reservations = ?settings.reservations,
             "starting drone service"
         );
-        let db = service_kit::db::connect(&settings.database)
-            .await
-            .context("connecting to the drone database")?;
-        if settings.database.migrate_on_start {
-            service_kit::db::migrate::<Migrator>(&settings.database, &db, "drone")
-                .await
-                .context("migrating the drone database")?;
-        }
+        let (builder, db) = ServiceBuilder::start::<Migrator>(
+            "drone",
+            &settings.http,
+            &settings.database,
+            &settings.auth,
+        )
+        .await?;
         fleet::seed(&db, &settings.fleet)
             .await
             .context("seeding the fleet")?;
         let state = actix_web::web::Data::new(AppState {
-            db: db.clone(),
+            db,
             reservations: settings.reservations.clone(),
             drones: fleet::DroneCache::new(),
         });
-        let service = service_kit::ServiceBuilder::new("drone", settings.http.clone())
-            .service_token(settings.auth.service_token.clone())
+        let service = builder
             .openapi(routes::openapi())
-            .readiness(DatabaseCheck(db))
             .build(move |cfg| routes::configure(cfg, state.clone()))?;
         Ok(Self { service })
     }

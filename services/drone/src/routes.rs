@@ -1,22 +1,18 @@
 //! HTTP routes of the Drone service. Every route requires the service token.
 
-use std::collections::{BTreeMap, HashSet};
-
 use actix_web::{web, HttpResponse};
 use chrono::{TimeZone, Utc};
 use contracts::{
     Drone, DroneReservation, DroneReservationRequest, Fleet, PackageSize, Problem,
     ReservationStatus, TimeWindow, Utilization,
 };
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Deserialize;
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
 use service_kit::{valid_id, ApiError, ApiResult, Json};
 use utoipa::{IntoParams, OpenApi};
 
-use crate::entity::{drone, reservation};
-use crate::fleet::{self, Outcome};
+use crate::store::{self, Outcome, StoreError};
 use crate::AppState;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>) {
@@ -58,6 +54,22 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
+/// The one place store errors become HTTP answers.
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::ReservationNotFound(id) => ApiError::not_found("reservation", id),
+            StoreError::DroneNotFound(id) => ApiError::not_found("drone", id),
+            StoreError::Released(_) => ApiError::conflict("reservation-released", err.to_string()),
+            StoreError::NoDroneFree {
+                retry_after_secs, ..
+            } => ApiError::unavailable("no-drone-available", err.to_string(), retry_after_secs),
+            StoreError::Unexpected(_) => ApiError::Internal(err.into()),
+            StoreError::Db(e) => e.into(),
+        }
+    }
+}
+
 /// Reserves a drone for a delivery's window. The same request again returns the same drone; a
 /// different pickup time moves the reservation (keeping the drone when it is free).
 #[utoipa::path(
@@ -79,10 +91,11 @@ async fn put_reservation(
     Json(body): Json<DroneReservationRequest>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
-    match fleet::reserve(&state.db, &state.drones, &state.reservations, id, &body).await? {
-        Outcome::Created(r) => Ok(HttpResponse::Created().json(fleet::to_wire(r)?)),
-        Outcome::Existing(r) => Ok(HttpResponse::Ok().json(fleet::to_wire(r)?)),
-    }
+    let outcome = store::reserve(&state.db, &state.drones, &state.reservations, id, &body).await?;
+    Ok(match outcome {
+        Outcome::Created(r) => HttpResponse::Created().json(r),
+        Outcome::Existing(r) => HttpResponse::Ok().json(r),
+    })
 }
 
 /// Reads a delivery's reservation.
@@ -100,12 +113,7 @@ async fn get_reservation(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
-    let r = reservation::Entity::find_by_id(id.to_owned())
-        .one(&state.db)
-        .await?
-        .filter(|r| !fleet::is_tombstone(r))
-        .ok_or_else(|| ApiError::not_found("reservation", id))?;
-    Ok(HttpResponse::Ok().json(fleet::to_wire(r)?))
+    Ok(HttpResponse::Ok().json(store::get(&state.db, id).await?))
 }
 
 /// Releases the drone (compensation). Idempotent: releasing a released reservation succeeds.
@@ -123,8 +131,7 @@ async fn delete_reservation(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
-    let r = fleet::release(&state.db, id).await?;
-    Ok(HttpResponse::Ok().json(fleet::to_wire(r)?))
+    Ok(HttpResponse::Ok().json(store::release(&state.db, id).await?))
 }
 
 /// The fleet: every active drone, what it is doing now and how many reservations it still has.
@@ -133,49 +140,7 @@ async fn delete_reservation(
     responses((status = 200, description = "The fleet", body = Fleet))
 )]
 async fn get_fleet(_: ServiceCaller, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    let now_ms = Utc::now().timestamp_millis();
-    let drones = drone::Entity::find()
-        .filter(drone::Column::Active.eq(true))
-        .order_by_asc(drone::Column::Id)
-        .all(&state.db)
-        .await?;
-    let pending = reservation::Entity::find()
-        .filter(reservation::Column::Status.eq(ReservationStatus::Active.as_str()))
-        .filter(reservation::Column::WindowEndMs.gt(now_ms))
-        .order_by_asc(reservation::Column::WindowStartMs)
-        .all(&state.db)
-        .await?;
-    let mut by_drone: BTreeMap<String, Vec<reservation::Model>> = BTreeMap::new();
-    for r in pending {
-        by_drone.entry(r.drone_id.clone()).or_default().push(r);
-    }
-    let mut busy_now = 0;
-    let mut out = Vec::with_capacity(drones.len());
-    for d in drones {
-        let rs = by_drone.remove(&d.id).unwrap_or_default();
-        let current = rs
-            .iter()
-            .find(|r| r.window_start_ms <= now_ms && now_ms < r.window_end_ms)
-            .cloned()
-            .map(fleet::to_wire)
-            .transpose()?;
-        if current.is_some() {
-            busy_now += 1;
-        }
-        out.push(Drone {
-            max_package_size: PackageSize::parse(&d.max_package_size).ok_or_else(|| {
-                ApiError::Internal(anyhow::anyhow!("drone {} has an invalid size", d.id))
-            })?,
-            id: d.id,
-            current_reservation: current,
-            upcoming_reservations: rs.len() as u64,
-        });
-    }
-    Ok(HttpResponse::Ok().json(Fleet {
-        size: out.len() as u64,
-        busy_now,
-        drones: out,
-    }))
+    Ok(HttpResponse::Ok().json(store::fleet(&state.db).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -207,23 +172,7 @@ async fn drone_reservations(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 1000"));
     }
-    drone::Entity::find_by_id(id.to_owned())
-        .one(&state.db)
-        .await?
-        .ok_or_else(|| ApiError::not_found("drone", id))?;
-    let mut select = reservation::Entity::find().filter(reservation::Column::DroneId.eq(id));
-    if let Some(status) = query.status {
-        select = select.filter(reservation::Column::Status.eq(status.as_str()));
-    }
-    let rows = select
-        .order_by_asc(reservation::Column::WindowStartMs)
-        .limit(limit)
-        .all(&state.db)
-        .await?;
-    let out = rows
-        .into_iter()
-        .map(fleet::to_wire)
-        .collect::<ApiResult<Vec<_>>>()?;
+    let out = store::drone_reservations(&state.db, id, query.status, limit).await?;
     Ok(HttpResponse::Ok().json(out))
 }
 
@@ -271,24 +220,6 @@ async fn utilization(
         (query.year, query.month + 1)
     };
     let to = month_start(ny, nm)?;
-    let rows = reservation::Entity::find()
-        .filter(reservation::Column::OwnerId.eq(owner))
-        .filter(reservation::Column::Status.eq(ReservationStatus::Active.as_str()))
-        .filter(reservation::Column::WindowStartMs.gte(from))
-        .filter(reservation::Column::WindowStartMs.lt(to))
-        .all(&state.db)
-        .await?;
-    let minutes: i64 = rows
-        .iter()
-        .map(|r| (r.window_end_ms - r.window_start_ms) / 60_000)
-        .sum();
-    let drones: HashSet<&str> = rows.iter().map(|r| r.drone_id.as_str()).collect();
-    Ok(HttpResponse::Ok().json(Utilization {
-        owner_id: owner.to_owned(),
-        year: query.year,
-        month: query.month,
-        reservations: rows.len() as u64,
-        reserved_minutes: u64::try_from(minutes).unwrap_or(0),
-        drones_used: drones.len() as u64,
-    }))
+    let out = store::utilization(&state.db, owner, (query.year, query.month), from..to).await?;
+    Ok(HttpResponse::Ok().json(out))
 }

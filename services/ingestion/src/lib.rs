@@ -11,15 +11,11 @@ mod readmodel;
 mod routes;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use anyhow::Context;
-use futures::future::BoxFuture;
-use messaging::{Broker, MessagingSettings};
+use messaging::{BrokerCheck, MessagingSettings};
 use serde::Deserialize;
-use service_kit::{
-    AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, ReadinessCheck, RunningService,
-};
+use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
 
 pub use migration::Migrator;
 
@@ -80,23 +76,9 @@ impl Default for IngestionSettings {
     }
 }
 
-/// Ready when the broker answers.
-struct BrokerCheck(Arc<dyn Broker>);
-
-impl ReadinessCheck for BrokerCheck {
-    fn name(&self) -> &'static str {
-        "broker"
-    }
-
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
-    }
-}
-
 /// The running Ingestion service.
 pub struct Application {
     service: RunningService,
-    _background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -117,14 +99,13 @@ impl Application {
             rate_burst = s.rate_burst,
             "starting ingestion service"
         );
-        let db = service_kit::db::connect(&settings.database)
-            .await
-            .context("connecting to the ingestion database")?;
-        if settings.database.migrate_on_start {
-            service_kit::db::migrate::<Migrator>(&settings.database, &db, "ingestion")
-                .await
-                .context("migrating the ingestion database")?;
-        }
+        let (mut builder, db) = ServiceBuilder::start::<Migrator>(
+            "ingestion",
+            &settings.http,
+            &settings.database,
+            &settings.auth,
+        )
+        .await?;
         let broker = messaging::connect(&settings.messaging)
             .await
             .context("connecting to the message broker")?;
@@ -133,13 +114,13 @@ impl Application {
             .await
             .context("declaring the delivery-requests log")?;
         let store = readmodel::ReadModel::start(db.clone());
-        let mut background = Vec::new();
         if s.follow_workflow_events {
             let events = broker
                 .log(contracts::WORKFLOW_EVENTS_LOG, s.partitions)
                 .await
                 .context("declaring the workflow-events log")?;
-            background.extend(readmodel::follow_workflow_events(db.clone(), events).await?);
+            let stop = builder.stop_signal();
+            builder.adopt(readmodel::follow_workflow_events(db, events, stop).await?);
         }
         let state = actix_web::web::Data::new(routes::AppState::new(
             requests,
@@ -147,28 +128,20 @@ impl Application {
             &settings.auth,
             &settings.ingestion,
         ));
-        let service = service_kit::ServiceBuilder::new("ingestion", settings.http.clone())
-            .service_token(settings.auth.service_token.clone())
+        let service = builder
             .openapi(routes::openapi())
-            .readiness(DatabaseCheck(db))
             .readiness(BrokerCheck(broker))
             .build(move |cfg| routes::configure(cfg, state.clone()))?;
-        Ok(Self {
-            service,
-            _background: background,
-        })
+        Ok(Self { service })
     }
 
     pub fn port(&self) -> u16 {
         self.service.port()
     }
 
-    /// Serves until `shutdown` resolves; in-flight requests finish first.
+    /// Serves until `shutdown` resolves; in-flight requests finish first, then the followers of
+    /// `workflow-events` finish the batch they are applying.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-        let result = self.service.run_until(shutdown).await;
-        for task in &self._background {
-            task.abort();
-        }
-        result
+        self.service.run_until(shutdown).await
     }
 }

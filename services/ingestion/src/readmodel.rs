@@ -13,6 +13,7 @@ use messaging::{PartitionedLog, StartAt};
 use sea_orm::sea_query::{Alias, Expr, OnConflict};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::{DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
+use service_kit::StopSignal;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -278,10 +279,12 @@ pub(crate) async fn apply(
         .map(|_| ())
 }
 
-/// Follows every partition of `workflow-events` from its checkpoint.
+/// Follows every partition of `workflow-events` from its checkpoint until `stop` (a batch being
+/// applied is finished first).
 pub(crate) async fn follow_workflow_events(
     db: DatabaseConnection,
     log: Arc<dyn PartitionedLog>,
+    stop: StopSignal,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for partition in 0..log.partitions() {
@@ -292,7 +295,12 @@ pub(crate) async fn follow_workflow_events(
                 StartAt::Offset(u64::try_from(c.next_offset).unwrap_or(0))
             });
         let reader = log.read(partition, start).await?;
-        tasks.push(tokio::spawn(project(db.clone(), partition, reader)));
+        tasks.push(tokio::spawn(project(
+            db.clone(),
+            partition,
+            reader,
+            stop.clone(),
+        )));
     }
     Ok(tasks)
 }
@@ -303,10 +311,19 @@ const PROJECTION_BATCH: usize = 500;
 /// Applies the partition's events in batches: whatever has arrived (up to [`PROJECTION_BATCH`])
 /// goes into one transaction, together with the checkpoint when one is due, so a busy log costs
 /// one commit per batch instead of one per event.
-async fn project(db: DatabaseConnection, partition: u32, mut reader: messaging::LogReader) {
+async fn project(
+    db: DatabaseConnection,
+    partition: u32,
+    mut reader: messaging::LogReader,
+    mut stop: StopSignal,
+) {
     let mut unsaved = 0usize;
     let mut last_saved = tokio::time::Instant::now();
-    while let Some(first) = reader.next().await {
+    while let Some(first) = tokio::select! {
+        biased;
+        _ = stop.wait_for(|s| *s) => None,
+        record = reader.next() => record,
+    } {
         let mut records = vec![first];
         while records.len() < PROJECTION_BATCH {
             match reader.try_next() {

@@ -4,12 +4,12 @@
 mod entity;
 mod migration;
 mod routes;
+mod store;
 
 use std::future::Future;
 
-use anyhow::Context;
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
+use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
 
 pub use migration::Migrator;
 
@@ -51,19 +51,16 @@ impl Application {
             migrate_on_start = settings.database.migrate_on_start,
             "starting package service"
         );
-        let db = service_kit::db::connect(&settings.database)
-            .await
-            .context("connecting to the package database")?;
-        if settings.database.migrate_on_start {
-            service_kit::db::migrate::<Migrator>(&settings.database, &db, "package")
-                .await
-                .context("migrating the package database")?;
-        }
-        let state = actix_web::web::Data::new(AppState { db: db.clone() });
-        let service = service_kit::ServiceBuilder::new("package", settings.http.clone())
-            .service_token(settings.auth.service_token.clone())
+        let (builder, db) = ServiceBuilder::start::<Migrator>(
+            "package",
+            &settings.http,
+            &settings.database,
+            &settings.auth,
+        )
+        .await?;
+        let state = actix_web::web::Data::new(AppState { db });
+        let service = builder
             .openapi(routes::openapi())
-            .readiness(DatabaseCheck(db))
             .build(move |cfg| routes::configure(cfg, state.clone()))?;
         Ok(Self { service })
     }

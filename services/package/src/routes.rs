@@ -5,16 +5,12 @@ use contracts::{
     Package, PackagePatch, PackageSize, PackageStatus, PackageSummary, PackageUpsert, Problem,
     SizeCounts,
 };
-use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
-};
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
 use service_kit::{valid_id, ApiError, ApiResult, Json};
 use utoipa::OpenApi;
 
-use crate::entity::{self, Column};
+use crate::store::{self, Registration, StoreError};
 use crate::AppState;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>) {
@@ -52,65 +48,20 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-fn to_wire(m: entity::Model) -> ApiResult<Package> {
-    let size = PackageSize::parse(&m.size).ok_or_else(|| {
-        ApiError::Internal(anyhow::anyhow!(
-            "package {} has unknown size {}",
-            m.id,
-            m.size
-        ))
-    })?;
-    let status = PackageStatus::parse(&m.status).ok_or_else(|| {
-        ApiError::Internal(anyhow::anyhow!(
-            "package {} has unknown status {}",
-            m.id,
-            m.status
-        ))
-    })?;
-    Ok(Package {
-        id: m.id,
-        owner_id: m.owner_id,
-        external_id: m.external_id,
-        size,
-        weight: m.weight,
-        tag: m.tag,
-        status,
-        created_at: m.created_at,
-        updated_at: m.updated_at,
-    })
-}
-
-/// True when a stored package has exactly the content a PUT asks for (status aside).
-fn same_content(m: &entity::Model, body: &PackageUpsert) -> bool {
-    m.owner_id == body.owner_id
-        && m.external_id == body.external_id
-        && m.size == body.size.as_str()
-        && m.weight == body.weight
-        && m.tag == body.tag
-}
-
-async fn find(db: &impl ConnectionTrait, id: &str) -> ApiResult<entity::Model> {
-    entity::Entity::find_by_id(id.to_owned())
-        .one(db)
-        .await?
-        .filter(|p| !is_tombstone(p))
-        .ok_or_else(|| ApiError::not_found("package", id))
-}
-
-/// A tombstone: what cancelling a package that does not exist (yet) leaves behind, so that a
-/// registration still on its way (a timed-out attempt of a saga that was since compensated)
-/// cannot create it afterwards. It has no owner and is never shown: reads of it answer `404`.
-fn is_tombstone(p: &entity::Model) -> bool {
-    p.owner_id.is_empty()
-}
-
-fn cancelled_before_registered(id: &str) -> ApiError {
-    ApiError::conflict(
-        "package-cancelled",
-        format!(
-            "package '{id}' was cancelled before it was registered; it cannot be registered now"
-        ),
-    )
+/// The one place store errors become HTTP answers.
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        let code = match err {
+            StoreError::NotFound(id) => return ApiError::not_found("package", id),
+            StoreError::Db(e) => return e.into(),
+            StoreError::Unexpected(_) => return ApiError::Internal(err.into()),
+            StoreError::CancelledBeforeRegistered(_) | StoreError::Cancelled(_) => {
+                "package-cancelled"
+            }
+            StoreError::DifferentContent(_) => "package-conflict",
+        };
+        ApiError::conflict(code, err.to_string())
+    }
 }
 
 /// Reads a package.
@@ -130,7 +81,7 @@ async fn get_package(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    Ok(HttpResponse::Ok().json(to_wire(find(&state.db, id).await?)?))
+    Ok(HttpResponse::Ok().json(store::get(&state.db, id).await?))
 }
 
 /// Registers a package (`201`), or finds the same one already there (`200`, same body, even when
@@ -154,50 +105,10 @@ async fn put_package(
     Json(body): Json<PackageUpsert>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    let now = service_kit::now();
-    // Insert-if-absent decides the one creator among concurrent PUTs of the same id. A new
-    // package is one statement (`RETURNING` gives back the row); only a replay reads it.
-    let inserted = entity::Entity::insert(entity::ActiveModel {
-        id: Set(id.to_owned()),
-        owner_id: Set(body.owner_id.clone()),
-        external_id: Set(body.external_id.clone()),
-        size: Set(body.size.as_str().to_owned()),
-        weight: Set(body.weight),
-        tag: Set(body.tag.clone()),
-        status: Set(PackageStatus::Registered.as_str().to_owned()),
-        created_at: Set(now),
-        updated_at: Set(now),
+    Ok(match store::register(&state.db, id, &body).await? {
+        Registration::Created(package) => HttpResponse::Created().json(package),
+        Registration::Replayed(package) => HttpResponse::Ok().json(package),
     })
-    .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned())
-    .exec_with_returning(&state.db)
-    .await;
-    let current = match inserted {
-        Ok(created) => {
-            tracing::debug!(package_id = id, owner_id = %created.owner_id, "package registered");
-            return Ok(HttpResponse::Created().json(to_wire(created)?));
-        }
-        // Nothing inserted: the id is taken (PostgreSQL reports no returned row, SQLite no
-        // inserted row).
-        Err(sea_orm::DbErr::RecordNotFound(_) | sea_orm::DbErr::RecordNotInserted) => {
-            match entity::Entity::find_by_id(id.to_owned())
-                .one(&state.db)
-                .await?
-            {
-                Some(p) if is_tombstone(&p) => return Err(cancelled_before_registered(id)),
-                Some(p) => p,
-                None => return Err(ApiError::not_found("package", id)),
-            }
-        }
-        Err(e) => return Err(e.into()),
-    };
-    // A replay returns what is there as is: it neither resurrects a cancelled package nor fails.
-    if same_content(&current, &body) {
-        return Ok(HttpResponse::Ok().json(to_wire(current)?));
-    }
-    Err(ApiError::conflict(
-        "package-conflict",
-        format!("package '{id}' already exists with different content; use PATCH to change it"),
-    ))
 }
 
 /// Changes the size, weight or tag of a registered package.
@@ -220,31 +131,7 @@ async fn patch_package(
     Json(patch): Json<PackagePatch>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    let mut update = entity::Entity::update_many()
-        .col_expr(Column::UpdatedAt, Expr::value(service_kit::now()))
-        .filter(Column::Id.eq(id))
-        .filter(Column::Status.eq(PackageStatus::Registered.as_str()));
-    if let Some(size) = patch.size {
-        update = update.col_expr(Column::Size, Expr::value(size.as_str()));
-    }
-    if let Some(weight) = patch.weight {
-        update = update.col_expr(Column::Weight, Expr::value(weight));
-    }
-    if let Some(tag) = &patch.tag {
-        update = update.col_expr(Column::Tag, Expr::value(tag.as_str()));
-    }
-    // The status condition makes check and write one statement, so a concurrent cancel wins
-    // cleanly instead of being followed by an edit.
-    let changed = update.exec(&state.db).await?.rows_affected;
-    let current = find(&state.db, id).await?;
-    if changed == 0 {
-        return Err(ApiError::conflict(
-            "package-cancelled",
-            format!("package '{id}' is cancelled and cannot be changed"),
-        ));
-    }
-    tracing::info!(package_id = id, "package updated");
-    Ok(HttpResponse::Ok().json(to_wire(current)?))
+    Ok(HttpResponse::Ok().json(store::update(&state.db, id, &patch).await?))
 }
 
 /// Cancels a package. Idempotent: cancelling a cancelled package returns it unchanged.
@@ -264,56 +151,7 @@ async fn delete_package(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    let mut changed = cancel_registered(&state.db, id).await?;
-    if changed == 0
-        && entity::Entity::find_by_id(id.to_owned())
-            .one(&state.db)
-            .await?
-            .is_none()
-    {
-        let now = service_kit::now();
-        entity::Entity::insert(entity::ActiveModel {
-            id: Set(id.to_owned()),
-            owner_id: Set(String::new()),
-            external_id: Set(String::new()),
-            size: Set(PackageSize::Small.as_str().to_owned()),
-            weight: Set(0.0),
-            tag: Set(None),
-            status: Set(PackageStatus::Cancelled.as_str().to_owned()),
-            created_at: Set(now),
-            updated_at: Set(now),
-        })
-        .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned())
-        .exec_without_returning(&state.db)
-        .await?;
-        tracing::info!(
-            package_id = id,
-            "cancel of an unknown package: tombstone kept"
-        );
-        // A package registered between the two statements is cancelled like any other.
-        changed = cancel_registered(&state.db, id).await?;
-    }
-    let current = find(&state.db, id).await?;
-    if changed > 0 {
-        tracing::info!(package_id = id, "package cancelled");
-    }
-    Ok(HttpResponse::Ok().json(to_wire(current)?))
-}
-
-/// Cancels the package if it is registered (one statement, so a concurrent change wins cleanly);
-/// how many rows changed.
-async fn cancel_registered(db: &impl ConnectionTrait, id: &str) -> Result<u64, sea_orm::DbErr> {
-    Ok(entity::Entity::update_many()
-        .col_expr(
-            Column::Status,
-            Expr::value(PackageStatus::Cancelled.as_str()),
-        )
-        .col_expr(Column::UpdatedAt, Expr::value(service_kit::now()))
-        .filter(Column::Id.eq(id))
-        .filter(Column::Status.eq(PackageStatus::Registered.as_str()))
-        .exec(db)
-        .await?
-        .rows_affected)
+    Ok(HttpResponse::Ok().json(store::cancel(&state.db, id).await?))
 }
 
 /// Counts and weighs one owner's packages. An owner without packages gets zeros.
@@ -332,48 +170,5 @@ async fn summary(
     owner_id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let owner_id = valid_id("ownerId", &owner_id)?;
-    // One grouped query, so every number comes from the same snapshot.
-    let groups: Vec<(String, String, i64, Option<f64>)> = entity::Entity::find()
-        .select_only()
-        .column(Column::Status)
-        .column(Column::Size)
-        .column_as(Expr::col(Column::Id).count(), "packages")
-        .column_as(Expr::col(Column::Weight).sum(), "weight")
-        .filter(Column::OwnerId.eq(owner_id))
-        .group_by(Column::Status)
-        .group_by(Column::Size)
-        .into_tuple()
-        .all(&state.db)
-        .await?;
-    let mut out = PackageSummary {
-        owner_id: owner_id.to_owned(),
-        ..PackageSummary::default()
-    };
-    for (status, size, count, weight) in groups {
-        let count = u64::try_from(count).unwrap_or(0);
-        out.total += count;
-        match PackageStatus::parse(&status) {
-            Some(PackageStatus::Registered) => {
-                out.registered += count;
-                out.registered_weight += weight.unwrap_or(0.0);
-                match PackageSize::parse(&size) {
-                    Some(PackageSize::Small) => out.by_size.small += count,
-                    Some(PackageSize::Medium) => out.by_size.medium += count,
-                    Some(PackageSize::Large) => out.by_size.large += count,
-                    None => {
-                        return Err(ApiError::Internal(anyhow::anyhow!(
-                            "owner {owner_id} has packages of unknown size {size}"
-                        )))
-                    }
-                }
-            }
-            Some(PackageStatus::Cancelled) => out.cancelled += count,
-            None => {
-                return Err(ApiError::Internal(anyhow::anyhow!(
-                    "owner {owner_id} has packages of unknown status {status}"
-                )))
-            }
-        }
-    }
-    Ok(HttpResponse::Ok().json(out))
+    Ok(HttpResponse::Ok().json(store::summary(&state.db, owner_id).await?))
 }

@@ -23,13 +23,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use downstream::{Domain, Downstream, DownstreamSettings};
-use messaging::{Broker, MessagingSettings, PartitionedLog, QueueOptions};
+use messaging::{BrokerCheck, MessagingSettings, PartitionedLog, QueueOptions};
 use saga::outbox::Publisher;
 use saga::{
     Clock, Engine, EngineSettings, RetryOverrides, RetryPolicy, Saga, SqlStore, Store, SystemClock,
 };
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, RunningService};
+use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
 use tokio::sync::{watch, Semaphore};
 
 pub use booking::{BookingInput, NO_DRONE_AVAILABLE};
@@ -169,18 +169,6 @@ impl SchedulerSettings {
     /// The partitions this replica owns.
     pub fn owned_partitions(&self) -> Vec<u32> {
         ownership::owned_partitions(self.ordinal(), self.replicas, self.partitions)
-    }
-}
-
-struct BrokerCheck(Arc<dyn Broker>);
-
-impl service_kit::ReadinessCheck for BrokerCheck {
-    fn name(&self) -> &'static str {
-        "broker"
-    }
-
-    fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -336,9 +324,6 @@ impl Core {
 /// The running Scheduler.
 pub struct Application {
     service: RunningService,
-    stop: watch::Sender<bool>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
-    background: Vec<tokio::task::JoinHandle<()>>,
     store: Arc<dyn Store>,
 }
 
@@ -361,14 +346,13 @@ impl Application {
             max_concurrent_sagas = s.max_concurrent_sagas,
             "starting scheduler"
         );
-        let db = service_kit::db::connect(&settings.database)
-            .await
-            .context("connecting to the scheduler database")?;
-        if settings.database.migrate_on_start {
-            service_kit::db::migrate::<Migrator>(&settings.database, &db, "scheduler")
-                .await
-                .context("migrating the scheduler database")?;
-        }
+        let (mut builder, db) = ServiceBuilder::start::<Migrator>(
+            "scheduler",
+            &settings.http,
+            &settings.database,
+            &settings.auth,
+        )
+        .await?;
         let broker = messaging::connect(&settings.messaging)
             .await
             .context("connecting to the message broker")?;
@@ -389,7 +373,6 @@ impl Application {
 
         let mut downstream_settings = settings.downstream.clone();
         downstream_settings.service_token = settings.auth.service_token.clone();
-        let builder = service_kit::ServiceBuilder::new("scheduler", settings.http.clone());
         let store: Arc<dyn Store> = Arc::new(SqlStore::start(db.clone()));
         let core = Core::new(CoreParts {
             store: store.clone(),
@@ -405,39 +388,26 @@ impl Application {
             registry: builder.registry().clone(),
         })?;
 
-        let mut background = Vec::new();
         {
             let store = store.clone();
             let gauge = core.ctx.metrics.outbox_backlog.clone();
-            background.push(tokio::spawn(async move {
+            builder.spawn_until_stopped(async move {
                 loop {
                     if let Ok(n) = store.outbox_backlog().await {
                         gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
                     }
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
-            }));
+            });
         }
 
-        let (stop, stop_rx) = watch::channel(false);
-        let workers = core.spawn(stop_rx);
-        let state = actix_web::web::Data::new(routes::State {
-            core,
-            db: db.clone(),
-        });
+        builder.adopt(core.spawn(builder.stop_signal()));
+        let state = actix_web::web::Data::new(routes::State { core, db });
         let service = builder
-            .service_token(settings.auth.service_token.clone())
             .openapi(routes::openapi())
-            .readiness(DatabaseCheck(db))
             .readiness(BrokerCheck(broker))
             .build(move |cfg| routes::configure(cfg, state.clone()))?;
-        Ok(Self {
-            service,
-            stop,
-            workers,
-            background,
-            store,
-        })
+        Ok(Self { service, store })
     }
 
     pub fn port(&self) -> u16 {
@@ -459,16 +429,9 @@ impl Application {
                 }
             }
         };
-        let mut result = self.service.run_until(stop_on).await;
+        let result = self.service.run_until(stop_on).await;
         if journal_died.load(std::sync::atomic::Ordering::SeqCst) && result.is_ok() {
-            result = Err(std::io::Error::other("the saga journal's writer stopped"));
-        }
-        let _ = self.stop.send(true);
-        for w in self.workers {
-            let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
-        }
-        for b in self.background {
-            b.abort();
+            return Err(std::io::Error::other("the saga journal's writer stopped"));
         }
         result
     }

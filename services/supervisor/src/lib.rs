@@ -31,13 +31,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use downstream::{Downstream, DownstreamSettings};
-use futures::future::BoxFuture;
-use messaging::{Broker, MessagingSettings, QueueOptions, WorkQueue};
+use messaging::{BrokerCheck, MessagingSettings, QueueOptions, WorkQueue};
 use serde::Deserialize;
 use service_kit::{
-    AuthSettings, DatabaseCheck, DatabaseSettings, HttpSettings, ReadinessCheck, RunningService,
+    AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder, StopSignal,
 };
-use tokio::sync::watch;
 
 pub use auth::UserSettings;
 pub use compensation::UndoRetry;
@@ -130,18 +128,6 @@ impl Default for SupervisorSettings {
     }
 }
 
-struct BrokerCheck(Arc<dyn Broker>);
-
-impl ReadinessCheck for BrokerCheck {
-    fn name(&self) -> &'static str {
-        "broker"
-    }
-
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.0.check().await.map_err(|e| e.to_string()) })
-    }
-}
-
 /// What the HTTP handlers share.
 pub(crate) struct AppState {
     pub db: sea_orm::DatabaseConnection,
@@ -157,8 +143,6 @@ pub(crate) struct AppState {
 /// The running Supervisor.
 pub struct Application {
     service: RunningService,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -184,14 +168,15 @@ impl Application {
             users = ?settings.users.keys().collect::<Vec<_>>(),
             "starting supervisor"
         );
-        let db = service_kit::db::connect(&settings.database)
-            .await
-            .context("connecting to the supervisor database")?;
-        if settings.database.migrate_on_start {
-            service_kit::db::migrate::<Migrator>(&settings.database, &db, "supervisor")
-                .await
-                .context("migrating the supervisor database")?;
-        }
+        let (builder, db) = ServiceBuilder::start::<Migrator>(
+            "supervisor",
+            &settings.http,
+            &settings.database,
+            &settings.auth,
+        )
+        .await?;
+        // In-flight compensations finish or go back to the queue within this.
+        let mut builder = builder.stop_within(Duration::from_secs(6));
         auth::seed_users(&db, &settings.users).await?;
         let broker = messaging::connect(&settings.messaging)
             .await
@@ -212,7 +197,6 @@ impl Application {
             .log(contracts::DELIVERY_REQUESTS_LOG, s.partitions)
             .await?;
 
-        let builder = service_kit::ServiceBuilder::new("supervisor", settings.http.clone());
         let metrics = Arc::new(metrics::Metrics::register(builder.registry())?);
         let scheduler = scheduler_client::SchedulerClient::new(
             &settings.scheduler,
@@ -229,48 +213,43 @@ impl Application {
             delivery_limit: s.compensation_delivery_limit,
         });
 
-        let (stop, stop_rx) = watch::channel(false);
         let rates = Arc::new(readmodel::Rates::default());
-        let mut tasks =
-            readmodel::follow(db.clone(), events, rates.clone(), stop_rx.clone()).await?;
-        tasks.push(tokio::spawn(compensation::consume(
+        let stop = builder.stop_signal();
+        builder.adopt(readmodel::follow(db.clone(), events, rates.clone(), stop.clone()).await?);
+        builder.spawn(compensation::consume(
             compensator,
             queue.clone(),
             s.prefetch,
-            stop_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(readmodel::watch_stuck(
+            stop.clone(),
+        ));
+        builder.spawn(readmodel::watch_stuck(
             db.clone(),
             metrics.clone(),
             chrono::Duration::seconds(i64::try_from(s.stuck_after_secs).unwrap_or(i64::MAX / 1000)),
             Duration::from_millis(s.stuck_check_interval_ms.max(100)),
-            stop_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(parked::keep(
-            db.clone(),
-            queue.clone(),
-            stop_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(count_parked(
+            stop.clone(),
+        ));
+        builder.spawn(parked::keep(db.clone(), queue.clone(), stop.clone()));
+        builder.spawn(count_parked(
             db.clone(),
             queue.clone(),
             metrics.clone(),
             Duration::from_millis(s.parked_refresh_ms.max(100)),
-            stop_rx.clone(),
-        )));
+            stop.clone(),
+        ));
 
         let stall = Arc::new(stall::Watch::new(
             s.partitions,
             Duration::from_secs(s.stall_after_secs),
         ));
-        tasks.push(tokio::spawn(stall::run(
+        builder.spawn(stall::run(
             stall.clone(),
             scheduler.clone(),
             requests,
             metrics.clone(),
             Duration::from_millis(s.partition_refresh_ms.max(100)),
-            stop_rx.clone(),
-        )));
+            stop,
+        ));
         let state = actix_web::web::Data::new(AppState {
             db: db.clone(),
             scheduler,
@@ -280,22 +259,16 @@ impl Application {
             settings: s.clone(),
             stall,
         });
-        let sessions = actix_web::web::Data::new(auth::Sessions::new(db.clone(), &s));
+        let sessions = actix_web::web::Data::new(auth::Sessions::new(db, &s));
         let service = builder
-            .service_token(settings.auth.service_token.clone())
             .openapi(api::openapi())
-            .readiness(DatabaseCheck(db))
             .readiness(BrokerCheck(broker))
             .build(move |cfg| {
                 cfg.app_data(state.clone()).app_data(sessions.clone());
                 api::configure(cfg);
                 dashboard::configure(cfg);
             })?;
-        Ok(Self {
-            service,
-            stop,
-            tasks,
-        })
+        Ok(Self { service })
     }
 
     pub fn port(&self) -> u16 {
@@ -304,12 +277,7 @@ impl Application {
 
     /// Serves until `shutdown` resolves; in-flight compensations finish or go back to the queue.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-        let result = self.service.run_until(shutdown).await;
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
-        }
-        result
+        self.service.run_until(shutdown).await
     }
 }
 
@@ -318,7 +286,7 @@ async fn count_parked(
     queue: Arc<dyn WorkQueue>,
     metrics: Arc<metrics::Metrics>,
     every: Duration,
-    mut stop: watch::Receiver<bool>,
+    mut stop: StopSignal,
 ) {
     loop {
         match parked::count_waiting(&db).await {
