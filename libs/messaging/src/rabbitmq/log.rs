@@ -178,6 +178,21 @@ impl PartitionedLog for RabbitLog {
 /// Stream messages a peek's consumer may hold unacknowledged: the first one usually answers.
 const PEEK_PREFETCH: u16 = 4;
 
+/// How long a stream reader waits for an ack (flow control only) before it takes the consumer
+/// for lost. lapin resolves an ack through its connection task; an ack queued just as that task
+/// ends on a dropped connection is never resolved, and an unbounded wait would stall the reader
+/// for good without a word. An ack of a live connection resolves in microseconds.
+const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Acks `delivery`, or fails when the ack errs or does not resolve within [`ACK_WAIT`].
+async fn ack(delivery: &lapin::message::Delivery) -> std::result::Result<(), String> {
+    match tokio::time::timeout(ACK_WAIT, delivery.ack(BasicAckOptions::default())).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("the ack did not resolve within {ACK_WAIT:?}")),
+    }
+}
+
 /// Publishes batches, one confirm-mode channel per partition (re-opened after a loss).
 struct StreamSink {
     connector: Arc<Connector>,
@@ -365,10 +380,7 @@ async fn peek_stream(
             return Ok(found);
         }
         // Credit for the next delivery.
-        delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(unavailable)?;
+        ack(&delivery).await.map_err(MessagingError::Unavailable)?;
     }
 }
 
@@ -423,7 +435,7 @@ async fn read_loop(
             delays = reconnect_delays();
             let Some(offset) = stream_offset(&delivery) else {
                 tracing::error!(stream = %stream, "stream delivery without x-stream-offset");
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = ack(&delivery).await;
                 continue;
             };
             for record in batch_records(partition, offset, &delivery.data) {
@@ -437,7 +449,8 @@ async fn read_loop(
                 last = Some(position);
             }
             // The ack is flow control only (credit for the next deliveries); progress is `last`.
-            if delivery.ack(BasicAckOptions::default()).await.is_err() {
+            if let Err(e) = ack(&delivery).await {
+                tracing::warn!(stream = %stream, error = %e, "log reader lost its consumer");
                 break;
             }
         }
