@@ -25,6 +25,40 @@ pub fn form(fields: &[(&str, &str)]) -> String {
     serde_urlencoded::to_string(fields).expect("string pairs always encode")
 }
 
+/// Signs `user` in on the Supervisor dashboard at `base` (its login form, as a browser posts
+/// it); the session cookie (`name=value`).
+pub async fn dashboard_sign_in(base: &str, user: &str, password: &str) -> String {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(15))
+        .build()
+        .expect("an HTTP client");
+    // The login form's CSRF token is a double-submit cookie: any value the two agree on.
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let r = client
+        .post(format!("{base}/login"))
+        .header("cookie", format!("sv_login={token}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("username", user),
+            ("password", password),
+            ("csrf", token.as_str()),
+            ("next", "/dashboard"),
+        ]))
+        .send()
+        .await
+        .expect("the login form answers");
+    assert_eq!(r.status(), 303, "signed in on {base}");
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("sv_session=") && !c.starts_with("sv_session=;"))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned()
+}
+
 /// The RabbitMQ server the tests use, from `AMQP_URL`.
 pub fn amqp_url() -> String {
     match std::env::var("AMQP_URL") {

@@ -13,7 +13,7 @@ use integration_tests::faults::{Fault, FaultKind};
 use integration_tests::harness::{
     binary, check, free_port, Bookings, Service, ServiceProcess, Stack, StackClient, StackOptions,
 };
-use integration_tests::{done_if, eventually, form, OPERATOR, SERVICE_TOKEN};
+use integration_tests::{dashboard_sign_in, done_if, eventually, form, OPERATOR, SERVICE_TOKEN};
 use messaging::{MessagingSettings, QueueOptions};
 use serde_json::Value;
 use uuid::Uuid;
@@ -56,34 +56,6 @@ async fn metric(base: &str, line_start: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
-}
-
-/// Signs `user` in on the dashboard at `base`; the session cookie (`name=value`).
-async fn sign_in(base: &str, (user, password): (&str, &str)) -> String {
-    // The login form's CSRF token is a double-submit cookie: any value the two agree on.
-    let token = Uuid::new_v4().simple().to_string();
-    let r = http()
-        .post(format!("{base}/login"))
-        .header("cookie", format!("sv_login={token}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form(&[
-            ("username", user),
-            ("password", password),
-            ("csrf", token.as_str()),
-            ("next", "/dashboard"),
-        ]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303, "signed in on {base}");
-    r.headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("sv_session=") && !c.starts_with("sv_session=;"))
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned()
 }
 
 /// `GET base+path` with a dashboard session: status and the page.
@@ -152,7 +124,7 @@ async fn two_supervisors_share_one_database_and_broker() {
     let b_url = b.address();
 
     // A session made on A is valid on B; signing out on B ends it on A too.
-    let cookie = sign_in(&a_url, OPERATOR).await;
+    let cookie = dashboard_sign_in(&a_url, OPERATOR.0, OPERATOR.1).await;
     let (status, html) = page(&b_url, "/dashboard", &cookie).await;
     assert_eq!(status, 200, "the session of A is valid on B: {html}");
     assert!(html.contains(OPERATOR.0), "{html}");

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::{
-    amqp_url, done_if, eventually, form, spawn, test_auth, test_http, Backend, TestApp, TestDb,
-    OPERATOR,
+    amqp_url, dashboard_sign_in, done_if, eventually, spawn, test_auth, test_http, Backend,
+    TestApp, TestDb, OPERATOR,
 };
 use messaging::{Envelope, MessagingSettings, QueueOptions, WorkQueue};
 use serde_json::{json, Value};
@@ -121,38 +121,6 @@ async fn left_in_the_broker(backing: Backing, messaging: &MessagingSettings) -> 
             u64::try_from(n).unwrap()
         }
     }
-}
-
-/// Signs `user` in on the dashboard; the session cookie (`name=value`).
-async fn sign_in(app: &TestApp, (user, password): (&str, &str)) -> String {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    // The login form's CSRF token is a double-submit cookie: any value the two agree on.
-    let token = Uuid::new_v4().simple().to_string();
-    let r = client
-        .post(app.url("/login"))
-        .header("cookie", format!("sv_login={token}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form(&[
-            ("username", user),
-            ("password", password),
-            ("csrf", token.as_str()),
-            ("next", "/dashboard"),
-        ]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303, "signed in");
-    r.headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("sv_session=") && !c.starts_with("sv_session=;"))
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned()
 }
 
 async fn parked_requests_are_kept_by_the_supervisor(backing: Backing) {
@@ -265,7 +233,7 @@ async fn parked_requests_are_kept_by_the_supervisor(backing: Backing) {
     assert_eq!(after.body, Value::Array(listed.clone()));
 
     // The dashboard lists them from the same table, the undecodable bytes included.
-    let cookie = sign_in(&app, OPERATOR).await;
+    let cookie = dashboard_sign_in(&app.url(""), OPERATOR.0, OPERATOR.1).await;
     let page = app
         .client
         .get(app.url("/dashboard/parked"))
