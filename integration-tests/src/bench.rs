@@ -3,7 +3,7 @@
 //! the bookings they offer Ingestion with the client tokens that sign them, and the parsers of
 //! their flag values.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -31,33 +31,21 @@ pub fn ms(h: &Histogram<u64>, quantile: f64) -> f64 {
     h.value_at_quantile(quantile) as f64 / 1000.0
 }
 
-/// The highest latency in milliseconds.
-pub fn max_ms(h: &Histogram<u64>) -> f64 {
-    h.max() as f64 / 1000.0
+/// p50, p90, p99, p99.9 and max in milliseconds.
+fn figures(h: &Histogram<u64>) -> [f64; 5] {
+    let max = h.max() as f64 / 1000.0;
+    [ms(h, 0.5), ms(h, 0.9), ms(h, 0.99), ms(h, 0.999), max]
 }
 
 /// `p50 …, p90 …, p99 …, p99.9 …, max …` in milliseconds, for a report line.
 pub fn percentiles(h: &Histogram<u64>) -> String {
-    format!(
-        "p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
-        ms(h, 0.5),
-        ms(h, 0.9),
-        ms(h, 0.99),
-        ms(h, 0.999),
-        max_ms(h)
-    )
+    let [p50, p90, p99, p999, max] = figures(h);
+    format!("p50 {p50:.2}, p90 {p90:.2}, p99 {p99:.2}, p99.9 {p999:.2}, max {max:.2}")
 }
 
 /// The same five figures as the cells of a markdown table row: `p50 | p90 | p99 | p99.9 | max`.
 pub fn percentile_cells(h: &Histogram<u64>) -> String {
-    format!(
-        "{:.2} | {:.2} | {:.2} | {:.2} | {:.2}",
-        ms(h, 0.5),
-        ms(h, 0.9),
-        ms(h, 0.99),
-        ms(h, 0.999),
-        max_ms(h)
-    )
+    figures(h).map(|v| format!("{v:.2}")).join(" | ")
 }
 
 /// A progress bar fed from counters the workers bump (cheaper than touching the bar per request
@@ -101,6 +89,32 @@ impl Drop for Progress {
         self.ticker.abort();
         self.bar.finish_and_clear();
     }
+}
+
+/// Open loop: `start(i, due, now)` starts request `i` of `total`, due at `start + i / rate`
+/// whether or not earlier ones were answered. Everything due by `now` is started at once (a late
+/// start is still timed from its due time), then it sleeps until the next is due. Returns when
+/// the last one was started, with the moment the first was due.
+pub async fn open_loop(
+    rate: f64,
+    total: u64,
+    mut start: impl FnMut(u64, Instant, Instant) -> Result<()>,
+) -> Result<Instant> {
+    let first = Instant::now();
+    let due = |i: u64| first + Duration::from_secs_f64(i as f64 / rate);
+    let mut next = 0u64;
+    while next < total {
+        let now = Instant::now();
+        let due_by_now = ((now - first).as_secs_f64() * rate).floor() as u64 + 1;
+        while next < due_by_now.min(total) {
+            start(next, due(next), now)?;
+            next += 1;
+        }
+        if next < total {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due(next))).await;
+        }
+    }
+    Ok(first)
 }
 
 /// The cores this process may use (0 when unknown).
@@ -239,33 +253,29 @@ pub fn env_var(name: &str) -> Option<String> {
 
 /// Parsers of flag values, for `#[arg(value_parser = ...)]`.
 pub mod flag {
+    use std::fmt::Display;
     use std::str::FromStr;
     use std::time::Duration;
 
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
     /// A base URL without its trailing slashes.
-    pub fn base_url(value: &str) -> Result<String, String> {
+    pub fn url(value: &str) -> Result<String, Error> {
         Ok(value.trim_end_matches('/').to_owned())
     }
 
     /// Whole milliseconds.
-    pub fn millis(value: &str) -> Result<Duration, String> {
-        value
-            .parse()
-            .map(Duration::from_millis)
-            .map_err(|e| format!("{e}"))
+    pub fn millis(value: &str) -> Result<Duration, Error> {
+        Ok(Duration::from_millis(value.parse()?))
     }
 
     /// Seconds, fractions allowed.
-    pub fn seconds(value: &str) -> Result<Duration, String> {
-        let secs: f64 = value.parse().map_err(|e| format!("{e}"))?;
-        Duration::try_from_secs_f64(secs).map_err(|e| format!("{e}"))
+    pub fn seconds(value: &str) -> Result<Duration, Error> {
+        Ok(Duration::try_from_secs_f64(value.parse()?)?)
     }
 
     /// `NAME=VALUE`.
-    pub fn name_value<T: FromStr>(value: &str) -> Result<(String, T), String>
-    where
-        T::Err: std::fmt::Display,
-    {
+    pub fn name_value<T: FromStr<Err: Display>>(value: &str) -> Result<(String, T), String> {
         let (name, v) = value
             .split_once('=')
             .ok_or_else(|| format!("{value:?} is not NAME=VALUE"))?;
@@ -274,49 +284,21 @@ pub mod flag {
     }
 
     /// `NAME=VALUE,NAME=VALUE,...` (empty entries skipped).
-    pub fn name_values<T: FromStr>(value: &str) -> Result<Vec<(String, T)>, String>
-    where
-        T::Err: std::fmt::Display,
-    {
-        value
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .map(name_value)
-            .collect()
+    pub fn name_values<T: FromStr<Err: Display>>(value: &str) -> Result<Vec<(String, T)>, String> {
+        let pairs = value.split(',').filter(|p| !p.is_empty());
+        pairs.map(name_value).collect()
     }
 
     /// `A,B,C`, each trimmed.
-    pub fn list<T: FromStr>(value: &str) -> Result<Vec<T>, String>
-    where
-        T::Err: std::fmt::Display,
-    {
-        value
-            .split(',')
-            .map(|s| s.trim().parse().map_err(|e| format!("{s:?}: {e}")))
-            .collect()
+    pub fn list<T: FromStr<Err: Display>>(value: &str) -> Result<Vec<T>, String> {
+        let parse = |s: &str| s.trim().parse().map_err(|e| format!("{s:?}: {e}"));
+        value.split(',').map(parse).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn flag_values_parse_as_the_binaries_always_read_them() {
-        assert_eq!(flag::base_url("http://h:1//"), Ok("http://h:1".to_owned()));
-        assert_eq!(flag::millis("1500"), Ok(Duration::from_millis(1500)));
-        assert_eq!(flag::seconds("0.5"), Ok(Duration::from_millis(500)));
-        assert!(flag::seconds("-1").is_err() && flag::millis("1.5").is_err());
-        assert_eq!(flag::name_value::<u32>("a=1"), Ok(("a".to_owned(), 1)));
-        assert!(flag::name_value::<u32>("a").is_err() && flag::name_value::<u32>("a=x").is_err());
-        let pairs = flag::name_values::<String>("a=x,,b=y,");
-        assert_eq!(
-            pairs,
-            Ok(vec![("a".into(), "x".into()), ("b".into(), "y".into())])
-        );
-        assert_eq!(flag::list::<usize>("1, 16,64"), Ok(vec![1, 16, 64]));
-        assert!(flag::list::<usize>("1,,2").is_err());
-    }
 
     #[test]
     fn the_splitmix64_finalizer_is_the_reference_one() {

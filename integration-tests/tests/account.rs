@@ -2,8 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
+use common::{assert_ready_with_docs, assert_unauthorized, metrics, put_20_at_once, raw_json};
 use contracts::{Account, AccountStatus, TokenResponse};
-use futures::future::join_all;
 use integration_tests::{both_backends, spawn_account, Backend, JWT_SECRET};
 use reqwest::Method;
 use serde_json::json;
@@ -45,16 +47,7 @@ async fn put_creates_then_is_idempotent(backend: Backend) {
 async fn concurrent_puts_create_exactly_once(backend: Backend) {
     let app = spawn_account(backend).await;
     let body = json!({"name": "Fabrikam"});
-    let replies = join_all((0..20).map(|_| app.put("/api/accounts/acc-race", &body))).await;
-    let created = replies.iter().filter(|r| r.status == 201).count();
-    let found = replies.iter().filter(|r| r.status == 200).count();
-    assert_eq!(
-        created,
-        1,
-        "exactly one create: {:?}",
-        replies.iter().map(|r| r.status).collect::<Vec<_>>()
-    );
-    assert_eq!(found, 19, "every other PUT finds it");
+    let replies = put_20_at_once(&app, "/api/accounts/acc-race", &body, 200).await;
     let first = &replies[0].body;
     assert!(replies.iter().all(|r| &r.body == first), "all bodies equal");
     app.stop().await;
@@ -84,14 +77,7 @@ async fn minted_token_verifies_with_the_shared_key(backend: Backend) {
     let app = spawn_account(backend).await;
     app.put("/api/accounts/a1", &json!({"name": "A"})).await;
     // An empty body asks for a default token.
-    let reply = app
-        .call_raw(
-            Method::POST,
-            "/api/accounts/a1/tokens",
-            "application/json",
-            Vec::new(),
-        )
-        .await;
+    let reply = raw_json(&app, Method::POST, "/api/accounts/a1/tokens", b"").await;
     assert_eq!(reply.status, 201, "{}", reply.body);
     let token = reply.json::<TokenResponse>();
     assert_eq!(token.token_type, "Bearer");
@@ -115,28 +101,22 @@ async fn minted_token_verifies_with_the_shared_key(backend: Backend) {
 async fn client_errors_are_problems(backend: Backend) {
     let app = spawn_account(backend).await;
     // Missing and wrong tokens.
-    let r = app
-        .call_with(Method::GET, "/api/accounts/x", None, None)
-        .await;
-    assert_eq!(r.problem(401).code, "unauthorized");
-    let r = app
-        .call_with(Method::GET, "/api/accounts/x", None, Some("wrong-token"))
-        .await;
-    assert_eq!(r.problem(401).code, "unauthorized");
+    assert_unauthorized(&app, Method::GET, "/api/accounts/x", None, None).await;
+    assert_unauthorized(
+        &app,
+        Method::GET,
+        "/api/accounts/x",
+        None,
+        Some("wrong-token"),
+    )
+    .await;
     // Unknown id.
     assert_eq!(
         app.get("/api/accounts/missing").await.problem(404).code,
         "not-found"
     );
     // Malformed JSON, wrong media type, wrong types, unknown enum values, bad ids.
-    let r = app
-        .call_raw(
-            Method::PUT,
-            "/api/accounts/x",
-            "application/json",
-            b"{\"name\":".to_vec(),
-        )
-        .await;
+    let r = raw_json(&app, Method::PUT, "/api/accounts/x", b"{\"name\":").await;
     assert_eq!(r.problem(400).code, "malformed-json");
     let r = app
         .call_raw(Method::PUT, "/api/accounts/x", "text/plain", b"{}".to_vec())
@@ -154,14 +134,7 @@ async fn client_errors_are_problems(backend: Backend) {
     assert_eq!(r.bad_fields(), vec!["id"]);
     // A body over the limit.
     let big = format!("{{\"name\":\"{}\"}}", "x".repeat(200 * 1024));
-    let r = app
-        .call_raw(
-            Method::PUT,
-            "/api/accounts/x",
-            "application/json",
-            big.into_bytes(),
-        )
-        .await;
+    let r = raw_json(&app, Method::PUT, "/api/accounts/x", big.as_bytes()).await;
     assert_eq!(r.problem(413).code, "payload-too-large");
     // Unknown routes and methods.
     assert_eq!(app.get("/nope").await.problem(404).code, "route-not-found");
@@ -172,12 +145,7 @@ async fn client_errors_are_problems(backend: Backend) {
 
 async fn service_endpoints_answer(backend: Backend) {
     let app = spawn_account(backend).await;
-    assert_eq!(app.get("/healthz").await.status, 200);
-    let ready = app.get("/readyz").await;
-    assert_eq!(ready.status, 200, "{}", ready.body);
-    assert_eq!(ready.body["checks"]["database"]["status"], "ok");
-    let doc = app.get("/openapi.json").await;
-    assert_eq!(doc.status, 200);
+    let doc = assert_ready_with_docs(&app).await;
     assert!(doc.body["paths"]["/api/accounts/{id}"]["put"].is_object());
     let page = app.client.get(app.url("/docs")).send().await.expect("docs");
     assert_eq!(page.status(), 200);
@@ -187,13 +155,7 @@ async fn service_endpoints_answer(backend: Backend) {
         "offline page"
     );
     app.put("/api/accounts/m1", &json!({"name": "M"})).await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics");
-    let text = metrics.text().await.unwrap_or_default();
+    let text = metrics(&app).await;
     assert!(
         text.contains("http_requests_total{endpoint=\"/api/accounts/{id}\",method=\"PUT\",service=\"account\",status=\"201\"} 1"),
         "{text}"

@@ -2,6 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
+use common::{assert_ready_with_docs, assert_unauthorized, metrics, put_20_at_once, raw_json};
 use contracts::{Delivery, DeliveryStage, DeliveryStatus, TrackingEvent};
 use futures::future::join_all;
 use integration_tests::{both_backends, spawn_delivery, Backend, TestApp};
@@ -43,6 +46,34 @@ async fn events(app: &TestApp, id: &str) -> Vec<TrackingEvent> {
     let r = app.get(&format!("/api/deliveries/{id}/events")).await;
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
+}
+
+/// Asserts delivery `id` is not found: not its status, its events, a change of its `deadline`,
+/// nor a new event.
+async fn assert_unknown(app: &TestApp, id: &str, deadline: &str) {
+    for path in [
+        format!("/api/deliveries/{id}"),
+        format!("/api/deliveries/{id}/status"),
+        format!("/api/deliveries/{id}/events"),
+    ] {
+        assert_eq!(
+            app.get(&path).await.problem(404).code,
+            "not-found",
+            "{path}"
+        );
+    }
+    let r = app
+        .patch(
+            &format!("/api/deliveries/{id}"),
+            &json!({"deadline": deadline}),
+        )
+        .await;
+    assert_eq!(r.problem(404).code, "not-found");
+    let stage = json!({"stage": "HeadedToPickup"});
+    let r = app
+        .post(&format!("/api/deliveries/{id}/events"), &stage)
+        .await;
+    assert_eq!(r.problem(404).code, "not-found");
 }
 
 fn stages(events: &[TrackingEvent]) -> Vec<DeliveryStage> {
@@ -97,19 +128,7 @@ async fn put_creates_then_is_idempotent(backend: Backend) {
 async fn concurrent_puts_create_exactly_once(backend: Backend) {
     let app = spawn_delivery(backend).await;
     let body = upsert();
-    let replies = join_all((0..20).map(|_| app.put("/api/deliveries/d-race", &body))).await;
-    let statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
-    assert!(statuses.iter().all(|s| *s < 500), "no 5xx: {statuses:?}");
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "exactly one create: {statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 204).count(),
-        19,
-        "every other PUT finds it: {statuses:?}"
-    );
+    put_20_at_once(&app, "/api/deliveries/d-race", &body, 204).await;
     assert_eq!(
         stages(&events(&app, "d-race").await),
         vec![DeliveryStage::Created],
@@ -320,24 +339,7 @@ async fn a_cancel_before_the_create_wins(backend: Backend) {
     );
     let r = app.put("/api/deliveries/late", &upsert()).await;
     assert_eq!(r.problem(409).code, "delivery-cancelled");
-    for path in [
-        "/api/deliveries/late",
-        "/api/deliveries/late/status",
-        "/api/deliveries/late/events",
-    ] {
-        assert_eq!(app.get(path).await.problem(404).code, "not-found", "{path}");
-    }
-    let r = app
-        .patch("/api/deliveries/late", &json!({"deadline": "Later"}))
-        .await;
-    assert_eq!(r.problem(404).code, "not-found");
-    let r = app
-        .post(
-            "/api/deliveries/late/events",
-            &json!({"stage": "HeadedToPickup"}),
-        )
-        .await;
-    assert_eq!(r.problem(404).code, "not-found");
+    assert_unknown(&app, "late", "Later").await;
     assert_eq!(
         app.delete("/api/deliveries/late").await.problem(404).code,
         "not-found",
@@ -429,38 +431,17 @@ async fn concurrent_changes_never_fail_or_skip_a_sequence(backend: Backend) {
 async fn client_errors_are_problems(backend: Backend) {
     let app = spawn_delivery(backend).await;
     // Missing and wrong tokens.
-    let r = app
-        .call_with(Method::GET, "/api/deliveries/x", None, None)
-        .await;
-    assert_eq!(r.problem(401).code, "unauthorized");
-    let r = app
-        .call_with(
-            Method::PUT,
-            "/api/deliveries/x",
-            Some(&upsert()),
-            Some("wrong-token"),
-        )
-        .await;
-    assert_eq!(r.problem(401).code, "unauthorized");
+    assert_unauthorized(&app, Method::GET, "/api/deliveries/x", None, None).await;
+    assert_unauthorized(
+        &app,
+        Method::PUT,
+        "/api/deliveries/x",
+        Some(&upsert()),
+        Some("wrong-token"),
+    )
+    .await;
     // Unknown ids.
-    for path in [
-        "/api/deliveries/missing",
-        "/api/deliveries/missing/status",
-        "/api/deliveries/missing/events",
-    ] {
-        assert_eq!(app.get(path).await.problem(404).code, "not-found", "{path}");
-    }
-    let r = app
-        .patch("/api/deliveries/missing", &json!({"deadline": "x"}))
-        .await;
-    assert_eq!(r.problem(404).code, "not-found");
-    let r = app
-        .post(
-            "/api/deliveries/missing/events",
-            &json!({"stage": "HeadedToPickup"}),
-        )
-        .await;
-    assert_eq!(r.problem(404).code, "not-found");
+    assert_unknown(&app, "missing", "x").await;
     let r = app
         .post(
             "/api/deliveries/missing/confirmations",
@@ -523,14 +504,7 @@ async fn client_errors_are_problems(backend: Backend) {
         "rejected requests record nothing"
     );
     // Malformed JSON, wrong media type, bad ids.
-    let r = app
-        .call_raw(
-            Method::PUT,
-            "/api/deliveries/x",
-            "application/json",
-            b"{\"ownerId\":".to_vec(),
-        )
-        .await;
+    let r = raw_json(&app, Method::PUT, "/api/deliveries/x", b"{\"ownerId\":").await;
     assert_eq!(r.problem(400).code, "malformed-json");
     let r = app
         .call_raw(
@@ -557,12 +531,7 @@ async fn client_errors_are_problems(backend: Backend) {
 
 async fn service_endpoints_answer(backend: Backend) {
     let app = spawn_delivery(backend).await;
-    assert_eq!(app.get("/healthz").await.status, 200);
-    let ready = app.get("/readyz").await;
-    assert_eq!(ready.status, 200, "{}", ready.body);
-    assert_eq!(ready.body["checks"]["database"]["status"], "ok");
-    let doc = app.get("/openapi.json").await;
-    assert_eq!(doc.status, 200);
+    let doc = assert_ready_with_docs(&app).await;
     let paths = &doc.body["paths"];
     for (path, method) in [
         ("/api/deliveries/{id}", "put"),
@@ -581,13 +550,7 @@ async fn service_endpoints_answer(backend: Backend) {
     }
     assert!(doc.body["components"]["schemas"]["DeliveryStatus"].is_object());
     create(&app, "m1").await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("metrics: {e}"));
-    let text = metrics.text().await.unwrap_or_default();
+    let text = metrics(&app).await;
     assert!(
         text.contains("http_requests_total{endpoint=\"/api/deliveries/{id}\",method=\"PUT\",service=\"delivery\",status=\"201\"} 1"),
         "{text}"

@@ -366,6 +366,20 @@ async fn canned_server(response: String) -> String {
     address
 }
 
+/// A client whose services all answer like [`canned_server`] with this response.
+async fn canned_client(status: &str, headers: &[(&str, &str)], body: &str) -> Downstream {
+    client_for(&canned_server(http_response(status, headers, body)).await)
+}
+
+/// What a failed call says (empty for a success).
+fn reason_of<T>(result: &Result<T, CallError>) -> String {
+    result
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
 fn http_response(status: &str, headers: &[(&str, &str)], body: &str) -> String {
     let mut out = format!("HTTP/1.1 {status}\r\nconnection: close\r\n");
     for (name, value) in headers {
@@ -386,22 +400,17 @@ async fn overload_with_retry_after_is_transient_with_that_delay() {
         "code": "overloaded"
     })
     .to_string();
-    let address = canned_server(http_response(
+    let client = canned_client(
         "503 Service Unavailable",
         &[
             ("content-type", "application/problem+json"),
             ("retry-after", "2"),
         ],
         &body,
-    ))
+    )
     .await;
-    let client = client_for(&address);
     let result = client.account("acc-1").await;
-    let reason = result
-        .as_ref()
-        .err()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let reason = reason_of(&result);
     assert_eq!(assert_transient(result), Some(Duration::from_secs(2)));
     assert!(
         reason.contains("overloaded") && reason.contains("too busy"),
@@ -412,19 +421,14 @@ async fn overload_with_retry_after_is_transient_with_that_delay() {
 #[tokio::test]
 async fn a_server_error_with_a_non_json_body_is_transient() {
     telemetry::init_for_tests();
-    let address = canned_server(http_response(
+    let client = canned_client(
         "500 Internal Server Error",
         &[("content-type", "text/html")],
         "<html><body>upstream exploded</body></html>",
-    ))
+    )
     .await;
-    let client = client_for(&address);
     let result = client.release_drone("d1").await;
-    let reason = result
-        .as_ref()
-        .err()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let reason = reason_of(&result);
     assert_eq!(assert_transient(result), None);
     assert!(reason.contains("upstream exploded"), "{reason}");
 }
@@ -432,13 +436,12 @@ async fn a_server_error_with_a_non_json_body_is_transient() {
 #[tokio::test]
 async fn a_success_that_does_not_decode_is_permanent() {
     telemetry::init_for_tests();
-    let address = canned_server(http_response(
+    let client = canned_client(
         "200 OK",
         &[("content-type", "application/json")],
         r#"{"id": "acc-1"}"#,
-    ))
+    )
     .await;
-    let client = client_for(&address);
     match client.account("acc-1").await {
         Err(CallError::Permanent {
             reason,

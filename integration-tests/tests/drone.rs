@@ -2,10 +2,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use common::{assert_unauthorized, put_20_at_once, raw_json, reservations};
 use contracts::{DroneReservation, Fleet, ReservationStatus, Utilization};
 use futures::future::join_all;
-use integration_tests::{both_backends, spawn_drone_with, Backend, TestApp};
+use integration_tests::{both_backends, spawn_drone_with, Backend, Reply, TestApp};
 use reqwest::Method;
 use sea_orm::Database;
 use serde_json::{json, Value};
@@ -42,6 +45,12 @@ fn request(at: DateTime<Utc>, size: &str) -> Value {
     })
 }
 
+/// Reserves a drone for a `size` package of delivery `id`, picked up `at`.
+async fn reserve(app: &TestApp, id: &str, at: DateTime<Utc>, size: &str) -> Reply {
+    let path = format!("/api/dronedeliveries/{id}");
+    app.put(&path, &request(at, size)).await
+}
+
 async fn fleet_of(backend: Backend, small: u32, medium: u32, large: u32) -> TestApp {
     spawn_drone_with(backend, |s| {
         s.fleet.small = small;
@@ -70,18 +79,7 @@ async fn same_delivery_gets_the_same_drone(backend: Backend) {
 async fn concurrent_puts_of_one_delivery_create_once(backend: Backend) {
     let app = fleet_of(backend, 10, 0, 0).await;
     let body = request(pickup(24), "Small");
-    let replies = join_all((0..20).map(|_| app.put("/api/dronedeliveries/race", &body))).await;
-    let statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        19,
-        "{statuses:?}"
-    );
+    let replies = put_20_at_once(&app, "/api/dronedeliveries/race", &body, 200).await;
     let drones: std::collections::HashSet<String> = replies
         .iter()
         .map(|r| r.json::<DroneReservation>().drone_id)
@@ -89,8 +87,7 @@ async fn concurrent_puts_of_one_delivery_create_once(backend: Backend) {
     assert_eq!(drones.len(), 1, "one drone for one delivery");
     // Only one drone is held.
     let fleet = app.get("/api/drones").await.json::<Fleet>();
-    let held: u64 = fleet.drones.iter().map(|d| d.upcoming_reservations).sum();
-    assert_eq!(held, 1);
+    assert_eq!(reservations(&fleet), 1);
     app.stop().await;
 }
 
@@ -136,8 +133,7 @@ async fn concurrent_reservations_never_double_book(backend: Backend) {
 async fn database_refuses_overlapping_windows(backend: Backend) {
     use sea_orm::ConnectionTrait as _;
     let app = fleet_of(backend, 1, 0, 0).await;
-    let r = app
-        .put("/api/dronedeliveries/first", &request(pickup(24), "Small"))
+    let r = reserve(&app, "first", pickup(24), "Small")
         .await
         .json::<DroneReservation>();
     // Bypass the service: write an overlapping active window for the same drone straight into
@@ -168,15 +164,8 @@ async fn database_refuses_overlapping_windows(backend: Backend) {
 async fn delete_frees_the_window(backend: Backend) {
     let app = fleet_of(backend, 1, 0, 0).await;
     let at = pickup(24);
-    assert_eq!(
-        app.put("/api/dronedeliveries/a", &request(at, "Small"))
-            .await
-            .status,
-        201
-    );
-    let busy = app
-        .put("/api/dronedeliveries/b", &request(at, "Small"))
-        .await;
+    assert_eq!(reserve(&app, "a", at, "Small").await.status, 201);
+    let busy = reserve(&app, "b", at, "Small").await;
     assert_eq!(busy.problem(503).code, "no-drone-available");
     let released = app.delete("/api/dronedeliveries/a").await;
     assert_eq!(released.status, 200);
@@ -187,12 +176,7 @@ async fn delete_frees_the_window(backend: Backend) {
     let again = app.delete("/api/dronedeliveries/a").await;
     assert_eq!(again.status, 200, "idempotent");
     assert_eq!(again.body, released.body);
-    assert_eq!(
-        app.put("/api/dronedeliveries/b", &request(at, "Small"))
-            .await
-            .status,
-        201
-    );
+    assert_eq!(reserve(&app, "b", at, "Small").await.status, 201);
     assert_eq!(
         app.delete("/api/dronedeliveries/nope")
             .await
@@ -205,18 +189,12 @@ async fn delete_frees_the_window(backend: Backend) {
     // when the saga was compensated) does not take a drone again...
     app.delete("/api/dronedeliveries/b").await;
     assert_eq!(
-        app.put("/api/dronedeliveries/a", &request(at, "Small"))
-            .await
-            .problem(409)
-            .code,
+        reserve(&app, "a", at, "Small").await.problem(409).code,
         "reservation-released"
     );
     // ...nor does one that arrives after the release of a reservation it had not made yet.
     assert_eq!(
-        app.put("/api/dronedeliveries/nope", &request(at, "Small"))
-            .await
-            .problem(409)
-            .code,
+        reserve(&app, "nope", at, "Small").await.problem(409).code,
         "reservation-released"
     );
     assert_eq!(app.get("/api/dronedeliveries/nope").await.status, 404);
@@ -229,37 +207,23 @@ async fn delete_frees_the_window(backend: Backend) {
         "releasing it again changes nothing"
     );
     // The drone is free for others all along.
-    assert_eq!(
-        app.put("/api/dronedeliveries/c", &request(at, "Small"))
-            .await
-            .status,
-        201
-    );
+    assert_eq!(reserve(&app, "c", at, "Small").await.status, 201);
     app.stop().await;
 }
 
 async fn package_size_limits_the_drones(backend: Backend) {
     let app = fleet_of(backend, 2, 0, 1).await;
     let at = pickup(24);
-    let big = app
-        .put("/api/dronedeliveries/l1", &request(at, "Large"))
-        .await;
+    let big = reserve(&app, "l1", at, "Large").await;
     assert_eq!(
         big.json::<DroneReservation>().drone_id,
         "drone-003",
         "only the large drone fits"
     );
-    let big2 = app
-        .put("/api/dronedeliveries/l2", &request(at, "Large"))
-        .await;
+    let big2 = reserve(&app, "l2", at, "Large").await;
     assert_eq!(big2.problem(503).code, "no-drone-available");
     // Small packages take small drones first, keeping large ones free.
-    let small = app
-        .put(
-            "/api/dronedeliveries/s1",
-            &request(at + Duration::hours(5), "Small"),
-        )
-        .await;
+    let small = reserve(&app, "s1", at + Duration::hours(5), "Small").await;
     assert_ne!(small.json::<DroneReservation>().drone_id, "drone-003");
     app.stop().await;
 }
@@ -267,14 +231,11 @@ async fn package_size_limits_the_drones(backend: Backend) {
 async fn new_pickup_time_moves_the_reservation(backend: Backend) {
     let app = fleet_of(backend, 2, 0, 0).await;
     let at = pickup(24);
-    let first = app
-        .put("/api/dronedeliveries/m", &request(at, "Small"))
+    let first = reserve(&app, "m", at, "Small")
         .await
         .json::<DroneReservation>();
     let later = at + Duration::hours(3);
-    let moved = app
-        .put("/api/dronedeliveries/m", &request(later, "Small"))
-        .await;
+    let moved = reserve(&app, "m", later, "Small").await;
     assert_eq!(moved.status, 200);
     let moved = moved.json::<DroneReservation>();
     assert_eq!(moved.window.start, later);
@@ -283,18 +244,8 @@ async fn new_pickup_time_moves_the_reservation(backend: Backend) {
         "kept its drone, which was free"
     );
     // The old window is free again for that drone: two more reservations at `at` fit.
-    assert_eq!(
-        app.put("/api/dronedeliveries/x1", &request(at, "Small"))
-            .await
-            .status,
-        201
-    );
-    assert_eq!(
-        app.put("/api/dronedeliveries/x2", &request(at, "Small"))
-            .await
-            .status,
-        201
-    );
+    assert_eq!(reserve(&app, "x1", at, "Small").await.status, 201);
+    assert_eq!(reserve(&app, "x2", at, "Small").await.status, 201);
     app.stop().await;
 }
 
@@ -344,14 +295,7 @@ async fn fleet_and_utilization_report_the_truth(backend: Backend) {
             .map(|r| r.delivery_id.as_str()),
         Some("now")
     );
-    assert_eq!(
-        fleet
-            .drones
-            .iter()
-            .map(|d| d.upcoming_reservations)
-            .sum::<u64>(),
-        3
-    );
+    assert_eq!(reservations(&fleet), 3);
 
     let u = app
         .get("/api/utilization?ownerId=owner-u&year=2031&month=3")
@@ -388,8 +332,7 @@ async fn client_errors_are_problems(backend: Backend) {
             "expedited"
         ]
     );
-    let r = app.call_with(Method::GET, "/api/drones", None, None).await;
-    assert_eq!(r.problem(401).code, "unauthorized");
+    assert_unauthorized(&app, Method::GET, "/api/drones", None, None).await;
     assert_eq!(
         app.get("/api/dronedeliveries/none").await.problem(404).code,
         "not-found"
@@ -409,14 +352,7 @@ async fn client_errors_are_problems(backend: Backend) {
     assert_eq!(r.bad_fields(), vec!["month"]);
     let r = app.get("/api/utilization?year=2031").await;
     assert_eq!(r.problem(400).code, "invalid-query");
-    let r = app
-        .call_raw(
-            Method::PUT,
-            "/api/dronedeliveries/e",
-            "application/json",
-            b"[".to_vec(),
-        )
-        .await;
+    let r = raw_json(&app, Method::PUT, "/api/dronedeliveries/e", b"[").await;
     assert_eq!(r.problem(400).code, "malformed-json");
     let doc = app.get("/openapi.json").await;
     assert!(doc.body["paths"]["/api/dronedeliveries/{deliveryId}"]["put"].is_object());

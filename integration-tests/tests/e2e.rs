@@ -4,9 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::time::Duration;
 
-use integration_tests::faults::{Fault, FaultKind, FaultProxy};
+use common::{failing, refusing};
+use integration_tests::faults::{FaultKind, FaultProxy};
 use integration_tests::harness::{check, Bookings, Service, Stack, StackClient, StackOptions};
 use integration_tests::{done_if, eventually, eventually_every};
 use serde_json::{json, Value};
@@ -44,6 +47,19 @@ async fn service_json(stack: &Stack, s: Service, path: &str) -> (u16, Value) {
     stack.service(s).get(path).await
 }
 
+/// The Drone service's reservation for booking `id`: status and body.
+async fn drone_reservation(stack: &Stack, id: Uuid) -> (u16, Value) {
+    let path = format!("/api/dronedeliveries/{id}");
+    service_json(stack, Service::Drone, &path).await
+}
+
+/// The Package service's package of booking `id`.
+async fn package_of(stack: &Stack, id: Uuid) -> Value {
+    service_json(stack, Service::Package, &format!("/api/packages/{id}"))
+        .await
+        .1
+}
+
 /// Book → scheduled; reschedule → the drone window and the delivery move; cancel before
 /// (Scheduler paused), during (drone step slow) and after scheduling → compensated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,12 +81,7 @@ async fn booking_lifecycle() {
         .unwrap()
         .to_owned();
     client_state(&client, owner, id, "scheduled").await;
-    let (status, reservation) = service_json(
-        &stack,
-        Service::Drone,
-        &format!("/api/dronedeliveries/{id}"),
-    )
-    .await;
+    let (status, reservation) = drone_reservation(&stack, id).await;
     assert_eq!(status, 200, "{reservation}");
     assert_eq!(reservation["droneId"], drone.as_str());
     let window_before = reservation["window"]["start"].clone();
@@ -116,14 +127,9 @@ async fn booking_lifecycle() {
         seen.to_string().contains("cancelled by the client"),
         "{seen}"
     );
-    let (_, package) = service_json(&stack, Service::Package, &format!("/api/packages/{id}")).await;
+    let package = package_of(&stack, id).await;
     assert_eq!(package["status"], "cancelled", "{package}");
-    let (_, reservation) = service_json(
-        &stack,
-        Service::Drone,
-        &format!("/api/dronedeliveries/{id}"),
-    )
-    .await;
+    let (_, reservation) = drone_reservation(&stack, id).await;
     assert_eq!(reservation["status"], "released", "{reservation}");
     let sup = stack.supervisor_saga(id).await;
     assert!(
@@ -148,16 +154,8 @@ async fn booking_lifecycle() {
     println!("cancelled before scheduling ended {ended}");
 
     // Cancel during scheduling: the drone step answers slowly, the cancel lands meanwhile.
-    let during = book_and_cancel_in_slow_step(
-        &client,
-        owner,
-        56 * 60,
-        &stack.scheduler_faults.drone,
-        "/api/dronedeliveries/",
-    )
-    .await;
-    bookings.add(during, owner);
-    let wf = stack.wait_state(during, "compensated", WAIT).await;
+    let slow = (&stack.scheduler_faults.drone, "/api/dronedeliveries/");
+    let (_, wf) = cancel_in_slow_step(&stack, &client, &mut bookings, owner, 56 * 60, slow).await;
     assert!(
         wf["steps"][1]["status"] == "succeeded",
         "the package was registered before the cancel: {wf}"
@@ -166,16 +164,9 @@ async fn booking_lifecycle() {
 
     // Cancel during the last step: the saga cannot stop at a step boundary any more and
     // completes; the cancel still wins (cancelled, everything undone), it is never lost.
-    let last = book_and_cancel_in_slow_step(
-        &client,
-        owner,
-        57 * 60,
-        &stack.scheduler_faults.delivery,
-        "/api/deliveries/",
-    )
-    .await;
-    bookings.add(last, owner);
-    let wf = stack.wait_state(last, "compensated", WAIT).await;
+    let slow = (&stack.scheduler_faults.delivery, "/api/deliveries/");
+    let (last, wf) =
+        cancel_in_slow_step(&stack, &client, &mut bookings, owner, 57 * 60, slow).await;
     assert!(
         wf["steps"][3]["status"] == "succeeded",
         "the delivery was created before the cancel took effect: {wf}"
@@ -187,21 +178,19 @@ async fn booking_lifecycle() {
     stack.stop().await;
 }
 
-/// Books (pickup in `minutes`), makes the step behind `faults` answer its `PUT` 1.5 s late, and
-/// cancels once that call is under way (the cancel must be accepted).
-async fn book_and_cancel_in_slow_step(
+/// Books (pickup in `minutes`), makes the step behind `faults` answer its `PUT` 1.5 s late,
+/// cancels once that call is under way (the cancel must be accepted) and waits for the saga to
+/// end compensated: the booking and its workflow.
+async fn cancel_in_slow_step(
+    stack: &Stack,
     client: &StackClient,
+    bookings: &mut Bookings,
     owner: &str,
     minutes: i64,
-    faults: &FaultProxy,
-    path_prefix: &str,
-) -> Uuid {
-    faults.set_faults(vec![Fault {
-        method: "PUT",
-        path_prefix: path_prefix.into(),
-        times: 1,
-        kind: FaultKind::Delay(Duration::from_millis(1500)),
-    }]);
+    (faults, path_prefix): (&FaultProxy, &str),
+) -> (Uuid, Value) {
+    let slow = FaultKind::Delay(Duration::from_millis(1500));
+    faults.set_faults(failing("PUT", path_prefix, 1, slow));
     let id = client
         .book_ok(&StackClient::booking(owner, minutes, "Small"))
         .await;
@@ -221,7 +210,8 @@ async fn book_and_cancel_in_slow_step(
     );
     let a = client.cancel(owner, id).await;
     assert_eq!(a.status, 202, "{}", a.body);
-    id
+    bookings.add(id, owner);
+    (id, stack.wait_state(id, "compensated", WAIT).await)
 }
 
 async fn wait_any(stack: &Stack, id: Uuid, states: &[&str]) -> String {
@@ -276,17 +266,12 @@ async fn failures_end_cleanly() {
         drone_attempts.len() > 1 && drone_attempts.iter().all(|a| a["outcome"] != "succeeded"),
         "the drone step was retried until the deadline: {wf}"
     );
-    let (_, package) =
-        service_json(&stack, Service::Package, &format!("/api/packages/{second}")).await;
+    let package = package_of(&stack, second).await;
     assert_eq!(package["status"], "cancelled", "{package}");
 
     // A downstream permanently failing: Delivery refuses every new delivery (422).
-    stack.scheduler_faults.delivery.set_faults(vec![Fault {
-        method: "PUT",
-        path_prefix: "/api/deliveries/".into(),
-        times: usize::MAX,
-        kind: FaultKind::Status(422),
-    }]);
+    let refuse = refusing("PUT", "/api/deliveries/", 422);
+    stack.scheduler_faults.delivery.set_faults(refuse);
     let id = client
         .book_ok(&StackClient::booking(owner, 30 * 60, "Small"))
         .await;
@@ -294,12 +279,7 @@ async fn failures_end_cleanly() {
     let wf = stack.wait_state(id, "compensated", WAIT).await;
     assert_eq!(wf["steps"][3]["status"], "failed", "{wf}");
     client_state(&client, owner, id, "compensated").await;
-    let (_, reservation) = service_json(
-        &stack,
-        Service::Drone,
-        &format!("/api/dronedeliveries/{id}"),
-    )
-    .await;
+    let (_, reservation) = drone_reservation(&stack, id).await;
     assert_eq!(reservation["status"], "released", "{reservation}");
     stack.scheduler_faults.clear();
 

@@ -52,6 +52,40 @@ fn booking(owner: &str) -> Value {
     })
 }
 
+/// A reschedule body: pickup in three days.
+fn later() -> Value {
+    json!({"pickupTime": (Utc::now() + chrono::Duration::days(3)).to_rfc3339()})
+}
+
+/// The events on the delivery requests log keyed by booking `id` (on `partition` or, without
+/// one, on any).
+async fn requests_of(s: &IngestionApp, id: Uuid, partition: Option<u32>) -> Vec<Envelope> {
+    let events = match partition {
+        Some(p) => records(s, DELIVERY_REQUESTS_LOG, p)
+            .await
+            .into_iter()
+            .filter_map(|r| r.event.ok())
+            .collect(),
+        None => all_requests(s).await,
+    };
+    events
+        .into_iter()
+        .filter(|e| e.key == id.to_string())
+        .collect()
+}
+
+/// The kinds of [`requests_of`] booking `id`, in log order.
+async fn kinds_of(s: &IngestionApp, id: Uuid, partition: Option<u32>) -> Vec<String> {
+    let events = requests_of(s, id, partition).await;
+    events.into_iter().map(|e| e.kind).collect()
+}
+
+/// Books for acc-1 under the Idempotency-Key `key`; the new booking's id.
+async fn book(s: &IngestionApp, token: &str, key: &str) -> Uuid {
+    let r = post(s, Some(token), &booking("acc-1"), Some(key)).await;
+    r.json::<DeliveryAccepted>().delivery_id
+}
+
 async fn post(s: &IngestionApp, token: Option<&str>, body: &Value, key: Option<&str>) -> Reply {
     let mut req = s
         .app
@@ -163,12 +197,7 @@ async fn fabrikam_booking_is_accepted_and_in_the_log(backend: Backend) {
     assert_eq!(accepted.request.package_info.weight, 2.5);
 
     let partition = partition_for(&id.to_string(), s.settings.ingestion.partitions);
-    let found: Vec<Envelope> = records(&s, DELIVERY_REQUESTS_LOG, partition)
-        .await
-        .into_iter()
-        .filter_map(|r| r.event.ok())
-        .filter(|e| e.key == id.to_string())
-        .collect();
+    let found = requests_of(&s, id, Some(partition)).await;
     assert_eq!(found.len(), 1, "exactly once, on the partition of its id");
     assert_eq!(found[0].kind, DELIVERY_REQUESTED);
     let event: DeliveryRequested = found[0].decode().unwrap();
@@ -251,23 +280,9 @@ async fn bad_input_is_a_problem_naming_the_field(backend: Backend) {
     .await;
     assert_eq!(r.bad_fields(), vec!["Idempotency-Key"]);
     let unknown = Uuid::new_v4();
-    let r = call(
-        &s,
-        Method::GET,
-        &format!("/api/deliveryrequests/{unknown}"),
-        &token,
-        None,
-    )
-    .await;
+    let r = on_request(&s, Method::GET, unknown, &token, None).await;
     assert_eq!(r.problem(404).code, "not-found");
-    let r = call(
-        &s,
-        Method::PATCH,
-        &format!("/api/deliveryrequests/{unknown}"),
-        &token,
-        Some(&json!({})),
-    )
-    .await;
+    let r = on_request(&s, Method::PATCH, unknown, &token, Some(&json!({}))).await;
     assert_eq!(r.bad_fields(), vec!["body"]);
     // Nothing above reached the log.
     assert!(all_requests(&s).await.is_empty());
@@ -302,23 +317,9 @@ async fn authentication_and_ownership(backend: Backend) {
     // The owner sees it; to another account it does not exist.
     let owner = s.token("acc-1", &[]);
     eventually_state(&s, id, &owner, RequestState::Accepted).await;
-    let r = call(
-        &s,
-        Method::GET,
-        &format!("/api/deliveryrequests/{id}"),
-        &other,
-        None,
-    )
-    .await;
+    let r = on_request(&s, Method::GET, id, &other, None).await;
     assert_eq!(r.problem(404).code, "not-found");
-    let r = call(
-        &s,
-        Method::DELETE,
-        &format!("/api/deliveryrequests/{id}"),
-        &other,
-        None,
-    )
-    .await;
+    let r = on_request(&s, Method::DELETE, id, &other, None).await;
     assert_eq!(r.problem(404).code, "not-found");
     s.stop().await;
 }
@@ -379,38 +380,15 @@ async fn rate_limit_per_account(backend: Backend) {
 async fn reschedule_and_cancel_reach_the_same_partition(backend: Backend) {
     let s = spawn_ingestion(backend, |_| {}).await;
     let token = s.token("acc-1", &[]);
-    let id = post(&s, Some(&token), &booking("acc-1"), Some("k1"))
-        .await
-        .json::<DeliveryAccepted>()
-        .delivery_id;
-    let later = (Utc::now() + chrono::Duration::days(3)).to_rfc3339();
-    let r = call(
-        &s,
-        Method::PATCH,
-        &format!("/api/deliveryrequests/{id}"),
-        &token,
-        Some(&json!({"pickupTime": later})),
-    )
-    .await;
+    let id = book(&s, &token, "k1").await;
+    let later = later();
+    let r = on_request(&s, Method::PATCH, id, &token, Some(&later)).await;
     assert_eq!(r.status, 202, "{}", r.body);
-    let r = call(
-        &s,
-        Method::DELETE,
-        &format!("/api/deliveryrequests/{id}"),
-        &token,
-        None,
-    )
-    .await;
+    let r = on_request(&s, Method::DELETE, id, &token, None).await;
     assert_eq!(r.status, 202, "{}", r.body);
 
     let partition = partition_for(&id.to_string(), s.settings.ingestion.partitions);
-    let kinds: Vec<String> = records(&s, DELIVERY_REQUESTS_LOG, partition)
-        .await
-        .into_iter()
-        .filter_map(|r| r.event.ok())
-        .filter(|e| e.key == id.to_string())
-        .map(|e| e.kind)
-        .collect();
+    let kinds = kinds_of(&s, id, Some(partition)).await;
     assert_eq!(
         kinds,
         vec![DELIVERY_REQUESTED, DELIVERY_RESCHEDULED, DELIVERY_CANCELLED]
@@ -421,10 +399,7 @@ async fn reschedule_and_cancel_reach_the_same_partition(backend: Backend) {
 async fn workflow_events_drive_the_request_state(backend: Backend) {
     let s = spawn_ingestion(backend, |_| {}).await;
     let token = s.token("acc-1", &[]);
-    let id = post(&s, Some(&token), &booking("acc-1"), Some("k2"))
-        .await
-        .json::<DeliveryAccepted>()
-        .delivery_id;
+    let id = book(&s, &token, "k2").await;
     let events = s
         .broker
         .log(WORKFLOW_EVENTS_LOG, s.settings.ingestion.partitions)
@@ -448,33 +423,21 @@ async fn workflow_events_drive_the_request_state(backend: Backend) {
         )
         .unwrap()
     };
-    events
-        .append(change(RequestState::Scheduling, 1))
-        .await
-        .unwrap();
-    events
-        .append(change(RequestState::Failed, 3))
-        .await
-        .unwrap();
-    // A stale event (lower version) arriving late never moves the state backwards.
-    events
-        .append(change(RequestState::Scheduled, 2))
-        .await
-        .unwrap();
+    // The last is stale (a lower version arriving late): it never moves the state backwards.
+    for (state, version) in [
+        (RequestState::Scheduling, 1),
+        (RequestState::Failed, 3),
+        (RequestState::Scheduled, 2),
+    ] {
+        events.append(change(state, version)).await.unwrap();
+    }
     eventually_state(&s, id, &token, RequestState::Failed).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let st = eventually_state(&s, id, &token, RequestState::Failed).await;
     assert_eq!(st.state, RequestState::Failed);
     // A failed booking can no longer be rescheduled.
-    let later = (Utc::now() + chrono::Duration::days(3)).to_rfc3339();
-    let r = call(
-        &s,
-        Method::PATCH,
-        &format!("/api/deliveryrequests/{id}"),
-        &token,
-        Some(&json!({"pickupTime": later})),
-    )
-    .await;
+    let later = later();
+    let r = on_request(&s, Method::PATCH, id, &token, Some(&later)).await;
     assert_eq!(r.problem(409).code, "request-closed");
     s.stop().await;
 }
@@ -611,16 +574,9 @@ async fn a_booking_is_found_right_after_its_202(backend: Backend) {
         );
         ids.push(id);
     }
-    let later = (Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+    let later = later();
     for &id in &ids[..5] {
-        let r = on_request(
-            &s,
-            Method::PATCH,
-            id,
-            &token,
-            Some(&json!({"pickupTime": later})),
-        )
-        .await;
+        let r = on_request(&s, Method::PATCH, id, &token, Some(&later)).await;
         assert_eq!(r.status, 202, "PATCH right after the 202: {}", r.body);
     }
     for &id in &ids[5..] {
@@ -683,7 +639,7 @@ async fn another_accounts_booking_is_answered_as_unknown(backend: Backend) {
 
     let stranger = s.token("acc-stranger", &[]);
     let unknown = Uuid::new_v4();
-    let later = json!({"pickupTime": (Utc::now() + chrono::Duration::days(3)).to_rfc3339()});
+    let later = later();
     for (method, body) in [
         (Method::GET, None),
         (Method::PATCH, Some(&later)),
@@ -719,12 +675,7 @@ async fn another_accounts_booking_is_answered_as_unknown(backend: Backend) {
         on_request(&s, Method::GET, id, &admin, None).await.status,
         200
     );
-    let kinds: Vec<String> = all_requests(&s)
-        .await
-        .into_iter()
-        .filter(|e| e.key == id.to_string())
-        .map(|e| e.kind)
-        .collect();
+    let kinds = kinds_of(&s, id, None).await;
     assert_eq!(
         kinds,
         vec![DELIVERY_REQUESTED],
@@ -763,11 +714,7 @@ async fn idempotent_replay_answers_the_booking_as_first_accepted(backend: Backen
         assert_eq!(replay.body, first.body);
     }
 
-    let events: Vec<Envelope> = all_requests(&s)
-        .await
-        .into_iter()
-        .filter(|e| e.key == accepted.delivery_id.to_string())
-        .collect();
+    let events = requests_of(&s, accepted.delivery_id, None).await;
     assert_eq!(events.len(), 1, "appended once");
     let event: DeliveryRequested = events[0].decode().unwrap();
     assert_eq!(event.pickup_location, "1 Main St, Redmond");

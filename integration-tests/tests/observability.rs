@@ -4,9 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use common::{metrics, stop};
 use integration_tests::{eventually, spawn_suite, Backend, Suite, SuiteFaults};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -142,8 +145,7 @@ async fn one_booking_is_one_trace_across_every_service() {
         workflow["traceId"].as_str(),
         Some(trace.to_string().as_str())
     );
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }
 
 /// Reads one sample (`name{labels} value`) from Prometheus text; labels must match exactly.
@@ -171,12 +173,7 @@ async fn metrics_count_what_the_sagas_did() {
     }
     suite.workflow(&scheduler, refused, "failed", WAIT).await;
 
-    let text = reqwest::get(scheduler.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&scheduler).await;
     assert_eq!(sample(&text, "saga_started_total"), Some(4.0), "{text}");
     assert_eq!(
         sample(&text, "saga_finished_total{state=\"scheduled\"}"),
@@ -213,12 +210,7 @@ async fn metrics_count_what_the_sagas_did() {
     assert!(text.contains("saga_outbox_backlog"), "{text}");
 
     // Ingestion counts requests by route and status, with latency histograms.
-    let text = reqwest::get(suite.ingestion.app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&suite.ingestion.app).await;
     let accepted: f64 = text
         .lines()
         .filter(|l| {
@@ -234,6 +226,5 @@ async fn metrics_count_what_the_sagas_did() {
         text.contains("http_requests_duration_seconds_bucket{"),
         "{text}"
     );
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }

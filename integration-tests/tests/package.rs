@@ -2,8 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
+use common::{assert_ready_with_docs, assert_unauthorized, put_20_at_once, raw_json};
 use contracts::{Package, PackageSize, PackageStatus, PackageSummary, SizeCounts};
-use futures::future::join_all;
 use integration_tests::{both_backends, spawn_package, Backend, TestApp};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -58,19 +60,7 @@ async fn put_creates_then_is_idempotent(backend: Backend) {
 async fn concurrent_puts_create_exactly_once(backend: Backend) {
     let app = spawn_package(backend).await;
     let b = body("owner-race", "ext-race", "Small", 1.0);
-    let replies = join_all((0..20).map(|_| app.put("/api/packages/pkg-race", &b))).await;
-    let statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
-    assert!(statuses.iter().all(|s| *s < 500), "no 5xx: {statuses:?}");
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "exactly one create: {statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        19,
-        "every other PUT finds it: {statuses:?}"
-    );
+    let replies = put_20_at_once(&app, "/api/packages/pkg-race", &b, 200).await;
     let first = &replies[0].body;
     assert!(replies.iter().all(|r| &r.body == first), "all bodies equal");
     assert_eq!(summary_of(&app, "owner-race").await.total, 1, "one row");
@@ -250,28 +240,23 @@ async fn summary_has_real_numbers(backend: Backend) {
 async fn client_errors_are_problems(backend: Backend) {
     let app = spawn_package(backend).await;
     // Missing token, wrong token.
-    let r = app
-        .call_with(Method::GET, "/api/packages/x", None, None)
-        .await;
-    assert_eq!(r.problem(401).code, "unauthorized");
-    let r = app
-        .call_with(
-            Method::PUT,
-            "/api/packages/x",
-            Some(&body("o", "e", "Small", 1.0)),
-            None,
-        )
-        .await;
-    assert_eq!(r.problem(401).code, "unauthorized");
-    let r = app
-        .call_with(
-            Method::GET,
-            "/api/packages/summary/o",
-            None,
-            Some("wrong-token"),
-        )
-        .await;
-    assert_eq!(r.problem(401).code, "unauthorized");
+    assert_unauthorized(&app, Method::GET, "/api/packages/x", None, None).await;
+    assert_unauthorized(
+        &app,
+        Method::PUT,
+        "/api/packages/x",
+        Some(&body("o", "e", "Small", 1.0)),
+        None,
+    )
+    .await;
+    assert_unauthorized(
+        &app,
+        Method::GET,
+        "/api/packages/summary/o",
+        None,
+        Some("wrong-token"),
+    )
+    .await;
     // Unknown id.
     assert_eq!(
         app.get("/api/packages/missing").await.problem(404).code,
@@ -320,23 +305,9 @@ async fn client_errors_are_problems(backend: Backend) {
     assert_eq!(p.weight, 2.5);
     assert_eq!(p.tag, None);
     // Malformed JSON, non-object body, wrong media type.
-    let r = app
-        .call_raw(
-            Method::PUT,
-            "/api/packages/x",
-            "application/json",
-            b"{\"ownerId\":".to_vec(),
-        )
-        .await;
+    let r = raw_json(&app, Method::PUT, "/api/packages/x", b"{\"ownerId\":").await;
     assert_eq!(r.problem(400).code, "malformed-json");
-    let r = app
-        .call_raw(
-            Method::PUT,
-            "/api/packages/x",
-            "application/json",
-            b"[1,2]".to_vec(),
-        )
-        .await;
+    let r = raw_json(&app, Method::PUT, "/api/packages/x", b"[1,2]").await;
     assert_eq!(r.bad_fields(), vec!["body"]);
     let r = app
         .call_raw(Method::PUT, "/api/packages/x", "text/plain", b"{}".to_vec())
@@ -345,14 +316,7 @@ async fn client_errors_are_problems(backend: Backend) {
     // PATCH: an empty body, an empty object, bad values.
     let r = app.patch("/api/packages/num", &json!({})).await;
     assert_eq!(r.bad_fields(), vec!["body"]);
-    let r = app
-        .call_raw(
-            Method::PATCH,
-            "/api/packages/num",
-            "application/json",
-            Vec::new(),
-        )
-        .await;
+    let r = raw_json(&app, Method::PATCH, "/api/packages/num", b"").await;
     assert_eq!(r.bad_fields(), vec!["body"]);
     let r = app
         .patch("/api/packages/num", &json!({"size": "Huge", "weight": -2}))
@@ -370,12 +334,7 @@ async fn client_errors_are_problems(backend: Backend) {
 
 async fn service_endpoints_answer(backend: Backend) {
     let app = spawn_package(backend).await;
-    assert_eq!(app.get("/healthz").await.status, 200);
-    let ready = app.get("/readyz").await;
-    assert_eq!(ready.status, 200, "{}", ready.body);
-    assert_eq!(ready.body["checks"]["database"]["status"], "ok");
-    let doc = app.get("/openapi.json").await;
-    assert_eq!(doc.status, 200);
+    let doc = assert_ready_with_docs(&app).await;
     let paths = &doc.body["paths"];
     for method in ["get", "put", "patch", "delete"] {
         assert!(

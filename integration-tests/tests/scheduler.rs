@@ -4,15 +4,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::time::Duration;
 
-use contracts::{DroneReservation, Fleet, PackageSummary, TrackingEvent};
-use integration_tests::faults::{Fault, FaultKind};
-use integration_tests::wait::poll;
-use integration_tests::{
-    both_backends, done_if, eventually, spawn_suite, Backend, Suite, SuiteFaults, TestApp,
+use common::{
+    client_changes, compensations, failing, metrics, next_compensation, refusing, reserved_drones,
+    stop, suite_with_scheduler, ACTIVE,
 };
-use messaging::QueueOptions;
+use contracts::{DroneReservation, PackageSummary, TrackingEvent};
+use integration_tests::faults::FaultKind;
+use integration_tests::wait::poll;
+use integration_tests::{both_backends, done_if, eventually, Backend, Suite, SuiteFaults, TestApp};
+use reqwest::Method;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -28,6 +32,10 @@ both_backends!(
 );
 
 const WAIT: Duration = Duration::from_secs(30);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
 
 fn attempts(workflow: &Value) -> Vec<(String, Vec<String>)> {
     workflow["steps"]
@@ -77,9 +85,7 @@ async fn downstream_effects(suite: &Suite, owner: &str, id: Uuid) -> (u64, bool,
 }
 
 async fn booking_ends_scheduled_with_one_of_everything(backend: Backend) {
-    let suite = spawn_suite(backend, SuiteFaults::default()).await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
+    let (suite, scheduler) = suite_with_scheduler(backend, SuiteFaults::default(), ACTIVE).await;
     let id = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
     let wf = suite.workflow(&scheduler, id, "completed", WAIT).await;
     let one = vec!["succeeded".to_owned()];
@@ -100,56 +106,24 @@ async fn booking_ends_scheduled_with_one_of_everything(backend: Backend) {
         .json();
     let delivery = suite.delivery.get(&format!("/api/deliveries/{id}")).await;
     assert_eq!(delivery.body["droneId"], r.drone_id.as_str());
-    let fleet: Fleet = suite.drone.get("/api/drones").await.json();
-    assert_eq!(
-        fleet
-            .drones
-            .iter()
-            .map(|d| d.upcoming_reservations)
-            .sum::<u64>(),
-        1
-    );
+    assert_eq!(reserved_drones(&suite.drone).await, 1);
     // The client sees it scheduled through Ingestion's read model (fed by workflow events).
     suite.client_state("acc-1", id, "scheduled", WAIT).await;
-    let metrics = scheduler
-        .client
-        .get(scheduler.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&scheduler).await;
     assert!(
         metrics.contains("saga_finished_total{state=\"scheduled\"} 1"),
         "{metrics}"
     );
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }
 
 async fn transient_faults_are_retried_without_duplicates(backend: Backend) {
-    let suite = spawn_suite(
-        backend,
-        SuiteFaults {
-            package: vec![Fault {
-                method: "PUT",
-                path_prefix: "/api/packages/".into(),
-                times: 2,
-                kind: FaultKind::Status(503),
-            }],
-            delivery: vec![Fault {
-                method: "PUT",
-                path_prefix: "/api/deliveries/".into(),
-                times: 1,
-                kind: FaultKind::Delay(Duration::from_millis(1500)),
-            }],
-            ..Default::default()
-        },
-    )
-    .await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
+    let faults = SuiteFaults {
+        package: failing("PUT", "/api/packages/", 2, FaultKind::Status(503)),
+        delivery: failing("PUT", "/api/deliveries/", 1, FaultKind::Delay(ms(1500))),
+        ..Default::default()
+    };
+    let (suite, scheduler) = suite_with_scheduler(backend, faults, ACTIVE).await;
     let id = suite.book(&Suite::booking("acc-1", 24, "Medium")).await;
     let wf = suite.workflow(&scheduler, id, "completed", WAIT).await;
     let steps = attempts(&wf);
@@ -160,62 +134,33 @@ async fn transient_faults_are_retried_without_duplicates(backend: Backend) {
     );
     assert_eq!(steps[3].1, vec!["transient", "succeeded"], "timed out once");
     // The timed-out PUT still reached the service; the retry found it: one of each.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    tokio::time::sleep(ms(1600)).await;
     assert_eq!(downstream_effects(&suite, "acc-1", id).await, (1, true, 1));
     assert_eq!(suite.faults.iter().map(|f| f.hits()).sum::<usize>(), 3);
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }
 
 async fn suspended_account_fails_with_nothing_to_undo(backend: Backend) {
-    let suite = spawn_suite(backend, SuiteFaults::default()).await;
-    suite.account("acc-s", "suspended").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
+    let suspended = ("acc-s", "suspended");
+    let (suite, scheduler) = suite_with_scheduler(backend, SuiteFaults::default(), suspended).await;
     let id = suite.book(&Suite::booking("acc-s", 24, "Small")).await;
     let wf = suite.workflow(&scheduler, id, "failed", WAIT).await;
     assert!(wf["error"].as_str().unwrap().contains("suspended"), "{wf}");
     assert_eq!(attempts(&wf)[0].1, vec!["permanent"], "not retried");
     assert_eq!(downstream_effects(&suite, "acc-s", id).await, (0, false, 0));
-    let queue = suite
-        .ingestion
-        .broker
-        .queue(
-            contracts::COMPENSATIONS_QUEUE,
-            QueueOptions { delivery_limit: 10 },
-        )
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queue = compensations(&suite).await;
+    tokio::time::sleep(ms(500)).await;
     assert_eq!(queue.depth().await.unwrap(), 0, "nothing to compensate");
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }
 
 async fn permanent_failure_after_drone_asks_for_compensation(backend: Backend) {
-    let suite = spawn_suite(
-        backend,
-        SuiteFaults {
-            delivery: vec![Fault {
-                method: "PUT",
-                path_prefix: "/api/deliveries/".into(),
-                times: usize::MAX,
-                kind: FaultKind::Status(422),
-            }],
-            ..Default::default()
-        },
-    )
-    .await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
-    let queue = suite
-        .ingestion
-        .broker
-        .queue(
-            contracts::COMPENSATIONS_QUEUE,
-            QueueOptions { delivery_limit: 10 },
-        )
-        .await
-        .unwrap();
+    let faults = SuiteFaults {
+        delivery: refusing("PUT", "/api/deliveries/", 422),
+        ..Default::default()
+    };
+    let (suite, scheduler) = suite_with_scheduler(backend, faults, ACTIVE).await;
+    let queue = compensations(&suite).await;
     let mut rx = queue.consume(10).await.unwrap();
     let id = suite.book(&Suite::booking("acc-1", 24, "Large")).await;
     let wf = suite.workflow(&scheduler, id, "failed", WAIT).await;
@@ -224,12 +169,8 @@ async fn permanent_failure_after_drone_asks_for_compensation(backend: Backend) {
             || wf["steps"][3]["status"] == "failed",
         "{wf}"
     );
-    let message = tokio::time::timeout(Duration::from_secs(10), rx.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let (request, message) = next_compensation(&mut rx).await;
     assert_eq!(message.event.kind, contracts::COMPENSATION_REQUESTED);
-    let request: contracts::CompensationRequest = message.event.decode().unwrap();
     assert_eq!(request.delivery_id, id);
     assert_eq!(
         request.succeeded_steps,
@@ -241,8 +182,7 @@ async fn permanent_failure_after_drone_asks_for_compensation(backend: Backend) {
         request.reason
     );
     message.ack().await.unwrap();
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }
 
 async fn partitions(scheduler: &TestApp) -> Vec<Value> {
@@ -255,10 +195,17 @@ async fn partitions(scheduler: &TestApp) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Who holds each partition `scheduler` reports.
+async fn partition_owners(scheduler: &TestApp) -> Vec<String> {
+    partitions(scheduler)
+        .await
+        .iter()
+        .map(|p| p["owner"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 async fn two_schedulers_never_share_a_partition(backend: Backend) {
-    let suite = spawn_suite(backend, SuiteFaults::default()).await;
-    suite.account("acc-1", "active").await;
-    let a = suite.start_scheduler(|_| {}).await;
+    let (suite, a) = suite_with_scheduler(backend, SuiteFaults::default(), ACTIVE).await;
     // Wait (up to 10 s) until A holds every partition, then start B for the same partitions.
     let every = Duration::from_millis(50);
     let _ = poll(Duration::from_secs(10), every, async || {
@@ -278,28 +225,16 @@ async fn two_schedulers_never_share_a_partition(backend: Backend) {
             assert_eq!(outcomes, vec!["succeeded"], "{step} ran once");
         }
     }
-    let owners: Vec<String> = partitions(&a)
-        .await
-        .iter()
-        .map(|p| p["owner"].as_str().unwrap().to_owned())
-        .collect();
+    let owners = partition_owners(&a).await;
     assert!(owners.iter().all(|o| o == "scheduler-test-a"), "{owners:?}");
-    let metrics_b = b
-        .client
-        .get(b.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics_b = metrics(&b).await;
     assert!(
         !metrics_b.contains("saga_started_total 1"),
         "B started no saga"
     );
     // Only the owner relays a partition's outbox: every lifecycle event is on the log once
     // (with both replicas relaying the whole outbox, B published A's rows as well).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(ms(500)).await;
     let partitions_n = suite.scheduler_settings.scheduler.partitions;
     let events = suite
         .ingestion
@@ -328,27 +263,20 @@ async fn two_schedulers_never_share_a_partition(backend: Backend) {
     a.stop().await;
     let late = suite.book(&Suite::booking("acc-1", 30, "Small")).await;
     suite.workflow(&b, late, "completed", WAIT).await;
-    let owners: Vec<String> = partitions(&b)
-        .await
-        .iter()
-        .map(|p| p["owner"].as_str().unwrap().to_owned())
-        .collect();
+    let owners = partition_owners(&b).await;
     assert!(owners.iter().all(|o| o == "scheduler-test-b"), "{owners:?}");
-    b.stop().await;
-    suite.stop().await;
+    stop(suite, b).await;
 }
 
 async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
     use sea_orm::ConnectionTrait;
-    let suite = spawn_suite(backend, SuiteFaults::default()).await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
+    let (suite, scheduler) = suite_with_scheduler(backend, SuiteFaults::default(), ACTIVE).await;
     let ids: Vec<Uuid> = futures::future::join_all((0..10).map(|i| suite.book_owned(i))).await;
     for id in &ids {
         suite.workflow(&scheduler, *id, "completed", WAIT).await;
     }
     let before_summary = suite.package.get("/api/packages/summary/acc-1").await.body;
-    let before_fleet: Fleet = suite.drone.get("/api/drones").await.json();
+    let before_fleet = reserved_drones(&suite.drone).await;
     // Checkpoints are positions (offset, index): one message may carry several bookings.
     let checkpoints = |parts: Vec<Value>| -> Vec<(i64, i64)> {
         let mut v: Vec<(i64, (i64, i64))> = parts
@@ -367,7 +295,7 @@ async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
         v.into_iter().map(|(_, o)| o).collect()
     };
     // Wait for the checkpoints to cover everything read, then remember them.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(ms(500)).await;
     scheduler.stop().await;
 
     // Rewind every partition to offset 0 and start again: the whole log is read once more.
@@ -412,7 +340,7 @@ async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
         )
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(ms(300)).await;
     assert_eq!(
         count(&db, "SELECT COUNT(*) AS n FROM saga_attempts").await,
         attempts_before,
@@ -422,25 +350,12 @@ async fn replaying_from_offset_zero_changes_nothing(backend: Backend) {
         suite.package.get("/api/packages/summary/acc-1").await.body,
         before_summary
     );
-    let after_fleet: Fleet = suite.drone.get("/api/drones").await.json();
-    assert_eq!(
-        after_fleet
-            .drones
-            .iter()
-            .map(|d| d.upcoming_reservations)
-            .sum::<u64>(),
-        before_fleet
-            .drones
-            .iter()
-            .map(|d| d.upcoming_reservations)
-            .sum::<u64>()
-    );
+    assert_eq!(reserved_drones(&suite.drone).await, before_fleet);
     for id in &ids {
         assert_eq!(downstream_effects(&suite, "acc-1", *id).await.2, 1);
     }
     let _ = db.close().await;
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }
 
 async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
@@ -469,30 +384,12 @@ impl BookOwned for Suite {
 
 async fn no_drone_before_pickup_fails_and_compensates(backend: Backend) {
     // The drone service answers "no drone free" (503) to every reservation.
-    let suite = spawn_suite(
-        backend,
-        SuiteFaults {
-            drone: vec![Fault {
-                method: "PUT",
-                path_prefix: "/api/dronedeliveries/".into(),
-                times: usize::MAX,
-                kind: FaultKind::Status(503),
-            }],
-            ..Default::default()
-        },
-    )
-    .await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
-    let queue = suite
-        .ingestion
-        .broker
-        .queue(
-            contracts::COMPENSATIONS_QUEUE,
-            QueueOptions { delivery_limit: 10 },
-        )
-        .await
-        .unwrap();
+    let faults = SuiteFaults {
+        drone: refusing("PUT", "/api/dronedeliveries/", 503),
+        ..Default::default()
+    };
+    let (suite, scheduler) = suite_with_scheduler(backend, faults, ACTIVE).await;
+    let queue = compensations(&suite).await;
     let mut rx = queue.consume(10).await.unwrap();
     let mut body = Suite::booking("acc-1", 0, "Small");
     body["pickupTime"] =
@@ -508,22 +405,14 @@ async fn no_drone_before_pickup_fails_and_compensates(backend: Backend) {
         wf["error"].as_str().unwrap().contains("ReserveDrone"),
         "{wf}"
     );
-    let message = tokio::time::timeout(Duration::from_secs(10), rx.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let request: contracts::CompensationRequest = message.event.decode().unwrap();
+    let (request, message) = next_compensation(&mut rx).await;
     assert_eq!(request.succeeded_steps, vec!["RegisterPackage"]);
     message.ack().await.unwrap();
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }
 
 async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
-    let suite = spawn_suite(backend, SuiteFaults::default()).await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
-    let token = suite.ingestion.token("acc-1", &[]);
+    let (suite, scheduler) = suite_with_scheduler(backend, SuiteFaults::default(), ACTIVE).await;
     let moved = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
     let cancelled = suite.book(&Suite::booking("acc-1", 25, "Small")).await;
     suite.workflow(&scheduler, moved, "completed", WAIT).await;
@@ -533,17 +422,8 @@ async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
 
     // Reschedule a scheduled booking: the drone window and the delivery move.
     let later = chrono::Utc::now() + chrono::Duration::hours(48);
-    let r = suite
-        .ingestion
-        .app
-        .call_with(
-            reqwest::Method::PATCH,
-            &format!("/api/deliveryrequests/{moved}"),
-            Some(&serde_json::json!({"pickupTime": later.to_rfc3339()})),
-            Some(&token),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.body);
+    let body = serde_json::json!({"pickupTime": later.to_rfc3339()});
+    client_changes(&suite, "acc-1", Method::PATCH, moved, Some(&body)).await;
     // The saga moves the drone window first, then the delivery: wait for both.
     let what = "the drone reservation to move to the new pickup time, then a Rescheduled event";
     eventually(Duration::from_secs(20), what, async || {
@@ -567,35 +447,13 @@ async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
     .await;
 
     // Cancel a scheduled booking: the saga ends cancelled and asks to undo all three steps.
-    let queue = suite
-        .ingestion
-        .broker
-        .queue(
-            contracts::COMPENSATIONS_QUEUE,
-            QueueOptions { delivery_limit: 10 },
-        )
-        .await
-        .unwrap();
+    let queue = compensations(&suite).await;
     let mut rx = queue.consume(10).await.unwrap();
-    let r = suite
-        .ingestion
-        .app
-        .call_with(
-            reqwest::Method::DELETE,
-            &format!("/api/deliveryrequests/{cancelled}"),
-            None,
-            Some(&token),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.body);
+    client_changes(&suite, "acc-1", Method::DELETE, cancelled, None).await;
     suite
         .workflow(&scheduler, cancelled, "cancelled", WAIT)
         .await;
-    let message = tokio::time::timeout(Duration::from_secs(10), rx.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let request: contracts::CompensationRequest = message.event.decode().unwrap();
+    let (request, message) = next_compensation(&mut rx).await;
     assert_eq!(request.delivery_id, cancelled);
     assert_eq!(
         request.succeeded_steps,
@@ -606,6 +464,5 @@ async fn cancel_and_reschedule_reach_the_saga(backend: Backend) {
     suite
         .client_state("acc-1", cancelled, "cancelled", WAIT)
         .await;
-    scheduler.stop().await;
-    suite.stop().await;
+    stop(suite, scheduler).await;
 }

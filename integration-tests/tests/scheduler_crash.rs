@@ -11,12 +11,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use contracts::{DeliveryRequested, DroneReservation, Fleet, PackageSummary, TrackingEvent};
+use common::{client_call, reserved_drones};
+use contracts::{DeliveryRequested, DroneReservation, PackageSummary, TrackingEvent};
 use futures::StreamExt;
 use integration_tests::harness::{binary, free_port, ServiceProcess};
 use integration_tests::wait::poll;
@@ -247,13 +250,8 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
         .await
         .json();
     assert_eq!(summary.total, BOOKINGS as u64, "one package per booking");
-    let fleet: Fleet = suite.drone.get("/api/drones").await.json();
     assert_eq!(
-        fleet
-            .drones
-            .iter()
-            .map(|d| d.upcoming_reservations)
-            .sum::<u64>(),
+        reserved_drones(&suite.drone).await,
         BOOKINGS as u64,
         "one drone reservation per booking"
     );
@@ -362,16 +360,7 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
             .map(|id| {
                 let (suite, token) = (&suite, &token);
                 async move {
-                    let r = suite
-                        .ingestion
-                        .app
-                        .call_with(
-                            reqwest::Method::GET,
-                            &format!("/api/deliveryrequests/{id}"),
-                            None,
-                            Some(token),
-                        )
-                        .await;
+                    let r = client_call(suite, token, reqwest::Method::GET, id, None).await;
                     (id, r.body["state"].clone())
                 }
             })

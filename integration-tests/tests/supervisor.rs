@@ -4,16 +4,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::time::Duration;
 
-use contracts::{Fleet, TrackingEvent};
+use common::{
+    client_changes, compensations, failing, metrics, refusing, reserved_drones,
+    stop_with_supervisor, suite_with_scheduler,
+};
+use contracts::TrackingEvent;
 use integration_tests::faults::{Fault, FaultKind};
 use integration_tests::wait::poll;
 use integration_tests::{
     both_backends, done_if, eventually, eventually_every, spawn_suite, spawn_supervisor, Backend,
     Suite, SuiteFaults, SupervisorApp, TestApp, OPERATOR, VIEWER,
 };
-use messaging::QueueOptions;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -45,31 +50,34 @@ mod postgres_only {
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The Scheduler's CreateDelivery always fails permanently: sagas fail after the drone step.
-fn failing_delivery() -> SuiteFaults {
-    SuiteFaults {
-        delivery: vec![Fault {
-            method: "PUT",
-            path_prefix: "/api/deliveries/".into(),
-            times: usize::MAX,
-            kind: FaultKind::Status(422),
-        }],
+/// A suite whose CreateDelivery always fails permanently (sagas fail after the drone step), with
+/// acc-1, a scheduler and a supervisor; with `limit`, both park a compensation after that many
+/// deliveries.
+async fn failing_delivery(backend: Backend, limit: Option<u32>) -> (Suite, TestApp, SupervisorApp) {
+    let faults = SuiteFaults {
+        delivery: refusing("PUT", "/api/deliveries/", 422),
         ..Default::default()
-    }
+    };
+    let suite = spawn_suite(backend, faults).await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite
+        .start_scheduler(|s| {
+            if let Some(n) = limit {
+                s.scheduler.compensation_delivery_limit = n;
+            }
+        })
+        .await;
+    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |s| {
+        if let Some(n) = limit {
+            s.supervisor.compensation_delivery_limit = n;
+        }
+    })
+    .await;
+    (suite, scheduler, supervisor)
 }
 
 fn unavailable(method: &'static str, prefix: &str, times: usize) -> Vec<Fault> {
-    vec![Fault {
-        method,
-        path_prefix: prefix.into(),
-        times,
-        kind: FaultKind::Status(503),
-    }]
-}
-
-async fn reserved_drones(suite: &Suite) -> u64 {
-    let fleet: Fleet = suite.drone.get("/api/drones").await.json();
-    fleet.drones.iter().map(|d| d.upcoming_reservations).sum()
+    failing(method, prefix, times, FaultKind::Status(503))
 }
 
 async fn package_status(suite: &Suite, id: Uuid) -> Value {
@@ -77,26 +85,16 @@ async fn package_status(suite: &Suite, id: Uuid) -> Value {
 }
 
 async fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
+    metrics(app)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
 
 async fn failure_after_the_drone_step_ends_compensated(backend: Backend) {
-    let suite = spawn_suite(backend, failing_delivery()).await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
-    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |_| {}).await;
+    let (suite, scheduler, supervisor) = failing_delivery(backend, None).await;
 
     let id = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
     let wf = suite.workflow(&scheduler, id, "compensated", WAIT).await;
@@ -117,7 +115,7 @@ async fn failure_after_the_drone_step_ends_compensated(backend: Backend) {
         "{wf}"
     );
     // The drone is free again, the package cancelled, no delivery exists.
-    assert_eq!(reserved_drones(&suite).await, 0);
+    assert_eq!(reserved_drones(&suite.drone).await, 0);
     assert_eq!(package_status(&suite, id).await, "cancelled");
     assert_eq!(
         suite
@@ -159,20 +157,9 @@ async fn failure_after_the_drone_step_ends_compensated(backend: Backend) {
         .post(&format!("/api/workflows/{id2}/retry"), &json!({}))
         .await;
     assert_eq!(r.problem(409).code, "saga-state-conflict");
-    let token = suite.ingestion.token("acc-1", &[]);
-    let r = suite
-        .ingestion
-        .app
-        .call_with(
-            reqwest::Method::DELETE,
-            &format!("/api/deliveryrequests/{id2}"),
-            None,
-            Some(&token),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.body);
+    client_changes(&suite, "acc-1", reqwest::Method::DELETE, id2, None).await;
     suite.workflow(&scheduler, id2, "compensated", WAIT).await;
-    assert_eq!(reserved_drones(&suite).await, 0);
+    assert_eq!(reserved_drones(&suite.drone).await, 0);
     assert_eq!(package_status(&suite, id2).await, "cancelled");
     let events: Vec<TrackingEvent> = suite
         .delivery
@@ -194,16 +181,11 @@ async fn failure_after_the_drone_step_ends_compensated(backend: Backend) {
         Some(2.0)
     );
 
-    supervisor.stop().await;
-    scheduler.stop().await;
-    suite.stop().await;
+    stop_with_supervisor(suite, scheduler, supervisor).await;
 }
 
 async fn downstream_down_is_retried_then_compensated(backend: Backend) {
-    let suite = spawn_suite(backend, failing_delivery()).await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
-    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |_| {}).await;
+    let (suite, scheduler, supervisor) = failing_delivery(backend, None).await;
     // The drone service answers 503 to the first two releases.
     supervisor
         .drone
@@ -212,7 +194,7 @@ async fn downstream_down_is_retried_then_compensated(backend: Backend) {
     let id = suite.book(&Suite::booking("acc-1", 24, "Medium")).await;
     suite.workflow(&scheduler, id, "compensated", WAIT).await;
     assert_eq!(supervisor.drone.hits(), 2, "both faults were hit");
-    assert_eq!(reserved_drones(&suite).await, 0);
+    assert_eq!(reserved_drones(&suite.drone).await, 0);
     let detail = supervisor.saga(id, "compensated", WAIT).await;
     assert_eq!(
         detail["compensations"][0]["deliveries"], 1,
@@ -227,20 +209,11 @@ async fn downstream_down_is_retried_then_compensated(backend: Backend) {
         Some(2.0)
     );
 
-    supervisor.stop().await;
-    scheduler.stop().await;
-    suite.stop().await;
+    stop_with_supervisor(suite, scheduler, supervisor).await;
 }
 
 async fn failing_compensation_is_parked_and_redriven(backend: Backend) {
-    let suite = spawn_suite(backend, failing_delivery()).await;
-    suite.account("acc-1", "active").await;
-    let limit = |s: &mut scheduler::Settings| s.scheduler.compensation_delivery_limit = 2;
-    let scheduler = suite.start_scheduler(limit).await;
-    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |s| {
-        s.supervisor.compensation_delivery_limit = 2;
-    })
-    .await;
+    let (suite, scheduler, supervisor) = failing_delivery(backend, Some(2)).await;
     // The package service is down for good (for now).
     supervisor
         .package
@@ -264,7 +237,7 @@ async fn failing_compensation_is_parked_and_redriven(backend: Backend) {
         .client_state("acc-1", id, "compensation-failed", WAIT)
         .await;
     // The drone was released before the package failed; the package is still there.
-    assert_eq!(reserved_drones(&suite).await, 0);
+    assert_eq!(reserved_drones(&suite.drone).await, 0);
     assert_eq!(package_status(&suite, id).await, "registered");
     let overview = supervisor.app.get("/api/overview").await;
     assert!(overview.body["parked"].as_i64().unwrap() >= 0);
@@ -298,16 +271,11 @@ async fn failing_compensation_is_parked_and_redriven(backend: Backend) {
         .await;
     assert_eq!(again.status, 404);
 
-    supervisor.stop().await;
-    scheduler.stop().await;
-    suite.stop().await;
+    stop_with_supervisor(suite, scheduler, supervisor).await;
 }
 
 async fn duplicate_request_has_no_second_effect(backend: Backend) {
-    let suite = spawn_suite(backend, failing_delivery()).await;
-    suite.account("acc-1", "active").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
-    let supervisor = spawn_supervisor(backend, &suite, &scheduler, |_| {}).await;
+    let (suite, scheduler, supervisor) = failing_delivery(backend, None).await;
 
     let id = suite.book(&Suite::booking("acc-1", 24, "Small")).await;
     let before = suite.workflow(&scheduler, id, "compensated", WAIT).await;
@@ -323,15 +291,7 @@ async fn duplicate_request_has_no_second_effect(backend: Backend) {
             kind: FaultKind::Status(500),
         }]);
     }
-    let queue = suite
-        .ingestion
-        .broker
-        .queue(
-            contracts::COMPENSATIONS_QUEUE,
-            QueueOptions { delivery_limit: 10 },
-        )
-        .await
-        .unwrap();
+    let queue = compensations(&suite).await;
     let request = contracts::CompensationRequest {
         delivery_id: id,
         owner_id: "acc-1".into(),
@@ -369,9 +329,7 @@ async fn duplicate_request_has_no_second_effect(backend: Backend) {
     assert_eq!(detail["compensations"][0]["deliveries"], 1);
     assert_eq!(depth(&queue).await, 0);
 
-    supervisor.stop().await;
-    scheduler.stop().await;
-    suite.stop().await;
+    stop_with_supervisor(suite, scheduler, supervisor).await;
 }
 
 async fn depth(queue: &std::sync::Arc<dyn messaging::WorkQueue>) -> u64 {
@@ -488,31 +446,47 @@ mod browser {
         dir
     }
 
-    async fn login(c: &Client, base: &str, (user, password): (&str, &str)) {
-        c.goto(&format!("{base}/login")).await.unwrap();
-        c.find(Locator::Css("#username"))
-            .await
-            .unwrap()
-            .send_keys(user)
-            .await
-            .unwrap();
-        c.find(Locator::Css("#password"))
-            .await
-            .unwrap()
-            .send_keys(password)
-            .await
-            .unwrap();
-        c.find(Locator::Css("#sign-in"))
+    /// Types `text` into the element `css` names.
+    async fn type_into(c: &Client, css: &str, text: &str) {
+        let field = c.find(Locator::Css(css)).await.unwrap();
+        field.send_keys(text).await.unwrap();
+    }
+
+    /// Clicks the element `css` names.
+    async fn click(c: &Client, css: &str) {
+        c.find(Locator::Css(css))
             .await
             .unwrap()
             .click()
             .await
             .unwrap();
+    }
+
+    /// Waits up to 10 s for the element `css` names; panics saying `expected` if it never shows.
+    async fn wait_for(c: &Client, css: &str, expected: &str) -> fantoccini::elements::Element {
         c.wait()
             .at_most(Duration::from_secs(10))
-            .for_element(Locator::Css("#who"))
+            .for_element(Locator::Css(css))
             .await
-            .expect("signed in");
+            .expect(expected)
+    }
+
+    /// Saves a screenshot of the page as `name` in `dir`.
+    async fn screenshot(c: &Client, dir: &std::path::Path, name: &str) {
+        std::fs::write(dir.join(name), c.screenshot().await.unwrap()).unwrap();
+    }
+
+    /// Fills in and sends the login form.
+    async fn submit_login(c: &Client, base: &str, user: &str, password: &str) {
+        c.goto(&format!("{base}/login")).await.unwrap();
+        type_into(c, "#username", user).await;
+        type_into(c, "#password", password).await;
+        click(c, "#sign-in").await;
+    }
+
+    async fn login(c: &Client, base: &str, (user, password): (&str, &str)) {
+        submit_login(c, base, user, password).await;
+        wait_for(c, "#who", "signed in").await;
     }
 
     /// Clicks the element `css` names, finding it again if the page's live refresh replaced it
@@ -537,10 +511,10 @@ mod browser {
     }
 
     pub async fn dashboard_in_headless_chromium(backend: Backend) {
-        let suite = spawn_suite(backend, SuiteFaults::default()).await;
         // A suspended account fails the saga at once: a failed saga waiting for a person.
-        suite.account("acc-suspended", "suspended").await;
-        let scheduler = suite.start_scheduler(|_| {}).await;
+        let suspended = ("acc-suspended", "suspended");
+        let (suite, scheduler) =
+            suite_with_scheduler(backend, SuiteFaults::default(), suspended).await;
         let supervisor: SupervisorApp = spawn_supervisor(backend, &suite, &scheduler, |_| {}).await;
         let id = suite
             .book(&Suite::booking("acc-suspended", 24, "Small"))
@@ -565,38 +539,16 @@ mod browser {
         // The operator finds the failed saga by its delivery id and opens its timeline.
         login(&c, &base, OPERATOR).await;
         assert!(text(&c, "#counters").await.contains("parked"));
-        c.wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Css("#partitions tbody tr"))
-            .await
-            .expect("partitions with lag");
-        std::fs::write(shots.join("overview.png"), c.screenshot().await.unwrap()).unwrap();
+        wait_for(&c, "#partitions tbody tr", "partitions with lag").await;
+        screenshot(&c, &shots, "overview.png").await;
         c.goto(&format!("{base}/dashboard/sagas")).await.unwrap();
-        c.find(Locator::Css("#q"))
-            .await
-            .unwrap()
-            .send_keys(&id.to_string())
-            .await
-            .unwrap();
-        c.find(Locator::Css("#search-button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        type_into(&c, "#q", &id.to_string()).await;
+        click(&c, "#search-button").await;
         let row = format!("tr[data-delivery-id='{id}'] a");
-        c.wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Css(&row))
-            .await
-            .expect("the saga in the search results");
+        wait_for(&c, &row, "the saga in the search results").await;
         assert!(text(&c, "table.sagas").await.contains("failed"));
         click_fresh(&c, &row).await;
-        c.wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Css("#timeline"))
-            .await
-            .expect("timeline");
+        wait_for(&c, "#timeline", "timeline").await;
         assert_eq!(text(&c, "#saga-state").await, "failed");
         let timeline = text(&c, "#timeline").await;
         assert!(
@@ -608,26 +560,13 @@ mod browser {
             trace_id.trim().len() == 32 && trace_id.trim().bytes().all(|b| b.is_ascii_hexdigit()),
             "the timeline shows the booking's trace id: {trace_id:?}"
         );
-        std::fs::write(shots.join("timeline.png"), c.screenshot().await.unwrap()).unwrap();
+        screenshot(&c, &shots, "timeline.png").await;
 
         // Compensate now, with a reason.
-        c.find(Locator::Css("#compensate-reason"))
-            .await
-            .unwrap()
-            .send_keys("customer called, booking abandoned")
-            .await
-            .unwrap();
-        c.find(Locator::Css("#compensate-button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        c.wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Css(".flash.ok"))
-            .await
-            .expect("compensation queued");
+        let reason = "customer called, booking abandoned";
+        type_into(&c, "#compensate-reason", reason).await;
+        click(&c, "#compensate-button").await;
+        wait_for(&c, ".flash.ok", "compensation queued").await;
         let (what, every) = (
             "the saga page to show compensated",
             Duration::from_millis(200),
@@ -640,17 +579,11 @@ mod browser {
             done_if(state == "compensated", state)
         })
         .await;
-        std::fs::write(
-            shots.join("timeline-compensated.png"),
-            c.screenshot().await.unwrap(),
-        )
-        .unwrap();
+        screenshot(&c, &shots, "timeline-compensated.png").await;
         c.goto(&format!("{base}/dashboard/audit")).await.unwrap();
         let audit = text(&c, "#audit").await;
         assert!(
-            audit.contains(OPERATOR.0)
-                && audit.contains("compensate")
-                && audit.contains("customer called, booking abandoned"),
+            audit.contains(OPERATOR.0) && audit.contains("compensate") && audit.contains(reason),
             "{audit}"
         );
 
@@ -705,31 +638,8 @@ mod browser {
         c.delete_all_cookies().await.unwrap();
         let mut throttled = None;
         for _ in 0..10 {
-            c.goto(&format!("{base}/login")).await.unwrap();
-            c.find(Locator::Css("#username"))
-                .await
-                .unwrap()
-                .send_keys(VIEWER.0)
-                .await
-                .unwrap();
-            c.find(Locator::Css("#password"))
-                .await
-                .unwrap()
-                .send_keys("not-the-password")
-                .await
-                .unwrap();
-            c.find(Locator::Css("#sign-in"))
-                .await
-                .unwrap()
-                .click()
-                .await
-                .unwrap();
-            let notice = c
-                .wait()
-                .at_most(Duration::from_secs(10))
-                .for_element(Locator::Css(".flash.err"))
-                .await
-                .expect("a message above the login form");
+            submit_login(&c, &base, VIEWER.0, "not-the-password").await;
+            let notice = wait_for(&c, ".flash.err", "a message above the login form").await;
             if c.find(Locator::Css("#throttled")).await.is_ok() {
                 throttled = Some(notice.text().await.unwrap());
                 break;
@@ -740,16 +650,10 @@ mod browser {
             throttled.contains("Too many failed sign-ins") && throttled.contains("Wait "),
             "{throttled}"
         );
-        std::fs::write(
-            shots.join("login-throttled.png"),
-            c.screenshot().await.unwrap(),
-        )
-        .unwrap();
+        screenshot(&c, &shots, "login-throttled.png").await;
 
         c.close().await.unwrap();
         drop(driver);
-        supervisor.stop().await;
-        scheduler.stop().await;
-        suite.stop().await;
+        stop_with_supervisor(suite, scheduler, supervisor).await;
     }
 }

@@ -13,10 +13,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+mod common;
+
+use common::{stop_with_supervisor, suite_with_scheduler};
 use integration_tests::harness::{binary, free_port, ServiceProcess};
 use integration_tests::{
-    done_if, eventually, spawn, spawn_suite, spawn_supervisor, test_auth, test_http, Backend,
-    Suite, SuiteFaults, SupervisorApp, TestApp, TestDb, OPERATOR, SERVICE_TOKEN, VIEWER,
+    done_if, eventually, spawn, spawn_supervisor, test_auth, test_http, Backend, Suite,
+    SuiteFaults, SupervisorApp, TestApp, TestDb, OPERATOR, SERVICE_TOKEN, VIEWER,
 };
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
@@ -40,6 +43,10 @@ impl Page {
 
     fn location(&self) -> &str {
         self.header("location").unwrap_or_default()
+    }
+
+    fn assert_location_starts_with(&self, prefix: &str) {
+        assert!(self.location().starts_with(prefix), "{}", self.location());
     }
 
     /// The session cookie this answer sets.
@@ -142,6 +149,13 @@ impl Web {
         self.send(req).await
     }
 
+    /// Posts the dashboard's form for `action` (retry, compensate) on saga `id` with `reason`.
+    async fn act(&self, action: &str, id: Uuid, session: &str, csrf: &str, reason: &str) -> Page {
+        let path = format!("/dashboard/sagas/{id}/{action}");
+        self.post(&path, session, &[("csrf", csrf), ("reason", reason)])
+            .await
+    }
+
     async fn post(&self, path: &str, session: &str, form: &[(&str, &str)]) -> Page {
         let req = self
             .http
@@ -178,6 +192,12 @@ fn users(list: &[(&str, &str, &str)]) -> BTreeMap<String, supervisor::UserSettin
     list.iter()
         .map(|(name, role, password)| ((*name).to_owned(), user(role, password)))
         .collect()
+}
+
+/// A fresh Supervisor database on PostgreSQL and a temporary folder.
+async fn scratch() -> (TestDb, tempfile::TempDir) {
+    let db = TestDb::new(Backend::Postgres, "supervisor").await;
+    (db, tempfile::tempdir().unwrap())
 }
 
 /// A Supervisor alone on `db` (kept by the caller, so it can be started again on the same
@@ -233,8 +253,7 @@ const FLOOD_PEAK_RSS_MIB: u64 = 160;
 /// the attacked user after the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn login_flood_is_throttled_within_bounded_memory() {
-    let db = TestDb::new(Backend::Postgres, "supervisor").await;
-    let dir = tempfile::tempdir().unwrap();
+    let (db, dir) = scratch().await;
     let bin = binary("supervisor");
     let env = |replica: &str| -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = [
@@ -358,10 +377,8 @@ async fn login_flood_is_throttled_within_bounded_memory() {
     assert!(checked <= 5, "{checked} guesses checked before the wait");
 
     // A second replica on the same database knows the attacked user is waiting.
-    let elsewhere = [
-        ("accept", "application/json"),
-        ("x-forwarded-for", "198.51.100.2"),
-    ];
+    let from_elsewhere = ("x-forwarded-for", "198.51.100.2");
+    let elsewhere = [("accept", "application/json"), from_elsewhere];
     let on_b = Web::new(&b.address())
         .login_with(OPERATOR.0, OPERATOR.1, None, &elsewhere)
         .await;
@@ -369,12 +386,7 @@ async fn login_flood_is_throttled_within_bounded_memory() {
 
     // Another user from another address is not affected.
     let viewer = web
-        .login_with(
-            VIEWER.0,
-            VIEWER.1,
-            None,
-            &[("x-forwarded-for", "198.51.100.2")],
-        )
+        .login_with(VIEWER.0, VIEWER.1, None, &[from_elsewhere])
         .await;
     assert_eq!(viewer.status, 303, "{}", viewer.body);
     assert!(viewer.session().is_some());
@@ -383,12 +395,7 @@ async fn login_flood_is_throttled_within_bounded_memory() {
     tokio::time::sleep(Duration::from_secs(wait)).await;
     let operator = eventually(WAIT, "the operator's login after the wait", async || {
         let p = web
-            .login_with(
-                OPERATOR.0,
-                OPERATOR.1,
-                None,
-                &[("x-forwarded-for", "198.51.100.2")],
-            )
+            .login_with(OPERATOR.0, OPERATOR.1, None, &[from_elsewhere])
             .await;
         match p.status.as_u16() {
             303 => Ok(p),
@@ -425,8 +432,7 @@ async fn login_flood_is_throttled_within_bounded_memory() {
 /// every error status with problem+json, which a browser would show raw).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_login_page_says_how_long_to_wait() {
-    let db = TestDb::new(Backend::Postgres, "supervisor").await;
-    let dir = tempfile::tempdir().unwrap();
+    let (db, dir) = scratch().await;
     let app = lone_supervisor(&db, &dir, users(&[("olivia", "operator", "right-1")])).await;
     let web = Web::new(&app.address);
     let mut throttled = None;
@@ -444,11 +450,7 @@ async fn throttled_login_page_says_how_long_to_wait() {
             throttled = Some(p);
             break;
         }
-        assert!(
-            p.location().starts_with("/login?failed=1"),
-            "{}",
-            p.location()
-        );
+        p.assert_location_starts_with("/login?failed=1");
     }
     let p = throttled.expect("the login was throttled after a few failures");
     let wait: u64 = p.header("retry-after").unwrap().parse().unwrap();
@@ -474,11 +476,7 @@ async fn throttled_login_page_says_how_long_to_wait() {
         .contains("name=\"next\" value=\"/dashboard/parked\""));
     // Until the wait is over even the right password is not checked.
     let p = web.login_with("olivia", "right-1", None, &[]).await;
-    assert!(
-        p.location().starts_with("/login?throttled="),
-        "{}",
-        p.location()
-    );
+    p.assert_location_starts_with("/login?throttled=");
     assert!(p.session().is_none());
     app.stop().await;
 }
@@ -486,8 +484,7 @@ async fn throttled_login_page_says_how_long_to_wait() {
 /// `next` after login only ever names a path on this site.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn next_after_login_stays_on_the_site() {
-    let db = TestDb::new(Backend::Postgres, "supervisor").await;
-    let dir = tempfile::tempdir().unwrap();
+    let (db, dir) = scratch().await;
     let app = lone_supervisor(&db, &dir, users(&[("olivia", "operator", "right-1")])).await;
     let web = Web::new(&app.address);
     for evil in [
@@ -519,8 +516,7 @@ async fn next_after_login_stays_on_the_site() {
 /// sign in; restarted with a role changed, a session opened before acts with the new role.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_and_roles_follow_the_settings() {
-    let db = TestDb::new(Backend::Postgres, "supervisor").await;
-    let dir = tempfile::tempdir().unwrap();
+    let (db, dir) = scratch().await;
     let before = users(&[
         ("olivia", "operator", "right-1"),
         ("oscar", "operator", "right-2"),
@@ -540,11 +536,7 @@ async fn users_and_roles_follow_the_settings() {
     assert_eq!(p.status, 303, "a removed user's session still works");
     assert!(p.location().starts_with("/login"), "{}", p.location());
     let p = web.login_with("oscar", "right-2", None, &[]).await;
-    assert!(
-        p.location().starts_with("/login?failed=1"),
-        "{}",
-        p.location()
-    );
+    p.assert_location_starts_with("/login?failed=1");
     assert!(p.session().is_none());
 
     let p = web.get("/dashboard/sagas", Some(&olivia)).await;
@@ -553,11 +545,7 @@ async fn users_and_roles_follow_the_settings() {
     let csrf = p.csrf();
     let id = Uuid::new_v4();
     let p = web
-        .post(
-            &format!("/dashboard/sagas/{id}/retry"),
-            &olivia,
-            &[("csrf", &csrf), ("reason", "still an operator?")],
-        )
+        .act("retry", id, &olivia, &csrf, "still an operator?")
         .await;
     assert_eq!(p.status, 403, "{}", p.body);
     assert_eq!(p.json()["code"], "forbidden");
@@ -567,8 +555,7 @@ async fn users_and_roles_follow_the_settings() {
 /// Logins, failed logins, logouts and refused actions are in the audit log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_log_records_logins_logouts_and_refusals() {
-    let db = TestDb::new(Backend::Postgres, "supervisor").await;
-    let dir = tempfile::tempdir().unwrap();
+    let (db, dir) = scratch().await;
     let app = lone_supervisor(
         &db,
         &dir,
@@ -591,11 +578,7 @@ async fn audit_log_records_logins_logouts_and_refusals() {
     let csrf = web.get("/dashboard/sagas", Some(&victor)).await.csrf();
     let id = Uuid::new_v4();
     let p = web
-        .post(
-            &format!("/dashboard/sagas/{id}/compensate"),
-            &victor,
-            &[("csrf", &csrf), ("reason", "let me try")],
-        )
+        .act("compensate", id, &victor, &csrf, "let me try")
         .await;
     assert_eq!(p.status, 403);
 
@@ -638,9 +621,9 @@ async fn audit_log_records_logins_logouts_and_refusals() {
 
 /// A Suite with a Scheduler and a Supervisor, and a saga that failed (suspended account).
 async fn failed_saga() -> (Suite, TestApp, SupervisorApp, Uuid) {
-    let suite = spawn_suite(Backend::Postgres, SuiteFaults::default()).await;
-    suite.account("acc-suspended", "suspended").await;
-    let scheduler = suite.start_scheduler(|_| {}).await;
+    let suspended = ("acc-suspended", "suspended");
+    let (suite, scheduler) =
+        suite_with_scheduler(Backend::Postgres, SuiteFaults::default(), suspended).await;
     let supervisor = spawn_supervisor(Backend::Postgres, &suite, &scheduler, |_| {}).await;
     let id = suite
         .book(&Suite::booking("acc-suspended", 24, "Small"))
@@ -678,13 +661,7 @@ async fn action_is_refused_when_the_audit_log_cannot_be_written() {
     .unwrap();
 
     for action in ["retry", "compensate"] {
-        let p = web
-            .post(
-                &format!("/dashboard/sagas/{id}/{action}"),
-                &olivia,
-                &[("csrf", &csrf), ("reason", "audit is down")],
-            )
-            .await;
+        let p = web.act(action, id, &olivia, &csrf, "audit is down").await;
         assert_eq!(p.status, 503, "{action}: {}", p.body);
         assert_eq!(p.json()["code"], "audit-unavailable", "{}", p.body);
         assert!(p.header("retry-after").is_some());
@@ -708,24 +685,12 @@ async fn action_is_refused_when_the_audit_log_cannot_be_written() {
     db.execute_unprepared("DROP TRIGGER refuse_audit ON audit_log")
         .await
         .unwrap();
-    let p = web
-        .post(
-            &format!("/dashboard/sagas/{id}/retry"),
-            &olivia,
-            &[("csrf", &csrf), ("reason", "audit is back")],
-        )
-        .await;
+    let p = web.act("retry", id, &olivia, &csrf, "audit is back").await;
     assert_eq!(p.status, 303, "{}", p.body);
     assert!(p.location().contains("done="), "{}", p.location());
     let audit = supervisor.app.get("/api/audit").await;
-    let retry = audit
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["action"] == "retry")
-        .cloned()
-        .unwrap();
+    let rows = audit.body.as_array().unwrap();
+    let retry = rows.iter().find(|r| r["action"] == "retry").unwrap();
     assert_eq!(retry["reason"], "audit is back");
     assert!(
         retry["outcome"]
@@ -735,19 +700,12 @@ async fn action_is_refused_when_the_audit_log_cannot_be_written() {
         "{retry}"
     );
     assert!(
-        audit
-            .body
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["reason"] != "audit is down"),
+        rows.iter().all(|r| r["reason"] != "audit is down"),
         "{}",
         audit.body
     );
 
-    supervisor.stop().await;
-    scheduler.stop().await;
-    suite.stop().await;
+    stop_with_supervisor(suite, scheduler, supervisor).await;
 }
 
 /// The longest reason the dashboard's form allows is accepted by the Scheduler (the action is
@@ -774,13 +732,7 @@ async fn the_longest_reason_the_form_allows_reaches_the_scheduler() {
 
     // Four bytes each in UTF-8, twelve once form-encoded: the form body must still fit.
     let too_long = "🛸".repeat(max + 1);
-    let p = web
-        .post(
-            &format!("/dashboard/sagas/{id}/retry"),
-            &olivia,
-            &[("csrf", &csrf), ("reason", &too_long)],
-        )
-        .await;
+    let p = web.act("retry", id, &olivia, &csrf, &too_long).await;
     assert_eq!(p.status, 400, "{}", p.body);
     let problem = p.json();
     assert_eq!(problem["errors"][0]["field"], "reason", "{problem}");
@@ -792,13 +744,7 @@ async fn the_longest_reason_the_form_allows_reaches_the_scheduler() {
     // As a browser sends a textarea filled to `maxlength`: multi-byte characters, and a line
     // break counted as one character but sent as CRLF.
     let longest = format!("{}\r\n{}", "🛸".repeat(max - 2), "z");
-    let p = web
-        .post(
-            &format!("/dashboard/sagas/{id}/retry"),
-            &olivia,
-            &[("csrf", &csrf), ("reason", &longest)],
-        )
-        .await;
+    let p = web.act("retry", id, &olivia, &csrf, &longest).await;
     assert_eq!(p.status, 303, "{}", p.body);
     assert!(
         p.location().contains("done="),
@@ -812,7 +758,5 @@ async fn the_longest_reason_the_form_allows_reaches_the_scheduler() {
     .await;
     assert_ne!(after["version"], before["version"]);
 
-    supervisor.stop().await;
-    scheduler.stop().await;
-    suite.stop().await;
+    stop_with_supervisor(suite, scheduler, supervisor).await;
 }

@@ -6,10 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use integration_tests::faults::{Fault, FaultKind};
+use common::{delaying, refusing};
 use integration_tests::harness::{
     binary, check, free_port, Bookings, Service, ServiceProcess, Stack, StackClient, StackOptions,
 };
@@ -141,18 +143,10 @@ async fn two_supervisors_share_one_database_and_broker() {
     assert_eq!(status, 303, "the session ended on A as well");
 
     // Sagas fail after the drone step; every package DELETE the Supervisors send is counted.
-    stack.scheduler_faults.delivery.set_faults(vec![Fault {
-        method: "PUT",
-        path_prefix: "/api/deliveries/".into(),
-        times: usize::MAX,
-        kind: FaultKind::Status(422),
-    }]);
-    stack.supervisor_faults.package.set_faults(vec![Fault {
-        method: "DELETE",
-        path_prefix: "/api/packages/".into(),
-        times: usize::MAX,
-        kind: FaultKind::Delay(Duration::ZERO),
-    }]);
+    let refuse = refusing("PUT", "/api/deliveries/", 422);
+    stack.scheduler_faults.delivery.set_faults(refuse);
+    let counted = delaying("DELETE", "/api/packages/", Duration::ZERO);
+    stack.supervisor_faults.package.set_faults(counted);
     let mut bookings = Bookings::default();
     let ids = book(&client, owner, 16, &mut bookings).await;
     for id in &ids {
@@ -192,12 +186,12 @@ async fn two_supervisors_share_one_database_and_broker() {
     .await;
 
     // Kill A while it is in the middle of compensations (drone releases answer slowly).
-    stack.supervisor_faults.drone.set_faults(vec![Fault {
-        method: "DELETE",
-        path_prefix: "/api/dronedeliveries/".into(),
-        times: usize::MAX,
-        kind: FaultKind::Delay(Duration::from_millis(1500)),
-    }]);
+    let slow = delaying(
+        "DELETE",
+        "/api/dronedeliveries/",
+        Duration::from_millis(1500),
+    );
+    stack.supervisor_faults.drone.set_faults(slow);
     let more = book(&client, owner, 10, &mut bookings).await;
     eventually(
         WAIT,

@@ -276,15 +276,11 @@ async fn parked_requests_are_kept_by_the_supervisor(backing: Backing) {
     let now = app.get("/api/parked").await;
     assert_eq!(now.body.as_array().unwrap().len(), 2, "{}", now.body);
     let audit = app.get("/api/audit").await;
+    let rows = audit.body.as_array().unwrap();
     assert!(
-        audit
-            .body
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["action"] == "redrive"
-                && a["target"] == mid
-                && a["reason"] == "see whether it decodes now"),
+        rows.iter().any(|a| a["action"] == "redrive"
+            && a["target"] == mid
+            && a["reason"] == "see whether it decodes now"),
         "{}",
         audit.body
     );

@@ -21,9 +21,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::time::Duration;
 
-use integration_tests::faults::{Fault, FaultKind};
+use common::refusing;
 use integration_tests::harness::{Service, Stack, StackClient, StackOptions};
 use integration_tests::{done_if, eventually_every, form, OPERATOR};
 use serde_json::Value;
@@ -116,12 +118,8 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
     // Waiting: Drone answers 503 to every reservation, so the next booking's saga is parked until
     // its next attempt. It is counted apart from the sagas in progress, with its step and reason,
     // on the overview and in the metrics.
-    stack.scheduler_faults.drone.set_faults(vec![Fault {
-        method: "PUT",
-        path_prefix: "/api/dronedeliveries".into(),
-        times: usize::MAX,
-        kind: FaultKind::Status(503),
-    }]);
+    let no_drone = refusing("PUT", "/api/dronedeliveries", 503);
+    stack.scheduler_faults.drone.set_faults(no_drone);
     let waiting = client
         .book_ok(&StackClient::booking(OWNER, 120, "Small"))
         .await;

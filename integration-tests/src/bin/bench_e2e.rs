@@ -26,8 +26,9 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::{CommandFactory, Parser};
 use contracts::{DeliveryAccepted, DeliveryRequest, DELIVERY_REQUESTS_LOG, WORKFLOW_EVENTS_LOG};
+use integration_tests::bench::flag::{millis, name_values, seconds, url};
 use integration_tests::bench::{
-    self, cores, env_var, error_chain, flag, process_ticks, processes, splitmix64, MachineTicks,
+    self, cores, env_var, error_chain, process_ticks, processes, splitmix64, MachineTicks,
     TICKS_PER_SECOND,
 };
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -56,113 +57,60 @@ const PICKUP_SPREAD_SECS: u64 = 365 * 24 * 3_600;
 struct Args {
     /// Offered rate and duration of each run, in order (e.g. '1000:20 2000:20')
     // `::std::vec::Vec`: one value that holds the list, not a repeated flag.
-    #[arg(
-        long,
-        value_name = "'RATE:SECONDS ...'",
-        default_value = "",
-        hide_default_value = true,
-        value_parser = runs,
-    )]
+    #[arg(long, value_name = "'RATE:SECONDS ...'", value_parser = runs)]
+    #[arg(default_value = "", hide_default_value = true)]
     runs: ::std::vec::Vec<(f64, f64)>,
     /// The Scheduler's PostgreSQL database (its journal holds the timings)
-    #[arg(
-        long,
-        value_name = "URL",
-        default_value = "",
-        hide_default_value = true
-    )]
+    #[arg(long, value_name = "URL", default_value_t, hide_default_value = true)]
     scheduler_db: String,
     /// Any database on the same server, to read pg_stat_database from
-    #[arg(
-        long,
-        value_name = "URL",
-        default_value = "",
-        hide_default_value = true
-    )]
+    #[arg(long, value_name = "URL", default_value_t, hide_default_value = true)]
     stats_db: String,
     /// Each service's database name, for commits per saga
-    #[arg(
-        long,
-        value_name = "SERVICE=DBNAME,...",
-        default_value = "",
-        hide_default_value = true,
-        value_parser = flag::name_values::<String>,
-    )]
+    #[arg(long, value_name = "SERVICE=DBNAME,...", value_parser = name_values::<String>)]
+    #[arg(default_value = "", hide_default_value = true)]
     databases: ::std::vec::Vec<(String, String)>,
     /// Service processes to measure the CPU of
-    #[arg(
-        long,
-        value_name = "NAME=PID,...",
-        default_value = "",
-        hide_default_value = true,
-        value_parser = flag::name_values::<u32>,
-    )]
+    #[arg(long, value_name = "NAME=PID,...", value_parser = name_values::<u32>)]
+    #[arg(default_value = "", hide_default_value = true)]
     pids: ::std::vec::Vec<(String, u32)>,
     /// Ingestion's base URL
-    #[arg(
-        long,
-        value_name = "URL",
-        default_value = "http://127.0.0.1:18080",
-        value_parser = flag::base_url,
-    )]
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:18080", value_parser = url)]
     ingestion_url: String,
     /// The Account service's base URL (the client accounts are created there)
-    #[arg(
-        long,
-        value_name = "URL",
-        default_value = "http://127.0.0.1:18081",
-        value_parser = flag::base_url,
-    )]
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:18081", value_parser = url)]
     account_url: String,
     /// The Scheduler's base URL (its /metrics shows progress)
-    #[arg(
-        long,
-        value_name = "URL",
-        default_value = "http://127.0.0.1:18085",
-        value_parser = flag::base_url,
-    )]
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:18085", value_parser = url)]
     scheduler_url: String,
     /// Client accounts the bookings are spread over
     #[arg(long, value_name = "N", default_value_t = 1000)]
     accounts: usize,
     /// How long after a run's last booking its sagas may take, in seconds
-    #[arg(long, value_name = "S", default_value = "900", value_parser = flag::seconds)]
+    #[arg(long, value_name = "S", default_value = "900", value_parser = seconds)]
     drain_timeout: Duration,
     /// Wait before a closing pg_stat snapshot, in seconds (backends report their counters at
     /// most 10 s late)
-    #[arg(long, value_name = "S", default_value = "11", value_parser = flag::seconds)]
+    #[arg(long, value_name = "S", default_value = "11", value_parser = seconds)]
     flush_wait: Duration,
     /// Length of the idle measurement before the first run, in seconds
-    #[arg(long, value_name = "S", default_value = "10", value_parser = flag::seconds)]
+    #[arg(long, value_name = "S", default_value = "10", value_parser = seconds)]
     idle_window: Duration,
     /// Requests open at once
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_in_flight: usize,
     /// Request timeout in milliseconds
-    #[arg(
-        long = "timeout-ms",
-        value_name = "MS",
-        default_value = "5000",
-        value_parser = flag::millis,
-    )]
+    #[arg(long = "timeout-ms", value_name = "MS", default_value = "5000", value_parser = millis)]
     timeout: Duration,
     /// Delete the logs and the compensation queue under PREFIX and exit
     #[arg(long)]
     cleanup: bool,
     /// The services' APP_MESSAGING__PREFIX (for --cleanup)
-    #[arg(
-        long,
-        value_name = "PREFIX",
-        default_value = "",
-        hide_default_value = true
-    )]
+    #[arg(long, default_value_t, hide_default_value = true)]
     prefix: String,
     /// RabbitMQ URL (for --cleanup)
-    #[arg(
-        long,
-        value_name = "URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    #[arg(long, value_name = "URL")]
+    #[arg(default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
     /// Partitions of the logs (for --cleanup)
     #[arg(long, value_name = "P", default_value_t = 8)]
@@ -654,50 +602,32 @@ impl Bench {
     /// Offers `rate`/s for `secs` seconds, open loop.
     async fn load(self: &Arc<Self>, rate: f64, secs: f64, run: &str) -> Result<LoadResult> {
         let total = (rate * secs).round() as u64;
-        let in_flight = Arc::new(Semaphore::new(self.args.max_in_flight));
         let (tx, mut rx) = mpsc::unbounded_channel::<(Result<Accepted, String>, f64)>();
         let endpoint = format!("{}/api/deliveryrequests", self.args.ingestion_url);
         let now = Utc::now();
-        let start = Instant::now();
-        let mut next = 0u64;
         let mut max_lag = Duration::ZERO;
-        let sent = Arc::new(AtomicU64::new(0));
-        while next < total {
-            let elapsed = start.elapsed();
-            let due_by_now = ((elapsed.as_secs_f64() * rate).floor() as u64 + 1).min(total);
-            while next < due_by_now {
-                let due = start + Duration::from_secs_f64(next as f64 / rate);
-                max_lag = max_lag.max(Instant::now().saturating_duration_since(due));
-                let (auth, booking) = self.booking(next, run, now);
-                let auth = auth.clone();
-                let body = serde_json::to_vec(&booking)?;
-                let request = self
-                    .client
-                    .post(&endpoint)
-                    .header(AUTHORIZATION, auth)
-                    .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-                    .body(body);
-                let tx = tx.clone();
-                let in_flight = in_flight.clone();
-                let sent = sent.clone();
-                tokio::spawn(async move {
-                    let outcome = match in_flight.acquire_owned().await {
-                        Err(_) => Err("generator semaphore closed".to_owned()),
-                        Ok(_permit) => {
-                            sent.fetch_add(1, Ordering::Relaxed);
-                            send(request).await
-                        }
-                    };
-                    let ms = due.elapsed().as_secs_f64() * 1000.0;
-                    let _ = tx.send((outcome, ms));
-                });
-                next += 1;
-            }
-            if next < total {
-                let due = start + Duration::from_secs_f64(next as f64 / rate);
-                tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-            }
-        }
+        let in_flight = Arc::new(Semaphore::new(self.args.max_in_flight));
+        bench::open_loop(rate, total, |i, due, _| {
+            max_lag = max_lag.max(Instant::now().saturating_duration_since(due));
+            let (auth, booking) = self.booking(i, run, now);
+            let request = self
+                .client
+                .post(&endpoint)
+                .header(AUTHORIZATION, auth.clone())
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .body(serde_json::to_vec(&booking)?);
+            let (tx, in_flight) = (tx.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                let outcome = match in_flight.acquire_owned().await {
+                    Err(_) => Err("generator semaphore closed".to_owned()),
+                    Ok(_permit) => send(request).await,
+                };
+                let ms = due.elapsed().as_secs_f64() * 1000.0;
+                let _ = tx.send((outcome, ms));
+            });
+            Ok(())
+        })
+        .await?;
         drop(tx);
         let mut result = LoadResult {
             max_lag,
@@ -1259,64 +1189,30 @@ impl Report {
 mod tests {
     use super::*;
 
-    fn parse(command_line: &str) -> Result<Args, clap::Error> {
-        Args::try_parse_from(command_line.split_whitespace())
-    }
-
     #[test]
-    fn the_flags_of_bench_e2e_sh_parse_as_they_did() -> Result<()> {
+    fn the_flags_of_bench_e2e_sh_parse() -> Result<()> {
         Args::command().debug_assert();
+        let parse = |line: &str| Args::try_parse_from(line.split_whitespace())?.checked();
         // scripts/bench-e2e.sh, then BENCH_E2E_ARGS: a flag given again overrides.
         let args = parse(
             "bench-e2e --runs 200:20 --ingestion-url http://127.0.0.1:18090/ \
              --account-url http://127.0.0.1:18091 --scheduler-url http://127.0.0.1:18095 \
              --scheduler-db postgres://h/bench_scheduler_ab --stats-db postgres://h/postgres \
              --databases account=bench_account_ab,scheduler=bench_scheduler_ab, \
-             --pids account=12,scheduler=34 --accounts 5000 --drain-timeout 600 --runs 100:5",
-        )?
-        .checked()?;
+             --pids account=12,scheduler=34 --accounts 5000 --drain-timeout 2.5 --runs 100:5",
+        )?;
         assert_eq!(args.runs, [(100.0, 5.0)]);
         assert_eq!(args.ingestion_url, "http://127.0.0.1:18090");
-        assert_eq!(args.account_url, "http://127.0.0.1:18091");
-        assert_eq!(args.scheduler_url, "http://127.0.0.1:18095");
-        assert_eq!(args.scheduler_db, "postgres://h/bench_scheduler_ab");
-        assert_eq!(args.stats_db, "postgres://h/postgres");
-        let databases = [
-            ("account", "bench_account_ab"),
-            ("scheduler", "bench_scheduler_ab"),
-        ]
-        .map(|(s, d)| (s.to_owned(), d.to_owned()));
-        assert_eq!(args.databases, databases);
+        let scheduler = ("scheduler".into(), "bench_scheduler_ab".into());
+        assert_eq!((args.databases.len(), &args.databases[1]), (2, &scheduler));
         let pids = [("account".to_owned(), 12), ("scheduler".to_owned(), 34)];
         assert_eq!(args.pids, pids);
-        assert_eq!(args.accounts, 5000);
-        assert_eq!(args.drain_timeout, Duration::from_secs(600));
-        assert_eq!(args.flush_wait, Duration::from_secs(11));
-        assert_eq!(args.idle_window, Duration::from_secs(10));
-        assert_eq!(
-            (args.max_in_flight, args.timeout),
-            (4096, Duration::from_secs(5))
-        );
-        assert!(!args.cleanup);
-        // The script passes one run per call; the flag takes several.
+        assert_eq!(args.drain_timeout, Duration::from_millis(2500));
         let runs = Args::try_parse_from(["bench-e2e", "--runs", "200:20 1000:2.5"])?.runs;
         assert_eq!(runs, [(200.0, 20.0), (1000.0, 2.5)]);
-
-        let args = parse(
-            "bench-e2e --cleanup --prefix bench-e2e-ab --amqp-url amqp://h/%2f --partitions 4",
-        )?
-        .checked()?;
-        assert!(args.cleanup);
-        assert_eq!(
-            (args.prefix.as_str(), args.amqp_url.as_str()),
-            ("bench-e2e-ab", "amqp://h/%2f")
-        );
-        assert_eq!(args.partitions, 4);
-
-        let no_databases = parse("bench-e2e --runs 1:1 --scheduler-db a --stats-db b")?;
-        assert!(no_databases.checked().is_err());
-        assert!(parse("bench-e2e --runs 1000").is_err());
-        assert!(parse("bench-e2e --drain-timeout -1").is_err());
+        let cleanup =
+            parse("bench-e2e --cleanup --prefix p --amqp-url amqp://h/%2f --partitions 8")?;
+        assert!(cleanup.cleanup);
         Ok(())
     }
 }

@@ -95,9 +95,7 @@ mod tests {
         Args::command().debug_assert();
         let args = Args::try_parse_from(["chaos", "rabbitmq_restart", "downstream_faults"])?;
         assert_eq!(args.cases, ["rabbitmq_restart", "downstream_faults"]);
-        assert!(!args.list);
         assert!(Args::try_parse_from(["chaos", "--list"])?.list);
-        assert!(Args::try_parse_from(["chaos"])?.cases.is_empty());
         Ok(())
     }
 }

@@ -24,9 +24,10 @@ use contracts::{
     DELIVERY_REQUESTS_LOG, WORKFLOW_EVENTS_LOG,
 };
 use hdrhistogram::Histogram;
+use integration_tests::bench::flag::{millis, name_value, url};
 use integration_tests::bench::{
-    self, env_var, error_chain, flag, latency_histogram, percentile_cells, percentiles,
-    process_ticks, splitmix64, MachineTicks, Progress,
+    self, env_var, error_chain, latency_histogram, percentile_cells, percentiles, process_ticks,
+    splitmix64, MachineTicks, Progress,
 };
 use messaging::{MessagingSettings, PartitionedLog, StartAt};
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -60,28 +61,13 @@ const LAG_WARNING: Duration = Duration::from_millis(10);
 )]
 struct Args {
     /// Ingestion base URL
-    #[arg(
-        long,
-        value_name = "URL",
-        default_value = "http://127.0.0.1:8080",
-        value_parser = flag::base_url,
-    )]
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080", value_parser = url)]
     url: String,
     /// Bookings offered per second, on a fixed schedule (open loop)
-    #[arg(
-        long,
-        value_name = "R",
-        default_value_t = 0.0,
-        hide_default_value = true
-    )]
+    #[arg(long, value_name = "R", default_value_t, hide_default_value = true)]
     rate: f64,
     /// Seconds to offer them for (fractions allowed)
-    #[arg(
-        long,
-        value_name = "S",
-        default_value_t = 0.0,
-        hide_default_value = true
-    )]
+    #[arg(long, value_name = "S", default_value_t, hide_default_value = true)]
     duration: f64,
     /// Client accounts the bookings are spread over, one JWT each
     #[arg(long, value_name = "N", default_value_t = 1000)]
@@ -90,12 +76,7 @@ struct Args {
     #[arg(long, value_name = "SECRET")]
     jwt_secret: Option<String>,
     /// A request not answered this long after it was due is a 'timeout' error
-    #[arg(
-        long = "timeout-ms",
-        value_name = "MS",
-        default_value = "2000",
-        value_parser = flag::millis,
-    )]
+    #[arg(long = "timeout-ms", value_name = "MS", default_value = "2000", value_parser = millis)]
     timeout: Duration,
     /// Requests the generator keeps open at once; beyond it requests wait inside the generator,
     /// and that wait counts in their latency
@@ -109,7 +90,7 @@ struct Args {
     label: Option<String>,
     /// Also report the CPU time process PID used during the load (repeatable; Linux), e.g.
     /// --cpu-of ingestion=1234
-    #[arg(long, value_name = "NAME=PID", value_parser = flag::name_value::<u32>)]
+    #[arg(long, value_name = "NAME=PID", value_parser = name_value::<u32>)]
     cpu_of: Vec<(String, u32)>,
     /// Generator threads; 1 runs everything on one thread, which costs the least CPU per request
     /// when the service shares the machine
@@ -124,7 +105,7 @@ struct Args {
     #[arg(long)]
     cleanup: bool,
     /// The service's APP_MESSAGING__PREFIX [default: $APP_MESSAGING__PREFIX]
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(long)]
     prefix: Option<String>,
     /// RabbitMQ URL [default: $APP_MESSAGING__URL, else $AMQP_URL, else
     /// amqp://guest:guest@127.0.0.1:5672/%2f]
@@ -147,17 +128,12 @@ impl Args {
             }
             return Ok(self);
         }
+        let usage = Args::command().render_usage();
         if !(self.rate.is_finite() && self.rate > 0.0) {
-            bail!(
-                "--rate must be a positive number of requests per second\n{}",
-                Args::command().render_usage()
-            );
+            bail!("--rate must be a positive number of requests per second\n{usage}");
         }
         if !(self.duration.is_finite() && self.duration > 0.0) {
-            bail!(
-                "--duration must be a positive number of seconds\n{}",
-                Args::command().render_usage()
-            );
+            bail!("--duration must be a positive number of seconds\n{usage}");
         }
         if self.accounts == 0 || self.max_in_flight == 0 || self.partitions == 0 {
             bail!("--accounts, --max-in-flight and --partitions must be at least 1");
@@ -527,36 +503,22 @@ async fn run_load(gen: Generator, rate: f64, total: u64) -> Result<Load> {
     let (tx, rx) = mpsc::unbounded_channel::<Done>();
     let collector = tokio::spawn(collect(rx));
 
-    let start = Instant::now();
-    let mut next = 0u64;
     let mut max_lag = Duration::ZERO;
     let mut late_starts = 0u64;
-    while next < total {
-        // Everything due by now is started now; a late start is still timed from its due time.
-        let now = Instant::now();
-        let due_by_now = ((now - start).as_secs_f64() * rate).floor() as u64 + 1;
-        while next < due_by_now.min(total) {
-            let due = start + Duration::from_secs_f64(next as f64 / rate);
-            let lag = now.saturating_duration_since(due);
-            max_lag = max_lag.max(lag);
-            if lag > LAG_WARNING {
-                late_starts += 1;
-            }
-            let gen = gen.clone();
-            let tx = tx.clone();
-            let i = next;
-            tokio::spawn(async move {
-                let done = gen.request(i, due).await;
-                // The collector outlives every request task, so a send error cannot happen.
-                let _ = tx.send(done);
-            });
-            next += 1;
+    let start = bench::open_loop(rate, total, |i, due, now| {
+        let lag = now.saturating_duration_since(due);
+        max_lag = max_lag.max(lag);
+        if lag > LAG_WARNING {
+            late_starts += 1;
         }
-        if next < total {
-            let due = start + Duration::from_secs_f64(next as f64 / rate);
-            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-        }
-    }
+        let (gen, tx) = (gen.clone(), tx.clone());
+        tokio::spawn(async move {
+            // The collector outlives every request task, so a send error cannot happen.
+            let _ = tx.send(gen.request(i, due).await);
+        });
+        Ok(())
+    })
+    .await?;
     drop(tx);
     let mut load = collector.await.context("collector task")??;
     load.wall = start.elapsed();
@@ -1162,50 +1124,28 @@ mod tests {
         }
     }
 
-    fn parse(command_line: &str) -> Result<Args, clap::Error> {
-        Args::try_parse_from(command_line.split_whitespace())
-    }
-
     #[test]
-    fn the_flags_of_bench_ingest_parse_as_they_did() -> Result<()> {
+    fn the_flags_of_bench_ingest_parse() -> Result<()> {
         Args::command().debug_assert();
         // scripts/bench-ingest.sh, then LOADGEN_ARGS: a flag given again overrides.
-        let args = parse(
+        let args = Args::try_parse_from(
             "loadgen --url http://127.0.0.1:8080/ --rate 5000 --duration 2.5 --label spike-50000/s \
              --verify --prefix bench-ingest-1 --amqp-url amqp://guest:guest@127.0.0.1:5672/%2f \
              --partitions 8 --cpu-of ingestion=12 --cpu-of rabbitmq=34 --accounts 5000 \
-             --timeout-ms 1000 --partitions 4 --jwt-secret s",
+             --timeout-ms 1000 --partitions 4 --jwt-secret s"
+                .split_whitespace(),
         )?
         .checked()?;
         assert_eq!(args.url, "http://127.0.0.1:8080");
         assert_eq!(
-            (args.rate, args.duration, args.total()),
-            (5000.0, 2.5, 12_500)
+            (args.total(), args.label().as_str()),
+            (12_500, "spike-50000/s")
         );
-        assert_eq!(args.label(), "spike-50000/s");
-        assert!(args.verify && !args.cleanup);
-        assert_eq!(args.prefix.as_deref(), Some("bench-ingest-1"));
-        assert_eq!(args.amqp_url(), "amqp://guest:guest@127.0.0.1:5672/%2f");
-        assert_eq!(args.partitions, 4);
         let cpu_of = [("ingestion".to_owned(), 12), ("rabbitmq".to_owned(), 34)];
         assert_eq!(args.cpu_of, cpu_of);
-        assert_eq!(args.accounts, 5000);
-        assert_eq!(args.timeout, Duration::from_millis(1000));
-        assert_eq!(args.jwt_secret.as_deref(), Some("s"));
-
-        let args = parse("loadgen --rate 200 --duration 1")?;
-        assert_eq!(args.url, "http://127.0.0.1:8080");
-        assert_eq!(args.label(), "200/s");
-        assert_eq!(args.timeout, Duration::from_millis(2000));
-        let sizes = (args.accounts, args.max_in_flight, args.warmup_connections);
-        assert_eq!(sizes, (1000, 8192, 256));
-        assert_eq!((args.threads, args.partitions), (1, 8));
-        assert!(args.cpu_of.is_empty() && !args.verify && !args.cleanup);
-
-        let cleanup = parse("loadgen --cleanup --prefix p --partitions 8")?.checked()?;
-        assert!(cleanup.cleanup);
-        assert!(parse("loadgen --duration 1")?.checked().is_err());
-        assert!(parse("loadgen --cpu-of ingestion").is_err());
+        assert_eq!((args.timeout, args.partitions), (Duration::from_secs(1), 4));
+        let cleanup = ["loadgen", "--cleanup", "--prefix", "p", "--partitions", "8"];
+        assert!(Args::try_parse_from(cleanup)?.checked()?.cleanup);
         Ok(())
     }
 

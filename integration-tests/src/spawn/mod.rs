@@ -1,4 +1,4 @@
-//! Services run inside the test process: one generic [`spawn`] over [`ServiceApp`], and one
+//! Services run inside the test process: one generic [`spawn`] over [`Service`], and one
 //! function per service that makes its settings (fresh database, migrations run at start, port 0).
 
 mod ingestion;
@@ -9,60 +9,28 @@ pub use ingestion::{spawn_ingestion, IngestionApp};
 pub use suite::{spawn_suite, Suite, SuiteFaults};
 pub use supervisor::{spawn_supervisor, SupervisorApp, OPERATOR, VIEWER};
 
-use std::future::Future;
-
-use service_kit::{AuthSettings, HttpSettings};
-use tokio::sync::oneshot;
+use futures::FutureExt;
+use service_kit::{AuthSettings, HttpSettings, Service};
 
 use crate::{Backend, TestApp, TestDb, JWT_SECRET, SERVICE_TOKEN};
 
-/// A service's `Application` as the tests start and stop it. Every service crate has the same
-/// three functions (`build`, `port`, `run_until`); this trait names them so that one [`spawn`]
-/// serves all.
-pub trait ServiceApp: Sized {
-    type Settings;
-    /// The service's name, for messages and database names.
-    const NAME: &'static str;
-    fn build(settings: Self::Settings) -> impl Future<Output = anyhow::Result<Self>>;
-    fn port(&self) -> u16;
-    /// Serves until `stop` fires (or its sender is dropped).
-    fn run_until(self, stop: oneshot::Receiver<()>) -> impl Future<Output = ()> + Send + 'static;
-}
-
-macro_rules! service_app {
-    ($($service:ident),* $(,)?) => {$(
-        impl ServiceApp for ::$service::Application {
-            type Settings = ::$service::Settings;
-            const NAME: &'static str = stringify!($service);
-            fn build(settings: Self::Settings) -> impl Future<Output = anyhow::Result<Self>> {
-                ::$service::Application::build(settings)
-            }
-            fn port(&self) -> u16 {
-                ::$service::Application::port(self)
-            }
-            async fn run_until(self, stop: oneshot::Receiver<()>) {
-                let _ = ::$service::Application::run_until(self, async {
-                    let _ = stop.await;
-                })
-                .await;
-            }
-        }
-    )*};
-}
-
-service_app!(account, package, drone, delivery, ingestion, scheduler, supervisor);
-
 /// Builds `A` from `settings` and runs it in this process until the [`TestApp`] is stopped; `db`
 /// (if any) goes with the app.
-pub async fn spawn<A: ServiceApp>(settings: A::Settings, db: Option<TestDb>) -> TestApp {
+pub async fn spawn<A: Service + Send + 'static>(
+    settings: A::Settings,
+    db: Option<TestDb>,
+) -> TestApp {
     let app = A::build(settings)
         .await
         .unwrap_or_else(|e| panic!("{} service starts: {e:?}", A::NAME));
-    TestApp::start(app.port(), db, |stop| app.run_until(stop))
+    // The app stops when `stop` fires or its sender is dropped.
+    TestApp::start(app.port(), db, |stop| {
+        app.run_until(stop.map(drop)).map(drop)
+    })
 }
 
 /// A service on a fresh database of its own; `settings` makes its settings from the database's.
-async fn spawn_on_fresh_db<A: ServiceApp>(
+async fn spawn_on_fresh_db<A: Service + Send + 'static>(
     backend: Backend,
     settings: impl FnOnce(service_kit::DatabaseSettings) -> A::Settings,
 ) -> TestApp {

@@ -9,8 +9,11 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
+use crate::hash::partition_for;
 use crate::settings::MessagingSettings;
+use crate::traits::Appended;
 
 /// Where sealed batches go.
 #[async_trait]
@@ -69,6 +72,30 @@ impl Batcher {
             .await
             .map_err(|_| MessagingError::Closed)?;
         wait.await.map_err(|_| MessagingError::Closed)?
+    }
+
+    /// Appends `event` to the partition (of `partitions`) its key hashes to.
+    pub(crate) async fn append_event(&self, partitions: u32, event: Envelope) -> Result<Appended> {
+        let partition = partition_for(&event.key, partitions);
+        self.append(partition, event.encode()?).await?;
+        Ok(Appended { partition })
+    }
+
+    /// Appends `events` as [`Self::append_event`] does each.
+    pub(crate) async fn append_events(
+        &self,
+        partitions: u32,
+        events: Vec<Envelope>,
+    ) -> Result<Vec<Appended>> {
+        // join_all polls the appends in input order, so each reaches its partition's batcher in
+        // that order and events of one key keep their order.
+        let appends = events
+            .into_iter()
+            .map(|event| self.append_event(partitions, event));
+        futures::future::join_all(appends)
+            .await
+            .into_iter()
+            .collect()
     }
 }
 

@@ -80,25 +80,11 @@ enum Message {
 
 impl Message {
     fn records(&self, partition: u32, offset: u64) -> Vec<LogRecord> {
-        match self {
-            Message::Events(events) => events
-                .iter()
-                .enumerate()
-                .map(|(i, e)| LogRecord {
-                    partition,
-                    position: Position {
-                        offset,
-                        index: u32::try_from(i).unwrap_or(u32::MAX),
-                    },
-                    event: Ok(e.clone()),
-                })
-                .collect(),
-            Message::Poison(poison) => vec![LogRecord {
-                partition,
-                position: Position { offset, index: 0 },
-                event: Err(poison.clone()),
-            }],
-        }
+        let batch = match self {
+            Message::Events(events) => Ok(events.clone()),
+            Message::Poison(poison) => Err(poison.clone()),
+        };
+        LogRecord::batch(partition, offset, batch)
     }
 }
 

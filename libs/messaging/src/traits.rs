@@ -45,6 +45,36 @@ pub struct LogRecord {
     pub event: std::result::Result<Envelope, Poison>,
 }
 
+impl LogRecord {
+    /// The records of the batch stored at `offset`: its events, or one poison record when it
+    /// does not decode.
+    pub(crate) fn batch(
+        partition: u32,
+        offset: u64,
+        batch: std::result::Result<Vec<Envelope>, Poison>,
+    ) -> Vec<LogRecord> {
+        match batch {
+            Ok(events) => events
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| LogRecord {
+                    partition,
+                    position: Position {
+                        offset,
+                        index: u32::try_from(i).unwrap_or(u32::MAX),
+                    },
+                    event: Ok(e),
+                })
+                .collect(),
+            Err(poison) => vec![LogRecord {
+                partition,
+                position: Position { offset, index: 0 },
+                event: Err(poison),
+            }],
+        }
+    }
+}
+
 /// Reads one partition in order. Dropping it stops the background reader.
 pub struct LogReader {
     rx: mpsc::Receiver<LogRecord>,

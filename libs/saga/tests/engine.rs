@@ -2,16 +2,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use common::{Backend, Fixture};
+use common::{load, Backend, Fixture};
 use saga::{
     Clock, Engine, EngineSettings, Fence, Hooks, Inbox, JournalError, Lifecycle, ManualClock,
     NoInbox, OutboxMessage, RetryPolicy, Saga, SagaRecord, Signal, SignalAction, Step, StepError,
@@ -19,24 +21,10 @@ use saga::{
 };
 use sea_orm::ConnectionTrait;
 use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
-/// Expands each scenario for the three backends: `memory::name`, `sqlite::name`,
-/// `postgres::name`.
-macro_rules! backends {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
-        }
-        mod sqlite {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Sqlite).await } )*
-        }
-        mod postgres {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Postgres).await } )*
-        }
-    };
-}
-
-backends!(
+per_backend!(
     happy_path_journals_every_step,
     transient_failures_are_retried_on_virtual_time,
     permanent_failure_stops_and_announces,
@@ -58,6 +46,14 @@ mod postgres_only {
     async fn outbox_relay_never_drops_a_row_committed_late() {
         super::outbox_relay_never_drops_a_row_committed_late().await;
     }
+}
+
+async fn run<F, Fut>(backend: Backend, scenario: F)
+where
+    F: FnOnce(Fixture) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    scenario(Fixture::new(backend).await).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,11 +147,7 @@ impl Step<Script> for ScriptedStep {
         }
         let takeover = ctx.takeover.lock().unwrap().clone();
         if let (Some((store, at)), "takeover") = (takeover, self.name) {
-            store
-                .acquire(saga.shard, "other", at, chrono::Duration::minutes(10))
-                .await
-                .unwrap()
-                .expect("the other owner takes the expired lease");
+            acquire(&store, saga.shard, "other", at).await;
         }
         let next = {
             let mut outcomes = ctx.outcomes.lock().unwrap();
@@ -266,14 +258,112 @@ fn clock() -> ManualClock {
     )
 }
 
-/// This process's lease on `shard`.
-async fn lease(store: &Arc<dyn Store>, shard: i32, clock: &ManualClock) -> Fence {
+/// `owner` takes a ten-minute lease on `shard` at `at`: the shard is free, or its lease expired.
+async fn acquire(store: &Arc<dyn Store>, shard: i32, owner: &str, at: DateTime<Utc>) -> Fence {
     store
-        .acquire(shard, "me", clock.now(), chrono::Duration::minutes(10))
+        .acquire(shard, owner, at, chrono::Duration::minutes(10))
         .await
         .unwrap()
-        .expect("the shard is free")
+        .expect("the shard is free or its lease expired")
         .fence()
+}
+
+/// This process's lease on `shard`.
+async fn lease(store: &Arc<dyn Store>, shard: i32, clock: &ManualClock) -> Fence {
+    acquire(store, shard, "me", clock.now()).await
+}
+
+/// The usual start of a scenario: the fixture's store, virtual time, this process's lease on
+/// `shard`, an engine of `steps` and a fresh script.
+async fn setup(
+    fx: &Fixture,
+    shard: i32,
+    steps: &[&'static str],
+) -> (Arc<dyn Store>, ManualClock, Fence, Engine<Script>, Script) {
+    let store = fx.store.clone();
+    let clock = clock();
+    let fence = lease(&store, shard, &clock).await;
+    let e = engine(store.clone(), &clock, steps);
+    (store, clock, fence, e, Script::default())
+}
+
+/// Starts the new saga `id`.
+async fn started(e: &Engine<Script>, sc: &Script, f: Fence, id: &str, v: Value) -> SagaRecord {
+    e.start(sc, f, id, v, None, None)
+        .await
+        .unwrap()
+        .expect("a new saga")
+}
+
+/// Starts the new saga `id` and runs it, with no inbox, until it finishes or parks.
+async fn run_new(e: &Engine<Script>, sc: &Script, f: Fence, id: &str, v: Value) -> SagaRecord {
+    let s = started(e, sc, f, id, v).await;
+    e.run_started(sc, f, s, &NoInbox).await.unwrap()
+}
+
+/// Starts the new saga `id` (no input) with a deadline and a timer.
+async fn started_with(
+    e: &Engine<Script>,
+    script: &Script,
+    fence: Fence,
+    id: &str,
+    deadline: Option<DateTime<Utc>>,
+    wake_at: Option<DateTime<Utc>>,
+) -> SagaRecord {
+    let s = e.start(script, fence, id, json!({}), deadline, wake_at);
+    s.await.unwrap().expect("a new saga")
+}
+
+/// The one saga of `shard` due at `at`.
+async fn the_one_due(store: &Arc<dyn Store>, shard: i32, at: DateTime<Utc>) -> SagaRecord {
+    let due = store.due(shard, at, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    due.into_iter().next().unwrap()
+}
+
+/// `n` transient failures.
+fn transient(n: usize, reason: &str) -> Vec<Result<Value, StepError>> {
+    (0..n).map(|_| Err(StepError::transient(reason))).collect()
+}
+
+/// Checks `done` up to 500 times, `every` apart, until it holds.
+async fn poll<F, Fut>(every: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if done().await {
+            break;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A relay of the fence's shard, polling every 20 ms.
+fn spawn_relay(
+    store: &Arc<dyn Store>,
+    fence: Fence,
+    publisher: Arc<dyn saga::outbox::Publisher>,
+    wake: Arc<Notify>,
+) -> JoinHandle<JournalError> {
+    let poll = Duration::from_millis(20);
+    tokio::spawn(saga::outbox::relay(
+        store.clone(),
+        fence,
+        publisher,
+        wake,
+        poll,
+    ))
+}
+
+/// The relay stops soon, refused.
+async fn stops_refused(relay: JoinHandle<JournalError>) {
+    let refusal = tokio::time::timeout(Duration::from_secs(10), relay)
+        .await
+        .expect("the relay stops")
+        .unwrap();
+    assert!(matches!(refusal, JournalError::Refused(_)), "{refusal:?}");
 }
 
 /// The fence of whoever holds `shard` now.
@@ -302,12 +392,24 @@ async fn changes(store: &Arc<dyn Store>, fence: Fence) -> Vec<String> {
         .collect()
 }
 
+/// What a saga of steps "a", "b" and "c" announces as it runs through.
+const RAN_ABC: [&str; 4] = [
+    "Started",
+    "StepSucceeded { step: \"a\" }",
+    "StepSucceeded { step: \"b\" }",
+    "Completed",
+];
+
 fn ms(t: Option<DateTime<Utc>>) -> Option<i64> {
     t.map(|t| t.timestamp_millis())
 }
 
-fn attempts_of(attempts: &[saga::Attempt], step: &str) -> Vec<(i32, String)> {
-    attempts
+/// The attempts of the saga's step: (number, outcome).
+async fn attempts_of(store: &Arc<dyn Store>, id: &str, step: &str) -> Vec<(i32, String)> {
+    store
+        .attempts(id)
+        .await
+        .unwrap()
         .iter()
         .filter(|a| a.step == step)
         .map(|a| (a.attempt, a.outcome.clone()))
@@ -321,18 +423,9 @@ fn outcomes(list: &[(i32, &str)]) -> Vec<(i32, String)> {
 // ---------------------------------------------------------------------------------------------
 // Scenarios.
 
-async fn happy_path_journals_every_step(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 3, &clock).await;
-    let e = engine(store.clone(), &clock, &["a", "b", "c"]);
-    let script = Script::default();
-    let s = e
-        .start(&script, fence, "s1", json!({"x": 1}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
+async fn happy_path_journals_every_step(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 3, &["a", "b", "c"]).await;
+    let s = started(&e, &script, fence, "s1", json!({"x": 1})).await;
     assert_eq!((s.shard, s.version), (3, 1));
     let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
     assert_eq!(done.state, saga::COMPLETED);
@@ -340,7 +433,7 @@ async fn happy_path_journals_every_step(b: Backend) {
         done.outputs["c"]["seen"], 2,
         "later steps see earlier outputs"
     );
-    let row = store.load("s1").await.unwrap().unwrap();
+    let row = load(&store, "s1").await;
     assert_eq!(
         (row.state.as_str(), row.next_step, row.shard, row.version),
         ("completed", 3, 3, 4)
@@ -355,15 +448,7 @@ async fn happy_path_journals_every_step(b: Backend) {
             .collect::<Vec<_>>(),
         vec![("a", "succeeded"), ("b", "succeeded"), ("c", "succeeded")]
     );
-    assert_eq!(
-        changes(&store, fence).await,
-        vec![
-            "Started",
-            "StepSucceeded { step: \"a\" }",
-            "StepSucceeded { step: \"b\" }",
-            "Completed"
-        ]
-    );
+    assert_eq!(changes(&store, fence).await, RAN_ABC);
     let versions: Vec<i64> = store
         .outbox(fence, 100)
         .await
@@ -375,13 +460,8 @@ async fn happy_path_journals_every_step(b: Backend) {
     assert!(clock.sleeps().is_empty());
 }
 
-async fn transient_failures_are_retried_on_virtual_time(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 0, &clock).await;
-    let e = engine(store.clone(), &clock, &["a", "b"]);
-    let script = Script::default();
+async fn transient_failures_are_retried_on_virtual_time(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 0, &["a", "b"]).await;
     script.will(
         "b",
         vec![
@@ -393,12 +473,7 @@ async fn transient_failures_are_retried_on_virtual_time(b: Backend) {
         ],
     );
     let real = std::time::Instant::now();
-    let s = e
-        .start(&script, fence, "s2", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
-    let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+    let done = run_new(&e, &script, fence, "s2", json!({})).await;
     assert_eq!(done.state, saga::COMPLETED);
     assert_eq!(script.calls("b"), 3);
     assert_eq!(
@@ -408,78 +483,46 @@ async fn transient_failures_are_retried_on_virtual_time(b: Backend) {
     );
     assert!(real.elapsed() < Duration::from_secs(3), "no real sleeping");
     assert_eq!(
-        attempts_of(&store.attempts("s2").await.unwrap(), "b"),
+        attempts_of(&store, "s2", "b").await,
         outcomes(&[(1, "transient"), (2, "transient"), (3, "succeeded")])
     );
-    assert_eq!(store.load("s2").await.unwrap().unwrap().wake_at, None);
+    assert_eq!(load(&store, "s2").await.wake_at, None);
 }
 
-async fn permanent_failure_stops_and_announces(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 0, &clock).await;
-    let e = engine(store.clone(), &clock, &["a", "b", "c"]);
-    let script = Script::default();
+async fn permanent_failure_stops_and_announces(fx: Fixture) {
+    let (store, _clock, fence, e, script) = setup(&fx, 0, &["a", "b", "c"]).await;
     script.will("b", vec![Err(StepError::permanent("account suspended"))]);
-    let s = e
-        .start(&script, fence, "s3", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
-    let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+    let done = run_new(&e, &script, fence, "s3", json!({})).await;
     assert_eq!(done.state, saga::FAILED);
     assert_eq!(done.error.as_deref(), Some("b: account suspended"));
     assert_eq!(script.calls("c"), 0);
     assert_eq!(script.calls("b"), 1, "no retries for permanent failures");
     let last = changes(&store, fence).await.pop().unwrap();
     assert!(last.starts_with("Failed { step: \"b\""), "{last}");
-    let row = store.load("s3").await.unwrap().unwrap();
+    let row = load(&store, "s3").await;
     assert_eq!(
         (row.state.as_str(), row.error.as_deref()),
         ("failed", Some("b: account suspended"))
     );
     assert_eq!(
-        attempts_of(&store.attempts("s3").await.unwrap(), "b"),
+        attempts_of(&store, "s3", "b").await,
         outcomes(&[(1, "permanent")])
     );
 }
 
-async fn retries_stop_at_the_attempt_limit_and_the_deadline(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 0, &clock).await;
-    let e = engine(store.clone(), &clock, &["a"]);
-    let script = Script::default();
-    script.will(
-        "a",
-        (0..10).map(|_| Err(StepError::transient("down"))).collect(),
-    );
-    let s = e
-        .start(&script, fence, "limit", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
-    let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+async fn retries_stop_at_the_attempt_limit_and_the_deadline(fx: Fixture) {
+    let (_store, clock, fence, e, script) = setup(&fx, 0, &["a"]).await;
+    script.will("a", transient(10, "down"));
+    let done = run_new(&e, &script, fence, "limit", json!({})).await;
     assert_eq!(done.state, saga::FAILED);
     assert_eq!(script.calls("a"), 4, "max_attempts");
     assert!(done.error.unwrap().contains("gave up after 4 attempts"));
 
     // A deadline 250 ms of virtual time away stops retries before it.
     let script = Script::default();
-    script.will(
-        "a",
-        (0..10)
-            .map(|_| Err(StepError::transient("no drone free")))
-            .collect(),
-    );
+    script.will("a", transient(10, "no drone free"));
     let deadline = clock.now() + chrono::Duration::milliseconds(250);
-    let s = e
-        .start(&script, fence, "deadline", json!({}), Some(deadline), None)
-        .await
-        .unwrap()
-        .unwrap();
+    let s = started_with(&e, &script, fence, "deadline", Some(deadline), None).await;
     let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
     assert_eq!(done.state, saga::FAILED);
     assert_eq!(
@@ -489,54 +532,34 @@ async fn retries_stop_at_the_attempt_limit_and_the_deadline(b: Backend) {
     );
     // A saga whose deadline already passed fails without calling anything.
     let script = Script::default();
-    let s = e
-        .start(&script, fence, "late", json!({}), Some(clock.now()), None)
-        .await
-        .unwrap()
-        .unwrap();
+    let s = started_with(&e, &script, fence, "late", Some(clock.now()), None).await;
     let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
     assert_eq!(done.state, saga::FAILED);
     assert_eq!(script.calls("a"), 0);
 }
 
-async fn an_interrupted_saga_resumes_without_repeating_done_steps(b: Backend) {
-    let fx = Fixture::new(b).await;
+async fn an_interrupted_saga_resumes_without_repeating_done_steps(fx: Fixture) {
     let store = fx.store.clone();
     let clock = clock();
     let script = Arc::new(Script::default());
     // First process: step "hang" never returns; the task is killed while in it.
     let first_fence = lease(&store, 7, &clock).await;
     let first = Arc::new(engine(store.clone(), &clock, &["a", "hang"]));
-    let s = first
-        .start(&script, first_fence, "r1", json!({"n": 1}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
+    let s = started(&first, &script, first_fence, "r1", json!({"n": 1})).await;
     let (e2, sc2) = (first.clone(), script.clone());
     let task = tokio::spawn(async move { e2.run_started(&sc2, first_fence, s, &NoInbox).await });
-    for _ in 0..500 {
-        if script.calls("hang") == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll(Duration::from_millis(10), || async {
+        script.calls("hang") == 1
+    })
+    .await;
     assert_eq!(script.calls("hang"), 1);
     task.abort();
 
     // Second process, once the first one's lease has expired: the same saga type, whose second
     // step now works.
     let store2 = fx.reopen();
-    let fence = store2
-        .acquire(
-            7,
-            "second",
-            clock.now() + chrono::Duration::hours(1),
-            chrono::Duration::minutes(10),
-        )
-        .await
-        .unwrap()
-        .unwrap()
-        .fence();
+    let at = clock.now() + chrono::Duration::hours(1);
+    let fence = acquire(&store2, 7, "second", at).await;
     let second = engine(store2.clone(), &clock, &["a", "b"]);
     let orphans = store2.orphans("test", 7).await.unwrap();
     assert_eq!(orphans.len(), 1);
@@ -559,13 +582,8 @@ async fn an_interrupted_saga_resumes_without_repeating_done_steps(b: Backend) {
     ));
 }
 
-async fn starting_twice_is_a_no_op(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 0, &clock).await;
-    let e = engine(store.clone(), &clock, &["a"]);
-    let script = Script::default();
+async fn starting_twice_is_a_no_op(fx: Fixture) {
+    let (store, _clock, fence, e, script) = setup(&fx, 0, &["a"]).await;
     assert!(e
         .start(&script, fence, "dup", json!({"v": 1}), None, None)
         .await
@@ -576,7 +594,7 @@ async fn starting_twice_is_a_no_op(b: Backend) {
         .await
         .unwrap()
         .is_none());
-    let row = store.load("dup").await.unwrap().unwrap();
+    let row = load(&store, "dup").await;
     assert_eq!((row.input, row.version), (json!({"v": 1}), 1));
     assert_eq!(
         changes(&store, fence).await,
@@ -585,20 +603,11 @@ async fn starting_twice_is_a_no_op(b: Backend) {
     );
 }
 
-async fn a_cancel_signal_stops_before_the_next_step(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 0, &clock).await;
-    let e = engine(store.clone(), &clock, &["a", "b"]);
+async fn a_cancel_signal_stops_before_the_next_step(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 0, &["a", "b"]).await;
 
     // Waiting in the inbox before the first step.
-    let script = Script::default();
-    let s = e
-        .start(&script, fence, "c1", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
+    let s = started(&e, &script, fence, "c1", json!({})).await;
     let signal = cancel("client cancelled", clock.now());
     script.inbox.send("c1", signal.clone());
     let done = e
@@ -617,7 +626,7 @@ async fn a_cancel_signal_stops_before_the_next_step(b: Backend) {
         vec![signal],
         "the inbox hears the signal is durable"
     );
-    let row = store.load("c1").await.unwrap().unwrap();
+    let row = load(&store, "c1").await;
     assert_eq!(row.state, saga::CANCELLED);
     assert!(row.signals.is_empty(), "applied, so not kept");
 
@@ -628,11 +637,7 @@ async fn a_cancel_signal_stops_before_the_next_step(b: Backend) {
         .lock()
         .unwrap()
         .insert("a", cancel("changed my mind", clock.now()));
-    let s = e
-        .start(&script, fence, "c2", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
+    let s = started(&e, &script, fence, "c2", json!({})).await;
     let done = e
         .run_started(&script, fence, s, &script.inbox)
         .await
@@ -643,40 +648,25 @@ async fn a_cancel_signal_stops_before_the_next_step(b: Backend) {
 
     // Recorded in the journal for a saga no task runs (parked): it is due at once and applies it.
     let script = Script::default();
-    let mut s = e
-        .start(
-            &script,
-            fence,
-            "c3",
-            json!({}),
-            None,
-            Some(clock.now() + chrono::Duration::hours(1)),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let wake = clock.now() + chrono::Duration::hours(1);
+    let mut s = started_with(&e, &script, fence, "c3", None, Some(wake)).await;
     assert!(store.due(0, clock.now(), 10).await.unwrap().is_empty());
     e.signal(fence, &mut s, vec![cancel("by phone", clock.now())])
         .await
         .unwrap();
-    let due = store.due(0, clock.now(), 10).await.unwrap();
-    assert_eq!(due.len(), 1);
-    assert_eq!(due[0].signals.len(), 1, "the signal waits in the journal");
-    let done = e
-        .run(&script, fence, due.into_iter().next().unwrap(), &NoInbox)
-        .await
-        .unwrap();
+    let due = the_one_due(&store, 0, clock.now()).await;
+    assert_eq!(due.signals.len(), 1, "the signal waits in the journal");
+    let done = e.run(&script, fence, due, &NoInbox).await.unwrap();
     assert_eq!(done.state, saga::CANCELLED);
     assert_eq!(script.calls("a"), 0);
-    let row = store.load("c3").await.unwrap().unwrap();
+    let row = load(&store, "c3").await;
     assert_eq!(
         (row.state.as_str(), row.wake_at, row.signals.len()),
         ("cancelled", None, 0)
     );
 }
 
-async fn many_sagas_share_commits(b: Backend) {
-    let fx = Fixture::new(b).await;
+async fn many_sagas_share_commits(fx: Fixture) {
     let store = fx.store.clone();
     let clock = clock();
     let mut fences = HashMap::new();
@@ -691,19 +681,8 @@ async fn many_sagas_share_commits(b: Backend) {
             let (e, script, counter) = (e.clone(), script.clone(), counter.clone());
             let fence = fences[&(i % 8)];
             tokio::spawn(async move {
-                let s = e
-                    .start(
-                        &script,
-                        fence,
-                        &format!("m{i}"),
-                        json!({"i": i}),
-                        None,
-                        None,
-                    )
-                    .await
-                    .unwrap()
-                    .unwrap();
-                let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+                let id = format!("m{i}");
+                let done = run_new(&e, &script, fence, &id, json!({"i": i})).await;
                 if done.state == saga::COMPLETED && done.version == 5 {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }
@@ -735,42 +714,21 @@ impl saga::outbox::Publisher for Collect {
     }
 }
 
-async fn outbox_relay_publishes_in_order_and_retries(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 0, &clock).await;
+async fn outbox_relay_publishes_in_order_and_retries(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 0, &["a", "b"]).await;
     let other = lease(&store, 1, &clock).await;
-    let e = engine(store.clone(), &clock, &["a", "b"]);
-    let script = Script::default();
-    let s = e
-        .start(&script, fence, "o1", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
-    e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+    run_new(&e, &script, fence, "o1", json!({})).await;
     // Another shard's rows are not this relay's.
-    e.start(&script, other, "o2", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
+    started(&e, &script, other, "o2", json!({})).await;
     let publisher = Arc::new(Collect {
         got: Mutex::new(Vec::new()),
         fail_first: AtomicU32::new(1),
     });
-    let relay = tokio::spawn(saga::outbox::relay(
-        store.clone(),
-        fence,
-        publisher.clone(),
-        e.outbox_written(),
-        Duration::from_millis(20),
-    ));
-    for _ in 0..500 {
-        if publisher.got.lock().unwrap().len() == 3 && store.outbox_backlog().await.unwrap() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let relay = spawn_relay(&store, fence, publisher.clone(), e.outbox_written());
+    poll(Duration::from_millis(20), || async {
+        publisher.got.lock().unwrap().len() == 3 && store.outbox_backlog().await.unwrap() == 1
+    })
+    .await;
     relay.abort();
     let got = publisher.got.lock().unwrap().clone();
     let versions: Vec<(String, i64)> = got
@@ -786,8 +744,7 @@ async fn outbox_relay_publishes_in_order_and_retries(b: Backend) {
     assert_eq!(changes(&store, other).await, vec!["Started"]);
 }
 
-async fn a_long_retry_delay_parks_the_saga(b: Backend) {
-    let fx = Fixture::new(b).await;
+async fn a_long_retry_delay_parks_the_saga(fx: Fixture) {
     let store = fx.store.clone();
     let clock = clock();
     let fence = lease(&store, 2, &clock).await;
@@ -803,21 +760,11 @@ async fn a_long_retry_delay_parks_the_saga(b: Backend) {
     };
     let e = engine_with(store.clone(), &clock, &["a", "b"], policy, settings);
     let script = Script::default();
-    script.will(
-        "b",
-        (0..4)
-            .map(|_| Err(StepError::transient("no drone free")))
-            .collect(),
-    );
-    let s = e
-        .start(&script, fence, "p1", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
+    script.will("b", transient(4, "no drone free"));
 
     // Delays 100 ms and 200 ms are slept in place; 400 ms parks. (Back-off delays are exact to
     // the millisecond, and timers are kept to the millisecond.)
-    let parked = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+    let parked = run_new(&e, &script, fence, "p1", json!({})).await;
     assert_eq!(parked.state, saga::RUNNING);
     assert_eq!(
         ms(parked.wake_at),
@@ -833,7 +780,7 @@ async fn a_long_retry_delay_parks_the_saga(b: Backend) {
         vec![100, 200]
     );
     assert_eq!(script.calls("b"), 3);
-    let row = store.load("p1").await.unwrap().unwrap();
+    let row = load(&store, "p1").await;
     assert_eq!(ms(row.wake_at), ms(Some(wake)), "the timer is durable");
     assert_eq!(row.version, parked.version);
     assert!(
@@ -842,16 +789,12 @@ async fn a_long_retry_delay_parks_the_saga(b: Backend) {
     );
     let before = wake - chrono::Duration::milliseconds(1);
     assert!(store.due(2, before, 10).await.unwrap().is_empty());
-    let due = store.due(2, wake, 10).await.unwrap();
-    assert_eq!(due.len(), 1);
-    assert_eq!(due[0], row);
+    let due = the_one_due(&store, 2, wake).await;
+    assert_eq!(due, row);
 
     // At its time it runs on: attempt 4, and the back-off goes on from 400 ms to 800 ms.
     clock.advance((wake - clock.now()).to_std().unwrap());
-    let parked = e
-        .run(&script, fence, due.into_iter().next().unwrap(), &NoInbox)
-        .await
-        .unwrap();
+    let parked = e.run(&script, fence, due, &NoInbox).await.unwrap();
     assert_eq!(parked.state, saga::RUNNING);
     assert_eq!(
         ms(parked.wake_at),
@@ -859,7 +802,7 @@ async fn a_long_retry_delay_parks_the_saga(b: Backend) {
     );
     assert_eq!(clock.sleeps().len(), 2, "parked again, not slept");
     assert_eq!(
-        attempts_of(&store.attempts("p1").await.unwrap(), "b"),
+        attempts_of(&store, "p1", "b").await,
         outcomes(&[
             (1, "transient"),
             (2, "transient"),
@@ -871,19 +814,15 @@ async fn a_long_retry_delay_parks_the_saga(b: Backend) {
 
     let wake = parked.wake_at.unwrap();
     clock.advance((wake - clock.now()).to_std().unwrap());
-    let due = store.due(2, clock.now(), 10).await.unwrap();
-    assert_eq!(due.len(), 1);
-    let done = e
-        .run(&script, fence, due.into_iter().next().unwrap(), &NoInbox)
-        .await
-        .unwrap();
+    let due = the_one_due(&store, 2, clock.now()).await;
+    let done = e.run(&script, fence, due, &NoInbox).await.unwrap();
     assert_eq!(done.state, saga::COMPLETED);
     assert_eq!(script.calls("b"), 5);
     assert_eq!(
-        attempts_of(&store.attempts("p1").await.unwrap(), "b").last(),
+        attempts_of(&store, "p1", "b").await.last(),
         Some(&(5, "succeeded".to_owned()))
     );
-    let row = store.load("p1").await.unwrap().unwrap();
+    let row = load(&store, "p1").await;
     assert_eq!((row.state.as_str(), row.wake_at), ("completed", None));
     assert!(store.due(2, clock.now(), 10).await.unwrap().is_empty());
 }
@@ -901,19 +840,9 @@ fn reschedule(input: Value, to_step: usize, deadline: DateTime<Utc>, at: DateTim
     }
 }
 
-async fn a_rewind_signal_runs_a_completed_saga_again(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 0, &clock).await;
-    let e = engine(store.clone(), &clock, &["a", "b", "c"]);
-    let script = Script::default();
-    let s = e
-        .start(&script, fence, "w1", json!({"v": 1}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
-    let mut done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+async fn a_rewind_signal_runs_a_completed_saga_again(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 0, &["a", "b", "c"]).await;
+    let mut done = run_new(&e, &script, fence, "w1", json!({"v": 1})).await;
     assert_eq!(done.state, saga::COMPLETED);
 
     // The signal is recorded for the finished saga, which is due at once.
@@ -925,12 +854,8 @@ async fn a_rewind_signal_runs_a_completed_saga_again(b: Backend) {
     )
     .await
     .unwrap();
-    let due = store.due(0, clock.now(), 10).await.unwrap();
-    assert_eq!(due.len(), 1);
-    let again = e
-        .run(&script, fence, due.into_iter().next().unwrap(), &NoInbox)
-        .await
-        .unwrap();
+    let due = the_one_due(&store, 0, clock.now()).await;
+    let again = e.run(&script, fence, due, &NoInbox).await.unwrap();
     assert_eq!(again.state, saga::COMPLETED);
     assert_eq!(
         (script.calls("a"), script.calls("b"), script.calls("c")),
@@ -940,7 +865,7 @@ async fn a_rewind_signal_runs_a_completed_saga_again(b: Backend) {
     assert_eq!(again.outputs["a"]["input"], json!({"v": 1}));
     assert_eq!(again.outputs["b"]["input"], json!({"v": 2}));
     assert_eq!(again.outputs["c"]["input"], json!({"v": 2}));
-    let row = store.load("w1").await.unwrap().unwrap();
+    let row = load(&store, "w1").await;
     assert_eq!(row.input, json!({"v": 2}));
     assert_eq!(row.deadline, Some(deadline));
     assert_eq!((row.next_step, row.wake_at), (3, None));
@@ -948,43 +873,32 @@ async fn a_rewind_signal_runs_a_completed_saga_again(b: Backend) {
     assert_eq!(row.version, again.version);
     assert_eq!(
         changes(&store, fence).await,
-        vec![
-            "Started",
-            "StepSucceeded { step: \"a\" }",
-            "StepSucceeded { step: \"b\" }",
-            "Completed",
-            "Rewound { detail: \"rescheduled\" }",
-            "StepSucceeded { step: \"b\" }",
-            "Completed",
+        [
+            &RAN_ABC[..],
+            &[
+                "Rewound { detail: \"rescheduled\" }",
+                "StepSucceeded { step: \"b\" }",
+                "Completed",
+            ]
         ]
+        .concat()
     );
-    let attempts = store.attempts("w1").await.unwrap();
     assert_eq!(
-        attempts_of(&attempts, "b"),
+        attempts_of(&store, "w1", "b").await,
         outcomes(&[(1, "succeeded"), (2, "succeeded")]),
         "the rewound step's attempts continue their numbers"
     );
-    assert_eq!(attempts_of(&attempts, "a"), outcomes(&[(1, "succeeded")]));
+    assert_eq!(
+        attempts_of(&store, "w1", "a").await,
+        outcomes(&[(1, "succeeded")])
+    );
 }
 
 /// A step that needed all its attempts the first time gets them again after a rewind.
-async fn a_rewound_step_gets_its_retries_again(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 0, &clock).await;
-    let e = engine(store.clone(), &clock, &["a", "b"]);
-    let script = Script::default();
-    script.will(
-        "b",
-        (0..3).map(|_| Err(StepError::transient("busy"))).collect(),
-    );
-    let s = e
-        .start(&script, fence, "w2", json!({"v": 1}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
-    let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+async fn a_rewound_step_gets_its_retries_again(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 0, &["a", "b"]).await;
+    script.will("b", transient(3, "busy"));
+    let done = run_new(&e, &script, fence, "w2", json!({"v": 1})).await;
     assert_eq!(done.state, saga::COMPLETED, "on the 4th and last attempt");
     assert_eq!(clock.sleeps().len(), 3);
 
@@ -1003,7 +917,7 @@ async fn a_rewound_step_gets_its_retries_again(b: Backend) {
         "the back-off starts over"
     );
     assert_eq!(
-        attempts_of(&store.attempts("w2").await.unwrap(), "b"),
+        attempts_of(&store, "w2", "b").await,
         outcomes(&[
             (1, "transient"),
             (2, "transient"),
@@ -1015,21 +929,12 @@ async fn a_rewound_step_gets_its_retries_again(b: Backend) {
     );
 }
 
-async fn a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more(b: Backend) {
-    let fx = Fixture::new(b).await;
-    let store = fx.store.clone();
-    let clock = clock();
-    let fence = lease(&store, 5, &clock).await;
-    let e = engine(store.clone(), &clock, &["takeover", "b"]);
-    let script = Script::default();
+async fn a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 5, &["takeover", "b"]).await;
     // While the first step runs, the lease expires and another replica takes the shard.
     *script.takeover.lock().unwrap() =
         Some((store.clone(), clock.now() + chrono::Duration::hours(1)));
-    let s = e
-        .start(&script, fence, "t1", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
+    let s = started(&e, &script, fence, "t1", json!({})).await;
     let r = e.run_started(&script, fence, s, &NoInbox).await;
     assert!(matches!(r, Err(JournalError::Refused(_))), "{r:?}");
     assert_eq!(script.calls("b"), 0, "the stale run stopped");
@@ -1037,7 +942,7 @@ async fn a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more(b: Backe
 
     let now = current(&store, 5).await;
     assert!(now.epoch > fence.epoch);
-    let row = store.load("t1").await.unwrap().unwrap();
+    let row = load(&store, "t1").await;
     assert_eq!(
         (row.version, row.next_step, row.state.as_str()),
         (1, 0, "running")
@@ -1056,7 +961,7 @@ async fn a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more(b: Backe
     assert_eq!(stale, row, "a refused write leaves the caller's copy alone");
     let r = e.run(&script, fence, row.clone(), &NoInbox).await;
     assert!(matches!(r, Err(JournalError::Refused(_))), "{r:?}");
-    assert_eq!(store.load("t1").await.unwrap().unwrap(), row);
+    assert_eq!(load(&store, "t1").await, row);
     assert_eq!(store.outbox_backlog().await.unwrap(), 1);
 
     // The new owner carries on.
@@ -1070,8 +975,17 @@ async fn a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more(b: Backe
 struct Gate {
     got: Mutex<Vec<OutboxMessage>>,
     calls: AtomicU32,
-    called: tokio::sync::Notify,
-    release: tokio::sync::Notify,
+    called: Notify,
+    release: Notify,
+}
+
+impl Gate {
+    /// Waits until the relay calls the publisher.
+    async fn publishing(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.called.notified())
+            .await
+            .expect("the relay publishes");
+    }
 }
 
 #[async_trait]
@@ -1086,67 +1000,28 @@ impl saga::outbox::Publisher for Gate {
     }
 }
 
-async fn a_relay_whose_fence_went_stale_returns_the_refusal(b: Backend) {
-    let fx = Fixture::new(b).await;
+async fn a_relay_whose_fence_went_stale_returns_the_refusal(fx: Fixture) {
     let store = fx.store.clone();
     let clock = clock();
     let later = || clock.now() + chrono::Duration::hours(1);
-    let ttl = chrono::Duration::minutes(10);
 
     // An idle relay: it notices at its next poll.
     let fence = lease(&store, 0, &clock).await;
-    let relay = tokio::spawn(saga::outbox::relay(
-        store.clone(),
-        fence,
-        Arc::new(Gate::default()),
-        Arc::new(tokio::sync::Notify::new()),
-        Duration::from_millis(20),
-    ));
-    store
-        .acquire(0, "other", later(), ttl)
-        .await
-        .unwrap()
-        .unwrap();
-    let refusal = tokio::time::timeout(Duration::from_secs(10), relay)
-        .await
-        .expect("the relay stops")
-        .unwrap();
-    assert!(matches!(refusal, JournalError::Refused(_)), "{refusal:?}");
+    let relay = spawn_relay(&store, fence, Arc::new(Gate::default()), Arc::default());
+    acquire(&store, 0, "other", later()).await;
+    stops_refused(relay).await;
 
     // A relay that lost the shard while publishing: it deletes nothing, so the new owner
     // publishes the rows again (at least once).
     let fence = lease(&store, 1, &clock).await;
     let e = engine(store.clone(), &clock, &["a"]);
-    let script = Script::default();
-    let s = e
-        .start(&script, fence, "x", json!({}), None, None)
-        .await
-        .unwrap()
-        .unwrap();
-    e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+    run_new(&e, &Script::default(), fence, "x", json!({})).await;
     let publisher = Arc::new(Gate::default());
-    let relay = tokio::spawn(saga::outbox::relay(
-        store.clone(),
-        fence,
-        publisher.clone(),
-        Arc::new(tokio::sync::Notify::new()),
-        Duration::from_millis(20),
-    ));
-    tokio::time::timeout(Duration::from_secs(10), publisher.called.notified())
-        .await
-        .expect("the relay publishes");
-    let new = store
-        .acquire(1, "other", later(), ttl)
-        .await
-        .unwrap()
-        .unwrap()
-        .fence();
+    let relay = spawn_relay(&store, fence, publisher.clone(), Arc::default());
+    publisher.publishing().await;
+    let new = acquire(&store, 1, "other", later()).await;
     publisher.release.notify_one();
-    let refusal = tokio::time::timeout(Duration::from_secs(10), relay)
-        .await
-        .expect("the relay stops")
-        .unwrap();
-    assert!(matches!(refusal, JournalError::Refused(_)), "{refusal:?}");
+    stops_refused(relay).await;
     assert_eq!(publisher.got.lock().unwrap().len(), 2);
     assert_eq!(
         changes(&store, new).await,
@@ -1176,17 +1051,9 @@ async fn outbox_relay_never_drops_a_row_committed_late() {
     conn.execute_unprepared(&insert("early")).await.unwrap();
 
     let publisher = Arc::new(Gate::default());
-    let relay = tokio::spawn(saga::outbox::relay(
-        store.clone(),
-        fence,
-        publisher.clone(),
-        Arc::new(tokio::sync::Notify::new()),
-        Duration::from_millis(20),
-    ));
+    let relay = spawn_relay(&store, fence, publisher.clone(), Arc::default());
     // The relay has read "early" (the only row it can see) and is publishing it.
-    tokio::time::timeout(Duration::from_secs(10), publisher.called.notified())
-        .await
-        .expect("the relay publishes");
+    publisher.publishing().await;
     slow.commit().await.unwrap();
     publisher.release.notify_one();
 
@@ -1199,12 +1066,10 @@ async fn outbox_relay_never_drops_a_row_committed_late() {
             .map(|m| m.payload["name"].as_str().unwrap().to_owned())
             .collect()
     };
-    for _ in 0..500 {
-        if names().len() == 2 && store.outbox_backlog().await.unwrap() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(Duration::from_millis(20), || async {
+        names().len() == 2 && store.outbox_backlog().await.unwrap() == 0
+    })
+    .await;
     relay.abort();
     assert_eq!(
         names(),

@@ -16,7 +16,9 @@ pub mod settings;
 pub use error::{ApiError, ApiResult};
 pub use extract::{parse_json, valid_id, Json};
 pub use health::{DatabaseCheck, ReadinessCheck};
-pub use server::{shutdown_signal, RequestId, RunningService, ServiceBuilder, StopSignal};
+pub use server::{
+    main, shutdown_signal, RequestId, RunningService, Service, ServiceBuilder, StopSignal,
+};
 pub use settings::{AuthSettings, DatabaseSettings, HttpSettings};
 
 /// Re-exported so service crates name one version.

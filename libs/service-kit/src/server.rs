@@ -352,6 +352,40 @@ async fn request_context(
     Ok(res.map_body(|_, b| EitherBody::left(b.boxed())))
 }
 
+/// A service as its binary, the standalone suite and the tests build, run and stop it: every
+/// service crate's `Application` implements it.
+pub trait Service: Sized {
+    /// Its settings: defaults, then `config/<name>` or `APP_CONFIG_FILE`, then `APP_` variables.
+    type Settings: serde::de::DeserializeOwned;
+    /// Its name in logs, settings files, traces and metrics.
+    const NAME: &'static str;
+    /// Checks the settings, connects and migrates the database, starts the background tasks
+    /// and binds the HTTP listener.
+    fn build(settings: Self::Settings) -> impl Future<Output = anyhow::Result<Self>>;
+    /// The port the HTTP listener is bound to.
+    fn port(&self) -> u16;
+    /// Serves until `shutdown` resolves, then stops in the order [`RunningService::run_until`]
+    /// gives.
+    fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = std::io::Result<()>> + Send + 'static;
+}
+
+/// A service binary's whole `main`: JSON logs (and traces, where configured), the settings,
+/// then the service until SIGTERM or Ctrl-C.
+pub fn main<S: Service>() -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let _telemetry = telemetry::init(S::NAME, "info", telemetry::LogFormat::Json);
+        let settings: S::Settings = crate::settings::load(S::NAME)?;
+        S::build(settings)
+            .await?
+            .run_until(shutdown_signal())
+            .await?;
+        Ok(())
+    })
+}
+
 /// A started service. Dropping it does not stop it; call [`RunningService::run_until`].
 pub struct RunningService {
     name: &'static str,

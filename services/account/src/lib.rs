@@ -11,7 +11,9 @@ use std::future::Future;
 
 use serde::Deserialize;
 use service_kit::auth::ClientTokens;
-use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
+use service_kit::{
+    AuthSettings, DatabaseSettings, HttpSettings, RunningService, Service, ServiceBuilder,
+};
 
 pub use migration::Migrator;
 
@@ -71,9 +73,11 @@ pub struct Application {
     service: RunningService,
 }
 
-impl Application {
-    /// Connects and migrates the database, then binds the HTTP listener.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+impl Service for Application {
+    type Settings = Settings;
+    const NAME: &'static str = "account";
+
+    async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.auth.require_service_token()?;
         settings.auth.require_jwt_secret()?;
         tracing::info!(
@@ -104,12 +108,14 @@ impl Application {
         Ok(Self { service })
     }
 
-    pub fn port(&self) -> u16 {
+    fn port(&self) -> u16 {
         self.service.port()
     }
 
-    /// Serves until `shutdown` resolves; in-flight requests finish first.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         self.service.run_until(shutdown).await
     }
 }

@@ -13,7 +13,9 @@ use std::future::Future;
 
 use anyhow::Context;
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
+use service_kit::{
+    AuthSettings, DatabaseSettings, HttpSettings, RunningService, Service, ServiceBuilder,
+};
 
 pub use migration::Migrator;
 
@@ -92,9 +94,12 @@ pub struct Application {
     service: RunningService,
 }
 
-impl Application {
+impl Service for Application {
+    type Settings = Settings;
+    const NAME: &'static str = "drone";
+
     /// Connects and migrates the database, seeds the fleet, then binds the HTTP listener.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+    async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.auth.require_service_token()?;
         if settings.reservations.window_minutes <= 0
             || settings.reservations.expedited_window_minutes <= 0
@@ -129,12 +134,14 @@ impl Application {
         Ok(Self { service })
     }
 
-    pub fn port(&self) -> u16 {
+    fn port(&self) -> u16 {
         self.service.port()
     }
 
-    /// Serves until `shutdown` resolves; in-flight requests finish first.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         self.service.run_until(shutdown).await
     }
 }

@@ -15,7 +15,9 @@ use std::future::Future;
 use anyhow::Context;
 use messaging::{BrokerCheck, MessagingSettings};
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
+use service_kit::{
+    AuthSettings, DatabaseSettings, HttpSettings, RunningService, Service, ServiceBuilder,
+};
 
 pub use migration::Migrator;
 
@@ -81,9 +83,12 @@ pub struct Application {
     service: RunningService,
 }
 
-impl Application {
+impl Service for Application {
+    type Settings = Settings;
+    const NAME: &'static str = "ingestion";
+
     /// Connects the database and the broker, declares the logs, then binds the HTTP listener.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+    async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.auth.require_jwt_secret()?;
         let s = &settings.ingestion;
         if s.partitions == 0 || s.max_in_flight == 0 || s.rate_per_second == 0 {
@@ -135,13 +140,16 @@ impl Application {
         Ok(Self { service })
     }
 
-    pub fn port(&self) -> u16 {
+    fn port(&self) -> u16 {
         self.service.port()
     }
 
     /// Serves until `shutdown` resolves; in-flight requests finish first, then the followers of
     /// `workflow-events` finish the batch they are applying.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         self.service.run_until(shutdown).await
     }
 }

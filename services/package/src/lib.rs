@@ -9,7 +9,9 @@ mod store;
 use std::future::Future;
 
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
+use service_kit::{
+    AuthSettings, DatabaseSettings, HttpSettings, RunningService, Service, ServiceBuilder,
+};
 
 pub use migration::Migrator;
 
@@ -41,9 +43,11 @@ pub struct Application {
     service: RunningService,
 }
 
-impl Application {
-    /// Connects and migrates the database, then binds the HTTP listener.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+impl Service for Application {
+    type Settings = Settings;
+    const NAME: &'static str = "package";
+
+    async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.auth.require_service_token()?;
         tracing::info!(
             port = settings.http.port,
@@ -65,12 +69,14 @@ impl Application {
         Ok(Self { service })
     }
 
-    pub fn port(&self) -> u16 {
+    fn port(&self) -> u16 {
         self.service.port()
     }
 
-    /// Serves until `shutdown` resolves; in-flight requests finish first.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         self.service.run_until(shutdown).await
     }
 }

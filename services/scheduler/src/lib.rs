@@ -29,7 +29,9 @@ use saga::{
     Clock, Engine, EngineSettings, RetryOverrides, RetryPolicy, Saga, SqlStore, Store, SystemClock,
 };
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder};
+use service_kit::{
+    AuthSettings, DatabaseSettings, HttpSettings, RunningService, Service, ServiceBuilder,
+};
 use tokio::sync::{watch, Semaphore};
 
 pub use booking::{BookingInput, NO_DRONE_AVAILABLE};
@@ -327,8 +329,11 @@ pub struct Application {
     store: Arc<dyn Store>,
 }
 
-impl Application {
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+impl Service for Application {
+    type Settings = Settings;
+    const NAME: &'static str = "scheduler";
+
+    async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.auth.require_service_token()?;
         let s = &settings.scheduler;
         if s.ordinal() >= s.replicas.max(1) {
@@ -410,14 +415,17 @@ impl Application {
         Ok(Self { service, store })
     }
 
-    pub fn port(&self) -> u16 {
+    fn port(&self) -> u16 {
         self.service.port()
     }
 
     /// Serves until `shutdown` resolves, then saves checkpoints and releases the leases.
     /// Stops early, with an error, when the saga journal's writer dies (a restart resumes every
     /// saga from the journal, which beats a process that accepts work it can no longer record).
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let store = self.store.clone();
         let journal_died = std::sync::atomic::AtomicBool::new(false);
         let stop_on = async {

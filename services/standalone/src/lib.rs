@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
-use service_kit::{AuthSettings, DatabaseSettings, HttpSettings};
+use service_kit::{AuthSettings, DatabaseSettings, HttpSettings, Service};
 use tokio::sync::watch;
 
 /// Standalone settings (`APP_DATA_DIR`, `APP_HOST`, `APP_PORTS__DRONE`, ...).

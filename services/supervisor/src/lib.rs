@@ -34,7 +34,8 @@ use downstream::{Downstream, DownstreamSettings};
 use messaging::{BrokerCheck, MessagingSettings, QueueOptions, WorkQueue};
 use serde::Deserialize;
 use service_kit::{
-    AuthSettings, DatabaseSettings, HttpSettings, RunningService, ServiceBuilder, StopSignal,
+    AuthSettings, DatabaseSettings, HttpSettings, RunningService, Service, ServiceBuilder,
+    StopSignal,
 };
 
 pub use auth::UserSettings;
@@ -145,8 +146,11 @@ pub struct Application {
     service: RunningService,
 }
 
-impl Application {
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+impl Service for Application {
+    type Settings = Settings;
+    const NAME: &'static str = "supervisor";
+
+    async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.auth.require_service_token()?;
         let s = settings.supervisor.clone();
         if s.partitions == 0 || s.compensation_delivery_limit == 0 || s.prefetch == 0 {
@@ -271,12 +275,15 @@ impl Application {
         Ok(Self { service })
     }
 
-    pub fn port(&self) -> u16 {
+    fn port(&self) -> u16 {
         self.service.port()
     }
 
     /// Serves until `shutdown` resolves; in-flight compensations finish or go back to the queue.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         self.service.run_until(shutdown).await
     }
 }

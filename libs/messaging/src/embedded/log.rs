@@ -14,7 +14,6 @@ use super::store::{column, timestamp, Store, FALLBACK_POLL};
 use crate::batcher::{BatchSink, Batcher};
 use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
-use crate::hash::partition_for;
 use crate::traits::{Appended, LogReader, LogRecord, PartitionedLog, Position, StartAt};
 
 /// Records buffered between a reader's task and its consumer: enough to keep the consumer busy,
@@ -122,20 +121,11 @@ impl PartitionedLog for EmbeddedLog {
     }
 
     async fn append(&self, event: Envelope) -> Result<Appended> {
-        let partition = partition_for(&event.key, self.partitions);
-        let encoded = event.encode()?;
-        self.batcher.append(partition, encoded).await?;
-        Ok(Appended { partition })
+        self.batcher.append_event(self.partitions, event).await
     }
 
     async fn append_batch(&self, events: Vec<Envelope>) -> Result<Vec<Appended>> {
-        // join_all polls the appends in input order, so each reaches its partition's batcher in
-        // that order and events of one key keep their order.
-        let appends = events.into_iter().map(|event| self.append(event));
-        futures::future::join_all(appends)
-            .await
-            .into_iter()
-            .collect()
+        self.batcher.append_events(self.partitions, events).await
     }
 
     async fn append_raw(&self, partition: u32, bytes: Vec<u8>) -> Result<()> {
@@ -285,21 +275,10 @@ impl Reader {
 
     /// The events of one batch, or one poison record when it does not decode.
     fn records(&self, offset: u64, payload: &[u8]) -> Vec<LogRecord> {
-        let record = |index: u32, event| LogRecord {
-            partition: self.partition,
-            position: Position { offset, index },
-            event,
-        };
-        match Envelope::decode_batch(payload) {
-            Ok(events) => events
-                .into_iter()
-                .enumerate()
-                .map(|(i, e)| record(u32::try_from(i).unwrap_or(u32::MAX), Ok(e)))
-                .collect(),
-            Err(poison) => {
-                tracing::warn!(log = %self.log, partition = self.partition, offset, reason = %poison.reason, "poison record in log");
-                vec![record(0, Err(poison))]
-            }
+        let batch = Envelope::decode_batch(payload);
+        if let Err(poison) = &batch {
+            tracing::warn!(log = %self.log, partition = self.partition, offset, reason = %poison.reason, "poison record in log");
         }
+        LogRecord::batch(self.partition, offset, batch)
     }
 }

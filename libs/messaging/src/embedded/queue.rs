@@ -6,11 +6,12 @@
 //! Parked rows are handed out the same way to whoever keeps them elsewhere (`take_parked`: the
 //! row stays `parked`, claimed by that consumer) and deleted when it acks.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use sea_orm::Value;
+use sea_orm::{QueryResult, Value};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use super::store::{column, parse_timestamp, timestamp, Store, FALLBACK_POLL};
@@ -58,6 +59,25 @@ impl EmbeddedQueue {
         self.shared.delivery_limit
     }
 
+    /// A new claimant of this queue's rows with `prefetch` slots, and the channel it hands its
+    /// messages out through.
+    fn claimant<M>(&self, prefetch: u16) -> (Claimant, mpsc::Sender<M>, mpsc::Receiver<M>) {
+        // Prefetch 0 means "no limit", as in AMQP.
+        let slots = if prefetch == 0 {
+            usize::from(u16::MAX)
+        } else {
+            usize::from(prefetch)
+        };
+        let claimant = Claimant {
+            shared: self.shared.clone(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            slots: Arc::new(Semaphore::new(slots)),
+        };
+        // Every slot may hold a message waiting in the channel, so sends never wait long.
+        let (tx, rx) = mpsc::channel(slots);
+        (claimant, tx, rx)
+    }
+
     async fn insert(&self, message_id: String, payload: Vec<u8>) -> Result<()> {
         self.shared
             .store
@@ -99,21 +119,8 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     async fn consume(&self, prefetch: u16) -> Result<QueueReceiver> {
-        // Prefetch 0 means "no limit", as in AMQP.
-        let slots = if prefetch == 0 {
-            usize::from(u16::MAX)
-        } else {
-            usize::from(prefetch)
-        };
-        let consumer = Consumer {
-            shared: self.shared.clone(),
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            slots: Arc::new(Semaphore::new(slots)),
-        };
-        // Every slot may hold a message waiting in the channel, so sends never wait long.
-        let (tx, rx) = mpsc::channel(slots);
-        let task = tokio::spawn(consumer.run(tx));
-        Ok(QueueReceiver::new(rx, task))
+        let (consumer, tx, rx) = self.claimant(prefetch);
+        Ok(QueueReceiver::new(rx, tokio::spawn(consumer.consume(tx))))
     }
 
     async fn depth(&self) -> Result<u64> {
@@ -132,19 +139,8 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     async fn take_parked(&self, prefetch: u16) -> Result<ParkedReceiver> {
-        let slots = if prefetch == 0 {
-            usize::from(u16::MAX)
-        } else {
-            usize::from(prefetch)
-        };
-        let taker = ParkedTaker {
-            shared: self.shared.clone(),
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            slots: Arc::new(Semaphore::new(slots)),
-        };
-        let (tx, rx) = mpsc::channel(slots);
-        let task = tokio::spawn(taker.run(tx));
-        Ok(ParkedReceiver::new(rx, task))
+        let (taker, tx, rx) = self.claimant(prefetch);
+        Ok(ParkedReceiver::new(rx, tokio::spawn(taker.take_parked(tx))))
     }
 
     async fn republish(&self, message_id: &str, payload: Vec<u8>) -> Result<()> {
@@ -158,30 +154,122 @@ fn count(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
-/// A claimed row.
+/// Claims up to `LIMIT ?` ready rows for a consumer.
+const CLAIM_READY: &str = "UPDATE messaging_queue_messages
+                 SET state = 'inflight', delivery_count = delivery_count + 1, owner = ?, consumer = ?
+                 WHERE seq IN (SELECT seq FROM messaging_queue_messages
+                               WHERE queue = ? AND state = 'ready' ORDER BY seq LIMIT ?)
+                 RETURNING seq, payload, delivery_count";
+
+/// Claims up to `LIMIT ?` unclaimed parked rows for a taker.
+const CLAIM_PARKED: &str = "UPDATE messaging_queue_messages SET owner = ?, consumer = ?
+                 WHERE seq IN (SELECT seq FROM messaging_queue_messages
+                               WHERE queue = ? AND state = 'parked' AND consumer IS NULL
+                               ORDER BY seq LIMIT ?)
+                 RETURNING seq, message_id, payload, reason, delivery_count, parked_at";
+
+/// A claimed ready row.
 struct Claimed {
-    seq: i64,
     payload: Vec<u8>,
     delivery_count: u32,
 }
 
-struct Consumer {
+fn ready_row(_seq: i64, row: &QueryResult) -> Result<Claimed> {
+    Ok(Claimed {
+        payload: column(row, "payload")?,
+        delivery_count: count(column(row, "delivery_count")?),
+    })
+}
+
+fn parked_row(seq: i64, row: &QueryResult) -> Result<Parked> {
+    let payload = column::<Vec<u8>>(row, "payload")?;
+    let parked_at = column::<Option<String>>(row, "parked_at")?.unwrap_or_default();
+    Ok(Parked {
+        // A row is parked once (a redrive is a new row), and the time guards against a
+        // recreated file reusing a sequence number.
+        park_id: format!("{seq}@{parked_at}"),
+        message_id: column(row, "message_id")?,
+        event: Envelope::decode_one(&payload).ok(),
+        payload,
+        reason: column::<Option<String>>(row, "reason")?.unwrap_or_default(),
+        delivery_count: count(column(row, "delivery_count")?),
+        parked_at: parse_timestamp(&parked_at)?,
+    })
+}
+
+/// A consumer of the queue's ready rows (`consume`) or a taker of its parked rows
+/// (`take_parked`): claims rows under its id and hands them out one slot each.
+struct Claimant {
     shared: Arc<Shared>,
-    /// Stored on every message this consumer claims.
+    /// Stored on every row this claimant claims.
     id: String,
     /// One permit per unanswered message: taken at claim, given back when the message is
     /// answered (not when it is merely dropped, as with AMQP prefetch).
     slots: Arc<Semaphore>,
 }
 
-impl Consumer {
-    async fn run(self, tx: mpsc::Sender<QueueMessage>) {
+impl Claimant {
+    /// Hands out ready messages, parking the rows that may not be delivered.
+    async fn consume(self, tx: mpsc::Sender<QueueMessage>) {
         // Whether this task ends or is aborted (receiver dropped), its unanswered messages go
         // back to the queue.
         let _requeue = RequeueOnDrop {
             shared: self.shared.clone(),
             consumer: self.id.clone(),
         };
+        self.claim_loop(
+            &self.shared.signal,
+            "claiming messages failed; retrying",
+            CLAIM_READY,
+            ready_row,
+            |seq, row| self.deliverable(seq, row),
+            tx,
+        )
+        .await;
+    }
+
+    /// Hands out parked rows: each is claimed (`consumer` set, still `parked`) so it goes to one
+    /// taker at a time, deleted on ack, and released when the taker goes away unanswered.
+    async fn take_parked(self, tx: mpsc::Sender<ParkedMessage>) {
+        let _release = ReleaseParkedOnDrop {
+            shared: self.shared.clone(),
+            taker: self.id.clone(),
+        };
+        self.claim_loop(
+            &self.shared.parked_signal,
+            "taking parked messages failed; retrying",
+            CLAIM_PARKED,
+            parked_row,
+            |seq, parked| {
+                std::future::ready(Some(ParkedMessage {
+                    parked,
+                    acker: Box::new(EmbeddedParkedAcker {
+                        shared: self.shared.clone(),
+                        seq,
+                        taker: self.id.clone(),
+                        slots: self.slots.clone(),
+                    }),
+                }))
+            },
+            tx,
+        )
+        .await;
+    }
+
+    /// Claims a row with `sql` (read by `read`) per free slot, up to [`CLAIM_PAGE`], hands out
+    /// what `hand_out` makes of each (`None`: nothing to hand out), and waits on `signal` (or
+    /// the fallback poll) when there are none; ends when `tx` closes.
+    async fn claim_loop<T, M, H>(
+        &self,
+        signal: &Notify,
+        failed: &str,
+        sql: &str,
+        read: impl Fn(i64, &QueryResult) -> Result<T>,
+        hand_out: impl Fn(i64, T) -> H,
+        tx: mpsc::Sender<M>,
+    ) where
+        H: Future<Output = Option<M>>,
+    {
         loop {
             let Ok(first) = self.slots.clone().acquire_owned().await else {
                 return;
@@ -193,14 +281,14 @@ impl Consumer {
                     Err(_) => break,
                 }
             }
-            // Registered before the claim, so a publish committed after it still wakes us.
-            let published = self.shared.signal.notified();
-            tokio::pin!(published);
-            published.as_mut().enable();
-            let claimed = match self.claim(permits.len()).await {
+            // Registered before the claim, so a row made claimable after it still wakes us.
+            let signalled = signal.notified();
+            tokio::pin!(signalled);
+            signalled.as_mut().enable();
+            let claimed = match self.claim(sql, permits.len(), &read).await {
                 Ok(claimed) => claimed,
                 Err(e) => {
-                    tracing::warn!(queue = %self.shared.name, error = %e, "claiming messages failed; retrying");
+                    tracing::warn!(queue = %self.shared.name, error = %e, "{failed}");
                     drop(permits);
                     tokio::time::sleep(FALLBACK_POLL).await;
                     continue;
@@ -209,14 +297,14 @@ impl Consumer {
             if claimed.is_empty() {
                 drop(permits);
                 tokio::select! {
-                    _ = &mut published => {}
+                    _ = &mut signalled => {}
                     _ = tokio::time::sleep(FALLBACK_POLL) => {}
                     _ = tx.closed() => return,
                 }
                 continue;
             }
-            for row in claimed {
-                let Some(message) = self.deliverable(row).await else {
+            for (seq, row) in claimed {
+                let Some(message) = hand_out(seq, row).await else {
                     continue;
                 };
                 // The slot now belongs to the message until it is answered.
@@ -230,17 +318,19 @@ impl Consumer {
         }
     }
 
-    /// Takes up to `n` ready messages, oldest first.
-    async fn claim(&self, n: usize) -> Result<Vec<Claimed>> {
+    /// Claims up to `n` rows with `sql` (bound to this claimant, the queue and `n`), oldest
+    /// first, each with its `seq`.
+    async fn claim<T>(
+        &self,
+        sql: &str,
+        n: usize,
+        read: impl Fn(i64, &QueryResult) -> Result<T>,
+    ) -> Result<Vec<(i64, T)>> {
         let rows = self
             .shared
             .store
             .query(
-                "UPDATE messaging_queue_messages
-                 SET state = 'inflight', delivery_count = delivery_count + 1, owner = ?, consumer = ?
-                 WHERE seq IN (SELECT seq FROM messaging_queue_messages
-                               WHERE queue = ? AND state = 'ready' ORDER BY seq LIMIT ?)
-                 RETURNING seq, payload, delivery_count",
+                sql,
                 [
                     Value::from(self.shared.store.instance.clone()),
                     Value::from(self.id.clone()),
@@ -252,25 +342,22 @@ impl Consumer {
         let mut claimed = rows
             .iter()
             .map(|row| {
-                Ok(Claimed {
-                    seq: column(row, "seq")?,
-                    payload: column(row, "payload")?,
-                    delivery_count: count(column(row, "delivery_count")?),
-                })
+                let seq = column(row, "seq")?;
+                Ok((seq, read(seq, row)?))
             })
             .collect::<Result<Vec<_>>>()?;
         // RETURNING does not promise an order.
-        claimed.sort_by_key(|c| c.seq);
+        claimed.sort_by_key(|(seq, _)| *seq);
         Ok(claimed)
     }
 
     /// The message to hand out, or `None` when the row was parked instead: undecodable, or
     /// already delivered `delivery_limit` times to consumers that went away without answering
     /// (a message that crashes its consumer must not be retried forever).
-    async fn deliverable(&self, row: Claimed) -> Option<QueueMessage> {
+    async fn deliverable(&self, seq: i64, row: Claimed) -> Option<QueueMessage> {
         let acker = EmbeddedAcker {
             shared: self.shared.clone(),
-            seq: row.seq,
+            seq,
             consumer: self.id.clone(),
             delivery_count: row.delivery_count,
             slots: self.slots.clone(),
@@ -438,118 +525,6 @@ impl Acker for EmbeddedAcker {
     async fn reject(&self, _delivery_count: u32, _event: &Envelope, reason: &str) -> Result<()> {
         let outcome = self.park(reason, false).await;
         self.release(outcome)
-    }
-}
-
-/// Hands out parked rows: each is claimed (`consumer` set, still `parked`) so it goes to one
-/// taker at a time, deleted on ack, and released when the taker goes away unanswered.
-struct ParkedTaker {
-    shared: Arc<Shared>,
-    id: String,
-    slots: Arc<Semaphore>,
-}
-
-impl ParkedTaker {
-    async fn run(self, tx: mpsc::Sender<ParkedMessage>) {
-        let _release = ReleaseParkedOnDrop {
-            shared: self.shared.clone(),
-            taker: self.id.clone(),
-        };
-        loop {
-            let Ok(first) = self.slots.clone().acquire_owned().await else {
-                return;
-            };
-            let mut permits = vec![first];
-            while permits.len() < CLAIM_PAGE {
-                match self.slots.clone().try_acquire_owned() {
-                    Ok(permit) => permits.push(permit),
-                    Err(_) => break,
-                }
-            }
-            let parked = self.shared.parked_signal.notified();
-            tokio::pin!(parked);
-            parked.as_mut().enable();
-            let claimed = match self.claim(permits.len()).await {
-                Ok(claimed) => claimed,
-                Err(e) => {
-                    tracing::warn!(queue = %self.shared.name, error = %e, "taking parked messages failed; retrying");
-                    drop(permits);
-                    tokio::time::sleep(FALLBACK_POLL).await;
-                    continue;
-                }
-            };
-            if claimed.is_empty() {
-                drop(permits);
-                tokio::select! {
-                    _ = &mut parked => {}
-                    _ = tokio::time::sleep(FALLBACK_POLL) => {}
-                    _ = tx.closed() => return,
-                }
-                continue;
-            }
-            for (seq, parked) in claimed {
-                if let Some(permit) = permits.pop() {
-                    permit.forget();
-                }
-                let message = ParkedMessage {
-                    parked,
-                    acker: Box::new(EmbeddedParkedAcker {
-                        shared: self.shared.clone(),
-                        seq,
-                        taker: self.id.clone(),
-                        slots: self.slots.clone(),
-                    }),
-                };
-                if tx.send(message).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Claims up to `n` unclaimed parked rows, oldest first.
-    async fn claim(&self, n: usize) -> Result<Vec<(i64, Parked)>> {
-        let rows = self
-            .shared
-            .store
-            .query(
-                "UPDATE messaging_queue_messages SET owner = ?, consumer = ?
-                 WHERE seq IN (SELECT seq FROM messaging_queue_messages
-                               WHERE queue = ? AND state = 'parked' AND consumer IS NULL
-                               ORDER BY seq LIMIT ?)
-                 RETURNING seq, message_id, payload, reason, delivery_count, parked_at",
-                [
-                    Value::from(self.shared.store.instance.clone()),
-                    Value::from(self.id.clone()),
-                    Value::from(self.shared.name.clone()),
-                    Value::from(i64::try_from(n).unwrap_or(i64::MAX)),
-                ],
-            )
-            .await?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| {
-                let seq: i64 = column(row, "seq")?;
-                let payload = column::<Vec<u8>>(row, "payload")?;
-                let parked_at = column::<Option<String>>(row, "parked_at")?.unwrap_or_default();
-                Ok((
-                    seq,
-                    Parked {
-                        // A row is parked once (a redrive is a new row), and the time guards
-                        // against a recreated file reusing a sequence number.
-                        park_id: format!("{seq}@{parked_at}"),
-                        message_id: column(row, "message_id")?,
-                        event: Envelope::decode_one(&payload).ok(),
-                        payload,
-                        reason: column::<Option<String>>(row, "reason")?.unwrap_or_default(),
-                        delivery_count: count(column(row, "delivery_count")?),
-                        parked_at: parse_timestamp(&parked_at)?,
-                    },
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        claimed.sort_by_key(|(seq, _)| *seq);
-        Ok(claimed)
     }
 }
 

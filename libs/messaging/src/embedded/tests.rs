@@ -43,6 +43,13 @@ async fn next_parked(rx: &mut crate::traits::ParkedReceiver) -> crate::traits::P
         .expect("receiver ended")
 }
 
+/// A broker on the file in `dir`, and its queue `q` with the default options.
+async fn open_queue(dir: &tempfile::TempDir) -> (EmbeddedBroker, Arc<dyn WorkQueue>) {
+    let broker = open_broker(&settings(dir)).await.unwrap();
+    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    (broker, queue)
+}
+
 /// Rows of `queue` in `state`, read straight from the file.
 async fn rows_in(broker: &EmbeddedBroker, state: &str) -> i64 {
     let rows = broker
@@ -59,8 +66,7 @@ async fn rows_in(broker: &EmbeddedBroker, state: &str) -> i64 {
 #[tokio::test]
 async fn messages_in_flight_when_the_process_died_are_redelivered_on_open() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(&settings(&dir)).await.unwrap();
-    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    let (broker, queue) = open_queue(&dir).await;
     let sent = event(1);
     queue.publish(sent.clone()).await.unwrap();
     // What a process that crashed after a delivery leaves behind: a claim by an instance that no
@@ -77,8 +83,7 @@ async fn messages_in_flight_when_the_process_died_are_redelivered_on_open() {
     assert_eq!(claimed, 1);
     drop((queue, broker));
 
-    let broker = open_broker(&settings(&dir)).await.unwrap();
-    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    let (_broker, queue) = open_queue(&dir).await;
     assert_eq!(queue.depth().await.unwrap(), 1);
     let mut rx = queue.consume(1).await.unwrap();
     let m = next(&mut rx).await;
@@ -89,14 +94,12 @@ async fn messages_in_flight_when_the_process_died_are_redelivered_on_open() {
 #[tokio::test]
 async fn a_second_broker_on_the_file_leaves_live_consumers_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let first = open_broker(&settings(&dir)).await.unwrap();
-    let queue = first.queue("q", QueueOptions::default()).await.unwrap();
+    let (_first, queue) = open_queue(&dir).await;
     queue.publish(event(1)).await.unwrap();
     let mut rx = queue.consume(1).await.unwrap();
     let held = next(&mut rx).await;
 
-    let second = open_broker(&settings(&dir)).await.unwrap();
-    let other = second.queue("q", QueueOptions::default()).await.unwrap();
+    let (_second, other) = open_queue(&dir).await;
     assert_eq!(
         other.depth().await.unwrap(),
         0,
@@ -142,8 +145,7 @@ async fn a_message_whose_consumers_keep_dying_is_parked_at_the_limit() {
 #[tokio::test]
 async fn an_answer_after_the_consumer_went_away_does_not_touch_the_redelivery() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(&settings(&dir)).await.unwrap();
-    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    let (_broker, queue) = open_queue(&dir).await;
     queue.publish(event(1)).await.unwrap();
     let mut rx = queue.consume(1).await.unwrap();
     let stale = next(&mut rx).await;
@@ -160,8 +162,7 @@ async fn an_answer_after_the_consumer_went_away_does_not_touch_the_redelivery() 
 #[tokio::test]
 async fn parked_messages_and_log_batches_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(&settings(&dir)).await.unwrap();
-    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    let (broker, queue) = open_queue(&dir).await;
     queue.publish_raw(b"nope".to_vec()).await.unwrap();
     let mut rx = queue.consume(1).await.unwrap();
     quiet(&mut rx).await;
@@ -170,8 +171,7 @@ async fn parked_messages_and_log_batches_survive_a_reopen() {
     log.append(event(7)).await.unwrap();
     drop((rx, queue, log, broker));
 
-    let broker = open_broker(&settings(&dir)).await.unwrap();
-    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    let (broker, queue) = open_queue(&dir).await;
     let mut taken = queue.take_parked(10).await.unwrap();
     let parked = next_parked(&mut taken).await.parked;
     assert_eq!(parked.payload, b"nope");
@@ -240,8 +240,7 @@ async fn only_sqlite_urls_open() {
 #[tokio::test]
 async fn parked_messages_taken_by_a_process_that_died_are_handed_out_again_on_open() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(&settings(&dir)).await.unwrap();
-    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    let (broker, queue) = open_queue(&dir).await;
     queue.publish_raw(b"nope".to_vec()).await.unwrap();
     let mut rx = queue.consume(1).await.unwrap();
     quiet(&mut rx).await;
@@ -259,8 +258,7 @@ async fn parked_messages_taken_by_a_process_that_died_are_handed_out_again_on_op
     // Its release on drop no longer matches the claim: as if the process had died.
     drop((taken, rx, queue, broker));
 
-    let broker = open_broker(&settings(&dir)).await.unwrap();
-    let queue = broker.queue("q", QueueOptions::default()).await.unwrap();
+    let (broker, queue) = open_queue(&dir).await;
     let mut taken = queue.take_parked(1).await.unwrap();
     let again = next_parked(&mut taken).await;
     assert_eq!(again.parked, first, "the same parking, the same park id");

@@ -21,7 +21,6 @@ use super::conn::{ensure_available, reconnect_delays, unavailable, ChannelGuard,
 use crate::batcher::{BatchSink, Batcher};
 use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
-use crate::hash::partition_for;
 use crate::settings::MessagingSettings;
 use crate::traits::{Appended, LogReader, LogRecord, PartitionedLog, Position, StartAt, PEEK_WAIT};
 
@@ -112,17 +111,11 @@ impl PartitionedLog for RabbitLog {
     }
 
     async fn append(&self, event: Envelope) -> Result<Appended> {
-        let partition = partition_for(&event.key, self.partitions);
-        self.batcher.append(partition, event.encode()?).await?;
-        Ok(Appended { partition })
+        self.batcher.append_event(self.partitions, event).await
     }
 
     async fn append_batch(&self, events: Vec<Envelope>) -> Result<Vec<Appended>> {
-        let appends = events.into_iter().map(|e| self.append(e));
-        futures::future::join_all(appends)
-            .await
-            .into_iter()
-            .collect()
+        self.batcher.append_events(self.partitions, events).await
     }
 
     async fn append_raw(&self, partition: u32, bytes: Vec<u8>) -> Result<()> {
@@ -321,25 +314,7 @@ fn stream_offset(delivery: &lapin::message::Delivery) -> Option<u64> {
 
 /// The events of one stream message (a batch), or one poison record when it does not decode.
 fn batch_records(partition: u32, offset: u64, data: &[u8]) -> Vec<LogRecord> {
-    match Envelope::decode_batch(data) {
-        Ok(events) => events
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| LogRecord {
-                partition,
-                position: Position {
-                    offset,
-                    index: u32::try_from(i).unwrap_or(u32::MAX),
-                },
-                event: Ok(e),
-            })
-            .collect(),
-        Err(poison) => vec![LogRecord {
-            partition,
-            position: Position { offset, index: 0 },
-            event: Err(poison),
-        }],
-    }
+    LogRecord::batch(partition, offset, Envelope::decode_batch(data))
 }
 
 /// [`PartitionedLog::peek`]: a consumer of its own from `from.offset` with a small prefetch,

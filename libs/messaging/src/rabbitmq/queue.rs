@@ -10,6 +10,7 @@
 //! (`take_parked`) and acked once stored there.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -488,19 +489,53 @@ async fn take_parked_loop(
     first: (ChannelGuard, lapin::Consumer),
     tx: mpsc::Sender<ParkedMessage>,
 ) {
+    let tx = &tx;
+    follow(
+        &connector,
+        &parked,
+        "parked queue consumer",
+        prefetch,
+        first,
+        tx,
+        |delivery| {
+            let message = ParkedMessage {
+                parked: describe_parked(&delivery),
+                acker: Box::new(RabbitParkedAcker(delivery.acker.clone())),
+            };
+            // Fails when the receiver is dropped: closing the channel returns the rest.
+            async move { tx.send(message).await.is_ok() }
+        },
+    )
+    .await;
+}
+
+/// Hands each delivery of `queue` to `handle`, which returns `false` to re-subscribe (or once
+/// the receiver behind `tx` is gone, which ends the loop); re-subscribes with backoff after a
+/// connection loss. `what` names the consumer in the logs.
+async fn follow<M, F>(
+    connector: &Connector,
+    queue: &str,
+    what: &str,
+    prefetch: u16,
+    first: (ChannelGuard, lapin::Consumer),
+    tx: &mpsc::Sender<M>,
+    mut handle: impl FnMut(lapin::message::Delivery) -> F,
+) where
+    F: Future<Output = bool>,
+{
     let mut consumer = Some(first);
     let mut delays = reconnect_delays();
     loop {
         let (_guard, mut current) = match consumer.take() {
             Some(c) => c,
-            None => match subscribe(&connector, &parked, prefetch).await {
+            None => match subscribe(connector, queue, prefetch).await {
                 Ok(c) => {
-                    tracing::info!(queue = %parked, "parked queue consumer resumed");
+                    tracing::info!(queue = %queue, "{what} resumed");
                     c
                 }
                 Err(e) => {
                     let wait = delays.next().unwrap_or(std::time::Duration::from_secs(5));
-                    tracing::warn!(queue = %parked, error = %e, ?wait, "parked queue consumer reconnecting");
+                    tracing::warn!(queue = %queue, error = %e, ?wait, "{what} reconnecting");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => continue,
                         () = tx.closed() => return,
@@ -512,17 +547,13 @@ async fn take_parked_loop(
             let delivery = match delivery {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::warn!(queue = %parked, error = %e, "parked queue consumer lost");
+                    tracing::warn!(queue = %queue, error = %e, "{what} lost");
                     break;
                 }
             };
             delays = reconnect_delays();
-            let message = ParkedMessage {
-                parked: describe_parked(&delivery),
-                acker: Box::new(RabbitParkedAcker(delivery.acker.clone())),
-            };
-            if tx.send(message).await.is_err() {
-                return; // receiver dropped: closing the channel returns the rest
+            if !handle(delivery).await {
+                break;
             }
         }
         if tx.is_closed() {
@@ -566,33 +597,15 @@ async fn consume_loop(
     first: (ChannelGuard, lapin::Consumer),
     tx: mpsc::Sender<QueueMessage>,
 ) {
-    let mut consumer = Some(first);
-    let mut delays = reconnect_delays();
-    loop {
-        let (_guard, mut current) = match consumer.take() {
-            Some(c) => c,
-            None => match subscribe(&connector, &queue, prefetch).await {
-                Ok(c) => {
-                    tracing::info!(queue = %queue, "queue consumer resumed");
-                    c
-                }
-                Err(e) => {
-                    let wait = delays.next().unwrap_or(std::time::Duration::from_secs(5));
-                    tracing::warn!(queue = %queue, error = %e, ?wait, "queue consumer reconnecting");
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-            },
-        };
-        while let Some(delivery) = current.next().await {
-            let delivery = match delivery {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(queue = %queue, error = %e, "queue consumer lost");
-                    break;
-                }
-            };
-            delays = reconnect_delays();
+    let (publisher, parked, tx) = (&publisher, &parked, &tx);
+    follow(
+        &connector,
+        &queue,
+        "queue consumer",
+        prefetch,
+        first,
+        tx,
+        |delivery| async move {
             let count = delivery_count(&delivery.properties);
             match Envelope::decode_one(&delivery.data) {
                 Ok(event) => {
@@ -607,16 +620,15 @@ async fn consume_loop(
                             limit,
                         }),
                     };
-                    if tx.send(message).await.is_err() {
-                        return; // receiver dropped: closing the channel requeues the rest
-                    }
+                    // Fails when the receiver is dropped: closing the channel requeues the rest.
+                    tx.send(message).await.is_ok()
                 }
                 Err(poison) => {
                     let id = message_id_of(&delivery.properties)
                         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
                     let parked_ok = park(
-                        &publisher,
-                        &parked,
+                        publisher,
+                        parked,
                         &delivery.data,
                         &id,
                         count,
@@ -634,14 +646,10 @@ async fn consume_loop(
                                 .await
                         }
                     };
-                    if outcome.is_err() {
-                        break;
-                    }
+                    outcome.is_ok()
                 }
             }
-        }
-        if tx.is_closed() {
-            return;
-        }
-    }
+        },
+    )
+    .await;
 }

@@ -5,9 +5,25 @@
 
 use std::sync::Arc;
 
-use saga::{MemoryStore, SqlStore, Store};
+use saga::{MemoryStore, SagaRecord, SqlStore, Store};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
+
+/// Expands each test for the three backends: `memory::name`, `sqlite::name`, `postgres::name`,
+/// each calling `super::run(backend, super::name)` of the test crate.
+macro_rules! per_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test] async fn $name() { super::run(super::Backend::Memory, super::$name).await } )*
+        }
+        mod sqlite {
+            $( #[tokio::test] async fn $name() { super::run(super::Backend::Sqlite, super::$name).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $name() { super::run(super::Backend::Postgres, super::$name).await } )*
+        }
+    };
+}
 
 pub struct Migrator;
 
@@ -126,4 +142,12 @@ impl Fixture {
             (None, None) => unreachable!("a fixture has a memory store or a database"),
         }
     }
+}
+
+/// The saga `id`, which must exist.
+pub async fn load(s: &Arc<dyn Store>, id: &str) -> SagaRecord {
+    s.load(id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("saga {id}"))
 }
