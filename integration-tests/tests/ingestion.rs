@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
-use std::collections::HashMap;
+mod common;
+
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -32,6 +34,7 @@ both_backends!(
     workflow_events_drive_the_request_state,
     broker_outage_gives_503_and_nothing_half_accepted,
     full_budget_answers_503_at_once,
+    slow_confirms_shrink_the_limit_and_the_excess_is_refused_not_lost,
     a_booking_is_found_right_after_its_202,
     another_accounts_booking_is_answered_as_unknown,
     idempotent_replay_answers_the_booking_as_first_accepted,
@@ -537,6 +540,81 @@ async fn full_budget_answers_503_at_once(backend: Backend) {
         slow.await.unwrap().unwrap(),
         202,
         "the stalled booking completes"
+    );
+    s.stop().await;
+}
+
+/// `n` bookings of acc-1 at once, with the broker stalled for `stall` meanwhile; the answers.
+async fn bookings_through_a_stall(
+    s: &IngestionApp,
+    token: &str,
+    n: usize,
+    stall: Duration,
+) -> Vec<Reply> {
+    s.proxy.set(Mode::Stall);
+    let body = booking("acc-1");
+    let all = futures::future::join_all((0..n).map(|_| post(s, Some(token), &body, None)));
+    let forward = async {
+        tokio::time::sleep(stall).await;
+        s.proxy.set(Mode::Forward);
+    };
+    tokio::join!(all, forward).0
+}
+
+async fn slow_confirms_shrink_the_limit_and_the_excess_is_refused_not_lost(backend: Backend) {
+    let s = spawn_ingestion(backend, |st| {
+        st.ingestion.max_in_flight = 8;
+        st.ingestion.admission = ingestion::AdmissionSettings {
+            min_in_flight: 2,
+            initial_in_flight: 8,
+            latency_target_ms: 100,
+        };
+    })
+    .await;
+    let token = s.token("acc-1", &[]);
+    let limit = async || {
+        let metrics = common::metrics(&s.app).await;
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("ingestion_admission_limit "));
+        line.and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+    };
+    assert_eq!(limit().await, Some(8.0));
+    // Eight bookings whose confirms take ~400 ms, four times the target: each cuts the limit
+    // by a tenth (8 × 0.9⁸ ≈ 3.4).
+    let first = bookings_through_a_stall(&s, &token, 8, Duration::from_millis(400)).await;
+    assert!(first.iter().all(|r| r.status == 202), "all eight admitted");
+    assert_eq!(limit().await, Some(3.0));
+    // Now only three fit: the other seven are refused at once, while the three wait.
+    let started = std::time::Instant::now();
+    let second = bookings_through_a_stall(&s, &token, 10, Duration::from_millis(400)).await;
+    let refused: Vec<_> = second.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(
+        refused.len(),
+        7,
+        "{:?}",
+        second.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for r in &refused {
+        assert_eq!(r.problem(503).code, "overloaded");
+        assert!(r.header("retry-after").is_some());
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Every 202 is in the log once; no refused booking is.
+    let accepted: HashSet<String> = first
+        .iter()
+        .chain(&second)
+        .filter(|r| r.status == 202)
+        .map(|r| r.json::<DeliveryAccepted>().delivery_id.to_string())
+        .collect();
+    assert_eq!(accepted.len(), 11);
+    let mut in_log: Vec<String> = all_requests(&s).await.into_iter().map(|e| e.key).collect();
+    in_log.sort();
+    let mut expected: Vec<String> = accepted.into_iter().collect();
+    expected.sort();
+    assert_eq!(
+        in_log, expected,
+        "exactly the 202s are in the log, once each"
     );
     s.stop().await;
 }

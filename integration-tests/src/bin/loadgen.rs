@@ -481,6 +481,8 @@ struct Load {
     /// 202s whose deliveryId had already been handed out in this run.
     duplicate_ids: u64,
     latency: Histogram<u64>,
+    /// Latency of the `503` refusals (overload or log unavailable) answered within the timeout.
+    refusals: Histogram<u64>,
     errors: BTreeMap<String, u64>,
     first_errors: BTreeMap<String, String>,
     /// How late the generator started requests (its own queueing), worst case.
@@ -545,6 +547,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Done>) -> Result<Load> {
         accepted: HashMap::new(),
         duplicate_ids: 0,
         latency: latency_histogram()?,
+        refusals: latency_histogram()?,
         errors: BTreeMap::new(),
         first_errors: BTreeMap::new(),
         max_lag: Duration::ZERO,
@@ -556,10 +559,10 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Done>) -> Result<Load> {
         other_statuses: 0,
     };
     while let Some(done) = rx.recv().await {
+        let micros = u64::try_from(done.latency.as_micros()).unwrap_or(u64::MAX);
         let (kind, detail) = match done.outcome {
             Outcome::Accepted(id) => {
-                load.latency
-                    .saturating_record(u64::try_from(done.latency.as_micros()).unwrap_or(u64::MAX));
+                load.latency.saturating_record(micros);
                 if load.accepted.insert(id, done.index).is_some() {
                     load.duplicate_ids += 1;
                 }
@@ -567,6 +570,9 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Done>) -> Result<Load> {
             }
             Outcome::Status(status) => {
                 load.other_statuses += 1;
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    load.refusals.saturating_record(micros);
+                }
                 (status.as_u16().to_string(), None)
             }
             Outcome::BadBody(why) => ("bad 202 body".to_owned(), Some(why)),
@@ -631,6 +637,13 @@ impl Load {
             "202 latency from due time, ms: {}",
             percentiles(&self.latency)
         );
+        if !self.refusals.is_empty() {
+            println!(
+                "refused (503) in time: {}, latency from due time, ms: {}",
+                self.refusals.len(),
+                percentiles(&self.refusals)
+            );
+        }
         let late = self.late_accepted + self.late_other + self.abandoned;
         if late > 0 {
             println!(
@@ -678,7 +691,7 @@ impl Load {
             Some(r) => r.summary(),
         };
         format!(
-            "RESULT | {} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {} | {} |",
+            "RESULT | {} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
             args.label(),
             args.rate,
             self.offered,
@@ -688,6 +701,13 @@ impl Load {
             percentile_cells(&self.latency),
             self.errors_text(),
             verified,
+            match self.refusals.is_empty() {
+                true => "–".to_owned(),
+                false => format!(
+                    "{:.2}",
+                    self.refusals.value_at_quantile(0.99) as f64 / 1000.0
+                ),
+            },
         )
     }
 }

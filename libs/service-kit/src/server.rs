@@ -341,7 +341,11 @@ async fn request_context(
         span.record("otel.status_code", "error");
     }
     span.in_scope(|| {
-        if status >= 500 {
+        if status == 503 {
+            // Shed load or a dependency down: the service says why where it decides (a line per
+            // refusal would cost an overloaded service more than the refusal itself).
+            tracing::debug!(status, latency_ms, "request refused: unavailable");
+        } else if status >= 500 {
             tracing::error!(status, latency_ms, "request failed");
         } else if status >= 400 {
             tracing::info!(status, latency_ms, "request refused");

@@ -1,17 +1,20 @@
 //! Ingestion: the client-facing booking API. A booking is answered `202` only after the
-//! partitioned log has confirmed it; when the log is unavailable or the in-flight budget is spent
-//! the answer is an immediate `503` with `Retry-After`, and nothing is half-accepted.
+//! partitioned log has confirmed it; when the log is unavailable or the adaptive limit on bookings
+//! under way is reached (see [`admission`]) the answer is an immediate `503` with `Retry-After`, and nothing is half-accepted.
 //!
 //! `GET` answers from a read model in Ingestion's own database: written through when a request is
 //! accepted, and advanced by the saga's lifecycle events from the `workflow-events` log, so reads
 //! never call the Scheduler.
 
+mod admission;
 mod migration;
 mod readmodel;
 mod routes;
 
 use std::future::Future;
+use std::sync::Arc;
 
+use admission::Admission;
 use anyhow::Context;
 use messaging::{BrokerCheck, MessagingSettings};
 use serde::Deserialize;
@@ -19,6 +22,7 @@ use service_kit::{
     AuthSettings, DatabaseSettings, HttpSettings, RunningService, Service, ServiceBuilder,
 };
 
+pub use admission::AdmissionSettings;
 pub use migration::Migrator;
 
 /// Ingestion settings (`APP_` environment variables with `__` for nesting).
@@ -50,8 +54,11 @@ impl Default for Settings {
 pub struct IngestionSettings {
     /// Partitions of the `delivery-requests` and `workflow-events` logs (same everywhere).
     pub partitions: u32,
-    /// Bookings being appended at once; beyond it clients get `503` at once.
+    /// The most bookings under way at once: the ceiling of the adaptive limit (`admission`),
+    /// above which clients get `503` at once.
     pub max_in_flight: usize,
+    /// The adaptive limit on bookings under way.
+    pub admission: AdmissionSettings,
     /// Sustained requests per second allowed per account (per replica).
     pub rate_per_second: u32,
     /// Requests an account may burst above the sustained rate.
@@ -69,6 +76,7 @@ impl Default for IngestionSettings {
         Self {
             partitions: 8,
             max_in_flight: 20_000,
+            admission: AdmissionSettings::default(),
             rate_per_second: 50,
             rate_burst: 100,
             pickup_skew_secs: 300,
@@ -127,9 +135,12 @@ impl Service for Application {
             let stop = builder.stop_signal();
             builder.adopt(readmodel::follow_workflow_events(db, events, stop).await?);
         }
+        let admission = Arc::new(Admission::new(&s.admission, s.max_in_flight)?);
+        admission.register(builder.registry())?;
         let state = actix_web::web::Data::new(routes::AppState::new(
             requests,
             store,
+            admission,
             &settings.auth,
             &settings.ingestion,
         ));

@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use service_kit::auth::{bearer, ClientTokens};
 use service_kit::openapi::BearerSchemes;
 use service_kit::{ApiError, ApiResult, AuthSettings, Json, RequestId};
-use tokio::sync::Semaphore;
 use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
+use crate::admission::Admission;
 use crate::readmodel::{Accepted, ReadModel};
 use crate::IngestionSettings;
 
@@ -34,7 +34,7 @@ pub(crate) struct AppState {
     store: Arc<ReadModel>,
     tokens: ClientTokens,
     limiter: DefaultKeyedRateLimiter<String>,
-    budget: Arc<Semaphore>,
+    admission: Arc<Admission>,
     /// Idempotent requests being appended right now in this process.
     in_progress: Mutex<HashSet<Uuid>>,
     settings: IngestionSettings,
@@ -44,6 +44,7 @@ impl AppState {
     pub(crate) fn new(
         log: Arc<dyn PartitionedLog>,
         store: Arc<ReadModel>,
+        admission: Arc<Admission>,
         auth: &AuthSettings,
         settings: &IngestionSettings,
     ) -> Self {
@@ -55,7 +56,7 @@ impl AppState {
             store,
             tokens: ClientTokens::new(&auth.jwt_secret),
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
-            budget: Arc::new(Semaphore::new(settings.max_in_flight)),
+            admission,
             in_progress: Mutex::new(HashSet::new()),
             settings: settings.clone(),
         }
@@ -174,6 +175,14 @@ async fn create(
     state: web::Data<AppState>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    // First, so that a refusal costs as little as possible when the service is overloaded.
+    let Some(mut admitted) = state.admission.try_admit() else {
+        return Err(ApiError::unavailable(
+            "overloaded",
+            "too many bookings in flight; nothing was accepted, please retry",
+            state.settings.retry_after_secs,
+        ));
+    };
     let claims = state.client(&req)?;
     let request: DeliveryRequest = service_kit::parse_json(&body)?;
     owns(&claims, &request.owner_id)?;
@@ -197,13 +206,6 @@ async fn create(
     };
     state.check_pickup(request.pickup_time)?;
 
-    let Ok(_permit) = state.budget.clone().try_acquire_owned() else {
-        return Err(ApiError::unavailable(
-            "overloaded",
-            "too many bookings in flight; nothing was accepted, please retry",
-            state.settings.retry_after_secs,
-        ));
-    };
     let now = service_kit::now();
     let event = DeliveryRequested {
         delivery_id: id,
@@ -222,11 +224,9 @@ async fn create(
     if let Some(rid) = request_id(&req) {
         envelope = envelope.with_header("x-request-id", &rid);
     }
-    state
-        .log
-        .append(envelope)
-        .await
-        .map_err(|e| state.unavailable(e))?;
+    let appended = state.log.append(envelope).await;
+    admitted.appended(appended.is_ok());
+    appended.map_err(|e| state.unavailable(e))?;
     let row = Accepted {
         delivery_id: id,
         owner_id: request.owner_id.clone(),

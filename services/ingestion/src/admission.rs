@@ -1,0 +1,265 @@
+//! Admission on the booking path: an adaptive limit on the bookings under way at once, so that
+//! the work the service takes on stays within what it can finish in time and everything above it
+//! is refused at once (`503` + `Retry-After`) instead of queueing until clients time out.
+//!
+//! The limit is AIMD driven by latency (`tower_acc::Aimd`, after Netflix's concurrency-limits):
+//! each admitted booking's time from admission to its broker confirm is a sample. A sample within
+//! the latency target, taken while at least half the limit is in use, raises the limit by one; a
+//! slower one (the CPU, the broker or its confirms are queueing) or a failed append cuts it by a
+//! tenth. So the limit settles where bookings still confirm within the target, and sheds the
+//! rest with a `503` that costs a fraction of a booking. A refused booking was never appended:
+//! nothing accepted is lost or duplicated by shedding.
+//!
+//! The limit sees only the bookings the handler already holds: when the CPU itself is the
+//! bottleneck, requests also queue before the handler (in sockets, waiting for their HTTP
+//! worker), where no sample shows them (see docs/BENCHMARKS.md, issue 14).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use service_kit::prometheus::{self, IntCounter, IntGauge, Registry};
+use tower_acc::{Aimd, Algorithm};
+
+/// Bounds and latency target of the adaptive limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AdmissionSettings {
+    /// The limit never goes below this many bookings under way (nor above `max_in_flight`).
+    pub min_in_flight: usize,
+    /// The limit at start.
+    pub initial_in_flight: usize,
+    /// A booking whose append takes longer than this (milliseconds from admission to confirm)
+    /// shrinks the limit.
+    pub latency_target_ms: u64,
+}
+
+impl Default for AdmissionSettings {
+    fn default() -> Self {
+        Self {
+            min_in_flight: 64,
+            initial_in_flight: 256,
+            latency_target_ms: 100,
+        }
+    }
+}
+
+/// The adaptive limit and the bookings under way.
+pub(crate) struct Admission {
+    algorithm: Mutex<Aimd>,
+    /// The algorithm's current limit, read without its lock.
+    limit: AtomicUsize,
+    in_flight: AtomicUsize,
+    metrics: Metrics,
+}
+
+struct Metrics {
+    limit: IntGauge,
+    in_flight: IntGauge,
+    refused: IntCounter,
+}
+
+impl Admission {
+    /// A limit between `min_in_flight` (at most `max`) and `max`.
+    pub(crate) fn new(settings: &AdmissionSettings, max: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(max > 0, "max_in_flight must be positive");
+        anyhow::ensure!(
+            settings.latency_target_ms > 0,
+            "admission latency_target_ms must be positive"
+        );
+        let min = settings.min_in_flight.clamp(1, max);
+        let algorithm = Aimd::builder()
+            .min_limit(min)
+            .max_limit(max)
+            .initial_limit(settings.initial_in_flight.clamp(min, max))
+            .timeout(Duration::from_millis(settings.latency_target_ms))
+            .build();
+        let limit = algorithm.max_concurrency();
+        let metrics = Metrics {
+            limit: IntGauge::new(
+                "ingestion_admission_limit",
+                "Bookings the adaptive limit lets be under way at once",
+            )?,
+            in_flight: IntGauge::new(
+                "ingestion_admission_in_flight",
+                "Bookings under way (admitted, not yet answered)",
+            )?,
+            refused: IntCounter::new(
+                "ingestion_admission_refused_total",
+                "Bookings refused with 503 because the limit was reached",
+            )?,
+        };
+        metrics.limit.set(limit as i64);
+        Ok(Self {
+            algorithm: Mutex::new(algorithm),
+            limit: AtomicUsize::new(limit),
+            in_flight: AtomicUsize::new(0),
+            metrics,
+        })
+    }
+
+    /// Registers the limit, the bookings under way and the refusals.
+    pub(crate) fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.metrics.limit.clone()))?;
+        registry.register(Box::new(self.metrics.in_flight.clone()))?;
+        registry.register(Box::new(self.metrics.refused.clone()))
+    }
+
+    /// A place under the limit, or `None` (counted as refused) when every place is taken.
+    pub(crate) fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let taken = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            });
+        if taken.is_err() {
+            self.metrics.refused.inc();
+            return None;
+        }
+        self.metrics.in_flight.inc();
+        Some(Admitted {
+            admission: self.clone(),
+            since: Instant::now(),
+            sample: None,
+        })
+    }
+
+    fn release(&self, sample: Option<(Duration, bool)>) {
+        let in_flight = self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.in_flight.dec();
+        let Some((rtt, is_error)) = sample else {
+            return;
+        };
+        // A poisoned lock only means another thread panicked mid-update: the state is numbers.
+        let mut algorithm = self.algorithm.lock().unwrap_or_else(|e| e.into_inner());
+        algorithm.update(rtt, in_flight, is_error, false);
+        let limit = algorithm.max_concurrency();
+        drop(algorithm);
+        self.limit.store(limit, Ordering::Relaxed);
+        self.metrics.limit.set(limit as i64);
+    }
+}
+
+/// A booking's place under the limit, given back when dropped. Only a booking that reached the
+/// log (confirmed or failed) is a sample of the limit; one refused earlier (bad token, invalid
+/// body, a replay) gives its place back without one.
+pub(crate) struct Admitted {
+    admission: Arc<Admission>,
+    since: Instant,
+    sample: Option<(Duration, bool)>,
+}
+
+impl Admitted {
+    /// The append was confirmed (`ok`) or failed: the time since admission is a sample.
+    pub(crate) fn appended(&mut self, ok: bool) {
+        self.sample = Some((self.since.elapsed(), !ok));
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.admission.release(self.sample);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+mod tests {
+    use super::*;
+
+    fn admission(min: usize, initial: usize, max: usize) -> Arc<Admission> {
+        let settings = AdmissionSettings {
+            min_in_flight: min,
+            initial_in_flight: initial,
+            latency_target_ms: 100,
+        };
+        Arc::new(Admission::new(&settings, max).unwrap())
+    }
+
+    /// `n` bookings admitted at once, each confirmed after `rtt`.
+    fn round(a: &Arc<Admission>, n: usize, rtt: Duration) {
+        let mut held: Vec<Admitted> = (0..n).filter_map(|_| a.try_admit()).collect();
+        for admitted in &mut held {
+            admitted.sample = Some((rtt, false));
+        }
+    }
+
+    #[test]
+    fn admits_up_to_the_limit_and_refuses_the_rest_until_a_place_is_free() {
+        let a = admission(3, 3, 3);
+        let held: Vec<_> = (0..3).map(|_| a.try_admit().expect("a place")).collect();
+        assert!(a.try_admit().is_none(), "the fourth is refused");
+        assert_eq!(a.metrics.refused.get(), 1);
+        assert_eq!(a.metrics.in_flight.get(), 3);
+        drop(held);
+        assert_eq!(a.metrics.in_flight.get(), 0);
+        assert!(a.try_admit().is_some(), "places are given back on drop");
+    }
+
+    #[test]
+    fn the_limit_shrinks_when_appends_miss_the_target_and_grows_back_when_they_recover() {
+        let a = admission(8, 100, 1_000);
+        let (fast, slow) = (Duration::from_millis(5), Duration::from_millis(150));
+        for _ in 0..20 {
+            round(&a, a.limit(), fast);
+        }
+        assert_eq!(
+            a.limit(),
+            1_000,
+            "appends within the target raise it to the ceiling"
+        );
+        round(&a, 10, slow);
+        let congested = a.limit();
+        assert!(
+            (340..=360).contains(&congested),
+            "each append over the target cuts a tenth: {congested}"
+        );
+        for _ in 0..5 {
+            round(&a, a.limit(), slow);
+        }
+        assert_eq!(a.limit(), 8, "never below the floor");
+        let mut failed = a.try_admit().unwrap();
+        failed.appended(false);
+        drop(failed);
+        assert_eq!(
+            a.limit(),
+            8,
+            "a failed append cuts it too, to the floor at most"
+        );
+        round(&a, 8, fast);
+        assert!(a.limit() > 8, "it grows back: {}", a.limit());
+        round(&a, 4, fast);
+        let lightly = a.limit();
+        round(&a, 2, fast);
+        assert_eq!(
+            a.limit(),
+            lightly,
+            "no growth while most of the limit is unused"
+        );
+    }
+
+    impl Admission {
+        fn limit(&self) -> usize {
+            self.limit.load(Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn a_booking_refused_before_the_log_is_no_sample() {
+        let a = admission(1, 10, 10);
+        for _ in 0..100 {
+            drop(a.try_admit());
+        }
+        assert_eq!(a.limit(), 10);
+        assert_eq!(a.metrics.in_flight.get(), 0);
+    }
+
+    #[test]
+    fn a_floor_above_the_ceiling_is_the_ceiling() {
+        let a = admission(64, 256, 1);
+        assert_eq!(a.limit(), 1);
+        assert!(a.try_admit().is_some());
+    }
+}
