@@ -1,6 +1,12 @@
 //! Micro-batching of log appends: concurrent appends to one partition are sealed into one broker
-//! message by count, size or a short linger, published in order, and confirmed concurrently (up to
-//! `max_in_flight` unconfirmed messages per partition). Each caller waits for its batch's confirm.
+//! message by count, size or a linger that adapts to load, published in order, and confirmed
+//! concurrently (up to `max_in_flight` unconfirmed messages per partition). Each caller waits for
+//! its batch's confirm.
+//!
+//! The linger: a batch waits for more (up to `batch_linger_us` after its first append) only while
+//! the partition's appends arrive faster than that, judged by a moving average of the gaps between
+//! them. Under load a broker message carries many appends (RabbitMQ's cost is mostly per message);
+//! an append that arrives alone goes at once instead of waiting for company that will not come.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,23 +121,27 @@ async fn run(
     limits: Limits,
 ) {
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight));
+    let mut arrivals = Arrivals::new(limits.linger);
     while let Some(first) = rx.recv().await {
+        arrivals.record();
         let mut bytes = first.encoded.len();
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + limits.linger;
         while batch.len() < limits.max_events && bytes < limits.max_bytes {
-            // Take what is already waiting; linger briefly for more only when the batch is small.
+            // Take what is already waiting; linger for more only when more is due soon.
             let next = match rx.try_recv() {
                 Ok(item) => Some(item),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
+                Err(mpsc::error::TryRecvError::Empty) if arrivals.busy() => {
                     tokio::time::timeout_at(deadline, rx.recv())
                         .await
                         .unwrap_or_default()
                 }
+                Err(mpsc::error::TryRecvError::Empty) => None,
             };
             match next {
                 Some(item) => {
+                    arrivals.record();
                     bytes += item.encoded.len() + 1;
                     batch.push(item);
                 }
@@ -176,6 +186,39 @@ async fn run(
                 notify(waiters, Err(MessagingError::Timeout));
             }
         }
+    }
+}
+
+/// A moving average of the gaps between one partition's appends.
+struct Arrivals {
+    linger: Duration,
+    last: Option<tokio::time::Instant>,
+    /// Exponentially weighted, each new gap counting an eighth.
+    mean_gap: Duration,
+}
+
+impl Arrivals {
+    fn new(linger: Duration) -> Self {
+        Self {
+            linger,
+            last: None,
+            // Start as idle: the first appends go at once.
+            mean_gap: linger * 2,
+        }
+    }
+
+    fn record(&mut self) {
+        let now = tokio::time::Instant::now();
+        if let Some(last) = self.last.replace(now) {
+            // Long idle gaps count as twice the linger, so one busy second recovers quickly.
+            let gap = (now - last).min(self.linger * 2);
+            self.mean_gap = (self.mean_gap * 7 + gap) / 8;
+        }
+    }
+
+    /// Whether appends come often enough that lingering is likely to gather another one.
+    fn busy(&self) -> bool {
+        self.mean_gap < self.linger
     }
 }
 
@@ -258,5 +301,56 @@ mod tests {
             batcher.append(2, b"1".to_vec()).await.is_err(),
             "unknown partition"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_append_goes_at_once_and_a_busy_partition_lingers_for_company() {
+        let sink = Arc::new(Recorder::default());
+        let settings = MessagingSettings {
+            batch_linger_us: 10_000,
+            ..MessagingSettings::default()
+        };
+        let batcher = Arc::new(Batcher::spawn(sink.clone(), 1, &settings));
+        // Appends 50 ms apart: no linger, one batch each, each confirmed at once.
+        for i in 0..3 {
+            let started = tokio::time::Instant::now();
+            batcher
+                .append(0, format!("{i}").into_bytes())
+                .await
+                .unwrap_or_default();
+            assert!(
+                started.elapsed() < Duration::from_millis(1),
+                "no linger when idle"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Appends every 2 ms (faster than the 10 ms linger): after a few, batches gather several.
+        let appends: Vec<_> = (3..40u64)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(2 * (i - 3))).await;
+                    b.append(0, format!("{i}").into_bytes()).await
+                })
+            })
+            .collect();
+        for a in appends {
+            assert!(matches!(a.await, Ok(Ok(()))));
+        }
+        let batches = sink.batches.lock().map(|b| b.clone()).unwrap_or_default();
+        let sizes: Vec<usize> = batches
+            .iter()
+            .map(|(_, p)| {
+                serde_json::from_slice::<Vec<u32>>(p)
+                    .unwrap_or_default()
+                    .len()
+            })
+            .collect();
+        assert_eq!(&sizes[..3], [1, 1, 1], "{sizes:?}");
+        assert!(
+            sizes.iter().any(|&n| n >= 4),
+            "busy batches gather: {sizes:?}"
+        );
+        assert_eq!(sizes.iter().sum::<usize>(), 40);
     }
 }

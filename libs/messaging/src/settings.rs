@@ -20,7 +20,8 @@ pub struct MessagingSettings {
     pub batch_max_events: usize,
     /// ...or this many bytes of encoded events...
     pub batch_max_bytes: usize,
-    /// ...or when its first event has waited this long (microseconds).
+    /// ...or when its first event has waited this long (microseconds); a batch waits at all only
+    /// while its partition's appends arrive faster than this (see the batcher).
     pub batch_linger_us: u64,
     /// Unconfirmed broker messages allowed in flight per partition publisher.
     pub max_in_flight: usize,
@@ -48,7 +49,7 @@ impl Default for MessagingSettings {
             stream_max_age: "7D".into(),
             batch_max_events: 256,
             batch_max_bytes: 512 * 1024,
-            batch_linger_us: 1000,
+            batch_linger_us: 3000,
             max_in_flight: 64,
             confirm_timeout_ms: 10_000,
             log_prefetch: 64,

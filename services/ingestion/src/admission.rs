@@ -6,8 +6,8 @@
 //! each admitted booking's time from admission to its broker confirm is a sample. A sample within
 //! the latency target, taken while at least half the limit is in use, raises the limit by one; a
 //! slower one (the CPU, the broker or its confirms are queueing) or a failed append cuts it by a
-//! tenth. So the limit settles where bookings still confirm within the target, and sheds the
-//! rest with a `503` that costs a fraction of a booking. A refused booking was never appended:
+//! tenth, at most once per tenth of the target. So the limit settles where bookings still confirm
+//! within the target, and sheds the rest with a `503` that costs a fraction of a booking. A refused booking was never appended:
 //! nothing accepted is lost or duplicated by shedding.
 //!
 //! The limit sees only the bookings the handler already holds: when the CPU itself is the
@@ -47,7 +47,9 @@ impl Default for AdmissionSettings {
 
 /// The adaptive limit and the bookings under way.
 pub(crate) struct Admission {
-    algorithm: Mutex<Aimd>,
+    /// The algorithm, and when it last cut the limit.
+    algorithm: Mutex<(Aimd, Option<Instant>)>,
+    target: Duration,
     /// The algorithm's current limit, read without its lock.
     limit: AtomicUsize,
     in_flight: AtomicUsize,
@@ -69,11 +71,12 @@ impl Admission {
             "admission latency_target_ms must be positive"
         );
         let min = settings.min_in_flight.clamp(1, max);
+        let target = Duration::from_millis(settings.latency_target_ms);
         let algorithm = Aimd::builder()
             .min_limit(min)
             .max_limit(max)
             .initial_limit(settings.initial_in_flight.clamp(min, max))
-            .timeout(Duration::from_millis(settings.latency_target_ms))
+            .timeout(target)
             .build();
         let limit = algorithm.max_concurrency();
         let metrics = Metrics {
@@ -92,7 +95,8 @@ impl Admission {
         };
         metrics.limit.set(limit as i64);
         Ok(Self {
-            algorithm: Mutex::new(algorithm),
+            algorithm: Mutex::new((algorithm, None)),
+            target,
             limit: AtomicUsize::new(limit),
             in_flight: AtomicUsize::new(0),
             metrics,
@@ -133,10 +137,21 @@ impl Admission {
             return;
         };
         // A poisoned lock only means another thread panicked mid-update: the state is numbers.
-        let mut algorithm = self.algorithm.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.algorithm.lock().unwrap_or_else(|e| e.into_inner());
+        let (algorithm, last_cut) = &mut *state;
+        let slow = is_error || rtt > self.target;
+        if slow {
+            // At most one cut per tenth of the target, as TCP backs off once per round trip: the
+            // hundreds of bookings caught in one short stall (a broker pause) are a few signals,
+            // while a lasting overload still cuts the limit ten times per target interval.
+            if last_cut.is_some_and(|at| at.elapsed() < self.target / 10) {
+                return;
+            }
+            *last_cut = Some(Instant::now());
+        }
         algorithm.update(rtt, in_flight, is_error, false);
         let limit = algorithm.max_concurrency();
-        drop(algorithm);
+        drop(state);
         self.limit.store(limit, Ordering::Relaxed);
         self.metrics.limit.set(limit as i64);
     }
@@ -211,15 +226,26 @@ mod tests {
             "appends within the target raise it to the ceiling"
         );
         round(&a, 10, slow);
-        let congested = a.limit();
-        assert!(
-            (340..=360).contains(&congested),
-            "each append over the target cuts a tenth: {congested}"
+        assert_eq!(
+            a.limit(),
+            900,
+            "ten slow appends of one stall cut a tenth, once"
         );
         for _ in 0..5 {
+            a.forget_last_cut();
+            round(&a, a.limit(), slow);
+        }
+        let congested = a.limit();
+        assert!(
+            (525..=535).contains(&congested),
+            "each later interval with slow appends cuts a tenth: {congested}"
+        );
+        for _ in 0..60 {
+            a.forget_last_cut();
             round(&a, a.limit(), slow);
         }
         assert_eq!(a.limit(), 8, "never below the floor");
+        a.forget_last_cut();
         let mut failed = a.try_admit().unwrap();
         failed.appended(false);
         drop(failed);
@@ -243,6 +269,11 @@ mod tests {
     impl Admission {
         fn limit(&self) -> usize {
             self.limit.load(Ordering::Relaxed)
+        }
+
+        /// As if the last cut was longer ago than the target.
+        fn forget_last_cut(&self) {
+            self.algorithm.lock().unwrap().1 = None;
         }
     }
 
