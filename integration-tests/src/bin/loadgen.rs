@@ -701,12 +701,10 @@ impl Load {
             percentile_cells(&self.latency),
             self.errors_text(),
             verified,
-            match self.refusals.is_empty() {
-                true => "–".to_owned(),
-                false => format!(
-                    "{:.2}",
-                    self.refusals.value_at_quantile(0.99) as f64 / 1000.0
-                ),
+            if self.refusals.is_empty() {
+                "–".to_owned()
+            } else {
+                format!("{:.2}", bench::ms(&self.refusals, 0.99))
             },
         )
     }

@@ -88,7 +88,7 @@ impl Service for Application {
             "starting account service"
         );
         let (builder, db) = ServiceBuilder::start::<Migrator>(
-            "account",
+            Self::NAME,
             &settings.http,
             &settings.database,
             &settings.auth,

@@ -55,7 +55,7 @@ impl Service for Application {
             "starting delivery service"
         );
         let (builder, db) = ServiceBuilder::start::<Migrator>(
-            "delivery",
+            Self::NAME,
             &settings.http,
             &settings.database,
             &settings.auth,

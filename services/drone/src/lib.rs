@@ -114,7 +114,7 @@ impl Service for Application {
             "starting drone service"
         );
         let (builder, db) = ServiceBuilder::start::<Migrator>(
-            "drone",
+            Self::NAME,
             &settings.http,
             &settings.database,
             &settings.auth,

@@ -113,7 +113,7 @@ impl Service for Application {
             "starting ingestion service"
         );
         let (mut builder, db) = ServiceBuilder::start::<Migrator>(
-            "ingestion",
+            Self::NAME,
             &settings.http,
             &settings.database,
             &settings.auth,

@@ -56,7 +56,7 @@ impl Service for Application {
             "starting package service"
         );
         let (builder, db) = ServiceBuilder::start::<Migrator>(
-            "package",
+            Self::NAME,
             &settings.http,
             &settings.database,
             &settings.auth,

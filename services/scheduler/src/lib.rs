@@ -352,7 +352,7 @@ impl Service for Application {
             "starting scheduler"
         );
         let (mut builder, db) = ServiceBuilder::start::<Migrator>(
-            "scheduler",
+            Self::NAME,
             &settings.http,
             &settings.database,
             &settings.auth,

@@ -173,7 +173,7 @@ impl Service for Application {
             "starting supervisor"
         );
         let (builder, db) = ServiceBuilder::start::<Migrator>(
-            "supervisor",
+            Self::NAME,
             &settings.http,
             &settings.database,
             &settings.auth,

@@ -60,6 +60,14 @@ impl Connector {
         let conn = self.connection().await?;
         conn.create_channel().await.map_err(unavailable)
     }
+
+    /// A channel for a consumer, closed when the guard is dropped: guarded as soon as it exists,
+    /// so a subscribe cut short (its task aborted when the receiver is dropped, or an error) does
+    /// not leave a consumer on it holding its prefetch of unacked deliveries for as long as the
+    /// connection lives.
+    pub(crate) async fn guarded_channel(&self) -> Result<ChannelGuard> {
+        Ok(ChannelGuard(self.channel().await?))
+    }
 }
 
 /// Delays for reconnect loops: exponential from 100 ms to 5 s, with jitter, forever.

@@ -275,10 +275,7 @@ async fn subscribe(
     from: Start,
     prefetch: u16,
 ) -> Result<(ChannelGuard, lapin::Consumer)> {
-    // Guarded at once: a subscribe cut short (its task aborted when the receiver is dropped, or
-    // an error below) closes the channel, instead of leaving a consumer on it that holds its
-    // prefetch of unacked deliveries for as long as the connection lives.
-    let guard = ChannelGuard(connector.channel().await?);
+    let guard = connector.guarded_channel().await?;
     let channel = &guard.0;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
