@@ -9,7 +9,10 @@
 #   BENCH_INGEST_PORT   Ingestion's port (default 8080)
 #   LOADGEN_ARGS        extra loadgen arguments, e.g. "--accounts 5000 --timeout-ms 1000"
 #   APP_*, RUST_LOG     passed on to Ingestion, e.g. APP_MESSAGING__BATCH_LINGER_US=3000 (the ones
-#                       set below win)
+#                       set below win); APP_HTTP__TRACE_SAMPLE_RATIO defaults to 0.01 as in the
+#                       Kubernetes manifests
+#   BENCH_INGEST_BIN    the binaries' folder (default target/release, built first); another folder
+#                       is used as it is, e.g. an earlier commit's build for a paired comparison
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,11 +28,14 @@ PREFIX="bench-ingest-$(date +%s)-$RANDOM"
 SECRET="bench-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 SERVICE_TOKEN="svc-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 URL="http://127.0.0.1:$PORT"
-LOADGEN="$TARGET/release/loadgen"
+BIN=${BENCH_INGEST_BIN:-$TARGET/release}
+LOADGEN="$BIN/loadgen"
 
-log "building ingestion and loadgen (release)"
-cargo build --release -p ingestion --bin ingestion
-cargo build --release -p integration-tests --bin loadgen
+if [ "$BIN" = "$TARGET/release" ]; then
+  log "building ingestion and loadgen (release)"
+  cargo build --release -p ingestion --bin ingestion
+  cargo build --release -p integration-tests --bin loadgen
+fi
 
 if curl -s -o /dev/null "$URL/healthz"; then
   log "something already listens on port $PORT; stop it or set BENCH_INGEST_PORT"
@@ -75,8 +81,9 @@ env APP_HTTP__PORT="$PORT" \
   APP_INGESTION__RATE_PER_SECOND=1000000 \
   APP_INGESTION__RATE_BURST=1000000 \
   APP_INGESTION__MAX_IN_FLIGHT=20000 \
+  APP_HTTP__TRACE_SAMPLE_RATIO="${APP_HTTP__TRACE_SAMPLE_RATIO:-0.01}" \
   RUST_LOG="${RUST_LOG:-info}" \
-  "$TARGET/release/ingestion" >"$SERVICE_LOG" 2>&1 &
+  "$BIN/ingestion" >"$SERVICE_LOG" 2>&1 &
 INGESTION_PID=$!
 
 for _ in $(seq 1 120); do

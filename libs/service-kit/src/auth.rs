@@ -65,12 +65,20 @@ pub fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
 }
 
 /// Mints and verifies client JWTs (HS256, issuer [`TOKEN_ISSUER`], subject = account id).
+///
+/// A client presents the same token on every request for its lifetime, so verified tokens are
+/// kept (keyed by the whole token: a hit is the very token that was verified) with their claims,
+/// and a repeat costs a hash lookup and the expiry check instead of decoding and an HMAC.
 #[derive(Clone)]
 pub struct ClientTokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    verified: Arc<quick_cache::sync::Cache<String, ClientClaims>>,
 }
+
+/// Verified tokens kept at most (an entry is a token and its claims, a few hundred bytes).
+const VERIFIED_TOKENS: usize = 50_000;
 
 impl ClientTokens {
     pub fn new(secret: &SecretString) -> Self {
@@ -83,6 +91,7 @@ impl ClientTokens {
             encoding: EncodingKey::from_secret(key),
             decoding: DecodingKey::from_secret(key),
             validation,
+            verified: Arc::new(quick_cache::sync::Cache::new(VERIFIED_TOKENS)),
         }
     }
 
@@ -108,7 +117,24 @@ impl ClientTokens {
 
     /// The claims of a valid token, or a `401` that says why it was refused.
     pub fn verify(&self, token: &str) -> Result<ClientClaims, ApiError> {
-        jsonwebtoken::decode::<ClientClaims>(token, &self.decoding, &self.validation)
+        self.verify_at(token, jsonwebtoken::get_current_timestamp())
+    }
+
+    /// [`Self::verify`] at `now` (seconds since the epoch): a token verified before is answered
+    /// from the cache until it expires (with the same leeway as a first verification).
+    fn verify_at(&self, token: &str, now: u64) -> Result<ClientClaims, ApiError> {
+        let expired = |claims: &ClientClaims| {
+            u64::try_from(claims.exp)
+                .map_or(true, |exp| exp.saturating_add(self.validation.leeway) < now)
+        };
+        if let Some(claims) = self.verified.get(token) {
+            if expired(&claims) {
+                self.verified.remove(token);
+                return Err(ApiError::Unauthorized("the token has expired".into()));
+            }
+            return Ok(claims);
+        }
+        let claims = jsonwebtoken::decode::<ClientClaims>(token, &self.decoding, &self.validation)
             .map(|data| data.claims)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
@@ -119,7 +145,11 @@ impl ClientTokens {
                     _ => "the token is malformed",
                 };
                 ApiError::Unauthorized(why.into())
-            })
+            })?;
+        if !expired(&claims) {
+            self.verified.insert(token.to_owned(), claims.clone());
+        }
+        Ok(claims)
     }
 }
 
@@ -149,5 +179,28 @@ mod tests {
             .unwrap_or_default();
         assert!(tokens.verify(&expired).is_err());
         assert!(tokens.verify("not-a-jwt").is_err());
+    }
+
+    #[test]
+    fn a_cached_token_is_refused_once_it_expires() {
+        let tokens = ClientTokens::new(&SecretString::from("k".repeat(32)));
+        let (token, expires) = tokens
+            .mint("acc-1", &[], chrono::Duration::minutes(5))
+            .unwrap_or_default();
+        let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap_or_default();
+        let exp = u64::try_from(expires.timestamp()).unwrap_or_default();
+        assert!(tokens.verify_at(&token, now).is_ok());
+        assert_eq!(tokens.verified.len(), 1, "a verified token is kept");
+        // Within the leeway it still passes (as a first verification would), then it is refused.
+        assert!(tokens.verify_at(&token, exp + 30).is_ok());
+        let refused = tokens.verify_at(&token, exp + 31);
+        assert!(
+            matches!(&refused, Err(ApiError::Unauthorized(why)) if why.contains("expired")),
+            "{refused:?}"
+        );
+        assert_eq!(tokens.verified.len(), 0, "an expired token is dropped");
+        // A tampered token never matches a cached one: it is verified, and refused.
+        let tampered = format!("{token}x");
+        assert!(tokens.verify_at(&tampered, now).is_err());
     }
 }

@@ -190,6 +190,10 @@ impl ServiceBuilder {
             .unwrap_or_else(|| ServiceToken(Arc::new(SecretString::from(String::new()))));
         let limit = self.http.body_limit;
         let name = self.name;
+        let request_tracing = RequestTracing {
+            service: name,
+            sample_ratio: self.http.trace_sample_ratio.clamp(0.0, 1.0),
+        };
 
         let mut server = HttpServer::new(move || {
             App::new()
@@ -218,7 +222,7 @@ impl ServiceBuilder {
                         .default_handler_server(as_problem),
                 )
                 .wrap(metrics.clone())
-                .app_data(ServiceName(name))
+                .app_data(request_tracing)
                 .wrap(from_fn(request_context))
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
@@ -279,14 +283,18 @@ fn as_problem<B: MessageBody + 'static>(
     ))
 }
 
-/// The service's name, for request spans.
+/// What the request middleware needs to know of its service: the name for request spans, and
+/// the share of new traces it samples (`HttpSettings::trace_sample_ratio`).
 #[derive(Clone, Copy)]
-struct ServiceName(&'static str);
+struct RequestTracing {
+    service: &'static str,
+    sample_ratio: f64,
+}
 
-/// Request id, a server span per request (a child of the caller's `traceparent`, if any), and a
-/// log line per finished request: errors always, other requests at debug level (the per-route
-/// counts and latencies are in `/metrics`; at thousands of requests a second a line each costs
-/// more CPU than the request itself).
+/// Request id, a server span per sampled request (a child of the caller's `traceparent`, if any;
+/// see [`telemetry::head_sample`]), and a log line per finished request: errors always, other
+/// requests at debug level (the per-route counts and latencies are in `/metrics`; at thousands of
+/// requests a second a line each costs more CPU than the request itself).
 async fn request_context(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -300,37 +308,45 @@ async fn request_context(
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let route = req.match_pattern().unwrap_or_else(|| "UNMATCHED".into());
-    let service = req
-        .app_data::<ServiceName>()
-        .map(|s| s.0)
-        .unwrap_or("unknown");
+    let tracing_of = req.app_data::<RequestTracing>().copied();
     let quiet = route == "/healthz" || route == "/readyz" || route == "/metrics";
-    let span = if quiet {
-        tracing::Span::none()
-    } else {
-        tracing::info_span!(
-            "http_request",
-            otel.name = %format_args!("{} {}", req.method(), route),
-            otel.kind = "server",
-            service,
-            http.request.method = %req.method(),
-            http.route = %route,
-            http.response.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            request_id = %request_id,
-        )
-    };
     let mut carrier = std::collections::BTreeMap::new();
     for name in [telemetry::TRACEPARENT, telemetry::TRACESTATE] {
         if let Some(v) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
             carrier.insert(name.to_owned(), v.to_owned());
         }
     }
-    if !carrier.is_empty() {
-        telemetry::set_parent(&span, &carrier);
-    }
+    let unsampled = if quiet {
+        None
+    } else {
+        telemetry::head_sample(&carrier, tracing_of.map_or(1.0, |t| t.sample_ratio))
+    };
+    let span = if quiet || unsampled.is_some() {
+        tracing::Span::none()
+    } else {
+        let span = tracing::info_span!(
+            "http_request",
+            otel.name = %format_args!("{} {}", req.method(), route),
+            otel.kind = "server",
+            service = tracing_of.map_or("unknown", |t| t.service),
+            http.request.method = %req.method(),
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            request_id = %request_id,
+        );
+        if !carrier.is_empty() {
+            telemetry::set_parent(&span, &carrier);
+        }
+        span
+    };
     let started = Instant::now();
-    let mut res = next.call(req).instrument(span.clone()).await?;
+    let call = next.call(req).instrument(span.clone());
+    let mut res = match unsampled {
+        // No span: the unsampled context is what the request's work (and what it sends on) sees.
+        Some(cx) => opentelemetry::context::FutureExt::with_context(call, cx).await?,
+        None => call.await?,
+    };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         res.headers_mut().insert(REQUEST_ID, v);
     }
@@ -340,17 +356,24 @@ async fn request_context(
     if status >= 500 {
         span.record("otel.status_code", "error");
     }
+    // The request id is in the span's fields; an unsampled request has none, so the line says it.
+    let request_id = span.is_none().then_some(request_id.as_str());
     span.in_scope(|| {
         if status == 503 {
             // Shed load or a dependency down: the service says why where it decides (a line per
             // refusal would cost an overloaded service more than the refusal itself).
-            tracing::debug!(status, latency_ms, "request refused: unavailable");
+            tracing::debug!(
+                status,
+                latency_ms,
+                request_id,
+                "request refused: unavailable"
+            );
         } else if status >= 500 {
-            tracing::error!(status, latency_ms, "request failed");
+            tracing::error!(status, latency_ms, request_id, "request failed");
         } else if status >= 400 {
-            tracing::info!(status, latency_ms, "request refused");
+            tracing::info!(status, latency_ms, request_id, "request refused");
         } else if !quiet {
-            tracing::debug!(status, latency_ms, "request finished");
+            tracing::debug!(status, latency_ms, request_id, "request finished");
         }
     });
     Ok(res.map_body(|_, b| EitherBody::left(b.boxed())))
@@ -510,5 +533,87 @@ mod tests {
         );
         tokio::task::yield_now().await;
         assert!(deaf_abort.is_finished(), "the deaf task was aborted");
+    }
+
+    /// Parent-based head sampling at the door: what is recorded, and what the request passes on.
+    #[actix_web::test]
+    async fn unsampled_requests_record_no_span_and_pass_the_unsampled_flag_on() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        // The handler answers the trace context it would send on (in a message or a call).
+        async fn passes_on() -> HttpResponse {
+            let mut headers = std::collections::BTreeMap::new();
+            telemetry::inject_current(&mut headers);
+            HttpResponse::Ok().json(headers)
+        }
+        async fn call(ratio: f64, traceparent: Option<&str>) -> String {
+            let app = actix_web::test::init_service(
+                App::new()
+                    .app_data(RequestTracing {
+                        service: "test",
+                        sample_ratio: ratio,
+                    })
+                    .wrap(from_fn(request_context))
+                    .route("/x", web::get().to(passes_on)),
+            )
+            .await;
+            let mut req = actix_web::test::TestRequest::get().uri("/x");
+            if let Some(tp) = traceparent {
+                req = req.insert_header((telemetry::TRACEPARENT, tp));
+            }
+            let sent: std::collections::BTreeMap<String, String> =
+                actix_web::test::call_and_read_body_json(&app, req.to_request()).await;
+            sent.get(telemetry::TRACEPARENT)
+                .cloned()
+                .unwrap_or_default()
+        }
+        let spans = |exporter: &opentelemetry_sdk::trace::InMemorySpanExporter| {
+            let _ = provider.force_flush();
+            let spans = exporter.get_finished_spans().unwrap_or_default();
+            exporter.reset();
+            spans
+        };
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+        // A new trace, not sampled: no span, and an unsampled context goes on.
+        let sent = call(0.0, None).await;
+        assert!(sent.starts_with("00-") && sent.ends_with("-00"), "{sent}");
+        assert!(spans(&exporter).is_empty());
+
+        // A new trace, sampled: one server span, and its context goes on sampled.
+        let sent = call(1.0, None).await;
+        let recorded = spans(&exporter);
+        assert_eq!(recorded.len(), 1);
+        let id = recorded[0].span_context.trace_id().to_string();
+        assert!(
+            sent.starts_with(&format!("00-{id}-")) && sent.ends_with("-01"),
+            "{sent}"
+        );
+
+        // A caller's flag wins over the ratio, both ways, and its trace id goes on.
+        let sent = call(0.0, Some(&format!("00-{trace}-00f067aa0ba902b7-01"))).await;
+        let recorded = spans(&exporter);
+        assert_eq!(recorded.len(), 1, "a sampled caller is followed");
+        assert_eq!(recorded[0].span_context.trace_id().to_string(), trace);
+        assert!(
+            sent.starts_with(&format!("00-{trace}-")) && sent.ends_with("-01"),
+            "{sent}"
+        );
+
+        let sent = call(1.0, Some(&format!("00-{trace}-00f067aa0ba902b7-00"))).await;
+        assert!(
+            spans(&exporter).is_empty(),
+            "an unsampled caller is followed"
+        );
+        assert_eq!(sent, format!("00-{trace}-00f067aa0ba902b7-00"));
     }
 }

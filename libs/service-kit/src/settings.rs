@@ -41,6 +41,11 @@ pub struct HttpSettings {
     pub body_limit: usize,
     /// How long in-flight requests may take to finish at shutdown.
     pub shutdown_timeout_secs: u64,
+    /// Share (0–1) of requests arriving without a caller's trace context whose server span is
+    /// recorded, with all the work it leads to downstream (parent-based head sampling). A caller's
+    /// `traceparent` decides by its sampled flag instead. Unsampled requests cost no span work
+    /// and still pass an unsampled trace context on, so no service records part of their trace.
+    pub trace_sample_ratio: f64,
 }
 
 impl HttpSettings {
@@ -60,6 +65,7 @@ impl Default for HttpSettings {
             workers: 0,
             body_limit: 64 * 1024,
             shutdown_timeout_secs: 10,
+            trace_sample_ratio: 1.0,
         }
     }
 }

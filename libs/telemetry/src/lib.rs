@@ -303,12 +303,50 @@ impl Extractor for MapView<'_> {
 }
 
 /// Writes the current span's trace context (`traceparent`, `tracestate`) into message headers.
-/// Nothing is written when there is no valid current trace.
+/// Without a current span, the current OpenTelemetry context counts (an unsampled request's, see
+/// [`head_sample`]). Nothing is written when there is no valid current trace.
 pub fn inject_current(headers: &mut BTreeMap<String, String>) {
-    let cx = tracing::Span::current().context();
+    let cx = current_context();
     if cx.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&cx, &mut MapCarrier(headers));
     }
+}
+
+/// The current span's context, or else the current OpenTelemetry context.
+fn current_context() -> Context {
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        cx
+    } else {
+        Context::current()
+    }
+}
+
+/// Parent-based head sampling of a request at the door (a server span). A caller's valid trace
+/// context in `headers` decides by its sampled flag; without one, `ratio` (0–1) of new traces
+/// are sampled, the rest not.
+///
+/// `None`: record the request (its span a child of the caller's context, if any). `Some(cx)`:
+/// create no span for it and run it under `cx`, an unsampled span context (the caller's, or a
+/// new trace), so that what it sends on carries the unsampled flag and no service downstream
+/// records a fragment of the trace.
+pub fn head_sample(headers: &BTreeMap<String, String>, ratio: f64) -> Option<Context> {
+    let caller = extract(headers);
+    let sc = caller.span().span_context().clone();
+    if sc.is_valid() {
+        return (!sc.is_sampled()).then_some(caller);
+    }
+    if ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio) {
+        return None;
+    }
+    let unsampled = opentelemetry::trace::SpanContext::new(
+        opentelemetry::trace::TraceId::from(rand::random::<u128>().max(1)),
+        opentelemetry::trace::SpanId::from(rand::random::<u64>().max(1)),
+        opentelemetry::trace::TraceFlags::default(),
+        false,
+        opentelemetry::trace::TraceState::default(),
+    );
+    Some(Context::new().with_remote_span_context(unsampled))
 }
 
 /// The trace context carried by message (or HTTP) headers; empty when there is none.
@@ -324,9 +362,10 @@ pub fn set_parent(span: &tracing::Span, headers: &BTreeMap<String, String>) {
     }
 }
 
-/// Writes the current span's trace context into outgoing HTTP request headers.
+/// Writes the current span's trace context into outgoing HTTP request headers (as
+/// [`inject_current`] does into message headers).
 pub fn inject_http(headers: &mut http::HeaderMap) {
-    let cx = tracing::Span::current().context();
+    let cx = current_context();
     if cx.span().span_context().is_valid() {
         TraceContextPropagator::new()
             .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
