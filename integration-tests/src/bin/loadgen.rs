@@ -488,6 +488,8 @@ struct Load {
     /// How late the generator started requests (its own queueing), worst case.
     max_lag: Duration,
     late_starts: u64,
+    /// The slowest 202 of each second of the run (by due time), in µs: where the tail comes from.
+    slowest_by_second: Vec<u64>,
     /// From the first due time until no request was open any more, timed-out ones included.
     drained: Duration,
     late_accepted: u64,
@@ -503,7 +505,7 @@ async fn run_load(gen: Generator, rate: f64, total: u64) -> Result<Load> {
     let progress = load_progress(total, counters.clone(), rate)?;
     let gen = Arc::new(gen);
     let (tx, rx) = mpsc::unbounded_channel::<Done>();
-    let collector = tokio::spawn(collect(rx));
+    let collector = tokio::spawn(collect(rx, rate));
 
     let mut max_lag = Duration::ZERO;
     let mut late_starts = 0u64;
@@ -540,7 +542,7 @@ async fn run_load(gen: Generator, rate: f64, total: u64) -> Result<Load> {
     Ok(load)
 }
 
-async fn collect(mut rx: mpsc::UnboundedReceiver<Done>) -> Result<Load> {
+async fn collect(mut rx: mpsc::UnboundedReceiver<Done>, rate: f64) -> Result<Load> {
     let mut load = Load {
         offered: 0,
         wall: Duration::ZERO,
@@ -552,6 +554,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Done>) -> Result<Load> {
         first_errors: BTreeMap::new(),
         max_lag: Duration::ZERO,
         late_starts: 0,
+        slowest_by_second: Vec::new(),
         drained: Duration::ZERO,
         late_accepted: 0,
         late_other: 0,
@@ -563,6 +566,12 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Done>) -> Result<Load> {
         let (kind, detail) = match done.outcome {
             Outcome::Accepted(id) => {
                 load.latency.saturating_record(micros);
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let second = (done.index as f64 / rate) as usize;
+                if load.slowest_by_second.len() <= second {
+                    load.slowest_by_second.resize(second + 1, 0);
+                }
+                load.slowest_by_second[second] = load.slowest_by_second[second].max(micros);
                 if load.accepted.insert(id, done.index).is_some() {
                     load.duplicate_ids += 1;
                 }
@@ -665,6 +674,20 @@ impl Load {
             self.drained.as_secs_f64(),
             self.answered() as f64 / self.drained.as_secs_f64().max(1e-9)
         );
+        let mut slowest: Vec<(usize, u64)> =
+            self.slowest_by_second.iter().copied().enumerate().collect();
+        slowest.sort_by_key(|&(_, micros)| std::cmp::Reverse(micros));
+        if !slowest.is_empty() {
+            let text: Vec<String> = slowest
+                .iter()
+                .take(3)
+                .map(|&(second, micros)| format!("{second} s: {:.1} ms", micros as f64 / 1000.0))
+                .collect();
+            println!(
+                "slowest 202 of the slowest seconds (due time): {}",
+                text.join(", ")
+            );
+        }
         if self.late_starts > 0 {
             println!(
                 "note: the generator started {} requests more than {} ms late (worst {:.1} ms); \

@@ -44,6 +44,13 @@ pub enum ApiError {
         detail: String,
         retry_after: u64,
     },
+    /// Load shed: the service has as much work under way as it can finish in time. Not logged
+    /// (a line per refusal would cost an overloaded service more than the refusal itself); the
+    /// service counts its refusals in a metric.
+    #[error(
+        "too many requests in flight; nothing was accepted, please retry after {retry_after} s"
+    )]
+    Overloaded { retry_after: u64 },
     /// Anything else. Logged with its full cause chain; the client sees a generic message.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -122,6 +129,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::RateLimited { .. } => "rate-limited",
             ApiError::Unavailable { code, .. } => code,
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::Internal(_) => "internal-error",
         }
     }
@@ -143,15 +151,16 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "Unsupported media type",
             ApiError::RateLimited { .. } => "Too many requests",
             ApiError::Unavailable { .. } => "Temporarily unavailable",
+            ApiError::Overloaded { .. } => "Overloaded",
             ApiError::Internal(_) => "Internal error",
         }
     }
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::RateLimited { retry_after } | ApiError::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            ApiError::RateLimited { retry_after }
+            | ApiError::Unavailable { retry_after, .. }
+            | ApiError::Overloaded { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -198,7 +207,9 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

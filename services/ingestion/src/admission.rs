@@ -28,7 +28,9 @@ use tower_acc::{Aimd, Algorithm};
 pub struct AdmissionSettings {
     /// The limit never goes below this many bookings under way (nor above `max_in_flight`).
     pub min_in_flight: usize,
-    /// The limit at start.
+    /// The limit at start. It grows only while at least half of it is in use, so it is also the
+    /// headroom a healthy service keeps for bursts: at 20,000 bookings/s answered in 5 ms about
+    /// 100 are under way, and a 40 ms hiccup of the broker or the CPU makes 800.
     pub initial_in_flight: usize,
     /// A booking whose append takes longer than this (milliseconds from admission to confirm)
     /// shrinks the limit.
@@ -39,7 +41,7 @@ impl Default for AdmissionSettings {
     fn default() -> Self {
         Self {
             min_in_flight: 64,
-            initial_in_flight: 256,
+            initial_in_flight: 1024,
             latency_target_ms: 100,
         }
     }

@@ -177,11 +177,9 @@ async fn create(
 ) -> ApiResult<HttpResponse> {
     // First, so that a refusal costs as little as possible when the service is overloaded.
     let Some(mut admitted) = state.admission.try_admit() else {
-        return Err(ApiError::unavailable(
-            "overloaded",
-            "too many bookings in flight; nothing was accepted, please retry",
-            state.settings.retry_after_secs,
-        ));
+        return Err(ApiError::Overloaded {
+            retry_after: state.settings.retry_after_secs,
+        });
     };
     let claims = state.client(&req)?;
     let request: DeliveryRequest = service_kit::parse_json(&body)?;
@@ -202,7 +200,9 @@ async fn create(
             }
             (id, Some(InProgress::claim(&state.in_progress, id)?))
         }
-        None => (Uuid::new_v4(), None),
+        // Time-ordered: every store keyed by deliveryId (this read model, the Scheduler's sagas)
+        // appends to the end of its index instead of touching a random page per booking.
+        None => (Uuid::now_v7(), None),
     };
     state.check_pickup(request.pickup_time)?;
 
