@@ -1,7 +1,9 @@
 //! What the benchmark binaries (`loadgen`, `bench-e2e`, `bench-messaging`) share: latency
 //! histograms and their report figures, a progress bar fed from counters, CPU time from `/proc`,
 //! the bookings they offer Ingestion with the client tokens that sign them, and the parsers of
-//! their flag values.
+//! their flag values; [`http1`], the lean client `loadgen` sends with.
+
+pub mod http1;
 
 use std::time::{Duration, Instant};
 
