@@ -568,6 +568,9 @@ async fn slow_confirms_shrink_the_limit_and_the_excess_is_refused_not_lost(backe
             min_in_flight: 2,
             initial_in_flight: 4,
             latency_target_ms: 100,
+            // What this test shows is the latency signal alone (a busy test machine must not
+            // cut the limit too).
+            worker_busy_target: 1.0,
         };
     })
     .await;

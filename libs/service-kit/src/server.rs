@@ -160,15 +160,14 @@ impl ServiceBuilder {
     where
         F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
     {
-        let listener =
-            TcpListener::bind((self.http.host.as_str(), self.http.port)).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: cannot listen on {}:{}: {e}",
-                    self.name,
-                    self.http.host,
-                    self.http.port
-                )
-            })?;
+        let listener = listen(&self.http).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot listen on {}:{}: {e}",
+                self.name,
+                self.http.host,
+                self.http.port
+            )
+        })?;
         let port = listener.local_addr()?.port();
 
         let metrics = actix_web_prom::PrometheusMetricsBuilder::new("")
@@ -245,6 +244,32 @@ impl ServiceBuilder {
             tasks: self.tasks,
         })
     }
+}
+
+/// The service's listening socket, with a listen queue of `http.backlog` (the standard library's
+/// own `bind` queues only 128, which a burst of reconnecting clients overflows at once).
+fn listen(http: &HttpSettings) -> std::io::Result<TcpListener> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for address in (http.host.as_str(), http.port).to_socket_addrs()? {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        // As the standard library's bind: a restarted service may rebind at once.
+        socket.set_reuse_address(true)?;
+        let bound = socket
+            .bind(&address.into())
+            .and_then(|()| socket.listen(i32::try_from(http.backlog).unwrap_or(i32::MAX)));
+        match bound {
+            Ok(()) => return Ok(socket.into()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+    }))
 }
 
 /// No route took the request: `405` when the path exists with other methods, else `404`.
@@ -615,5 +640,31 @@ mod tests {
             "an unsampled caller is followed"
         );
         assert_eq!(sent, format!("00-{trace}-00f067aa0ba902b7-00"));
+    }
+
+    /// A burst of new connections (clients reconnecting, a load balancer scaling out) waits in
+    /// the listen queue until a worker accepts it: a connection the kernel drops instead is
+    /// retried by its client only a second later.
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_listen_queue() {
+        let http = HttpSettings {
+            host: "127.0.0.1".into(),
+            port: 0,
+            ..HttpSettings::default()
+        };
+        let listener = listen(&http).unwrap_or_else(|e| panic!("listen: {e}"));
+        let address = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        // Nobody accepts: every connection must be queued by the kernel.
+        let burst = 1000;
+        let connects = (0..burst).map(|_| {
+            tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(address),
+            )
+        });
+        let results = futures::future::join_all(connects).await;
+        let queued = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(queued, burst, "connections queued of a burst of {burst}");
+        drop(listener);
     }
 }

@@ -41,6 +41,10 @@ pub struct HttpSettings {
     pub body_limit: usize,
     /// How long in-flight requests may take to finish at shutdown.
     pub shutdown_timeout_secs: u64,
+    /// New connections the kernel queues until a worker accepts them (capped by the kernel's
+    /// `net.core.somaxconn`); one arriving when the queue is full is dropped, and its client
+    /// tries again only a second later.
+    pub backlog: u32,
     /// Share (0–1) of requests arriving without a caller's trace context whose server span is
     /// recorded, with all the work it leads to downstream (parent-based head sampling). A caller's
     /// `traceparent` decides by its sampled flag instead. Unsampled requests cost no span work
@@ -65,6 +69,7 @@ impl Default for HttpSettings {
             workers: 0,
             body_limit: 64 * 1024,
             shutdown_timeout_secs: 10,
+            backlog: 4096,
             trace_sample_ratio: 1.0,
         }
     }

@@ -3,23 +3,29 @@
 //! is refused at once (`503` + `Retry-After`) instead of queueing until clients time out.
 //!
 //! The limit is AIMD driven by latency (`tower_acc::Aimd`, after Netflix's concurrency-limits):
-//! each admitted booking's time from admission to its broker confirm is a sample. A sample within
-//! the latency target, taken while at least half the limit is in use, raises the limit by one; a
+//! each admitted booking's time from admission to its broker confirm is a sample. Samples within
+//! the latency target, taken while at least half the limit is in use, raise the limit by one per
+//! tenth of it (so by a tenth per limit's worth of bookings, whatever the rate); a
 //! slower one (the CPU, the broker or its confirms are queueing) or a failed append cuts it by a
 //! tenth, at most once per tenth of the target. So the limit settles where bookings still confirm
 //! within the target, and sheds the rest with a `503` that costs a fraction of a booking. A refused booking was never appended:
 //! nothing accepted is lost or duplicated by shedding.
 //!
-//! The limit sees only the bookings the handler already holds: when the CPU itself is the
-//! bottleneck, requests also queue before the handler (in sockets, waiting for their HTTP
-//! worker), where no sample shows them (see docs/BENCHMARKS.md, issue 14).
+//! Latency sees only the bookings the handler already holds: when the CPU itself is the
+//! bottleneck, requests queue before the handler (in sockets, waiting for their HTTP worker),
+//! where no sample shows them (see docs/BENCHMARKS.md, issue 14). So each HTTP worker also
+//! watches how busy it is (the share of wall time its runtime spends working rather than waiting
+//! for events, as Node's event-loop utilisation): a worker busier than `worker_busy_target` over
+//! a window cannot keep up with what arrives, and cuts the limit as a slow booking would, until
+//! the refusals (far cheaper than bookings) bring it back under the target.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use service_kit::prometheus::{self, IntCounter, IntGauge, Registry};
+use service_kit::prometheus::{self, Gauge, IntCounter, IntGauge, Registry};
 use tower_acc::{Aimd, Algorithm};
 
 /// Bounds and latency target of the adaptive limit.
@@ -35,6 +41,10 @@ pub struct AdmissionSettings {
     /// A booking whose append takes longer than this (milliseconds from admission to confirm)
     /// shrinks the limit.
     pub latency_target_ms: u64,
+    /// The share of its time (0–1) an HTTP worker may spend working before the limit is cut
+    /// (measured over 50 ms windows): above it, requests wait in the worker's sockets. `1` or
+    /// more: never.
+    pub worker_busy_target: f64,
 }
 
 impl Default for AdmissionSettings {
@@ -43,15 +53,17 @@ impl Default for AdmissionSettings {
             min_in_flight: 64,
             initial_in_flight: 1024,
             latency_target_ms: 100,
+            worker_busy_target: 0.75,
         }
     }
 }
 
 /// The adaptive limit and the bookings under way.
 pub(crate) struct Admission {
-    /// The algorithm, and when it last cut the limit.
-    algorithm: Mutex<(Aimd, Option<Instant>)>,
+    /// The algorithm, when it last cut the limit, and the fast samples since it last grew.
+    algorithm: Mutex<(Aimd, Option<Instant>, usize)>,
     target: Duration,
+    busy_target: f64,
     /// The algorithm's current limit, read without its lock.
     limit: AtomicUsize,
     in_flight: AtomicUsize,
@@ -62,6 +74,15 @@ struct Metrics {
     limit: IntGauge,
     in_flight: IntGauge,
     refused: IntCounter,
+    worker_busy: Gauge,
+}
+
+/// How often an HTTP worker measures how busy it was.
+const BUSY_WINDOW: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// This thread's runtime's busy time when it was last measured, and when.
+    static LAST_BUSY: Cell<Option<(Instant, Duration)>> = const { Cell::new(None) };
 }
 
 impl Admission {
@@ -94,11 +115,16 @@ impl Admission {
                 "ingestion_admission_refused_total",
                 "Bookings refused with 503 because the limit was reached",
             )?,
+            worker_busy: Gauge::new(
+                "ingestion_admission_worker_busy_ratio",
+                "Share of the last 50 ms an HTTP worker spent working (the last one measured)",
+            )?,
         };
         metrics.limit.set(limit as i64);
         Ok(Self {
-            algorithm: Mutex::new((algorithm, None)),
+            algorithm: Mutex::new((algorithm, None, 0)),
             target,
+            busy_target: settings.worker_busy_target,
             limit: AtomicUsize::new(limit),
             in_flight: AtomicUsize::new(0),
             metrics,
@@ -109,11 +135,14 @@ impl Admission {
     pub(crate) fn register(&self, registry: &Registry) -> prometheus::Result<()> {
         registry.register(Box::new(self.metrics.limit.clone()))?;
         registry.register(Box::new(self.metrics.in_flight.clone()))?;
+        registry.register(Box::new(self.metrics.worker_busy.clone()))?;
         registry.register(Box::new(self.metrics.refused.clone()))
     }
 
     /// A place under the limit, or `None` (counted as refused) when every place is taken.
     pub(crate) fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
+        let now = Instant::now();
+        self.watch_worker(now);
         let limit = self.limit.load(Ordering::Relaxed);
         let taken = self
             .in_flight
@@ -127,9 +156,43 @@ impl Admission {
         self.metrics.in_flight.inc();
         Some(Admitted {
             admission: self.clone(),
-            since: Instant::now(),
+            since: now,
             sample: None,
         })
+    }
+
+    /// Once per window on each HTTP worker (a runtime of one thread): how busy it was since the
+    /// last time, and a cut of the limit when busier than the target.
+    fn watch_worker(&self, now: Instant) {
+        if self.busy_target >= 1.0 {
+            return;
+        }
+        let last = LAST_BUSY.get();
+        if last.is_some_and(|(at, _)| now.saturating_duration_since(at) < BUSY_WINDOW) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let metrics = runtime.metrics();
+        if metrics.num_workers() != 1 {
+            return;
+        }
+        let busy = metrics.worker_total_busy_duration(0);
+        LAST_BUSY.set(Some((now, busy)));
+        let Some((at, was)) = last else {
+            return;
+        };
+        let share = busy.saturating_sub(was).as_secs_f64()
+            / now.saturating_duration_since(at).as_secs_f64();
+        self.metrics.worker_busy.set(share);
+        if share > self.busy_target {
+            self.sample(
+                self.target * 2,
+                self.in_flight.load(Ordering::Relaxed),
+                true,
+            );
+        }
     }
 
     fn release(&self, sample: Option<(Duration, bool)>) {
@@ -138,9 +201,15 @@ impl Admission {
         let Some((rtt, is_error)) = sample else {
             return;
         };
+        self.sample(rtt, in_flight, is_error);
+    }
+
+    /// One sample for the algorithm: `rtt` of a booking (or of a worker's window) with
+    /// `in_flight` under way; `is_error` (a failed append, an overloaded worker) always cuts.
+    fn sample(&self, rtt: Duration, in_flight: usize, is_error: bool) {
         // A poisoned lock only means another thread panicked mid-update: the state is numbers.
         let mut state = self.algorithm.lock().unwrap_or_else(|e| e.into_inner());
-        let (algorithm, last_cut) = &mut *state;
+        let (algorithm, last_cut, fast) = &mut *state;
         let slow = is_error || rtt > self.target;
         if slow {
             // At most one cut per tenth of the target, as TCP backs off once per round trip: the
@@ -150,6 +219,15 @@ impl Admission {
                 return;
             }
             *last_cut = Some(Instant::now());
+        } else {
+            // It grows by one per tenth of the limit in fast bookings (ten per limit's worth, as
+            // TCP grows once per round trip), not per booking: at tens of thousands of bookings
+            // a second, growth per booking would outrun any cut.
+            *fast += 1;
+            if *fast * 10 < algorithm.max_concurrency() {
+                return;
+            }
+            *fast = 0;
         }
         algorithm.update(rtt, in_flight, is_error, false);
         let limit = algorithm.max_concurrency();
@@ -191,6 +269,7 @@ mod tests {
             min_in_flight: min,
             initial_in_flight: initial,
             latency_target_ms: 100,
+            worker_busy_target: 0.9,
         };
         Arc::new(Admission::new(&settings, max).unwrap())
     }
@@ -219,7 +298,13 @@ mod tests {
     fn the_limit_shrinks_when_appends_miss_the_target_and_grows_back_when_they_recover() {
         let a = admission(8, 100, 1_000);
         let (fast, slow) = (Duration::from_millis(5), Duration::from_millis(150));
-        for _ in 0..20 {
+        round(&a, 100, fast);
+        let grown = a.limit();
+        assert!(
+            (101..=110).contains(&grown),
+            "a limit's worth of fast bookings raises it by a tenth at most, not by one each: {grown}"
+        );
+        for _ in 0..1_000 {
             round(&a, a.limit(), fast);
         }
         assert_eq!(
@@ -287,6 +372,36 @@ mod tests {
         }
         assert_eq!(a.limit(), 10);
         assert_eq!(a.metrics.in_flight.get(), 0);
+    }
+
+    #[test]
+    fn a_worker_busier_than_the_target_cuts_the_limit() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let a = admission(8, 100, 1_000);
+        runtime.block_on(async {
+            drop(a.try_admit());
+            // Waiting for events is not being busy.
+            tokio::time::sleep(BUSY_WINDOW + Duration::from_millis(10)).await;
+            drop(a.try_admit());
+            assert_eq!(a.limit(), 100, "an idle worker does not cut");
+            let share = a.metrics.worker_busy.get();
+            assert!(share < 0.5, "idle: {share}");
+
+            // Working through a whole window without waiting: requests would queue meanwhile.
+            let until = Instant::now() + BUSY_WINDOW + Duration::from_millis(10);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            // The runtime accounts its busy time when it next looks for events.
+            tokio::task::yield_now().await;
+            drop(a.try_admit());
+            let share = a.metrics.worker_busy.get();
+            assert!(share > 0.9, "busy: {share}");
+            assert_eq!(a.limit(), 90, "a busy worker cuts a tenth");
+        });
     }
 
     #[test]

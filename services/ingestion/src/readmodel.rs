@@ -103,7 +103,7 @@ impl Accepted {
 /// reschedules or cancels right after its `202` finds it on this instance.
 pub(crate) struct ReadModel {
     db: DatabaseConnection,
-    tx: mpsc::Sender<Accepted>,
+    tx: mpsc::UnboundedSender<Accepted>,
     pending: Arc<Mutex<HashMap<Uuid, Accepted>>>,
 }
 
@@ -111,7 +111,10 @@ const BATCH: usize = 500;
 
 impl ReadModel {
     pub(crate) fn start(db: DatabaseConnection) -> Arc<Self> {
-        let (tx, rx) = mpsc::channel(BATCH * 20);
+        // Unbounded: a booking never waits for the read model (a checkpoint of SQLite's WAL can
+        // take a second). What waits is bounded by the admission limit's throughput, and it is
+        // in `pending` meanwhile anyway.
+        let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(write_batches(db.clone(), rx, pending.clone()));
         Arc::new(Self { db, tx, pending })
@@ -145,9 +148,9 @@ impl ReadModel {
     }
 
     /// Records an accepted request soon.
-    pub(crate) async fn record_later(&self, accepted: Accepted) {
+    pub(crate) fn record_later(&self, accepted: Accepted) {
         lock(&self.pending).insert(accepted.delivery_id, accepted.clone());
-        if self.tx.send(accepted).await.is_err() {
+        if self.tx.send(accepted).is_err() {
             tracing::error!("read-model writer stopped");
         }
     }
@@ -189,7 +192,7 @@ async fn insert_accepted(
 
 async fn write_batches(
     db: DatabaseConnection,
-    mut rx: mpsc::Receiver<Accepted>,
+    mut rx: mpsc::UnboundedReceiver<Accepted>,
     pending: Arc<Mutex<HashMap<Uuid, Accepted>>>,
 ) {
     while let Some(first) = rx.recv().await {

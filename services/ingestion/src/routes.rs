@@ -237,7 +237,7 @@ async fn create(
         let first = serde_json::to_string(&request).map_err(|e| ApiError::Internal(e.into()))?;
         state.store.record_now(&row, first).await?;
     } else {
-        state.store.record_later(row).await;
+        state.store.record_later(row);
     }
     tracing::debug!(delivery_id = %id, "booking accepted");
     Ok(accepted(id, request, false))
