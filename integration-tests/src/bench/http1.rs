@@ -186,17 +186,7 @@ impl Conn {
         self.buf.clear();
         self.stream.write_all(request).await.map_err(Error::Io)?;
         loop {
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(4096);
-            }
-            let read = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(Error::Io)?;
-            if read == 0 {
-                return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
-            }
+            self.read_more(1024).await?;
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut response = httparse::Response::new(&mut headers);
             let head = match response.parse(&self.buf) {
@@ -223,22 +213,31 @@ impl Conn {
                 (None, 204 | 304) => 0,
                 (None, _) => return Err(Error::Protocol("answer without Content-Length".into())),
             };
-            while self.buf.len() < head + length {
-                self.buf.reserve(head + length - self.buf.len());
-                let read = self
-                    .stream
-                    .read_buf(&mut self.buf)
-                    .await
-                    .map_err(Error::Io)?;
-                if read == 0 {
-                    return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
-                }
+            let end = head + length;
+            while self.buf.len() < end {
+                self.read_more(end - self.buf.len()).await?;
             }
             // One exchange at a time: nothing may follow the answer.
-            keep &= self.buf.len() == head + length;
-            let body = self.buf[head..head + length].to_vec();
+            keep &= self.buf.len() == end;
+            let body = self.buf[head..end].to_vec();
             return Ok((Answer { status, body }, keep));
         }
+    }
+
+    /// Reads what the server sent next (at least a byte) into `buf`, with room for `want` more.
+    async fn read_more(&mut self, want: usize) -> Result<(), Error> {
+        if self.buf.capacity() - self.buf.len() < want {
+            self.buf.reserve(want.max(4096));
+        }
+        let read = self
+            .stream
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(Error::Io)?;
+        if read == 0 {
+            return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(())
     }
 }
 
