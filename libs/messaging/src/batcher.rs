@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::envelope::Envelope;
+use crate::envelope::{Encoded, Envelope};
 use crate::error::{MessagingError, Result};
 use crate::hash::partition_for;
 use crate::settings::MessagingSettings;
@@ -82,8 +82,17 @@ impl Batcher {
 
     /// Appends `event` to the partition (of `partitions`) its key hashes to.
     pub(crate) async fn append_event(&self, partitions: u32, event: Envelope) -> Result<Appended> {
-        let partition = partition_for(&event.key, partitions);
-        self.append(partition, event.encode()?).await?;
+        self.append_encoded(partitions, event.encoded()?).await
+    }
+
+    /// Appends an encoded event to the partition (of `partitions`) its key hashes to.
+    pub(crate) async fn append_encoded(
+        &self,
+        partitions: u32,
+        record: Encoded,
+    ) -> Result<Appended> {
+        let partition = partition_for(&record.key, partitions);
+        self.append(partition, record.bytes).await?;
         Ok(Appended { partition })
     }
 

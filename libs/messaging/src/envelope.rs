@@ -8,9 +8,13 @@ use uuid::Uuid;
 use crate::error::{MessagingError, Result};
 
 /// Every message on the log and the queues: who, what, which version, and a JSON body.
+///
+/// `B` is the body: a JSON value as consumers read it, or (for a producer on a hot path, see
+/// [`Envelope::typed`]) the typed event itself, encoded without building the value first. Both
+/// encode to the same record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Envelope {
+pub struct Envelope<B = serde_json::Value> {
     /// Unique per event; consumers dedupe on it.
     pub id: Uuid,
     /// Event type, e.g. `delivery.requested`.
@@ -24,7 +28,52 @@ pub struct Envelope {
     /// Free-form metadata, e.g. `traceparent`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    pub body: serde_json::Value,
+    pub body: B,
+}
+
+/// An envelope encoded for the log, with the key its partition comes from; made by
+/// [`Envelope::encoded`], appended by `PartitionedLog::append_encoded`.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub(crate) key: String,
+    pub(crate) bytes: Vec<u8>,
+}
+
+impl<B: Serialize> Envelope<B> {
+    /// A new event whose body stays typed until it is encoded (with a fresh id, the current time
+    /// and the current trace context, as [`Envelope::new`]): what a producer appending thousands
+    /// a second uses, since it skips building the body's JSON value only to encode it.
+    pub fn typed(kind: &str, schema_version: u32, key: &str, body: B) -> Self {
+        let mut headers = BTreeMap::new();
+        telemetry::inject_current(&mut headers);
+        Self {
+            id: Uuid::new_v4(),
+            kind: kind.to_owned(),
+            schema_version,
+            key: key.to_owned(),
+            time: Utc::now(),
+            headers,
+            body,
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(name.to_owned(), value.to_owned());
+        self
+    }
+
+    /// The record as stored on the log and the queues.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| MessagingError::Encode(e.to_string()))
+    }
+
+    /// Encoded for `PartitionedLog::append_encoded`.
+    pub fn encoded(&self) -> Result<Encoded> {
+        Ok(Encoded {
+            key: self.key.clone(),
+            bytes: self.encode()?,
+        })
+    }
 }
 
 impl Envelope {
@@ -45,19 +94,10 @@ impl Envelope {
         })
     }
 
-    pub fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers.insert(name.to_owned(), value.to_owned());
-        self
-    }
-
     /// The body as `T`, or the reason it does not fit.
     pub fn decode<T: DeserializeOwned>(&self) -> std::result::Result<T, String> {
         serde_json::from_value(self.body.clone())
             .map_err(|e| format!("{} v{}: {e}", self.kind, self.schema_version))
-    }
-
-    pub(crate) fn encode(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| MessagingError::Encode(e.to_string()))
     }
 
     pub(crate) fn decode_one(bytes: &[u8]) -> std::result::Result<Envelope, Poison> {
@@ -92,6 +132,38 @@ impl Poison {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_typed_envelope_encodes_the_record_its_json_value_would() {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Booked<'a> {
+            delivery_id: &'a str,
+            weight: f64,
+            stops: Vec<&'a str>,
+        }
+        let body = Booked {
+            delivery_id: "d-1",
+            weight: 2.5,
+            stops: vec!["a", "b \"quoted\""],
+        };
+        let typed = Envelope::typed("delivery.requested", 1, "d-1", &body)
+            .with_header("x-request-id", "r-1");
+        let record = typed.encoded().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(record.key, "d-1");
+        let as_read =
+            Envelope::decode_one(&record.bytes).unwrap_or_else(|p| panic!("{}", p.reason));
+        let as_value = Envelope {
+            id: typed.id,
+            kind: typed.kind.clone(),
+            schema_version: 1,
+            key: "d-1".into(),
+            time: typed.time,
+            headers: typed.headers.clone(),
+            body: serde_json::to_value(&body).unwrap_or_default(),
+        };
+        assert_eq!(as_read, as_value);
+    }
 
     #[test]
     fn envelope_round_trips_and_decodes_bodies() {

@@ -23,7 +23,7 @@ pub mod embedded;
 pub mod memory;
 pub mod rabbitmq;
 
-pub use envelope::{Envelope, Poison};
+pub use envelope::{Encoded, Envelope, Poison};
 pub use error::{MessagingError, Result};
 pub use hash::{partition_for, stable_hash};
 pub use settings::MessagingSettings;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, Notify};
 
-use crate::envelope::{Envelope, Poison};
+use crate::envelope::{Encoded, Envelope, Poison};
 use crate::error::{MessagingError, Result};
 use crate::traits::{Appended, LogReader, LogRecord, PartitionedLog, Position, StartAt};
 
@@ -164,6 +164,13 @@ impl PartitionedLog for MemoryLog {
         let partition = self.partition_of(&event.key);
         self.checked(partition)?.push(Message::Events(vec![event]));
         Ok(Appended { partition })
+    }
+
+    /// Decoded back into the event it was encoded from (this log keeps events, not bytes).
+    async fn append_encoded(&self, record: Encoded) -> Result<Appended> {
+        let event = Envelope::decode_one(&record.bytes)
+            .map_err(|poison| MessagingError::Encode(poison.reason))?;
+        self.append(event).await
     }
 
     /// One message per partition touched, carrying that partition's events in call order.
@@ -395,8 +402,19 @@ mod tests {
             }
         );
         assert!(matches!(&poison.event, Err(p) if p.raw == b"garbage" && !p.reason.is_empty()));
+        let typed = Envelope::typed("test.event", 1, "k", serde_json::json!({ "n": 2 }));
+        let appended = log
+            .append_encoded(typed.encoded().unwrap_or_else(|e| panic!("{e}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(appended.partition, 0);
+        assert_eq!(
+            n_of(&next(&mut reader).await),
+            2,
+            "an encoded event is read as itself"
+        );
         let stored: Vec<usize> = log.messages(0).iter().map(Vec::len).collect();
-        assert_eq!(stored, vec![1, 0], "the poison message holds no events");
+        assert_eq!(stored, vec![1, 0, 1], "the poison message holds no events");
         assert!(log.append_raw(1, Vec::new()).await.is_err());
         assert!(log.read(1, StartAt::First).await.is_err());
     }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::envelope::{Envelope, Poison};
+use crate::envelope::{Encoded, Envelope, Poison};
 use crate::error::Result;
 use crate::hash::partition_for;
 
@@ -125,6 +125,10 @@ pub trait PartitionedLog: Send + Sync {
     /// it durably stored; an error means it may not have been stored. Concurrent appends to one
     /// partition are batched into one broker message.
     async fn append(&self, event: Envelope) -> Result<Appended>;
+
+    /// Appends an event encoded by [`crate::Envelope::encoded`] (a typed body, see
+    /// [`crate::Envelope::typed`]), as [`PartitionedLog::append`] does.
+    async fn append_encoded(&self, record: Encoded) -> Result<Appended>;
 
     /// Appends several events (any keys); each is confirmed as with [`PartitionedLog::append`].
     async fn append_batch(&self, events: Vec<Envelope>) -> Result<Vec<Appended>>;

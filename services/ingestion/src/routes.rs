@@ -219,12 +219,15 @@ async fn create(
         package_info: request.package_info.clone(),
         accepted_at: now,
     };
-    let mut envelope = Envelope::new(DELIVERY_REQUESTED, 1, &id.to_string(), &event)
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    // Typed: encoded straight from the event, without building its JSON value first.
+    let mut envelope = Envelope::typed(DELIVERY_REQUESTED, 1, &id.to_string(), &event);
     if let Some(rid) = request_id(&req) {
         envelope = envelope.with_header("x-request-id", &rid);
     }
-    let appended = state.log.append(envelope).await;
+    let record = envelope
+        .encoded()
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let appended = state.log.append_encoded(record).await;
     admitted.appended(appended.is_ok());
     appended.map_err(|e| state.unavailable(e))?;
     let row = Accepted {

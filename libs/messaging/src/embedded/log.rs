@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::store::{column, timestamp, Store, FALLBACK_POLL};
 use crate::batcher::{BatchSink, Batcher};
-use crate::envelope::Envelope;
+use crate::envelope::{Encoded, Envelope};
 use crate::error::{MessagingError, Result};
 use crate::traits::{Appended, LogReader, LogRecord, PartitionedLog, Position, StartAt};
 
@@ -126,6 +126,10 @@ impl PartitionedLog for EmbeddedLog {
 
     async fn append_batch(&self, events: Vec<Envelope>) -> Result<Vec<Appended>> {
         self.batcher.append_events(self.partitions, events).await
+    }
+
+    async fn append_encoded(&self, record: Encoded) -> Result<Appended> {
+        self.batcher.append_encoded(self.partitions, record).await
     }
 
     async fn append_raw(&self, partition: u32, bytes: Vec<u8>) -> Result<()> {

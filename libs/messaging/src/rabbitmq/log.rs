@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use super::conn::{ensure_available, reconnect_delays, unavailable, ChannelGuard, Connector};
 use crate::batcher::{BatchSink, Batcher};
-use crate::envelope::Envelope;
+use crate::envelope::{Encoded, Envelope};
 use crate::error::{MessagingError, Result};
 use crate::settings::MessagingSettings;
 use crate::traits::{Appended, LogReader, LogRecord, PartitionedLog, Position, StartAt, PEEK_WAIT};
@@ -116,6 +116,10 @@ impl PartitionedLog for RabbitLog {
 
     async fn append_batch(&self, events: Vec<Envelope>) -> Result<Vec<Appended>> {
         self.batcher.append_events(self.partitions, events).await
+    }
+
+    async fn append_encoded(&self, record: Encoded) -> Result<Appended> {
+        self.batcher.append_encoded(self.partitions, record).await
     }
 
     async fn append_raw(&self, partition: u32, bytes: Vec<u8>) -> Result<()> {
