@@ -81,17 +81,8 @@ impl Envelope {
     /// The current span's trace context goes into `headers` (`traceparent`), so the consumer's work
     /// joins the producer's trace.
     pub fn new(kind: &str, schema_version: u32, key: &str, body: &impl Serialize) -> Result<Self> {
-        let mut headers = BTreeMap::new();
-        telemetry::inject_current(&mut headers);
-        Ok(Self {
-            id: Uuid::new_v4(),
-            kind: kind.to_owned(),
-            schema_version,
-            key: key.to_owned(),
-            time: Utc::now(),
-            headers,
-            body: serde_json::to_value(body).map_err(|e| MessagingError::Encode(e.to_string()))?,
-        })
+        let body = serde_json::to_value(body).map_err(|e| MessagingError::Encode(e.to_string()))?;
+        Ok(Envelope::typed(kind, schema_version, key, body))
     }
 
     /// The body as `T`, or the reason it does not fit.
