@@ -23,6 +23,24 @@ pub(crate) fn unavailable(e: lapin::Error) -> MessagingError {
     MessagingError::Unavailable(e.to_string())
 }
 
+/// How long an ack or nack may take before its consumer takes the channel for lost. lapin
+/// resolves one through its connection task; one queued just as that task ends on a dropped
+/// connection is never resolved, and an unbounded wait would stall the consumer for good without
+/// a word. On a live connection it resolves in microseconds.
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits for an ack or nack at most [`ACK_WAIT`]: the reason when it fails or never resolves
+/// (the broker then delivers the message again once the channel is gone).
+pub(crate) async fn settle<T>(
+    op: impl std::future::Future<Output = lapin::Result<T>>,
+) -> std::result::Result<(), String> {
+    match tokio::time::timeout(ACK_WAIT, op).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("the broker did not settle it within {ACK_WAIT:?}")),
+    }
+}
+
 impl Connector {
     pub(crate) fn new(settings: &MessagingSettings) -> Self {
         Self {
@@ -113,4 +131,23 @@ pub(crate) async fn ensure_available(channel: &Channel, queue: &str) -> Result<(
         .await
         .map(|_| ())
         .map_err(unavailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_that_never_resolves_fails_after_the_wait_instead_of_stalling() {
+        let started = tokio::time::Instant::now();
+        let outcome = settle(std::future::pending::<lapin::Result<()>>()).await;
+        assert!(
+            outcome
+                .as_ref()
+                .is_err_and(|why| why.contains("did not settle")),
+            "{outcome:?}"
+        );
+        assert_eq!(started.elapsed(), ACK_WAIT);
+        assert!(settle(async { Ok::<_, lapin::Error>(true) }).await.is_ok());
+    }
 }

@@ -17,7 +17,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::{mpsc, Mutex};
 
-use super::conn::{ensure_available, reconnect_delays, unavailable, ChannelGuard, Connector};
+use super::conn::{
+    ensure_available, reconnect_delays, settle, unavailable, ChannelGuard, Connector,
+};
 use crate::batcher::{BatchSink, Batcher};
 use crate::envelope::{Encoded, Envelope};
 use crate::error::{MessagingError, Result};
@@ -175,19 +177,9 @@ impl PartitionedLog for RabbitLog {
 /// Stream messages a peek's consumer may hold unacknowledged: the first one usually answers.
 const PEEK_PREFETCH: u16 = 4;
 
-/// How long a stream reader waits for an ack (flow control only) before it takes the consumer
-/// for lost. lapin resolves an ack through its connection task; an ack queued just as that task
-/// ends on a dropped connection is never resolved, and an unbounded wait would stall the reader
-/// for good without a word. An ack of a live connection resolves in microseconds.
-const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Acks `delivery`, or fails when the ack errs or does not resolve within [`ACK_WAIT`].
+/// Acks `delivery` (flow control only for a stream), bounded by [`super::conn::ACK_WAIT`].
 async fn ack(delivery: &lapin::message::Delivery) -> std::result::Result<(), String> {
-    match tokio::time::timeout(ACK_WAIT, delivery.ack(BasicAckOptions::default())).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("the ack did not resolve within {ACK_WAIT:?}")),
-    }
+    settle(delivery.ack(BasicAckOptions::default())).await
 }
 
 /// Publishes batches, one confirm-mode channel per partition (re-opened after a loss).

@@ -24,7 +24,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::{mpsc, Mutex};
 
-use super::conn::{ensure_available, reconnect_delays, unavailable, ChannelGuard, Connector};
+use super::conn::{
+    ensure_available, reconnect_delays, settle, unavailable, ChannelGuard, Connector,
+};
 use crate::envelope::Envelope;
 use crate::error::{MessagingError, Result};
 use crate::settings::MessagingSettings;
@@ -293,11 +295,9 @@ struct RabbitAcker {
 #[async_trait]
 impl Acker for RabbitAcker {
     async fn ack(&self) -> Result<()> {
-        self.acker
-            .ack(BasicAckOptions::default())
+        settle(self.acker.ack(BasicAckOptions::default()))
             .await
-            .map(|_| ())
-            .map_err(unavailable)
+            .map_err(MessagingError::Unavailable)
     }
 
     async fn nack(&self, delivery_count: u32, event: &Envelope, reason: &str) -> Result<()> {
@@ -305,14 +305,12 @@ impl Acker for RabbitAcker {
             let reason = format!("delivery limit {} reached: {reason}", self.limit);
             return self.reject(delivery_count, event, &reason).await;
         }
-        self.acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        settle(self.acker.nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        }))
+        .await
+        .map_err(MessagingError::Unavailable)
     }
 
     async fn reject(&self, delivery_count: u32, event: &Envelope, reason: &str) -> Result<()> {
@@ -472,11 +470,9 @@ struct RabbitParkedAcker(lapin::Acker);
 #[async_trait]
 impl ParkedAcker for RabbitParkedAcker {
     async fn ack(&self) -> Result<()> {
-        self.0
-            .ack(BasicAckOptions::default())
+        settle(self.0.ack(BasicAckOptions::default()))
             .await
-            .map(|_| ())
-            .map_err(unavailable)
+            .map_err(MessagingError::Unavailable)
     }
 }
 
@@ -637,14 +633,13 @@ async fn consume_loop(
                     )
                     .await;
                     let outcome = match parked_ok {
-                        Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                        Ok(()) => settle(delivery.ack(BasicAckOptions::default())).await,
                         Err(_) => {
-                            delivery
-                                .nack(BasicNackOptions {
-                                    requeue: true,
-                                    multiple: false,
-                                })
-                                .await
+                            settle(delivery.nack(BasicNackOptions {
+                                requeue: true,
+                                multiple: false,
+                            }))
+                            .await
                         }
                     };
                     outcome.is_ok()
