@@ -67,11 +67,12 @@ impl<B: Serialize> Envelope<B> {
         serde_json::to_vec(self).map_err(|e| MessagingError::Encode(e.to_string()))
     }
 
-    /// Encoded for `PartitionedLog::append_encoded`.
-    pub fn encoded(&self) -> Result<Encoded> {
+    /// Encoded for `PartitionedLog::append_encoded` (the key moves into it).
+    pub fn encoded(self) -> Result<Encoded> {
+        let bytes = self.encode()?;
         Ok(Encoded {
-            key: self.key.clone(),
-            bytes: self.encode()?,
+            key: self.key,
+            bytes,
         })
     }
 }
@@ -140,10 +141,6 @@ mod tests {
         };
         let typed = Envelope::typed("delivery.requested", 1, "d-1", &body)
             .with_header("x-request-id", "r-1");
-        let record = typed.encoded().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(record.key, "d-1");
-        let as_read =
-            Envelope::decode_one(&record.bytes).unwrap_or_else(|p| panic!("{}", p.reason));
         let as_value = Envelope {
             id: typed.id,
             kind: typed.kind.clone(),
@@ -153,6 +150,10 @@ mod tests {
             headers: typed.headers.clone(),
             body: serde_json::to_value(&body).unwrap_or_default(),
         };
+        let record = typed.encoded().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(record.key, "d-1");
+        let as_read =
+            Envelope::decode_one(&record.bytes).unwrap_or_else(|p| panic!("{}", p.reason));
         assert_eq!(as_read, as_value);
     }
 

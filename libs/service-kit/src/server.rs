@@ -335,35 +335,33 @@ async fn request_context(
     let route = req.match_pattern().unwrap_or_else(|| "UNMATCHED".into());
     let tracing_of = req.app_data::<RequestTracing>().copied();
     let quiet = route == "/healthz" || route == "/readyz" || route == "/metrics";
-    let mut carrier = std::collections::BTreeMap::new();
-    for name in [telemetry::TRACEPARENT, telemetry::TRACESTATE] {
-        if let Some(v) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
-            carrier.insert(name.to_owned(), v.to_owned());
-        }
-    }
-    let unsampled = if quiet {
-        None
+    let (span, unsampled) = if quiet {
+        (tracing::Span::none(), None)
     } else {
-        telemetry::head_sample(&carrier, tracing_of.map_or(1.0, |t| t.sample_ratio))
-    };
-    let span = if quiet || unsampled.is_some() {
-        tracing::Span::none()
-    } else {
-        let span = tracing::info_span!(
-            "http_request",
-            otel.name = %format_args!("{} {}", req.method(), route),
-            otel.kind = "server",
-            service = tracing_of.map_or("unknown", |t| t.service),
-            http.request.method = %req.method(),
-            http.route = %route,
-            http.response.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            request_id = %request_id,
-        );
-        if !carrier.is_empty() {
-            telemetry::set_parent(&span, &carrier);
+        let mut carrier = std::collections::BTreeMap::new();
+        for name in [telemetry::TRACEPARENT, telemetry::TRACESTATE] {
+            if let Some(v) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
+                carrier.insert(name.to_owned(), v.to_owned());
+            }
         }
-        span
+        match telemetry::head_sample(&carrier, tracing_of.map_or(1.0, |t| t.sample_ratio)) {
+            telemetry::Head::Skip(cx) => (tracing::Span::none(), Some(cx)),
+            telemetry::Head::Record(parent) => {
+                let span = tracing::info_span!(
+                    "http_request",
+                    otel.name = %format_args!("{} {}", req.method(), route),
+                    otel.kind = "server",
+                    service = tracing_of.map_or("unknown", |t| t.service),
+                    http.request.method = %req.method(),
+                    http.route = %route,
+                    http.response.status_code = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                    request_id = %request_id,
+                );
+                telemetry::set_parent_context(&span, parent);
+                (span, None)
+            }
+        }
     };
     let started = Instant::now();
     let call = next.call(req).instrument(span.clone());

@@ -322,22 +322,32 @@ fn current_context() -> Context {
     }
 }
 
+/// A head sampling decision (see [`head_sample`]).
+pub enum Head {
+    /// Record the request: its span is a child of this context (the caller's; empty for a new
+    /// trace), see [`set_parent_context`].
+    Record(Context),
+    /// Create no span for it and run it under this unsampled span context (the caller's, or a
+    /// new trace), so that what it sends on carries the unsampled flag and no service downstream
+    /// records a fragment of the trace.
+    Skip(Context),
+}
+
 /// Parent-based head sampling of a request at the door (a server span). A caller's valid trace
 /// context in `headers` decides by its sampled flag; without one, `ratio` (0–1) of new traces
 /// are sampled, the rest not.
-///
-/// `None`: record the request (its span a child of the caller's context, if any). `Some(cx)`:
-/// create no span for it and run it under `cx`, an unsampled span context (the caller's, or a
-/// new trace), so that what it sends on carries the unsampled flag and no service downstream
-/// records a fragment of the trace.
-pub fn head_sample(headers: &BTreeMap<String, String>, ratio: f64) -> Option<Context> {
+pub fn head_sample(headers: &BTreeMap<String, String>, ratio: f64) -> Head {
     let caller = extract(headers);
     let sc = caller.span().span_context().clone();
     if sc.is_valid() {
-        return (!sc.is_sampled()).then_some(caller);
+        return if sc.is_sampled() {
+            Head::Record(caller)
+        } else {
+            Head::Skip(caller)
+        };
     }
     if ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio) {
-        return None;
+        return Head::Record(caller);
     }
     let unsampled = opentelemetry::trace::SpanContext::new(
         opentelemetry::trace::TraceId::from(rand::random::<u128>().max(1)),
@@ -346,7 +356,7 @@ pub fn head_sample(headers: &BTreeMap<String, String>, ratio: f64) -> Option<Con
         false,
         opentelemetry::trace::TraceState::default(),
     );
-    Some(Context::new().with_remote_span_context(unsampled))
+    Head::Skip(Context::new().with_remote_span_context(unsampled))
 }
 
 /// The trace context carried by message (or HTTP) headers; empty when there is none.
@@ -356,7 +366,11 @@ pub fn extract(headers: &BTreeMap<String, String>) -> Context {
 
 /// Makes `span` a child of the trace context in `headers`, if they carry a valid one.
 pub fn set_parent(span: &tracing::Span, headers: &BTreeMap<String, String>) {
-    let cx = extract(headers);
+    set_parent_context(span, extract(headers));
+}
+
+/// Makes `span` a child of `cx` (already extracted, e.g. by [`head_sample`]), if it is valid.
+pub fn set_parent_context(span: &tracing::Span, cx: Context) {
     if cx.span().span_context().is_valid() {
         let _ = span.set_parent(cx);
     }
