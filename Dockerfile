@@ -1,20 +1,25 @@
-# syntax=docker/dockerfile:1.7
-# One image with every service binary of the suite (see README, "Deploy to Kubernetes"):
-#   docker build -t registry.example.com/drone-delivery:0.1.0 .
-# Each Kubernetes container picks its service with `command: ["/usr/local/bin/<service>"]`.
+# One image with every service binary of the suite (see README, "Run it in containers"):
+#   docker build --network host -t registry.example.com/drone-delivery:0.1.0 .
+# Each container picks its service with `command: ["/usr/local/bin/<service>"]`.
+#
+# The two base images are build arguments. Their defaults are the usual upstream images; a
+# machine that reaches no image registry builds local stand-ins from Debian's packages first
+# (`make image` does: scripts/docker-base.sh) and passes them in:
+#   BUILDER_IMAGE  a Rust toolchain (cargo, rustc) with a C compiler (aws-lc-sys, SQLite)
+#   RUNTIME_IMAGE  glibc, libgcc, CA certificates and tzdata, running as uid 65532
+# BuildKit is required (the cache mounts below): Docker 23+ with buildx, or DOCKER_BUILDKIT=1.
 
 ARG RUST_VERSION=1.95
+ARG BUILDER_IMAGE=rust:${RUST_VERSION}-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 # ---- build -----------------------------------------------------------------------------------
-FROM rust:${RUST_VERSION}-bookworm AS build
-# aws-lc-sys (rustls' crypto) builds C code: a C compiler, cmake and perl.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake clang perl pkg-config \
- && rm -rf /var/lib/apt/lists/*
+FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
 COPY . .
-# Cache mounts keep the registry and target/ between builds (BuildKit); the binaries are copied
-# out of the cached target/ because it is not part of the image layer.
+# Cache mounts keep the registry and target/ between builds; the binaries are copied out of the
+# cached target/ because it is not part of the image layer. Crates come from crates.io, so the
+# build needs the network (`--network host` where containers reach nothing else).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
@@ -26,8 +31,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     done
 
 # ---- runtime ---------------------------------------------------------------------------------
-# glibc, libgcc, CA certificates and tzdata, no shell, no package manager; runs as uid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 COPY --from=build /out/ /usr/local/bin/
 USER 65532:65532
 WORKDIR /home/nonroot

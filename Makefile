@@ -1,12 +1,31 @@
 # Drone delivery suite. `make help` lists the targets.
 
-DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
-AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
-export DATABASE_URL AMQP_URL
+SHELL := bash
+
+# The tests' servers: DATABASE_URL / AMQP_URL when set; else this machine's PostgreSQL and
+# RabbitMQ when they answer on their standard ports; else none, and the tests start them in
+# containers with testcontainers (a Docker engine is then needed; see README, "make test").
+port_open = $(shell (exec 3<>/dev/tcp/127.0.0.1/$(1)) 2>/dev/null && echo yes)
+ifeq ($(origin DATABASE_URL),undefined)
+ifeq ($(call port_open,5432),yes)
+DATABASE_URL := postgres://postgres@127.0.0.1:5432/postgres
+export DATABASE_URL
+endif
+else
+export DATABASE_URL
+endif
+ifeq ($(origin AMQP_URL),undefined)
+ifeq ($(call port_open,5672),yes)
+AMQP_URL := amqp://guest:guest@127.0.0.1:5672/%2f
+export AMQP_URL
+endif
+else
+export AMQP_URL
+endif
 
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: help run test lint fmt up clean-test-dbs sim chaos bench bench-messaging bench-ingest bench-e2e k8s-validate k8s-base
+.PHONY: help run test lint fmt up clean-test-dbs sim chaos bench bench-messaging bench-ingest bench-e2e k8s-validate k8s-base image image-smoke test-containers
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -14,7 +33,7 @@ help: ## list the targets
 run: ## the whole suite in one process on embedded defaults (SQLite under ./data); Ctrl-C stops it
 	cargo run -p standalone
 
-test: ## the whole test suite, against PostgreSQL (DATABASE_URL) and SQLite
+test: ## the whole test suite, against PostgreSQL (DATABASE_URL, else testcontainers), RabbitMQ (AMQP_URL, else testcontainers) and SQLite
 ifeq ($(NEXTEST),yes)
 	cargo build --workspace --bins
 	cargo nextest run --workspace --no-fail-fast
@@ -22,6 +41,15 @@ else
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 endif
+
+image: ## the suite's image drone-delivery:dev (Dockerfile), on local base images made from Debian's packages (IMAGE_BASES=upstream: the Dockerfile's defaults)
+	bash scripts/image.sh
+
+image-smoke: ## make image, then the seven services as containers (non-root, read-only root, no capabilities) on this machine's PostgreSQL and RabbitMQ; one booking until scheduled; removes all it started
+	bash scripts/image-smoke.sh
+
+test-containers: ## the integration tests on PostgreSQL and RabbitMQ started by testcontainers (DATABASE_URL and AMQP_URL unset; local stand-in images)
+	bash scripts/test-containers.sh
 
 chaos: ## chaos runs under booking load (scheduler kill/pause, supervisor kill, domain restarts, RabbitMQ restart on a private node, downstream faults), invariants after each
 	bash scripts/chaos.sh

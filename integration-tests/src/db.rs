@@ -19,15 +19,10 @@ enum Cleanup {
     Sqlite { _dir: tempfile::TempDir },
 }
 
-/// The PostgreSQL server the tests use, from `DATABASE_URL`.
+/// The PostgreSQL server the tests use: `DATABASE_URL`, else a container started with
+/// testcontainers when a Docker engine answers (see `test_support`).
 pub fn postgres_url() -> String {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "DATABASE_URL is not set: point it at a PostgreSQL server the tests may create databases \
-             on, e.g. DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres (make test sets this)"
-        ),
-    }
+    test_support::postgres_url()
 }
 
 /// Replaces the database name (the URL path) of a PostgreSQL URL.
@@ -63,7 +58,7 @@ impl TestDb {
                 );
                 let admin = Database::connect(admin_url.as_str())
                     .await
-                    .unwrap_or_else(|e| panic!("cannot connect to DATABASE_URL: {e}"));
+                    .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {admin_url}: {e}"));
                 admin
                     .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
                     .await

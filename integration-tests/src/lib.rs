@@ -2,8 +2,10 @@
 //! temporary folder), services bound to port 0, and typed HTTP helpers. Later issues extend it with
 //! the broker, the Scheduler and the Supervisor.
 //!
-//! PostgreSQL comes from `DATABASE_URL` (any database on the server; the tests create their own).
-//! No test skips silently: without `DATABASE_URL` the PostgreSQL variants fail saying what to set.
+//! PostgreSQL comes from `DATABASE_URL` (any database on the server; the tests create their own)
+//! and RabbitMQ from `AMQP_URL`; where one is not set and a Docker engine answers, from a container
+//! that `test_support` starts with testcontainers. No test skips silently: with neither, the tests
+//! that need the server fail and name both options.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed setup should panic
 
@@ -59,15 +61,10 @@ pub async fn dashboard_sign_in(base: &str, user: &str, password: &str) -> String
         .to_owned()
 }
 
-/// The RabbitMQ server the tests use, from `AMQP_URL`.
+/// The RabbitMQ server the tests use: `AMQP_URL`, else a container started with
+/// testcontainers when a Docker engine answers (see `test_support`).
 pub fn amqp_url() -> String {
-    match std::env::var("AMQP_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "AMQP_URL is not set: point it at a RabbitMQ server the tests may declare queues on, \
-             e.g. AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f (make test sets this)"
-        ),
-    }
+    test_support::amqp_url()
 }
 
 /// The `host:port` of an AMQP URL.

@@ -7,7 +7,8 @@
 //!
 //! The RabbitMQ half needs `AMQP_URL` (e.g. `AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f`) and
 //! `rabbitmqctl` on this machine (override the command with `RABBITMQCTL`, e.g. `sudo rabbitmqctl`)
-//! to cut the test's connections.
+//! to cut the test's connections; without `AMQP_URL` and with a Docker engine, a RabbitMQ
+//! container and `docker exec … rabbitmqctl` (see `test_support`).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -95,12 +96,7 @@ struct RabbitHarness {
 
 impl RabbitHarness {
     async fn start() -> Self {
-        let url = std::env::var("AMQP_URL").unwrap_or_else(|_| {
-            panic!(
-                "the RabbitMQ conformance tests need a broker: set AMQP_URL, e.g. \
-                 AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f (make up starts one locally)"
-            )
-        });
+        let url = test_support::amqp_url();
         let prefix = random_prefix();
         let settings = MessagingSettings {
             prefix: prefix.clone(),
@@ -191,14 +187,13 @@ impl Broker for MemoryBroker {
 }
 
 fn rabbitmqctl(args: &[&str]) -> std::process::Output {
-    let command = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
-    let mut words = command.split_whitespace();
-    let program = words.next().unwrap_or("rabbitmqctl");
+    let command = test_support::rabbitmqctl();
+    let (program, leading) = command.split_first().expect("a rabbitmqctl command");
     std::process::Command::new(program)
-        .args(words)
+        .args(leading)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {command} (set RABBITMQCTL): {e}"))
+        .unwrap_or_else(|e| panic!("cannot run {} (set RABBITMQCTL): {e}", command.join(" ")))
 }
 
 /// Closes every connection whose client-provided name contains `prefix`; returns how many.

@@ -9,9 +9,7 @@ use service_kit::DatabaseSettings;
 
 #[tokio::test]
 async fn a_connection_broken_while_idle_fails_one_query_and_is_replaced() {
-    let url = std::env::var("DATABASE_URL").expect(
-        "DATABASE_URL must point at PostgreSQL, e.g. postgres://postgres@127.0.0.1:5432/postgres",
-    );
+    let url = test_support::postgres_url();
     let mut settings = DatabaseSettings::new(url.clone());
     settings.max_connections = 1;
     let db = service_kit::db::connect(&settings).await.unwrap();

@@ -67,9 +67,7 @@ impl Drop for Db {
 pub async fn db(postgres: bool) -> Db {
     let mut drop = None;
     let (conn, dir) = if postgres {
-        let url = std::env::var("DATABASE_URL").expect(
-            "DATABASE_URL must point at PostgreSQL, e.g. postgres://postgres@127.0.0.1:5432/postgres",
-        );
+        let url = test_support::postgres_url();
         let admin = Database::connect(url.as_str()).await.unwrap();
         let name = format!(
             "test_saga_{}",

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make test-containers`: the integration tests that touch PostgreSQL and RabbitMQ, with neither
+# DATABASE_URL nor AMQP_URL set, so that they start both with testcontainers — the path of a
+# developer who has only Docker. No image registry is reachable here, so the images are local
+# stand-ins for the upstream ones, made from Debian's packages with the environment and the
+# readiness output the testcontainers-modules images have (scripts/docker-base.sh test) and
+# named by TEST_POSTGRES_IMAGE / TEST_RABBITMQ_IMAGE. Afterwards it checks that no container of
+# the run is left behind.
+#
+#   TEST_CONTAINERS_UPSTREAM=1   use the modules' own images (a machine that reaches Docker Hub)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/docker-env.sh
+source scripts/docker-env.sh
+log() { printf '[test-containers] %s\n' "$*"; }
+
+docker_up
+if [ "${TEST_CONTAINERS_UPSTREAM:-0}" != 1 ]; then
+  bash scripts/docker-base.sh test
+  export TEST_POSTGRES_IMAGE=${TEST_POSTGRES_IMAGE:-drone-delivery-test/postgres:15}
+  export TEST_RABBITMQ_IMAGE=${TEST_RABBITMQ_IMAGE:-drone-delivery-test/rabbitmq:3.10}
+fi
+unset DATABASE_URL AMQP_URL RABBITMQCTL
+label=drone-delivery.tests.owner
+before=$("$DOCKER" ps -aq --filter "label=$label" | wc -l)
+
+# The tests whose servers come from test_support: the saga store and engine (PostgreSQL), the
+# pool's reconnects, the messaging conformance suite (RabbitMQ, cutting connections with
+# `docker exec … rabbitmqctl`), and the services' integration tests on both.
+tests=(-p saga -p service-kit --test db_pool -p messaging --test conformance
+  -p integration-tests --test account --test package --test drone --test delivery
+  --test ingestion --test e2e --test supervisor_parked)
+log "cargo nextest run ${tests[*]} (PostgreSQL: ${TEST_POSTGRES_IMAGE:-postgres:15-alpine}, \
+RabbitMQ: ${TEST_RABBITMQ_IMAGE:-rabbitmq:3.13-management})"
+cargo build --workspace --bins
+status=0
+cargo nextest run --no-fail-fast "${tests[@]}" || status=$?
+
+# The reaper removes the run's containers once nextest has exited; give it a moment.
+left=""
+for _ in $(seq 1 30); do
+  left=$("$DOCKER" ps -aq --filter "label=$label" | wc -l)
+  [ "$left" -le "$before" ] && break
+  sleep 1
+done
+if [ "$left" -gt "$before" ]; then
+  log "containers of this run were left behind:"
+  "$DOCKER" ps -a --filter "label=$label"
+  exit 1
+fi
+log "no container left behind ($left with label $label before and after: $before)"
+exit "$status"
