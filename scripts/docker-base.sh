@@ -3,7 +3,9 @@
 # (mmdebstrap) and this machine's Rust toolchain:
 #   drone-delivery-base/debian:bookworm   Debian 12 minbase + CA certificates + tzdata (imported)
 #   drone-delivery-base/rust:<rustc>      stand-in for rust:<version>-bookworm (the builder)
-#   drone-delivery-base/runtime:bookworm  stand-in for distroless/cc-debian12:nonroot
+#   drone-delivery-base/runtime:bookworm  stand-in for distroless/cc-debian12:nonroot: only the
+#                                         files of libc6, libgcc-s1, ca-certificates, tzdata,
+#                                         base-files and netbase (no shell, no package manager)
 #   drone-delivery-test/postgres:15       stand-in for the testcontainers-modules postgres image
 #   drone-delivery-test/rabbitmq:3.10     stand-in for the testcontainers-modules rabbitmq image
 # Each image is made once: an image the engine already has is kept, and every image is saved
@@ -81,7 +83,28 @@ make_rust() {
   build_from "$RUST" "$context/Dockerfile" "$context"
   rm -rf "$context"
 }
-make_runtime() { build_from "$RUNTIME" docker/base/runtime.Dockerfile docker/base; }
+# Like distroless: Debian's packages unpacked without their maintainer scripts, so no shell or
+# dpkg comes along; the CA bundle is concatenated as update-ca-certificates would; users root and
+# nonroot (65532), the default user.
+make_runtime() {
+  local root=$CACHE/runtime-rootfs
+  log "$RUNTIME: mmdebstrap --variant=extract (libc6 libgcc-s1 ca-certificates tzdata)"
+  rm -rf "$root"
+  # (The extract variant runs no hooks, so the finishing touches are made on the directory.)
+  mmdebstrap --quiet --variant=extract \
+    --include=base-files,netbase,tzdata,ca-certificates,libc6,libgcc-s1 \
+    bookworm "$root" "$MIRROR"
+  mkdir -p "$root/etc/ssl/certs" "$root/home/nonroot" "$root/tmp"
+  chmod 1777 "$root/tmp"
+  chown 65532:65532 "$root/home/nonroot"
+  cat "$root"/usr/share/ca-certificates/mozilla/*.crt > "$root/etc/ssl/certs/ca-certificates.crt"
+  printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' \
+    > "$root/etc/passwd"
+  printf 'root:x:0:\nnonroot:x:65532:\n' > "$root/etc/group"
+  tar -C "$root" -c . | "$DOCKER" import --change 'USER 65532:65532' --change 'WORKDIR /home/nonroot' \
+    --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin' - "$RUNTIME" >/dev/null
+  rm -rf "$root"
+}
 make_test_postgres() { build_from "$TEST_POSTGRES" docker/test/postgres.Dockerfile docker/test; }
 make_test_rabbitmq() { build_from "$TEST_RABBITMQ" docker/test/rabbitmq.Dockerfile docker/test; }
 

@@ -60,6 +60,8 @@ done
 
 cleanup() {
   local status=$?
+  local poller
+  for poller in "${POLLER[@]}"; do kill "$poller" 2>/dev/null || true; done
   if [ "$status" != 0 ]; then
     for c in "${CONTAINERS[@]}"; do
       log "the end of $c's log:"

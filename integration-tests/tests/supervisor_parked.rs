@@ -83,11 +83,10 @@ async fn left_in_the_broker(backing: Backing, messaging: &MessagingSettings) -> 
     match backing {
         Backing::RabbitMq => {
             let out = tokio::task::spawn_blocking(|| {
-                let command = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
-                let mut words = command.split_whitespace();
-                let program = words.next().unwrap_or("rabbitmqctl").to_owned();
+                let command = test_support::rabbitmqctl();
+                let (program, leading) = command.split_first().expect("a rabbitmqctl command");
                 std::process::Command::new(program)
-                    .args(words)
+                    .args(leading)
                     .args(["list_queues", "-q", "name", "messages"])
                     .output()
                     .expect("rabbitmqctl runs (set RABBITMQCTL)")
