@@ -131,10 +131,7 @@ impl Server {
     }
 
     fn url(self) -> String {
-        if let Some(url) = std::env::var(self.env_var())
-            .ok()
-            .filter(|v| !v.is_empty())
-        {
+        if let Some(url) = std::env::var(self.env_var()).ok().filter(|v| !v.is_empty()) {
             return url;
         }
         // One lookup per process and server; the container itself is shared wider (crate docs).
@@ -167,7 +164,11 @@ impl Server {
                  picks another image, e.g. from a registry mirror).",
                 var = self.env_var(),
                 server = self.key(),
-                what = if self == Server::Postgres { "databases" } else { "queues" },
+                what = if self == Server::Postgres {
+                    "databases"
+                } else {
+                    "queues"
+                },
                 example = self.example(),
                 image = self.image(),
                 image_var = self.image_var(),
@@ -210,7 +211,8 @@ async fn shared_container(server: Server, image: &str) -> Result<Found, String> 
     let (name, tag) = split_image(image);
     match server {
         Server::Postgres => {
-            let container = start(Postgres::default(), &name, &tag, &owner_label, &lock_path).await?;
+            let container =
+                start(Postgres::default(), &name, &tag, &owner_label, &lock_path).await?;
             let (host, port) = address(&container, 5432).await?;
             Ok(Found {
                 url: format!("postgres://postgres:postgres@{host}:{port}/postgres"),
@@ -218,7 +220,8 @@ async fn shared_container(server: Server, image: &str) -> Result<Found, String> 
             })
         }
         Server::RabbitMq => {
-            let container = start(RabbitMq::default(), &name, &tag, &owner_label, &lock_path).await?;
+            let container =
+                start(RabbitMq::default(), &name, &tag, &owner_label, &lock_path).await?;
             let (host, port) = address(&container, 5672).await?;
             Ok(Found {
                 url: format!("amqp://guest:guest@{host}:{port}/%2f"),
@@ -256,7 +259,10 @@ async fn start<I: Image>(
     Ok(container)
 }
 
-async fn address<I: Image>(container: &ContainerAsync<I>, port: u16) -> Result<(String, u16), String> {
+async fn address<I: Image>(
+    container: &ContainerAsync<I>,
+    port: u16,
+) -> Result<(String, u16), String> {
     let host = container.get_host().await.map_err(|e| e.to_string())?;
     let port = container
         .get_host_port_ipv4(port)
@@ -293,8 +299,32 @@ rm -f "$2" "$3""#;
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)] // a failed test step should panic
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_url_or_an_engine_the_failure_names_both_options() {
+        // An empty variable counts as unset; the engine's socket leads nowhere.
+        std::env::set_var("DATABASE_URL", "");
+        std::env::set_var("DOCKER_HOST", "unix:///nonexistent/docker.sock");
+        let failure = std::panic::catch_unwind(postgres_url).expect_err("no server to be found");
+        let message = failure
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        for expected in [
+            "DATABASE_URL is not set",
+            "DATABASE_URL=postgres://",
+            "start a Docker engine",
+            "TEST_POSTGRES_IMAGE",
+        ] {
+            assert!(
+                message.contains(expected),
+                "{expected:?} missing from: {message}"
+            );
+        }
+    }
 
     #[test]
     fn image_names_split_at_the_tag_not_at_a_registry_port() {
