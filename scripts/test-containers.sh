@@ -33,6 +33,7 @@ tests=(-p saga -p service-kit --test db_pool -p messaging --test conformance
 log "cargo nextest run ${tests[*]} (PostgreSQL: ${TEST_POSTGRES_IMAGE:-postgres:15-alpine}, \
 RabbitMQ: ${TEST_RABBITMQ_IMAGE:-rabbitmq:3.13-management})"
 cargo build --workspace --bins
+since=$(date +%s)
 status=0
 cargo nextest run --no-fail-fast "${tests[@]}" || status=$?
 
@@ -48,5 +49,9 @@ if [ "$left" -gt "$before" ]; then
   "$DOCKER" ps -a --filter "label=$label"
   exit 1
 fi
+started=$("$DOCKER" events --since "$since" --until "$(date +%s)" --filter "label=$label" \
+  --filter event=start --format '{{.From}}' | sort | uniq -c | awk '{printf "%s %s, ", $1, $2}')
+log "containers started by the tests: ${started%, }"
+[ -n "$started" ] || { log "no test started a container: were DATABASE_URL/AMQP_URL set?"; exit 1; }
 log "no container left behind ($left with label $label before and after: $before)"
 exit "$status"
