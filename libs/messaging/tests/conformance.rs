@@ -315,12 +315,49 @@ mod rabbitmq_only {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn consumers_that_go_away_leave_the_connection_working() {
+        super::consumers_that_go_away_leave_the_connection_working(
+            super::RabbitHarness::start().await,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_parked_queue_an_earlier_version_declared_is_kept() {
         super::a_parked_queue_an_earlier_version_declared_is_kept(
             super::RabbitHarness::start().await,
         )
         .await;
     }
+}
+
+/// A consumer or parked taker dropped (its task aborted) closes its channel; that must not
+/// break the connection the process's other consumers and publishers share. (lapin cancels a
+/// dropped consumer on its own; when that cancel met the channel already closing, lapin took the
+/// error for the connection's and closed it: the next subscribe failed with "invalid channel
+/// state: Closing (basic.cancel)".)
+async fn consumers_that_go_away_leave_the_connection_working(h: impl Harness) {
+    let broker = h.broker().await;
+    let name = unique("go-away");
+    let queue = broker
+        .queue(&name, QueueOptions { delivery_limit: 5 })
+        .await
+        .unwrap();
+    for round in 0..200 {
+        let parked = queue
+            .take_parked(10)
+            .await
+            .unwrap_or_else(|e| panic!("take_parked, round {round}: {e}"));
+        let consumer = queue
+            .consume(10)
+            .await
+            .unwrap_or_else(|e| panic!("consume, round {round}: {e}"));
+        drop((parked, consumer));
+    }
+    queue.publish(event("k", 1)).await.unwrap();
+    let mut rx = queue.consume(1).await.unwrap();
+    next_message(&mut rx).await.ack().await.unwrap();
+    cleanup(&broker, &[], &[&name]).await;
 }
 
 /// A message that reaches no queue (its stream or queue is gone, or, right after a broker

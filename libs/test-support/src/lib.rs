@@ -249,9 +249,10 @@ async fn start<I: Image>(
         .start()
         .await
         .map_err(|e| format!("{name}:{tag}: {e}"))?;
-    // The first process of the run to get here started it: that one leaves a reaper behind.
+    // The first process of the run to get here started it: that one leaves a reaper behind. (A
+    // marker naming another container is a leftover of an earlier owner with the same pid.)
     let started_marker = lock_path.with_extension("started");
-    if !started_marker.exists() {
+    if std::fs::read_to_string(&started_marker).ok().as_deref() != Some(container.id()) {
         spawn_reaper(owner_pid(), container.id(), lock_path, &started_marker);
         std::fs::write(&started_marker, container.id())
             .map_err(|e| format!("cannot write {}: {e}", started_marker.display()))?;

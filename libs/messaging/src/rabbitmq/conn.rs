@@ -84,7 +84,7 @@ impl Connector {
     /// not leave a consumer on it holding its prefetch of unacked deliveries for as long as the
     /// connection lives.
     pub(crate) async fn guarded_channel(&self) -> Result<ChannelGuard> {
-        Ok(ChannelGuard(self.channel().await?))
+        Ok(ChannelGuard(self.channel().await?, None))
     }
 }
 
@@ -100,15 +100,30 @@ pub(crate) fn reconnect_delays() -> impl Iterator<Item = Duration> {
 
 /// Closes its channel when dropped (a reader or consumer going away, even by task abort), so the
 /// broker requeues whatever that consumer held unanswered.
-pub(crate) struct ChannelGuard(pub(crate) Channel);
+///
+/// It also holds a handle on the channel's consumer ([`ChannelGuard::hold`]) until the channel
+/// is closed. lapin cancels a consumer when its last handle is dropped, in a task of its own;
+/// a cancel that finds the channel already closing fails, and lapin takes that failure for the
+/// connection's and closes the connection — every other consumer and publisher of the process
+/// on it. Dropped only after the close, the consumer finds its channel closed and sends nothing.
+pub(crate) struct ChannelGuard(pub(crate) Channel, Option<lapin::Consumer>);
+
+impl ChannelGuard {
+    /// Keeps a handle on `consumer` until the channel is closed (see the type's docs).
+    pub(crate) fn hold(&mut self, consumer: &lapin::Consumer) {
+        self.1 = Some(consumer.clone());
+    }
+}
 
 impl Drop for ChannelGuard {
     fn drop(&mut self) {
         let channel = self.0.clone();
+        let consumer = self.1.take();
         if channel.status().connected() {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
                     let _ = channel.close(200, "consumer gone".into()).await;
+                    drop(consumer);
                 });
             }
         }

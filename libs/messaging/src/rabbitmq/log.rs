@@ -271,7 +271,7 @@ async fn subscribe(
     from: Start,
     prefetch: u16,
 ) -> Result<(ChannelGuard, lapin::Consumer)> {
-    let guard = connector.guarded_channel().await?;
+    let mut guard = connector.guarded_channel().await?;
     let channel = &guard.0;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
@@ -296,6 +296,7 @@ async fn subscribe(
         )
         .await
         .map_err(unavailable)?;
+    guard.hold(&consumer);
     Ok((guard, consumer))
 }
 

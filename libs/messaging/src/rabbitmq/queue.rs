@@ -563,7 +563,7 @@ async fn subscribe(
     queue: &str,
     prefetch: u16,
 ) -> Result<(ChannelGuard, lapin::Consumer)> {
-    let guard = connector.guarded_channel().await?;
+    let mut guard = connector.guarded_channel().await?;
     let channel = &guard.0;
     channel
         .basic_qos(prefetch.max(1), BasicQosOptions::default())
@@ -578,6 +578,7 @@ async fn subscribe(
         )
         .await
         .map_err(unavailable)?;
+    guard.hold(&consumer);
     Ok((guard, consumer))
 }
 
