@@ -43,12 +43,8 @@ declare -A PORT=(
 )
 declare -A DB PID
 
-# DATABASE_URL with its database name replaced by $1 (query string kept).
-db_url() {
-  local base=${DATABASE_URL%%\?*}
-  local query=${DATABASE_URL#"$base"}
-  printf '%s/%s%s' "${base%/*}" "$1" "$query"
-}
+# shellcheck source=scripts/db-url.sh
+source scripts/db-url.sh
 url() { printf 'http://127.0.0.1:%s' "${PORT[$1]}"; }
 
 if [ "${BENCH_E2E_BUILD:-1}" = 0 ]; then

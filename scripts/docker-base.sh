@@ -21,12 +21,11 @@ log() { printf '[docker-base] %s\n' "$*"; }
 
 CACHE=target/docker-base
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-RUST_TAG=$(rustc --version | cut -d' ' -f2)
-DEBIAN=drone-delivery-base/debian:bookworm
-RUST=drone-delivery-base/rust:$RUST_TAG
-RUNTIME=drone-delivery-base/runtime:bookworm
-TEST_POSTGRES=drone-delivery-test/postgres:15
-TEST_RABBITMQ=drone-delivery-test/rabbitmq:3.10
+DEBIAN=$BASE_DEBIAN_IMAGE
+RUST=$BASE_RUST_IMAGE
+RUNTIME=$BASE_RUNTIME_IMAGE
+TEST_POSTGRES=$STANDIN_POSTGRES_IMAGE
+TEST_RABBITMQ=$STANDIN_RABBITMQ_IMAGE
 mkdir -p "$CACHE"
 docker_up
 

@@ -6,6 +6,13 @@
 
 docker_log() { printf '[docker] %s\n' "$*" >&2; }
 
+# The local images scripts/docker-base.sh makes (the builder is tagged with this machine's rustc).
+BASE_DEBIAN_IMAGE=drone-delivery-base/debian:bookworm
+BASE_RUST_IMAGE=drone-delivery-base/rust:$(rustc --version | cut -d' ' -f2)
+BASE_RUNTIME_IMAGE=drone-delivery-base/runtime:bookworm
+STANDIN_POSTGRES_IMAGE=drone-delivery-test/postgres:15
+STANDIN_RABBITMQ_IMAGE=drone-delivery-test/rabbitmq:3.10
+
 # Installs Debian packages (as root), refreshing the package lists only when needed.
 docker_apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 \

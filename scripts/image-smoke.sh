@@ -38,11 +38,8 @@ declare -A DB POLLER
 CONTAINERS=()
 READY_DIR=$(mktemp -d)
 
-db_url() {
-  local base=${DATABASE_URL%%\?*}
-  local query=${DATABASE_URL#"$base"}
-  printf '%s/%s%s' "${base%/*}" "$1" "$query"
-}
+# shellcheck source=scripts/db-url.sh
+source scripts/db-url.sh
 url() { printf 'http://127.0.0.1:%s' "${PORT[$1]}"; }
 now_ms() { date +%s%3N; }
 

@@ -17,8 +17,7 @@ docker_up
 args=()
 if [ "${IMAGE_BASES:-local}" = local ]; then
   bash scripts/docker-base.sh build
-  args+=(--build-arg "BUILDER_IMAGE=drone-delivery-base/rust:$(rustc --version | cut -d' ' -f2)")
-  args+=(--build-arg "RUNTIME_IMAGE=drone-delivery-base/runtime:bookworm")
+  args+=(--build-arg "BUILDER_IMAGE=$BASE_RUST_IMAGE" --build-arg "RUNTIME_IMAGE=$BASE_RUNTIME_IMAGE")
 fi
 started=$SECONDS
 log "docker build $IMAGE (release build of the seven services inside the builder)"

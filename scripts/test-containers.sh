@@ -17,8 +17,8 @@ log() { printf '[test-containers] %s\n' "$*"; }
 docker_up
 if [ "${TEST_CONTAINERS_UPSTREAM:-0}" != 1 ]; then
   bash scripts/docker-base.sh test
-  export TEST_POSTGRES_IMAGE=${TEST_POSTGRES_IMAGE:-drone-delivery-test/postgres:15}
-  export TEST_RABBITMQ_IMAGE=${TEST_RABBITMQ_IMAGE:-drone-delivery-test/rabbitmq:3.10}
+  export TEST_POSTGRES_IMAGE=${TEST_POSTGRES_IMAGE:-$STANDIN_POSTGRES_IMAGE}
+  export TEST_RABBITMQ_IMAGE=${TEST_RABBITMQ_IMAGE:-$STANDIN_RABBITMQ_IMAGE}
 fi
 unset DATABASE_URL AMQP_URL RABBITMQCTL
 label=drone-delivery.tests.owner

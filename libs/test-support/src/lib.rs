@@ -209,10 +209,14 @@ async fn shared_container(server: Server, image: &str) -> Result<Found, String> 
         .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
     let owner_label = format!("{owner}-{}", server.key());
     let (name, tag) = split_image(image);
+    let run = Run {
+        owner,
+        label: &owner_label,
+        lock_path: &lock_path,
+    };
     match server {
         Server::Postgres => {
-            let container =
-                start(Postgres::default(), &name, &tag, &owner_label, &lock_path).await?;
+            let container = start(Postgres::default(), &name, &tag, &run).await?;
             let (host, port) = address(&container, 5432).await?;
             Ok(Found {
                 url: format!("postgres://postgres:postgres@{host}:{port}/postgres"),
@@ -220,8 +224,7 @@ async fn shared_container(server: Server, image: &str) -> Result<Found, String> 
             })
         }
         Server::RabbitMq => {
-            let container =
-                start(RabbitMq::default(), &name, &tag, &owner_label, &lock_path).await?;
+            let container = start(RabbitMq::default(), &name, &tag, &run).await?;
             let (host, port) = address(&container, 5672).await?;
             Ok(Found {
                 url: format!("amqp://guest:guest@{host}:{port}/%2f"),
@@ -231,19 +234,28 @@ async fn shared_container(server: Server, image: &str) -> Result<Found, String> 
     }
 }
 
+/// The test run a container belongs to.
+struct Run<'a> {
+    /// The process whose exit ends the run (see [`owner_pid`]).
+    owner: u32,
+    /// The value of [`OWNER_LABEL`] on the run's container.
+    label: &'a str,
+    /// The lock held while the container starts.
+    lock_path: &'a Path,
+}
+
 async fn start<I: Image>(
     image: I,
     name: &str,
     tag: &str,
-    owner_label: &str,
-    lock_path: &Path,
+    run: &Run<'_>,
 ) -> Result<ContainerAsync<I>, String> {
     // `Always` reuse: a container with this owner label is found again by the run's other
     // processes, and dropping the handle leaves it running; the reaper removes it.
     let container = image
         .with_name(name)
         .with_tag(tag)
-        .with_label(OWNER_LABEL, owner_label)
+        .with_label(OWNER_LABEL, run.label)
         .with_reuse(ReuseDirective::Always)
         .with_startup_timeout(Duration::from_secs(120))
         .start()
@@ -251,9 +263,9 @@ async fn start<I: Image>(
         .map_err(|e| format!("{name}:{tag}: {e}"))?;
     // The first process of the run to get here started it: that one leaves a reaper behind. (A
     // marker naming another container is a leftover of an earlier owner with the same pid.)
-    let started_marker = lock_path.with_extension("started");
+    let started_marker = run.lock_path.with_extension("started");
     if std::fs::read_to_string(&started_marker).ok().as_deref() != Some(container.id()) {
-        spawn_reaper(owner_pid(), container.id(), lock_path, &started_marker);
+        spawn_reaper(run.owner, container.id(), run.lock_path, &started_marker);
         std::fs::write(&started_marker, container.id())
             .map_err(|e| format!("cannot write {}: {e}", started_marker.display()))?;
     }
