@@ -422,6 +422,11 @@ async fn workflow_events_drive_the_request_state(backend: Backend) {
                 at: Utc::now(),
                 package_id: None,
                 drone_id: None,
+                pickup_window: None,
+                pickup_location: None,
+                drop_off_location: None,
+                pickup_time: None,
+                revision: None,
             },
         )
         .unwrap()

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{ConfirmationType, PackageInfo};
+use crate::{ConfirmationType, DeliveryStage, PackageInfo, TimeWindow};
 
 /// Log of client requests, partitioned by deliveryId.
 pub const DELIVERY_REQUESTS_LOG: &str = "delivery-requests";
@@ -21,6 +21,8 @@ pub const DELIVERY_RESCHEDULED: &str = "delivery.rescheduled";
 pub const DELIVERY_CANCELLED: &str = "delivery.cancelled";
 /// Event type of [`WorkflowStateChanged`].
 pub const WORKFLOW_STATE_CHANGED: &str = "workflow.state-changed";
+/// Event type of [`DeliveryTracked`] (on `workflow-events`, published by the Delivery service).
+pub const DELIVERY_TRACKED: &str = "delivery.tracked";
 
 /// A booking accepted by Ingestion: everything the saga needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -126,6 +128,38 @@ pub struct WorkflowStateChanged {
     /// The reserved drone, once the saga has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drone_id: Option<String>,
+    /// The reserved drone's window, once the saga has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pickup_window: Option<TimeWindow>,
+    /// The booking as it stands (after any reschedule): where and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pickup_location: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_off_location: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pickup_time: Option<DateTime<Utc>>,
+    /// Reschedules applied so far (0 = as booked; absent in events of older Schedulers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
+}
+
+/// One tracking event of a delivery as the Delivery service recorded it, on `workflow-events`
+/// (key = deliveryId), so read models follow a delivery's progress without calling the service.
+/// `sequence` is the event's position in the delivery's history (from 1): a replayed event is
+/// recognised by it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryTracked {
+    pub delivery_id: String,
+    pub owner_id: String,
+    pub drone_id: String,
+    pub sequence: i64,
+    pub stage: DeliveryStage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub at: DateTime<Utc>,
 }
 
 /// `GET /api/deliveryrequests/{id}`.
@@ -185,6 +219,24 @@ mod tests {
             at: now,
             package_id: Some("p".into()),
             drone_id: None,
+            pickup_window: Some(TimeWindow {
+                start: now,
+                end: now,
+            }),
+            pickup_location: Some("0,47.6,-122.3".into()),
+            drop_off_location: None,
+            pickup_time: Some(now),
+            revision: Some(1),
+        });
+        round_trip(&DeliveryTracked {
+            delivery_id: id.to_string(),
+            owner_id: "o".into(),
+            drone_id: "drone-001".into(),
+            sequence: 2,
+            stage: DeliveryStage::HeadedToDropoff,
+            location: Some("0,47.6,-122.3".into()),
+            detail: None,
+            at: now,
         });
         for s in RequestState::ALL {
             assert_eq!(RequestState::parse(s.as_str()), Some(s));
@@ -201,8 +253,10 @@ mod tests {
         });
         let change: Option<WorkflowStateChanged> = serde_json::from_value(old.clone()).ok();
         assert_eq!(
-            change.as_ref().map(|c| (&c.package_id, &c.drone_id)),
-            Some((&None, &None))
+            change
+                .as_ref()
+                .map(|c| (&c.package_id, &c.drone_id, &c.pickup_window, c.revision)),
+            Some((&None, &None, &None, None))
         );
         assert_eq!(change.and_then(|c| serde_json::to_value(c).ok()), Some(old));
     }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use contracts::{
     AccountStatus, BookingStep, CompensationRequest, DeliveryPatch, DeliveryRequested,
     DeliveryRescheduled, DeliveryUpsert, DroneReservationRequest, PackageUpsert, RequestState,
-    SagaState, WorkflowStateChanged, COMPENSATIONS_QUEUE, COMPENSATION_REQUESTED,
+    SagaState, TimeWindow, WorkflowStateChanged, COMPENSATIONS_QUEUE, COMPENSATION_REQUESTED,
     DELIVERY_CANCELLED, DELIVERY_RESCHEDULED, WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED,
 };
 use downstream::{CallError, Domain};
@@ -311,13 +311,18 @@ pub fn state_event(
     state: RequestState,
     detail: Option<String>,
 ) -> Option<OutboxMessage> {
-    let b = booking(saga).ok()?;
+    let input = BookingInput::of(saga).ok()?;
+    let b = input.request;
     let output = |step: BookingStep, field: &str| {
         saga.outputs
             .get(step.as_str())
             .and_then(|o| o[field].as_str())
             .map(str::to_owned)
     };
+    let pickup_window = saga
+        .outputs
+        .get(BookingStep::ReserveDrone.as_str())
+        .and_then(|o| serde_json::from_value::<TimeWindow>(o["window"].clone()).ok());
     let body = WorkflowStateChanged {
         delivery_id: b.delivery_id,
         owner_id: b.owner_id,
@@ -327,6 +332,11 @@ pub fn state_event(
         at: chrono::Utc::now(),
         package_id: output(BookingStep::RegisterPackage, "packageId"),
         drone_id: output(BookingStep::ReserveDrone, "droneId"),
+        pickup_window,
+        pickup_location: Some(b.pickup_location),
+        drop_off_location: Some(b.drop_off_location),
+        pickup_time: Some(b.pickup_time),
+        revision: Some(input.revision),
     };
     envelope_message(WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED, &saga.id, &body)
 }

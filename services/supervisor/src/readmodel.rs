@@ -306,6 +306,11 @@ mod tests {
             at: Utc::now(),
             package_id: package.map(str::to_owned),
             drone_id: drone.map(str::to_owned),
+            pickup_window: None,
+            pickup_location: None,
+            drop_off_location: None,
+            pickup_time: None,
+            revision: None,
         }
     }
 
