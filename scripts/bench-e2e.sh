@@ -131,7 +131,8 @@ stack_up() {
   start package
   # 100 drones; bench-e2e spreads pickups over a year, so no window is ever short of one.
   start drone APP_FLEET__SMALL=40 APP_FLEET__MEDIUM=30 APP_FLEET__LARGE=30
-  start delivery
+  start delivery "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-delivery" \
+    APP_TRACKING__PARTITIONS="$PARTITIONS"
   start ingestion "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-ingestion" \
     APP_INGESTION__PARTITIONS="$PARTITIONS" \
     APP_INGESTION__RATE_PER_SECOND=1000000 APP_INGESTION__RATE_BURST=1000000

@@ -135,7 +135,8 @@ downstream=(APP_DOWNSTREAM__ACCOUNT_URL="$(url account)" APP_DOWNSTREAM__PACKAGE
 run account APP_AUTH__JWT_SECRET="$SECRET"
 run package
 run drone
-run delivery
+run delivery "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-delivery" \
+  APP_TRACKING__PARTITIONS=$PARTITIONS
 run ingestion "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-ingestion" \
   APP_AUTH__JWT_SECRET="$SECRET" APP_INGESTION__PARTITIONS=$PARTITIONS
 run scheduler "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-scheduler" "${downstream[@]}" \

@@ -298,6 +298,12 @@ impl Stack {
             ]),
         );
         add(&mut envs, Service::Scheduler, messaging(Service::Scheduler));
+        add(&mut envs, Service::Delivery, messaging(Service::Delivery));
+        add(
+            &mut envs,
+            Service::Delivery,
+            env(&[("APP_TRACKING__PARTITIONS", p.clone())]),
+        );
         let sf = &scheduler_faults;
         let mut scheduler_env = env(&[
             (

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::faults::{Fault, FaultProxy};
 use crate::{
-    amqp_url, done_if, eventually, eventually_every, spawn, spawn_account, spawn_delivery,
+    amqp_url, done_if, eventually, eventually_every, spawn, spawn_account, spawn_delivery_on,
     spawn_drone_with, spawn_ingestion, spawn_package, test_auth, test_http, Backend, IngestionApp,
     TestApp, TestDb,
 };
@@ -47,18 +47,25 @@ fn fast(p: RetryPolicy) -> RetryPolicy {
 pub async fn spawn_suite(backend: Backend, faults: SuiteFaults) -> Suite {
     let account = spawn_account(backend).await;
     let package = spawn_package(backend).await;
+    let ingestion = spawn_ingestion(backend, |s| {
+        s.ingestion.rate_per_second = 100_000;
+        s.ingestion.rate_burst = 100_000;
+    })
+    .await;
+    // Its tracking events go where this Ingestion reads (directly, not through its proxy).
+    let mut delivery_messaging = MessagingSettings::new(amqp_url());
+    delivery_messaging.prefix = ingestion.settings.messaging.prefix.clone();
+    delivery_messaging.connection_name = format!("{}-delivery", delivery_messaging.prefix);
+    let delivery = spawn_delivery_on(backend, delivery_messaging).await;
+    // Drone telemetry becomes the Delivery service's tracking events.
+    let delivery_base = delivery.url("");
     let drone = spawn_drone_with(backend, |s| {
         s.fleet.small = 30;
         s.fleet.medium = 10;
         s.fleet.large = 10;
         s.reservations.window_minutes = 30;
         s.reservations.retry_after_secs = 1;
-    })
-    .await;
-    let delivery = spawn_delivery(backend).await;
-    let ingestion = spawn_ingestion(backend, |s| {
-        s.ingestion.rate_per_second = 100_000;
-        s.ingestion.rate_burst = 100_000;
+        s.downstream.delivery_url = delivery_base;
     })
     .await;
     let mut proxies = Vec::new();

@@ -193,3 +193,112 @@ mod tests {
         assert!(a.overlaps(&a));
     }
 }
+
+/// What a drone reports about the delivery it flies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TelemetryKind {
+    /// Where it is now (on its way to the pickup, or with the package to the drop-off).
+    Position,
+    /// It has the package.
+    PickedUp,
+    /// It handed the package over: the delivery is complete and the drone's window ends.
+    Delivered,
+}
+
+impl TelemetryKind {
+    pub const ALL: [TelemetryKind; 3] = [
+        TelemetryKind::Position,
+        TelemetryKind::PickedUp,
+        TelemetryKind::Delivered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TelemetryKind::Position => "position",
+            TelemetryKind::PickedUp => "picked-up",
+            TelemetryKind::Delivered => "delivered",
+        }
+    }
+}
+
+/// `POST /api/drones/{id}/telemetry`: a drone's report on the delivery it flies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryReport {
+    /// The delivery the drone's reservation is for.
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._:-]+$")]
+    pub delivery_id: String,
+    pub kind: TelemetryKind,
+    /// Where the drone is (`0,lat,lon`, as Fabrikam locations are written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 500, pattern = r"\S")]
+    pub location: Option<String>,
+}
+
+impl FromJsonObject for TelemetryReport {
+    fn from_object(o: &mut Object) -> Result<Self, Vec<FieldError>> {
+        let delivery_id = o.required_with("deliveryId", identifier);
+        let kind = o.required::<TelemetryKind>("kind");
+        let location = o.optional_with("location", non_empty(MAX_TEXT));
+        o.finish(|| {
+            Some(TelemetryReport {
+                delivery_id: delivery_id?,
+                kind: kind?,
+                location,
+            })
+        })
+    }
+}
+
+/// Where a flight stands, as the Drone service recorded it from the drone's reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlightStage {
+    ToPickup,
+    ToDropOff,
+    Delivered,
+}
+
+impl FlightStage {
+    pub const ALL: [FlightStage; 3] = [
+        FlightStage::ToPickup,
+        FlightStage::ToDropOff,
+        FlightStage::Delivered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlightStage::ToPickup => "to-pickup",
+            FlightStage::ToDropOff => "to-drop-off",
+            FlightStage::Delivered => "delivered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// A delivery's flight: the answer to a telemetry report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Flight {
+    pub delivery_id: String,
+    pub drone_id: String,
+    pub stage: FlightStage,
+    pub last_location: Option<String>,
+    /// Reports received for this flight.
+    pub reports: i64,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /api/drones/{id}/key`: the credential a drone presents on its telemetry (`Bearer`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DroneKey {
+    pub drone_id: String,
+    pub key: String,
+}

@@ -8,8 +8,8 @@ use tracing::Instrument;
 
 use anyhow::{anyhow, bail, Context};
 use contracts::{
-    Account, Delivery, DeliveryPatch, DeliveryUpsert, DroneReservation, DroneReservationRequest,
-    Package, PackageUpsert,
+    Account, Confirmation, Delivery, DeliveryPatch, DeliveryUpsert, DroneReservation,
+    DroneReservationRequest, Package, PackageUpsert, TrackingUpdate,
 };
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
@@ -213,13 +213,45 @@ impl Downstream {
             .await
     }
 
+    /// `POST /api/deliveries/{id}/events`: records a drone's progress (`HeadedToPickup`,
+    /// `HeadedToDropoff`). A completed or cancelled delivery is `Permanent` (`delivery-closed`).
+    pub async fn track_delivery(&self, id: &str, body: &TrackingUpdate) -> Result<(), CallError> {
+        let body = json_body(body)?;
+        self.exchange_at(
+            Service::Delivery,
+            Method::POST,
+            id,
+            Some("events"),
+            Some(body),
+            done,
+        )
+        .await
+    }
+
+    /// `POST /api/deliveries/{id}/confirmations`: the hand-over; the delivery is completed. One
+    /// already completed counts as done (a repeated report).
+    pub async fn confirm_delivery(&self, id: &str, body: &Confirmation) -> Result<(), CallError> {
+        let body = json_body(body)?;
+        self.exchange_at(
+            Service::Delivery,
+            Method::POST,
+            id,
+            Some("confirmations"),
+            Some(body),
+            completed,
+        )
+        .await
+    }
+
     /// Builds every request this client sends: the URL, the service token, the JSON headers.
     /// Headers for all calls (e.g. a `traceparent`) belong here.
-    fn request(
+    /// The URL is `/api/<collection>/<id>`, or `/api/<collection>/<id>/<sub>`.
+    fn request_at(
         &self,
         service: Service,
         method: Method,
         id: &str,
+        sub: Option<&str>,
     ) -> Result<(RequestBuilder, Url), CallError> {
         let base = match service {
             Service::Account => &self.inner.account,
@@ -236,7 +268,8 @@ impl Downstream {
                 code: None,
             })?
             .pop_if_empty()
-            .extend(["api", service.collection(), id]);
+            .extend(["api", service.collection(), id])
+            .extend(sub);
         let builder = self
             .inner
             .http
@@ -262,7 +295,21 @@ impl Downstream {
         body: Option<Vec<u8>>,
         outcome: fn(&str, Answer) -> Result<T, CallError>,
     ) -> Result<T, CallError> {
-        let (mut builder, url) = self.request(service, method.clone(), id).inspect_err(|e| {
+        self.exchange_at(service, method, id, None, body, outcome)
+            .await
+    }
+
+    /// [`exchange`](Self::exchange) with `/api/<collection>/<id>/<sub>`.
+    async fn exchange_at<T>(
+        &self,
+        service: Service,
+        method: Method,
+        id: &str,
+        sub: Option<&str>,
+        body: Option<Vec<u8>>,
+        outcome: fn(&str, Answer) -> Result<T, CallError>,
+    ) -> Result<T, CallError> {
+        let (mut builder, url) = self.request_at(service, method.clone(), id, sub).inspect_err(|e| {
             tracing::warn!(service = service.name(), method = %method, reason = %e, "downstream call failed");
         })?;
         if let Some(body) = body {
@@ -380,6 +427,22 @@ fn undone(call: &str, answer: Answer) -> Result<(), CallError> {
     }
 }
 
+/// A confirmation: any `2xx`, or `409 already-completed` (a repeat of one that was recorded).
+fn completed(call: &str, answer: Answer) -> Result<(), CallError> {
+    if answer.status.is_success() {
+        return Ok(());
+    }
+    let error = answer.error(call);
+    match &error {
+        CallError::Permanent {
+            status: Some(409),
+            code: Some(code),
+            ..
+        } if code == "already-completed" => Ok(()),
+        _ => Err(error),
+    }
+}
+
 fn json_body<B: Serialize>(body: &B) -> Result<Vec<u8>, CallError> {
     serde_json::to_vec(body).map_err(|e| CallError::Permanent {
         reason: format!("the request body cannot be serialised: {e}"),
@@ -418,16 +481,23 @@ mod tests {
         s.drone_url = "http://gateway.internal/drone/".into();
         let d = Downstream::new(&s).unwrap_or_else(|e| panic!("{e:#}"));
         let (_, url) = d
-            .request(Service::Drone, Method::PUT, "a/b?c")
+            .request_at(Service::Drone, Method::PUT, "a/b?c", None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             url.as_str(),
             "http://gateway.internal/drone/api/dronedeliveries/a%2Fb%3Fc"
         );
         let (_, url) = d
-            .request(Service::Account, Method::GET, "acc-1")
+            .request_at(Service::Account, Method::GET, "acc-1", None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(url.as_str(), "http://127.0.0.1:8081/api/accounts/acc-1");
+        let (_, url) = d
+            .request_at(Service::Delivery, Method::POST, "d/1", Some("events"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:8084/api/deliveries/d%2F1/events"
+        );
     }
 
     #[test]

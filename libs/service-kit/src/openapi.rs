@@ -16,5 +16,10 @@ impl Modify for BearerSchemes {
         let mut jwt = Http::new(HttpAuthScheme::Bearer);
         jwt.bearer_format = Some("JWT".into());
         components.add_security_scheme("clientToken", SecurityScheme::Http(jwt));
+        // A drone's own key on its telemetry (Drone service).
+        components.add_security_scheme(
+            "droneKey",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
     }
 }

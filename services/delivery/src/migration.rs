@@ -10,7 +10,7 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateDeliveries)]
+        vec![Box::new(CreateDeliveries), Box::new(CreateTrackingOutbox)]
     }
 }
 
@@ -109,6 +109,63 @@ impl MigrationTrait for CreateDeliveries {
             .await?;
         manager
             .drop_table(Table::drop().table(Deliveries::Table).to_owned())
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum TrackingOutbox {
+    Table,
+    DeliveryId,
+    Sequence,
+    CreatedAt,
+}
+
+/// Tracking events still to be published on `workflow-events`, written in the transaction that
+/// appends the event (`Created` is not published: the saga's own `scheduled` says as much).
+struct CreateTrackingOutbox;
+
+impl MigrationName for CreateTrackingOutbox {
+    fn name(&self) -> &str {
+        "m20261206_000001_create_tracking_outbox"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateTrackingOutbox {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(TrackingOutbox::Table)
+                    .if_not_exists()
+                    .col(string_len(TrackingOutbox::DeliveryId, 128))
+                    .col(big_integer(TrackingOutbox::Sequence))
+                    .col(timestamp_with_time_zone(TrackingOutbox::CreatedAt))
+                    .primary_key(
+                        Index::create()
+                            .name("pk_tracking_outbox")
+                            .col(TrackingOutbox::DeliveryId)
+                            .col(TrackingOutbox::Sequence),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_tracking_outbox_created_at")
+                    .table(TrackingOutbox::Table)
+                    .col(TrackingOutbox::CreatedAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(TrackingOutbox::Table).to_owned())
             .await
     }
 }

@@ -134,7 +134,7 @@ async fn patch_delivery(
     Json(patch): Json<DeliveryPatch>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    Ok(HttpResponse::Ok().json(store::reschedule(&state.db, id, &patch).await?))
+    Ok(HttpResponse::Ok().json(state.published(store::reschedule(&state.db, id, &patch).await?)))
 }
 
 /// Cancels a delivery (records `Cancelled`). Idempotent: cancelling a cancelled delivery returns it
@@ -156,7 +156,7 @@ async fn cancel_delivery(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    Ok(HttpResponse::Ok().json(store::cancel(&state.db, id).await?))
+    Ok(HttpResponse::Ok().json(state.published(store::cancel(&state.db, id).await?)))
 }
 
 /// The delivery's status, derived from its tracking events.
@@ -217,7 +217,7 @@ async fn post_event(
     Json(update): Json<TrackingUpdate>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    Ok(HttpResponse::Created().json(store::track(&state.db, id, &update).await?))
+    Ok(HttpResponse::Created().json(state.published(store::track(&state.db, id, &update).await?)))
 }
 
 /// Records the hand-over: the delivery is `Completed`.
@@ -240,5 +240,5 @@ async fn post_confirmation(
     Json(confirmation): Json<Confirmation>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    Ok(HttpResponse::Created().json(store::complete(&state.db, id, &confirmation).await?))
+    Ok(HttpResponse::Created().json(state.published(store::complete(&state.db, id, &confirmation).await?)))
 }

@@ -418,7 +418,7 @@ where
         .await?;
     let sequence = latest.sequence + 1;
     match insert_event(&txn, id, sequence, &new, now).await {
-        Ok(()) => {}
+        Ok(()) => crate::outbox::enqueue(&txn, id, sequence, new.stage, now).await?,
         Err(e) if classify(&e) == DbErrorKind::UniqueViolation => {
             txn.rollback().await?;
             return Ok(None);

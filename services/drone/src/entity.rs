@@ -54,3 +54,28 @@ pub mod reservation {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod flight {
+    use sea_orm::entity::prelude::*;
+
+    /// A delivery's flight as its drone reported it (one row per delivery).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "flights")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub delivery_id: String,
+        pub drone_id: String,
+        /// A `FlightStage` spelling.
+        pub stage: String,
+        pub last_location: Option<String>,
+        pub reports: i64,
+        pub started_at: ChronoDateTimeUtc,
+        pub updated_at: ChronoDateTimeUtc,
+        pub delivered_at: Option<ChronoDateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

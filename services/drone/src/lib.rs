@@ -7,17 +7,23 @@ mod entity;
 mod fleet;
 mod migration;
 mod routes;
+mod simulator;
 mod store;
+pub mod telemetry;
 
 use std::future::Future;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
+use downstream::{Downstream, DownstreamSettings};
+use secrecy::SecretString;
 use serde::Deserialize;
 use service_kit::{
     AuthSettings, DatabaseSettings, HttpSettings, RunningService, Service, ServiceBuilder,
 };
 
 pub use migration::Migrator;
+pub use simulator::SimulatorSettings;
 
 /// Drone settings (`APP_` environment variables with `__` for nesting).
 #[derive(Debug, Clone, Deserialize)]
@@ -28,6 +34,11 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub fleet: FleetSettings,
     pub reservations: ReservationSettings,
+    /// Where the Delivery service is (`APP_DOWNSTREAM__DELIVERY_URL`): telemetry becomes its
+    /// tracking events. The other URLs are not used here.
+    pub downstream: DownstreamSettings,
+    /// The fleet simulator (off unless `APP_SIMULATOR__ENABLED=true`; `make run` turns it on).
+    pub simulator: SimulatorSettings,
 }
 
 impl Default for Settings {
@@ -38,6 +49,8 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             fleet: FleetSettings::default(),
             reservations: ReservationSettings::default(),
+            downstream: DownstreamSettings::default(),
+            simulator: SimulatorSettings::default(),
         }
     }
 }
@@ -87,6 +100,10 @@ pub(crate) struct AppState {
     pub db: sea_orm::DatabaseConnection,
     pub reservations: ReservationSettings,
     pub drones: fleet::DroneCache,
+    /// Drone keys are derived from it (see [`telemetry`]).
+    pub service_token: SecretString,
+    /// The Delivery service, for telemetry.
+    pub deliveries: Downstream,
 }
 
 /// The running Drone service.
@@ -113,7 +130,7 @@ impl Service for Application {
             reservations = ?settings.reservations,
             "starting drone service"
         );
-        let (builder, db) = ServiceBuilder::start::<Migrator>(
+        let (mut builder, db) = ServiceBuilder::start::<Migrator>(
             Self::NAME,
             &settings.http,
             &settings.database,
@@ -123,14 +140,36 @@ impl Service for Application {
         fleet::seed(&db, &settings.fleet)
             .await
             .context("seeding the fleet")?;
+        let mut downstream = settings.downstream.clone();
+        if secrecy::ExposeSecret::expose_secret(&downstream.service_token).is_empty() {
+            downstream.service_token = settings.auth.service_token.clone();
+        }
+        let deliveries = Downstream::new(&downstream).context("the delivery service client")?;
+        let own_url = Arc::new(OnceLock::new());
+        if settings.simulator.enabled {
+            builder.spawn(simulator::run(
+                db.clone(),
+                settings.simulator.clone(),
+                settings.auth.service_token.clone(),
+                own_url.clone(),
+                builder.stop_signal(),
+            ));
+        }
         let state = actix_web::web::Data::new(AppState {
             db,
             reservations: settings.reservations.clone(),
             drones: fleet::DroneCache::new(),
+            service_token: settings.auth.service_token.clone(),
+            deliveries,
         });
         let service = builder
             .openapi(routes::openapi())
             .build(move |cfg| routes::configure(cfg, state.clone()))?;
+        let host = match settings.http.host.as_str() {
+            "0.0.0.0" | "::" | "" => "127.0.0.1",
+            h => h,
+        };
+        let _ = own_url.set(format!("http://{host}:{}", service.port()));
         Ok(Self { service })
     }
 

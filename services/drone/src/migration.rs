@@ -11,7 +11,11 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateFleet), Box::new(NoOverlapByWindow)]
+        vec![
+            Box::new(CreateFleet),
+            Box::new(NoOverlapByWindow),
+            Box::new(CreateFlights),
+        ]
     }
 }
 
@@ -207,5 +211,55 @@ impl MigrationTrait for NoOverlapByWindow {
                 .await?;
         }
         Ok(())
+    }
+}
+
+#[derive(DeriveIden)]
+enum Flights {
+    Table,
+    DeliveryId,
+    DroneId,
+    Stage,
+    LastLocation,
+    Reports,
+    StartedAt,
+    UpdatedAt,
+    DeliveredAt,
+}
+
+/// Flights as the drones report them (telemetry).
+struct CreateFlights;
+
+impl MigrationName for CreateFlights {
+    fn name(&self) -> &str {
+        "m20261206_000001_create_flights"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateFlights {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Flights::Table)
+                    .if_not_exists()
+                    .col(string_len(Flights::DeliveryId, 128).primary_key())
+                    .col(string_len(Flights::DroneId, 128))
+                    .col(string_len(Flights::Stage, 16))
+                    .col(ColumnDef::new(Flights::LastLocation).text().null())
+                    .col(big_integer(Flights::Reports))
+                    .col(timestamp_with_time_zone(Flights::StartedAt))
+                    .col(timestamp_with_time_zone(Flights::UpdatedAt))
+                    .col(ColumnDef::new(Flights::DeliveredAt).timestamp_with_time_zone().null())
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(Flights::Table).to_owned())
+            .await
     }
 }

@@ -1,10 +1,11 @@
 //! HTTP routes of the Drone service. Every route requires the service token.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{TimeZone, Utc};
 use contracts::{
-    Drone, DroneReservation, DroneReservationRequest, Fleet, PackageSize, Problem,
-    ReservationStatus, TimeWindow, Utilization,
+    Drone, DroneKey, DroneReservation, DroneReservationRequest, Fleet, Flight, FlightStage,
+    PackageSize, Problem, ReservationStatus, TelemetryKind, TelemetryReport, TimeWindow,
+    Utilization,
 };
 use serde::Deserialize;
 use service_kit::auth::ServiceCaller;
@@ -34,16 +35,19 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>
             "/api/drones/{id}/reservations",
             web::get().to(drone_reservations),
         )
-        .route("/api/utilization", web::get().to(utilization));
+        .route("/api/utilization", web::get().to(utilization))
+        .route("/api/drones/{id}/telemetry", web::post().to(post_telemetry))
+        .route("/api/drones/{id}/key", web::get().to(get_drone_key));
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Drone service", description = "The drone fleet and its time-window reservations."),
-    paths(put_reservation, get_reservation, delete_reservation, get_fleet, drone_reservations, utilization),
+    paths(put_reservation, get_reservation, delete_reservation, get_fleet, drone_reservations, utilization, post_telemetry, get_drone_key),
     components(schemas(
         DroneReservationRequest, DroneReservation, TimeWindow, ReservationStatus, PackageSize,
-        Drone, Fleet, Utilization, Problem
+        Drone, Fleet, Utilization, Problem, TelemetryReport, TelemetryKind, Flight, FlightStage,
+        DroneKey
     )),
     modifiers(&BearerSchemes),
     security(("serviceToken" = []))
@@ -222,4 +226,59 @@ async fn utilization(
     let to = month_start(ny, nm)?;
     let out = store::utilization(&state.db, owner, (query.year, query.month), from..to).await?;
     Ok(HttpResponse::Ok().json(out))
+}
+
+/// A drone reports on the delivery it flies (authenticated with its own key, see `GET
+/// /api/drones/{id}/key`): `position` and `picked-up` become the delivery's `HeadedToPickup` /
+/// `HeadedToDropoff` tracking events, `delivered` completes the delivery and ends the drone's
+/// window now. A repeated `delivered` answers the flight again.
+#[utoipa::path(
+    post, path = "/api/drones/{id}/telemetry", tag = "telemetry",
+    params(("id" = String, Path, description = "Drone id")),
+    request_body = TelemetryReport,
+    security(("droneKey" = [])),
+    responses(
+        (status = 200, description = "Recorded; the flight as it stands", body = Flight),
+        (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
+        (status = 401, description = "Missing key, or not this drone's key", body = Problem),
+        (status = 404, description = "This drone holds no reservation for the delivery, or the delivery does not exist", body = Problem),
+        (status = 409, description = "The reservation was released (`reservation-released`), the delivery was cancelled (`delivery-closed`), or it was delivered already (`flight-completed`): stop flying it", body = Problem),
+        (status = 503, description = "The delivery service did not record it (`delivery-unavailable`): send it again after `Retry-After`", body = Problem),
+    )
+)]
+async fn post_telemetry(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    Json(report): Json<TelemetryReport>,
+) -> ApiResult<HttpResponse> {
+    let drone_id = valid_id("id", &id)?;
+    crate::telemetry::authenticate(&req, &state.service_token, drone_id)?;
+    let flight =
+        crate::telemetry::report(&state.db, &state.deliveries, drone_id, &report).await?;
+    Ok(HttpResponse::Ok().json(flight))
+}
+
+/// The key a drone presents on its telemetry (for provisioning the drone; service token only).
+#[utoipa::path(
+    get, path = "/api/drones/{id}/key", tag = "telemetry",
+    params(("id" = String, Path, description = "Drone id")),
+    responses(
+        (status = 200, description = "The drone's key", body = DroneKey),
+        (status = 400, description = "Invalid drone id", body = Problem),
+        (status = 401, description = "Missing or wrong service token", body = Problem),
+        (status = 404, description = "No such drone", body = Problem),
+    )
+)]
+async fn get_drone_key(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let drone_id = valid_id("id", &id)?;
+    store::drone_exists(&state.db, drone_id).await?;
+    Ok(HttpResponse::Ok().json(DroneKey {
+        drone_id: drone_id.to_owned(),
+        key: crate::telemetry::drone_key(&state.service_token, drone_id),
+    }))
 }

@@ -64,6 +64,15 @@ pub(crate) async fn get(
     to_wire(r)
 }
 
+/// `Ok` when the drone is in the fleet (active or retired).
+pub(crate) async fn drone_exists(db: &DatabaseConnection, drone_id: &str) -> StoreResult<()> {
+    drone::Entity::find_by_id(drone_id.to_owned())
+        .one(db)
+        .await?
+        .map(drop)
+        .ok_or_else(|| StoreError::DroneNotFound(drone_id.to_owned()))
+}
+
 /// Every active drone, what it is doing now and how many reservations it still has.
 pub(crate) async fn fleet(db: &DatabaseConnection) -> StoreResult<Fleet> {
     let now_ms = Utc::now().timestamp_millis();

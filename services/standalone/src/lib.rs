@@ -23,6 +23,9 @@ pub struct Settings {
     pub ports: Ports,
     /// Drones per size class (small, medium, large).
     pub fleet: drone::FleetSettings,
+    /// The fleet simulator flies scheduled deliveries when their pickup time comes (on here;
+    /// `APP_SIMULATOR__ENABLED=false` turns it off, `APP_SIMULATOR__LEG_SECS` sets its pace).
+    pub simulator: drone::SimulatorSettings,
 }
 
 impl Default for Settings {
@@ -32,6 +35,10 @@ impl Default for Settings {
             host: "127.0.0.1".into(),
             ports: Ports::default(),
             fleet: drone::FleetSettings::default(),
+            simulator: drone::SimulatorSettings {
+                enabled: true,
+                ..Default::default()
+            },
         }
     }
 }
@@ -144,33 +151,44 @@ pub async fn run_with(
     })
     .await
     .context("starting package")?;
-    let drone = drone::Application::build(drone::Settings {
-        http: http(settings.ports.drone),
-        database: db("drone"),
-        auth: auth.clone(),
-        fleet: settings.fleet.clone(),
-        ..Default::default()
-    })
-    .await
-    .context("starting drone")?;
-    let delivery = delivery::Application::build(delivery::Settings {
-        http: http(settings.ports.delivery),
-        database: db("delivery"),
-        auth: auth.clone(),
-    })
-    .await
-    .context("starting delivery")?;
     let mut messaging = messaging::MessagingSettings::new(format!(
         "sqlite://{}?mode=rwc",
         settings.data_dir.join("messaging.db").display()
     ));
     messaging.connection_name = "standalone".into();
+    let delivery = delivery::Application::build(delivery::Settings {
+        http: http(settings.ports.delivery),
+        database: db("delivery"),
+        auth: auth.clone(),
+        messaging: messaging.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("starting delivery")?;
+    let drone = drone::Application::build(drone::Settings {
+        http: http(settings.ports.drone),
+        database: db("drone"),
+        auth: auth.clone(),
+        fleet: settings.fleet.clone(),
+        downstream: downstream::DownstreamSettings {
+            delivery_url: format!("http://{}:{}", settings.host, delivery.port()),
+            ..Default::default()
+        },
+        simulator: settings.simulator.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("starting drone")?;
     let ingestion = ingestion::Application::build(ingestion::Settings {
         http: http(settings.ports.ingestion),
         database: db("ingestion"),
         auth: auth.clone(),
         messaging: messaging.clone(),
-        ingestion: ingestion::IngestionSettings::default(),
+        ingestion: ingestion::IngestionSettings {
+            // Webhook receivers on this machine (http://127.0.0.1:...) are what local runs use.
+            webhooks: ingestion::WebhookSettings::local(),
+            ..Default::default()
+        },
     })
     .await
     .context("starting ingestion")?;
