@@ -143,6 +143,11 @@ self_test() {
     "'$HELM' template x '$work/chart-secret-env' --set-string account.env.APP_DATABASE__URL=postgres://u:p@h/db >'$work/secret-env.yaml' && \
      '$PY' '$ROOT/scripts/k8s_check.py' check broken-secret-env '$work/secret-env.yaml' '$work/secret-env.builtin.yaml'"
 
+  # 5b. A Delivery that does not publish on the suite's partition count (its setting dropped).
+  sed 's/APP_TRACKING__PARTITIONS/APP_TRACKING__PARTITION/' "$OUT/helm-default.yaml" >"$work/tracking.yaml"
+  expect_failure "a Delivery without APP_TRACKING__PARTITIONS = partitions" \
+    validate broken-tracking-partitions "$work/tracking.yaml"
+
   # 6. A typo in the chart's values (the schema forbids unknown keys).
   expect_failure "a typo in values (scheduler.replica)" \
     "$HELM" template x "$ROOT/helm/drone-delivery" --set scheduler.replica=3

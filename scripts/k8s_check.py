@@ -258,6 +258,14 @@ class Checker:
             got, src = self.env_value(sc, "APP_SUPERVISOR__PARTITIONS", configmaps)
             if str(got) != str(partitions):
                 self.fail(sup[0], f"APP_SUPERVISOR__PARTITIONS ({got}, {src}) != partitions ({partitions})")
+        dlv = [o for o in objs if o["kind"] == "Deployment"
+               and (o["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == "delivery"]
+        if len(dlv) == 1:
+            dc = dlv[0]["spec"]["template"]["spec"]["containers"][0]
+            got, src = self.env_value(dc, "APP_TRACKING__PARTITIONS", configmaps)
+            if str(got) != str(partitions):
+                self.fail(dlv[0], f"APP_TRACKING__PARTITIONS ({got}, {src}) != partitions ({partitions}): "
+                                  "tracking events would land on other partitions than their bookings'")
         owners = {}
         for i in range(int(replicas)):
             for p in range(partitions):

@@ -55,7 +55,7 @@ async fn report(suite: &Suite, drone: &str, key: &str, body: &Value) -> integrat
         .drone
         .call_with(
             Method::POST,
-            &format!("/api/drones/{drone}/telemetry"),
+            &format!("/api/telemetry/{drone}"),
             Some(body),
             Some(key),
         )

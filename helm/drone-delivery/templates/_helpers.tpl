@@ -1,6 +1,7 @@
 {{/*
-Facts about the services that are not configuration: port, whether it uses the broker, whether
-it calls the domain services, whether it verifies/mints client JWTs. Ports are the services'
+Facts about the services that are not configuration: port, whether it uses the broker (Delivery
+publishes its tracking events), whether it calls the domain services (Drone calls only Delivery,
+see the drone-egress policy), whether it verifies/mints client JWTs. Ports are the services'
 defaults (DESIGN §3).
 */}}
 {{- define "dd.services" -}}
@@ -8,7 +9,7 @@ ingestion:  {port: 8080, messaging: true,  downstream: false, jwt: true,  compon
 account:    {port: 8081, messaging: false, downstream: false, jwt: true,  component: domain}
 package:    {port: 8082, messaging: false, downstream: false, jwt: false, component: domain}
 drone:      {port: 8083, messaging: false, downstream: false, jwt: false, component: domain}
-delivery:   {port: 8084, messaging: false, downstream: false, jwt: false, component: domain}
+delivery:   {port: 8084, messaging: true,  downstream: false, jwt: false, component: domain}
 scheduler:  {port: 8085, messaging: true,  downstream: true,  jwt: false, component: workflow}
 supervisor: {port: 8086, messaging: true,  downstream: true,  jwt: false, component: operations}
 {{- end -}}

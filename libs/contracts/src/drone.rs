@@ -222,7 +222,7 @@ impl TelemetryKind {
     }
 }
 
-/// `POST /api/drones/{id}/telemetry`: a drone's report on the delivery it flies.
+/// `POST /api/telemetry/{droneId}`: a drone's report on the delivery it flies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TelemetryReport {

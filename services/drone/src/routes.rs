@@ -36,7 +36,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>
             web::get().to(drone_reservations),
         )
         .route("/api/utilization", web::get().to(utilization))
-        .route("/api/drones/{id}/telemetry", web::post().to(post_telemetry))
+        .route("/api/telemetry/{id}", web::post().to(post_telemetry))
         .route("/api/drones/{id}/key", web::get().to(get_drone_key));
 }
 
@@ -233,7 +233,7 @@ async fn utilization(
 /// `HeadedToDropoff` tracking events, `delivered` completes the delivery and ends the drone's
 /// window now. A repeated `delivered` answers the flight again.
 #[utoipa::path(
-    post, path = "/api/drones/{id}/telemetry", tag = "telemetry",
+    post, path = "/api/telemetry/{id}", tag = "telemetry",
     params(("id" = String, Path, description = "Drone id")),
     request_body = TelemetryReport,
     security(("droneKey" = [])),

@@ -93,7 +93,7 @@ pub(crate) async fn run(
             }
             let plan = Flight {
                 http: http.clone(),
-                url: format!("{base}/api/drones/{}/telemetry", r.drone_id),
+                url: format!("{base}/api/telemetry/{}", r.drone_id),
                 key: drone_key(&service_token, &r.drone_id),
                 settings: settings.clone(),
             };
