@@ -27,12 +27,12 @@ async fn scheduled_now(suite: &Suite, scheduler: &integration_tests::TestApp) ->
     body["dropOffLocation"] = json!("0,47.6205,-122.3493");
     let id = suite.book(&body).await;
     let workflow = suite.workflow(scheduler, id, "completed", WAIT).await;
-    let reservation = suite
-        .drone
-        .get(&format!("/api/dronedeliveries/{id}"))
-        .await;
+    let reservation = suite.drone.get(&format!("/api/dronedeliveries/{id}")).await;
     assert_eq!(reservation.status, 200, "{}", reservation.body);
-    let drone = reservation.body["droneId"].as_str().expect("droneId").to_owned();
+    let drone = reservation.body["droneId"]
+        .as_str()
+        .expect("droneId")
+        .to_owned();
     assert_eq!(workflow["state"], "completed");
     // A drone flies when its window begins.
     let start: chrono::DateTime<chrono::Utc> =
@@ -66,7 +66,11 @@ async fn telemetry_becomes_tracking_and_delivered_frees_the_drone(backend: Backe
     let (suite, scheduler) = suite_with_scheduler(backend, SuiteFaults::default(), ACTIVE).await;
     let (id, drone) = scheduled_now(&suite, &scheduler).await;
     let key = key_of(&suite, &drone).await;
-    let other = if drone == "drone-001" { "drone-002" } else { "drone-001" };
+    let other = if drone == "drone-001" {
+        "drone-002"
+    } else {
+        "drone-001"
+    };
     let other_key = key_of(&suite, other).await;
     let position = json!({"deliveryId": id, "kind": "position", "location": "0,47.61,-122.34"});
 
@@ -79,7 +83,13 @@ async fn telemetry_becomes_tracking_and_delivered_frees_the_drone(backend: Backe
     let r = report(&suite, other, &other_key, &position).await;
     assert_eq!(r.status, 404, "{}", r.body);
     // Every bad field is named.
-    let r = report(&suite, &drone, &key, &json!({"deliveryId": "", "kind": "landed"})).await;
+    let r = report(
+        &suite,
+        &drone,
+        &key,
+        &json!({"deliveryId": "", "kind": "landed"}),
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.body);
     let mut bad = r.bad_fields();
     bad.sort();
@@ -89,7 +99,10 @@ async fn telemetry_becomes_tracking_and_delivered_frees_the_drone(backend: Backe
     let log = suite
         .ingestion
         .broker
-        .log(contracts::WORKFLOW_EVENTS_LOG, suite.ingestion.settings.ingestion.partitions)
+        .log(
+            contracts::WORKFLOW_EVENTS_LOG,
+            suite.ingestion.settings.ingestion.partitions,
+        )
         .await
         .expect("workflow-events");
     let partition = log.partition_of(&id.to_string());
@@ -98,10 +111,17 @@ async fn telemetry_becomes_tracking_and_delivered_frees_the_drone(backend: Backe
     let r = report(&suite, &drone, &key, &position).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["stage"], "to-pickup");
-    let r = report(&suite, &drone, &key, &json!({"deliveryId": id, "kind": "picked-up", "location": "0,47.6097,-122.3331"})).await;
+    let r = report(
+        &suite,
+        &drone,
+        &key,
+        &json!({"deliveryId": id, "kind": "picked-up", "location": "0,47.6097,-122.3331"}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["stage"], "to-drop-off");
-    let delivered = json!({"deliveryId": id, "kind": "delivered", "location": "0,47.6205,-122.3493"});
+    let delivered =
+        json!({"deliveryId": id, "kind": "delivered", "location": "0,47.6205,-122.3493"});
     let r = report(&suite, &drone, &key, &delivered).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["stage"], "delivered");
@@ -114,7 +134,10 @@ async fn telemetry_becomes_tracking_and_delivered_frees_the_drone(backend: Backe
     assert_eq!(late.problem(409).code, "flight-completed");
 
     // The Delivery service has the history...
-    let events = suite.delivery.get(&format!("/api/deliveries/{id}/events")).await;
+    let events = suite
+        .delivery
+        .get(&format!("/api/deliveries/{id}/events"))
+        .await;
     let stages: Vec<&str> = events
         .body
         .as_array()
@@ -173,6 +196,18 @@ async fn telemetry_becomes_tracking_and_delivered_frees_the_drone(backend: Backe
         .find(|d| d["id"] == drone.as_str())
         .map(|d| d["currentReservation"].clone());
     assert_eq!(busy, Some(Value::Null), "{}", fleet.body);
+    // Operators see the reports and the publishing.
+    let drone_metrics = common::metrics(&suite.drone).await;
+    assert!(
+        drone_metrics
+            .contains(r#"drone_telemetry_reports_total{kind="delivered",outcome="recorded"} 2"#),
+        "{drone_metrics}"
+    );
+    let delivery_metrics = common::metrics(&suite.delivery).await;
+    assert!(
+        delivery_metrics.contains("delivery_tracking_events_published_total 3"),
+        "{delivery_metrics}"
+    );
     stop(suite, scheduler).await;
 }
 
@@ -226,14 +261,19 @@ async fn fleet_simulator_takes_a_booking_to_delivered() {
     let service_token = creds["SERVICE_TOKEN"].clone();
     let http = reqwest::Client::new();
     let booked = http
-        .post(format!("http://127.0.0.1:{}/api/deliveryrequests", ports.ingestion))
+        .post(format!(
+            "http://127.0.0.1:{}/api/deliveryrequests",
+            ports.ingestion
+        ))
         .bearer_auth(&client_token)
-        .json(&json!({"ownerId": "demo-account", "pickupLocation": "0,47.6097,-122.3331",
+        .json(
+            &json!({"ownerId": "demo-account", "pickupLocation": "0,47.6097,-122.3331",
             "dropOffLocation": "0,47.6205,-122.3493",
             "pickupTime": (chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339(),
             "deadline": "", "expedited": false,
             "confirmationRequired": "None",
-            "packageInfo": {"packageId": "p-1", "size": "Small", "weight": 1}}))
+            "packageInfo": {"packageId": "p-1", "size": "Small", "weight": 1}}),
+        )
         .send()
         .await
         .expect("book");
@@ -245,19 +285,26 @@ async fn fleet_simulator_takes_a_booking_to_delivered() {
         .expect("Location")
         .to_owned();
     let accepted: Value = booked.json().await.expect("json");
-    let id = accepted["deliveryId"].as_str().expect("deliveryId").to_owned();
+    let id = accepted["deliveryId"]
+        .as_str()
+        .expect("deliveryId")
+        .to_owned();
     assert_eq!(location, format!("/api/deliveries/{id}"));
 
     // The Delivery service sees the flight end...
     let delivery = format!("http://127.0.0.1:{}/api/deliveries/{id}", ports.delivery);
-    let done = eventually(Duration::from_secs(60), "the simulator to deliver", async || {
-        let r = http.get(&delivery).bearer_auth(&service_token).send().await;
-        let body = match r {
-            Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        };
-        done_if(body["stage"] == "Completed", body)
-    })
+    let done = eventually(
+        Duration::from_secs(60),
+        "the simulator to deliver",
+        async || {
+            let r = http.get(&delivery).bearer_auth(&service_token).send().await;
+            let body = match r {
+                Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            done_if(body["stage"] == "Completed", body)
+        },
+    )
     .await;
     let drone = done["droneId"].as_str().expect("droneId").to_owned();
     // ... the client sees `delivered` at the Location URL...
@@ -274,7 +321,10 @@ async fn fleet_simulator_takes_a_booking_to_delivered() {
     assert_eq!(seen["droneId"], drone.as_str());
     // ... and the drone is free.
     let reservation: Value = http
-        .get(format!("http://127.0.0.1:{}/api/dronedeliveries/{id}", ports.drone))
+        .get(format!(
+            "http://127.0.0.1:{}/api/dronedeliveries/{id}",
+            ports.drone
+        ))
         .bearer_auth(&service_token)
         .send()
         .await

@@ -63,21 +63,27 @@ pub async fn spawn_delivery(backend: Backend) -> TestApp {
     let mut messaging = messaging::MessagingSettings::new(crate::amqp_url());
     messaging.prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     messaging.connection_name = format!("{}-delivery", messaging.prefix);
-    spawn_delivery_on(backend, messaging).await
+    spawn_delivery_on(
+        backend,
+        messaging,
+        delivery::TrackingSettings::default().partitions,
+    )
+    .await
 }
 
 /// A Delivery service publishing its tracking events with `messaging` (the prefix of the
-/// Ingestion that should see them).
+/// Ingestion that should see them) on `partitions` partitions of `workflow-events` (Ingestion's).
 pub async fn spawn_delivery_on(
     backend: Backend,
     messaging: messaging::MessagingSettings,
+    partitions: u32,
 ) -> TestApp {
     spawn_on_fresh_db::<delivery::Application>(backend, |database| delivery::Settings {
         http: test_http(),
         database,
         auth: test_auth(),
         messaging,
-        ..Default::default()
+        tracking: delivery::TrackingSettings { partitions },
     })
     .await
 }

@@ -56,7 +56,12 @@ pub async fn spawn_suite(backend: Backend, faults: SuiteFaults) -> Suite {
     let mut delivery_messaging = MessagingSettings::new(amqp_url());
     delivery_messaging.prefix = ingestion.settings.messaging.prefix.clone();
     delivery_messaging.connection_name = format!("{}-delivery", delivery_messaging.prefix);
-    let delivery = spawn_delivery_on(backend, delivery_messaging).await;
+    let delivery = spawn_delivery_on(
+        backend,
+        delivery_messaging,
+        ingestion.settings.ingestion.partitions,
+    )
+    .await;
     // Drone telemetry becomes the Delivery service's tracking events.
     let delivery_base = delivery.url("");
     let drone = spawn_drone_with(backend, |s| {

@@ -105,10 +105,12 @@ impl Service for Application {
             .await
             .context("declaring the workflow-events log")?;
         let wake = Arc::new(tokio::sync::Notify::new());
+        let metrics = outbox::RelayMetrics::register(builder.registry())?;
         builder.spawn(outbox::relay(
             db.clone(),
             events,
             wake.clone(),
+            metrics,
             builder.stop_signal(),
         ));
         let state = actix_web::web::Data::new(AppState { db, wake });

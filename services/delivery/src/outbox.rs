@@ -16,8 +16,8 @@ use std::time::Duration;
 use contracts::{DeliveryStage, DeliveryTracked, DELIVERY_TRACKED};
 use messaging::{Envelope, PartitionedLog};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use service_kit::StopSignal;
 use tokio::sync::Notify;
@@ -60,22 +60,64 @@ pub(crate) async fn enqueue(
     .map(|_| ())
 }
 
+/// What the relay shows operators.
+#[derive(Clone)]
+pub(crate) struct RelayMetrics {
+    published: prometheus::IntCounter,
+    failures: prometheus::IntCounter,
+    /// Rows waiting, as of the last pass.
+    waiting: prometheus::IntGauge,
+}
+
+impl RelayMetrics {
+    pub(crate) fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            published: prometheus::IntCounter::new(
+                "delivery_tracking_events_published_total",
+                "Tracking events published on workflow-events",
+            )?,
+            failures: prometheus::IntCounter::new(
+                "delivery_tracking_publish_failures_total",
+                "Passes of the tracking outbox relay that failed (retried)",
+            )?,
+            waiting: prometheus::IntGauge::new(
+                "delivery_tracking_outbox_waiting",
+                "Tracking events not yet published (at the relay's last pass)",
+            )?,
+        };
+        registry.register(Box::new(m.published.clone()))?;
+        registry.register(Box::new(m.failures.clone()))?;
+        registry.register(Box::new(m.waiting.clone()))?;
+        Ok(m)
+    }
+}
+
 /// Publishes outbox rows until `stop`.
 pub(crate) async fn relay(
     db: DatabaseConnection,
     log: Arc<dyn PartitionedLog>,
     wake: Arc<Notify>,
+    metrics: RelayMetrics,
     mut stop: StopSignal,
 ) {
     let mut failures = 0u32;
     loop {
-        match publish_some(&db, log.as_ref()).await {
-            Ok(n) if n as u64 == BATCH => {
+        let pass = publish_some(&db, log.as_ref()).await;
+        if let Ok(waiting) = tracking_outbox::Entity::find().count(&db).await {
+            metrics
+                .waiting
+                .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        }
+        match pass {
+            Ok(n) => {
+                metrics.published.inc_by(n as u64);
                 failures = 0;
-                continue;
+                if n as u64 == BATCH {
+                    continue;
+                }
             }
-            Ok(_) => failures = 0,
             Err(e) => {
+                metrics.failures.inc();
                 failures += 1;
                 tracing::warn!(error = %e, failures, "publishing tracking events failed; will retry");
             }

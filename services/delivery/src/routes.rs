@@ -240,5 +240,6 @@ async fn post_confirmation(
     Json(confirmation): Json<Confirmation>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    Ok(HttpResponse::Created().json(state.published(store::complete(&state.db, id, &confirmation).await?)))
+    Ok(HttpResponse::Created()
+        .json(state.published(store::complete(&state.db, id, &confirmation).await?)))
 }

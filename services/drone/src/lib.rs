@@ -104,6 +104,8 @@ pub(crate) struct AppState {
     pub service_token: SecretString,
     /// The Delivery service, for telemetry.
     pub deliveries: Downstream,
+    /// `drone_telemetry_reports_total{kind, outcome}`.
+    pub telemetry_reports: prometheus::IntCounterVec,
 }
 
 /// The running Drone service.
@@ -155,12 +157,23 @@ impl Service for Application {
                 builder.stop_signal(),
             ));
         }
+        let telemetry_reports = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "drone_telemetry_reports_total",
+                "Drone telemetry reports by kind and outcome (recorded, retry, refused)",
+            ),
+            &["kind", "outcome"],
+        )?;
+        builder
+            .registry()
+            .register(Box::new(telemetry_reports.clone()))?;
         let state = actix_web::web::Data::new(AppState {
             db,
             reservations: settings.reservations.clone(),
             drones: fleet::DroneCache::new(),
             service_token: settings.auth.service_token.clone(),
             deliveries,
+            telemetry_reports,
         });
         let service = builder
             .openapi(routes::openapi())

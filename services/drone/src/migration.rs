@@ -251,7 +251,11 @@ impl MigrationTrait for CreateFlights {
                     .col(big_integer(Flights::Reports))
                     .col(timestamp_with_time_zone(Flights::StartedAt))
                     .col(timestamp_with_time_zone(Flights::UpdatedAt))
-                    .col(ColumnDef::new(Flights::DeliveredAt).timestamp_with_time_zone().null())
+                    .col(
+                        ColumnDef::new(Flights::DeliveredAt)
+                            .timestamp_with_time_zone()
+                            .null(),
+                    )
                     .to_owned(),
             )
             .await

@@ -254,9 +254,17 @@ async fn post_telemetry(
 ) -> ApiResult<HttpResponse> {
     let drone_id = valid_id("id", &id)?;
     crate::telemetry::authenticate(&req, &state.service_token, drone_id)?;
-    let flight =
-        crate::telemetry::report(&state.db, &state.deliveries, drone_id, &report).await?;
-    Ok(HttpResponse::Ok().json(flight))
+    let recorded = crate::telemetry::report(&state.db, &state.deliveries, drone_id, &report).await;
+    let outcome = match &recorded {
+        Ok(_) => "recorded",
+        Err(ApiError::Unavailable { .. }) => "retry",
+        Err(_) => "refused",
+    };
+    state
+        .telemetry_reports
+        .with_label_values(&[report.kind.as_str(), outcome])
+        .inc();
+    Ok(HttpResponse::Ok().json(recorded?))
 }
 
 /// The key a drone presents on its telemetry (for provisioning the drone; service token only).

@@ -74,9 +74,7 @@ pub(crate) async fn run(
         }
         while flights.try_join_next().is_some() {}
         let Some(base) = base.get() else { continue };
-        let room = settings
-            .max_flights
-            .saturating_sub(lock(&flying).len());
+        let room = settings.max_flights.saturating_sub(lock(&flying).len());
         if room == 0 {
             continue;
         }

@@ -67,10 +67,7 @@ pub(crate) async fn report(
         .await?
         .filter(|r| r.drone_id == drone_id)
         .ok_or_else(|| {
-            ApiError::not_found(
-                "reservation",
-                format!("{delivery_id} of drone {drone_id}"),
-            )
+            ApiError::not_found("reservation", format!("{delivery_id} of drone {drone_id}"))
         })?;
     if reservation.status != ReservationStatus::Active.as_str() {
         return Err(ApiError::conflict(
@@ -162,7 +159,11 @@ pub(crate) async fn report(
     .await?;
     if next == FlightStage::Delivered {
         end_window(db, &reservation, now.timestamp_millis()).await?;
-        tracing::info!(delivery_id, drone_id, "delivered; the drone's window ends now");
+        tracing::info!(
+            delivery_id,
+            drone_id,
+            "delivered; the drone's window ends now"
+        );
     }
     let saved = flight::Entity::find_by_id(delivery_id.to_owned())
         .one(db)
