@@ -15,6 +15,8 @@ mod events;
 mod package;
 mod problem;
 mod request;
+mod tracking;
+mod webhooks;
 mod workflow;
 
 pub use account::*;
@@ -24,6 +26,8 @@ pub use events::*;
 pub use package::*;
 pub use problem::*;
 pub use request::*;
+pub use tracking::*;
+pub use webhooks::*;
 pub use workflow::*;
 
 use serde::{Deserialize, Serialize};

@@ -10,6 +10,8 @@ mod admission;
 mod migration;
 mod readmodel;
 mod routes;
+mod tracking;
+mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ use service_kit::{
 
 pub use admission::AdmissionSettings;
 pub use migration::Migrator;
+pub use tracking::TrackingSettings;
+pub use webhooks::WebhookSettings;
 
 /// Ingestion settings (`APP_` environment variables with `__` for nesting).
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +73,10 @@ pub struct IngestionSettings {
     pub retry_after_secs: u64,
     /// Follow `workflow-events` to advance request states (off only in tests of other parts).
     pub follow_workflow_events: bool,
+    /// `GET /api/deliveries/{id}` and its event stream.
+    pub tracking: TrackingSettings,
+    /// Signed webhooks of client accounts (`webhooks` module).
+    pub webhooks: WebhookSettings,
 }
 
 impl Default for IngestionSettings {
@@ -82,6 +90,8 @@ impl Default for IngestionSettings {
             pickup_skew_secs: 300,
             retry_after_secs: 1,
             follow_workflow_events: true,
+            tracking: TrackingSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -127,16 +137,30 @@ impl Service for Application {
             .await
             .context("declaring the delivery-requests log")?;
         let store = readmodel::ReadModel::start(db.clone());
+        let webhooks = webhooks::Webhooks::start(
+            &mut builder,
+            db.clone(),
+            broker.as_ref(),
+            s.partitions,
+            &s.webhooks,
+        )
+        .await?;
         if s.follow_workflow_events {
             let events = broker
                 .log(contracts::WORKFLOW_EVENTS_LOG, s.partitions)
                 .await
                 .context("declaring the workflow-events log")?;
             let stop = builder.stop_signal();
-            builder.adopt(readmodel::follow_workflow_events(db, events, stop).await?);
+            builder
+                .adopt(readmodel::follow_workflow_events(db, store.changes(), events, stop).await?);
         }
         let admission = Arc::new(Admission::new(&s.admission, s.max_in_flight)?);
         admission.register(builder.registry())?;
+        let tracking = actix_web::web::Data::new(tracking::Tracking::new(
+            store.clone(),
+            &s.tracking,
+            s.retry_after_secs,
+        ));
         let state = actix_web::web::Data::new(routes::AppState::new(
             requests,
             store,
@@ -147,7 +171,11 @@ impl Service for Application {
         let service = builder
             .openapi(routes::openapi())
             .readiness(BrokerCheck(broker))
-            .build(move |cfg| routes::configure(cfg, state.clone()))?;
+            .build(move |cfg| {
+                routes::configure(cfg, state.clone());
+                tracking::configure(cfg, tracking.clone());
+                webhooks::configure(cfg, webhooks.clone());
+            })?;
         Ok(Self { service })
     }
 

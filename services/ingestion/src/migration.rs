@@ -10,7 +10,12 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateReadModel), Box::new(KeepFirstRequest)]
+        vec![
+            Box::new(CreateReadModel),
+            Box::new(KeepFirstRequest),
+            Box::new(crate::tracking::AddTracking),
+            Box::new(crate::webhooks::CreateWebhooks),
+        ]
     }
 }
 

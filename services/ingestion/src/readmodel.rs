@@ -1,14 +1,18 @@
-//! The read model behind `GET /api/deliveryrequests/{id}`: one row per accepted request with the
-//! state a client may see. Rows are written through (batched) when requests are accepted and
-//! advanced by `workflow.state-changed` events; each row keeps the saga's event `version`, so a
-//! replayed or out-of-order event never moves a request backwards.
+//! The read model behind `GET /api/deliveryrequests/{id}` and `GET /api/deliveries/{id}`: one row
+//! per accepted request with the state a client may see and what tracking shows of it. Rows are
+//! written through (batched) when requests are accepted and advanced by `workflow.state-changed`
+//! and `delivery.tracked` events; each row keeps the saga's event `version` and the tracking
+//! `sequence`, so a replayed or out-of-order event never moves a request backwards. The same
+//! transaction records each change in the booking's history ([`crate::tracking`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use contracts::{RequestState, WorkflowStateChanged, WORKFLOW_STATE_CHANGED};
+use chrono::{DateTime, SubsecRound as _, Utc};
+use contracts::{
+    DeliveryTracked, RequestState, WorkflowStateChanged, DELIVERY_TRACKED, WORKFLOW_STATE_CHANGED,
+};
 use messaging::{PartitionedLog, StartAt};
 use sea_orm::sea_query::{Alias, Expr, OnConflict};
 use sea_orm::ActiveValue::{NotSet, Set};
@@ -16,6 +20,8 @@ use sea_orm::{DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
 use service_kit::StopSignal;
 use tokio::sync::mpsc;
 use uuid::Uuid;
+
+use crate::tracking::{Change, Changes};
 
 pub mod request {
     use sea_orm::entity::prelude::*;
@@ -35,6 +41,23 @@ pub mod request {
         /// The body (JSON) of a booking made with an Idempotency-Key, as first accepted: what
         /// a replay of the key answers. `None` without a key.
         pub first_request: Option<String>,
+        /// The booking as it stands (after any reschedule).
+        pub pickup_location: Option<String>,
+        pub drop_off_location: Option<String>,
+        pub pickup_time: Option<ChronoDateTimeUtc>,
+        /// The reserved drone and its window.
+        pub window_start: Option<ChronoDateTimeUtc>,
+        pub window_end: Option<ChronoDateTimeUtc>,
+        pub drone_id: Option<String>,
+        /// Stage and sequence of the latest applied tracking event, when it happened, and
+        /// the last location tracking reported.
+        pub tracking_stage: Option<String>,
+        pub tracking_seq: Option<i64>,
+        pub tracked_at: Option<ChronoDateTimeUtc>,
+        pub last_location: Option<String>,
+        /// The saga announced a client cancellation (what follows it, such as a failed undo,
+        /// does not make the booking "failed" for the client).
+        pub client_cancelled: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -67,9 +90,18 @@ pub(crate) struct Accepted {
     pub delivery_id: Uuid,
     pub owner_id: String,
     pub at: DateTime<Utc>,
+    pub pickup_location: String,
+    pub drop_off_location: String,
+    pub pickup_time: DateTime<Utc>,
 }
 
 impl Accepted {
+    /// The pickup time as the database keeps it (microseconds), so a read answers the same
+    /// before and after the row is written.
+    fn stored_pickup_time(&self) -> DateTime<Utc> {
+        self.pickup_time.trunc_subsecs(6)
+    }
+
     fn model(&self) -> request::Model {
         request::Model {
             delivery_id: self.delivery_id.to_string(),
@@ -80,6 +112,17 @@ impl Accepted {
             accepted_at: self.at,
             updated_at: self.at,
             first_request: None,
+            pickup_location: Some(self.pickup_location.clone()),
+            drop_off_location: Some(self.drop_off_location.clone()),
+            pickup_time: Some(self.stored_pickup_time()),
+            window_start: None,
+            window_end: None,
+            drone_id: None,
+            tracking_stage: None,
+            tracking_seq: None,
+            tracked_at: None,
+            last_location: None,
+            client_cancelled: false,
         }
     }
 
@@ -93,6 +136,10 @@ impl Accepted {
             accepted_at: Set(self.at),
             updated_at: Set(self.at),
             first_request: NotSet,
+            pickup_location: Set(Some(self.pickup_location.clone())),
+            drop_off_location: Set(Some(self.drop_off_location.clone())),
+            pickup_time: Set(Some(self.stored_pickup_time())),
+            ..Default::default()
         }
     }
 }
@@ -105,6 +152,7 @@ pub(crate) struct ReadModel {
     db: DatabaseConnection,
     tx: mpsc::UnboundedSender<Accepted>,
     pending: Arc<Mutex<HashMap<Uuid, Accepted>>>,
+    changes: Arc<Changes>,
 }
 
 const BATCH: usize = 500;
@@ -117,7 +165,21 @@ impl ReadModel {
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(write_batches(db.clone(), rx, pending.clone()));
-        Arc::new(Self { db, tx, pending })
+        Arc::new(Self {
+            db,
+            tx,
+            pending,
+            changes: Arc::default(),
+        })
+    }
+
+    pub(crate) fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Bookings changed by the workflow-events projection (it notifies after each commit).
+    pub(crate) fn changes(&self) -> Arc<Changes> {
+        self.changes.clone()
     }
 
     /// Records an accepted request durably before returning, with its body (used with
@@ -233,48 +295,152 @@ async fn write_batches(
 /// Applies workflow events unless a row already has the event's version or a later one. One
 /// statement for the batch: per delivery only the newest event counts (applying the older ones
 /// first would end in the same row), which also keeps one statement from touching a row twice.
+/// What an event lacks (older Schedulers send no locations or window) keeps its stored value.
 pub(crate) async fn apply(
     db: &impl sea_orm::ConnectionTrait,
-    events: &[WorkflowStateChanged],
+    events: &[&WorkflowStateChanged],
 ) -> Result<(), DbErr> {
     // Ordered by id, so concurrent writers lock rows in the same order.
-    let mut newest: std::collections::BTreeMap<Uuid, &WorkflowStateChanged> =
-        std::collections::BTreeMap::new();
-    for e in events {
+    let mut newest: BTreeMap<Uuid, (&WorkflowStateChanged, bool)> = BTreeMap::new();
+    for &e in events {
+        let cancelled = e.state == RequestState::Cancelled;
         newest
             .entry(e.delivery_id)
-            .and_modify(|kept| {
+            .and_modify(|(kept, any_cancelled)| {
+                *any_cancelled |= cancelled;
                 if e.version > kept.version {
                     *kept = e;
                 }
             })
-            .or_insert(e);
+            .or_insert((e, cancelled));
     }
     if newest.is_empty() {
         return Ok(());
     }
-    let rows = newest.into_values().map(|e| request::ActiveModel {
-        delivery_id: Set(e.delivery_id.to_string()),
-        owner_id: Set(e.owner_id.clone()),
-        state: Set(e.state.as_str().to_owned()),
-        detail: Set(e.detail.clone()),
-        version: Set(e.version),
-        accepted_at: Set(e.at),
-        updated_at: Set(e.at),
-        first_request: NotSet,
-    });
+    let rows = newest
+        .into_values()
+        .map(|(e, client_cancelled)| request::ActiveModel {
+            delivery_id: Set(e.delivery_id.to_string()),
+            owner_id: Set(e.owner_id.clone()),
+            state: Set(e.state.as_str().to_owned()),
+            detail: Set(e.detail.clone()),
+            version: Set(e.version),
+            accepted_at: Set(e.at),
+            updated_at: Set(e.at),
+            first_request: NotSet,
+            pickup_location: Set(e.pickup_location.clone()),
+            drop_off_location: Set(e.drop_off_location.clone()),
+            pickup_time: Set(e.pickup_time),
+            window_start: Set(e.pickup_window.map(|w| w.start)),
+            window_end: Set(e.pickup_window.map(|w| w.end)),
+            drone_id: Set(e.drone_id.clone()),
+            client_cancelled: Set(client_cancelled),
+            ..Default::default()
+        });
+    let mut on_conflict = OnConflict::column(request::Column::DeliveryId);
+    on_conflict.update_columns([
+        request::Column::State,
+        request::Column::Detail,
+        request::Column::Version,
+        request::Column::UpdatedAt,
+    ]);
+    for column in [
+        "pickup_location",
+        "drop_off_location",
+        "pickup_time",
+        "window_start",
+        "window_end",
+        "drone_id",
+    ] {
+        on_conflict.value(
+            Alias::new(column),
+            Expr::cust(format!(
+                "COALESCE(excluded.{column}, delivery_requests.{column})"
+            )),
+        );
+    }
+    on_conflict.value(
+        request::Column::ClientCancelled,
+        Expr::cust("delivery_requests.client_cancelled OR excluded.client_cancelled"),
+    );
     request::Entity::insert_many(rows)
         .on_conflict(
-            OnConflict::column(request::Column::DeliveryId)
-                .update_columns([
-                    request::Column::State,
-                    request::Column::Detail,
-                    request::Column::Version,
-                    request::Column::UpdatedAt,
-                ])
+            on_conflict
                 .action_and_where(Expr::col((request::Entity, request::Column::Version)).lt(
                     Expr::col((Alias::new("excluded"), request::Column::Version)),
                 ))
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await
+        .map(|_| ())
+}
+
+/// Applies tracking events unless a row already has the event's sequence or a later one: the
+/// latest stage, the last reported location and the drone. One statement for the batch, as
+/// [`apply`]. A booking not known yet (its row still on its way) gets a row as accepted.
+pub(crate) async fn apply_tracking(
+    db: &impl sea_orm::ConnectionTrait,
+    events: &[(Uuid, &DeliveryTracked)],
+) -> Result<(), DbErr> {
+    // Per delivery: the newest event, and the last location reported up to it.
+    let mut newest: BTreeMap<Uuid, (&DeliveryTracked, Option<&String>)> = BTreeMap::new();
+    for &(id, e) in events {
+        newest
+            .entry(id)
+            .and_modify(|(kept, location)| {
+                if e.sequence > kept.sequence {
+                    *kept = e;
+                    *location = e.location.as_ref().or(*location);
+                } else if location.is_none() {
+                    *location = e.location.as_ref();
+                }
+            })
+            .or_insert((e, e.location.as_ref()));
+    }
+    if newest.is_empty() {
+        return Ok(());
+    }
+    let rows = newest
+        .into_iter()
+        .map(|(id, (e, location))| request::ActiveModel {
+            delivery_id: Set(id.to_string()),
+            owner_id: Set(e.owner_id.clone()),
+            state: Set(RequestState::Accepted.as_str().to_owned()),
+            detail: Set(None),
+            version: Set(0),
+            accepted_at: Set(e.at),
+            updated_at: Set(e.at),
+            drone_id: Set(Some(e.drone_id.clone())),
+            tracking_stage: Set(Some(e.stage.as_str().to_owned())),
+            tracking_seq: Set(Some(e.sequence)),
+            tracked_at: Set(Some(e.at)),
+            last_location: Set(location.cloned()),
+            ..Default::default()
+        });
+    let mut on_conflict = OnConflict::column(request::Column::DeliveryId);
+    on_conflict
+        .update_columns([
+            request::Column::TrackingStage,
+            request::Column::TrackingSeq,
+            request::Column::TrackedAt,
+        ])
+        .value(
+            request::Column::LastLocation,
+            Expr::cust("COALESCE(excluded.last_location, delivery_requests.last_location)"),
+        )
+        .value(
+            request::Column::DroneId,
+            Expr::cust("COALESCE(excluded.drone_id, delivery_requests.drone_id)"),
+        );
+    let tracked = Expr::col((request::Entity, request::Column::TrackingSeq));
+    request::Entity::insert_many(rows)
+        .on_conflict(
+            on_conflict
+                .action_and_where(tracked.clone().is_null().or(tracked.lt(Expr::col((
+                    Alias::new("excluded"),
+                    request::Column::TrackingSeq,
+                )))))
                 .to_owned(),
         )
         .exec_without_returning(db)
@@ -286,6 +452,7 @@ pub(crate) async fn apply(
 /// applied is finished first).
 pub(crate) async fn follow_workflow_events(
     db: DatabaseConnection,
+    changed: Arc<Changes>,
     log: Arc<dyn PartitionedLog>,
     stop: StopSignal,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
@@ -300,6 +467,7 @@ pub(crate) async fn follow_workflow_events(
         let reader = log.read(partition, start).await?;
         tasks.push(tokio::spawn(project(
             db.clone(),
+            changed.clone(),
             partition,
             reader,
             stop.clone(),
@@ -316,6 +484,7 @@ const PROJECTION_BATCH: usize = 500;
 /// one commit per batch instead of one per event.
 async fn project(
     db: DatabaseConnection,
+    changed: Arc<Changes>,
     partition: u32,
     mut reader: messaging::LogReader,
     mut stop: StopSignal,
@@ -339,12 +508,25 @@ async fn project(
             match &record.event {
                 Ok(e) if e.kind == WORKFLOW_STATE_CHANGED => {
                     match e.decode::<WorkflowStateChanged>() {
-                        Ok(change) => changes.push(change),
+                        Ok(change) => changes.push(Change::State(change)),
                         Err(reason) => {
                             tracing::warn!(partition, reason, "skipping undecodable workflow event")
                         }
                     }
                 }
+                Ok(e) if e.kind == DELIVERY_TRACKED => match e.decode::<DeliveryTracked>() {
+                    Ok(t) => match Uuid::parse_str(&t.delivery_id) {
+                        Ok(id) => changes.push(Change::Tracked(id, t)),
+                        Err(_) => tracing::warn!(
+                            partition,
+                            delivery_id = t.delivery_id,
+                            "skipping tracking event of a delivery that is no booking"
+                        ),
+                    },
+                    Err(reason) => {
+                        tracing::warn!(partition, reason, "skipping undecodable tracking event")
+                    }
+                },
                 Ok(_) => {}
                 Err(poison) => {
                     tracing::warn!(partition, reason = %poison.reason, "skipping poison record")
@@ -362,6 +544,8 @@ async fn project(
             tracing::warn!(error = %err, attempt, events = changes.len(), "applying workflow events failed");
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))).await;
         }
+        // After the commit: a stream woken now finds what it was woken for.
+        changed.notify(changes.iter().map(Change::delivery_id));
         if checkpoint.is_some() {
             unsaved = 0;
             last_saved = tokio::time::Instant::now();
@@ -369,17 +553,29 @@ async fn project(
     }
 }
 
+/// The batch's history, then its rows (the history compares with the rows as they were), then
+/// the checkpoint: one transaction.
 async fn apply_batch(
     db: &DatabaseConnection,
     partition: u32,
-    changes: &[WorkflowStateChanged],
+    changes: &[Change],
     checkpoint: Option<u64>,
 ) -> Result<(), DbErr> {
     if changes.is_empty() && checkpoint.is_none() {
         return Ok(());
     }
+    let mut states = Vec::new();
+    let mut tracked = Vec::new();
+    for change in changes {
+        match change {
+            Change::State(e) => states.push(e),
+            Change::Tracked(id, e) => tracked.push((*id, e)),
+        }
+    }
     let txn = db.begin().await?;
-    apply(&txn, changes).await?;
+    crate::tracking::record(&txn, changes).await?;
+    apply(&txn, &states).await?;
+    apply_tracking(&txn, &tracked).await?;
     if let Some(offset) = checkpoint {
         let row = checkpoint::ActiveModel {
             partition: Set(i32::try_from(partition).unwrap_or(i32::MAX)),

@@ -63,7 +63,7 @@ impl AppState {
     }
 
     /// The caller's verified claims, within its rate limit.
-    fn client(&self, req: &HttpRequest) -> ApiResult<ClientClaims> {
+    pub(crate) fn client(&self, req: &HttpRequest) -> ApiResult<ClientClaims> {
         let claims = self.tokens.verify(bearer(req)?)?;
         if let Err(not_until) = self.limiter.check_key(&claims.sub) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -108,7 +108,7 @@ fn owns(claims: &ClientClaims, owner: &str) -> ApiResult<()> {
     }
 }
 
-fn delivery_id(raw: &str) -> ApiResult<Uuid> {
+pub(crate) fn delivery_id(raw: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(raw).map_err(|_| ApiError::field("id", "must be a deliveryId (a UUID)"))
 }
 
@@ -152,7 +152,10 @@ pub struct ChangeAccepted {
 struct ApiDoc;
 
 pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::tracking::openapi());
+    doc.merge(crate::webhooks::openapi());
+    doc
 }
 
 /// Books a delivery. `202` only once the request is durably in the log.
@@ -234,6 +237,9 @@ async fn create(
         delivery_id: id,
         owner_id: request.owner_id.clone(),
         at: now,
+        pickup_location: request.pickup_location.clone(),
+        drop_off_location: request.drop_off_location.clone(),
+        pickup_time: request.pickup_time,
     };
     if key.is_some() {
         // A replay of this key must find it, with the body it answers: record before answering.
@@ -337,7 +343,7 @@ async fn status(
 
 /// The booking if the caller may see it. Another account's booking is answered exactly as an
 /// unknown one (same error, same body): a client must not learn that it exists or whose it is.
-async fn known(
+pub(crate) async fn known(
     state: &AppState,
     claims: &ClientClaims,
     id: Uuid,
