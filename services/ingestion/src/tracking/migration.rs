@@ -44,7 +44,7 @@ pub(crate) struct AddTracking;
 
 impl MigrationName for AddTracking {
     fn name(&self) -> &str {
-        "m20261220_000001_add_tracking"
+        "m20261206_000002_add_tracking"
     }
 }
 

@@ -61,7 +61,7 @@ pub(crate) struct CreateWebhooks;
 
 impl MigrationName for CreateWebhooks {
     fn name(&self) -> &str {
-        "m20261210_000001_create_webhooks"
+        "m20261206_000003_create_webhooks"
     }
 }
 
