@@ -58,17 +58,31 @@ pub async fn spawn_package(backend: Backend) -> TestApp {
     .await
 }
 
-/// A Delivery service publishing its tracking events under a queue prefix of its own.
+/// A Delivery service publishing its tracking events under a queue prefix of its own, on one
+/// partition, removed again when the service stops (a test of the Delivery service alone
+/// reads them, if at all, itself).
 pub async fn spawn_delivery(backend: Backend) -> TestApp {
     let mut messaging = messaging::MessagingSettings::new(crate::amqp_url());
     messaging.prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     messaging.connection_name = format!("{}-delivery", messaging.prefix);
-    spawn_delivery_on(
-        backend,
-        messaging,
-        delivery::TrackingSettings::default().partitions,
-    )
-    .await
+    telemetry::init_for_tests();
+    let db = TestDb::new(backend, "delivery").await;
+    let settings = delivery::Settings {
+        http: test_http(),
+        database: db.settings.clone(),
+        auth: test_auth(),
+        messaging: messaging.clone(),
+        tracking: delivery::TrackingSettings { partitions: 1 },
+    };
+    let app = delivery::Application::build(settings)
+        .await
+        .unwrap_or_else(|e| panic!("delivery service starts: {e:?}"));
+    TestApp::start(app.port(), Some(db), |stop| async move {
+        let _ = app.run_until(stop.map(drop)).await;
+        if let Ok(broker) = messaging::connect(&messaging).await {
+            let _ = broker.delete_log(contracts::WORKFLOW_EVENTS_LOG, 1).await;
+        }
+    })
 }
 
 /// A Delivery service publishing its tracking events with `messaging` (the prefix of the
