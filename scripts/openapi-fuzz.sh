@@ -9,7 +9,7 @@
 # schema-invalid requests refused, schema-valid ones not refused as malformed. Prints a summary
 # per service and exits non-zero on any failure; the suite is always stopped.
 #
-#   FUZZ_EXAMPLES   test cases per operation and phase (default 25)
+#   FUZZ_EXAMPLES   test cases per operation and phase (default 100)
 #   FUZZ_SEED       schemathesis seed (default 20261206)
 #   FUZZ_SERVICES   the services to check (default: all seven)
 #   FUZZ_BUILD      0 runs $CARGO_TARGET_DIR/debug/standalone as it is (default 1: cargo build)
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[openapi-fuzz] %s\n' "$*"; }
 
 SCHEMATHESIS_VERSION=4.32.5
-EXAMPLES=${FUZZ_EXAMPLES:-25}
+EXAMPLES=${FUZZ_EXAMPLES:-100}
 SEED=${FUZZ_SEED:-20261206}
 SERVICES=(${FUZZ_SERVICES:-ingestion account package drone delivery scheduler supervisor})
 TARGET=${CARGO_TARGET_DIR:-target}

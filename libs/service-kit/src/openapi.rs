@@ -105,6 +105,7 @@ pub fn complete(mut doc: serde_json::Value) -> serde_json::Value {
                 continue;
             };
             for response in responses.values_mut() {
+                spell_links(response);
                 let Some(content) = response.get_mut("content").and_then(Value::as_object_mut)
                 else {
                     continue;
@@ -162,6 +163,31 @@ pub fn complete(mut doc: serde_json::Value) -> serde_json::Value {
         }
     }
     doc
+}
+
+/// utoipa 5.5 writes a response link's fields in snake case (`operation_id`); OpenAPI spells
+/// them in camel case (`operationId`), without which no client can follow the link.
+fn spell_links(response: &mut serde_json::Value) {
+    let Some(links) = response
+        .get_mut("links")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return;
+    };
+    for link in links
+        .values_mut()
+        .filter_map(serde_json::Value::as_object_mut)
+    {
+        for (snake, camel) in [
+            ("operation_id", "operationId"),
+            ("operation_ref", "operationRef"),
+            ("request_body", "requestBody"),
+        ] {
+            if let Some(v) = link.remove(snake) {
+                link.insert(camel.into(), v);
+            }
+        }
+    }
 }
 
 /// The methods the document lists for the path template matching `path` (for the `Allow` header

@@ -165,7 +165,12 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
     request_body = DeliveryRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "Same key from the same owner: same deliveryId, appended once", pattern = "^[!-~]{1,255}$")),
     responses(
-        (status = 202, description = "Accepted; `Location: /api/deliveries/{deliveryId}`. A replayed Idempotency-Key answers the booking as first accepted (`Idempotent-Replayed: true`)", body = DeliveryAccepted),
+        (status = 202, description = "Accepted; `Location: /api/deliveries/{deliveryId}`. A replayed Idempotency-Key answers the booking as first accepted (`Idempotent-Replayed: true`)", body = DeliveryAccepted,
+            links(
+                ("GetStatus" = (operation_id = "status", parameters(("id" = "$response.body#/deliveryId")))),
+                ("Reschedule" = (operation_id = "reschedule", parameters(("id" = "$response.body#/deliveryId")))),
+                ("Cancel" = (operation_id = "cancel", parameters(("id" = "$response.body#/deliveryId")))),
+            )),
         (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
         (status = 401, description = "Missing or invalid client token", body = Problem),
         (status = 403, description = "ownerId is not the token's account", body = Problem),
