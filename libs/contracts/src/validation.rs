@@ -330,6 +330,23 @@ mod tests {
     }
 
     #[test]
+    fn dot_segments_are_not_identifiers() {
+        assert!(is_identifier("a.b") && is_identifier("..."));
+        assert!(!is_identifier(".") && !is_identifier(".."));
+    }
+
+    #[test]
+    fn lengths_count_what_was_sent_and_numeric_strings_are_plain() {
+        assert!(non_empty(3)(json!(" ab ")).is_err(), "4 characters as sent");
+        assert_eq!(non_empty(3)(json!(" a ")).ok().as_deref(), Some("a"));
+        assert_eq!(non_negative_number(json!("2.5")).ok(), Some(2.5));
+        for refused in ["", " 2.5", "-1", "1e3", "inf", "NaN", ".5", "5.", "+1"] {
+            assert!(non_negative_number(json!(refused)).is_err(), "{refused}");
+        }
+        assert!(timestamp(json!(" 2030-01-01T00:00:00Z")).is_err());
+    }
+
+    #[test]
     fn non_object_body_is_rejected() {
         let errs = Sample::from_json_value(json!([1, 2]))
             .err()

@@ -210,3 +210,61 @@ pub fn allowed_methods(doc: &serde_json::Value, path: &str) -> Option<String> {
         .collect();
     Some(methods.join(", "))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc() -> serde_json::Value {
+        complete(json!({
+            "openapi": "3.1.0",
+            "security": [{"serviceToken": []}],
+            "paths": {
+                "/api/things/{id}": {
+                    "get": {
+                        "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                        "responses": {
+                            "200": {"description": "ok", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Thing"}}}},
+                            "404": {"description": "none", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+                        }
+                    },
+                    "put": {
+                        "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                        "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Thing"}}}},
+                        "responses": {"201": {"description": "created", "links": {"Get": {"operation_id": "get"}}}}
+                    }
+                }
+            }
+        }))
+    }
+
+    #[test]
+    fn errors_are_problem_json_and_the_kits_answers_are_documented() {
+        let doc = doc();
+        let get = &doc["paths"]["/api/things/{id}"]["get"]["responses"];
+        assert!(get["200"]["content"]["application/json"].is_object());
+        assert!(get["404"]["content"][PROBLEM_JSON].is_object());
+        assert!(get["404"]["content"]["application/json"].is_null());
+        assert!(get["401"]["headers"]["WWW-Authenticate"].is_object());
+        assert!(get["400"].is_object() && get["503"]["headers"]["Retry-After"].is_object());
+        assert!(get["413"].is_null(), "no body, no 413");
+        let put = &doc["paths"]["/api/things/{id}"]["put"]["responses"];
+        assert!(put["413"].is_object() && put["415"].is_object());
+        assert_eq!(put["201"]["links"]["Get"]["operationId"], "get");
+        let id = &doc["paths"]["/api/things/{id}"]["get"]["parameters"][0]["schema"];
+        assert_eq!(id["pattern"], contracts::ID_PATTERN);
+        assert_eq!(id["maxLength"], contracts::MAX_ID);
+    }
+
+    #[test]
+    fn allowed_methods_follow_the_documented_path() {
+        let doc = doc();
+        assert_eq!(
+            allowed_methods(&doc, "/api/things/t-1").as_deref(),
+            Some("GET, PUT")
+        );
+        assert_eq!(allowed_methods(&doc, "/api/things"), None);
+        assert_eq!(allowed_methods(&doc, "/api/things/t-1/x"), None);
+    }
+}
