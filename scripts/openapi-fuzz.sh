@@ -16,6 +16,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 log() { printf '[openapi-fuzz] %s\n' "$*"; }
 
 SCHEMATHESIS_VERSION=4.32.5
@@ -106,13 +107,15 @@ for svc in "${SERVICES[@]}"; do
   token=$SERVICE_TOKEN
   [ "$svc" = ingestion ] && token=$CLIENT_TOKEN
   log "schemathesis against $svc ($(url "$svc")/openapi.json)"
-  report="$DIR/$svc.junit.xml"
   set +e
-  "$VENV/bin/st" --config-file schemathesis.toml --no-color run "$(url "$svc")/openapi.json" \
+  # Run from target/openapi-fuzz so that the caches schemathesis and Hypothesis write in the
+  # current directory stay out of the work tree.
+  (cd "$DIR" && exec "$ROOT/$VENV/bin/st" --config-file "$ROOT/schemathesis.toml" --no-color \
+    run "$(url "$svc")/openapi.json" \
     --seed "$SEED" --max-examples "$EXAMPLES" --workers 1 \
     --generation-database none \
     -H "Authorization: Bearer $token" \
-    --report junit --report-junit-path "$report" >"$DIR/$svc.log" 2>&1
+    --report junit --report-junit-path "$svc.junit.xml") >"$DIR/$svc.log" 2>&1
   rc=$?
   set -e
   # "N generated, M passed" (or "... found K unique failures") and the failures by kind.
