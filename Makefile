@@ -25,7 +25,7 @@ endif
 
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: help run test lint fmt up clean-test-dbs sim chaos bench bench-messaging bench-ingest bench-e2e k8s-validate k8s-base image image-smoke test-containers
+.PHONY: help run test openapi-fuzz lint fmt up clean-test-dbs sim chaos bench bench-messaging bench-ingest bench-e2e k8s-validate k8s-base image image-smoke test-containers
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -33,7 +33,7 @@ help: ## list the targets
 run: ## the whole suite in one process on embedded defaults (SQLite under ./data); Ctrl-C stops it
 	cargo run -p standalone
 
-test: ## the whole test suite, against PostgreSQL (DATABASE_URL, else testcontainers), RabbitMQ (AMQP_URL, else testcontainers) and SQLite
+test: ## the whole test suite, against PostgreSQL (DATABASE_URL, else testcontainers), RabbitMQ (AMQP_URL, else testcontainers) and SQLite; then openapi-fuzz
 ifeq ($(NEXTEST),yes)
 	cargo build --workspace --bins
 	cargo nextest run --workspace --no-fail-fast
@@ -41,6 +41,10 @@ else
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 endif
+	bash scripts/openapi-fuzz.sh
+
+openapi-fuzz: ## schemathesis (pinned, in a venv under target/) against every service's /openapi.json on the standalone suite: statuses, bodies, constraints as documented
+	bash scripts/openapi-fuzz.sh
 
 image: ## the suite's image drone-delivery:dev (Dockerfile), on local base images made from Debian's packages (IMAGE_BASES=upstream: the Dockerfile's defaults)
 	bash scripts/image.sh

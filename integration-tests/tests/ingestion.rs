@@ -232,12 +232,13 @@ async fn bad_input_is_a_problem_naming_the_field(backend: Backend) {
             "packageInfo.weight"
         ]
     );
+    // Well-formed, refused by a business rule: 422, naming the field.
     let mut past = booking("acc-1");
     past["pickupTime"] = json!((Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
-    assert_eq!(
-        post(&s, Some(&token), &past, None).await.bad_fields(),
-        vec!["pickupTime"]
-    );
+    let refused = post(&s, Some(&token), &past, None).await.problem(422);
+    assert_eq!(refused.code, "rule-violated");
+    let fields: Vec<_> = refused.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, vec!["pickupTime"]);
     let mut bad_time = booking("acc-1");
     bad_time["pickupTime"] = json!("next tuesday");
     assert_eq!(

@@ -48,9 +48,11 @@ pub struct Account {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AccountUpsert {
+    #[schema(schema_with = crate::schema::text)]
     pub name: String,
     /// Defaults to `active`.
     #[serde(default = "active")]
+    #[schema(schema_with = crate::schema::optional_account_status)]
     pub status: AccountStatus,
 }
 
@@ -71,23 +73,39 @@ impl FromJsonObject for AccountUpsert {
     }
 }
 
+/// Largest `ttlSeconds` a token request may state (2^53 - 1); the service's own cap is lower.
+pub const MAX_TTL_SECONDS: u64 = 9_007_199_254_740_991;
+
 /// `POST /api/accounts/{id}/tokens` body (every field optional).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenRequest {
     #[serde(default)]
+    #[schema(schema_with = crate::schema::scopes)]
     pub scopes: Vec<String>,
-    /// Lifetime in seconds; the service caps it.
+    /// Lifetime in seconds; over the service's cap it is refused with `422`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 9_007_199_254_740_991_u64)]
     pub ttl_seconds: Option<u64>,
 }
 
 impl FromJsonObject for TokenRequest {
     fn from_object(o: &mut Object) -> Result<Self, Vec<FieldError>> {
         let scopes = o.optional::<Vec<String>>("scopes").unwrap_or_default();
-        let ttl_seconds = o.optional_with("ttlSeconds", |v| match v.as_u64() {
-            Some(n) if n > 0 => Ok(n),
-            _ => Err("must be a positive whole number of seconds".to_owned()),
+        // A whole number, also when written with a fraction of zero (`60.0`), as JSON Schema's
+        // `integer` reads it; at most 2^53 - 1, which every JSON reader holds exactly.
+        let ttl_seconds = o.optional_with("ttlSeconds", |v| {
+            let whole = v.as_u64().or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_TTL_SECONDS as f64)
+                    .map(|f| f as u64)
+            });
+            match whole {
+                Some(n) if (1..=MAX_TTL_SECONDS).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "must be a whole number of seconds from 1 to {MAX_TTL_SECONDS}"
+                )),
+            }
         });
         for s in &scopes {
             if s.is_empty() || s.contains(char::is_whitespace) {

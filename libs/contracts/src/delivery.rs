@@ -53,15 +53,23 @@ impl DeliveryStage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryUpsert {
+    #[schema(schema_with = crate::schema::identifier)]
     pub owner_id: String,
+    #[schema(schema_with = crate::schema::text)]
     pub pickup_location: String,
+    #[schema(schema_with = crate::schema::text)]
     pub drop_off_location: String,
     pub pickup_time: DateTime<Utc>,
+    #[serde(default)]
+    #[schema(schema_with = crate::schema::free_text)]
     pub deadline: String,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_flag)]
     pub expedited: bool,
     pub confirmation_required: ConfirmationType,
+    #[schema(schema_with = crate::schema::identifier)]
     pub package_id: String,
+    #[schema(schema_with = crate::schema::identifier)]
     pub drone_id: String,
 }
 
@@ -118,14 +126,19 @@ pub struct Delivery {
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_timestamp)]
     pub pickup_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub deadline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub pickup_location: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub drop_off_location: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_identifier)]
     pub drone_id: Option<String>,
 }
 
@@ -176,8 +189,10 @@ pub struct DeliveryStatus {
 #[serde(rename_all = "camelCase")]
 pub struct TrackingUpdate {
     /// `HeadedToPickup` or `HeadedToDropoff`.
+    #[schema(schema_with = crate::schema::reported_stage)]
     pub stage: DeliveryStage,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub location: Option<String>,
 }
 
@@ -210,15 +225,18 @@ pub struct Confirmation {
     pub confirmation_type: ConfirmationType,
     /// Reference to the proof (fingerprint hash, picture id, ...).
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_blob)]
     pub confirmation_blob: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub location: Option<String>,
 }
 
 impl FromJsonObject for Confirmation {
     fn from_object(o: &mut Object) -> Result<Self, Vec<FieldError>> {
         let confirmation_type = o.required::<ConfirmationType>("confirmationType");
-        let confirmation_blob = o.optional_with("confirmationBlob", non_empty(4096));
+        let confirmation_blob =
+            o.optional_with("confirmationBlob", non_empty(crate::CONFIRMATION_BLOB_MAX));
         let location = o.optional_with("location", non_empty(MAX_TEXT));
         o.finish(|| {
             Some(Confirmation {

@@ -24,14 +24,19 @@ impl TimeWindow {
 #[serde(rename_all = "camelCase")]
 pub struct DroneReservationRequest {
     pub pickup_time: DateTime<Utc>,
+    #[schema(schema_with = crate::schema::text)]
     pub pickup_location: String,
+    #[schema(schema_with = crate::schema::text)]
     pub drop_off_location: String,
+    #[schema(schema_with = crate::schema::identifier)]
     pub package_id: String,
     pub size: PackageSize,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_flag)]
     pub expedited: bool,
     /// The booking's owner, for utilization reports.
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_identifier)]
     pub owner_id: Option<String>,
 }
 

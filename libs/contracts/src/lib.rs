@@ -6,6 +6,7 @@
 //! [`validation::FromJsonObject`] so servers can name every bad field; they also derive `Deserialize`
 //! so typed clients and tests can use them directly.
 
+pub mod schema;
 pub mod validation;
 
 mod account;
@@ -40,6 +41,9 @@ pub type Timestamp = chrono::DateTime<chrono::Utc>;
 pub const MAX_TEXT: usize = 500;
 /// Longest id we accept in a path or body.
 pub const MAX_ID: usize = 128;
+/// Longest confirmation proof reference we accept.
+pub const CONFIRMATION_BLOB_MAX: usize = 4096;
+pub use schema::ID_PATTERN;
 
 /// Package size classes, as Fabrikam clients spell them.
 #[derive(

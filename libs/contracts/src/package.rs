@@ -51,11 +51,15 @@ pub struct Package {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PackageUpsert {
+    #[schema(schema_with = crate::schema::identifier)]
     pub owner_id: String,
+    #[schema(schema_with = crate::schema::external_id)]
     pub external_id: String,
     pub size: PackageSize,
+    #[schema(schema_with = crate::schema::weight)]
     pub weight: f64,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub tag: Option<String>,
 }
 
@@ -85,8 +89,10 @@ pub struct PackagePatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<PackageSize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_weight)]
     pub weight: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub tag: Option<String>,
 }
 

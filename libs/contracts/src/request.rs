@@ -13,11 +13,14 @@ use crate::{ConfirmationType, PackageSize, MAX_ID, MAX_TEXT};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PackageInfo {
+    #[schema(schema_with = crate::schema::external_id)]
     pub package_id: String,
     pub size: PackageSize,
     /// Kilograms; clients may send a numeric string.
+    #[schema(schema_with = crate::schema::weight)]
     pub weight: f64,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub tag: Option<String>,
 }
 
@@ -42,13 +45,19 @@ impl FromJsonObject for PackageInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryRequest {
+    #[schema(schema_with = crate::schema::identifier)]
     pub owner_id: String,
+    #[schema(schema_with = crate::schema::text)]
     pub pickup_location: String,
+    #[schema(schema_with = crate::schema::text)]
     pub drop_off_location: String,
+    /// Not in the past (beyond a small clock-skew tolerance): else `422`.
     pub pickup_time: DateTime<Utc>,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::free_text)]
     pub deadline: String,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_flag)]
     pub expedited: bool,
     pub confirmation_required: ConfirmationType,
     pub package_info: PackageInfo,
@@ -148,13 +157,18 @@ mod tests {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RescheduleRequest {
+    /// Not in the past (beyond a small clock-skew tolerance): else `422`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_timestamp)]
     pub pickup_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub pickup_location: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub drop_off_location: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_text)]
     pub deadline: Option<String>,
 }
 

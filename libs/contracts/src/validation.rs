@@ -183,14 +183,14 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-/// Parses a non-empty, trimmed string of at most `max` characters.
+/// Parses a string of at most `max` characters (as sent) that is not blank, trimmed.
 pub fn non_empty(max: usize) -> impl FnOnce(Value) -> Result<String, String> {
     move |v| match v {
         Value::String(s) => {
             let t = s.trim();
             if t.is_empty() {
                 Err("must not be empty".into())
-            } else if t.chars().count() > max {
+            } else if s.chars().count() > max {
                 Err(format!("must be at most {max} characters"))
             } else {
                 Ok(t.to_owned())
@@ -200,10 +200,14 @@ pub fn non_empty(max: usize) -> impl FnOnce(Value) -> Result<String, String> {
     }
 }
 
-/// True for an identifier: 1 to 128 characters of ASCII letters, digits, `-`, `_`, `.`, `:`.
-/// Ids travel in URL paths, so every id a body carries follows the same rule.
+/// True for an identifier: 1 to 128 characters of ASCII letters, digits, `-`, `_`, `.`, `:`, but
+/// not `.` or `..` (a URL path cannot carry those: clients remove them as dot segments). Ids
+/// travel in URL paths, so every id a body carries follows the same rule
+/// ([`crate::schema::ID_PATTERN`]).
 pub fn is_identifier(s: &str) -> bool {
     !s.is_empty()
+        && s != "."
+        && s != ".."
         && s.len() <= crate::MAX_ID
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
@@ -213,29 +217,34 @@ pub fn is_identifier(s: &str) -> bool {
 pub fn identifier(v: Value) -> Result<String, String> {
     match v {
         Value::String(s) if is_identifier(&s) => Ok(s),
-        Value::String(_) => {
-            Err("must be 1-128 characters of letters, digits, '-', '_', '.', ':'".into())
-        }
+        Value::String(_) => Err(
+            "must be 1-128 characters of letters, digits, '-', '_', '.', ':' (not '.' or '..')"
+                .into(),
+        ),
         other => Err(format!("expected a string, found {}", kind_of(&other))),
     }
 }
 
-/// Parses a trimmed string of at most `max` characters; empty is allowed (optional free text such
-/// as Fabrikam's `deadline`).
+/// Parses a string of at most `max` characters (as sent), trimmed; empty is allowed (optional
+/// free text such as Fabrikam's `deadline`).
 pub fn text(max: usize) -> impl FnOnce(Value) -> Result<String, String> {
     move |v| match v {
-        Value::String(s) if s.trim().chars().count() <= max => Ok(s.trim().to_owned()),
+        Value::String(s) if s.chars().count() <= max => Ok(s.trim().to_owned()),
         Value::String(_) => Err(format!("must be at most {max} characters")),
         other => Err(format!("expected a string, found {}", kind_of(&other))),
     }
 }
 
-/// Parses a finite, non-negative number that may also arrive as a numeric string
-/// (existing Fabrikam clients send `"weight": "2.5"`).
+/// Parses a finite, non-negative number that may also arrive as a numeric string of digits with
+/// an optional fraction, at most 20 digits each ([`crate::schema::NUMERIC_STRING`]; existing
+/// Fabrikam clients send `"weight": "2.5"`).
 pub fn non_negative_number(v: Value) -> Result<f64, String> {
     let n = match &v {
         Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse::<f64>().ok(),
+        Value::String(s) if is_numeric_string(s) => s.parse::<f64>().ok(),
+        Value::String(_) => {
+            return Err("must be a number, or a string of digits with an optional fraction".into())
+        }
         _ => None,
     };
     match n {
@@ -245,10 +254,18 @@ pub fn non_negative_number(v: Value) -> Result<f64, String> {
     }
 }
 
-/// Parses an RFC 3339 timestamp.
+fn is_numeric_string(s: &str) -> bool {
+    let digits = |d: &str| (1..=20).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit());
+    match s.split_once('.') {
+        Some((whole, fraction)) => digits(whole) && digits(fraction),
+        None => digits(s),
+    }
+}
+
+/// Parses an RFC 3339 timestamp (JSON Schema's `date-time`), as sent.
 pub fn timestamp(v: Value) -> Result<chrono::DateTime<chrono::Utc>, String> {
     match v {
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(&s)
             .map(|t| t.with_timezone(&chrono::Utc))
             .map_err(|e| format!("expected an RFC 3339 timestamp ({e})")),
         other => Err(format!(
@@ -310,6 +327,23 @@ mod tests {
         assert_eq!(s.as_ref().map(|s| s.name.as_str()), Some("a"));
         assert_eq!(s.as_ref().map(|s| s.weight), Some(2.5));
         assert_eq!(s.as_ref().map(|s| s.inner.size.as_str()), Some("S"));
+    }
+
+    #[test]
+    fn dot_segments_are_not_identifiers() {
+        assert!(is_identifier("a.b") && is_identifier("..."));
+        assert!(!is_identifier(".") && !is_identifier(".."));
+    }
+
+    #[test]
+    fn lengths_count_what_was_sent_and_numeric_strings_are_plain() {
+        assert!(non_empty(3)(json!(" ab ")).is_err(), "4 characters as sent");
+        assert_eq!(non_empty(3)(json!(" a ")).ok().as_deref(), Some("a"));
+        assert_eq!(non_negative_number(json!("2.5")).ok(), Some(2.5));
+        for refused in ["", " 2.5", "-1", "1e3", "inf", "NaN", ".5", "5.", "+1"] {
+            assert!(non_negative_number(json!(refused)).is_err(), "{refused}");
+        }
+        assert!(timestamp(json!(" 2030-01-01T00:00:00Z")).is_err());
     }
 
     #[test]

@@ -202,7 +202,7 @@ pub struct StepStatus {
     pub name: String,
     /// `succeeded`, `failed`, `running` or `pending`.
     pub status: String,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub output: Option<serde_json::Value>,
     pub attempts: Vec<AttemptView>,
 }
@@ -349,7 +349,7 @@ impl fmt::Display for Outcome {
 }
 
 /// Longest free text the Scheduler's control endpoints accept (a retry's `reason`, a compensation
-/// report's `detail`), counted in characters after trimming. The Supervisor bounds what operators
+/// report's `detail`), counted in characters as sent. The Supervisor bounds what operators
 /// type by it, so an action never fails with a `400` from the Scheduler.
 pub const REASON_MAX_CHARS: usize = 2000;
 
@@ -360,6 +360,7 @@ pub struct CompensationReport {
     /// `compensating`, `compensated` or `compensation-failed`.
     pub state: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::optional_reason)]
     pub detail: Option<String>,
 }
 
@@ -385,6 +386,7 @@ impl FromJsonObject for CompensationReport {
 #[serde(rename_all = "camelCase")]
 pub struct RetryRequest {
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_reason)]
     pub reason: Option<String>,
 }
 

@@ -23,6 +23,10 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("{detail}")]
     BadRequest { code: &'static str, detail: String },
+    /// Well-formed, but a business rule refuses it (a pickup time in the past, ...): `422`,
+    /// naming the fields.
+    #[error("refused: {}", summary(.0))]
+    Unprocessable(Vec<FieldError>),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -67,6 +71,11 @@ fn summary(errors: &[FieldError]) -> String {
 impl ApiError {
     pub fn field(field: &str, reason: impl Into<String>) -> Self {
         ApiError::Validation(vec![FieldError::new(field, reason)])
+    }
+
+    /// A `422`: `field` is well-formed but a business rule refuses it.
+    pub fn rule(field: &str, reason: impl Into<String>) -> Self {
+        ApiError::Unprocessable(vec![FieldError::new(field, reason)])
     }
 
     pub fn not_found(what: &'static str, id: impl Into<String>) -> Self {
@@ -121,6 +130,7 @@ impl ApiError {
             ApiError::Validation(_) => "validation-failed",
             ApiError::MalformedJson(_) => "malformed-json",
             ApiError::BadRequest { code, .. } => code,
+            ApiError::Unprocessable(_) => "rule-violated",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound { .. } => "not-found",
@@ -143,6 +153,7 @@ impl ApiError {
                 "Method not allowed"
             }
             ApiError::BadRequest { .. } => "Bad request",
+            ApiError::Unprocessable(_) => "Refused by a business rule",
             ApiError::Unauthorized(_) => "Authentication required",
             ApiError::Forbidden(_) => "Forbidden",
             ApiError::NotFound { .. } => "Not found",
@@ -183,7 +194,7 @@ impl ApiError {
             code: self.code().to_owned(),
             instance: None,
             errors: match self {
-                ApiError::Validation(errors) => errors.clone(),
+                ApiError::Validation(errors) | ApiError::Unprocessable(errors) => errors.clone(),
                 _ => Vec::new(),
             },
             request_id: None,
@@ -200,6 +211,7 @@ impl ResponseError for ApiError {
                 "method-not-allowed" => StatusCode::METHOD_NOT_ALLOWED,
                 _ => StatusCode::BAD_REQUEST,
             },
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,

@@ -66,6 +66,12 @@ pub fn parse_json<T: FromJsonObject>(bytes: &[u8]) -> Result<T, ApiError> {
     T::from_json_value(value).map_err(ApiError::Validation)
 }
 
+/// True for an optional body that is not there: empty, white space, or JSON `null`.
+pub fn is_absent(bytes: &[u8]) -> bool {
+    let text = bytes.trim_ascii();
+    text.is_empty() || text == b"null"
+}
+
 /// The body limit in force, stored next to actix's `PayloadConfig` so errors can state it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BodyLimit(pub usize);

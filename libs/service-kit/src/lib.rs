@@ -14,7 +14,7 @@ mod server;
 pub mod settings;
 
 pub use error::{ApiError, ApiResult};
-pub use extract::{parse_json, valid_id, Json};
+pub use extract::{is_absent, parse_json, valid_id, Json};
 pub use health::{DatabaseCheck, ReadinessCheck};
 pub use server::{
     main, shutdown_signal, RequestId, RunningService, Service, ServiceBuilder, StopSignal,

@@ -44,7 +44,7 @@ pub struct ServiceBuilder {
     name: &'static str,
     http: HttpSettings,
     service_token: Option<SecretString>,
-    openapi: Option<utoipa::openapi::OpenApi>,
+    openapi: Option<serde_json::Value>,
     readiness: Readiness,
     registry: prometheus::Registry,
     tasks: Tasks,
@@ -103,9 +103,10 @@ impl ServiceBuilder {
         self
     }
 
-    /// Served at `/openapi.json` and rendered at `/docs`.
+    /// Served at `/openapi.json` and rendered at `/docs`, completed with what the kit itself answers
+    /// on every route (see [`crate::openapi::complete`]).
     pub fn openapi(mut self, doc: utoipa::openapi::OpenApi) -> Self {
-        self.openapi = Some(doc);
+        self.openapi = serde_json::to_value(doc).ok().map(crate::openapi::complete);
         self
     }
 
@@ -181,7 +182,7 @@ impl ServiceBuilder {
             .build()
             .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
 
-        let openapi = web::Data::new(self.openapi.unwrap_or_default());
+        let openapi = web::Data::new(OpenApiDoc(self.openapi.unwrap_or_default()));
         let readiness = web::Data::new(self.readiness);
         let token = self
             .service_token
@@ -272,19 +273,29 @@ fn listen(http: &HttpSettings) -> std::io::Result<TcpListener> {
     }))
 }
 
-/// No route took the request: `405` when the path exists with other methods, else `404`.
+/// No route took the request: `405` when the path exists with other methods (with `Allow`
+/// naming the documented ones), else `404`.
 async fn unmatched(req: actix_web::HttpRequest) -> HttpResponse {
     use actix_web::http::StatusCode;
-    let status = if req.resource_map().has_resource(req.path()) {
-        StatusCode::METHOD_NOT_ALLOWED
-    } else {
-        StatusCode::NOT_FOUND
-    };
-    ApiError::for_status(status).error_response()
+    if !req.resource_map().has_resource(req.path()) {
+        return ApiError::for_status(StatusCode::NOT_FOUND).error_response();
+    }
+    let mut response = ApiError::for_status(StatusCode::METHOD_NOT_ALLOWED).error_response();
+    let allowed = req
+        .app_data::<web::Data<OpenApiDoc>>()
+        .and_then(|doc| crate::openapi::allowed_methods(&doc.0, req.path()))
+        .and_then(|methods| HeaderValue::from_str(&methods).ok());
+    if let Some(allowed) = allowed {
+        response.headers_mut().insert(header::ALLOW, allowed);
+    }
+    response
 }
 
-async fn openapi_json(doc: web::Data<utoipa::openapi::OpenApi>) -> HttpResponse {
-    HttpResponse::Ok().json(doc.get_ref())
+/// The service's OpenAPI document as served.
+struct OpenApiDoc(serde_json::Value);
+
+async fn openapi_json(doc: web::Data<OpenApiDoc>) -> HttpResponse {
+    HttpResponse::Ok().json(&doc.0)
 }
 
 /// Turns any error response that is not already problem+json (unknown route, wrong method, payload

@@ -4,7 +4,7 @@ use actix_web::{web, HttpResponse};
 use contracts::{Account, AccountStatus, AccountUpsert, Problem, TokenRequest, TokenResponse};
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
-use service_kit::{parse_json, valid_id, ApiError, ApiResult, Json};
+use service_kit::{is_absent, parse_json, valid_id, ApiError, ApiResult, Json};
 use utoipa::OpenApi;
 
 use crate::store::{self, Saved, StoreError};
@@ -91,12 +91,13 @@ async fn put_account(
 #[utoipa::path(
     post, path = "/api/accounts/{id}/tokens", tag = "accounts",
     params(("id" = String, Path, description = "Account id")),
-    request_body = TokenRequest,
+    request_body(content = Option<TokenRequest>, description = "optional: an empty or `null` body asks for a default token"),
     responses(
         (status = 201, description = "Minted", body = TokenResponse),
         (status = 400, description = "Invalid body", body = Problem),
         (status = 404, description = "No such account", body = Problem),
         (status = 409, description = "The account is suspended", body = Problem),
+        (status = 422, description = "ttlSeconds is over the service's maximum token lifetime", body = Problem),
     )
 )]
 async fn mint_token(
@@ -106,8 +107,8 @@ async fn mint_token(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    // The body is optional: an empty one asks for a default token.
-    let request: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
+    // The body is optional: an empty one (or `null`) asks for a default token.
+    let request: TokenRequest = if is_absent(&body) {
         TokenRequest::default()
     } else {
         parse_json(&body)?
@@ -115,7 +116,7 @@ async fn mint_token(
     let settings = &state.token_settings;
     let ttl = request.ttl_seconds.unwrap_or(settings.default_ttl_secs);
     if ttl > settings.max_ttl_secs {
-        return Err(ApiError::field(
+        return Err(ApiError::rule(
             "ttlSeconds",
             format!("must be at most {}", settings.max_ttl_secs),
         ));

@@ -72,7 +72,12 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
     params(("id" = String, Path, description = "Delivery id")),
     request_body = DeliveryUpsert,
     responses(
-        (status = 201, description = "Created, with its `Created` event", body = Delivery),
+        (status = 201, description = "Created, with its `Created` event", body = Delivery,
+            links(
+                ("Track" = (operation_id = "post_event", parameters(("id" = "$request.path.id")))),
+                ("Confirm" = (operation_id = "post_confirmation", parameters(("id" = "$request.path.id")))),
+                ("Status" = (operation_id = "get_status", parameters(("id" = "$request.path.id")))),
+            )),
         (status = 204, description = "Already there; nothing changed"),
         (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
         (status = 401, description = "Missing or wrong service token", body = Problem),

@@ -149,10 +149,12 @@ async fn get_fleet(_: ServiceCaller, state: web::Data<AppState>) -> ApiResult<Ht
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 struct ReservationQuery {
     /// `active` or `released`; both when absent.
     status: Option<ReservationStatus>,
     /// At most this many, earliest window first (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u64>,
 }
 
@@ -182,10 +184,14 @@ async fn drone_reservations(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 struct UtilizationQuery {
+    #[param(inline, value_type = contracts::schema::Identifier)]
     owner_id: String,
+    #[param(minimum = 2000, maximum = 2200)]
     year: i32,
     /// 1 to 12.
+    #[param(minimum = 1, maximum = 12)]
     month: u32,
 }
 

@@ -85,7 +85,7 @@ impl AppState {
 
     fn check_pickup(&self, pickup: DateTime<Utc>) -> ApiResult<()> {
         if pickup < Utc::now() - Duration::seconds(self.settings.pickup_skew_secs) {
-            return Err(ApiError::field("pickupTime", "must not be in the past"));
+            return Err(ApiError::rule("pickupTime", "must not be in the past"));
         }
         Ok(())
     }
@@ -108,8 +108,12 @@ fn owns(claims: &ClientClaims, owner: &str) -> ApiResult<()> {
     }
 }
 
+/// A deliveryId as the document states it (`format: uuid`): the hyphenated form only.
 pub(crate) fn delivery_id(raw: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::field("id", "must be a deliveryId (a UUID)"))
+    Some(raw)
+        .filter(|raw| raw.len() == 36)
+        .and_then(|raw| Uuid::try_parse(raw).ok())
+        .ok_or_else(|| ApiError::field("id", "must be a deliveryId (a UUID)"))
 }
 
 fn request_id(req: &HttpRequest) -> Option<String> {
@@ -162,13 +166,19 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
 #[utoipa::path(
     post, path = "/api/deliveryrequests", tag = "deliveryrequests",
     request_body = DeliveryRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Same key from the same owner: same deliveryId, appended once")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Same key from the same owner: same deliveryId, appended once", pattern = "^[!-~]{1,255}$")),
     responses(
-        (status = 202, description = "Accepted; `Location: /api/deliveries/{deliveryId}`. A replayed Idempotency-Key answers the booking as first accepted (`Idempotent-Replayed: true`)", body = DeliveryAccepted),
+        (status = 202, description = "Accepted; `Location: /api/deliveries/{deliveryId}`. A replayed Idempotency-Key answers the booking as first accepted (`Idempotent-Replayed: true`)", body = DeliveryAccepted,
+            links(
+                ("GetStatus" = (operation_id = "status", parameters(("id" = "$response.body#/deliveryId")))),
+                ("Reschedule" = (operation_id = "reschedule", parameters(("id" = "$response.body#/deliveryId")))),
+                ("Cancel" = (operation_id = "cancel", parameters(("id" = "$response.body#/deliveryId")))),
+            )),
         (status = 400, description = "Invalid body (every bad field is named)", body = Problem),
         (status = 401, description = "Missing or invalid client token", body = Problem),
         (status = 403, description = "ownerId is not the token's account", body = Problem),
         (status = 409, description = "A request with this Idempotency-Key is being processed", body = Problem),
+        (status = 422, description = "pickupTime is in the past (beyond the clock-skew tolerance)", body = Problem),
         (status = 429, description = "Rate limit of the account; see Retry-After", body = Problem),
         (status = 503, description = "Overloaded or the log is unavailable; nothing was accepted; see Retry-After", body = Problem),
     )
@@ -328,6 +338,7 @@ impl Drop for InProgress<'_> {
     responses(
         (status = 200, description = "State", body = DeliveryRequestStatus),
         (status = 404, description = "Unknown deliveryId, or not this account's booking (answered alike)", body = Problem),
+        (status = 429, description = "Rate limit of the account; see Retry-After", body = Problem),
     )
 )]
 async fn status(
@@ -389,6 +400,8 @@ fn closed(state: RequestState) -> bool {
         (status = 400, description = "Invalid body", body = Problem),
         (status = 404, description = "Unknown deliveryId, or not this account's booking (answered alike)", body = Problem),
         (status = 409, description = "The booking is already closed", body = Problem),
+        (status = 422, description = "pickupTime is in the past (beyond the clock-skew tolerance)", body = Problem),
+        (status = 429, description = "Rate limit of the account; see Retry-After", body = Problem),
         (status = 503, description = "The log is unavailable; nothing was accepted", body = Problem),
     )
 )]
@@ -435,6 +448,7 @@ async fn reschedule(
         (status = 202, description = "Cancellation accepted", body = ChangeAccepted),
         (status = 404, description = "Unknown deliveryId, or not this account's booking (answered alike)", body = Problem),
         (status = 409, description = "The booking already ended otherwise", body = Problem),
+        (status = 429, description = "Rate limit of the account; see Retry-After", body = Problem),
         (status = 503, description = "The log is unavailable; nothing was accepted", body = Problem),
     )
 )]

@@ -136,12 +136,15 @@ async fn get(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
     /// `running`, `completed`, `failed`, `cancelled`, `compensating`, `compensated` or
     /// `compensation-failed`.
+    #[param(value_type = Option<SagaState>)]
     state: Option<String>,
     partition: Option<i32>,
     /// Most recently updated first; default 50, at most 500.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u64>,
 }
 
@@ -288,7 +291,7 @@ async fn compensation(
 #[utoipa::path(
     post, path = "/api/workflows/{deliveryId}/retry", tag = "workflows",
     params(("deliveryId" = String, Path, description = "deliveryId")),
-    request_body(content = RetryRequest, description = "optional"),
+    request_body(content = Option<RetryRequest>, description = "optional"),
     responses(
         (status = 202, body = WorkflowSummary, description = "running again"),
         (status = 404, body = Problem),
@@ -303,7 +306,7 @@ async fn retry(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
-    let request: RetryRequest = if body.iter().all(u8::is_ascii_whitespace) {
+    let request: RetryRequest = if service_kit::is_absent(&body) {
         RetryRequest::default()
     } else {
         service_kit::parse_json(&body)?

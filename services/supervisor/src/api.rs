@@ -160,12 +160,13 @@ impl From<parked_message::Model> for ParkedView {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RedriveRequest {
+    #[schema(schema_with = contracts::schema::reason)]
     pub reason: String,
 }
 
 impl FromJsonObject for RedriveRequest {
     fn from_object(o: &mut Object) -> Result<Self, Vec<FieldError>> {
-        let reason = o.required_with("reason", non_empty(2000));
+        let reason = o.required_with("reason", non_empty(contracts::REASON_MAX_CHARS));
         o.finish(|| Some(RedriveRequest { reason: reason? }))
     }
 }
@@ -211,8 +212,10 @@ async fn overview(_: ServiceCaller, state: web::Data<AppState>) -> ApiResult<Htt
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct SagaQuery {
-    /// A state, e.g. `failed`.
+    /// A state, e.g. `failed`; empty for any.
+    #[param(schema_with = state_filter)]
     pub state: Option<String>,
     /// A delivery, account, package or drone id.
     pub q: Option<String>,
@@ -220,7 +223,17 @@ pub struct SagaQuery {
     #[serde(default)]
     pub stuck: bool,
     /// Default 50, at most 500.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u64>,
+}
+
+/// A saga state, or empty for any (what the dashboard's filter form sends).
+fn state_filter() -> utoipa::openapi::schema::Schema {
+    let states = contracts::RequestState::ALL.map(|s| s.as_str());
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(states.into_iter().chain([""])))
+        .into()
 }
 
 pub fn search_of(q: &SagaQuery) -> Result<readmodel::Search, ApiError> {
