@@ -7,6 +7,7 @@
 //! never call the Scheduler.
 
 mod admission;
+mod follow;
 mod migration;
 mod readmodel;
 mod routes;
@@ -151,8 +152,11 @@ impl Service for Application {
                 .await
                 .context("declaring the workflow-events log")?;
             let stop = builder.stop_signal();
-            builder
-                .adopt(readmodel::follow_workflow_events(db, store.changes(), events, stop).await?);
+            let projection = Arc::new(readmodel::Projection {
+                db,
+                changed: store.changes(),
+            });
+            builder.adopt(follow::start(projection, events, stop).await?);
         }
         let admission = Arc::new(Admission::new(&s.admission, s.max_in_flight)?);
         admission.register(builder.registry())?;

@@ -13,11 +13,10 @@ use chrono::{DateTime, SubsecRound as _, Utc};
 use contracts::{
     DeliveryTracked, RequestState, WorkflowStateChanged, DELIVERY_TRACKED, WORKFLOW_STATE_CHANGED,
 };
-use messaging::{PartitionedLog, StartAt};
+use messaging::LogRecord;
 use sea_orm::sea_query::{Alias, Expr, OnConflict};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::{DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
-use service_kit::StopSignal;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -448,63 +447,29 @@ pub(crate) async fn apply_tracking(
         .map(|_| ())
 }
 
-/// Follows every partition of `workflow-events` from its checkpoint until `stop` (a batch being
-/// applied is finished first).
-pub(crate) async fn follow_workflow_events(
-    db: DatabaseConnection,
-    changed: Arc<Changes>,
-    log: Arc<dyn PartitionedLog>,
-    stop: StopSignal,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = Vec::new();
-    for partition in 0..log.partitions() {
-        let start = checkpoint::Entity::find_by_id(i32::try_from(partition)?)
-            .one(&db)
-            .await?
-            .map_or(StartAt::First, |c| {
-                StartAt::Offset(u64::try_from(c.next_offset).unwrap_or(0))
-            });
-        let reader = log.read(partition, start).await?;
-        tasks.push(tokio::spawn(project(
-            db.clone(),
-            changed.clone(),
-            partition,
-            reader,
-            stop.clone(),
-        )));
-    }
-    Ok(tasks)
+/// The read model's projection of `workflow-events` (see [`crate::follow`]): state changes and
+/// tracking events into the rows and their history, with the projection's checkpoint.
+pub(crate) struct Projection {
+    pub(crate) db: DatabaseConnection,
+    /// Streams of the bookings a batch touched are woken after its commit.
+    pub(crate) changed: Arc<Changes>,
 }
 
-/// Workflow events applied in one transaction at most.
-const PROJECTION_BATCH: usize = 500;
+impl crate::follow::Follower for Projection {
+    type Batch = Vec<Change>;
 
-/// Applies the partition's events in batches: whatever has arrived (up to [`PROJECTION_BATCH`])
-/// goes into one transaction, together with the checkpoint when one is due, so a busy log costs
-/// one commit per batch instead of one per event.
-async fn project(
-    db: DatabaseConnection,
-    changed: Arc<Changes>,
-    partition: u32,
-    mut reader: messaging::LogReader,
-    mut stop: StopSignal,
-) {
-    let mut unsaved = 0usize;
-    let mut last_saved = tokio::time::Instant::now();
-    while let Some(first) = tokio::select! {
-        biased;
-        _ = stop.wait_for(|s| *s) => None,
-        record = reader.next() => record,
-    } {
-        let mut records = vec![first];
-        while records.len() < PROJECTION_BATCH {
-            match reader.try_next() {
-                Some(r) => records.push(r),
-                None => break,
-            }
-        }
+    const NAME: &'static str = "read model";
+
+    async fn resume_at(&self, partition: u32) -> anyhow::Result<Option<u64>> {
+        Ok(checkpoint::Entity::find_by_id(i32::try_from(partition)?)
+            .one(&self.db)
+            .await?
+            .map(|c| u64::try_from(c.next_offset).unwrap_or(0)))
+    }
+
+    fn prepare(&self, partition: u32, records: &[LogRecord]) -> Vec<Change> {
         let mut changes = Vec::with_capacity(records.len());
-        for record in &records {
+        for record in records {
             match &record.event {
                 Ok(e) if e.kind == WORKFLOW_STATE_CHANGED => {
                     match e.decode::<WorkflowStateChanged>() {
@@ -533,23 +498,19 @@ async fn project(
                 }
             }
         }
-        unsaved += records.len();
-        // Checkpoints are for restart speed only: re-applying an event is harmless.
-        let checkpoint = (unsaved >= 100 || last_saved.elapsed() > Duration::from_secs(1))
-            .then(|| records.last().map(|r| r.position.offset))
-            .flatten();
-        let mut attempt = 0u32;
-        while let Err(err) = apply_batch(&db, partition, &changes, checkpoint).await {
-            attempt += 1;
-            tracing::warn!(error = %err, attempt, events = changes.len(), "applying workflow events failed");
-            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))).await;
-        }
+        changes
+    }
+
+    async fn apply(
+        &self,
+        partition: u32,
+        changes: &Vec<Change>,
+        checkpoint: Option<u64>,
+    ) -> anyhow::Result<()> {
+        apply_batch(&self.db, partition, changes, checkpoint).await?;
         // After the commit: a stream woken now finds what it was woken for.
-        changed.notify(changes.iter().map(Change::delivery_id));
-        if checkpoint.is_some() {
-            unsaved = 0;
-            last_saved = tokio::time::Instant::now();
-        }
+        self.changed.notify(changes.iter().map(Change::delivery_id));
+        Ok(())
     }
 }
 

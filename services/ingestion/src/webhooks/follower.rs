@@ -5,14 +5,12 @@
 //! so a change the Scheduler announced twice, or that several replicas read, is one event.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use contracts::{
     DeliveryStage, DeliveryTracked, RequestState, WebhookEvent, WebhookEventData, WebhookEventType,
     WorkflowStateChanged, DELIVERY_TRACKED, WORKFLOW_STATE_CHANGED,
 };
-use messaging::{LogRecord, PartitionedLog, StartAt};
-use service_kit::StopSignal;
+use messaging::LogRecord;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -20,91 +18,53 @@ use super::store::{NewEvent, Store};
 
 /// Namespace of event ids derived from (booking, type, revision).
 const EVENT_NAMESPACE: Uuid = Uuid::from_u128(0x8e1f_2a6c_4b3d_4c07_9f52_d6a1_03b8_7e45);
-/// Log records handled in one transaction at most.
-const BATCH: usize = 500;
-
-/// Starts one follower per partition of `log`, from the webhook checkpoints.
-pub(crate) async fn start(
-    store: Arc<Store>,
-    log: Arc<dyn PartitionedLog>,
-    wake: Arc<Notify>,
-    retry_for_ms: i64,
-    stop: StopSignal,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = Vec::new();
-    for partition in 0..log.partitions() {
-        let start = store
-            .checkpoint(partition)
-            .await?
-            .map_or(StartAt::First, StartAt::Offset);
-        let reader = log.read(partition, start).await?;
-        tasks.push(tokio::spawn(follow(
-            store.clone(),
-            partition,
-            reader,
-            wake.clone(),
-            retry_for_ms,
-            stop.clone(),
-        )));
-    }
-    Ok(tasks)
+/// The webhooks' follower of `workflow-events` (see [`crate::follow`]): each change a client is
+/// told about becomes a delivery per endpoint of the booking's owner, with the webhook
+/// checkpoint, in one transaction.
+pub(crate) struct WebhookFollower {
+    pub(crate) store: Arc<Store>,
+    /// Wakes the dispatcher when deliveries were recorded.
+    pub(crate) wake: Arc<Notify>,
+    pub(crate) retry_for_ms: i64,
 }
 
-async fn follow(
-    store: Arc<Store>,
-    partition: u32,
-    mut reader: messaging::LogReader,
-    wake: Arc<Notify>,
-    retry_for_ms: i64,
-    mut stop: StopSignal,
-) {
-    let mut unsaved = 0usize;
-    let mut last_saved = tokio::time::Instant::now();
-    while let Some(first) = tokio::select! {
-        biased;
-        _ = stop.wait_for(|s| *s) => None,
-        record = reader.next() => record,
-    } {
-        let mut records = vec![first];
-        while records.len() < BATCH {
-            match reader.try_next() {
-                Some(r) => records.push(r),
-                None => break,
-            }
+impl crate::follow::Follower for WebhookFollower {
+    type Batch = Vec<NewEvent>;
+
+    const NAME: &'static str = "webhooks";
+
+    async fn resume_at(&self, partition: u32) -> anyhow::Result<Option<u64>> {
+        Ok(self.store.checkpoint(partition).await?)
+    }
+
+    fn prepare(&self, _partition: u32, records: &[LogRecord]) -> Vec<NewEvent> {
+        records.iter().filter_map(client_event).collect()
+    }
+
+    /// A batch with events saves its checkpoint at once: an event's deliveries and the position
+    /// after it are then always recorded together.
+    fn checkpoint_now(&self, events: &Vec<NewEvent>) -> bool {
+        !events.is_empty()
+    }
+
+    async fn apply(
+        &self,
+        partition: u32,
+        events: &Vec<NewEvent>,
+        checkpoint: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let inserted = self
+            .store
+            .record(
+                events,
+                checkpoint.map(|c| (partition, c)),
+                self.retry_for_ms,
+            )
+            .await?;
+        if inserted > 0 {
+            self.wake.notify_one();
         }
-        let events: Vec<NewEvent> = records.iter().filter_map(client_event).collect();
-        unsaved += records.len();
-        // Re-reading a batch after a restart is harmless (inserts are idempotent), so the
-        // checkpoint is saved with every batch that has events and otherwise now and then.
-        let due =
-            !events.is_empty() || unsaved >= 100 || last_saved.elapsed() > Duration::from_secs(1);
-        let checkpoint = due
-            .then(|| records.last().map(|r| (partition, r.position.offset)))
-            .flatten();
-        let mut attempt = 0u32;
-        loop {
-            match store.record(&events, checkpoint, retry_for_ms).await {
-                Ok(inserted) => {
-                    if inserted > 0 {
-                        wake.notify_one();
-                    }
-                    break;
-                }
-                Err(e) => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, partition, attempt, "recording webhook events failed");
-                    tokio::select! {
-                        biased;
-                        _ = stop.wait_for(|s| *s) => return,
-                        () = tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))) => {}
-                    }
-                }
-            }
-        }
-        if checkpoint.is_some() {
-            unsaved = 0;
-            last_saved = tokio::time::Instant::now();
-        }
+        Ok(())
     }
 }
 

@@ -183,16 +183,12 @@ impl Webhooks {
                 .log(contracts::WORKFLOW_EVENTS_LOG, partitions)
                 .await
                 .context("declaring the workflow-events log for webhooks")?;
-            builder.adopt(
-                follower::start(
-                    store.clone(),
-                    log,
-                    wake.clone(),
-                    settings.retry_for_ms(),
-                    builder.stop_signal(),
-                )
-                .await?,
-            );
+            let follower = Arc::new(follower::WebhookFollower {
+                store: store.clone(),
+                wake: wake.clone(),
+                retry_for_ms: settings.retry_for_ms(),
+            });
+            builder.adopt(crate::follow::start(follower, log, builder.stop_signal()).await?);
             let sender = Arc::new(dispatcher::Dispatcher::new(
                 store.clone(),
                 settings.clone(),
