@@ -213,12 +213,14 @@ fn last_event_id(req: &HttpRequest, query: &EventsQuery) -> ApiResult<Option<i64
     let (field, raw) = match req.headers().get("Last-Event-ID") {
         Some(v) => ("Last-Event-ID", v.to_str().ok().unwrap_or("-").trim()),
         None => match query.last_event_id.as_deref() {
-            Some(v) => ("lastEventId", v.trim()),
+            Some(v) => ("lastEventId", v),
             None => return Ok(None),
         },
     };
+    // Digits only, as the document states it (`integer`, `minimum: 0`): no sign, no spaces.
+    let digits = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit());
     match raw.parse::<i64>() {
-        Ok(id) if id >= 0 => Ok(Some(id)),
+        Ok(id) if digits => Ok(Some(id)),
         _ => Err(ApiError::field(
             field,
             "must be the id of an event of this stream (a non-negative integer)",
@@ -234,8 +236,8 @@ fn last_event_id(req: &HttpRequest, query: &EventsQuery) -> ApiResult<Option<i64
     get, path = "/api/deliveries/{id}/events", tag = "deliveries",
     params(
         ("id" = Uuid, Path, description = "deliveryId"),
-        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this entry (what the stream sent last); without it, from the start"),
-        ("lastEventId" = Option<i64>, Query, description = "The same, for clients that cannot set headers; the header wins"),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "Resume after this entry (what the stream sent last); without it, from the start"),
+        ("lastEventId" = Option<i64>, Query, minimum = 0, description = "The same, for clients that cannot set headers; the header wins"),
     ),
     responses(
         (status = 200, description = "The event stream; each event's data is a TrackingEntry", content_type = "text/event-stream", body = String),

@@ -225,8 +225,8 @@ struct DeliveriesQuery {
     /// Deliveries per page (default 50).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
-    /// `nextCursor` of the previous page.
-    #[param(value_type = Option<String>, max_length = 100)]
+    /// `nextCursor` of the previous page (`<createdMs>.<delivery id>`; empty = the first page).
+    #[param(value_type = Option<String>, max_length = 55, pattern = r"^([0-9]{1,18}\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$")]
     cursor: Option<String>,
 }
 

@@ -580,11 +580,14 @@ pub(crate) struct Cursor {
 }
 
 impl Cursor {
+    /// Exactly the form [`WebhookDeliveryPage::next_cursor`] has (as the document states it).
     pub(crate) fn parse(s: &str) -> Option<Self> {
         let (ms, id) = s.split_once('.')?;
-        Some(Self {
-            created_ms: ms.parse().ok()?,
-            id: Uuid::parse_str(id).ok()?.to_string(),
+        let digits = !ms.is_empty() && ms.len() <= 18 && ms.bytes().all(|b| b.is_ascii_digit());
+        let uuid = Uuid::try_parse(id).ok()?;
+        (digits && uuid.hyphenated().to_string() == id).then(|| Self {
+            created_ms: ms.parse().unwrap_or(0),
+            id: id.to_owned(),
         })
     }
 }
