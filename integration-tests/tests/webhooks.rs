@@ -34,6 +34,7 @@ both_backends!(
     a_delivery_given_up_lets_the_next_event_of_its_booking_proceed,
     two_replicas_on_one_database_send_each_event_once_in_order,
     a_restart_continues_the_retry_schedule,
+    real_bookings_reach_their_receiver_from_scheduled_to_delivered,
 );
 
 /// What the receiver saw of one POST.
@@ -917,4 +918,136 @@ async fn a_restart_continues_the_retry_schedule(backend: Backend) {
     second.stop().await;
     receiver.stop().await;
     s.stop().await;
+}
+
+/// The whole client journey on real sagas: the Scheduler, the four domain services, the Delivery
+/// service's published tracking events and the fleet simulator flying the drone. One booking is
+/// told to its receiver scheduled → delivered (and its drone is free again); another is
+/// rescheduled and cancelled by its client: scheduled → rescheduled → cancelled. Every POST is
+/// signed with the account's secret.
+async fn real_bookings_reach_their_receiver_from_scheduled_to_delivered(backend: Backend) {
+    let suite = integration_tests::spawn_suite_with(
+        backend,
+        integration_tests::SuiteFaults::default(),
+        fast,
+        |d| {
+            d.simulator = drone::SimulatorSettings {
+                enabled: true,
+                poll_ms: 200,
+                leg_secs: 1,
+                reports_per_leg: 2,
+                ..Default::default()
+            };
+        },
+    )
+    .await;
+    suite.account("acc-1", "active").await;
+    let scheduler = suite.start_scheduler(|_| {}).await;
+    let s = &suite.ingestion;
+    let token = s.token("acc-1", &[]);
+    let receiver = Receiver::start(0, 200).await;
+    let r = register(s, &token, &[receiver.url()]).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let secret = r.json::<WebhookSubscription>().secret;
+
+    // Flown by the simulator a few seconds from now.
+    let mut soon = integration_tests::Suite::booking("acc-1", 0, "Small");
+    soon["pickupLocation"] = json!("0,47.6097,-122.3331");
+    soon["dropOffLocation"] = json!("0,47.6205,-122.3493");
+    soon["pickupTime"] = json!((chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339());
+    let flown = suite.book(&soon).await;
+    // Changed by its client, then cancelled.
+    let later = suite
+        .book(&integration_tests::Suite::booking("acc-1", 48, "Small"))
+        .await;
+    suite
+        .client_state("acc-1", later, "scheduled", Duration::from_secs(30))
+        .await;
+    let moved = (chrono::Utc::now() + chrono::Duration::hours(50)).to_rfc3339();
+    let r = call(
+        s,
+        Method::PATCH,
+        &format!("/api/deliveryrequests/{later}"),
+        &token,
+        Some(&json!({ "pickupTime": moved })),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    eventually(
+        Duration::from_secs(30),
+        "the reschedule to be told",
+        async || {
+            let got = receiver.accepted();
+            done_if(
+                got.contains(&(WebhookEventType::Rescheduled, later)),
+                format!("{got:?}"),
+            )
+        },
+    )
+    .await;
+    let r = call(
+        s,
+        Method::DELETE,
+        &format!("/api/deliveryrequests/{later}"),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+
+    let what = "the delivered and the cancelled booking to be told";
+    eventually(Duration::from_secs(60), what, async || {
+        let got = receiver.accepted();
+        done_if(
+            got.contains(&(WebhookEventType::Delivered, flown))
+                && got.contains(&(WebhookEventType::Cancelled, later)),
+            format!("{got:?}"),
+        )
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let of = |id: Uuid| -> Vec<WebhookEventType> {
+        receiver
+            .accepted()
+            .into_iter()
+            .filter(|(_, d)| *d == id)
+            .map(|(kind, _)| kind)
+            .collect()
+    };
+    assert_eq!(
+        of(flown),
+        [WebhookEventType::Scheduled, WebhookEventType::Delivered]
+    );
+    assert_eq!(
+        of(later),
+        [
+            WebhookEventType::Scheduled,
+            WebhookEventType::Rescheduled,
+            WebhookEventType::Cancelled
+        ]
+    );
+    for r in receiver.seen() {
+        r.verify(&secret);
+    }
+
+    // The client sees the flight at the Location URL, and the drone is free again.
+    let view = call(
+        s,
+        Method::GET,
+        &format!("/api/deliveries/{flown}"),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(view.body["stage"], "delivered", "{}", view.body);
+    let reservation = suite
+        .drone
+        .get(&format!("/api/dronedeliveries/{flown}"))
+        .await;
+    let end: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(reservation.body["window"]["end"].clone()).expect("window end");
+    assert!(end <= chrono::Utc::now(), "the window still ends at {end}");
+    receiver.stop().await;
+    scheduler.stop().await;
+    suite.stop().await;
 }

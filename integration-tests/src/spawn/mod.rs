@@ -6,7 +6,7 @@ mod suite;
 mod supervisor;
 
 pub use ingestion::{spawn_ingestion, IngestionApp};
-pub use suite::{spawn_suite, Suite, SuiteFaults};
+pub use suite::{spawn_suite, spawn_suite_with, Suite, SuiteFaults};
 pub use supervisor::{spawn_supervisor, SupervisorApp, OPERATOR, VIEWER};
 
 use futures::FutureExt;

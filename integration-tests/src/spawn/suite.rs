@@ -45,11 +45,23 @@ fn fast(p: RetryPolicy) -> RetryPolicy {
 }
 
 pub async fn spawn_suite(backend: Backend, faults: SuiteFaults) -> Suite {
+    spawn_suite_with(backend, faults, |_| {}, |_| {}).await
+}
+
+/// [`spawn_suite`] with Ingestion's and Drone's settings adjusted by the test first (webhooks to
+/// local receivers, the fleet simulator, ...).
+pub async fn spawn_suite_with(
+    backend: Backend,
+    faults: SuiteFaults,
+    adjust_ingestion: impl FnOnce(&mut ingestion::Settings),
+    adjust_drone: impl FnOnce(&mut drone::Settings),
+) -> Suite {
     let account = spawn_account(backend).await;
     let package = spawn_package(backend).await;
     let ingestion = spawn_ingestion(backend, |s| {
         s.ingestion.rate_per_second = 100_000;
         s.ingestion.rate_burst = 100_000;
+        adjust_ingestion(s);
     })
     .await;
     // Its tracking events go where this Ingestion reads (directly, not through its proxy).
@@ -71,6 +83,7 @@ pub async fn spawn_suite(backend: Backend, faults: SuiteFaults) -> Suite {
         s.reservations.window_minutes = 30;
         s.reservations.retry_after_secs = 1;
         s.downstream.delivery_url = delivery_base;
+        adjust_drone(s);
     })
     .await;
     let mut proxies = Vec::new();
