@@ -7,61 +7,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{done_if, eventually};
+use integration_tests::{done_if, eventually, Standalone};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
-struct Suite {
-    ports: standalone::Endpoints,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn start(dir: &Path) -> Suite {
-    let settings = standalone::Settings {
-        data_dir: dir.to_path_buf(),
-        ports: standalone::Ports {
-            ingestion: 0,
-            scheduler: 0,
-            account: 0,
-            package: 0,
-            drone: 0,
-            delivery: 0,
-            supervisor: 0,
-        },
-        ..Default::default()
-    };
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let task = tokio::spawn(standalone::run_with(
-        settings,
-        async {
-            let _ = stop_rx.await;
-        },
-        move |e| {
-            let _ = ready_tx.send(e.clone());
-        },
-    ));
-    let ports = ready_rx.await.expect("suite started");
-    Suite { ports, stop, task }
-}
-
-impl Suite {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.expect("joined").expect("clean shutdown");
-    }
+async fn start(dir: &Path) -> Standalone {
+    Standalone::start(Standalone::settings(dir)).await
 }
 
 fn credentials(dir: &Path) -> BTreeMap<String, String> {
-    std::fs::read_to_string(dir.join("credentials.env"))
-        .expect("credentials.env written")
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
-        .collect()
+    Standalone::credentials(dir)
 }
 
 /// `credentials.env` holds the service token, the JWT key and the dashboard passwords: mode

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::{stop, suite_with_scheduler, ACTIVE};
 use contracts::{DeliveryTracked, DELIVERY_TRACKED};
-use integration_tests::{both_backends, done_if, eventually, Backend, Suite, SuiteFaults};
+use integration_tests::{
+    both_backends, done_if, eventually, Backend, Standalone, Suite, SuiteFaults,
+};
 use messaging::StartAt;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -219,16 +221,6 @@ both_backends!(telemetry_becomes_tracking_and_delivered_frees_the_drone);
 async fn fleet_simulator_takes_a_booking_to_delivered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let settings = standalone::Settings {
-        data_dir: dir.path().to_path_buf(),
-        ports: standalone::Ports {
-            ingestion: 0,
-            scheduler: 0,
-            account: 0,
-            package: 0,
-            drone: 0,
-            delivery: 0,
-            supervisor: 0,
-        },
         simulator: drone::SimulatorSettings {
             enabled: true,
             poll_ms: 200,
@@ -236,27 +228,11 @@ async fn fleet_simulator_takes_a_booking_to_delivered() {
             reports_per_leg: 2,
             ..Default::default()
         },
-        ..Default::default()
+        ..Standalone::settings(dir.path())
     };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(standalone::run_with(
-        settings,
-        async {
-            let _ = stop_rx.await;
-        },
-        move |e| {
-            let _ = ready_tx.send(e.clone());
-        },
-    ));
-    let ports = ready_rx.await.expect("suite started");
-    let creds: std::collections::BTreeMap<String, String> =
-        std::fs::read_to_string(dir.path().join("credentials.env"))
-            .expect("credentials.env")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
-            .collect();
+    let suite = Standalone::start(settings).await;
+    let ports = suite.ports.clone();
+    let creds = Standalone::credentials(dir.path());
     let client_token = creds["CLIENT_TOKEN"].clone();
     let service_token = creds["SERVICE_TOKEN"].clone();
     let http = reqwest::Client::new();
@@ -335,6 +311,5 @@ async fn fleet_simulator_takes_a_booking_to_delivered() {
     let end: chrono::DateTime<chrono::Utc> =
         serde_json::from_value(reservation["window"]["end"].clone()).expect("window end");
     assert!(end <= chrono::Utc::now(), "window still ends at {end}");
-    let _ = stop_tx.send(());
-    task.await.expect("joined").expect("clean shutdown");
+    suite.stop().await;
 }

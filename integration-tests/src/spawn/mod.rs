@@ -2,10 +2,12 @@
 //! function per service that makes its settings (fresh database, migrations run at start, port 0).
 
 mod ingestion;
+mod standalone;
 mod suite;
 mod supervisor;
 
 pub use ingestion::{spawn_ingestion, IngestionApp};
+pub use standalone::Standalone;
 pub use suite::{spawn_suite, spawn_suite_with, Suite, SuiteFaults};
 pub use supervisor::{spawn_supervisor, SupervisorApp, OPERATOR, VIEWER};
 
