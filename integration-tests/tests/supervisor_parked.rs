@@ -296,5 +296,14 @@ async fn parked_requests_are_kept_by_the_supervisor(backing: Backing) {
         .delete_queue(contracts::COMPENSATIONS_QUEUE)
         .await
         .unwrap();
+    // The logs the Supervisor declared (it follows workflow-events): left behind, every run added
+    // streams to the shared RabbitMQ.
+    let partitions = supervisor::SupervisorSettings::default().partitions;
+    for log in [
+        contracts::WORKFLOW_EVENTS_LOG,
+        contracts::DELIVERY_REQUESTS_LOG,
+    ] {
+        broker.delete_log(log, partitions).await.unwrap();
+    }
     drop(db);
 }
