@@ -127,10 +127,7 @@ pub(crate) async fn drone_reservations(
     status: Option<ReservationStatus>,
     limit: u64,
 ) -> StoreResult<Vec<DroneReservation>> {
-    drone::Entity::find_by_id(drone_id.to_owned())
-        .one(db)
-        .await?
-        .ok_or_else(|| StoreError::DroneNotFound(drone_id.to_owned()))?;
+    drone_exists(db, drone_id).await?;
     let mut select = reservation::Entity::find().filter(reservation::Column::DroneId.eq(drone_id));
     if let Some(status) = status {
         select = select.filter(reservation::Column::Status.eq(status.as_str()));

@@ -29,11 +29,7 @@ pub fn drone_key(service_token: &SecretString, drone_id: &str) -> String {
         .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
     mac.update(b"drone-telemetry:");
     mac.update(drone_id.as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(mac.finalize().into_bytes())
 }
 
 /// Admits the request only with the key of `drone_id`.

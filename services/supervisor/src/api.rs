@@ -145,7 +145,7 @@ impl From<parked_message::Model> for ParkedView {
         let event = parked::event_of(&m);
         Self {
             payload: String::from_utf8_lossy(&m.payload).into_owned(),
-            payload_hex: m.payload.iter().map(|b| format!("{b:02x}")).collect(),
+            payload_hex: hex::encode(&m.payload),
             message_id: m.message_id,
             park_id: m.park_id,
             delivery_id: m.delivery_id,

@@ -182,7 +182,7 @@ pub fn random_token() -> String {
     use rand::RngCore;
     let mut buf = [0u8; 32];
     rand::rng().fill_bytes(&mut buf);
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(buf)
 }
 
 /// How a login attempt went.
@@ -299,10 +299,7 @@ pub async fn logout(db: &DatabaseConnection, token: &str) {
 /// a read-only replica) gives no one a usable cookie.
 fn session_key(token: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
 /// The cookie that carries a session (or clears it, with `max_age` 0).

@@ -217,17 +217,7 @@ pub(crate) fn sign(
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    Ok(hex(&mac.finalize().into_bytes()))
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    Ok(hex::encode(mac.finalize().into_bytes()))
 }
 
 #[cfg(test)]
@@ -240,14 +230,14 @@ mod tests {
         let mut mac = <Hmac<Sha256>>::new_from_slice(b"Jefe")?;
         mac.update(b"what do ya want for nothing?");
         assert_eq!(
-            hex(&mac.finalize().into_bytes()),
+            hex::encode(mac.finalize().into_bytes()),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         let mut mac = <Hmac<Sha256>>::new_from_slice(b"whsec_x")?;
         mac.update(b"1700000000.{\"a\":1}");
         assert_eq!(
             sign("whsec_x", 1_700_000_000, b"{\"a\":1}")?,
-            hex(&mac.finalize().into_bytes())
+            hex::encode(mac.finalize().into_bytes())
         );
         Ok(())
     }

@@ -175,7 +175,7 @@ fn time(ms: i64) -> DateTime<Utc> {
 fn new_secret() -> String {
     use rand::Rng as _;
     let bytes: [u8; 32] = rand::rng().random();
-    format!("whsec_{}", super::hex(&bytes))
+    format!("whsec_{}", hex::encode(bytes))
 }
 
 pub(crate) struct Store {
