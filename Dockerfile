@@ -24,9 +24,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-      -p account -p package -p drone -p delivery -p ingestion -p scheduler -p supervisor --bins \
+      -p account -p package -p thirdparty -p drone -p delivery -p ingestion -p scheduler \
+      -p supervisor --bins \
  && mkdir -p /out \
- && for bin in account package drone delivery ingestion scheduler supervisor; do \
+ && for bin in account package thirdparty drone delivery ingestion scheduler supervisor; do \
       cp "target/release/$bin" "/out/$bin"; \
     done
 
@@ -39,7 +40,7 @@ WORKDIR /home/nonroot
 # them a service would fall back to SQLite files under ./data, which a read-only root
 # filesystem refuses — by design.
 ENV RUST_BACKTRACE=1
-EXPOSE 8080 8081 8082 8083 8084 8085 8086
+EXPOSE 8080 8081 8082 8083 8084 8085 8086 8087
 # No default service: the orchestrator names the binary.
 ENTRYPOINT []
 CMD ["/usr/local/bin/ingestion"]

@@ -49,13 +49,13 @@ openapi-fuzz: ## schemathesis (pinned, in a venv under target/) against every se
 image: ## the suite's image drone-delivery:dev (Dockerfile), on local base images made from Debian's packages (IMAGE_BASES=upstream: the Dockerfile's defaults)
 	bash scripts/image.sh
 
-image-smoke: ## make image, then the seven services as containers (non-root, read-only root, no capabilities) on this machine's PostgreSQL and RabbitMQ; one booking until scheduled; removes all it started
+image-smoke: ## make image, then the eight services as containers (non-root, read-only root, no capabilities) on this machine's PostgreSQL and RabbitMQ; one booking until scheduled; removes all it started
 	bash scripts/image-smoke.sh
 
 test-containers: ## the integration tests on PostgreSQL and RabbitMQ started by testcontainers (DATABASE_URL and AMQP_URL unset; local stand-in images)
 	bash scripts/test-containers.sh
 
-chaos: ## chaos runs under booking load (scheduler kill/pause, supervisor kill, domain restarts, RabbitMQ restart on a private node, downstream faults), invariants after each
+chaos: ## chaos runs under booking load (scheduler kill/pause, supervisor kill, domain restarts, RabbitMQ restart on a private node, downstream faults, a 30 s Package outage behind the circuit breaker), invariants after each
 	bash scripts/chaos.sh
 
 lint: ## rustfmt check and clippy with warnings as errors

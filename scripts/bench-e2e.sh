@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench-e2e`: end-to-end sagas. Builds every service and the bench-e2e driver in release
 # mode, creates a fresh PostgreSQL database per service (bench_<service>_<random>) on the server of
-# DATABASE_URL, starts account, package, drone, delivery, ingestion and scheduler as their own
+# DATABASE_URL, starts account, package, thirdparty, drone, delivery, ingestion and scheduler as their own
 # processes (configured by APP_* variables, as in Kubernetes) against RabbitMQ at AMQP_URL with a
 # fresh queue prefix, then lets integration-tests/src/bin/bench_e2e.rs offer bookings to Ingestion
 # at one rate of BENCH_E2E_RUNS and measure scheduled/s, booking-to-scheduled latency, commits per
@@ -10,8 +10,8 @@
 # the databases and streams for a look).
 #
 #   BENCH_E2E_RUNS      "rate:seconds ..." (default "200:20 1000:20 2000:20 3000:20")
-#   BENCH_E2E_PORT      first of six consecutive ports (default 18080: ingestion, then account,
-#                       package, drone, delivery, scheduler)
+#   BENCH_E2E_PORT      first of seven consecutive ports (default 18080: ingestion, then account,
+#                       package, thirdparty, drone, delivery, scheduler)
 #   BENCH_E2E_POOL      database pool size of each domain service and ingestion (default 8; the
 #                       scheduler keeps 16), so six services stay under max_connections = 100
 #   BENCH_E2E_LOG       RUST_LOG of the services (default info, as in production)
@@ -36,10 +36,11 @@ SUFFIX=""
 PREFIX=""
 SECRET="bench-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 SERVICE_TOKEN="svc-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-SERVICES=(account package drone delivery ingestion scheduler)
+SERVICES=(account package thirdparty drone delivery ingestion scheduler)
 declare -A PORT=(
   [ingestion]=$BASE_PORT [account]=$((BASE_PORT + 1)) [package]=$((BASE_PORT + 2))
   [drone]=$((BASE_PORT + 3)) [delivery]=$((BASE_PORT + 4)) [scheduler]=$((BASE_PORT + 5))
+  [thirdparty]=$((BASE_PORT + 6))
 )
 declare -A DB PID
 
@@ -51,7 +52,7 @@ if [ "${BENCH_E2E_BUILD:-1}" = 0 ]; then
   log "running the binaries in $TARGET/release as they are (BENCH_E2E_BUILD=0)"
 else
   log "building the services and bench-e2e (release)"
-  cargo build --release -p account -p package -p drone -p delivery -p ingestion -p scheduler
+  cargo build --release -p account -p package -p thirdparty -p drone -p delivery -p ingestion -p scheduler
   cargo build --release -p integration-tests --bin bench-e2e
 fi
 BENCH="$TARGET/release/bench-e2e"
@@ -129,6 +130,7 @@ stack_up() {
   local messaging=(APP_MESSAGING__URL="$AMQP_URL" APP_MESSAGING__PREFIX="$PREFIX")
   start account
   start package
+  start thirdparty
   # 100 drones; bench-e2e spreads pickups over a year, so no window is ever short of one.
   start drone APP_FLEET__SMALL=40 APP_FLEET__MEDIUM=30 APP_FLEET__LARGE=30
   start delivery "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-delivery" \
@@ -139,6 +141,7 @@ stack_up() {
   start scheduler "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-scheduler" \
     APP_DOWNSTREAM__ACCOUNT_URL="$(url account)" APP_DOWNSTREAM__PACKAGE_URL="$(url package)" \
     APP_DOWNSTREAM__DRONE_URL="$(url drone)" APP_DOWNSTREAM__DELIVERY_URL="$(url delivery)" \
+    APP_DOWNSTREAM__THIRDPARTY_URL="$(url thirdparty)" \
     APP_SCHEDULER__PARTITIONS="$PARTITIONS" APP_SCHEDULER__REPLICAS=1 \
     APP_SCHEDULER__ORDINAL=0 APP_SCHEDULER__INSTANCE_ID=bench-scheduler-0
   for svc in "${SERVICES[@]}"; do

@@ -2,8 +2,9 @@
 # `make chaos`: the chaos cases of integration-tests/src/harness/chaos.rs, run by the `chaos` binary — the seven services as real
 # processes under a steady booking load while a Scheduler is kill -9ed and restarted (and paused
 # past its lease), the Supervisor is killed mid-compensation, each domain service is restarted,
-# RabbitMQ is restarted, and downstream calls fail or answer slowly; the invariant checker runs
-# after each. One case at a time, so each fault is the only one.
+# RabbitMQ is restarted, downstream calls fail or answer slowly, and Package fails for 30 s
+# (CHAOS_OUTAGE_SECS) behind the Scheduler's circuit breaker; the invariant checker runs after
+# each. One case at a time, so each fault is the only one.
 #
 # RabbitMQ: by default a private node (chaos@localhost on 127.0.0.1:$CHAOS_AMQP_PORT, data under
 # target/chaos/rabbitmq) is started for the run and stopped after it, so restarting the broker

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make image-smoke`: the suite's image, run as the chart runs it. Builds the image (make image),
-# then starts each of the seven services as its own container — user 65532, read-only root
+# then starts each of the eight services as its own container — user 65532, read-only root
 # filesystem with a tmpfs on /tmp (the chart's emptyDir), every capability dropped, no privilege
 # escalation, Docker's default seccomp profile — on the host network against this machine's
 # PostgreSQL (a fresh database per service) and RabbitMQ (a fresh queue prefix), configured by
@@ -11,7 +11,7 @@
 # containers, databases and queues.
 #
 #   IMAGE             the image (default drone-delivery:dev)
-#   SMOKE_PORT        first of seven consecutive ports on 127.0.0.1 (default 28080)
+#   SMOKE_PORT        first of eight consecutive ports on 127.0.0.1 (default 28080)
 #   SMOKE_BUILD=0     use the image as it is instead of running make image first
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,11 +28,11 @@ PREFIX="smoke-$SUFFIX"
 SECRET="smoke-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 SERVICE_TOKEN="svc-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 PARTITIONS=4
-SERVICES=(account package drone delivery ingestion scheduler supervisor)
+SERVICES=(account package thirdparty drone delivery ingestion scheduler supervisor)
 declare -A PORT=(
   [ingestion]=$BASE_PORT [account]=$((BASE_PORT + 1)) [package]=$((BASE_PORT + 2))
   [drone]=$((BASE_PORT + 3)) [delivery]=$((BASE_PORT + 4)) [scheduler]=$((BASE_PORT + 5))
-  [supervisor]=$((BASE_PORT + 6))
+  [supervisor]=$((BASE_PORT + 6)) [thirdparty]=$((BASE_PORT + 7))
 )
 declare -A DB POLLER
 CONTAINERS=()
@@ -131,9 +131,11 @@ for svc in "${SERVICES[@]}"; do
 done
 messaging=(APP_MESSAGING__URL="$AMQP_URL" APP_MESSAGING__PREFIX="$PREFIX")
 downstream=(APP_DOWNSTREAM__ACCOUNT_URL="$(url account)" APP_DOWNSTREAM__PACKAGE_URL="$(url package)"
-  APP_DOWNSTREAM__DRONE_URL="$(url drone)" APP_DOWNSTREAM__DELIVERY_URL="$(url delivery)")
+  APP_DOWNSTREAM__DRONE_URL="$(url drone)" APP_DOWNSTREAM__DELIVERY_URL="$(url delivery)"
+  APP_DOWNSTREAM__THIRDPARTY_URL="$(url thirdparty)")
 run account APP_AUTH__JWT_SECRET="$SECRET"
 run package
+run thirdparty
 run drone
 run delivery "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-delivery" \
   APP_TRACKING__PARTITIONS=$PARTITIONS

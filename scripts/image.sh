@@ -20,7 +20,7 @@ if [ "${IMAGE_BASES:-local}" = local ]; then
   args+=(--build-arg "BUILDER_IMAGE=$BASE_RUST_IMAGE" --build-arg "RUNTIME_IMAGE=$BASE_RUNTIME_IMAGE")
 fi
 started=$SECONDS
-log "docker build $IMAGE (release build of the seven services inside the builder)"
+log "docker build $IMAGE (release build of the eight services inside the builder)"
 if ! "$DOCKER" build --progress plain --network host "${args[@]}" -t "$IMAGE" . \
   >target/image-build.log 2>&1; then
   log "the build failed; the end of target/image-build.log:"

@@ -65,7 +65,7 @@ trap 'rm -f "$tmp_secrets" "$tmp_users"' EXIT
   echo "service-token=$(random_hex 24)"
   echo "jwt-secret=$(random_hex 32)"
   echo "amqp-url=amqp://$amqp_user:$amqp_password@$amqp_host/%2f"
-  for svc in account package drone delivery ingestion scheduler supervisor; do
+  for svc in account package thirdparty drone delivery ingestion scheduler supervisor; do
     echo "$svc-database-url=postgres://$pg_user:$pg_password@$pg_host/$svc"
   done
 } >"$tmp_secrets"

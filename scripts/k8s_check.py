@@ -51,7 +51,7 @@ SECRET_SETTINGS = {
     "APP_MESSAGING__URL",
     "APP_DOWNSTREAM__SERVICE_TOKEN",
 }
-STATELESS = {"ingestion", "account", "package", "drone", "delivery"}
+STATELESS = {"ingestion", "account", "package", "thirdparty", "drone", "delivery"}
 
 # What an Ingress may route to the Supervisor: its dashboard (services/supervisor/src/dashboard.rs)
 # — `/`, the login and logout forms, the two static assets, and the pages under /dashboard.

@@ -11,7 +11,7 @@
 #
 #   FUZZ_EXAMPLES   test cases per operation and phase (default 100)
 #   FUZZ_SEED       schemathesis seed (default 20261206)
-#   FUZZ_SERVICES   the services to check (default: all seven)
+#   FUZZ_SERVICES   the services to check (default: all eight)
 #   FUZZ_BUILD      0 runs $CARGO_TARGET_DIR/debug/standalone as it is (default 1: cargo build)
 set -euo pipefail
 
@@ -22,7 +22,7 @@ log() { printf '[openapi-fuzz] %s\n' "$*"; }
 SCHEMATHESIS_VERSION=4.32.5
 EXAMPLES=${FUZZ_EXAMPLES:-100}
 SEED=${FUZZ_SEED:-20261206}
-SERVICES=(${FUZZ_SERVICES:-ingestion account package drone delivery scheduler supervisor})
+SERVICES=(${FUZZ_SERVICES:-ingestion account package thirdparty drone delivery scheduler supervisor})
 TARGET=${CARGO_TARGET_DIR:-target}
 DIR=target/openapi-fuzz
 VENV=$DIR/venv
@@ -53,10 +53,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Seven free ports: bound to port 0 by the kernel, then released for the suite.
+# Eight free ports: bound to port 0 by the kernel, then released for the suite.
 read -r -a FREE <<<"$(python3 - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(7)]
+socks = [socket.socket() for _ in range(8)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
@@ -64,7 +64,7 @@ EOF
 )"
 declare -A PORT=(
   [ingestion]=${FREE[0]} [account]=${FREE[1]} [package]=${FREE[2]} [drone]=${FREE[3]}
-  [delivery]=${FREE[4]} [scheduler]=${FREE[5]} [supervisor]=${FREE[6]}
+  [delivery]=${FREE[4]} [scheduler]=${FREE[5]} [supervisor]=${FREE[6]} [thirdparty]=${FREE[7]}
 )
 url() { printf 'http://127.0.0.1:%s' "${PORT[$1]}"; }
 
@@ -73,7 +73,8 @@ env APP_DATA_DIR="$DATA" APP_HOST=127.0.0.1 \
   APP_PORTS__INGESTION="${PORT[ingestion]}" APP_PORTS__ACCOUNT="${PORT[account]}" \
   APP_PORTS__PACKAGE="${PORT[package]}" APP_PORTS__DRONE="${PORT[drone]}" \
   APP_PORTS__DELIVERY="${PORT[delivery]}" APP_PORTS__SCHEDULER="${PORT[scheduler]}" \
-  APP_PORTS__SUPERVISOR="${PORT[supervisor]}" RUST_LOG="${FUZZ_LOG:-warn}" \
+  APP_PORTS__SUPERVISOR="${PORT[supervisor]}" APP_PORTS__THIRDPARTY="${PORT[thirdparty]}" \
+  RUST_LOG="${FUZZ_LOG:-warn}" \
   "$TARGET/debug/standalone" >"$DIR/standalone.log" 2>&1 &
 PID=$!
 

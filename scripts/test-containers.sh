@@ -28,7 +28,7 @@ before=$("$DOCKER" ps -aq --filter "label=$label" | wc -l)
 # pool's reconnects, the messaging conformance suite (RabbitMQ, cutting connections with
 # `docker exec … rabbitmqctl`), and the services' integration tests on both.
 tests=(-p saga -p service-kit --test db_pool -p messaging --test conformance
-  -p integration-tests --test account --test package --test drone --test delivery
+  -p integration-tests --test account --test package --test thirdparty --test drone --test delivery
   --test ingestion --test e2e --test supervisor_parked)
 log "cargo nextest run ${tests[*]} (PostgreSQL: ${TEST_POSTGRES_IMAGE:-postgres:15-alpine}, \
 RabbitMQ: ${TEST_RABBITMQ_IMAGE:-rabbitmq:3.13-management})"

@@ -1,16 +1,22 @@
 //! The Scheduler's typed clients (`downstream`) against the real domain services, and against tiny
-//! local servers that misbehave (silent, overloaded, failing) to check how failures are classified.
+//! local servers that misbehave (silent, overloaded, failing) to check how failures are classified;
+//! then the protection in front of every service: its circuit breaker, against a real service
+//! behind a fault injector (calls refused without reaching it while open, one probe after the open
+//! time, closed again once it answers), never opened by a full fleet, and its cap on concurrent
+//! calls.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use contracts::{
-    AccountStatus, ConfirmationType, DeliveryPatch, DeliveryStage, DeliveryUpsert,
-    DroneReservationRequest, PackageSize, PackageStatus, PackageUpsert,
+    AccountStatus, BreakerState, BreakerStatus, ConfirmationType, DeliveryPatch, DeliveryStage,
+    DeliveryUpsert, DroneReservationRequest, PackageSize, PackageStatus, PackageUpsert,
 };
-use downstream::{CallError, Downstream, DownstreamSettings};
+use downstream::{BreakerSettings, CallError, Downstream, DownstreamSettings};
+use integration_tests::faults::{Fault, FaultKind, FaultProxy};
 use integration_tests::{
     both_backends, spawn_account, spawn_delivery, spawn_drone_with, spawn_package, Backend,
     SERVICE_TOKEN,
@@ -26,17 +32,21 @@ both_backends!(
     deliveries_are_created_rescheduled_and_cancelled_idempotently,
     a_wrong_service_token_is_permanent,
     a_misrouted_compensation_is_not_taken_as_done,
+    a_failing_service_is_cut_off_by_its_breaker_until_a_probe_finds_it_back,
+    a_full_fleet_never_opens_the_drone_breaker,
 );
 
-/// Settings whose four services all live at `url` (most tests start only the one they need).
+/// Settings whose services all live at `url` (most tests start only the one they need).
 fn settings(url: &str) -> DownstreamSettings {
     DownstreamSettings {
         account_url: url.to_owned(),
         package_url: url.to_owned(),
         drone_url: url.to_owned(),
         delivery_url: url.to_owned(),
+        thirdparty_url: url.to_owned(),
         timeout_ms: 5000,
         service_token: SERVICE_TOKEN.to_owned().into(),
+        ..DownstreamSettings::default()
     }
 }
 
@@ -450,4 +460,236 @@ async fn a_success_that_does_not_decode_is_permanent() {
         }) => assert!(reason.contains("not Account"), "{reason}"),
         other => panic!("expected Permanent, got {other:?}"),
     }
+}
+
+/// The breaker of `service` in `client`.
+fn breaker(client: &Downstream, service: &str) -> BreakerStatus {
+    client
+        .breakers()
+        .into_iter()
+        .find(|b| b.service == service)
+        .unwrap_or_else(|| panic!("no breaker for {service}"))
+}
+
+#[track_caller]
+fn assert_rejected(result: Result<impl std::fmt::Debug, CallError>) -> (String, Duration) {
+    match result {
+        Err(CallError::Rejected {
+            reason,
+            retry_after,
+        }) => (reason, retry_after),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+async fn a_failing_service_is_cut_off_by_its_breaker_until_a_probe_finds_it_back(backend: Backend) {
+    telemetry::init_for_tests();
+    let app = spawn_account(backend).await;
+    let created = app
+        .put("/api/accounts/acc-breaker", &json!({"name": "Contoso"}))
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    // The Account service answers 503 to every read, through the injector (its problem code is
+    // `injected-fault`: a failure, not a capacity answer).
+    let failing = vec![Fault {
+        method: "GET",
+        path_prefix: "/api/accounts/".into(),
+        times: usize::MAX,
+        kind: FaultKind::Status(503),
+    }];
+    let proxy = FaultProxy::start(&app.address, failing.clone()).await;
+    let open_ms = 1500;
+    let client = Downstream::new(&DownstreamSettings {
+        breaker: BreakerSettings {
+            min_calls: 6,
+            open_ms,
+            ..BreakerSettings::default()
+        },
+        ..settings(&proxy.url)
+    })
+    .unwrap();
+
+    // Six failures in the window, all of them: the sixth opens the breaker.
+    for _ in 0..6 {
+        assert_transient(client.account("acc-breaker").await);
+    }
+    assert_eq!(proxy.hits(), 6, "every call so far reached the service");
+    let status = breaker(&client, "account");
+    assert_eq!(status.state, BreakerState::Open, "{status:?}");
+    assert_eq!((status.calls_in_window, status.failures_in_window), (6, 6));
+    assert!(status.next_probe_at.is_some(), "{status:?}");
+    assert_eq!(breaker(&client, "package").state, BreakerState::Closed);
+
+    // Open: refused at once, without reaching the service, with the time until the probe.
+    let mut last_wait = Duration::ZERO;
+    for _ in 0..10 {
+        let started = Instant::now();
+        let (reason, retry_after) = assert_rejected(client.account("acc-breaker").await);
+        assert!(started.elapsed() < Duration::from_millis(100), "at once");
+        assert!(
+            reason.starts_with(
+                "account circuit breaker is open (6 of 6 calls failed in 10 s); next probe in "
+            ),
+            "{reason}"
+        );
+        // Up to the open time, plus at most 150 ms of jitter (a tenth of it).
+        assert!(
+            retry_after <= Duration::from_millis(open_ms + 150),
+            "{retry_after:?}"
+        );
+        last_wait = retry_after;
+    }
+    assert_eq!(proxy.hits(), 6, "no refused call reached the service");
+    assert_eq!(breaker(&client, "account").rejected_total, 10);
+    // Other services are not affected.
+    let other = client.delete_package("pkg-1").await;
+    assert!(
+        !matches!(other, Err(CallError::Rejected { .. })),
+        "{other:?}"
+    );
+
+    // After the open time one probe reaches the service; it still fails: open again.
+    tokio::time::sleep(last_wait).await;
+    assert_transient(client.account("acc-breaker").await);
+    assert_eq!(proxy.hits(), 7, "exactly one probe reached the service");
+    let (reason, retry_after) = assert_rejected(client.account("acc-breaker").await);
+    assert!(reason.contains("(a probe call failed)"), "{reason}");
+    assert!(
+        retry_after > Duration::from_millis(open_ms / 2),
+        "the whole open time again: {retry_after:?}"
+    );
+    assert_eq!(proxy.hits(), 7);
+
+    // The service is back: after the open time the probes succeed and the breaker closes.
+    proxy.set_faults(Vec::new());
+    tokio::time::sleep(retry_after).await;
+    for _ in 0..2 {
+        let account = client.account("acc-breaker").await.expect("a probe");
+        assert_eq!(account.id, "acc-breaker");
+    }
+    let status = breaker(&client, "account");
+    assert_eq!(status.state, BreakerState::Closed, "{status:?}");
+    assert_eq!(status.calls_in_window, 0, "closed with an empty window");
+    for _ in 0..5 {
+        client.account("acc-breaker").await.expect("closed again");
+    }
+
+    // A second outage opens it again, at the ratio: after the five successes above, five
+    // failures (the fault injector's 500 counts as well) are half of the window's ten calls.
+    proxy.set_faults(vec![Fault {
+        kind: FaultKind::Status(500),
+        ..failing[0].clone()
+    }]);
+    for _ in 0..5 {
+        assert_transient(client.account("acc-breaker").await);
+    }
+    let (reason, _) = assert_rejected(client.account("acc-breaker").await);
+    assert!(
+        reason.contains("(5 of 10 calls failed in 10 s)"),
+        "{reason}"
+    );
+    assert_eq!(breaker(&client, "account").rejected_total, 12);
+    app.stop().await;
+}
+
+async fn a_full_fleet_never_opens_the_drone_breaker(backend: Backend) {
+    let app = spawn_drone_with(backend, |s| {
+        s.fleet.small = 1;
+        s.fleet.medium = 0;
+        s.fleet.large = 0;
+        s.reservations.retry_after_secs = 17;
+    })
+    .await;
+    let client = Downstream::new(&DownstreamSettings {
+        breaker: BreakerSettings {
+            min_calls: 5,
+            ..BreakerSettings::default()
+        },
+        ..settings(&app.address)
+    })
+    .unwrap();
+    let at = pickup(24);
+    client
+        .reserve_drone("d0", &reservation(at, "pkg-d0"))
+        .await
+        .expect("the only drone");
+    // Overbooking: a healthy service says "full" (503 no-drone-available) again and again.
+    for i in 1..=30 {
+        let id = format!("d{i}");
+        let full = client
+            .reserve_drone(&id, &reservation(at, &format!("pkg-{id}")))
+            .await;
+        assert_eq!(
+            assert_transient(full),
+            Some(Duration::from_secs(17)),
+            "call {i} is the service's answer, not refused by a breaker"
+        );
+    }
+    let status = breaker(&client, "drone");
+    assert_eq!(status.state, BreakerState::Closed, "{status:?}");
+    assert_eq!((status.calls_in_window, status.failures_in_window), (31, 0));
+    assert_eq!(status.rejected_total, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn calls_beyond_the_cap_wait_then_are_refused_without_being_made() {
+    telemetry::init_for_tests();
+    // A server that accepts and never answers: every call holds its slot until its timeout.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let client = Downstream::new(&DownstreamSettings {
+        timeout_ms: 2000,
+        max_concurrent_calls: 2,
+        cap_wait_ms: 300,
+        ..settings(&address)
+    })
+    .unwrap();
+    let slow = |id: &'static str| {
+        let client = client.clone();
+        tokio::spawn(async move { client.account(id).await })
+    };
+    let (a, b) = (slow("a"), slow("b"));
+    // Both slots taken (the two calls are in flight).
+    integration_tests::eventually(Duration::from_secs(5), "two calls in flight", async || {
+        let in_flight = breaker(&client, "account").in_flight;
+        integration_tests::done_if(in_flight == 2, in_flight)
+    })
+    .await;
+    let started = Instant::now();
+    let (reason, retry_after) = assert_rejected(client.account("c").await);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(1500),
+        "waited the cap_wait_ms for a slot: {waited:?}"
+    );
+    assert!(
+        reason.contains("account already has 2 calls in flight"),
+        "{reason}"
+    );
+    assert!(
+        retry_after >= Duration::from_millis(250) && retry_after <= Duration::from_secs(1),
+        "{retry_after:?}"
+    );
+    // Another service has its own slots; its call is made (and times out like the others).
+    assert_transient(client.delete_package("p").await);
+    assert_transient(a.await.unwrap());
+    assert_transient(b.await.unwrap());
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "the refused call never reached the server"
+    );
+    let status = breaker(&client, "account");
+    assert_eq!((status.in_flight, status.rejected_total), (0, 1));
+    server.abort();
 }

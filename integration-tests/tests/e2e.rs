@@ -1,4 +1,4 @@
-//! End to end: the seven services as their own processes (the real binaries) on PostgreSQL and
+//! End to end: the eight services as their own processes (the real binaries) on PostgreSQL and
 //! RabbitMQ, driven only through their public APIs as a client app and the on-call staff would.
 //! Every scenario ends with the invariant checker over every service's data.
 
@@ -76,7 +76,7 @@ async fn booking_lifecycle() {
         .await;
     bookings.add(id, owner);
     let wf = stack.wait_state(id, "completed", WAIT).await;
-    let drone = wf["steps"][2]["output"]["droneId"]
+    let drone = wf["steps"][3]["output"]["droneId"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -168,7 +168,7 @@ async fn booking_lifecycle() {
     let (last, wf) =
         cancel_in_slow_step(&stack, &client, &mut bookings, owner, 57 * 60, slow).await;
     assert!(
-        wf["steps"][3]["status"] == "succeeded",
+        wf["steps"][4]["status"] == "succeeded",
         "the delivery was created before the cancel took effect: {wf}"
     );
     client_state(&client, owner, last, "cancelled").await;
@@ -261,7 +261,7 @@ async fn failures_end_cleanly() {
     let second = client.book_ok(&soon).await;
     bookings.add(second, owner);
     let wf = stack.wait_state(second, "compensated", WAIT).await;
-    let drone_attempts = wf["steps"][2]["attempts"].as_array().unwrap();
+    let drone_attempts = wf["steps"][3]["attempts"].as_array().unwrap();
     assert!(
         drone_attempts.len() > 1 && drone_attempts.iter().all(|a| a["outcome"] != "succeeded"),
         "the drone step was retried until the deadline: {wf}"
@@ -277,7 +277,7 @@ async fn failures_end_cleanly() {
         .await;
     bookings.add(id, owner);
     let wf = stack.wait_state(id, "compensated", WAIT).await;
-    assert_eq!(wf["steps"][3]["status"], "failed", "{wf}");
+    assert_eq!(wf["steps"][4]["status"], "failed", "{wf}");
     client_state(&client, owner, id, "compensated").await;
     let (_, reservation) = drone_reservation(&stack, id).await;
     assert_eq!(reservation["status"], "released", "{reservation}");

@@ -428,6 +428,7 @@ async fn workflow_events_drive_the_request_state(backend: Backend) {
                 drop_off_location: None,
                 pickup_time: None,
                 revision: None,
+                carrier_leg: None,
             },
         )
         .unwrap()

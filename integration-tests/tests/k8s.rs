@@ -9,7 +9,8 @@
 //!
 //! Also what an operator relies on at the edge: the Ingress reaches only the Supervisor's
 //! dashboard, over TLS with Secure cookies; two Supervisors under a PodDisruptionBudget; the dev
-//! overlay's Secrets generated at deploy time, never committed.
+//! overlay's Secrets generated at deploy time, never committed; every service on its port with a
+//! database of its own, and ThirdParty reachable only from the Scheduler and the Supervisor.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
@@ -361,6 +362,97 @@ fn two_supervisors_under_a_disruption_budget() {
         max_unavailable < replicas,
         "the PDB lets {max_unavailable} of {replicas} Supervisors go at once"
     );
+}
+
+/// Every object of `k8s/base`, from the files its kustomization lists.
+fn base_objects() -> Vec<Value> {
+    yaml("k8s/base/kustomization.yaml")["resources"]
+        .as_sequence()
+        .expect("resources")
+        .iter()
+        .flat_map(|f| yaml_docs(&format!("k8s/base/{}", f.as_str().unwrap())))
+        .collect()
+}
+
+/// The `app.kubernetes.io/name` of every pod a NetworkPolicy peer list selects by label.
+fn peer_apps(peers: &Value) -> Vec<String> {
+    peers
+        .as_sequence()
+        .map(|p| {
+            p.iter()
+                .filter_map(|p| p["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_service_is_deployed_on_its_port() {
+    let objects = base_objects();
+    for (svc, port) in [
+        ("ingestion", 8080),
+        ("account", 8081),
+        ("package", 8082),
+        ("drone", 8083),
+        ("delivery", 8084),
+        ("scheduler", 8085),
+        ("supervisor", 8086),
+        ("thirdparty", 8087),
+    ] {
+        let service = object(&objects, "Service", svc);
+        assert_eq!(as_u32(&service["spec"]["ports"][0]["port"]), port, "{svc}");
+        let kind = if svc == "scheduler" {
+            "StatefulSet"
+        } else {
+            "Deployment"
+        };
+        let c = container(object(&objects, kind, svc), svc);
+        assert_eq!(as_u32(&c["ports"][0]["containerPort"]), port, "{svc}");
+        assert_eq!(
+            env(c, "APP_DATABASE__URL")["valueFrom"]["secretKeyRef"]["key"].as_str(),
+            Some(format!("{svc}-database-url").as_str()),
+            "{svc}: its own database, from the Secret"
+        );
+    }
+}
+
+/// The carriers' legs are booked by the Scheduler (ArrangeThirdParty) and cancelled by the
+/// Supervisor (compensation): both know where ThirdParty is, and nothing else may reach it.
+#[test]
+fn only_the_scheduler_and_the_supervisor_reach_thirdparty() {
+    let objects = base_objects();
+    for caller in ["scheduler", "supervisor"] {
+        let config = object(&objects, "ConfigMap", &format!("{caller}-config"));
+        assert_eq!(
+            config["data"]["APP_DOWNSTREAM__THIRDPARTY_URL"].as_str(),
+            Some("http://thirdparty:8087"),
+            "{caller}"
+        );
+    }
+    let ingress = object(&objects, "NetworkPolicy", "thirdparty-ingress");
+    let mut callers: Vec<String> = ingress["spec"]["ingress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| peer_apps(&rule["from"]))
+        .collect();
+    callers.sort();
+    assert_eq!(callers, ["scheduler", "supervisor"]);
+    let mut egress: Vec<String> = objects
+        .iter()
+        .filter(|o| o["kind"].as_str() == Some("NetworkPolicy"))
+        .filter(|o| {
+            o["spec"]["egress"].as_sequence().is_some_and(|rules| {
+                rules
+                    .iter()
+                    .any(|r| peer_apps(&r["to"]).iter().any(|a| a == "thirdparty"))
+            })
+        })
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    egress.sort();
+    assert_eq!(egress, ["scheduler-egress", "supervisor-egress"]);
 }
 
 /// `git` in the repository; panics with its error output when it cannot run.

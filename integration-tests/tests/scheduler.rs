@@ -94,6 +94,7 @@ async fn booking_ends_scheduled_with_one_of_everything(backend: Backend) {
         vec![
             ("CheckAccount".to_owned(), one.clone()),
             ("RegisterPackage".to_owned(), one.clone()),
+            ("ArrangeThirdParty".to_owned(), one.clone()),
             ("ReserveDrone".to_owned(), one.clone()),
             ("CreateDelivery".to_owned(), one.clone()),
         ]
@@ -132,7 +133,7 @@ async fn transient_faults_are_retried_without_duplicates(backend: Backend) {
         vec!["transient", "transient", "succeeded"],
         "503 twice"
     );
-    assert_eq!(steps[3].1, vec!["transient", "succeeded"], "timed out once");
+    assert_eq!(steps[4].1, vec!["transient", "succeeded"], "timed out once");
     // The timed-out PUT still reached the service; the retry found it: one of each.
     tokio::time::sleep(ms(1600)).await;
     assert_eq!(downstream_effects(&suite, "acc-1", id).await, (1, true, 1));
@@ -166,7 +167,7 @@ async fn permanent_failure_after_drone_asks_for_compensation(backend: Backend) {
     let wf = suite.workflow(&scheduler, id, "failed", WAIT).await;
     assert!(
         wf["error"].as_str().unwrap().contains("CreateDelivery")
-            || wf["steps"][3]["status"] == "failed",
+            || wf["steps"][4]["status"] == "failed",
         "{wf}"
     );
     let (request, message) = next_compensation(&mut rx).await;

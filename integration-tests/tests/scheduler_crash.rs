@@ -227,7 +227,7 @@ async fn killed_scheduler_resumes_without_loss_or_duplicates(backend: Backend) {
                     "{id} {name}: {outcomes:?}"
                 );
             }
-            let drone = wf["steps"][2]["output"]["droneId"]
+            let drone = wf["steps"][3]["output"]["droneId"]
                 .as_str()
                 .unwrap()
                 .to_owned();

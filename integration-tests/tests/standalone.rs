@@ -91,6 +91,7 @@ async fn make_run_serves_every_service_and_keeps_its_data() {
         p.supervisor,
         p.account,
         p.package,
+        p.thirdparty,
         p.drone,
         p.delivery,
     ] {

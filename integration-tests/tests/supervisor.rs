@@ -109,6 +109,7 @@ async fn failure_after_the_drone_step_ends_compensated(backend: Backend) {
         vec![
             ("CheckAccount", "succeeded"),
             ("RegisterPackage", "succeeded"),
+            ("ArrangeThirdParty", "succeeded"),
             ("ReserveDrone", "succeeded"),
             ("CreateDelivery", "failed"),
         ],
@@ -297,6 +298,7 @@ async fn duplicate_request_has_no_second_effect(backend: Backend) {
         owner_id: "acc-1".into(),
         succeeded_steps: vec!["RegisterPackage".into(), "ReserveDrone".into()],
         in_doubt_steps: vec!["CreateDelivery".into()],
+        carrier_legs: Vec::new(),
         reason: c["reason"].as_str().unwrap().to_owned(),
         saga_version: c["sagaVersion"].as_i64().unwrap(),
     };

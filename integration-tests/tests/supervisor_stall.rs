@@ -202,6 +202,23 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
         },
     )
     .await;
+    // The "Downstream services" line names every service the Scheduler and the Supervisor call,
+    // from both: a drone service that refuses one saga every 2 s is retried, not cut off (far
+    // below the breaker's 20 calls in its window).
+    let html = dashboard.get("/dashboard").await;
+    let line = downstream_line(&html).unwrap_or_else(|| panic!("no downstream line: {html}"));
+    assert!(line.contains("Downstream services"), "{line}");
+    for service in ["account", "package", "drone", "delivery"] {
+        assert!(
+            line.contains(&format!("data-service=\"{service}\" data-state=\"closed\"")),
+            "{service} is shown closed: {line}"
+        );
+    }
+    assert!(
+        !line.contains("not told by"),
+        "the Scheduler told its breakers: {line}"
+    );
+
     // Drones again: it is scheduled and no longer waits.
     stack.scheduler_faults.drone.set_faults(Vec::new());
     stack.wait_state(waiting, "completed", WAIT).await;
@@ -266,8 +283,14 @@ async fn stalls_and_waiting_sagas_are_visible_on_the_overview_and_in_the_metrics
     })
     .await;
 
-    // The dashboard shows the same, to a person.
+    // The dashboard shows the same, to a person; its "Downstream services" line still shows the
+    // Supervisor's own breakers and says the Scheduler did not tell its own.
     let html = dashboard.get("/dashboard").await;
+    let line = downstream_line(&html).unwrap_or_else(|| panic!("no downstream line: {html}"));
+    assert!(
+        line.contains("not told by scheduler:") && line.contains("data-service=\"package\""),
+        "{line}"
+    );
     let row = partition_row(&html, p).unwrap_or_else(|| panic!("no row for partition {p}: {html}"));
     assert!(
         row.contains("class=\"stalled\""),
@@ -372,6 +395,13 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
                 .all(|want| set.split(',').any(|have| have == *want))
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The overview's "Downstream services" line (`<p id="downstream">`), in its HTML.
+fn downstream_line(html: &str) -> Option<String> {
+    let start = html.find(" id=\"downstream\"")?;
+    let end = html[start..].find("</p>")? + start;
+    Some(html[start..end].to_owned())
 }
 
 /// The `<tr>` of partition `p` in the overview's HTML.

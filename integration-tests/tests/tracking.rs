@@ -98,6 +98,7 @@ fn envelope(id: Uuid, ev: &Ev) -> Envelope {
                     drop_off_location: Some("99 Side St, Seattle".into()),
                     pickup_time: Some(window().start),
                     revision: Some(0),
+                    carrier_leg: None,
                 },
             )
             .unwrap()

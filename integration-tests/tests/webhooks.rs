@@ -266,6 +266,7 @@ async fn change(
         drop_off_location: Some("2 Side St".into()),
         pickup_time: Some(Utc::now() + chrono::Duration::days(1)),
         revision,
+        carrier_leg: None,
     };
     let e = Envelope::new(WORKFLOW_STATE_CHANGED, 1, &id.to_string(), &body).unwrap();
     log.append(e).await.unwrap();

@@ -8,6 +8,7 @@ defaults (DESIGN §3).
 ingestion:  {port: 8080, messaging: true,  downstream: false, jwt: true,  component: api}
 account:    {port: 8081, messaging: false, downstream: false, jwt: true,  component: domain}
 package:    {port: 8082, messaging: false, downstream: false, jwt: false, component: domain}
+thirdparty: {port: 8087, messaging: false, downstream: false, jwt: false, component: domain}
 drone:      {port: 8083, messaging: false, downstream: false, jwt: false, component: domain}
 delivery:   {port: 8084, messaging: true,  downstream: false, jwt: false, component: domain}
 scheduler:  {port: 8085, messaging: true,  downstream: true,  jwt: false, component: workflow}
@@ -16,12 +17,12 @@ supervisor: {port: 8086, messaging: true,  downstream: true,  jwt: false, compon
 
 {{/* Services run as Deployments, in a stable order. */}}
 {{- define "dd.deployments" -}}
-[ingestion, account, package, drone, delivery, supervisor]
+[ingestion, account, package, thirdparty, drone, delivery, supervisor]
 {{- end -}}
 
 {{/* The domain services, which only the Scheduler and the Supervisor may call. */}}
 {{- define "dd.domain" -}}
-[account, package, drone, delivery]
+[account, package, thirdparty, drone, delivery]
 {{- end -}}
 
 {{/*

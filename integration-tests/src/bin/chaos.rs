@@ -12,7 +12,7 @@ use integration_tests::harness::chaos;
 
 type Case = fn() -> Pin<Box<dyn Future<Output = ()>>>;
 
-const CASES: [(&str, Case); 5] = [
+const CASES: [(&str, Case); 6] = [
     ("scheduler_kill_and_pause", || {
         Box::pin(chaos::chaos_scheduler_kill_and_pause())
     }),
@@ -27,6 +27,9 @@ const CASES: [(&str, Case); 5] = [
     }),
     ("downstream_faults", || {
         Box::pin(chaos::chaos_downstream_faults())
+    }),
+    ("package_outage_behind_the_breaker", || {
+        Box::pin(chaos::chaos_package_outage_behind_the_breaker())
     }),
 ];
 

@@ -113,6 +113,8 @@ struct SagaRow {
     error: Option<String>,
     next_step: i32,
     drone: Option<String>,
+    /// The carrier leg ArrangeThirdParty booked (its id), when it booked one.
+    leg: Option<String>,
     /// Cancels or reschedules journaled but not yet applied by the saga.
     signals_pending: bool,
 }
@@ -171,6 +173,9 @@ async fn sagas(db: &DatabaseConnection) -> HashMap<Uuid, SagaRow> {
                 error: get(r, "error"),
                 next_step: get(r, "next_step"),
                 drone: outputs[contracts::BookingStep::ReserveDrone.as_str()]["droneId"]
+                    .as_str()
+                    .map(str::to_owned),
+                leg: outputs[contracts::BookingStep::ArrangeThirdParty.as_str()]["legId"]
                     .as_str()
                     .map(str::to_owned),
                 signals_pending: signals.as_array().is_some_and(|a| !a.is_empty()),
@@ -323,6 +328,17 @@ pub async fn check(
     })
     .collect();
     let _ = delivery_db.close().await;
+    // Booked carrier legs by leg id (`<deliveryId>` or `<deliveryId>.r<n>`).
+    let thirdparty_db = connect(&stack.database_url(Service::ThirdParty)).await;
+    let booked_legs: Vec<String> = rows(
+        &thirdparty_db,
+        "SELECT delivery_id FROM legs WHERE status = 'booked'",
+    )
+    .await
+    .iter()
+    .map(|r| get(r, "delivery_id"))
+    .collect();
+    let _ = thirdparty_db.close().await;
 
     let mut active: HashMap<&str, Vec<&Reservation>> = HashMap::new();
     for r in reservations.iter().filter(|r| r.active) {
@@ -397,6 +413,32 @@ pub async fn check(
             v.push(format!(
                 "reservation {id} is active without a scheduled saga"
             ));
+        }
+    }
+    // A booked leg belongs to a scheduled saga, and is the one its saga journaled.
+    for leg in &booked_legs {
+        let id = leg.split(".r").next().unwrap_or(leg);
+        let journaled = Uuid::parse_str(id)
+            .ok()
+            .and_then(|u| sagas.get(&u))
+            .and_then(|s| s.leg.as_deref());
+        if !scheduled(id) {
+            v.push(format!(
+                "carrier leg {leg} is booked without a scheduled saga"
+            ));
+        } else if journaled != Some(leg.as_str()) {
+            v.push(format!(
+                "carrier leg {leg} is booked but its saga journaled {journaled:?}"
+            ));
+        }
+    }
+    for (id, s) in &sagas {
+        if let Some(leg) = s.leg.as_ref().filter(|_| s.state == "completed") {
+            if !booked_legs.contains(leg) {
+                v.push(format!(
+                    "scheduled {id}: its carrier leg {leg} is not booked"
+                ));
+            }
         }
     }
     for (id, (_, stage)) in &deliveries {

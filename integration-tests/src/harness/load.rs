@@ -93,7 +93,12 @@ async fn run(
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let owner = options.owners[usize::try_from(i).unwrap_or(0) % options.owners.len()].clone();
-        let body = StackClient::booking(&owner, options.first_pickup_minutes + i, "Small");
+        let mut body = StackClient::booking(&owner, options.first_pickup_minutes + i, "Small");
+        if i % 5 == 4 {
+            // Every fifth drops off 40 km away (Seattle → Tacoma): a carrier leg first.
+            body["pickupLocation"] = serde_json::json!("0,47.6062,-122.3321");
+            body["dropOffLocation"] = serde_json::json!("0,47.2529,-122.4443");
+        }
         let (client, outcome, accepted, options) = (
             client.clone(),
             outcome.clone(),

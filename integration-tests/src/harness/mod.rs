@@ -1,7 +1,7 @@
 //! The whole suite as real processes, for end-to-end and chaos tests (issue 9).
 //!
 //! - [`process`]: one service binary as a child process — start, `kill -9`, restart, pause.
-//! - [`stack`]: all seven services on fresh PostgreSQL databases and a fresh queue prefix,
+//! - [`stack`]: all eight services on fresh PostgreSQL databases and a fresh queue prefix,
 //!   fault injectors in front of the domain services, a booking client; cleans up on drop.
 //! - [`rabbit`]: stopping and starting the RabbitMQ node (`rabbitmqctl`, after `await_startup`).
 //! - [`load`]: a steady booking load that records what the clients were told.

@@ -19,7 +19,7 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// Like [`binary`] for several services, with one `cargo build` for all the stale ones (one
-/// cargo run instead of seven while others edit `libs/`).
+/// cargo run instead of eight while others edit `libs/`).
 pub fn binaries(names: &[&str]) -> Vec<PathBuf> {
     let exe = std::env::current_exe().expect("the test knows its executable");
     // Tests run from target/<profile>/deps, binaries (the `chaos` runner) from target/<profile>.

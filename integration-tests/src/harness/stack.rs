@@ -1,4 +1,4 @@
-//! The seven services as separate processes (the real binaries) on PostgreSQL and RabbitMQ, each
+//! The eight services as separate processes (the real binaries) on PostgreSQL and RabbitMQ, each
 //! with a fresh database, all with one fresh queue prefix. The Scheduler reaches the domain
 //! services, and the Supervisor the ones it undoes, through [`FaultProxy`]s in the test process,
 //! so a test can make them fail or answer slowly; everything else talks directly, as in
@@ -28,6 +28,7 @@ use crate::{amqp_url, Backend, TestDb, JWT_SECRET, OPERATOR, SERVICE_TOKEN, VIEW
 pub enum Service {
     Account,
     Package,
+    ThirdParty,
     Drone,
     Delivery,
     Ingestion,
@@ -36,9 +37,10 @@ pub enum Service {
 }
 
 impl Service {
-    pub const ALL: [Service; 7] = [
+    pub const ALL: [Service; 8] = [
         Service::Account,
         Service::Package,
+        Service::ThirdParty,
         Service::Drone,
         Service::Delivery,
         Service::Ingestion,
@@ -51,6 +53,7 @@ impl Service {
         match self {
             Service::Account => "account",
             Service::Package => "package",
+            Service::ThirdParty => "thirdparty",
             Service::Drone => "drone",
             Service::Delivery => "delivery",
             Service::Ingestion => "ingestion",
@@ -104,6 +107,7 @@ impl StackOptions {
 pub struct DownstreamFaults {
     pub account: Option<FaultProxy>,
     pub package: FaultProxy,
+    pub thirdparty: FaultProxy,
     pub drone: FaultProxy,
     pub delivery: FaultProxy,
 }
@@ -115,6 +119,7 @@ impl DownstreamFaults {
             a.set_faults(Vec::new());
         }
         self.package.set_faults(Vec::new());
+        self.thirdparty.set_faults(Vec::new());
         self.drone.set_faults(Vec::new());
         self.delivery.set_faults(Vec::new());
     }
@@ -201,7 +206,7 @@ fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
 }
 
 impl Stack {
-    /// Starts all seven services and waits until each is ready.
+    /// Starts all eight services and waits until each is ready.
     pub async fn start(options: StackOptions) -> Stack {
         telemetry::init_for_tests();
         let amqp = amqp_url();
@@ -225,12 +230,14 @@ impl Stack {
         let scheduler_faults = DownstreamFaults {
             account: Some(FaultProxy::start(&address(Service::Account), Vec::new()).await),
             package: FaultProxy::start(&address(Service::Package), Vec::new()).await,
+            thirdparty: FaultProxy::start(&address(Service::ThirdParty), Vec::new()).await,
             drone: FaultProxy::start(&address(Service::Drone), Vec::new()).await,
             delivery: FaultProxy::start(&address(Service::Delivery), Vec::new()).await,
         };
         let supervisor_faults = DownstreamFaults {
             account: None,
             package: FaultProxy::start(&address(Service::Package), Vec::new()).await,
+            thirdparty: FaultProxy::start(&address(Service::ThirdParty), Vec::new()).await,
             drone: FaultProxy::start(&address(Service::Drone), Vec::new()).await,
             delivery: FaultProxy::start(&address(Service::Delivery), Vec::new()).await,
         };
@@ -314,6 +321,7 @@ impl Stack {
                     .unwrap_or_default(),
             ),
             ("APP_DOWNSTREAM__PACKAGE_URL", sf.package.url.clone()),
+            ("APP_DOWNSTREAM__THIRDPARTY_URL", sf.thirdparty.url.clone()),
             ("APP_DOWNSTREAM__DRONE_URL", sf.drone.url.clone()),
             ("APP_DOWNSTREAM__DELIVERY_URL", sf.delivery.url.clone()),
             ("APP_DOWNSTREAM__TIMEOUT_MS", "2000".into()),
@@ -330,7 +338,7 @@ impl Stack {
             ("APP_SCHEDULER__COMPENSATION_DELIVERY_LIMIT", limit.clone()),
         ]);
         // Fast retries, so outages of seconds are ridden out within a test's time.
-        for step in ["ACCOUNT", "PACKAGE", "DRONE", "DELIVERY"] {
+        for step in ["ACCOUNT", "PACKAGE", "THIRD_PARTY", "DRONE", "DELIVERY"] {
             scheduler_env.push((
                 format!("APP_SCHEDULER__STEPS__{step}__MIN_DELAY_MS"),
                 "20".into(),
@@ -363,6 +371,7 @@ impl Stack {
             Service::Supervisor,
             env(&[
                 ("APP_DOWNSTREAM__PACKAGE_URL", vf.package.url.clone()),
+                ("APP_DOWNSTREAM__THIRDPARTY_URL", vf.thirdparty.url.clone()),
                 ("APP_DOWNSTREAM__DRONE_URL", vf.drone.url.clone()),
                 ("APP_DOWNSTREAM__DELIVERY_URL", vf.delivery.url.clone()),
                 ("APP_DOWNSTREAM__TIMEOUT_MS", "2000".into()),
@@ -411,7 +420,7 @@ impl Stack {
             p.wait_ready(Duration::from_secs(120)).await;
         }
         println!(
-            "stack {prefix}: seven services ready {:.1} s after their start (logs in {})",
+            "stack {prefix}: eight services ready {:.1} s after their start (logs in {})",
             booted.elapsed().as_secs_f64(),
             logs.0.display()
         );
@@ -612,7 +621,7 @@ impl Drop for Stack {
             p.kill9();
         }
         drop(self.broker_cleanup.take());
-        // Each DROP DATABASE waits for a checkpoint: seven at once, not one after the other.
+        // Each DROP DATABASE waits for a checkpoint: eight at once, not one after the other.
         let drops: Vec<_> = std::mem::take(&mut self.dbs)
             .into_values()
             .map(|db| std::thread::spawn(move || drop(db)))

@@ -60,6 +60,28 @@ pub async fn spawn_package(backend: Backend) -> TestApp {
     .await
 }
 
+pub async fn spawn_thirdparty(backend: Backend) -> TestApp {
+    spawn_thirdparty_with(backend, |_| {}).await
+}
+
+/// A ThirdParty service whose settings the test adjusts first (its carriers, `Retry-After`).
+pub async fn spawn_thirdparty_with(
+    backend: Backend,
+    adjust: impl FnOnce(&mut thirdparty::Settings),
+) -> TestApp {
+    spawn_on_fresh_db::<thirdparty::Application>(backend, |database| {
+        let mut settings = thirdparty::Settings {
+            http: test_http(),
+            database,
+            auth: test_auth(),
+            ..Default::default()
+        };
+        adjust(&mut settings);
+        settings
+    })
+    .await
+}
+
 /// A Delivery service publishing its tracking events under a queue prefix of its own, on one
 /// partition, removed again when the service stops (a test of the Delivery service alone
 /// reads them, if at all, itself).

@@ -26,6 +26,7 @@ impl Standalone {
                 drone: 0,
                 delivery: 0,
                 supervisor: 0,
+                thirdparty: 0,
             },
             ..Default::default()
         }

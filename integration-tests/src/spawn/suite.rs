@@ -9,8 +9,8 @@ use uuid::Uuid;
 use crate::faults::{Fault, FaultProxy};
 use crate::{
     amqp_url, done_if, eventually, eventually_every, spawn, spawn_account, spawn_delivery_on,
-    spawn_drone_with, spawn_ingestion, spawn_package, test_auth, test_http, Backend, IngestionApp,
-    TestApp, TestDb,
+    spawn_drone_with, spawn_ingestion, spawn_package, spawn_thirdparty, test_auth, test_http,
+    Backend, IngestionApp, TestApp, TestDb,
 };
 
 /// Faults to put in front of the domain services the Scheduler calls.
@@ -18,15 +18,18 @@ use crate::{
 pub struct SuiteFaults {
     pub account: Vec<Fault>,
     pub package: Vec<Fault>,
+    pub thirdparty: Vec<Fault>,
     pub drone: Vec<Fault>,
     pub delivery: Vec<Fault>,
 }
 
-/// Every service so far, wired as in production: Ingestion → RabbitMQ → Scheduler → the four
+/// Every service so far, wired as in production: Ingestion → RabbitMQ → Scheduler → the five
 /// domain services over HTTP (through fault injectors when asked), each on its own database.
 pub struct Suite {
     pub account: TestApp,
     pub package: TestApp,
+    /// The carriers' legs (ArrangeThirdParty), with the default carriers.
+    pub thirdparty: TestApp,
     pub drone: TestApp,
     pub delivery: TestApp,
     pub ingestion: IngestionApp,
@@ -58,6 +61,7 @@ pub async fn spawn_suite_with(
 ) -> Suite {
     let account = spawn_account(backend).await;
     let package = spawn_package(backend).await;
+    let thirdparty = spawn_thirdparty(backend).await;
     let ingestion = spawn_ingestion(backend, |s| {
         s.ingestion.rate_per_second = 100_000;
         s.ingestion.rate_burst = 100_000;
@@ -89,6 +93,7 @@ pub async fn spawn_suite_with(
     let mut proxies = Vec::new();
     let account_url = through(&account, faults.account, &mut proxies).await;
     let package_url = through(&package, faults.package, &mut proxies).await;
+    let thirdparty_url = through(&thirdparty, faults.thirdparty, &mut proxies).await;
     let drone_url = through(&drone, faults.drone, &mut proxies).await;
     let delivery_url = through(&delivery, faults.delivery, &mut proxies).await;
 
@@ -107,6 +112,7 @@ pub async fn spawn_suite_with(
             package_url,
             drone_url,
             delivery_url,
+            thirdparty_url,
             timeout_ms: 1000,
             ..DownstreamSettings::default()
         },
@@ -120,6 +126,7 @@ pub async fn spawn_suite_with(
             steps: scheduler::StepPolicies {
                 account: fast(default_steps.account),
                 package: fast(default_steps.package),
+                third_party: fast(default_steps.third_party),
                 drone: fast(default_steps.drone),
                 delivery: fast(default_steps.delivery),
             },
@@ -129,6 +136,7 @@ pub async fn spawn_suite_with(
     Suite {
         account,
         package,
+        thirdparty,
         drone,
         delivery,
         ingestion,
@@ -257,6 +265,7 @@ impl Suite {
         }
         self.account.stop().await;
         self.package.stop().await;
+        self.thirdparty.stop().await;
         self.drone.stop().await;
         self.delivery.stop().await;
     }

@@ -14,12 +14,14 @@ use crate::{amqp_url, spawn, test_auth, test_http, Backend, Suite, TestApp, Test
 pub const OPERATOR: (&str, &str) = ("olivia", "operator-password-1");
 pub const VIEWER: (&str, &str) = ("victor", "viewer-password-1");
 
-/// A Supervisor wired to a [`Suite`] and its Scheduler. Its calls to Package, Drone and Delivery
-/// pass through fault injectors the test can switch (`set_faults`), separate from the Scheduler's.
+/// A Supervisor wired to a [`Suite`] and its Scheduler. Its calls to Package, ThirdParty, Drone
+/// and Delivery pass through fault injectors the test can switch (`set_faults`), separate from the
+/// Scheduler's.
 pub struct SupervisorApp {
     pub app: TestApp,
     pub settings: supervisor::Settings,
     pub package: FaultProxy,
+    pub thirdparty: FaultProxy,
     pub drone: FaultProxy,
     pub delivery: FaultProxy,
 }
@@ -34,6 +36,7 @@ pub async fn spawn_supervisor(
 ) -> SupervisorApp {
     let db = TestDb::new(backend, "supervisor").await;
     let package = FaultProxy::start(&suite.package.address, Vec::new()).await;
+    let thirdparty = FaultProxy::start(&suite.thirdparty.address, Vec::new()).await;
     let drone = FaultProxy::start(&suite.drone.address, Vec::new()).await;
     let delivery = FaultProxy::start(&suite.delivery.address, Vec::new()).await;
     let mut messaging = MessagingSettings::new(amqp_url());
@@ -51,6 +54,7 @@ pub async fn spawn_supervisor(
         messaging,
         downstream: DownstreamSettings {
             package_url: package.url.clone(),
+            thirdparty_url: thirdparty.url.clone(),
             drone_url: drone.url.clone(),
             delivery_url: delivery.url.clone(),
             timeout_ms: 1000,
@@ -87,6 +91,7 @@ pub async fn spawn_supervisor(
         app,
         settings,
         package,
+        thirdparty,
         drone,
         delivery,
     }

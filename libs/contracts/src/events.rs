@@ -141,6 +141,9 @@ pub struct WorkflowStateChanged {
     /// Reschedules applied so far (0 = as booked; absent in events of older Schedulers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u32>,
+    /// The carrier leg the booking holds, once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier_leg: Option<crate::CarrierLeg>,
 }
 
 /// One tracking event of a delivery as the Delivery service recorded it, on `workflow-events`
@@ -227,6 +230,7 @@ mod tests {
             drop_off_location: None,
             pickup_time: Some(now),
             revision: Some(1),
+            carrier_leg: None,
         });
         round_trip(&DeliveryTracked {
             delivery_id: id.to_string(),

@@ -10,23 +10,27 @@ pub mod schema;
 pub mod validation;
 
 mod account;
+mod breaker;
 mod delivery;
 mod drone;
 mod events;
 mod package;
 mod problem;
 mod request;
+mod thirdparty;
 mod tracking;
 mod webhooks;
 mod workflow;
 
 pub use account::*;
+pub use breaker::*;
 pub use delivery::*;
 pub use drone::*;
 pub use events::*;
 pub use package::*;
 pub use problem::*;
 pub use request::*;
+pub use thirdparty::*;
 pub use tracking::*;
 pub use webhooks::*;
 pub use workflow::*;

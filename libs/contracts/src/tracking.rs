@@ -158,6 +158,9 @@ pub struct DeliveryTracking {
     pub pickup_window: Option<TimeWindow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drone_id: Option<String>,
+    /// The carrier that takes the package part (or all) of the way, when the drones cannot alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier_leg: Option<crate::CarrierLeg>,
     /// The drone's last reported location (`"0,lat,lon"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_location: Option<String>,
@@ -229,6 +232,7 @@ mod tests {
                 end: now,
             }),
             drone_id: Some("drone-001".into()),
+            carrier_leg: None,
             last_location: Some("0,47.6,-122.3".into()),
             accepted_at: now,
             updated_at: now,

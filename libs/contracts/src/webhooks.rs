@@ -221,6 +221,9 @@ pub struct WebhookEventData {
     /// Where the drone was (`booking.delivered`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    /// The carrier that takes the package part (or all) of the way, when the booking has a leg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier_leg: Option<crate::CarrierLeg>,
 }
 
 /// Where one event stands with one endpoint.
@@ -344,6 +347,7 @@ mod tests {
             data: WebhookEventData {
                 state: Some(RequestState::Scheduled),
                 revision: Some(1),
+                carrier_leg: None,
                 drone_id: Some("drone-001".into()),
                 ..Default::default()
             },

@@ -92,23 +92,28 @@ impl fmt::Display for SagaState {
 pub enum BookingStep {
     CheckAccount,
     RegisterPackage,
+    /// Books a carrier leg when the drones cannot do the delivery alone (a drop-off beyond their
+    /// range, a package heavier than any of them carries); otherwise it decides so and books none.
+    ArrangeThirdParty,
     ReserveDrone,
     CreateDelivery,
 }
 
 impl BookingStep {
     /// Every step, in the order the saga runs them.
-    pub const ALL: [BookingStep; 4] = [
+    pub const ALL: [BookingStep; 5] = [
         BookingStep::CheckAccount,
         BookingStep::RegisterPackage,
+        BookingStep::ArrangeThirdParty,
         BookingStep::ReserveDrone,
         BookingStep::CreateDelivery,
     ];
 
     /// The steps with an effect, the last first: the order in which compensation undoes them.
-    const UNDO_ORDER: [BookingStep; 3] = [
+    const UNDO_ORDER: [BookingStep; 4] = [
         BookingStep::CreateDelivery,
         BookingStep::ReserveDrone,
+        BookingStep::ArrangeThirdParty,
         BookingStep::RegisterPackage,
     ];
 
@@ -116,6 +121,7 @@ impl BookingStep {
         match self {
             BookingStep::CheckAccount => "CheckAccount",
             BookingStep::RegisterPackage => "RegisterPackage",
+            BookingStep::ArrangeThirdParty => "ArrangeThirdParty",
             BookingStep::ReserveDrone => "ReserveDrone",
             BookingStep::CreateDelivery => "CreateDelivery",
         }
@@ -130,7 +136,7 @@ impl BookingStep {
         self != BookingStep::CheckAccount
     }
 
-    /// The steps with an effect in reverse run order (Delivery → Drone → Package): the order in
+    /// The steps with an effect in reverse run order (Delivery → Drone → ThirdParty → Package): the order in
     /// which compensation undoes them.
     pub fn undo_order() -> &'static [BookingStep] {
         &Self::UNDO_ORDER
@@ -160,6 +166,11 @@ pub struct CompensationRequest {
     /// though it is not recorded as succeeded. Undoing it is safe: an undo of nothing is a no-op.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub in_doubt_steps: Vec<String>,
+    /// The carrier legs to cancel when ArrangeThirdParty is undone: every revision's leg id (a
+    /// rescheduled booking re-plans its leg under a new id). Empty in requests of older
+    /// Schedulers: then the leg id is the deliveryId.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub carrier_legs: Vec<String>,
     pub reason: String,
     pub saga_version: i64,
 }
@@ -186,7 +197,8 @@ impl CompensationRequest {
 #[serde(rename_all = "camelCase")]
 pub struct AttemptView {
     pub attempt: i32,
-    /// `succeeded`, `transient` or `permanent`.
+    /// `succeeded`, `transient`, `permanent`, or `deferred` (not tried: the service's circuit
+    /// breaker was open, and the saga waited as a timer; not counted as an attempt).
     pub outcome: String,
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
@@ -484,6 +496,7 @@ mod tests {
             owner_id: "o".into(),
             succeeded_steps: vec!["RegisterPackage".into(), "ReserveDrone".into()],
             in_doubt_steps: vec!["CreateDelivery".into()],
+            carrier_legs: Vec::new(),
             reason: "CreateDelivery: 422".into(),
             saga_version: 4,
         };

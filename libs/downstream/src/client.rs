@@ -1,5 +1,6 @@
-//! The client: one connection pool for all four services, one function that builds every request
-//! and one that sends it, classifies the answer and logs failures.
+//! The client: one connection pool for all the services, one function that builds every request
+//! and one that sends it (past the target's breaker and cap), classifies the answer and logs
+//! failures.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use tracing::Instrument;
 use anyhow::{anyhow, bail, Context};
 use contracts::{
     Account, Confirmation, Delivery, DeliveryPatch, DeliveryUpsert, DroneReservation,
-    DroneReservationRequest, Package, PackageUpsert, TrackingUpdate,
+    DroneReservationRequest, LegRequest, Package, PackageUpsert, ThirdPartyLeg, TrackingUpdate,
 };
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
@@ -17,6 +18,8 @@ use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::error::problem_code;
+use crate::protection::{Protection, Verdict};
 use crate::{CallError, DownstreamSettings};
 
 /// Idle pooled connections are dropped before the services' HTTP server (actix-web, 5 s
@@ -42,8 +45,11 @@ struct Inner {
     package: Url,
     drone: Url,
     delivery: Url,
+    thirdparty: Url,
     /// `Bearer <service token>`, marked sensitive so it never shows in debug output.
     authorization: HeaderValue,
+    /// A circuit breaker and a cap on concurrent calls per service, indexed by [`Service::index`].
+    protection: Arc<Protection>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -52,15 +58,35 @@ enum Service {
     Package,
     Drone,
     Delivery,
+    ThirdParty,
 }
 
 impl Service {
+    const ALL: [Service; 5] = [
+        Service::Account,
+        Service::Package,
+        Service::ThirdParty,
+        Service::Drone,
+        Service::Delivery,
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            Service::Account => 0,
+            Service::Package => 1,
+            Service::ThirdParty => 2,
+            Service::Drone => 3,
+            Service::Delivery => 4,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Service::Account => "account",
             Service::Package => "package",
             Service::Drone => "drone",
             Service::Delivery => "delivery",
+            Service::ThirdParty => "thirdparty",
         }
     }
 
@@ -71,6 +97,7 @@ impl Service {
             Service::Package => "packages",
             Service::Drone => "dronedeliveries",
             Service::Delivery => "deliveries",
+            Service::ThirdParty => "thirdparty",
         }
     }
 }
@@ -90,11 +117,14 @@ impl Answer {
 
 impl Downstream {
     /// Builds the client. Fails when a URL is not an absolute `http(s)` URL, the timeout is zero,
-    /// or the service token is empty or not usable in a header.
+    /// a breaker or cap setting is out of range, or the service token is empty or not usable in a
+    /// header.
     pub fn new(settings: &DownstreamSettings) -> anyhow::Result<Self> {
         if settings.timeout_ms == 0 {
             bail!("downstream timeout_ms must be more than 0");
         }
+        let names = Service::ALL.map(Service::name);
+        let protection = Arc::new(Protection::new(settings, &names)?);
         let token = settings.service_token.expose_secret();
         if token.trim().is_empty() {
             bail!("the downstream service token is empty: set it to the suite's service token");
@@ -124,9 +154,33 @@ impl Downstream {
                 package: base_url("package_url", &settings.package_url)?,
                 drone: base_url("drone_url", &settings.drone_url)?,
                 delivery: base_url("delivery_url", &settings.delivery_url)?,
+                thirdparty: base_url("thirdparty_url", &settings.thirdparty_url)?,
                 authorization,
+                protection,
             }),
         })
+    }
+
+    /// Registers the client's metrics in `registry` (the service's `/metrics`), per target
+    /// service: `downstream_breaker_state` (0 closed, 1 half-open, 2 open),
+    /// `downstream_rejected_calls_total{reason=open|half_open|concurrency}`,
+    /// `downstream_breaker_transitions_total{to}` and `downstream_calls_in_flight`, each labelled
+    /// `target`. They count from the client's start whether registered or not; once per registry.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> anyhow::Result<()> {
+        self.inner.protection.register(registry)
+    }
+
+    /// [`register_metrics`](Self::register_metrics), for building and registering in one
+    /// expression.
+    pub fn with_metrics(self, registry: &prometheus::Registry) -> anyhow::Result<Self> {
+        self.register_metrics(registry)?;
+        Ok(self)
+    }
+
+    /// Each service's circuit breaker and concurrency cap in this client (shared by its clones),
+    /// in the order a booking calls them.
+    pub fn breakers(&self) -> Vec<contracts::BreakerStatus> {
+        self.inner.protection.snapshot()
     }
 
     /// `GET /api/accounts/{id}`. A suspended account is data, not an error: the caller decides.
@@ -243,6 +297,39 @@ impl Downstream {
         .await
     }
 
+    /// `PUT /api/thirdparty/{deliveryId}`: books a carrier leg (`201`) or finds the same one
+    /// (`200`). No carrier with capacity left is `Transient` with the service's `Retry-After`; a
+    /// leg cancelled before it was booked is `Permanent` with code `leg-cancelled`; a route no
+    /// carrier serves is `Permanent` with code `no-carrier-serves-route`.
+    pub async fn arrange_leg(
+        &self,
+        delivery_id: &str,
+        body: &LegRequest,
+    ) -> Result<ThirdPartyLeg, CallError> {
+        let body = json_body(body)?;
+        self.exchange(
+            Service::ThirdParty,
+            Method::PUT,
+            delivery_id,
+            Some(body),
+            decode::<ThirdPartyLeg>,
+        )
+        .await
+    }
+
+    /// `DELETE /api/thirdparty/{deliveryId}`: cancels the leg (and refuses a later `PUT` for the
+    /// id). An unknown leg counts as done.
+    pub async fn cancel_leg(&self, delivery_id: &str) -> Result<(), CallError> {
+        self.exchange(
+            Service::ThirdParty,
+            Method::DELETE,
+            delivery_id,
+            None,
+            undone,
+        )
+        .await
+    }
+
     /// Builds every request this client sends: the URL, the service token, the JSON headers.
     /// Headers for all calls (e.g. a `traceparent`) belong here.
     /// The URL is `/api/<collection>/<id>`, or `/api/<collection>/<id>/<sub>`.
@@ -258,6 +345,7 @@ impl Downstream {
             Service::Package => &self.inner.package,
             Service::Drone => &self.inner.drone,
             Service::Delivery => &self.inner.delivery,
+            Service::ThirdParty => &self.inner.thirdparty,
         };
         let mut url = base.clone();
         // Pushing segments percent-encodes the id, so no id can reach another route.
@@ -317,6 +405,9 @@ impl Downstream {
         }
         let path = url.path();
         let call = format!("{} {method} {path}", service.name());
+        // Past the breaker and the cap, or refused without being made (not logged one by one: a
+        // breaker open on a busy service refuses thousands; the metrics count them).
+        let pass = self.inner.protection.enter(service.index()).await?;
         // A client span; its context travels in `traceparent` so the callee's span is its child.
         let span = tracing::info_span!(
             "downstream_call",
@@ -330,10 +421,14 @@ impl Downstream {
         span.in_scope(|| telemetry::inject_http(&mut trace_headers));
         builder = builder.headers(trace_headers);
         let started = Instant::now();
-        let result = match send(builder, &call, self.inner.timeout)
+        let sent = send(builder, &call, self.inner.timeout)
             .instrument(span.clone())
-            .await
-        {
+            .await;
+        pass.finish(match &sent {
+            Ok(answer) => Verdict::of_answer(answer.status, || problem_code(&answer.body)),
+            Err(e) => Verdict::of_transport(e),
+        });
+        let result = match sent {
             Ok(answer) => {
                 let status = answer.status;
                 outcome(&call, answer).map_err(|e| (Some(status), e))

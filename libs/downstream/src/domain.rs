@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use contracts::{
     Account, Delivery, DeliveryPatch, DeliveryUpsert, DroneReservation, DroneReservationRequest,
-    Package, PackageUpsert,
+    LegRequest, Package, PackageUpsert, ThirdPartyLeg,
 };
 
 use crate::{CallError, Downstream};
@@ -30,6 +30,19 @@ pub trait Domain: Send + Sync {
 
     /// Cancels the package. Idempotent; an unknown package counts as done.
     async fn delete_package(&self, id: &str) -> Result<(), CallError>;
+
+    /// Books a carrier leg for the delivery, or finds the same one already there. No carrier with
+    /// capacity left is `Transient` with the service's `Retry-After`; an id whose leg was cancelled
+    /// (or cancelled before it was booked) is `Permanent` with code `leg-cancelled`.
+    async fn arrange_leg(
+        &self,
+        delivery_id: &str,
+        body: &LegRequest,
+    ) -> Result<ThirdPartyLeg, CallError>;
+
+    /// Cancels the delivery's carrier leg. Idempotent; an unknown leg counts as done, and the id
+    /// is refused by a later `arrange_leg`.
+    async fn cancel_leg(&self, delivery_id: &str) -> Result<(), CallError>;
 
     /// Reserves a drone for the delivery's window; the same delivery keeps the same drone (a
     /// different pickup time moves the window). No free drone is `Transient` with the service's
@@ -58,6 +71,12 @@ pub trait Domain: Send + Sync {
     /// Cancels the delivery. Idempotent; an unknown delivery counts as done; a completed one is
     /// `Permanent` with code `delivery-closed`.
     async fn cancel_delivery(&self, id: &str) -> Result<(), CallError>;
+
+    /// The circuit breaker and concurrency cap in front of each service, as they are now; none
+    /// for an implementation without them (an in-memory stand-in).
+    fn breakers(&self) -> Vec<contracts::BreakerStatus> {
+        Vec::new()
+    }
 }
 
 #[async_trait]
@@ -72,6 +91,18 @@ impl Domain for Downstream {
 
     async fn delete_package(&self, id: &str) -> Result<(), CallError> {
         Downstream::delete_package(self, id).await
+    }
+
+    async fn arrange_leg(
+        &self,
+        delivery_id: &str,
+        body: &LegRequest,
+    ) -> Result<ThirdPartyLeg, CallError> {
+        Downstream::arrange_leg(self, delivery_id, body).await
+    }
+
+    async fn cancel_leg(&self, delivery_id: &str) -> Result<(), CallError> {
+        Downstream::cancel_leg(self, delivery_id).await
     }
 
     async fn reserve_drone(
@@ -100,5 +131,9 @@ impl Domain for Downstream {
 
     async fn cancel_delivery(&self, id: &str) -> Result<(), CallError> {
         Downstream::cancel_delivery(self, id).await
+    }
+
+    fn breakers(&self) -> Vec<contracts::BreakerStatus> {
+        Downstream::breakers(self)
     }
 }

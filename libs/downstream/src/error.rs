@@ -29,12 +29,26 @@ pub enum CallError {
         /// The problem+json `code` (e.g. `not-found`, `package-conflict`), when the body had one.
         code: Option<String>,
     },
+    /// The call was not made: the target service's circuit breaker is open (it has been failing),
+    /// or its cap on concurrent calls is reached. Nothing reached the service. The caller waits
+    /// `retry_after` (when the breaker lets a probe through) without counting it as an attempt:
+    /// a saga parks as a durable timer, holding no slot.
+    #[error("{reason}")]
+    Rejected {
+        /// Which service and why, for the journal and the logs.
+        reason: String,
+        /// When trying again can be let through.
+        retry_after: Duration,
+    },
 }
 
 impl CallError {
     /// True when the call may succeed if tried again.
     pub fn is_transient(&self) -> bool {
-        matches!(self, CallError::Transient { .. })
+        matches!(
+            self,
+            CallError::Transient { .. } | CallError::Rejected { .. }
+        )
     }
 
     /// A failure before any answer arrived (connect error, timeout, broken connection).
@@ -121,6 +135,11 @@ fn is_transient_status(status: StatusCode) -> bool {
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The problem+json `code` of an answer's body, when it has one.
+pub(crate) fn problem_code(body: &[u8]) -> Option<String> {
+    ProblemBody::parse(body).code
 }
 
 /// The fields of a problem+json body this client uses. Lenient on purpose: a problem from a proxy

@@ -10,15 +10,20 @@
 //!
 //! [`Domain`] is the same eight calls as a trait, so a simulation can put in-memory services in
 //! place of the HTTP client.
+//!
+//! Every call also passes the target service's circuit breaker and its cap on concurrent calls
+//! (module `protection`, settings [`BreakerSettings`]): while a service fails, calls to it are
+//! refused at once with [`CallError::Rejected`] and a `retry_after`, never made.
 
 #![warn(missing_docs)]
 
 mod client;
 mod domain;
 mod error;
+mod protection;
 mod settings;
 
 pub use client::Downstream;
 pub use domain::Domain;
 pub use error::CallError;
-pub use settings::DownstreamSettings;
+pub use settings::{BreakerSettings, DownstreamSettings};

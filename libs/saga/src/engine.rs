@@ -24,6 +24,10 @@ use crate::store::{
 };
 use crate::{CANCELLED, COMPLETED, FAILED, RUNNING};
 
+/// The journal's outcome for a step that was not tried (its service's breaker was open): the saga
+/// waited as a timer. Not an attempt of the step's retry policy.
+pub const DEFERRED: &str = "deferred";
+
 /// One step: an idempotent action (a retry or a replay has no second effect downstream).
 #[async_trait]
 pub trait Step<C>: Send + Sync {
@@ -419,6 +423,7 @@ impl<C: Send + Sync> Engine<C> {
                     match &outcome {
                         Ok(_) => "succeeded",
                         Err(StepError::Transient { .. }) => "transient",
+                        Err(StepError::Deferred { .. }) => DEFERRED,
                         Err(_) => "permanent",
                     },
                 );
@@ -471,6 +476,50 @@ impl<C: Send + Sync> Engine<C> {
                         )
                         .await?;
                         continue 'steps;
+                    }
+                    Err(StepError::Deferred { reason, wait }) => {
+                        let resume = finished
+                            + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+                        if saga.deadline.is_some_and(|dl| resume >= dl) {
+                            let reason = format!(
+                                "{reason} (gave up: the deadline passes before it can be tried again)"
+                            );
+                            self.fail(
+                                ctx,
+                                fence,
+                                &mut saga,
+                                step.name(),
+                                index,
+                                attempt_no,
+                                started,
+                                reason,
+                            )
+                            .await?;
+                            continue 'steps;
+                        }
+                        // Always parked, however short the wait: a step whose service is known
+                        // to be down holds no slot.
+                        saga.wake_at = Some(resume);
+                        let update = InstanceUpdate {
+                            wake_at: saga.wake_at,
+                            ..Default::default()
+                        };
+                        let attempt = attempt_row(
+                            &saga.id,
+                            index,
+                            attempt_no,
+                            step.name(),
+                            DEFERRED,
+                            Some(reason.clone()),
+                            started,
+                            finished,
+                        );
+                        self.commit(fence, &mut saga, update, vec![attempt], Vec::new())
+                            .await?;
+                        step_span.in_scope(|| {
+                            tracing::info!(saga_id = %saga.id, step = step.name(), reason, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "step deferred");
+                        });
+                        return Ok(saga);
                     }
                     Err(StepError::Transient {
                         reason,
@@ -630,7 +679,8 @@ impl<C: Send + Sync> Engine<C> {
 
     /// After a restart or a park, attempt numbers continue where the journal stopped. Returns the
     /// last attempt number of the step, how many attempts the current try has made (since the step
-    /// last succeeded or failed for good: a rewound or retried step starts a new try) and when the
+    /// last succeeded, failed for good or was deferred: a rewound, retried or deferred step starts
+    /// a new try) and when the
     /// current try's first attempt started (its time budget counts from there).
     async fn attempts_so_far(
         &self,
@@ -646,6 +696,11 @@ impl<C: Send + Sync> Engine<C> {
             if a.outcome == "transient" {
                 current += 1;
                 first = first.or(Some(a.started_at));
+            } else if a.outcome == DEFERRED {
+                // Waiting out an open breaker is not the step failing: the try after it starts
+                // with a fresh back-off and budget (the journal keeps the earlier attempts).
+                current = 0;
+                first = None;
             } else {
                 current = 0;
                 first = None;

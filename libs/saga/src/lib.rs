@@ -22,7 +22,7 @@ pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use engine::{
-    Engine, EngineSettings, Hooks, Inbox, Lifecycle, NoInbox, Saga, SignalAction, Step,
+    Engine, EngineSettings, Hooks, Inbox, Lifecycle, NoInbox, Saga, SignalAction, Step, DEFERRED,
 };
 pub use memory::MemoryStore;
 pub use migration::migrations;

@@ -18,6 +18,12 @@ pub enum StepError {
     /// Will not succeed however often it is tried (4xx, a suspended account).
     #[error("{reason}")]
     Permanent { reason: String },
+    /// Not tried at all: the service is known to be failing (its circuit breaker is open). The
+    /// saga parks as a durable timer for `wait` (holding no slot) and tries again then; this is
+    /// not an attempt, so it spends none of the step's attempts, and the try after it starts a
+    /// fresh back-off and time budget. Only the saga's deadline bounds the waiting.
+    #[error("{reason}")]
+    Deferred { reason: String, wait: Duration },
 }
 
 impl StepError {
@@ -36,7 +42,9 @@ impl StepError {
 
     pub fn reason(&self) -> &str {
         match self {
-            StepError::Transient { reason, .. } | StepError::Permanent { reason } => reason,
+            StepError::Transient { reason, .. }
+            | StepError::Permanent { reason }
+            | StepError::Deferred { reason, .. } => reason,
         }
     }
 }

@@ -35,6 +35,7 @@ per_backend!(
     many_sagas_share_commits,
     outbox_relay_publishes_in_order_and_retries,
     a_long_retry_delay_parks_the_saga,
+    a_deferred_step_parks_at_once_and_spends_no_attempt,
     a_rewind_signal_runs_a_completed_saga_again,
     a_rewound_step_gets_its_retries_again,
     a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more,
@@ -825,6 +826,79 @@ async fn a_long_retry_delay_parks_the_saga(fx: Fixture) {
     let row = load(&store, "p1").await;
     assert_eq!((row.state.as_str(), row.wake_at), ("completed", None));
     assert!(store.due(2, clock.now(), 10).await.unwrap().is_empty());
+}
+
+/// A step whose service's breaker is open is deferred: the saga parks at once (even for a wait
+/// shorter than `park_after`, and with the engine set never to park), holding no slot, and the
+/// deferral spends none of the step's attempts: the try after it has them all again.
+async fn a_deferred_step_parks_at_once_and_spends_no_attempt(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 0, &["a", "b"]).await;
+    let deferred = || {
+        Err(StepError::Deferred {
+            reason: "package circuit breaker is open".into(),
+            wait: Duration::from_millis(200),
+        })
+    };
+    // Three transient failures (of four attempts), a deferral, then four more attempts.
+    let mut outcomes_b = transient(3, "503");
+    outcomes_b.push(deferred());
+    outcomes_b.extend(transient(3, "503"));
+    script.will("b", outcomes_b);
+    let parked = run_new(&e, &script, fence, "d1", json!({})).await;
+    assert_eq!(parked.state, saga::RUNNING);
+    assert_eq!(
+        ms(parked.wake_at),
+        ms(Some(clock.now() + chrono::Duration::milliseconds(200))),
+        "parked for the breaker's wait"
+    );
+    assert_eq!(script.calls("b"), 4);
+    let row = load(&store, "d1").await;
+    assert_eq!(ms(row.wake_at), ms(parked.wake_at), "the timer is durable");
+
+    clock.advance(Duration::from_millis(200));
+    let due = the_one_due(&store, 0, clock.now()).await;
+    let done = e.run(&script, fence, due, &NoInbox).await.unwrap();
+    assert_eq!(done.state, saga::COMPLETED, "{:?}", done.error);
+    assert_eq!(
+        script.calls("b"),
+        8,
+        "4 attempts, the deferral, 3 more + success"
+    );
+    assert_eq!(
+        attempts_of(&store, "d1", "b").await,
+        outcomes(&[
+            (1, "transient"),
+            (2, "transient"),
+            (3, "transient"),
+            (4, saga::DEFERRED),
+            (5, "transient"),
+            (6, "transient"),
+            (7, "transient"),
+            (8, "succeeded"),
+        ])
+    );
+
+    // A deferral past the deadline fails the saga at once instead of parking.
+    let script = Script::default();
+    script.will(
+        "a",
+        vec![Err(StepError::Deferred {
+            reason: "account circuit breaker is open".into(),
+            wait: Duration::from_secs(60),
+        })],
+    );
+    let deadline = clock.now() + chrono::Duration::seconds(30);
+    let s = started_with(&e, &script, fence, "d2", Some(deadline), None).await;
+    let done = e.run_started(&script, fence, s, &NoInbox).await.unwrap();
+    assert_eq!(done.state, saga::FAILED);
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("deadline passes"),
+        "{:?}",
+        done.error
+    );
 }
 
 fn reschedule(input: Value, to_step: usize, deadline: DateTime<Utc>, at: DateTime<Utc>) -> Signal {

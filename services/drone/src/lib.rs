@@ -147,6 +147,7 @@ impl Service for Application {
             downstream.service_token = settings.auth.service_token.clone();
         }
         let deliveries = Downstream::new(&downstream).context("the delivery service client")?;
+        deliveries.register_metrics(builder.registry())?;
         let own_url = Arc::new(OnceLock::new());
         if settings.simulator.enabled {
             builder.spawn(simulator::run(

@@ -208,6 +208,18 @@ fn delivery_refused(delivery_id: &str, e: CallError) -> ApiError {
                 retry_after.map_or(1, |d| d.as_secs().max(1)),
             )
         }
+        // Not called: the Delivery service has been failing (its breaker is open).
+        CallError::Rejected {
+            reason,
+            retry_after,
+        } => {
+            tracing::warn!(delivery_id, %reason, "delivery service not called for a report");
+            ApiError::unavailable(
+                "delivery-unavailable",
+                "the delivery service is failing; send the report again later",
+                retry_after.as_secs().max(1),
+            )
+        }
         CallError::Permanent {
             code: Some(code), ..
         } if code == "delivery-closed" => ApiError::conflict(

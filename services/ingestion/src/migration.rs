@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(KeepFirstRequest),
             Box::new(crate::tracking::AddTracking),
             Box::new(crate::webhooks::CreateWebhooks),
+            Box::new(KeepCarrierLeg),
         ]
     }
 }
@@ -30,6 +31,7 @@ enum DeliveryRequests {
     AcceptedAt,
     UpdatedAt,
     FirstRequest,
+    CarrierLeg,
 }
 
 #[derive(DeriveIden)]
@@ -115,6 +117,40 @@ impl MigrationTrait for KeepFirstRequest {
                 Table::alter()
                     .table(DeliveryRequests::Table)
                     .drop_column(DeliveryRequests::FirstRequest)
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// The carrier leg a booking holds (JSON of `contracts::CarrierLeg`), for its tracking view.
+struct KeepCarrierLeg;
+
+impl MigrationName for KeepCarrierLeg {
+    fn name(&self) -> &str {
+        "m20261206_000001_keep_carrier_leg"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for KeepCarrierLeg {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(DeliveryRequests::Table)
+                    .add_column(text_null(DeliveryRequests::CarrierLeg))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(DeliveryRequests::Table)
+                    .drop_column(DeliveryRequests::CarrierLeg)
                     .to_owned(),
             )
             .await

@@ -57,6 +57,8 @@ pub mod request {
         /// The saga announced a client cancellation (what follows it, such as a failed undo,
         /// does not make the booking "failed" for the client).
         pub client_cancelled: bool,
+        /// The carrier leg the booking holds (JSON of `contracts::CarrierLeg`), when it has one.
+        pub carrier_leg: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -122,6 +124,7 @@ impl Accepted {
             tracked_at: None,
             last_location: None,
             client_cancelled: false,
+            carrier_leg: None,
         }
     }
 
@@ -334,6 +337,10 @@ pub(crate) async fn apply(
             window_end: Set(e.pickup_window.map(|w| w.end)),
             drone_id: Set(e.drone_id.clone()),
             client_cancelled: Set(client_cancelled),
+            carrier_leg: Set(e
+                .carrier_leg
+                .as_ref()
+                .and_then(|l| serde_json::to_string(l).ok())),
             ..Default::default()
         });
     let mut on_conflict = OnConflict::column(request::Column::DeliveryId);
@@ -350,6 +357,7 @@ pub(crate) async fn apply(
         "window_start",
         "window_end",
         "drone_id",
+        "carrier_leg",
     ] {
         on_conflict.value(
             Alias::new(column),

@@ -1,18 +1,27 @@
-//! The booking saga: CheckAccount → RegisterPackage → ReserveDrone → CreateDelivery against the
-//! domain services. Every resource id is the deliveryId, so a retried or replayed step finds what
-//! an earlier attempt made instead of making a second one. Cancel and reschedule arrive as signals
-//! the engine applies between steps: a cancel stops (or undoes) the booking, a reschedule changes
-//! the input and runs the saga again from ReserveDrone (moving the window), and CreateDelivery of a
-//! rescheduled booking updates the delivery it created.
+//! The booking saga: CheckAccount → RegisterPackage → ArrangeThirdParty → ReserveDrone →
+//! CreateDelivery against the domain services. Every resource id is the deliveryId (a carrier leg
+//! of a rescheduled booking: the deliveryId and the revision), so a retried or replayed step finds
+//! what an earlier attempt made instead of making a second one. Cancel and reschedule arrive as
+//! signals the engine applies between steps: a cancel stops (or undoes) the booking, a reschedule
+//! changes the input and runs the saga again from ArrangeThirdParty (re-planning the carrier leg
+//! and moving the drone's window), and CreateDelivery of a rescheduled booking updates the delivery
+//! it created.
+//!
+//! ArrangeThirdParty books a carrier leg only when the drones cannot do the delivery alone: the
+//! drop-off is beyond their range from the pickup (a leg to a hand-over point within range; the
+//! drone flies from there, when the carrier arrives), or the package is heavier than any drone
+//! carries (the carrier goes all the way; no drone is reserved). Otherwise it records why none is
+//! needed and calls nothing.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use contracts::{
-    AccountStatus, BookingStep, CompensationRequest, DeliveryPatch, DeliveryRequested,
-    DeliveryRescheduled, DeliveryUpsert, DroneReservationRequest, PackageUpsert, RequestState,
-    SagaState, TimeWindow, WorkflowStateChanged, COMPENSATIONS_QUEUE, COMPENSATION_REQUESTED,
-    DELIVERY_CANCELLED, DELIVERY_RESCHEDULED, WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED,
+    AccountStatus, BookingStep, CarrierLeg, CompensationRequest, DeliveryPatch, DeliveryRequested,
+    DeliveryRescheduled, DeliveryUpsert, DroneReservationRequest, GeoPoint, LegRequest,
+    PackageUpsert, RequestState, SagaState, TimeWindow, WorkflowStateChanged, COMPENSATIONS_QUEUE,
+    COMPENSATION_REQUESTED, DELIVERY_CANCELLED, DELIVERY_RESCHEDULED, WORKFLOW_EVENTS_LOG,
+    WORKFLOW_STATE_CHANGED,
 };
 use downstream::{CallError, Domain};
 use messaging::Envelope;
@@ -23,12 +32,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::metrics::Metrics;
-use crate::StepPolicies;
+use crate::{StepPolicies, ThirdPartyRules};
 
 pub const KIND: &str = "booking";
 
 /// Why a booking its client cancelled stopped (its saga's error).
 pub const CLIENT_CANCEL: &str = "cancelled by the client";
+
+/// The "drone" of a delivery a carrier makes all the way: `carrier:<carrierId>`.
+pub const CARRIER_PREFIX: &str = "carrier:";
 
 /// The stable reason of a booking that found no drone within the capacity wait.
 pub const NO_DRONE_AVAILABLE: &str = "no-drone-available";
@@ -95,10 +107,88 @@ impl BookingInput {
     }
 }
 
-/// What steps share: the domain services and the metrics.
+/// What steps share: the domain services, the metrics, and what the fleet can do alone.
 pub struct Ctx {
     pub domain: Arc<dyn Domain>,
     pub metrics: Arc<Metrics>,
+    pub third_party: ThirdPartyRules,
+}
+
+/// The id of a booking's carrier leg at a revision: the deliveryId as booked, `<id>.r<n>` after
+/// the n-th reschedule (a re-planned leg is a new leg; the one before it is cancelled).
+pub fn leg_id(delivery_id: &str, revision: u32) -> String {
+    if revision == 0 {
+        delivery_id.to_owned()
+    } else {
+        format!("{delivery_id}.r{revision}")
+    }
+}
+
+/// Whether a booking needs a carrier leg, and why (or why not).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LegNeed {
+    /// The drones can do it alone.
+    None { reason: String },
+    /// A carrier takes the package to within `handover_within_km` of the drop-off.
+    Part {
+        handover_within_km: f64,
+        reason: String,
+    },
+    /// A carrier takes the package all the way.
+    Whole { reason: String },
+}
+
+impl ThirdPartyRules {
+    /// What `b` needs from a carrier under these rules.
+    pub fn need(&self, b: &DeliveryRequested) -> LegNeed {
+        let weight = b.package_info.weight;
+        if weight > self.max_drone_payload_kg {
+            return LegNeed::Whole {
+                reason: format!(
+                    "the package weighs {weight} kg, more than any drone carries ({} kg)",
+                    self.max_drone_payload_kg
+                ),
+            };
+        }
+        match (
+            GeoPoint::parse(&b.pickup_location),
+            GeoPoint::parse(&b.drop_off_location),
+        ) {
+            (Some(from), Some(to)) => {
+                let km = from.distance_km(to);
+                if km > self.drone_range_km {
+                    LegNeed::Part {
+                        handover_within_km: self.drone_range_km,
+                        reason: format!(
+                            "the drop-off is {km:.1} km from the pickup, beyond the drones' {} km range",
+                            self.drone_range_km
+                        ),
+                    }
+                } else {
+                    LegNeed::None {
+                        reason: format!(
+                            "the drop-off is {km:.1} km from the pickup, within the drones' {} km range",
+                            self.drone_range_km
+                        ),
+                    }
+                }
+            }
+            _ => LegNeed::None {
+                reason:
+                    "the locations are addresses, not points: the drones' own planning covers them"
+                        .into(),
+            },
+        }
+    }
+}
+
+/// The carrier leg a saga holds (ArrangeThirdParty's output), if it booked one.
+pub fn carrier_leg(saga: &SagaRecord) -> Option<CarrierLeg> {
+    let out = saga.outputs.get(BookingStep::ArrangeThirdParty.as_str())?;
+    if out["required"].as_bool() != Some(true) {
+        return None;
+    }
+    serde_json::from_value(out["leg"].clone()).ok()
 }
 
 fn booking(saga: &SagaRecord) -> Result<DeliveryRequested, StepError> {
@@ -115,6 +205,14 @@ fn step_error(e: CallError) -> StepError {
             retry_after,
         },
         CallError::Permanent { reason, .. } => StepError::Permanent { reason },
+        // Not tried: the service's breaker is open (or its call cap full). Wait as a timer.
+        CallError::Rejected {
+            reason,
+            retry_after,
+        } => StepError::Deferred {
+            reason,
+            wait: retry_after,
+        },
     }
 }
 
@@ -139,6 +237,7 @@ impl<S: Step<Ctx> + ?Sized> Step<Ctx> for Metered<S> {
             Ok(_) => "succeeded",
             Err(StepError::Transient { .. }) => "transient",
             Err(StepError::Permanent { .. }) => "permanent",
+            Err(StepError::Deferred { .. }) => saga::DEFERRED,
         };
         self.metrics.step(self.name(), outcome, started.elapsed());
         result
@@ -147,6 +246,7 @@ impl<S: Step<Ctx> + ?Sized> Step<Ctx> for Metered<S> {
 
 struct CheckAccount(RetryPolicy);
 struct RegisterPackage(RetryPolicy);
+struct ArrangeThirdParty(RetryPolicy);
 struct ReserveDrone(RetryPolicy);
 struct CreateDelivery(RetryPolicy);
 
@@ -200,6 +300,72 @@ impl Step<Ctx> for RegisterPackage {
 }
 
 #[async_trait]
+impl Step<Ctx> for ArrangeThirdParty {
+    fn name(&self) -> &'static str {
+        BookingStep::ArrangeThirdParty.as_str()
+    }
+    fn policy(&self) -> RetryPolicy {
+        self.0
+    }
+    async fn run(&self, ctx: &Ctx, saga: &SagaRecord) -> Result<Value, StepError> {
+        let input = BookingInput::of(saga)?;
+        let b = &input.request;
+        let id = b.delivery_id.to_string();
+        let leg_id = leg_id(&id, input.revision);
+        let (handover_within_km, reason) = match ctx.third_party.need(b) {
+            LegNeed::None { reason } => (None, reason),
+            LegNeed::Part {
+                handover_within_km,
+                reason,
+            } => (Some(Some(handover_within_km)), reason),
+            LegNeed::Whole { reason } => (Some(None), reason),
+        };
+        let leg = match handover_within_km {
+            None => None,
+            Some(handover_within_km) => {
+                let body = LegRequest {
+                    owner_id: b.owner_id.clone(),
+                    pickup_location: b.pickup_location.clone(),
+                    drop_off_location: b.drop_off_location.clone(),
+                    pickup_time: b.pickup_time,
+                    size: b.package_info.size,
+                    weight: b.package_info.weight,
+                    handover_within_km,
+                };
+                let leg = ctx
+                    .domain
+                    .arrange_leg(&leg_id, &body)
+                    .await
+                    .map_err(step_error)?;
+                Some(leg)
+            }
+        };
+        // A rescheduled booking re-plans: the legs of its earlier revisions are cancelled once the
+        // new plan stands (idempotent; a retry after a crash cancels them again). Every earlier
+        // revision's, not only the one the last output names: an attempt whose answer was lost
+        // may have booked one before a reschedule sent the saga back (found by the simulation,
+        // SIM_SEED=6). A revision that never booked one is cancelled as a no-op.
+        if input.revision > 0 {
+            for revision in 0..input.revision {
+                ctx.domain
+                    .cancel_leg(&self::leg_id(&id, revision))
+                    .await
+                    .map_err(step_error)?;
+            }
+        }
+        Ok(match leg {
+            None => json!({"required": false, "reason": reason}),
+            Some(leg) => json!({
+                "required": true,
+                "reason": reason,
+                "legId": leg_id,
+                "leg": CarrierLeg::from(&leg),
+            }),
+        })
+    }
+}
+
+#[async_trait]
 impl Step<Ctx> for ReserveDrone {
     fn name(&self) -> &'static str {
         BookingStep::ReserveDrone.as_str()
@@ -210,9 +376,31 @@ impl Step<Ctx> for ReserveDrone {
     async fn run(&self, ctx: &Ctx, saga: &SagaRecord) -> Result<Value, StepError> {
         let b = booking(saga)?;
         let id = b.delivery_id.to_string();
+        // With a carrier leg, the drone starts where and when the carrier hands over.
+        let leg = carrier_leg(saga);
+        if let Some(leg) = leg.as_ref().filter(|l| l.whole_route) {
+            // No drone flies. One reserved for an earlier plan of this booking is released.
+            let had_drone = saga
+                .outputs
+                .get(BookingStep::ReserveDrone.as_str())
+                .and_then(|o| o["droneId"].as_str())
+                .is_some_and(|d| !d.starts_with(CARRIER_PREFIX));
+            if had_drone {
+                ctx.domain.release_drone(&id).await.map_err(step_error)?;
+            }
+            return Ok(json!({
+                "droneId": format!("{CARRIER_PREFIX}{}", leg.carrier_id),
+                "carrier": leg.carrier_name,
+                "window": null,
+            }));
+        }
+        let (pickup_location, pickup_time) = match &leg {
+            Some(l) => (l.to_location.clone(), l.handover_time),
+            None => (b.pickup_location.clone(), b.pickup_time),
+        };
         let body = DroneReservationRequest {
-            pickup_time: b.pickup_time,
-            pickup_location: b.pickup_location.clone(),
+            pickup_time,
+            pickup_location,
             drop_off_location: b.drop_off_location.clone(),
             package_id: id.clone(),
             size: b.package_info.size,
@@ -291,6 +479,7 @@ pub fn steps(policies: &StepPolicies, metrics: &Arc<Metrics>) -> Vec<Arc<dyn Ste
     vec![
         metered(Box::new(CheckAccount(policies.account))),
         metered(Box::new(RegisterPackage(policies.package))),
+        metered(Box::new(ArrangeThirdParty(policies.third_party))),
         metered(Box::new(ReserveDrone(policies.drone))),
         metered(Box::new(CreateDelivery(policies.delivery))),
     ]
@@ -337,6 +526,7 @@ pub fn state_event(
         drop_off_location: Some(b.drop_off_location),
         pickup_time: Some(b.pickup_time),
         revision: Some(input.revision),
+        carrier_leg: carrier_leg(saga),
     };
     envelope_message(WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED, &saga.id, &body)
 }
@@ -346,11 +536,22 @@ pub fn state_event(
 /// the delivery it created earlier still stands.
 pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
     let b = booking(saga).ok()?;
+    // ArrangeThirdParty that decided no leg was needed has nothing to undo (legs of earlier
+    // revisions it cancelled itself before it succeeded).
+    let no_leg = |s: &BookingStep| {
+        *s == BookingStep::ArrangeThirdParty
+            && saga
+                .outputs
+                .get(s.as_str())
+                .is_some_and(|o| o["required"].as_bool() == Some(false))
+    };
     let succeeded: Vec<String> = BookingStep::ALL
         .iter()
         .enumerate()
         .filter(|(i, s)| {
-            s.has_effect() && (*i < saga.next_step || saga.outputs.contains_key(s.as_str()))
+            s.has_effect()
+                && (*i < saga.next_step || saga.outputs.contains_key(s.as_str()))
+                && !no_leg(s)
         })
         .map(|(_, s)| s.as_str().to_owned())
         .collect();
@@ -367,12 +568,21 @@ pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
         })
         .map(|(_, s)| s.as_str().to_owned())
         .filter(|s| !succeeded.contains(s))
-        .collect();
+        .collect::<Vec<String>>();
+    let third_party = BookingStep::ArrangeThirdParty.as_str();
+    let carrier_legs = if succeeded.iter().chain(&in_doubt).any(|s| s == third_party) {
+        let id = b.delivery_id.to_string();
+        let revision = BookingInput::of(saga).map(|b| b.revision).unwrap_or(0);
+        (0..=revision).map(|r| leg_id(&id, r)).collect()
+    } else {
+        Vec::new()
+    };
     let body = CompensationRequest {
         delivery_id: b.delivery_id,
         owner_id: b.owner_id,
         succeeded_steps: succeeded,
         in_doubt_steps: in_doubt,
+        carrier_legs,
         reason: reason.to_owned(),
         saga_version: saga.version,
     };
@@ -480,13 +690,13 @@ impl Hooks<Ctx> for BookingHooks {
                     Err(e) => return SignalAction::Ignore { why: e.to_string() },
                 };
                 let next = current.rescheduled(&change);
-                // A new time or place needs the drone window moved; a new deadline text only
-                // the delivery updated.
+                // A new time or place needs the carrier leg re-planned and the drone window
+                // moved; a new deadline text only the delivery updated.
                 let moves = next.request.pickup_time != current.request.pickup_time
                     || next.request.pickup_location != current.request.pickup_location
                     || next.request.drop_off_location != current.request.drop_off_location;
                 let to = if moves {
-                    BookingStep::ReserveDrone
+                    BookingStep::ArrangeThirdParty
                 } else {
                     BookingStep::CreateDelivery
                 };
@@ -540,6 +750,10 @@ mod tests {
         for s in BookingStep::ALL {
             outputs.insert(s.as_str().to_owned(), json!({}));
         }
+        outputs.insert(
+            BookingStep::ArrangeThirdParty.as_str().to_owned(),
+            json!({"required": false, "reason": "within range"}),
+        );
         let saga = SagaRecord {
             id: id.to_string(),
             kind: KIND.into(),
@@ -580,6 +794,82 @@ mod tests {
                 BookingStep::RegisterPackage
             ]
         );
+        assert!(request.carrier_legs.is_empty(), "no leg was needed");
+
+        // With a carrier leg, every revision's leg id is named for the Supervisor to cancel.
+        let mut with_leg = saga.clone();
+        with_leg.outputs.insert(
+            BookingStep::ArrangeThirdParty.as_str().to_owned(),
+            json!({"required": true, "legId": format!("{id}.r1")}),
+        );
+        let message = compensation(&with_leg, "no drone").expect("something to undo");
+        let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
+        let request: CompensationRequest = envelope.decode().expect("a request");
+        assert_eq!(
+            request.steps_to_undo(),
+            vec![
+                BookingStep::CreateDelivery,
+                BookingStep::ReserveDrone,
+                BookingStep::ArrangeThirdParty,
+                BookingStep::RegisterPackage
+            ]
+        );
+        assert_eq!(
+            request.carrier_legs,
+            vec![id.to_string(), format!("{id}.r1")]
+        );
+    }
+
+    fn requested(pickup: &str, drop_off: &str, weight: f64) -> DeliveryRequested {
+        DeliveryRequested {
+            delivery_id: uuid::Uuid::nil(),
+            owner_id: "acc".into(),
+            pickup_location: pickup.into(),
+            drop_off_location: drop_off.into(),
+            pickup_time: chrono::Utc::now(),
+            deadline: String::new(),
+            expedited: false,
+            confirmation_required: contracts::ConfirmationType::None,
+            package_info: contracts::PackageInfo {
+                package_id: "p".into(),
+                size: contracts::PackageSize::Small,
+                weight,
+                tag: None,
+            },
+            accepted_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_leg_is_needed_beyond_the_range_or_the_payload_only() {
+        let rules = ThirdPartyRules::default();
+        let seattle = "0,47.6062,-122.3321";
+        let tacoma = "0,47.2529,-122.4443";
+        let near = "0,47.62,-122.35";
+        assert!(matches!(
+            rules.need(&requested(seattle, tacoma, 2.0)),
+            LegNeed::Part { handover_within_km, .. } if (handover_within_km - 20.0).abs() < 1e-9
+        ));
+        assert!(matches!(
+            rules.need(&requested(seattle, near, 2.0)),
+            LegNeed::None { .. }
+        ));
+        // Heavier than any drone carries: all the way, near or far.
+        assert!(matches!(
+            rules.need(&requested(seattle, near, 25.5)),
+            LegNeed::Whole { .. }
+        ));
+        assert!(matches!(
+            rules.need(&requested(seattle, tacoma, 40.0)),
+            LegNeed::Whole { .. }
+        ));
+        // Addresses are not points: the drones' own planning covers them (as before).
+        assert!(matches!(
+            rules.need(&requested("1 Main St", "2 Side St", 2.0)),
+            LegNeed::None { .. }
+        ));
+        assert_eq!(leg_id("d", 0), "d");
+        assert_eq!(leg_id("d", 2), "d.r2");
     }
 
     #[test]

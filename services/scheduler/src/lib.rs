@@ -34,7 +34,7 @@ use service_kit::{
 };
 use tokio::sync::{watch, Semaphore};
 
-pub use booking::{BookingInput, NO_DRONE_AVAILABLE};
+pub use booking::{leg_id, BookingInput, LegNeed, CARRIER_PREFIX, NO_DRONE_AVAILABLE};
 pub use migration::Migrator;
 pub use publisher::BrokerPublisher;
 
@@ -88,8 +88,31 @@ pub struct SchedulerSettings {
     /// How often an idle outbox relay looks for rows (it is also woken by every commit).
     pub relay_poll_ms: u64,
     pub steps: StepPolicies,
+    /// When a booking needs a carrier leg (ArrangeThirdParty).
+    pub third_party: ThirdPartyRules,
     /// Deliveries of a compensation request before it is parked.
     pub compensation_delivery_limit: u32,
+}
+
+/// What the drone fleet can do alone; beyond it, ArrangeThirdParty books a carrier leg
+/// (`APP_SCHEDULER__THIRD_PARTY__DRONE_RANGE_KM`, `..__MAX_DRONE_PAYLOAD_KG`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ThirdPartyRules {
+    /// Furthest a drone flies from pickup to drop-off, in kilometres. A drop-off further away
+    /// gets a carrier leg to a hand-over point within this range of it.
+    pub drone_range_km: f64,
+    /// Heaviest package any drone carries, in kilograms. A heavier one goes by carrier all the way.
+    pub max_drone_payload_kg: f64,
+}
+
+impl Default for ThirdPartyRules {
+    fn default() -> Self {
+        Self {
+            drone_range_km: 20.0,
+            max_drone_payload_kg: 25.0,
+        }
+    }
 }
 
 impl Default for SchedulerSettings {
@@ -106,6 +129,7 @@ impl Default for SchedulerSettings {
             park_after_ms: 1000,
             relay_poll_ms: 500,
             steps: StepPolicies::default(),
+            third_party: ThirdPartyRules::default(),
             compensation_delivery_limit: 10,
         }
     }
@@ -117,6 +141,10 @@ impl Default for SchedulerSettings {
 pub struct StepPolicies {
     pub account: RetryPolicy,
     pub package: RetryPolicy,
+    /// No carrier with capacity left is waited for like a drone (parked between attempts, at most
+    /// `third_party.budget_ms`, never past the pickup time).
+    #[serde(deserialize_with = "capacity_wait")]
+    pub third_party: RetryPolicy,
     /// No drone free is retried, parked between attempts, for at most `drone.budget_ms` (the
     /// capacity wait, 10 minutes by default) and never past the pickup time; then the booking
     /// fails with `no-drone-available`. A field set alone overrides only itself: the others keep
@@ -147,6 +175,7 @@ impl Default for StepPolicies {
         Self {
             account: RetryPolicy::default(),
             package: RetryPolicy::default(),
+            third_party: drone,
             drone,
             delivery: RetryPolicy::default(),
         }
@@ -213,9 +242,19 @@ impl Core {
             );
         }
         let metrics = Arc::new(metrics::Metrics::register(&parts.registry)?);
+        let permits = Arc::new(Semaphore::new(s.max_concurrent_sagas));
+        metrics::SlotsInUse::register(&parts.registry, permits.clone(), s.max_concurrent_sagas)?;
+        let rules = s.third_party;
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(rules.drone_range_km) || !positive(rules.max_drone_payload_kg) {
+            anyhow::bail!(
+                "scheduler third_party.drone_range_km and third_party.max_drone_payload_kg must be positive numbers"
+            );
+        }
         let ctx = Arc::new(booking::Ctx {
             domain: parts.domain,
             metrics: metrics.clone(),
+            third_party: rules,
         });
         let engine = Arc::new(Engine::new(
             parts.store.clone(),
@@ -235,7 +274,7 @@ impl Core {
             store: parts.store,
             log: parts.log,
             publisher: parts.publisher,
-            permits: Arc::new(Semaphore::new(s.max_concurrent_sagas)),
+            permits: permits.clone(),
             settings: parts.settings,
             instance: parts.instance,
             owners: Mutex::new(BTreeMap::new()),
@@ -386,7 +425,9 @@ impl Service for Application {
                 events,
                 compensations,
             }),
-            domain: Arc::new(Downstream::new(&downstream_settings)?),
+            domain: Arc::new(
+                Downstream::new(&downstream_settings)?.with_metrics(builder.registry())?,
+            ),
             clock: Arc::new(SystemClock),
             settings: s.clone(),
             instance: s.instance(),

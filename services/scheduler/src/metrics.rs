@@ -105,3 +105,43 @@ impl Metrics {
         }
     }
 }
+
+/// `scheduler_saga_slots_in_use`: sagas holding one of this replica's slots right now, read from
+/// the slot semaphore when scraped (a saga parked on a timer, or deferred by an open circuit
+/// breaker, holds none).
+pub struct SlotsInUse {
+    gauge: prometheus::IntGauge,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    slots: usize,
+}
+
+impl SlotsInUse {
+    pub fn register(
+        registry: &Registry,
+        permits: std::sync::Arc<tokio::sync::Semaphore>,
+        slots: usize,
+    ) -> anyhow::Result<()> {
+        let gauge = prometheus::IntGauge::new(
+            "scheduler_saga_slots_in_use",
+            "Sagas running on one of this replica's slots now (parked and deferred sagas hold none)",
+        )?;
+        registry.register(Box::new(SlotsInUse {
+            gauge,
+            permits,
+            slots,
+        }))?;
+        Ok(())
+    }
+}
+
+impl prometheus::core::Collector for SlotsInUse {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let in_use = self.slots.saturating_sub(self.permits.available_permits());
+        self.gauge.set(i64::try_from(in_use).unwrap_or(i64::MAX));
+        self.gauge.collect()
+    }
+}

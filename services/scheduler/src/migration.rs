@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
         let mut all = saga::migrations();
         all.push(Box::new(CreateLeases));
         all.push(Box::new(LeasesToSagaShards));
+        all.push(Box::new(MakeRoomForArrangeThirdParty));
         all
     }
 }
@@ -95,5 +96,137 @@ impl MigrationTrait for LeasesToSagaShards {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// The booking saga gained a step at index 2 (ArrangeThirdParty, before ReserveDrone): sagas
+/// journaled by an older Scheduler point at step indexes that now name the step after. Their
+/// `next_step` and their attempts' `step_index` from ReserveDrone on move up by one, so a saga
+/// that was waiting in ReserveDrone resumes there (outputs are keyed by step name and need
+/// nothing). Attempts move in two passes so no row ever collides with another's key.
+struct MakeRoomForArrangeThirdParty;
+
+impl MigrationName for MakeRoomForArrangeThirdParty {
+    fn name(&self) -> &str {
+        "m20261206_200001_make_room_for_arrange_third_party"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for MakeRoomForArrangeThirdParty {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        shift_booking_steps(manager, 1).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        shift_booking_steps(manager, -1).await
+    }
+}
+
+/// Moves booking step indexes 2 and up (`by` = 1) or 3 and up (`by` = -1) by `by`.
+async fn shift_booking_steps(manager: &SchemaManager<'_>, by: i32) -> Result<(), DbErr> {
+    let from = if by > 0 { 2 } else { 3 };
+    let db = manager.get_connection();
+    db.execute_unprepared(&format!(
+        "UPDATE saga_instances SET next_step = next_step + ({by}) \
+         WHERE kind = 'booking' AND next_step >= {from}"
+    ))
+    .await?;
+    let bookings = "SELECT id FROM saga_instances WHERE kind = 'booking'";
+    db.execute_unprepared(&format!(
+        "UPDATE saga_attempts SET step_index = step_index + 1000 \
+         WHERE step_index >= {from} AND saga_id IN ({bookings})"
+    ))
+    .await?;
+    db.execute_unprepared(&format!(
+        "UPDATE saga_attempts SET step_index = step_index - 1000 + ({by}) \
+         WHERE step_index >= 1000 AND saga_id IN ({bookings})"
+    ))
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+mod tests {
+    use super::*;
+    use sea_orm::{ConnectionTrait, Database, Statement};
+
+    async fn ints(db: &sea_orm::DatabaseConnection, sql: &str) -> Vec<i64> {
+        db.query_all(Statement::from_string(db.get_database_backend(), sql))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get_by_index::<i64>(0).unwrap())
+            .collect()
+    }
+
+    /// A booking journaled by a four-step Scheduler, waiting in ReserveDrone (index 2), resumes in
+    /// ReserveDrone (index 3) after the migration; its attempts keep naming their steps.
+    #[tokio::test]
+    async fn old_bookings_keep_their_place_when_arrange_third_party_is_added() {
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        let all = Migrator::migrations().len();
+        Migrator::up(
+            &db,
+            Some(<u32 as TryFrom<usize>>::try_from(all - 1).unwrap()),
+        )
+        .await
+        .unwrap();
+        let now = "2026-12-01T00:00:00+00:00";
+        for (id, kind, next) in [
+            ("b1", "booking", 2),
+            ("b2", "booking", 1),
+            ("o1", "other", 2),
+        ] {
+            db.execute_unprepared(&format!(
+                "INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, \
+                 version, created_at, updated_at) VALUES ('{id}', '{kind}', 0, 'running', '{{}}', \
+                 '{{}}', {next}, 3, '{now}', '{now}')"
+            ))
+            .await
+            .unwrap();
+        }
+        for (index, attempt, step) in [
+            (1, 1, "RegisterPackage"),
+            (2, 1, "ReserveDrone"),
+            (2, 2, "ReserveDrone"),
+            (3, 1, "CreateDelivery"),
+        ] {
+            db.execute_unprepared(&format!(
+                "INSERT INTO saga_attempts (saga_id, step_index, attempt, step, outcome, \
+                 started_at, finished_at) VALUES ('b1', {index}, {attempt}, '{step}', \
+                 'transient', '{now}', '{now}')"
+            ))
+            .await
+            .unwrap();
+        }
+        Migrator::up(&db, None).await.unwrap();
+        assert_eq!(
+            ints(&db, "SELECT next_step FROM saga_instances ORDER BY id").await,
+            vec![3, 1, 2],
+            "b1 moves to ReserveDrone's new index; b2 (before it) and other kinds stay"
+        );
+        assert_eq!(
+            ints(
+                &db,
+                "SELECT step_index FROM saga_attempts ORDER BY step_index, attempt"
+            )
+            .await,
+            vec![1, 3, 3, 4]
+        );
+        Migrator::down(&db, Some(1)).await.unwrap();
+        assert_eq!(
+            ints(&db, "SELECT next_step FROM saga_instances ORDER BY id").await,
+            vec![2, 1, 2]
+        );
+        assert_eq!(
+            ints(
+                &db,
+                "SELECT step_index FROM saga_attempts ORDER BY step_index, attempt"
+            )
+            .await,
+            vec![1, 2, 2, 3]
+        );
     }
 }

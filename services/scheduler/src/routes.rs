@@ -1,12 +1,13 @@
 //! Status API: one saga's state, steps, attempts, errors and timings; a filtered list; the
-//! partition leases; the sagas that wait and why. Internal (service token).
+//! partition leases; the sagas that wait and why; this replica's circuit breakers. Internal
+//! (service token).
 
 use std::sync::Arc;
 
 use actix_web::{web, HttpResponse};
 use contracts::{
-    AttemptView, CompensationReport, PartitionLease, Problem, RetryRequest, SagaState, StepStatus,
-    WaitReason, WaitingSagas, Workflow, WorkflowSummary,
+    AttemptView, BreakerState, BreakerStatus, CompensationReport, PartitionLease, Problem,
+    RetryRequest, SagaState, StepStatus, WaitReason, WaitingSagas, Workflow, WorkflowSummary,
 };
 use saga::{Attempt, ListFilter, SagaRecord};
 use serde::Deserialize;
@@ -35,14 +36,15 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<State>) {
         )
         .route("/api/workflows/{deliveryId}/retry", web::post().to(retry))
         .route("/api/partitions", web::get().to(partitions))
-        .route("/api/waiting", web::get().to(waiting));
+        .route("/api/waiting", web::get().to(waiting))
+        .route("/api/breakers", web::get().to(breakers));
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Scheduler service", description = "Status of the booking sagas and the partition leases."),
-    paths(get, list, partitions, waiting, compensation, retry),
-    components(schemas(Workflow, WorkflowSummary, StepStatus, AttemptView, PartitionLease, WaitingSagas, WaitReason, Problem, CompensationReport, RetryRequest)),
+    paths(get, list, partitions, waiting, breakers, compensation, retry),
+    components(schemas(Workflow, WorkflowSummary, StepStatus, AttemptView, PartitionLease, WaitingSagas, WaitReason, BreakerStatus, BreakerState, Problem, CompensationReport, RetryRequest)),
     modifiers(&BearerSchemes),
     security(("serviceToken" = []))
 )]
@@ -221,6 +223,15 @@ async fn waiting(_: ServiceCaller, state: web::Data<State>) -> ApiResult<HttpRes
         .await
         .map_err(internal)?;
     Ok(HttpResponse::Ok().json(out))
+}
+
+/// This replica's circuit breaker and concurrency cap in front of each downstream service
+/// (each replica has its own: ask each for the whole picture).
+#[utoipa::path(get, path = "/api/breakers", tag = "partitions", responses((status = 200, body = [BreakerStatus])))]
+async fn breakers(_: ServiceCaller, state: web::Data<State>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(state.core.ctx.domain.breakers())
 }
 
 fn last_attempt_failed(attempts: &[Attempt], step: usize) -> bool {

@@ -129,6 +129,11 @@ pub fn reason_of(error: Option<&str>) -> String {
     }
     if error.contains(crate::NO_DRONE_AVAILABLE) {
         crate::NO_DRONE_AVAILABLE.into()
+    } else if error.contains("circuit breaker is") {
+        // A deferral: the service's breaker was open (or its probes under way).
+        "circuit-open".into()
+    } else if error.contains("calls in flight from this process") {
+        "call-cap".into()
     } else if error.contains("got no answer within") {
         "timeout".into()
     } else if error.contains("could not connect") {
@@ -162,6 +167,14 @@ mod tests {
             (Some("GET http://account/api/accounts/a got no answer within 2000 ms: timed out"), "timeout"),
             (Some("GET http://account/api/accounts/a could not connect: refused"), "unreachable"),
             (Some("something else"), "transient-error"),
+            (
+                Some("package circuit breaker is open (31 of 40 calls failed in 10 s); next probe in 4.2 s"),
+                "circuit-open",
+            ),
+            (
+                Some("package already has 64 calls in flight from this process (waited 1 s for one to finish); try again in 0.5 s"),
+                "call-cap",
+            ),
         ];
         for (error, reason) in cases {
             assert_eq!(reason_of(error), reason, "{error:?}");

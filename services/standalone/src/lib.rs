@@ -54,6 +54,7 @@ pub struct Ports {
     pub delivery: u16,
     pub scheduler: u16,
     pub supervisor: u16,
+    pub thirdparty: u16,
 }
 
 impl Default for Ports {
@@ -66,6 +67,7 @@ impl Default for Ports {
             delivery: 8084,
             scheduler: 8085,
             supervisor: 8086,
+            thirdparty: 8087,
         }
     }
 }
@@ -83,6 +85,7 @@ pub struct Endpoints {
     pub drone: u16,
     pub delivery: u16,
     pub supervisor: u16,
+    pub thirdparty: u16,
 }
 
 /// Dashboard logins written to `credentials.env`.
@@ -151,6 +154,14 @@ pub async fn run_with(
     })
     .await
     .context("starting package")?;
+    let thirdparty = thirdparty::Application::build(thirdparty::Settings {
+        http: http(settings.ports.thirdparty),
+        database: db("thirdparty"),
+        auth: auth.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("starting thirdparty")?;
     let mut messaging = messaging::MessagingSettings::new(format!(
         "sqlite://{}?mode=rwc",
         settings.data_dir.join("messaging.db").display()
@@ -203,6 +214,7 @@ pub async fn run_with(
             package_url: local(package.port()),
             drone_url: local(drone.port()),
             delivery_url: local(delivery.port()),
+            thirdparty_url: local(thirdparty.port()),
             ..Default::default()
         },
         scheduler: scheduler::SchedulerSettings {
@@ -229,6 +241,7 @@ pub async fn run_with(
             package_url: local(package.port()),
             drone_url: local(drone.port()),
             delivery_url: local(delivery.port()),
+            thirdparty_url: local(thirdparty.port()),
             ..Default::default()
         },
         scheduler: supervisor::SchedulerLink {
@@ -255,6 +268,7 @@ pub async fn run_with(
         package: package.port(),
         drone: drone.port(),
         delivery: delivery.port(),
+        thirdparty: thirdparty.port(),
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -271,6 +285,7 @@ pub async fn run_with(
                 account.run_until(stopped(rx.clone())),
                 package.run_until(stopped(rx.clone())),
                 drone.run_until(stopped(rx.clone())),
+                thirdparty.run_until(stopped(rx.clone())),
                 delivery.run_until(stopped(rx)),
             )
         }
@@ -345,6 +360,10 @@ fn print_banner(settings: &Settings, e: &Endpoints, creds: &BTreeMap<String, Str
     println!("  package   http://{h}:{}", e.package);
     println!("  drone     http://{h}:{}", e.drone);
     println!("  delivery  http://{h}:{}", e.delivery);
+    println!(
+        "  thirdparty http://{h}:{}   (carrier legs; GET /api/carriers)",
+        e.thirdparty
+    );
     println!(
         "  scheduler http://{h}:{}   (GET /api/workflows/{{deliveryId}})",
         e.scheduler

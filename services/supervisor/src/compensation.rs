@@ -249,7 +249,7 @@ impl Compensator {
             serde_json::from_str(&row.step_results).unwrap_or_default();
         let mut failure = None;
         for step in request.steps_to_undo() {
-            match self.undo(step, &id).await {
+            match self.undo(step, &id, &request.carrier_legs).await {
                 Ok(()) => {
                     results.insert(
                         step.as_str().to_owned(),
@@ -329,11 +329,27 @@ impl Compensator {
         }
     }
 
-    async fn undo(&self, step: BookingStep, id: &str) -> Result<(), CallError> {
+    /// Undoes one step. `carrier_legs` are the leg ids ArrangeThirdParty may have booked (every
+    /// revision's); none named means the deliveryId (requests of older Schedulers).
+    async fn undo(
+        &self,
+        step: BookingStep,
+        id: &str,
+        carrier_legs: &[String],
+    ) -> Result<(), CallError> {
         let call = || async {
             match step {
                 BookingStep::CreateDelivery => self.downstream.cancel_delivery(id).await,
                 BookingStep::ReserveDrone => self.downstream.release_drone(id).await,
+                BookingStep::ArrangeThirdParty if carrier_legs.is_empty() => {
+                    self.downstream.cancel_leg(id).await
+                }
+                BookingStep::ArrangeThirdParty => {
+                    for leg in carrier_legs {
+                        self.downstream.cancel_leg(leg).await?;
+                    }
+                    Ok(())
+                }
                 BookingStep::RegisterPackage => self.downstream.delete_package(id).await,
                 BookingStep::CheckAccount => Ok(()),
             }
@@ -341,6 +357,11 @@ impl Compensator {
         call.retry(self.retry.backoff())
             .sleep(tokio::time::sleep)
             .when(CallError::is_transient)
+            // A call not made (the service's breaker is open) waits until it may be tried again.
+            .adjust(|e, wait| match e {
+                CallError::Rejected { retry_after, .. } => wait.map(|w| w.max(*retry_after)),
+                _ => wait,
+            })
             .notify(|e, wait| {
                 self.metrics
                     .undo_retries
@@ -433,10 +454,17 @@ pub fn request_for(workflow: &Workflow, reason: &str) -> Option<CompensationRequ
     let owner_id = workflow.input["ownerId"].as_str()?.to_owned();
     let delivery_id = uuid::Uuid::parse_str(&workflow.delivery_id).ok()?;
     let has_effect = |name: &str| BookingStep::parse(name).is_some_and(BookingStep::has_effect);
+    // ArrangeThirdParty that decided no carrier leg was needed has nothing to undo.
+    let no_leg = |s: &contracts::StepStatus| {
+        s.name == BookingStep::ArrangeThirdParty.as_str()
+            && s.output
+                .as_ref()
+                .is_some_and(|o| o["required"].as_bool() == Some(false))
+    };
     let succeeded_steps = workflow
         .steps
         .iter()
-        .filter(|s| s.status == "succeeded" && has_effect(&s.name))
+        .filter(|s| s.status == "succeeded" && has_effect(&s.name) && !no_leg(s))
         .map(|s| s.name.clone())
         .collect();
     // The step a stopped saga was in may have had an effect (see `CompensationRequest`).
@@ -451,9 +479,25 @@ pub fn request_for(workflow: &Workflow, reason: &str) -> Option<CompensationRequ
         owner_id,
         succeeded_steps,
         in_doubt_steps,
+        carrier_legs: carrier_legs(workflow),
         reason: reason.to_owned(),
         saga_version: workflow.version,
     })
+}
+
+/// The carrier legs a saga may hold: the deliveryId's, and one per reschedule (`<id>.r<n>`,
+/// as the Scheduler names them); cancelling one never booked is a no-op.
+fn carrier_legs(workflow: &Workflow) -> Vec<String> {
+    let revision = workflow.input["revision"].as_u64().unwrap_or(0);
+    (0..=revision)
+        .map(|r| {
+            if r == 0 {
+                workflow.delivery_id.clone()
+            } else {
+                format!("{}.r{r}", workflow.delivery_id)
+            }
+        })
+        .collect()
 }
 
 /// Queues a compensation request on behalf of `user`.

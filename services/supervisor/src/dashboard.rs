@@ -5,14 +5,16 @@
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use contracts::{Outcome, SagaState};
+use chrono::{DateTime, Utc};
+use contracts::{BreakerState, Outcome, SagaState};
 use maud::{html, Markup, DOCTYPE};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use service_kit::{valid_id, ApiError, ApiResult};
 
 use crate::actions::{self, Actor};
 use crate::api::{self, SagaQuery};
 use crate::auth::{self, Attempt, Session, Sessions};
+use crate::scheduler_client::BreakerReport;
 use crate::{audit, readmodel, AppState};
 
 const CSS: &str = include_str!("assets/app.css");
@@ -411,8 +413,136 @@ fn counter(id: &str, label: &str, value: String) -> Markup {
     }
 }
 
+/// One downstream service on the overview's "Downstream services" line, over every caller (the
+/// Scheduler replicas and the Supervisor itself): the worst of their breakers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DownstreamService {
+    service: String,
+    state: BreakerState,
+    /// The earliest next probe of the callers whose breaker is open.
+    next_probe_at: Option<DateTime<Utc>>,
+    /// Calls refused without being made, over every caller, since each started.
+    rejected: u64,
+    /// The callers whose breaker is not closed (`scheduler-0`, `supervisor`).
+    not_closed_on: Vec<String>,
+}
+
+/// The "Downstream services" line: each service, and the callers that could not tell.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DownstreamLine {
+    services: Vec<DownstreamService>,
+    errors: Vec<String>,
+}
+
+/// Folds every caller's breakers into one entry per service, in the order first reported.
+fn downstream_line(reports: &[BreakerReport]) -> DownstreamLine {
+    let mut line = DownstreamLine::default();
+    for report in reports {
+        let breakers = match &report.breakers {
+            Ok(b) => b,
+            Err(e) => {
+                line.errors.push(format!("{}: {e}", report.source));
+                continue;
+            }
+        };
+        for b in breakers {
+            let i = match line.services.iter().position(|s| s.service == b.service) {
+                Some(i) => i,
+                None => {
+                    line.services.push(DownstreamService {
+                        service: b.service.clone(),
+                        state: BreakerState::Closed,
+                        next_probe_at: None,
+                        rejected: 0,
+                        not_closed_on: Vec::new(),
+                    });
+                    line.services.len() - 1
+                }
+            };
+            let s = &mut line.services[i];
+            s.rejected += b.rejected_total;
+            // Ordered by severity: closed < half-open < open.
+            if b.state > s.state {
+                s.state = b.state;
+            }
+            if b.state != BreakerState::Closed {
+                s.not_closed_on.push(report.source.clone());
+            }
+            if let Some(at) = b.next_probe_at {
+                s.next_probe_at = Some(s.next_probe_at.map_or(at, |t| t.min(at)));
+            }
+        }
+    }
+    line
+}
+
+/// "package OPEN (next probe 12:00:05 UTC, 340 rejected; on scheduler-0)"; `app.js` writes the
+/// same on refresh.
+fn downstream_text(s: &DownstreamService) -> String {
+    let state = match s.state {
+        BreakerState::Closed => "closed",
+        BreakerState::HalfOpen => "half-open",
+        BreakerState::Open => "OPEN",
+    };
+    let mut details = Vec::new();
+    if s.state == BreakerState::Open {
+        if let Some(t) = s.next_probe_at {
+            details.push(format!("next probe {}", t.format("%H:%M:%S UTC")));
+        }
+    }
+    if s.rejected > 0 {
+        details.push(format!("{} rejected", s.rejected));
+    }
+    let mut text = format!("{} {state}", s.service);
+    if !details.is_empty() || !s.not_closed_on.is_empty() {
+        text.push_str(" (");
+        text.push_str(&details.join(", "));
+        if !s.not_closed_on.is_empty() {
+            if !details.is_empty() {
+                text.push_str("; ");
+            }
+            text.push_str("on ");
+            text.push_str(&s.not_closed_on.join(", "));
+        }
+        text.push(')');
+    }
+    text
+}
+
+fn downstream_markup(line: &DownstreamLine) -> Markup {
+    html! {
+        p #downstream.downstream {
+            strong { "Downstream services: " }
+            span #downstream-services {
+                @for (i, s) in line.services.iter().enumerate() {
+                    @if i > 0 { " · " }
+                    span class=(format!("breaker breaker-{}", s.state.as_str())) data-service=(s.service) data-state=(s.state.as_str()) {
+                        (downstream_text(s))
+                    }
+                }
+                @if line.services.is_empty() { span.muted { "not known" } }
+            }
+            " "
+            span #downstream-errors.muted hidden[line.errors.is_empty()] {
+                @if !line.errors.is_empty() { "(not told by " (line.errors.join("; ")) ")" }
+            }
+        }
+    }
+}
+
+/// The overview's JSON: the counters, and the "Downstream services" line.
+#[derive(Serialize)]
+struct OverviewPage {
+    #[serde(flatten)]
+    overview: actions::Overview,
+    downstream: DownstreamLine,
+}
+
 async fn overview_page(session: Session, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let o = actions::overview(&state).await?;
+    let downstream = downstream_line(&state.scheduler.breakers().await);
     let stuck = readmodel::search(
         &state.db,
         &readmodel::Search {
@@ -438,6 +568,7 @@ async fn overview_page(session: Session, state: web::Data<AppState>) -> ApiResul
             (counter("waiting", "sagas waiting", optional(o.waiting)))
         }
         p.muted { "Updated " span #updated-at { (o.at.format("%H:%M:%S UTC")) } ", refreshing by itself." }
+        (downstream_markup(&downstream))
         h2 { "Partitions" }
         p.muted {
             "Lag is the age of the oldest booking not yet started, read from the log. A partition is flagged stalled when its lease has expired (its owner is not alive) or that booking is older than "
@@ -508,9 +639,14 @@ fn partition_row(p: &actions::PartitionView) -> Markup {
 }
 
 async fn overview_json(_: Session, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let overview = actions::overview(&state).await?;
+    let downstream = downstream_line(&state.scheduler.breakers().await);
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(actions::overview(&state).await?))
+        .json(OverviewPage {
+            overview,
+            downstream,
+        }))
 }
 
 fn saga_table(rows: &[api::SagaView]) -> Markup {
@@ -651,6 +787,7 @@ async fn saga_page(
                     @for step in &w.steps {
                         li class=(format!("step step-{}", step.status)) data-step=(step.name) {
                             strong { (step.name) } " " span class=(format!("state state-{}", step.status)) { (step.status) }
+                            @if let Some(note) = step_note(step) { p.step-note { (note) } }
                             @if !step.attempts.is_empty() {
                                 table.attempts {
                                     thead { tr { th { "#" } th { "outcome" } th { "started" } th { "duration" } th { "error" } } }
@@ -702,6 +839,33 @@ async fn saga_page(
         }
     };
     Ok(page(layout(&format!("Saga {id}"), Some(&session), body)))
+}
+
+/// What a step's output says that on-call staff look for: the carrier leg ArrangeThirdParty
+/// booked (or why none was needed).
+fn step_note(step: &contracts::StepStatus) -> Option<String> {
+    let out = step.output.as_ref()?;
+    if step.name != contracts::BookingStep::ArrangeThirdParty.as_str() {
+        return None;
+    }
+    let reason = out["reason"].as_str().unwrap_or_default();
+    match serde_json::from_value::<contracts::CarrierLeg>(out["leg"].clone()) {
+        Ok(leg) if out["required"] == true => Some(format!(
+            "carrier leg {}: {} ({}) from {} to {}{}, hand-over at {}; {reason}",
+            out["legId"].as_str().unwrap_or_default(),
+            leg.carrier_name,
+            leg.carrier_id,
+            leg.from_location,
+            leg.to_location,
+            if leg.whole_route {
+                " (the whole route, no drone)"
+            } else {
+                ""
+            },
+            leg.handover_time.format("%Y-%m-%d %H:%M:%S UTC"),
+        )),
+        _ => Some(format!("no carrier leg: {reason}")),
+    }
 }
 
 fn parked_table(session: &Session, rows: &[api::ParkedView]) -> Markup {
@@ -909,11 +1073,118 @@ mod tests {
         assert_eq!(form("  why  ").reason().ok().as_deref(), Some("why"));
     }
 
+    fn breaker(
+        service: &str,
+        state: BreakerState,
+        rejected: u64,
+        next_probe_at: Option<DateTime<Utc>>,
+    ) -> contracts::BreakerStatus {
+        contracts::BreakerStatus {
+            service: service.to_owned(),
+            state,
+            calls_in_window: 0,
+            failures_in_window: 0,
+            reason: None,
+            opened_at: None,
+            next_probe_at,
+            rejected_total: rejected,
+            in_flight: 0,
+            max_concurrent_calls: 64,
+        }
+    }
+
+    #[test]
+    fn the_downstream_line_shows_the_worst_breaker_of_every_caller() {
+        use chrono::TimeZone;
+        let at = |s: u32| Utc.with_ymd_and_hms(2026, 12, 5, 12, 0, s).single();
+        let reports = vec![
+            BreakerReport {
+                source: "scheduler-0".into(),
+                breakers: Ok(vec![
+                    breaker("account", BreakerState::Closed, 0, None),
+                    breaker("package", BreakerState::Open, 300, at(9)),
+                    breaker("drone", BreakerState::Closed, 2, None),
+                ]),
+            },
+            BreakerReport {
+                source: "scheduler-1".into(),
+                breakers: Err("scheduler GET /api/breakers: timed out".into()),
+            },
+            BreakerReport {
+                source: "supervisor".into(),
+                breakers: Ok(vec![
+                    breaker("account", BreakerState::Closed, 0, None),
+                    breaker("package", BreakerState::Open, 40, at(5)),
+                    breaker("drone", BreakerState::HalfOpen, 1, None),
+                ]),
+            },
+        ];
+        let line = downstream_line(&reports);
+        let texts: Vec<String> = line.services.iter().map(downstream_text).collect();
+        assert_eq!(
+            texts,
+            [
+                "account closed",
+                "package OPEN (next probe 12:00:05 UTC, 340 rejected; on scheduler-0, supervisor)",
+                "drone half-open (3 rejected; on supervisor)",
+            ]
+        );
+        assert_eq!(
+            line.errors,
+            ["scheduler-1: scheduler GET /api/breakers: timed out"]
+        );
+        let html = downstream_markup(&line).into_string();
+        assert!(html.contains("Downstream services"), "{html}");
+        assert!(
+            html.contains("data-service=\"package\" data-state=\"open\""),
+            "{html}"
+        );
+        assert!(html.contains("not told by scheduler-1"), "{html}");
+        let json = serde_json::to_value(&line).unwrap_or_default();
+        assert_eq!(json["services"][1]["state"], "open");
+        assert_eq!(json["services"][1]["notClosedOn"][1], "supervisor");
+    }
+
     #[test]
     fn waits_read_as_a_person_would_say_them() {
         assert_eq!(wait_text(1), "1 second");
         assert_eq!(wait_text(45), "45 seconds");
         assert_eq!(wait_text(900), "15 minutes");
         assert_eq!(wait_text(121), "3 minutes");
+    }
+
+    #[test]
+    fn the_timeline_shows_the_carrier_leg_or_why_there_is_none() {
+        let step = |output: serde_json::Value| contracts::StepStatus {
+            name: "ArrangeThirdParty".into(),
+            status: "succeeded".into(),
+            output: Some(output),
+            attempts: Vec::new(),
+        };
+        let leg = serde_json::json!({
+            "required": true,
+            "legId": "d1",
+            "reason": "the drop-off is 40.3 km from the pickup",
+            "leg": {
+                "carrierId": "cascade", "carrierName": "Cascade Freight",
+                "fromLocation": "0,47.6,-122.3", "toLocation": "0,47.3,-122.4",
+                "wholeRoute": false, "handoverTime": "2030-01-01T10:40:00Z"
+            }
+        });
+        assert_eq!(
+            step_note(&step(leg)).as_deref(),
+            Some(
+                "carrier leg d1: Cascade Freight (cascade) from 0,47.6,-122.3 to 0,47.3,-122.4, \
+                 hand-over at 2030-01-01 10:40:00 UTC; the drop-off is 40.3 km from the pickup"
+            )
+        );
+        let none = serde_json::json!({"required": false, "reason": "within range"});
+        assert_eq!(
+            step_note(&step(none)).as_deref(),
+            Some("no carrier leg: within range")
+        );
+        let mut other = step(serde_json::json!({"droneId": "drone-001"}));
+        other.name = "ReserveDrone".into();
+        assert_eq!(step_note(&other), None);
     }
 }

@@ -210,7 +210,9 @@ impl Service for Application {
         downstream_settings.service_token = settings.auth.service_token.clone();
         let compensator = Arc::new(compensation::Compensator {
             db: db.clone(),
-            downstream: Downstream::new(&downstream_settings)?,
+            downstream: scheduler.report_breakers_of(
+                Downstream::new(&downstream_settings)?.with_metrics(builder.registry())?,
+            ),
             scheduler: scheduler.clone(),
             metrics: metrics.clone(),
             retry: s.retry,

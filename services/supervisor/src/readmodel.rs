@@ -311,6 +311,7 @@ mod tests {
             drop_off_location: None,
             pickup_time: None,
             revision: None,
+            carrier_leg: None,
         }
     }
 

@@ -1,13 +1,17 @@
 //! The Scheduler as the Supervisor calls it: report compensation outcomes, retry a saga on the
-//! instance that owns its partition, read a saga's status, the partition leases and the sagas
-//! that wait. (Lag is not asked of the Scheduler: a stalled one would report none; see `stall`.)
+//! instance that owns its partition, read a saga's status, the partition leases, the sagas that
+//! wait, and the circuit breakers of every replica (with the Supervisor's own, for the
+//! dashboard's "Downstream services" line). (Lag is not asked of the Scheduler: a stalled one
+//! would report none; see `stall`.)
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use contracts::{
-    CompensationReport, Outcome, PartitionLease, RetryRequest, WaitingSagas, Workflow,
-    WorkflowSummary,
+    BreakerStatus, CompensationReport, Outcome, PartitionLease, RetryRequest, WaitingSagas,
+    Workflow, WorkflowSummary,
 };
+use downstream::Downstream;
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -62,11 +66,27 @@ impl SchedulerError {
     }
 }
 
+/// The longest the dashboard waits for one Scheduler replica's breakers: a hung replica must not
+/// hold the overview up for the whole client timeout.
+const BREAKERS_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The circuit breakers of one caller of the domain services, as the dashboard shows them.
+#[derive(Debug, Clone)]
+pub struct BreakerReport {
+    /// `scheduler-<ordinal>`, `scheduler` (one URL for every replica) or `supervisor`.
+    pub source: String,
+    /// Why they are not known, when they are not.
+    pub breakers: Result<Vec<BreakerStatus>, String>,
+}
+
 #[derive(Clone)]
 pub struct SchedulerClient {
     http: reqwest::Client,
     link: SchedulerLink,
     token: SecretString,
+    /// The Supervisor's own downstream client (its compensations' calls), reported by
+    /// [`breakers`](Self::breakers) next to the Scheduler replicas'. Shared by the clones.
+    local_downstream: Arc<OnceLock<Downstream>>,
 }
 
 impl SchedulerClient {
@@ -78,7 +98,15 @@ impl SchedulerClient {
             http,
             link: link.clone(),
             token,
+            local_downstream: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Makes [`breakers`](Self::breakers) report the breakers of `downstream`, the Supervisor's
+    /// own client, as `supervisor`; returns it. The first one given is kept.
+    pub fn report_breakers_of(&self, downstream: Downstream) -> Downstream {
+        let _ = self.local_downstream.set(downstream.clone());
+        downstream
     }
 
     fn base_for_partition(&self, partition: i32) -> String {
@@ -98,6 +126,18 @@ impl SchedulerClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, SchedulerError> {
+        self.call_within(base, method, path, body, None).await
+    }
+
+    /// [`call`](Self::call) with a shorter limit than the link's `timeout_ms`.
+    async fn call_within<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Option<Duration>,
+    ) -> Result<T, SchedulerError> {
         let url = format!("{}{path}", base.trim_end_matches('/'));
         let mut req = self
             .http
@@ -105,6 +145,9 @@ impl SchedulerClient {
             .bearer_auth(self.token.expose_secret());
         if let Some(b) = body {
             req = req.json(&b);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t.min(Duration::from_millis(self.link.timeout_ms)));
         }
         let res = req
             .send()
@@ -211,5 +254,44 @@ impl SchedulerClient {
     pub async fn waiting(&self) -> Result<WaitingSagas, SchedulerError> {
         self.call(&self.link.url, Method::GET, "/api/waiting", None)
             .await
+    }
+
+    /// The circuit breakers in front of the domain services: every Scheduler replica's (each
+    /// has its own; asked at once, each within [`BREAKERS_TIMEOUT`]; through `url` alone when
+    /// there is no `instance_url_template`), then the Supervisor's own.
+    pub async fn breakers(&self) -> Vec<BreakerReport> {
+        let replicas: Vec<(String, String)> = match &self.link.instance_url_template {
+            Some(t) => (0..self.link.replicas.max(1))
+                .map(|i| {
+                    (
+                        format!("scheduler-{i}"),
+                        t.replace("{ordinal}", &i.to_string()),
+                    )
+                })
+                .collect(),
+            None => vec![("scheduler".to_owned(), self.link.url.clone())],
+        };
+        let mut out =
+            futures::future::join_all(replicas.into_iter().map(|(source, base)| async move {
+                let breakers = self
+                    .call_within::<Vec<BreakerStatus>>(
+                        &base,
+                        Method::GET,
+                        "/api/breakers",
+                        None,
+                        Some(BREAKERS_TIMEOUT),
+                    )
+                    .await
+                    .map_err(|e| e.to_string());
+                BreakerReport { source, breakers }
+            }))
+            .await;
+        if let Some(d) = self.local_downstream.get() {
+            out.push(BreakerReport {
+                source: "supervisor".to_owned(),
+                breakers: Ok(d.breakers()),
+            });
+        }
+        out
     }
 }

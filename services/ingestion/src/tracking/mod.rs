@@ -194,6 +194,10 @@ fn view_of(row: request::Model, stored: Vec<TrackingEntry>) -> ApiResult<Deliver
         pickup_time: row.pickup_time,
         pickup_window,
         drone_id: row.drone_id,
+        carrier_leg: row
+            .carrier_leg
+            .as_deref()
+            .and_then(|l| serde_json::from_str(l).ok()),
         last_location: row.last_location,
         accepted_at: row.accepted_at,
         updated_at,

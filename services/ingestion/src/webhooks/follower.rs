@@ -100,6 +100,7 @@ fn client_event(record: &LogRecord) -> Option<NewEvent> {
             drop_off_location: e.drop_off_location,
             pickup_time: e.pickup_time,
             location: None,
+            carrier_leg: e.carrier_leg,
         };
         (kind, e.delivery_id, e.owner_id, e.at, data)
     } else if envelope.kind == DELIVERY_TRACKED {
@@ -216,6 +217,7 @@ mod tests {
             drop_off_location: None,
             pickup_time: None,
             revision,
+            carrier_leg: None,
         }
     }
 

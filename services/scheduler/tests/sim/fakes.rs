@@ -1,4 +1,4 @@
-//! Stateful fakes of the four domain services (Account, Package, Drone, Delivery) behind
+//! Stateful fakes of the five domain services (Account, Package, ThirdParty, Drone, Delivery) behind
 //! [`downstream::Domain`], with seeded fault injection, for the deterministic simulation.
 //!
 //! The fakes keep the services' *rules* (DESIGN §5, and the services' own code) in memory:
@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use contracts::{
     Account, AccountStatus, Delivery, DeliveryPatch, DeliveryStage, DeliveryUpsert,
-    DroneReservation, DroneReservationRequest, Package, PackageSize, PackageStatus, PackageUpsert,
-    ReservationStatus, TimeWindow,
+    DroneReservation, DroneReservationRequest, GeoPoint, LegRequest, LegStatus, Package,
+    PackageSize, PackageStatus, PackageUpsert, ReservationStatus, ThirdPartyLeg, TimeWindow,
 };
 use downstream::{CallError, Domain};
 use rand::rngs::StdRng;
@@ -58,6 +58,12 @@ pub struct Faults {
     pub slow_answer: f64,
     /// The longest slow call.
     pub max_slowness: Duration,
+    /// Chance that a call is refused before it is made, as the client's circuit breaker refuses
+    /// calls to a failing service (`Rejected`, wait `rejected_wait`): the saga must park and try
+    /// again, spending no attempt.
+    pub rejected: f64,
+    /// The wait a refused call names.
+    pub rejected_wait: Duration,
 }
 
 impl Faults {
@@ -69,6 +75,8 @@ impl Faults {
             lost_answer_timeout: Duration::from_secs(5),
             slow_answer: 0.0,
             max_slowness: Duration::ZERO,
+            rejected: 0.0,
+            rejected_wait: Duration::from_millis(500),
         }
     }
 }
@@ -121,6 +129,7 @@ pub struct Creations {
     pub packages: BTreeMap<String, u32>,
     pub reservations: BTreeMap<String, u32>,
     pub deliveries: BTreeMap<String, u32>,
+    pub legs: BTreeMap<String, u32>,
 }
 
 /// Faults injected so far.
@@ -139,6 +148,8 @@ pub struct Snapshot {
     /// By delivery id.
     pub reservations: BTreeMap<String, ReservationState>,
     pub deliveries: BTreeMap<String, DeliveryState>,
+    /// Carrier legs by leg id (`<deliveryId>` or `<deliveryId>.r<n>`): the leg and its status.
+    pub legs: BTreeMap<String, (Option<ThirdPartyLeg>, Status)>,
     pub created: Creations,
     /// Calls received, by operation (`put_package`, `release_drone`, ...), faulty ones included.
     pub calls: BTreeMap<&'static str, u64>,
@@ -179,6 +190,7 @@ impl Snapshot {
             ("package", &self.created.packages),
             ("reservation", &self.created.reservations),
             ("delivery", &self.created.deliveries),
+            ("carrier leg", &self.created.legs),
         ];
         kinds
             .into_iter()
@@ -217,6 +229,7 @@ struct State {
     packages: BTreeMap<String, Row<Package>>,
     reservations: BTreeMap<String, Row<DroneReservation>>,
     deliveries: BTreeMap<String, Row<(Delivery, u32)>>,
+    legs: BTreeMap<String, Row<(ThirdPartyLeg, LegRequest)>>,
     created: Creations,
     calls: BTreeMap<&'static str, u64>,
     fault_counts: FaultCounts,
@@ -231,6 +244,7 @@ enum Row<T> {
 /// What the RNG decided for one call, drawn before anything happens.
 struct Plan {
     before: Duration,
+    rejected: Option<Duration>,
     fail_before: bool,
     after: Duration,
     lose_answer: bool,
@@ -269,6 +283,7 @@ impl FakeDomain {
                 packages: BTreeMap::new(),
                 reservations: BTreeMap::new(),
                 deliveries: BTreeMap::new(),
+                legs: BTreeMap::new(),
                 created: Creations::default(),
                 calls: BTreeMap::new(),
                 fault_counts: FaultCounts::default(),
@@ -382,6 +397,24 @@ impl FakeDomain {
                     (id.clone(), state)
                 })
                 .collect(),
+            legs: s
+                .legs
+                .iter()
+                .map(|(id, row)| {
+                    let state = match row {
+                        Row::Tombstone => (None, Status::Tombstone),
+                        Row::Live((l, _)) => (
+                            Some(l.clone()),
+                            if l.status == LegStatus::Cancelled {
+                                Status::Cancelled
+                            } else {
+                                Status::Active
+                            },
+                        ),
+                    };
+                    (id.clone(), state)
+                })
+                .collect(),
             created: s.created.clone(),
             calls: s.calls.clone(),
             faults: s.fault_counts,
@@ -411,6 +444,12 @@ impl FakeDomain {
             *s.calls.entry(op).or_default() += 1;
             s.plan()
         };
+        if let Some(retry_after) = plan.rejected {
+            return Err(CallError::Rejected {
+                reason: format!("{what} not called: the circuit breaker is open (injected)"),
+                retry_after,
+            });
+        }
         sleep(plan.before).await;
         if plan.fail_before {
             return Err(CallError::Transient {
@@ -459,6 +498,7 @@ impl State {
         let max = u64::try_from(f.max_slowness.as_micros()).unwrap_or(u64::MAX);
         let total = self.rng.random_range(0..=max);
         let split = self.rng.random_range(0..=total);
+        let rejected = self.rng.random::<f64>() < f.rejected.clamp(0.0, 1.0);
         let (before, after) = if slow {
             self.fault_counts.slow_answers += 1;
             (
@@ -475,6 +515,7 @@ impl State {
         }
         Plan {
             before,
+            rejected: rejected.then_some(f.rejected_wait),
             fail_before: fail,
             after,
             lose_answer: lose && !fail,
@@ -545,6 +586,100 @@ impl State {
             }
         }
         // The service answers 404 for a tombstone; the client counts that as done.
+        Ok(())
+    }
+
+    /// The ThirdParty service's rules with one carrier of unlimited capacity that serves every
+    /// route: same id and request → the same leg; a different request → `leg-conflict`; a
+    /// cancelled or pre-empted id → `leg-cancelled`.
+    fn arrange_leg(
+        &mut self,
+        id: &str,
+        body: &LegRequest,
+        what: &str,
+    ) -> Result<ThirdPartyLeg, CallError> {
+        match self.legs.get(id) {
+            Some(Row::Tombstone) => {
+                return Err(conflict(
+                    what,
+                    "leg-cancelled",
+                    &format!("leg '{id}' was cancelled before it was booked"),
+                ))
+            }
+            Some(Row::Live((l, _))) if l.status == LegStatus::Cancelled => {
+                return Err(conflict(
+                    what,
+                    "leg-cancelled",
+                    &format!("leg '{id}' was cancelled"),
+                ))
+            }
+            Some(Row::Live((l, req))) if req == body => return Ok(l.clone()),
+            Some(Row::Live(_)) => {
+                return Err(conflict(
+                    what,
+                    "leg-conflict",
+                    &format!("leg '{id}' exists for a different request"),
+                ))
+            }
+            None => {}
+        }
+        let (Some(from), Some(to)) = (
+            GeoPoint::parse(&body.pickup_location),
+            GeoPoint::parse(&body.drop_off_location),
+        ) else {
+            return Err(conflict(what, "no-carrier-serves-route", "not points"));
+        };
+        let d = from.distance_km(to);
+        let (handover, km) = match body.handover_within_km {
+            Some(r) if d > 0.0 => {
+                let km = (d - 0.8 * r).max(0.0);
+                (from.toward(to, km / d), km)
+            }
+            Some(_) => (from, 0.0),
+            None => (to, d),
+        };
+        let now = self.now();
+        // 60 km/h, whole seconds.
+        let secs = (km * 60.0).round() as i64;
+        let leg = ThirdPartyLeg {
+            delivery_id: id.to_owned(),
+            owner_id: body.owner_id.clone(),
+            carrier_id: "carrier-fake".into(),
+            carrier_name: "Fake Freight".into(),
+            from_location: body.pickup_location.clone(),
+            to_location: if body.handover_within_km.is_none() {
+                body.drop_off_location.clone()
+            } else {
+                handover.location()
+            },
+            whole_route: body.handover_within_km.is_none(),
+            pickup_time: body.pickup_time,
+            handover_time: body.pickup_time + chrono::Duration::seconds(secs),
+            distance_km: km,
+            status: LegStatus::Booked,
+            created_at: now,
+            updated_at: now,
+        };
+        self.legs
+            .insert(id.to_owned(), Row::Live((leg.clone(), body.clone())));
+        *self.created.legs.entry(id.to_owned()).or_default() += 1;
+        Ok(leg)
+    }
+
+    fn cancel_leg(&mut self, id: &str) -> Result<(), CallError> {
+        let now = self.now();
+        match self.legs.get_mut(id) {
+            Some(Row::Live((l, _))) => {
+                if l.status != LegStatus::Cancelled {
+                    l.status = LegStatus::Cancelled;
+                    l.updated_at = now;
+                }
+            }
+            Some(Row::Tombstone) => {}
+            None => {
+                self.legs.insert(id.to_owned(), Row::Tombstone);
+            }
+        }
         Ok(())
     }
 
@@ -860,6 +995,24 @@ impl Domain for FakeDomain {
             .await
     }
 
+    async fn arrange_leg(
+        &self,
+        delivery_id: &str,
+        body: &LegRequest,
+    ) -> Result<ThirdPartyLeg, CallError> {
+        let what = format!("thirdparty PUT /api/thirdparty/{delivery_id}");
+        self.call("arrange_leg", what, |s, what| {
+            s.arrange_leg(delivery_id, body, what)
+        })
+        .await
+    }
+
+    async fn cancel_leg(&self, delivery_id: &str) -> Result<(), CallError> {
+        let what = format!("thirdparty DELETE /api/thirdparty/{delivery_id}");
+        self.call("cancel_leg", what, |s, _| s.cancel_leg(delivery_id))
+            .await
+    }
+
     async fn reserve_drone(
         &self,
         delivery_id: &str,
@@ -953,6 +1106,7 @@ fn fake_test_code<T: std::fmt::Debug>(r: Result<T, CallError>) -> String {
     match r {
         Err(CallError::Permanent { code, .. }) => code.unwrap_or_default(),
         Err(CallError::Transient { reason, .. }) => format!("transient: {reason}"),
+        Err(CallError::Rejected { reason, .. }) => format!("rejected: {reason}"),
         Ok(v) => panic!("expected a refusal, got {v:?}"),
     }
 }
@@ -1142,6 +1296,7 @@ async fn fake_faults_are_seeded_and_lost_answers_keep_their_effect() {
             lost_answer_timeout: Duration::from_secs(2),
             slow_answer: 0.5,
             max_slowness: Duration::from_millis(800),
+            ..Faults::none()
         });
         let start = tokio::time::Instant::now();
         let mut outcomes = Vec::new();

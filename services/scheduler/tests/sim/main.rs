@@ -40,7 +40,10 @@ use saga::{
     Attempt, Fence, JournalError, Lease, LeaseRow, ListFilter, MemoryStore, OutboxMessage,
     OutboxRow, Position, RetryPolicy, SagaRecord, Store, TokioClock, Write, Written,
 };
-use scheduler::{BookingInput, Core, CoreParts, SchedulerSettings, StepPolicies};
+use scheduler::{
+    leg_id, BookingInput, Core, CoreParts, LegNeed, SchedulerSettings, StepPolicies,
+    ThirdPartyRules, CARRIER_PREFIX,
+};
 use tokio::sync::watch;
 
 const PARTITIONS: u32 = 2;
@@ -182,6 +185,16 @@ impl SimPublisher {
                 let r = match step {
                     BookingStep::CreateDelivery => self.domain.cancel_delivery(&id).await,
                     BookingStep::ReserveDrone => self.domain.release_drone(&id).await,
+                    BookingStep::ArrangeThirdParty => {
+                        let mut r = Ok(());
+                        for leg in &request.carrier_legs {
+                            r = self.domain.cancel_leg(leg).await;
+                            if r.is_err() {
+                                break;
+                            }
+                        }
+                        r
+                    }
                     BookingStep::RegisterPackage => self.domain.delete_package(&id).await,
                     BookingStep::CheckAccount => Ok(()),
                 };
@@ -222,6 +235,7 @@ fn settings() -> SchedulerSettings {
         steps: StepPolicies {
             account: quick,
             package: quick,
+            third_party: quick,
             // The capacity wait: 20 s of virtual time.
             drone: RetryPolicy {
                 min_delay_ms: 100,
@@ -232,6 +246,7 @@ fn settings() -> SchedulerSettings {
             },
             delivery: quick,
         },
+        third_party: ThirdPartyRules::default(),
         compensation_delivery_limit: 10,
     }
 }
@@ -324,11 +339,19 @@ fn booking(
     pickup: DateTime<Utc>,
     owner: &str,
 ) -> DeliveryRequested {
+    // Most drop-offs are within the drones' range; some are 40 km away (a carrier leg to a
+    // hand-over point, then a drone), a few packages too heavy for any drone (a carrier all the
+    // way, no drone).
+    let (drop_off_location, weight) = match rng.random_range(0..100) {
+        0..=14 => ("0,47.25,-122.44", 1.5),
+        15..=19 => ("0,47.7,-122.2", 40.0),
+        _ => ("0,47.7,-122.2", 1.5),
+    };
     DeliveryRequested {
         delivery_id: id,
         owner_id: owner.to_owned(),
         pickup_location: "0,47.6,-122.3".into(),
-        drop_off_location: "0,47.7,-122.2".into(),
+        drop_off_location: drop_off_location.into(),
         pickup_time: pickup,
         deadline: String::new(),
         expedited: false,
@@ -336,11 +359,18 @@ fn booking(
         package_info: PackageInfo {
             package_id: format!("pkg-{}", rng.random_range(0..1000)),
             size: PackageSize::Small,
-            weight: 1.5,
+            weight,
             tag: None,
         },
         accepted_at: epoch(),
     }
+}
+
+/// The booking within the drones' range and payload: no carrier leg.
+fn drones_only(mut b: DeliveryRequested) -> DeliveryRequested {
+    b.drop_off_location = "0,47.7,-122.2".into();
+    b.package_info.weight = 1.5;
+    b
 }
 
 fn envelope(kind: &str, key: &str, body: &impl serde::Serialize) -> Envelope {
@@ -373,6 +403,8 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
         lost_answer_timeout: Duration::from_millis(500),
         slow_answer: 0.1,
         max_slowness: Duration::from_millis(300),
+        rejected: 0.05,
+        rejected_wait: Duration::from_millis(700),
     });
     let published = Arc::new(Mutex::new(Published::default()));
     let publisher = Arc::new(SimPublisher {
@@ -660,9 +692,43 @@ fn check_invariants(
             let drone = s.outputs[BookingStep::ReserveDrone.as_str()]["droneId"]
                 .as_str()
                 .unwrap_or("");
-            match snap.reservations.get(id) {
-                Some(r) if r.status == Status::Active && r.drone_id == drone && r.window.start == input.request.pickup_time => {}
-                other => errors.push(format!("scheduled booking {id} (drone {drone}, {}) but the drone service holds {other:?}", input.request.pickup_time)),
+            // The carrier leg: exactly the current revision's, when the booking needs one.
+            let need = ThirdPartyRules::default().need(&input.request);
+            // Named by the revision that last planned it (a reschedule that moves nothing keeps
+            // the leg).
+            let current_leg = s.outputs[BookingStep::ArrangeThirdParty.as_str()]["legId"]
+                .as_str()
+                .map_or_else(|| leg_id(id, input.revision), str::to_owned);
+            let leg = snap
+                .legs
+                .get(&current_leg)
+                .and_then(|(l, st)| (*st == Status::Active).then_some(l.clone()).flatten());
+            let drone_start = match (&need, &leg) {
+                (LegNeed::None { .. }, None) => Some(input.request.pickup_time),
+                (LegNeed::Part { .. }, Some(l)) if !l.whole_route => Some(l.handover_time),
+                (LegNeed::Whole { .. }, Some(l)) if l.whole_route => None,
+                (need, leg) => {
+                    errors.push(format!(
+                        "scheduled booking {id} needs {need:?} but holds carrier leg {leg:?}"
+                    ));
+                    Some(input.request.pickup_time)
+                }
+            };
+            for (leg_id, (_, st)) in snap.legs.range(id.clone()..) {
+                if !leg_id.starts_with(id.as_str()) {
+                    break;
+                }
+                if *st == Status::Active && *leg_id != current_leg {
+                    errors.push(format!(
+                        "scheduled booking {id} (revision {}) still holds carrier leg {leg_id}",
+                        input.revision
+                    ));
+                }
+            }
+            match (drone_start, snap.reservations.get(id)) {
+                (Some(start), Some(r)) if r.status == Status::Active && r.drone_id == drone && r.window.start == start => {}
+                (None, r) if drone.starts_with(CARRIER_PREFIX) && r.is_none_or(|r| r.status != Status::Active) => {}
+                (start, other) => errors.push(format!("scheduled booking {id} (drone {drone}, from {start:?}) but the drone service holds {other:?}")),
             }
             match snap.deliveries.get(id) {
                 Some(d)
@@ -709,6 +775,15 @@ fn check_invariants(
         if d.status == Status::Active && !scheduled(id) {
             errors.push(format!(
                 "delivery {id} active, saga {:?}",
+                sagas.get(id).map(|s| &s.state)
+            ));
+        }
+    }
+    for (leg_id, (_, st)) in &snap.legs {
+        let id = leg_id.split(".r").next().unwrap_or(leg_id);
+        if *st == Status::Active && !scheduled(id) {
+            errors.push(format!(
+                "carrier leg {leg_id} booked, saga {:?}",
                 sagas.get(id).map(|s| &s.state)
             ));
         }
@@ -883,7 +958,7 @@ fn a_full_replica_keeps_scheduling_other_days() {
             log.append(envelope(
                 DELIVERY_REQUESTED,
                 &id.to_string(),
-                &booking(&mut rng, id, busy, OWNER),
+                &drones_only(booking(&mut rng, id, busy, OWNER)),
             ))
             .await
             .unwrap();
@@ -895,7 +970,7 @@ fn a_full_replica_keeps_scheduling_other_days() {
         log.append(envelope(
             DELIVERY_REQUESTED,
             &other.to_string(),
-            &booking(&mut rng, other, tomorrow, OWNER),
+            &drones_only(booking(&mut rng, other, tomorrow, OWNER)),
         ))
         .await
         .unwrap();

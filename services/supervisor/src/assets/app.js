@@ -51,6 +51,43 @@
     tr.appendChild(cell(r.lastError || "\u2013"));
     return tr;
   }
+  // The same text as the server writes (dashboard.rs `downstream_text`).
+  function downstreamText(s) {
+    var state = s.state === "open" ? "OPEN" : s.state;
+    var details = [];
+    if (s.state === "open" && s.nextProbeAt) { details.push("next probe " + clock(s.nextProbeAt)); }
+    if (s.rejected > 0) { details.push(s.rejected + " rejected"); }
+    var on = s.notClosedOn || [];
+    var text = s.service + " " + state;
+    if (details.length || on.length) {
+      text += " (" + details.join(", ");
+      if (on.length) { text += (details.length ? "; " : "") + "on " + on.join(", "); }
+      text += ")";
+    }
+    return text;
+  }
+  function renderDownstream(d) {
+    var list = document.getElementById("downstream-services");
+    if (!list || !d) { return; }
+    while (list.firstChild) { list.removeChild(list.firstChild); }
+    (d.services || []).forEach(function (s, i) {
+      if (i > 0) { list.appendChild(document.createTextNode(" \u00b7 ")); }
+      var span = document.createElement("span");
+      span.className = "breaker breaker-" + s.state;
+      span.setAttribute("data-service", s.service);
+      span.setAttribute("data-state", s.state);
+      span.textContent = downstreamText(s);
+      list.appendChild(span);
+    });
+    if (!(d.services || []).length) {
+      var none = document.createElement("span");
+      none.className = "muted";
+      none.textContent = "not known";
+      list.appendChild(none);
+    }
+    var errors = d.errors || [];
+    alertText("downstream-errors", errors.length ? "(not told by " + errors.join("; ") + ")" : "");
+  }
   function cell(text) {
     var td = document.createElement("td");
     td.textContent = text;
@@ -72,6 +109,7 @@
       while (waiting.firstChild) { waiting.removeChild(waiting.firstChild); }
       o.waitingReasons.forEach(function (r) { waiting.appendChild(waitingRow(r)); });
     }
+    renderDownstream(o.downstream);
     alertText("partitions-error", o.partitionsError);
     alertText("waiting-error", o.waitingError);
     var at = document.getElementById("updated-at");
