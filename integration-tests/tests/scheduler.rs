@@ -397,7 +397,7 @@ async fn no_drone_before_pickup_fails_and_compensates(backend: Backend) {
         serde_json::json!((chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339());
     let id = suite.book(&body).await;
     let wf = suite.workflow(&scheduler, id, "failed", WAIT).await;
-    let drone_attempts = &attempts(&wf)[2].1;
+    let drone_attempts = &attempts(&wf)[3].1;
     assert!(
         drone_attempts.len() > 2,
         "retried until the pickup time: {drone_attempts:?}"

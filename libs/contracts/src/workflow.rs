@@ -462,9 +462,11 @@ mod tests {
         let expected = [
             "CheckAccount",
             "RegisterPackage",
+            "ArrangeThirdParty",
             "ReserveDrone",
             "CreateDelivery",
         ];
+        assert_eq!(BookingStep::ALL.len(), expected.len());
         for (s, want) in BookingStep::ALL.into_iter().zip(expected) {
             assert_eq!(s.as_str(), want);
             assert_eq!(spelled(&s), want);
@@ -477,6 +479,7 @@ mod tests {
             [
                 BookingStep::CreateDelivery,
                 BookingStep::ReserveDrone,
+                BookingStep::ArrangeThirdParty,
                 BookingStep::RegisterPackage
             ]
         );
@@ -524,7 +527,7 @@ mod tests {
         let old: Option<CompensationRequest> = serde_json::from_value(json!({
             "deliveryId": id,
             "ownerId": "o",
-            "succeededSteps": ["CheckAccount", "RegisterPackage", "ArrangeThirdParty"],
+            "succeededSteps": ["CheckAccount", "RegisterPackage", "SendCarrierPigeon"],
             "reason": "r",
             "sagaVersion": 2,
         }))

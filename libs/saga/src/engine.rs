@@ -499,11 +499,6 @@ impl<C: Send + Sync> Engine<C> {
                         }
                         // Always parked, however short the wait: a step whose service is known
                         // to be down holds no slot.
-                        saga.wake_at = Some(resume);
-                        let update = InstanceUpdate {
-                            wake_at: saga.wake_at,
-                            ..Default::default()
-                        };
                         let attempt = attempt_row(
                             &saga.id,
                             index,
@@ -514,8 +509,7 @@ impl<C: Send + Sync> Engine<C> {
                             started,
                             finished,
                         );
-                        self.commit(fence, &mut saga, update, vec![attempt], Vec::new())
-                            .await?;
+                        self.wait(fence, &mut saga, attempt, Some(resume)).await?;
                         step_span.in_scope(|| {
                             tracing::info!(saga_id = %saga.id, step = step.name(), reason, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "step deferred");
                         });
@@ -563,11 +557,6 @@ impl<C: Send + Sync> Engine<C> {
                         let delay = delay.unwrap_or_default();
                         // A long wait parks the saga: durable, and its slot goes to others.
                         let park = delay >= self.settings.park_after;
-                        saga.wake_at = if park { resume } else { None };
-                        let update = InstanceUpdate {
-                            wake_at: saga.wake_at,
-                            ..Default::default()
-                        };
                         let attempt = attempt_row(
                             &saga.id,
                             index,
@@ -578,7 +567,7 @@ impl<C: Send + Sync> Engine<C> {
                             started,
                             finished,
                         );
-                        self.commit(fence, &mut saga, update, vec![attempt], Vec::new())
+                        self.wait(fence, &mut saga, attempt, resume.filter(|_| park))
                             .await?;
                         step_span.in_scope(|| {
                             tracing::info!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, reason, parked = park, "step will be retried");
@@ -591,6 +580,24 @@ impl<C: Send + Sync> Engine<C> {
                 }
             }
         }
+    }
+
+    /// Journals an attempt that did not finish the step and the saga's timer: parked until
+    /// `wake_at`, or (`None`) waiting in place.
+    async fn wait(
+        &self,
+        fence: Fence,
+        saga: &mut SagaRecord,
+        attempt: Attempt,
+        wake_at: Option<DateTime<Utc>>,
+    ) -> Result<(), JournalError> {
+        saga.wake_at = wake_at;
+        let update = InstanceUpdate {
+            wake_at,
+            ..Default::default()
+        };
+        self.commit(fence, saga, update, vec![attempt], Vec::new())
+            .await
     }
 
     /// Applies the saga's recorded signals and those waiting in `inbox`, in order, in one write.

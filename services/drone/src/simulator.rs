@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use contracts::{FlightStage, ReservationStatus, TelemetryKind, TelemetryReport};
+use contracts::{
+    FlightStage, GeoPoint as Point, ReservationStatus, TelemetryKind, TelemetryReport,
+};
 use sea_orm::{
     ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
@@ -246,35 +248,9 @@ impl Flight {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Point {
-    lat: f64,
-    lon: f64,
-}
-
-impl Point {
-    /// `0,lat,lon` (Fabrikam's location format); anything else is not a point.
-    fn parse(s: &str) -> Option<Point> {
-        let mut parts = s.split(',').map(str::trim);
-        let (_, lat, lon) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
-        let (lat, lon) = (lat.parse::<f64>().ok()?, lon.parse::<f64>().ok()?);
-        ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon))
-            .then_some(Point { lat, lon })
-    }
-}
-
 /// The point `i/n` of the way from `a` to `b`, written as a location; `None` without both.
 fn along(a: Option<Point>, b: Option<Point>, i: u32, n: u32) -> Option<String> {
-    let (a, b) = (a?, b?);
-    let t = f64::from(i) / f64::from(n);
-    Some(format!(
-        "0,{:.6},{:.6}",
-        a.lat + (b.lat - a.lat) * t,
-        a.lon + (b.lon - a.lon) * t
-    ))
+    Some(a?.toward(b?, f64::from(i) / f64::from(n)).location())
 }
 
 #[cfg(test)]
@@ -282,16 +258,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fabrikam_locations_are_points_and_flights_go_along_a_line() {
-        assert_eq!(
-            Point::parse("0,47.6,-122.3"),
-            Some(Point {
-                lat: 47.6,
-                lon: -122.3
-            })
-        );
-        assert_eq!(Point::parse("Pike Place"), None);
-        assert_eq!(Point::parse("0,91,0"), None);
+    fn flights_go_along_a_line_between_fabrikam_points() {
         let a = Point::parse("0,0,0");
         let b = Point::parse("0,1,2");
         assert_eq!(along(a, b, 1, 2).as_deref(), Some("0,0.500000,1.000000"));
