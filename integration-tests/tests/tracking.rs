@@ -27,6 +27,7 @@ both_backends!(
     the_event_stream_follows_and_resumes_after_the_last_event_id,
     streams_per_replica_are_capped,
     a_replica_that_does_not_project_streams_what_another_recorded,
+    the_carrier_leg_shows_and_goes_when_a_reschedule_drops_it,
 );
 
 fn booking(owner: &str, pickup: DateTime<Utc>) -> Value {
@@ -820,5 +821,38 @@ async fn a_replica_that_does_not_project_streams_what_another_recorded(backend: 
     assert_eq!(sse_steps(&sse.take(1).await), vec!["booking:scheduled"]);
     drop(sse);
     reader.stop().await;
+    s.stop().await;
+}
+
+/// The booking's carrier leg is what the latest state change says: shown while the booking holds
+/// one, gone once a reschedule made the carrier unnecessary (the fields the Scheduler always
+/// sends are not kept from older events).
+async fn the_carrier_leg_shows_and_goes_when_a_reschedule_drops_it(backend: Backend) {
+    let s = spawn_ingestion(backend, |_| {}).await;
+    let token = s.token("acc-1", &[]);
+    let (id, _) = book(&s, &token).await;
+    let leg = contracts::CarrierLeg {
+        carrier_id: "cascade".into(),
+        carrier_name: "Cascade Freight".into(),
+        from_location: "0,47.6062,-122.3321".into(),
+        to_location: "0,47.3,-122.4".into(),
+        whole_route: false,
+        handover_time: window().start,
+    };
+    let change = |version: i64, revision: u32, carrier_leg: Option<contracts::CarrierLeg>| {
+        let envelope = envelope(id, &Ev::State(RequestState::Scheduled, version, None));
+        let mut body: WorkflowStateChanged = envelope.decode().unwrap();
+        body.revision = Some(revision);
+        body.carrier_leg = carrier_leg;
+        Envelope::new(WORKFLOW_STATE_CHANGED, 1, &id.to_string(), &body).unwrap()
+    };
+    let log = workflow_log(&s).await;
+    log.append(change(3, 0, Some(leg.clone()))).await.unwrap();
+    let v = view_with(&s, id, &token, 2).await;
+    assert_eq!(v.carrier_leg, Some(leg));
+    // Rescheduled to a drop-off the drones reach alone: the leg was cancelled.
+    log.append(change(5, 1, None)).await.unwrap();
+    let v = view_with(&s, id, &token, 3).await;
+    assert_eq!(v.carrier_leg, None, "{v:?}");
     s.stop().await;
 }

@@ -357,7 +357,6 @@ pub(crate) async fn apply(
         "window_start",
         "window_end",
         "drone_id",
-        "carrier_leg",
     ] {
         on_conflict.value(
             Alias::new(column),
@@ -366,6 +365,9 @@ pub(crate) async fn apply(
             )),
         );
     }
+    // The carrier leg is what the newest event says: every Scheduler that knows legs sends the
+    // one the booking holds, so an event without one means none (a reschedule dropped it).
+    on_conflict.update_column(request::Column::CarrierLeg);
     on_conflict.value(
         request::Column::ClientCancelled,
         Expr::cust("delivery_requests.client_cancelled OR excluded.client_cancelled"),
