@@ -542,7 +542,7 @@ struct OverviewPage {
 
 async fn overview_page(session: Session, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let o = actions::overview(&state).await?;
-    let downstream = downstream_line(&state.scheduler.breakers().await);
+    let downstream = downstream_line(&state.scheduler.breakers(&state.downstream).await);
     let stuck = readmodel::search(
         &state.db,
         &readmodel::Search {
@@ -640,7 +640,7 @@ fn partition_row(p: &actions::PartitionView) -> Markup {
 
 async fn overview_json(_: Session, state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let overview = actions::overview(&state).await?;
-    let downstream = downstream_line(&state.scheduler.breakers().await);
+    let downstream = downstream_line(&state.scheduler.breakers(&state.downstream).await);
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(OverviewPage {

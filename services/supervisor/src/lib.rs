@@ -139,6 +139,9 @@ pub(crate) struct AppState {
     pub settings: SupervisorSettings,
     /// Partition leases, unstarted bookings and waiting sagas, as last looked at.
     pub stall: Arc<stall::Watch>,
+    /// The Supervisor's own client of the domain services (its compensations' calls), for the
+    /// state of its circuit breakers.
+    pub downstream: Downstream,
 }
 
 /// The running Supervisor.
@@ -208,11 +211,10 @@ impl Service for Application {
         )?;
         let mut downstream_settings = settings.downstream.clone();
         downstream_settings.service_token = settings.auth.service_token.clone();
+        let downstream = Downstream::new(&downstream_settings)?.with_metrics(builder.registry())?;
         let compensator = Arc::new(compensation::Compensator {
             db: db.clone(),
-            downstream: scheduler.report_breakers_of(
-                Downstream::new(&downstream_settings)?.with_metrics(builder.registry())?,
-            ),
+            downstream: downstream.clone(),
             scheduler: scheduler.clone(),
             metrics: metrics.clone(),
             retry: s.retry,
@@ -264,6 +266,7 @@ impl Service for Application {
             metrics,
             settings: s.clone(),
             stall,
+            downstream,
         });
         let sessions = actix_web::web::Data::new(auth::Sessions::new(db, &s));
         let service = builder

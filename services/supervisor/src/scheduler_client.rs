@@ -4,7 +4,6 @@
 //! dashboard's "Downstream services" line). (Lag is not asked of the Scheduler: a stalled one
 //! would report none; see `stall`.)
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use contracts::{
@@ -84,9 +83,6 @@ pub struct SchedulerClient {
     http: reqwest::Client,
     link: SchedulerLink,
     token: SecretString,
-    /// The Supervisor's own downstream client (its compensations' calls), reported by
-    /// [`breakers`](Self::breakers) next to the Scheduler replicas'. Shared by the clones.
-    local_downstream: Arc<OnceLock<Downstream>>,
 }
 
 impl SchedulerClient {
@@ -98,15 +94,7 @@ impl SchedulerClient {
             http,
             link: link.clone(),
             token,
-            local_downstream: Arc::new(OnceLock::new()),
         })
-    }
-
-    /// Makes [`breakers`](Self::breakers) report the breakers of `downstream`, the Supervisor's
-    /// own client, as `supervisor`; returns it. The first one given is kept.
-    pub fn report_breakers_of(&self, downstream: Downstream) -> Downstream {
-        let _ = self.local_downstream.set(downstream.clone());
-        downstream
     }
 
     fn base_for_partition(&self, partition: i32) -> String {
@@ -258,8 +246,8 @@ impl SchedulerClient {
 
     /// The circuit breakers in front of the domain services: every Scheduler replica's (each
     /// has its own; asked at once, each within [`BREAKERS_TIMEOUT`]; through `url` alone when
-    /// there is no `instance_url_template`), then the Supervisor's own.
-    pub async fn breakers(&self) -> Vec<BreakerReport> {
+    /// there is no `instance_url_template`), then those of `own`, the Supervisor's client.
+    pub async fn breakers(&self, own: &Downstream) -> Vec<BreakerReport> {
         let replicas: Vec<(String, String)> = match &self.link.instance_url_template {
             Some(t) => (0..self.link.replicas.max(1))
                 .map(|i| {
@@ -286,12 +274,10 @@ impl SchedulerClient {
                 BreakerReport { source, breakers }
             }))
             .await;
-        if let Some(d) = self.local_downstream.get() {
-            out.push(BreakerReport {
-                source: "supervisor".to_owned(),
-                breakers: Ok(d.breakers()),
-            });
-        }
+        out.push(BreakerReport {
+            source: "supervisor".to_owned(),
+            breakers: Ok(own.breakers()),
+        });
         out
     }
 }
