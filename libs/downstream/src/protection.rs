@@ -9,7 +9,11 @@
 //! that the thousands of sagas parked on it do not all wake in the same millisecond. After
 //! `open_ms` it is half-open: up to `half_open_probes` (default 2) calls go through at once as
 //! probes, the others are refused with a short `retry_after`; that many probe successes in a row
-//! close it with an empty window, one probe failure opens it again for `open_ms`. Two probes,
+//! close it with an empty window, one probe failure opens it again, for twice as long as the
+//! time before (`open_ms`, doubled per failed probe since it last closed, up to `max_open_ms`:
+//! a service that stays down is asked, and the sagas parked on it wake, less and less often;
+//! found by the chaos case `package_outage_behind_the_breaker`, where every parked saga's
+//! wake-up per open period is a journal write). Two probes,
 //! not one: a flapping service that answers one call in between does not reopen the floodgates,
 //! and a sick one is never asked to serve more than two calls at once.
 //!
@@ -114,6 +118,7 @@ struct Limits {
     min_calls: u64,
     failure_ratio: f64,
     open: Duration,
+    max_open: Duration,
     probes: u32,
 }
 
@@ -127,6 +132,7 @@ impl Limits {
             min_calls: u64::from(s.min_calls),
             failure_ratio: s.failure_ratio,
             open: Duration::from_millis(s.open_ms),
+            max_open: Duration::from_millis(s.max_open_ms.max(s.open_ms)),
             probes: s.half_open_probes,
         }
     }
@@ -216,6 +222,8 @@ pub(crate) struct Breaker {
     generation: u64,
     window: Window,
     opened_at: Option<Instant>,
+    /// Probes that failed since the breaker last closed: each doubles the next open time.
+    failed_probes: u32,
     /// Why it opened last.
     why: String,
 }
@@ -229,6 +237,7 @@ impl Breaker {
             generation: 0,
             window: Window::default(),
             opened_at: None,
+            failed_probes: 0,
             why: String::new(),
         }
     }
@@ -252,12 +261,19 @@ impl Breaker {
         Some(self.state())
     }
 
+    /// Opens for `open_ms`, doubled for every probe that failed since the breaker last closed,
+    /// up to `max_open_ms`: a service that stays down is asked (and the sagas waiting on it
+    /// wake) less and less often.
     fn open(&mut self, now: Instant, why: String) -> Option<BreakerState> {
         self.opened_at = Some(now);
         self.why = why;
-        self.set(State::Open {
-            until: now + self.limits.open,
-        })
+        let factor = 1u32 << self.failed_probes.min(16);
+        let open = self
+            .limits
+            .open
+            .saturating_mul(factor)
+            .min(self.limits.max_open);
+        self.set(State::Open { until: now + open })
     }
 
     /// Open → half-open once the open time is over. Returns the new state when it changed.
@@ -343,11 +359,15 @@ impl Breaker {
                 *in_flight = in_flight.saturating_sub(1);
                 match verdict {
                     Verdict::Unknown => None,
-                    Verdict::Unwell => self.open(now, "a probe call failed".to_owned()),
+                    Verdict::Unwell => {
+                        self.failed_probes = self.failed_probes.saturating_add(1);
+                        self.open(now, "a probe call failed".to_owned())
+                    }
                     Verdict::Healthy => {
                         *successes += 1;
                         if *successes >= self.limits.probes {
                             self.window = Window::default();
+                            self.failed_probes = 0;
                             self.set(State::Closed)
                         } else {
                             None
@@ -1058,7 +1078,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_probe_opens_it_again_for_the_whole_open_time() {
+    fn a_failed_probe_opens_it_again_for_twice_the_open_time() {
         let t0 = Instant::now();
         let mut b = opened(t0);
         let probe_time = t0 + 19 * MS + Duration::from_secs(5);
@@ -1074,10 +1094,47 @@ mod tests {
             Some(BreakerState::Open)
         );
         assert_eq!(b.why, "a probe call failed");
-        assert_eq!(left(&mut b, failed_at), Duration::from_secs(5));
+        assert_eq!(left(&mut b, failed_at), Duration::from_secs(10));
         // The other probe's late success belongs to the half-open that is over.
         assert_eq!(b.finish(other, Verdict::Healthy, failed_at), None);
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    /// A service that stays down is probed less and less often (each failed probe doubles the
+    /// open time, up to `max_open_ms`), so the sagas parked on it wake less often too; once it
+    /// closes, the next opening starts from `open_ms` again.
+    #[test]
+    fn repeated_probe_failures_double_the_open_time_up_to_the_cap() {
+        let t0 = Instant::now();
+        let mut b = opened(t0);
+        let mut now = t0 + 19 * MS;
+        let mut opens = Vec::new();
+        for _ in 0..5 {
+            now += left(&mut b, now);
+            let Admission::Call(probe) = b.admit(now).0 else {
+                panic!("a probe is let through");
+            };
+            assert_eq!(
+                b.finish(probe, Verdict::Unwell, now),
+                Some(BreakerState::Open)
+            );
+            opens.push(left(&mut b, now).as_secs());
+        }
+        // 5 s (default) doubled per failed probe, capped at 30 s (default).
+        assert_eq!(opens, vec![10, 20, 30, 30, 30]);
+        // Healthy again: two probe successes close it, and the next opening is 5 s.
+        now += left(&mut b, now);
+        for _ in 0..2 {
+            assert!(matches!(
+                call(&mut b, now, Verdict::Healthy),
+                None | Some(BreakerState::Closed)
+            ));
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        for i in 0..20 {
+            call(&mut b, now + i * MS, Verdict::Unwell);
+        }
+        assert_eq!(left(&mut b, now + 19 * MS), Duration::from_secs(5));
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct BreakerSettings {
     /// How long an open breaker refuses every call before it lets probes through, in
     /// milliseconds (default 5 s).
     pub open_ms: u64,
+    /// The longest an open breaker waits before probing again: every failed probe doubles the
+    /// wait from `open_ms`, up to this (milliseconds, default 30 s; never less than `open_ms`).
+    pub max_open_ms: u64,
     /// Probe calls let through at once when half-open; that many successes close the breaker,
     /// one failure opens it again (default 2).
     pub half_open_probes: u32,
@@ -60,6 +63,7 @@ impl Default for BreakerSettings {
             min_calls: 20,
             failure_ratio: 0.5,
             open_ms: 5_000,
+            max_open_ms: 30_000,
             half_open_probes: 2,
         }
     }
