@@ -22,6 +22,14 @@ pub use app::{Reply, TestApp};
 pub use db::{Backend, TestDb};
 pub use wait::{done_if, eventually, eventually_every};
 
+/// Reads one sample (`name{labels} value`) from Prometheus text; labels must match exactly.
+pub fn metric_sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == name_and_labels).then(|| value.parse().ok())?
+    })
+}
+
 /// An `application/x-www-form-urlencoded` body of `fields`, as a browser posts a form.
 pub fn form(fields: &[(&str, &str)]) -> String {
     serde_urlencoded::to_string(fields).expect("string pairs always encode")

@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{metrics, stop};
-use integration_tests::{eventually, spawn_suite, Backend, Suite, SuiteFaults};
+use integration_tests::{
+    eventually, metric_sample as sample, spawn_suite, Backend, Suite, SuiteFaults,
+};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 
@@ -146,14 +148,6 @@ async fn one_booking_is_one_trace_across_every_service() {
         Some(trace.to_string().as_str())
     );
     stop(suite, scheduler).await;
-}
-
-/// Reads one sample (`name{labels} value`) from Prometheus text; labels must match exactly.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (key, value) = l.rsplit_once(' ')?;
-        (key == name_and_labels).then(|| value.parse().ok())?
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -331,13 +331,7 @@ async fn breaker_sample(stack: &Stack, service: &str) -> Option<(i64, i64)> {
         .text()
         .await
         .ok()?;
-    let value = |prefix: &str| {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|v| v as i64)
-    };
+    let value = |series: &str| crate::metric_sample(&text, series).map(|v| v as i64);
     let state = value(&format!("downstream_breaker_state{{target=\"{service}\"}}"))?;
     let slots = value("scheduler_saga_slots_in_use")?;
     Some((state, slots))

@@ -417,7 +417,7 @@ pub async fn check(
     }
     // A booked leg belongs to a scheduled saga, and is the one its saga journaled.
     for leg in &booked_legs {
-        let id = leg.split(".r").next().unwrap_or(leg);
+        let id = contracts::delivery_of_leg(leg);
         let journaled = Uuid::parse_str(id)
             .ok()
             .and_then(|u| sagas.get(&u))

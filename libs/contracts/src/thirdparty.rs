@@ -115,6 +115,29 @@ pub fn handover_km_schema() -> utoipa::openapi::schema::Schema {
         .into()
 }
 
+/// The id of a booking's carrier leg at a revision: the deliveryId as booked, `<id>.r<n>` after
+/// the n-th reschedule (a re-planned leg is a new leg; the one before it is cancelled).
+pub fn carrier_leg_id(delivery_id: &str, revision: u32) -> String {
+    if revision == 0 {
+        delivery_id.to_owned()
+    } else {
+        format!("{delivery_id}.r{revision}")
+    }
+}
+
+/// Every leg id a booking at `revision` may have held, one per revision (cancelling one never
+/// booked is a no-op).
+pub fn carrier_leg_ids(delivery_id: &str, revision: u32) -> Vec<String> {
+    (0..=revision)
+        .map(|r| carrier_leg_id(delivery_id, r))
+        .collect()
+}
+
+/// The deliveryId a leg id belongs to.
+pub fn delivery_of_leg(leg_id: &str) -> &str {
+    leg_id.split(".r").next().unwrap_or(leg_id)
+}
+
 /// Whether a leg is booked or was cancelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -280,6 +303,15 @@ mod tests {
         assert_eq!(GeoPoint::parse("0,91,0"), None);
         assert_eq!(GeoPoint::parse("0,1,2,3"), None);
         assert_eq!(a.location(), "0,47.606200,-122.332100");
+    }
+
+    #[test]
+    fn leg_ids_name_the_delivery_and_the_revision() {
+        assert_eq!(carrier_leg_id("d", 0), "d");
+        assert_eq!(carrier_leg_id("d", 2), "d.r2");
+        assert_eq!(carrier_leg_ids("d", 2), vec!["d", "d.r1", "d.r2"]);
+        assert_eq!(delivery_of_leg("d.r2"), "d");
+        assert_eq!(delivery_of_leg("d"), "d");
     }
 
     #[test]

@@ -27,6 +27,15 @@ pub enum ApiError {
     /// naming the fields.
     #[error("refused: {}", summary(.0))]
     Unprocessable(Vec<FieldError>),
+    /// A `422` with a code and title of its own (a refusal a caller tells apart from
+    /// `rule-violated`, e.g. ThirdParty's `no-carrier-serves-route`), naming the fields.
+    #[error("{detail}")]
+    Refused {
+        code: &'static str,
+        title: &'static str,
+        detail: String,
+        errors: Vec<FieldError>,
+    },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -76,6 +85,21 @@ impl ApiError {
     /// A `422`: `field` is well-formed but a business rule refuses it.
     pub fn rule(field: &str, reason: impl Into<String>) -> Self {
         ApiError::Unprocessable(vec![FieldError::new(field, reason)])
+    }
+
+    /// A `422` with its own `code` and `title`, the `detail` and the fields in the way.
+    pub fn refused(
+        code: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+        errors: Vec<FieldError>,
+    ) -> Self {
+        ApiError::Refused {
+            code,
+            title,
+            detail: detail.into(),
+            errors,
+        }
     }
 
     pub fn not_found(what: &'static str, id: impl Into<String>) -> Self {
@@ -131,6 +155,7 @@ impl ApiError {
             ApiError::MalformedJson(_) => "malformed-json",
             ApiError::BadRequest { code, .. } => code,
             ApiError::Unprocessable(_) => "rule-violated",
+            ApiError::Refused { code, .. } => code,
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound { .. } => "not-found",
@@ -154,6 +179,7 @@ impl ApiError {
             }
             ApiError::BadRequest { .. } => "Bad request",
             ApiError::Unprocessable(_) => "Refused by a business rule",
+            ApiError::Refused { title, .. } => title,
             ApiError::Unauthorized(_) => "Authentication required",
             ApiError::Forbidden(_) => "Forbidden",
             ApiError::NotFound { .. } => "Not found",
@@ -194,7 +220,9 @@ impl ApiError {
             code: self.code().to_owned(),
             instance: None,
             errors: match self {
-                ApiError::Validation(errors) | ApiError::Unprocessable(errors) => errors.clone(),
+                ApiError::Validation(errors)
+                | ApiError::Unprocessable(errors)
+                | ApiError::Refused { errors, .. } => errors.clone(),
                 _ => Vec::new(),
             },
             request_id: None,
@@ -211,7 +239,9 @@ impl ResponseError for ApiError {
                 "method-not-allowed" => StatusCode::METHOD_NOT_ALLOWED,
                 _ => StatusCode::BAD_REQUEST,
             },
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unprocessable(_) | ApiError::Refused { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,

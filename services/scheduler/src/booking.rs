@@ -17,11 +17,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use contracts::{
-    AccountStatus, BookingStep, CarrierLeg, CompensationRequest, DeliveryPatch, DeliveryRequested,
-    DeliveryRescheduled, DeliveryUpsert, DroneReservationRequest, GeoPoint, LegRequest,
-    PackageUpsert, RequestState, SagaState, TimeWindow, WorkflowStateChanged, COMPENSATIONS_QUEUE,
-    COMPENSATION_REQUESTED, DELIVERY_CANCELLED, DELIVERY_RESCHEDULED, WORKFLOW_EVENTS_LOG,
-    WORKFLOW_STATE_CHANGED,
+    carrier_leg_id, carrier_leg_ids, AccountStatus, BookingStep, CarrierLeg, CompensationRequest,
+    DeliveryPatch, DeliveryRequested, DeliveryRescheduled, DeliveryUpsert, DroneReservationRequest,
+    GeoPoint, LegRequest, PackageUpsert, RequestState, SagaState, TimeWindow, WorkflowStateChanged,
+    COMPENSATIONS_QUEUE, COMPENSATION_REQUESTED, DELIVERY_CANCELLED, DELIVERY_RESCHEDULED,
+    WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED,
 };
 use downstream::{CallError, Domain};
 use messaging::Envelope;
@@ -112,16 +112,6 @@ pub struct Ctx {
     pub domain: Arc<dyn Domain>,
     pub metrics: Arc<Metrics>,
     pub third_party: ThirdPartyRules,
-}
-
-/// The id of a booking's carrier leg at a revision: the deliveryId as booked, `<id>.r<n>` after
-/// the n-th reschedule (a re-planned leg is a new leg; the one before it is cancelled).
-pub fn leg_id(delivery_id: &str, revision: u32) -> String {
-    if revision == 0 {
-        delivery_id.to_owned()
-    } else {
-        format!("{delivery_id}.r{revision}")
-    }
 }
 
 /// Whether a booking needs a carrier leg, and why (or why not).
@@ -311,7 +301,7 @@ impl Step<Ctx> for ArrangeThirdParty {
         let input = BookingInput::of(saga)?;
         let b = &input.request;
         let id = b.delivery_id.to_string();
-        let leg_id = leg_id(&id, input.revision);
+        let leg_id = carrier_leg_id(&id, input.revision);
         let (handover_within_km, reason) = match ctx.third_party.need(b) {
             LegNeed::None { reason } => (None, reason),
             LegNeed::Part {
@@ -348,7 +338,7 @@ impl Step<Ctx> for ArrangeThirdParty {
         if input.revision > 0 {
             for revision in 0..input.revision {
                 ctx.domain
-                    .cancel_leg(&self::leg_id(&id, revision))
+                    .cancel_leg(&carrier_leg_id(&id, revision))
                     .await
                     .map_err(step_error)?;
             }
@@ -535,7 +525,8 @@ pub fn state_event(
 /// is undone, also one past `next_step`: a rescheduled booking runs again from ReserveDrone while
 /// the delivery it created earlier still stands.
 pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
-    let b = booking(saga).ok()?;
+    let input = BookingInput::of(saga).ok()?;
+    let b = input.request;
     // ArrangeThirdParty that decided no leg was needed has nothing to undo (legs of earlier
     // revisions it cancelled itself before it succeeded).
     let no_leg = |s: &BookingStep| {
@@ -559,7 +550,7 @@ pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
     // rescheduled booking every later step too: a reschedule can send the saga back while a later
     // step was being retried, after an attempt whose answer was lost had taken effect. Undoing
     // what never happened is a no-op.
-    let rescheduled = BookingInput::of(saga).is_ok_and(|b| b.revision > 0);
+    let rescheduled = input.revision > 0;
     let in_doubt = BookingStep::ALL
         .iter()
         .enumerate()
@@ -571,9 +562,7 @@ pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
         .collect::<Vec<String>>();
     let third_party = BookingStep::ArrangeThirdParty.as_str();
     let carrier_legs = if succeeded.iter().chain(&in_doubt).any(|s| s == third_party) {
-        let id = b.delivery_id.to_string();
-        let revision = BookingInput::of(saga).map(|b| b.revision).unwrap_or(0);
-        (0..=revision).map(|r| leg_id(&id, r)).collect()
+        carrier_leg_ids(&b.delivery_id.to_string(), input.revision)
     } else {
         Vec::new()
     };
@@ -868,8 +857,6 @@ mod tests {
             rules.need(&requested("1 Main St", "2 Side St", 2.0)),
             LegNeed::None { .. }
         ));
-        assert_eq!(leg_id("d", 0), "d");
-        assert_eq!(leg_id("d", 2), "d.r2");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use service_kit::{
 };
 use tokio::sync::{watch, Semaphore};
 
-pub use booking::{leg_id, BookingInput, LegNeed, CARRIER_PREFIX, NO_DRONE_AVAILABLE};
+pub use booking::{BookingInput, LegNeed, CARRIER_PREFIX, NO_DRONE_AVAILABLE};
 pub use migration::Migrator;
 pub use publisher::BrokerPublisher;
 

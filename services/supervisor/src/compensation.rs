@@ -485,19 +485,13 @@ pub fn request_for(workflow: &Workflow, reason: &str) -> Option<CompensationRequ
     })
 }
 
-/// The carrier legs a saga may hold: the deliveryId's, and one per reschedule (`<id>.r<n>`,
-/// as the Scheduler names them); cancelling one never booked is a no-op.
+/// The carrier legs a saga may hold: one per revision (`contracts::carrier_leg_ids`).
 fn carrier_legs(workflow: &Workflow) -> Vec<String> {
-    let revision = workflow.input["revision"].as_u64().unwrap_or(0);
-    (0..=revision)
-        .map(|r| {
-            if r == 0 {
-                workflow.delivery_id.clone()
-            } else {
-                format!("{}.r{r}", workflow.delivery_id)
-            }
-        })
-        .collect()
+    let revision = workflow.input["revision"]
+        .as_u64()
+        .and_then(|r| u32::try_from(r).ok())
+        .unwrap_or(0);
+    contracts::carrier_leg_ids(&workflow.delivery_id, revision)
 }
 
 /// Queues a compensation request on behalf of `user`.

@@ -1,6 +1,5 @@
 //! HTTP routes of the ThirdParty service. Every route requires the service token.
 
-use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 use contracts::{Carrier, LegRequest, LegStatus, PackageSize, Problem, ThirdPartyLeg};
 use service_kit::auth::ServiceCaller;
@@ -8,7 +7,6 @@ use service_kit::openapi::BearerSchemes;
 use service_kit::{valid_id, ApiError, ApiResult, Json};
 use utoipa::OpenApi;
 
-use crate::plan::NoRoute;
 use crate::store::{self, Booking, StoreError};
 use crate::AppState;
 
@@ -39,15 +37,21 @@ pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
 
 const NO_ROUTE: &str = "no-carrier-serves-route";
 
-/// The one place store errors become HTTP answers (a route no carrier serves is answered by
-/// [`no_route`], the kit has no `422` with a code of its own).
+/// The one place store errors become HTTP answers.
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         let code = match err {
             StoreError::NotFound(id) => return ApiError::not_found("leg", id),
             StoreError::Db(e) => return e.into(),
-            StoreError::Unexpected(_) | StoreError::NoRoute(_) => {
-                return ApiError::Internal(err.into())
+            StoreError::Unexpected(_) => return ApiError::Internal(err.into()),
+            // Permanent: with why and the fields that stand in the way.
+            StoreError::NoRoute(refusal) => {
+                return ApiError::refused(
+                    NO_ROUTE,
+                    "No carrier serves this route",
+                    refusal.detail,
+                    refusal.fields,
+                )
             }
             StoreError::NoCapacity {
                 retry_after_secs, ..
@@ -63,23 +67,6 @@ impl From<StoreError> for ApiError {
         };
         ApiError::conflict(code, err.to_string())
     }
-}
-
-/// `422 no-carrier-serves-route`: permanent, with why and the fields that stand in the way.
-fn no_route(refusal: NoRoute) -> HttpResponse {
-    let problem = Problem {
-        kind: format!("https://drone-delivery.dev/problems/{NO_ROUTE}"),
-        title: "No carrier serves this route".into(),
-        status: 422,
-        detail: Some(refusal.detail),
-        code: NO_ROUTE.into(),
-        instance: None,
-        errors: refusal.fields,
-        request_id: None,
-    };
-    HttpResponse::UnprocessableEntity()
-        .insert_header((header::CONTENT_TYPE, "application/problem+json"))
-        .body(serde_json::to_vec(&problem).unwrap_or_default())
 }
 
 /// Books a carrier leg for the delivery (`201`), or finds the one booked for the same request
@@ -118,7 +105,7 @@ async fn put_leg(
         Err(StoreError::NoRoute(refusal)) => {
             count("no_route");
             tracing::info!(delivery_id = id, detail = %refusal.detail, "no carrier serves the route");
-            Ok(no_route(refusal))
+            Err(StoreError::NoRoute(refusal).into())
         }
         Err(e @ StoreError::NoCapacity { .. }) => {
             count("no_capacity");

@@ -41,8 +41,8 @@ use saga::{
     OutboxRow, Position, RetryPolicy, SagaRecord, Store, TokioClock, Write, Written,
 };
 use scheduler::{
-    leg_id, BookingInput, Core, CoreParts, LegNeed, SchedulerSettings, StepPolicies,
-    ThirdPartyRules, CARRIER_PREFIX,
+    BookingInput, Core, CoreParts, LegNeed, SchedulerSettings, StepPolicies, ThirdPartyRules,
+    CARRIER_PREFIX,
 };
 use tokio::sync::watch;
 
@@ -698,7 +698,10 @@ fn check_invariants(
             // the leg).
             let current_leg = s.outputs[BookingStep::ArrangeThirdParty.as_str()]["legId"]
                 .as_str()
-                .map_or_else(|| leg_id(id, input.revision), str::to_owned);
+                .map_or_else(
+                    || contracts::carrier_leg_id(id, input.revision),
+                    str::to_owned,
+                );
             let leg = snap
                 .legs
                 .get(&current_leg)
@@ -780,7 +783,7 @@ fn check_invariants(
         }
     }
     for (leg_id, (_, st)) in &snap.legs {
-        let id = leg_id.split(".r").next().unwrap_or(leg_id);
+        let id = contracts::delivery_of_leg(leg_id);
         if *st == Status::Active && !scheduled(id) {
             errors.push(format!(
                 "carrier leg {leg_id} booked, saga {:?}",
