@@ -276,6 +276,36 @@ impl ResponseError for ApiError {
     }
 }
 
+/// An error's answer encoded once and sent many times: for load shedding, where the refusal must
+/// cost a fraction of the work it refuses (see [`crate::ServiceBuilder::shed`]).
+#[derive(Clone)]
+pub struct CannedResponse {
+    status: StatusCode,
+    headers: header::HeaderMap,
+    body: actix_web::web::Bytes,
+}
+
+impl CannedResponse {
+    /// What `error` answers (status, headers and problem body), as it is now.
+    pub fn of(error: &ApiError) -> Self {
+        let response = error.error_response();
+        Self {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: serde_json::to_vec(&error.problem())
+                .unwrap_or_default()
+                .into(),
+        }
+    }
+
+    /// The answer, again.
+    pub fn response(&self) -> HttpResponse {
+        let mut response = HttpResponse::with_body(self.status, self.body.clone());
+        *response.headers_mut() = self.headers.clone();
+        response.map_into_boxed_body()
+    }
+}
+
 impl From<sea_orm::DbErr> for ApiError {
     fn from(err: sea_orm::DbErr) -> Self {
         match classify(&err) {

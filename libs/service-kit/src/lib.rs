@@ -13,11 +13,11 @@ pub mod openapi;
 mod server;
 pub mod settings;
 
-pub use error::{ApiError, ApiResult};
+pub use error::{ApiError, ApiResult, CannedResponse};
 pub use extract::{is_absent, parse_json, valid_id, Json};
 pub use health::{DatabaseCheck, ReadinessCheck};
 pub use server::{
-    main, shutdown_signal, RequestId, RunningService, Service, ServiceBuilder, StopSignal,
+    main, shutdown_signal, RequestId, RunningService, Service, ServiceBuilder, Shed, StopSignal,
 };
 pub use settings::{AuthSettings, DatabaseSettings, HttpSettings};
 

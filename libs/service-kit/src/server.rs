@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, EitherBody, MessageBody};
-use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::dev::{Server, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::middleware::{from_fn, ErrorHandlerResponse, ErrorHandlers, Next};
 use actix_web::web::{self, PayloadConfig};
@@ -48,7 +48,12 @@ pub struct ServiceBuilder {
     readiness: Readiness,
     registry: prometheus::Registry,
     tasks: Tasks,
+    shed: Option<Shed>,
 }
+
+/// Decides, before anything else is done for a request, whether to refuse it at once: the answer
+/// it returns goes out as it is (see [`ServiceBuilder::shed`]).
+pub type Shed = Arc<dyn Fn(&ServiceRequest) -> Option<HttpResponse> + Send + Sync>;
 
 /// A service's background tasks, their stop signal, and how long they may take to stop.
 struct Tasks {
@@ -71,6 +76,7 @@ impl ServiceBuilder {
                 handles: Vec::new(),
                 bound: Duration::from_secs(5),
             },
+            shed: None,
         }
     }
 
@@ -113,6 +119,19 @@ impl ServiceBuilder {
     /// Added to `/readyz`.
     pub fn readiness(mut self, check: impl ReadinessCheck + 'static) -> Self {
         self.readiness.0.push(Arc::new(check));
+        self
+    }
+
+    /// Load shedding at the least cost: `shed` sees each request first, before the request id, the
+    /// span, the metrics, routing and the body, and a response it returns is sent as it is. For
+    /// refusing work an overloaded service cannot take (a `503` that must cost a fraction of the
+    /// work it refuses); the service counts what it refuses itself, since nothing after this sees
+    /// the request.
+    pub fn shed(
+        mut self,
+        shed: impl Fn(&ServiceRequest) -> Option<HttpResponse> + Send + Sync + 'static,
+    ) -> Self {
+        self.shed = Some(Arc::new(shed));
         self
     }
 
@@ -194,6 +213,7 @@ impl ServiceBuilder {
             service: name,
             sample_ratio: self.http.trace_sample_ratio.clamp(0.0, 1.0),
         };
+        let shed = self.shed;
 
         let mut server = HttpServer::new(move || {
             App::new()
@@ -224,6 +244,10 @@ impl ServiceBuilder {
                 .wrap(metrics.clone())
                 .app_data(request_tracing)
                 .wrap(from_fn(request_context))
+                .wrap(Shedding {
+                    shed: shed.clone(),
+                    drain_limit: limit,
+                })
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
                 .route("/openapi.json", web::get().to(openapi_json))
@@ -317,6 +341,85 @@ fn as_problem<B: MessageBody + 'static>(
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(req, response).map_into_right_body(),
     ))
+}
+
+/// The outermost middleware: a request the service's [`Shed`] answers goes no further.
+struct Shedding {
+    shed: Option<Shed>,
+    /// The most body bytes a refused request's connection reads and discards (the body limit).
+    drain_limit: usize,
+}
+
+impl<S, B> Transform<S, ServiceRequest> for Shedding
+where
+    S: actix_web::dev::Service<
+        ServiceRequest,
+        Response = ServiceResponse<B>,
+        Error = actix_web::Error,
+    >,
+    B: MessageBody,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Transform = ShedService<S>;
+    type InitError = ();
+    type Future = std::future::Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        std::future::ready(Ok(ShedService {
+            service,
+            shed: self.shed.clone(),
+            drain_limit: self.drain_limit,
+        }))
+    }
+}
+
+struct ShedService<S> {
+    service: S,
+    shed: Option<Shed>,
+    drain_limit: usize,
+}
+
+impl<S, B> actix_web::dev::Service<ServiceRequest> for ShedService<S>
+where
+    S: actix_web::dev::Service<
+        ServiceRequest,
+        Response = ServiceResponse<B>,
+        Error = actix_web::Error,
+    >,
+    B: MessageBody,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Future = futures::future::Either<
+        futures::future::LocalBoxFuture<'static, Result<Self::Response, Self::Error>>,
+        futures::future::MapOk<S::Future, fn(ServiceResponse<B>) -> Self::Response>,
+    >;
+
+    actix_web::dev::forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        use futures::{StreamExt, TryFutureExt};
+        if let Some(response) = self.shed.as_ref().and_then(|shed| shed(&req)) {
+            let limit = self.drain_limit;
+            let (req, mut body) = req.into_parts();
+            return futures::future::Either::Left(Box::pin(async move {
+                // The body is read (it is usually in the buffer already) and discarded, so the
+                // connection stays open for the client's next request: one answered before its
+                // body was read is closed after the answer. A body past the limit is not read.
+                let mut read = 0;
+                while let Some(Ok(chunk)) = body.next().await {
+                    read += chunk.len();
+                    if read > limit {
+                        break;
+                    }
+                }
+                Ok(ServiceResponse::new(req, response).map_into_right_body())
+            }));
+        }
+        let pass: fn(ServiceResponse<B>) -> Self::Response = ServiceResponse::map_into_left_body;
+        futures::future::Either::Right(self.service.call(req).map_ok(pass))
+    }
 }
 
 /// What the request middleware needs to know of its service: the name for request spans, and
@@ -649,6 +752,104 @@ mod tests {
             "an unsampled caller is followed"
         );
         assert_eq!(sent, format!("00-{trace}-00f067aa0ba902b7-00"));
+    }
+
+    /// A request the service sheds is answered before anything else runs (no request id), and
+    /// its connection stays open: the unread body is discarded rather than the connection closed.
+    #[actix_web::test]
+    async fn shed_requests_are_answered_first_and_keep_their_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let http = HttpSettings {
+            host: "127.0.0.1".into(),
+            port: 0,
+            workers: 1,
+            ..HttpSettings::default()
+        };
+        let refusal = crate::CannedResponse::of(&ApiError::Overloaded { retry_after: 3 });
+        let service = ServiceBuilder::new("test", http)
+            .shed(move |req| {
+                req.headers()
+                    .contains_key("x-shed")
+                    .then(|| refusal.response())
+            })
+            .build(|cfg| {
+                cfg.route(
+                    "/x",
+                    web::post().to(|body: web::Bytes| async move { HttpResponse::Ok().body(body) }),
+                );
+            })
+            .unwrap_or_else(|e| panic!("build: {e}"));
+        let port = service.port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = actix_web::rt::spawn(service.run_until(async {
+            let _ = stopped.await;
+        }));
+
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        // One answer: the head, then as many body bytes as its Content-Length says.
+        let mut buf = Vec::new();
+        let mut answer = async |conn: &mut tokio::net::TcpStream| -> (String, String) {
+            loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + length {
+                        let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
+                        let body = body.into_owned();
+                        buf.drain(..end + 4 + length);
+                        return (head, body);
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk))
+                    .await
+                    .unwrap_or_else(|_| panic!("no answer within 5 s"))
+                    .unwrap_or_else(|e| panic!("read: {e}"));
+                assert!(n > 0, "the connection was closed");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        let body = "{\"a\":1}";
+        let request = |shed: bool| {
+            format!(
+                "POST /x HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n{}\
+                 content-length: {}\r\n\r\n{body}",
+                if shed { "x-shed: 1\r\n" } else { "" },
+                body.len()
+            )
+        };
+        for shed in [true, true, false, true, false] {
+            conn.write_all(request(shed).as_bytes())
+                .await
+                .unwrap_or_else(|e| panic!("write: {e}"));
+            let (head, answered) = answer(&mut conn).await;
+            if shed {
+                assert!(head.starts_with("http/1.1 503"), "{head}");
+                assert!(
+                    head.contains("content-type: application/problem+json"),
+                    "{head}"
+                );
+                assert!(head.contains("retry-after: 3"), "{head}");
+                assert!(!head.contains("x-request-id"), "no middleware ran: {head}");
+                assert!(answered.contains("\"code\":\"overloaded\""), "{answered}");
+            } else {
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                assert!(head.contains("x-request-id"), "{head}");
+                assert_eq!(
+                    answered, body,
+                    "the next request on the connection is whole"
+                );
+            }
+        }
+        let _ = stop.send(());
+        let _ = server.await;
     }
 
     /// A burst of new connections (clients reconnecting, a load balancer scaling out) waits in

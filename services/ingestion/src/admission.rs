@@ -161,6 +161,19 @@ impl Admission {
         })
     }
 
+    /// Whether a booking arriving now finds every place taken (counted as refused): the check
+    /// made before any other work on the request, so that a refusal costs as little as possible
+    /// when the service is overloaded. A booking that passes still has to [`try_admit`]
+    /// (Self::try_admit), which may refuse it after all if others took the last places meanwhile.
+    pub(crate) fn full(&self) -> bool {
+        self.watch_worker(Instant::now());
+        let full = self.in_flight.load(Ordering::Relaxed) >= self.limit.load(Ordering::Relaxed);
+        if full {
+            self.metrics.refused.inc();
+        }
+        full
+    }
+
     /// Once per window on each HTTP worker (a runtime of one thread): how busy it was since the
     /// last time, and a cut of the limit when busier than the target.
     fn watch_worker(&self, now: Instant) {

@@ -165,6 +165,7 @@ impl Service for Application {
             &s.tracking,
             s.retry_after_secs,
         ));
+        let shed = routes::shed(admission.clone(), s.retry_after_secs);
         let state = actix_web::web::Data::new(routes::AppState::new(
             requests,
             store,
@@ -175,6 +176,7 @@ impl Service for Application {
         let service = builder
             .openapi(routes::openapi())
             .readiness(BrokerCheck(broker))
+            .shed(shed)
             .build(move |cfg| {
                 routes::configure(cfg, state.clone());
                 tracking::configure(cfg, tracking.clone());
