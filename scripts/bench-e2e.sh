@@ -128,7 +128,7 @@ stack_up() {
     psql "$DATABASE_URL" -qc "CREATE DATABASE \"${DB[$svc]}\"" >/dev/null
   done
   local messaging=(APP_MESSAGING__URL="$AMQP_URL" APP_MESSAGING__PREFIX="$PREFIX")
-  start account
+  start account "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-account"
   start package
   start thirdparty
   # 100 drones; bench-e2e spreads pickups over a year, so no window is ever short of one.

@@ -133,7 +133,8 @@ messaging=(APP_MESSAGING__URL="$AMQP_URL" APP_MESSAGING__PREFIX="$PREFIX")
 downstream=(APP_DOWNSTREAM__ACCOUNT_URL="$(url account)" APP_DOWNSTREAM__PACKAGE_URL="$(url package)"
   APP_DOWNSTREAM__DRONE_URL="$(url drone)" APP_DOWNSTREAM__DELIVERY_URL="$(url delivery)"
   APP_DOWNSTREAM__THIRDPARTY_URL="$(url thirdparty)")
-run account APP_AUTH__JWT_SECRET="$SECRET"
+run account "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-account" \
+  APP_AUTH__JWT_SECRET="$SECRET"
 run package
 run thirdparty
 run drone

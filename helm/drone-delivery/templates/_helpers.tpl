@@ -1,12 +1,12 @@
 {{/*
 Facts about the services that are not configuration: port, whether it uses the broker (Delivery
-publishes its tracking events), whether it calls the domain services (Drone calls only Delivery,
+publishes its tracking events, Account its account changes), whether it calls the domain services (Drone calls only Delivery,
 see the drone-egress policy), whether it verifies/mints client JWTs. Ports are the services'
 defaults (DESIGN §3).
 */}}
 {{- define "dd.services" -}}
 ingestion:  {port: 8080, messaging: true,  downstream: false, jwt: true,  component: api}
-account:    {port: 8081, messaging: false, downstream: false, jwt: true,  component: domain}
+account:    {port: 8081, messaging: true,  downstream: false, jwt: true,  component: domain}
 package:    {port: 8082, messaging: false, downstream: false, jwt: false, component: domain}
 thirdparty: {port: 8087, messaging: false, downstream: false, jwt: false, component: domain}
 drone:      {port: 8083, messaging: false, downstream: false, jwt: false, component: domain}

@@ -249,6 +249,13 @@ async fn cleanup(args: &Args) -> Result<()> {
             .with_context(|| format!("deleting {log}"))?;
     }
     broker
+        .delete_log(
+            contracts::ACCOUNT_EVENTS_LOG,
+            contracts::ACCOUNT_EVENTS_PARTITIONS,
+        )
+        .await
+        .context("deleting the account-events log")?;
+    broker
         .delete_queue(contracts::COMPENSATIONS_QUEUE)
         .await
         .context("deleting the compensation queue")?;

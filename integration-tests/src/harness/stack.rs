@@ -157,6 +157,12 @@ impl Drop for BrokerCleanup {
                     let _ = b
                         .delete_log(contracts::WORKFLOW_EVENTS_LOG, partitions)
                         .await;
+                    let _ = b
+                        .delete_log(
+                            contracts::ACCOUNT_EVENTS_LOG,
+                            contracts::ACCOUNT_EVENTS_PARTITIONS,
+                        )
+                        .await;
                     let _ = b.delete_queue(contracts::COMPENSATIONS_QUEUE).await;
                 }
             });
@@ -293,6 +299,7 @@ impl Stack {
                 ("APP_RESERVATIONS__RETRY_AFTER_SECS", "1".into()),
             ]),
         );
+        add(&mut envs, Service::Account, messaging(Service::Account));
         add(&mut envs, Service::Ingestion, messaging(Service::Ingestion));
         add(
             &mut envs,

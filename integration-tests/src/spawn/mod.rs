@@ -41,14 +41,60 @@ async fn spawn_on_fresh_db<A: Service + Send + 'static>(
     spawn::<A>(settings(db.settings.clone()), Some(db)).await
 }
 
+/// An Account service publishing its changes under a queue prefix of its own, removed again when
+/// the service stops (a test of the Account service alone reads them, if at all, itself).
 pub async fn spawn_account(backend: Backend) -> TestApp {
-    spawn_on_fresh_db::<account::Application>(backend, |database| account::Settings {
+    let messaging = fresh_messaging("account");
+    telemetry::init_for_tests();
+    let db = TestDb::new(backend, "account").await;
+    let app = account::Application::build(account_settings(db.settings.clone(), messaging.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("account service starts: {e:?}"));
+    TestApp::start(app.port(), Some(db), |stop| async move {
+        let _ = app.run_until(stop.map(drop)).await;
+        if let Ok(broker) = messaging::connect(&messaging).await {
+            let _ = broker
+                .delete_log(
+                    contracts::ACCOUNT_EVENTS_LOG,
+                    contracts::ACCOUNT_EVENTS_PARTITIONS,
+                )
+                .await;
+        }
+    })
+}
+
+/// An Account service publishing its changes on `account-events` with `messaging` (the prefix
+/// of the services that should read them, or a proxy the test controls); the caller removes the
+/// log.
+pub async fn spawn_account_on(
+    backend: Backend,
+    messaging: messaging::MessagingSettings,
+) -> TestApp {
+    spawn_on_fresh_db::<account::Application>(backend, |database| {
+        account_settings(database, messaging)
+    })
+    .await
+}
+
+fn account_settings(
+    database: service_kit::DatabaseSettings,
+    messaging: messaging::MessagingSettings,
+) -> account::Settings {
+    account::Settings {
         http: test_http(),
         database,
         auth: test_auth(),
+        messaging,
         ..Default::default()
-    })
-    .await
+    }
+}
+
+/// Direct RabbitMQ settings under a fresh queue prefix (`t<random>`), named after `service`.
+pub fn fresh_messaging(service: &str) -> messaging::MessagingSettings {
+    let mut messaging = messaging::MessagingSettings::new(crate::amqp_url());
+    messaging.prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    messaging.connection_name = format!("{}-{service}", messaging.prefix);
+    messaging
 }
 
 pub async fn spawn_package(backend: Backend) -> TestApp {

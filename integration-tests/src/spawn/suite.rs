@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::faults::{Fault, FaultProxy};
 use crate::{
-    amqp_url, done_if, eventually, eventually_every, spawn, spawn_account, spawn_delivery_on,
+    amqp_url, done_if, eventually, eventually_every, spawn, spawn_account_on, spawn_delivery_on,
     spawn_drone_with, spawn_ingestion, spawn_package, spawn_thirdparty, test_auth, test_http,
     Backend, IngestionApp, TestApp, TestDb,
 };
@@ -59,15 +59,19 @@ pub async fn spawn_suite_with(
     adjust_ingestion: impl FnOnce(&mut ingestion::Settings),
     adjust_drone: impl FnOnce(&mut drone::Settings),
 ) -> Suite {
-    let account = spawn_account(backend).await;
-    let package = spawn_package(backend).await;
-    let thirdparty = spawn_thirdparty(backend).await;
     let ingestion = spawn_ingestion(backend, |s| {
         s.ingestion.rate_per_second = 100_000;
         s.ingestion.rate_burst = 100_000;
         adjust_ingestion(s);
     })
     .await;
+    // Its changes go where this suite's Scheduler reads (directly, not through Ingestion's proxy).
+    let mut account_messaging = MessagingSettings::new(amqp_url());
+    account_messaging.prefix = ingestion.settings.messaging.prefix.clone();
+    account_messaging.connection_name = format!("{}-account", account_messaging.prefix);
+    let account = spawn_account_on(backend, account_messaging).await;
+    let package = spawn_package(backend).await;
+    let thirdparty = spawn_thirdparty(backend).await;
     // Its tracking events go where this Ingestion reads (directly, not through its proxy).
     let mut delivery_messaging = MessagingSettings::new(amqp_url());
     delivery_messaging.prefix = ingestion.settings.messaging.prefix.clone();
@@ -260,10 +264,19 @@ impl Suite {
         let prefix = self.scheduler_settings.messaging.prefix.clone();
         let mut direct = MessagingSettings::new(amqp_url());
         direct.prefix = prefix;
-        if let Ok(b) = messaging::connect(&direct).await {
+        let broker = messaging::connect(&direct).await.ok();
+        if let Some(b) = &broker {
             let _ = b.delete_queue(contracts::COMPENSATIONS_QUEUE).await;
         }
         self.account.stop().await;
+        if let Some(b) = &broker {
+            let _ = b
+                .delete_log(
+                    contracts::ACCOUNT_EVENTS_LOG,
+                    contracts::ACCOUNT_EVENTS_PARTITIONS,
+                )
+                .await;
+        }
         self.package.stop().await;
         self.thirdparty.stop().await;
         self.drone.stop().await;

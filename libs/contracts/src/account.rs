@@ -199,3 +199,33 @@ mod tests {
         assert_eq!(fields, vec!["name", "status"]);
     }
 }
+
+/// Log of account changes, one partition (key = accountId), published by the Account service
+/// from its outbox: the Scheduler keeps a copy of every account's status from it, so the common
+/// booking makes no call to check its owner.
+pub const ACCOUNT_EVENTS_LOG: &str = "account-events";
+/// Partitions of [`ACCOUNT_EVENTS_LOG`]: one, so every change and mark is in one order.
+pub const ACCOUNT_EVENTS_PARTITIONS: u32 = 1;
+/// Event type of [`AccountChanged`].
+pub const ACCOUNT_CHANGED: &str = "account.changed";
+/// Event type of [`AccountFeedMark`].
+pub const ACCOUNT_FEED_MARK: &str = "account.feed-mark";
+
+/// An account as it is after a change (created, renamed, suspended, made active again).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountChanged {
+    pub account: Account,
+    /// Raised by one with every change of this account: a copy keeps the highest it has seen, so
+    /// an event delivered twice or late changes nothing.
+    pub version: i64,
+}
+
+/// Every account change committed before `complete_as_of` is earlier in the log than this mark
+/// (the Account service appends one while its outbox is empty): a copy that has read it knows
+/// every account as of that time, so how stale it may be is `now - complete_as_of`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountFeedMark {
+    pub complete_as_of: DateTime<Utc>,
+}

@@ -81,9 +81,12 @@ async fn put_account(
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
     let saved = store::upsert(&state.db, &state.cache, id, &body).await?;
+    if saved.changed() {
+        state.wake.notify_one();
+    }
     Ok(match saved {
         Saved::Created(account) => HttpResponse::Created().json(account),
-        Saved::Existing(account) => HttpResponse::Ok().json(account),
+        Saved::Updated(account) | Saved::Unchanged(account) => HttpResponse::Ok().json(account),
     })
 }
 

@@ -31,6 +31,7 @@ use saga::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::accounts::Lookup;
 use crate::metrics::Metrics;
 use crate::{StepPolicies, ThirdPartyRules};
 
@@ -110,6 +111,8 @@ impl BookingInput {
 /// What steps share: the domain services, the metrics, and what the fleet can do alone.
 pub struct Ctx {
     pub domain: Arc<dyn Domain>,
+    /// Account statuses from `account-events`: checks answered without a call while fresh.
+    pub accounts: Arc<crate::accounts::AccountCopy>,
     pub metrics: Arc<Metrics>,
     pub third_party: ThirdPartyRules,
 }
@@ -250,15 +253,23 @@ impl Step<Ctx> for CheckAccount {
     }
     async fn run(&self, ctx: &Ctx, saga: &SagaRecord) -> Result<Value, StepError> {
         let b = booking(saga)?;
-        let account = ctx.domain.account(&b.owner_id).await.map_err(step_error)?;
-        if account.status != AccountStatus::Active {
+        // The copy answers while it is fresh; an account it does not know (created a moment
+        // ago) or a copy that may be stale is asked of Account, as before.
+        let (id, status, source) = match ctx.accounts.lookup(&b.owner_id) {
+            Lookup::Known(status) => (b.owner_id.clone(), status, "copy"),
+            Lookup::Unknown | Lookup::Stale => {
+                let account = ctx.domain.account(&b.owner_id).await.map_err(step_error)?;
+                (account.id, account.status, "call")
+            }
+        };
+        ctx.metrics.account_checked(source);
+        if status != AccountStatus::Active {
             return Err(StepError::permanent(format!(
-                "account '{}' is {}",
-                account.id,
-                account.status.as_str()
+                "account '{id}' is {}",
+                status.as_str()
             )));
         }
-        Ok(json!({"accountId": account.id, "status": account.status}))
+        Ok(json!({"accountId": id, "status": status, "checkedBy": source}))
     }
 }
 

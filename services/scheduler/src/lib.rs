@@ -3,6 +3,7 @@
 //! with a fencing token; it reads each partition from its checkpoint, runs many sagas at once,
 //! and hands failures to the Supervisor through the transactional outbox.
 
+pub mod accounts;
 mod booking;
 mod control;
 mod dispatch;
@@ -92,6 +93,9 @@ pub struct SchedulerSettings {
     pub third_party: ThirdPartyRules,
     /// Deliveries of a compensation request before it is parked.
     pub compensation_delivery_limit: u32,
+    /// The copy of account statuses that answers the account check
+    /// (`APP_SCHEDULER__ACCOUNTS__MAX_STALENESS_MS`; see [`accounts`]).
+    pub accounts: accounts::AccountCopySettings,
 }
 
 /// What the drone fleet can do alone; beyond it, ArrangeThirdParty books a carrier leg
@@ -131,6 +135,7 @@ impl Default for SchedulerSettings {
             steps: StepPolicies::default(),
             third_party: ThirdPartyRules::default(),
             compensation_delivery_limit: 10,
+            accounts: accounts::AccountCopySettings::default(),
         }
     }
 }
@@ -225,6 +230,8 @@ pub struct CoreParts {
     /// Where outbox rows go (`workflow-events`, the compensation queue).
     pub publisher: Arc<dyn Publisher>,
     pub domain: Arc<dyn Domain>,
+    /// The account copy the account check reads (fed by [`accounts::follow`], or by a test).
+    pub accounts: Arc<accounts::AccountCopy>,
     pub clock: Arc<dyn Clock>,
     pub settings: SchedulerSettings,
     /// The lease owner name.
@@ -253,6 +260,7 @@ impl Core {
         }
         let ctx = Arc::new(booking::Ctx {
             domain: parts.domain,
+            accounts: parts.accounts,
             metrics: metrics.clone(),
             third_party: rules,
         });
@@ -415,9 +423,18 @@ impl Service for Application {
             )
             .await?;
 
+        let account_events = broker
+            .log(
+                contracts::ACCOUNT_EVENTS_LOG,
+                contracts::ACCOUNT_EVENTS_PARTITIONS,
+            )
+            .await?;
+
         let mut downstream_settings = settings.downstream.clone();
         downstream_settings.service_token = settings.auth.service_token.clone();
         let store: Arc<dyn Store> = Arc::new(SqlStore::start(db.clone()));
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let accounts = Arc::new(accounts::AccountCopy::new(s.accounts, clock.clone()));
         let core = Core::new(CoreParts {
             store: store.clone(),
             log: requests,
@@ -428,11 +445,23 @@ impl Service for Application {
             domain: Arc::new(
                 Downstream::new(&downstream_settings)?.with_metrics(builder.registry())?,
             ),
-            clock: Arc::new(SystemClock),
+            accounts: accounts.clone(),
+            clock,
             settings: s.clone(),
             instance: s.instance(),
             registry: builder.registry().clone(),
         })?;
+        // Every replica keeps its own copy (and its own place in the log): account changes are
+        // few, and a replica's copy must not depend on another replica being up.
+        let follow = accounts::follow(
+            db.clone(),
+            accounts,
+            account_events,
+            s.instance(),
+            core.ctx.metrics.clone(),
+            builder.stop_signal(),
+        );
+        builder.spawn(follow);
 
         {
             let store = store.clone();

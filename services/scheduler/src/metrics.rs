@@ -19,6 +19,14 @@ pub struct Metrics {
     /// (`supervisor_partition_oldest_unstarted_age_seconds`, `supervisor_partition_stalled`).
     pub lag_seconds: prometheus::GaugeVec,
     pub outbox_backlog: prometheus::IntGauge,
+    /// Account checks, by how they were answered: `copy` (the account copy) or `call` (Account).
+    account_checks: IntCounterVec,
+    /// Accounts in this replica's copy.
+    pub account_copy_size: prometheus::IntGauge,
+    /// `completeAsOf` of the newest account-feed mark read (Unix seconds; 0: none yet).
+    pub account_copy_complete_as_of: prometheus::Gauge,
+    /// `account-events` records skipped because they do not decode.
+    pub account_feed_skipped: IntCounter,
 }
 
 impl Metrics {
@@ -75,6 +83,25 @@ impl Metrics {
                 "saga_outbox_backlog",
                 "Outbox rows not yet published",
             )?,
+            account_checks: IntCounterVec::new(
+                Opts::new(
+                    "scheduler_account_checks_total",
+                    "Account checks of bookings, by source: the account copy, or a call to Account",
+                ),
+                &["source"],
+            )?,
+            account_copy_size: prometheus::IntGauge::new(
+                "scheduler_account_copy_accounts",
+                "Accounts in this replica's copy of account statuses",
+            )?,
+            account_copy_complete_as_of: prometheus::Gauge::new(
+                "scheduler_account_copy_complete_as_of_seconds",
+                "Time (Unix seconds) as of which the account copy holds every change: the newest account-feed mark read (0: none yet)",
+            )?,
+            account_feed_skipped: IntCounter::new(
+                "scheduler_account_feed_skipped_total",
+                "account-events records skipped because they do not decode",
+            )?,
         };
         registry.register(Box::new(m.started.clone()))?;
         registry.register(Box::new(m.finished.clone()))?;
@@ -85,6 +112,10 @@ impl Metrics {
         registry.register(Box::new(m.owned.clone()))?;
         registry.register(Box::new(m.lag_seconds.clone()))?;
         registry.register(Box::new(m.outbox_backlog.clone()))?;
+        registry.register(Box::new(m.account_checks.clone()))?;
+        registry.register(Box::new(m.account_copy_size.clone()))?;
+        registry.register(Box::new(m.account_copy_complete_as_of.clone()))?;
+        registry.register(Box::new(m.account_feed_skipped.clone()))?;
         Ok(m)
     }
 
@@ -94,6 +125,11 @@ impl Metrics {
 
     pub fn finished(&self, state: &str) {
         self.finished.with_label_values(&[state]).inc();
+    }
+
+    /// An account check answered by `source` (`copy` or `call`).
+    pub fn account_checked(&self, source: &str) {
+        self.account_checks.with_label_values(&[source]).inc();
     }
 
     pub fn step(&self, step: &str, outcome: &str, took: Duration) {

@@ -139,10 +139,18 @@ pub async fn run_with(
         ))
     };
 
+    // One embedded broker file for every service (several brokers on one file are fine within
+    // a process), so the Scheduler reads the account changes Account publishes.
+    let mut messaging = messaging::MessagingSettings::new(format!(
+        "sqlite://{}?mode=rwc",
+        settings.data_dir.join("messaging.db").display()
+    ));
+    messaging.connection_name = "standalone".into();
     let account = account::Application::build(account::Settings {
         http: http(settings.ports.account),
         database: db("account"),
         auth: auth.clone(),
+        messaging: messaging.clone(),
         ..Default::default()
     })
     .await
@@ -162,11 +170,6 @@ pub async fn run_with(
     })
     .await
     .context("starting thirdparty")?;
-    let mut messaging = messaging::MessagingSettings::new(format!(
-        "sqlite://{}?mode=rwc",
-        settings.data_dir.join("messaging.db").display()
-    ));
-    messaging.connection_name = "standalone".into();
     let delivery = delivery::Application::build(delivery::Settings {
         http: http(settings.ports.delivery),
         database: db("delivery"),

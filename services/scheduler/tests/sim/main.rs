@@ -37,9 +37,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use saga::outbox::Publisher;
 use saga::{
-    Attempt, Fence, JournalError, Lease, LeaseRow, ListFilter, MemoryStore, OutboxMessage,
-    OutboxRow, Position, RetryPolicy, SagaRecord, Store, TokioClock, Write, Written,
+    Attempt, Clock as _, Fence, JournalError, Lease, LeaseRow, ListFilter, MemoryStore,
+    OutboxMessage, OutboxRow, Position, RetryPolicy, SagaRecord, Store, TokioClock, Write, Written,
 };
+use scheduler::accounts::{AccountCopy, AccountCopySettings};
 use scheduler::{
     BookingInput, Core, CoreParts, LegNeed, SchedulerSettings, StepPolicies, ThirdPartyRules,
     CARRIER_PREFIX,
@@ -232,6 +233,9 @@ fn settings() -> SchedulerSettings {
         dispatch_interval_ms: 50,
         park_after_ms: 300,
         relay_poll_ms: 200,
+        accounts: AccountCopySettings {
+            max_staleness_ms: 2000,
+        },
         steps: StepPolicies {
             account: quick,
             package: quick,
@@ -264,6 +268,7 @@ struct World {
     domain: FakeDomain,
     publisher: Arc<SimPublisher>,
     clock: TokioClock,
+    accounts: Arc<AccountCopy>,
 }
 
 impl World {
@@ -277,6 +282,7 @@ impl World {
             log: Arc::new(self.log.clone()),
             publisher: self.publisher.clone(),
             domain: Arc::new(self.domain.clone()),
+            accounts: self.accounts.clone(),
             clock: Arc::new(self.clock),
             settings: settings(),
             instance: name.to_owned(),
@@ -413,12 +419,44 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
         rng: Mutex::new(StdRng::seed_from_u64(seed ^ 0xb0b)),
         failures: 0.05,
     });
+    // The account copy, fed as `account-events` would be: both accounts known, and a mark
+    // every 200 ms except during feed outages of a few seconds, when checks fall back to calls.
+    let accounts = Arc::new(AccountCopy::new(
+        AccountCopySettings {
+            max_staleness_ms: 2000,
+        },
+        Arc::new(clock),
+    ));
+    accounts.apply(OWNER, AccountStatus::Active, 1);
+    accounts.apply(SUSPENDED, AccountStatus::Suspended, 1);
+    let feed = {
+        let accounts = accounts.clone();
+        let mut feed_rng = StdRng::seed_from_u64(seed ^ 0xfeed);
+        tokio::spawn(async move {
+            let mut outage_until = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = clock.now();
+                if outage_until.is_some_and(|until| now < until) {
+                    continue;
+                }
+                outage_until = None;
+                if feed_rng.random_bool(0.02) {
+                    let outage = feed_rng.random_range(1_000..5_000);
+                    outage_until = Some(now + chrono::Duration::milliseconds(outage));
+                    continue;
+                }
+                accounts.complete_as_of_mark(now);
+            }
+        })
+    };
     let world = World {
         store: store.clone(),
         log: log.clone(),
         domain: domain.clone(),
         publisher,
         clock,
+        accounts,
     };
 
     let a_fails = Arc::new(AtomicBool::new(false));
@@ -577,6 +615,7 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
     if let Some(r) = b.take() {
         r.stop().await;
     }
+    feed.abort();
     check_invariants(&store, &domain, &published, &work)?;
 
     let sagas = store.sagas();
@@ -951,6 +990,11 @@ fn a_full_replica_keeps_scheduling_other_days() {
                 failures: 0.0,
             }),
             clock: TokioClock::starting_at(epoch()),
+            // No feed: every account check is a call.
+            accounts: Arc::new(AccountCopy::new(
+                AccountCopySettings::default(),
+                Arc::new(TokioClock::starting_at(epoch())),
+            )),
         };
         let replica = world.start("replica-a", Arc::new(AtomicBool::new(false)));
         let busy = epoch() + chrono::Duration::hours(1);
