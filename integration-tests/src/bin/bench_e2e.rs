@@ -705,6 +705,31 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // The finished counter moves when a saga's last write is made, a moment before the
+        // journal's group commit holds it: wait (within the same timeout) until the journal
+        // agrees, so that a slow commit is not taken for a saga still running.
+        while drained && load_end.elapsed() < self.args.drain_timeout {
+            let row = self
+                .scheduler_db
+                .query_one(Statement::from_sql_and_values(
+                    self.scheduler_db.get_database_backend(),
+                    "SELECT count(*) AS n FROM saga_instances \
+                     WHERE created_at >= $1 AND state = 'running'",
+                    [(t0_wall - chrono::Duration::seconds(1)).into()],
+                ))
+                .await?;
+            if let Some(n) = self
+                .scheduler_db_name()
+                .and_then(|db| self.own_queries.get(db))
+            {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+            let running: i64 = row.map_or(Ok(0), |r| r.try_get("", "n"))?;
+            if running == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         progress.abort();
         let cpu_drain = self.cpu_snapshot().await?;
         let m1 = self.metrics().await?;
