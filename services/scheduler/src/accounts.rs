@@ -411,6 +411,12 @@ pub async fn follow(
             .account_copy_size
             .set(i64::try_from(copy.len()).unwrap_or(i64::MAX));
     }
+    if !*stop.borrow() {
+        tracing::error!(
+            "the account-events reader ended (the broker is gone for good): account checks call \
+             Account until this replica restarts"
+        );
+    }
 }
 
 #[cfg(test)]
