@@ -41,26 +41,39 @@ async fn spawn_on_fresh_db<A: Service + Send + 'static>(
     spawn::<A>(settings(db.settings.clone()), Some(db)).await
 }
 
+/// A service on a fresh database that publishes on a log of its own (`log`, `partitions`, under
+/// `messaging`'s prefix), deleted again when the service stops.
+async fn spawn_with_own_log<A: Service + Send + 'static>(
+    backend: Backend,
+    messaging: messaging::MessagingSettings,
+    (log, partitions): (&'static str, u32),
+    settings: impl FnOnce(service_kit::DatabaseSettings) -> A::Settings,
+) -> TestApp {
+    telemetry::init_for_tests();
+    let db = TestDb::new(backend, A::NAME).await;
+    let app = A::build(settings(db.settings.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{} service starts: {e:?}", A::NAME));
+    TestApp::start(app.port(), Some(db), |stop| async move {
+        let _ = app.run_until(stop.map(drop)).await;
+        if let Ok(broker) = messaging::connect(&messaging).await {
+            let _ = broker.delete_log(log, partitions).await;
+        }
+    })
+}
+
 /// An Account service publishing its changes under a queue prefix of its own, removed again when
 /// the service stops (a test of the Account service alone reads them, if at all, itself).
 pub async fn spawn_account(backend: Backend) -> TestApp {
     let messaging = fresh_messaging("account");
-    telemetry::init_for_tests();
-    let db = TestDb::new(backend, "account").await;
-    let app = account::Application::build(account_settings(db.settings.clone(), messaging.clone()))
-        .await
-        .unwrap_or_else(|e| panic!("account service starts: {e:?}"));
-    TestApp::start(app.port(), Some(db), |stop| async move {
-        let _ = app.run_until(stop.map(drop)).await;
-        if let Ok(broker) = messaging::connect(&messaging).await {
-            let _ = broker
-                .delete_log(
-                    contracts::ACCOUNT_EVENTS_LOG,
-                    contracts::ACCOUNT_EVENTS_PARTITIONS,
-                )
-                .await;
-        }
+    let log = (
+        contracts::ACCOUNT_EVENTS_LOG,
+        contracts::ACCOUNT_EVENTS_PARTITIONS,
+    );
+    spawn_with_own_log::<account::Application>(backend, messaging.clone(), log, |database| {
+        account_settings(database, messaging)
     })
+    .await
 }
 
 /// An Account service publishing its changes on `account-events` with `messaging` (the prefix
@@ -132,27 +145,18 @@ pub async fn spawn_thirdparty_with(
 /// partition, removed again when the service stops (a test of the Delivery service alone
 /// reads them, if at all, itself).
 pub async fn spawn_delivery(backend: Backend) -> TestApp {
-    let mut messaging = messaging::MessagingSettings::new(crate::amqp_url());
-    messaging.prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    messaging.connection_name = format!("{}-delivery", messaging.prefix);
-    telemetry::init_for_tests();
-    let db = TestDb::new(backend, "delivery").await;
-    let settings = delivery::Settings {
-        http: test_http(),
-        database: db.settings.clone(),
-        auth: test_auth(),
-        messaging: messaging.clone(),
-        tracking: delivery::TrackingSettings { partitions: 1 },
-    };
-    let app = delivery::Application::build(settings)
-        .await
-        .unwrap_or_else(|e| panic!("delivery service starts: {e:?}"));
-    TestApp::start(app.port(), Some(db), |stop| async move {
-        let _ = app.run_until(stop.map(drop)).await;
-        if let Ok(broker) = messaging::connect(&messaging).await {
-            let _ = broker.delete_log(contracts::WORKFLOW_EVENTS_LOG, 1).await;
+    let messaging = fresh_messaging("delivery");
+    let log = (contracts::WORKFLOW_EVENTS_LOG, 1);
+    spawn_with_own_log::<delivery::Application>(backend, messaging.clone(), log, |database| {
+        delivery::Settings {
+            http: test_http(),
+            database,
+            auth: test_auth(),
+            messaging,
+            tracking: delivery::TrackingSettings { partitions: 1 },
         }
     })
+    .await
 }
 
 /// A Delivery service publishing its tracking events with `messaging` (the prefix of the

@@ -330,38 +330,21 @@ pub async fn follow(
     metrics: Arc<crate::metrics::Metrics>,
     mut stop: StopSignal,
 ) {
-    let mut backoff = Duration::from_millis(200);
-    let start = loop {
-        match load(&db, &copy, &consumer).await {
-            Ok(next) => break next,
-            Err(e) => {
-                tracing::warn!(error = %e, "loading the account copy failed; retrying");
-                tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    let Some(start) = until_done("loading the account copy", &mut stop, || {
+        load(&db, &copy, &consumer)
+    })
+    .await
+    else {
+        return;
     };
     metrics
         .account_copy_size
         .set(i64::try_from(copy.len()).unwrap_or(i64::MAX));
-    let mut reader = loop {
-        let from = start.map_or(StartAt::First, StartAt::Offset);
-        match log.read(0, from).await {
-            Ok(reader) => break reader,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading account-events failed; retrying");
-                tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    let from = start.map_or(StartAt::First, StartAt::Offset);
+    let Some(mut reader) =
+        until_done("reading account-events", &mut stop, || log.read(0, from)).await
+    else {
+        return;
     };
     let mut last_saved = tokio::time::Instant::now();
     while let Some(first) = tokio::select! {
@@ -384,16 +367,11 @@ pub async fn follow(
         let next = records.last().map_or(0, |r| r.position.offset);
         let due = !batch.changes.is_empty() || last_saved.elapsed() >= MARKS_CHECKPOINT;
         if due {
-            let mut attempt = 0u32;
-            while let Err(e) = store(&db, &consumer, &batch, next).await {
-                attempt += 1;
-                tracing::warn!(attempt, error = %e, "storing account changes failed; retrying");
-                let wait = Duration::from_millis(200 * u64::from(attempt.min(25)));
-                tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
+            let stored = until_done("storing account changes", &mut stop, || {
+                store(&db, &consumer, &batch, next)
+            });
+            if stored.await.is_none() {
+                return;
             }
             last_saved = tokio::time::Instant::now();
         }
@@ -416,6 +394,37 @@ pub async fn follow(
             "the account-events reader ended (the broker is gone for good): account checks call \
              Account until this replica restarts"
         );
+    }
+}
+
+/// Runs `op` until it succeeds, waiting between failures (exponential backoff with jitter,
+/// 200 ms to 5 s). An attempt under way is finished; `None` once `stop` turns true while waiting.
+async fn until_done<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    stop: &mut StopSignal,
+    mut op: impl FnMut() -> F,
+) -> Option<T> {
+    use backon::BackoffBuilder;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        match op().await {
+            Ok(done) => return Some(done),
+            Err(e) => {
+                let wait = delays.next().unwrap_or(Duration::from_secs(5));
+                let retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                tracing::warn!(error = %e, retry_in_ms, "{what} failed; retrying");
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return None,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
     }
 }
 
