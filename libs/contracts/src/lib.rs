@@ -10,6 +10,7 @@ pub mod schema;
 pub mod validation;
 
 mod account;
+mod batch;
 mod breaker;
 mod delivery;
 mod drone;
@@ -23,6 +24,7 @@ mod webhooks;
 mod workflow;
 
 pub use account::*;
+pub use batch::*;
 pub use breaker::*;
 pub use delivery::*;
 pub use drone::*;

@@ -18,6 +18,7 @@ use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::batch::Lane;
 use crate::error::problem_code;
 use crate::protection::{Protection, Verdict};
 use crate::{CallError, DownstreamSettings};
@@ -34,13 +35,12 @@ const NOT_FOUND_CODE: &str = "not-found";
 /// one connection pool.
 #[derive(Debug, Clone)]
 pub struct Downstream {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     http: reqwest::Client,
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     account: Url,
     package: Url,
     drone: Url,
@@ -49,11 +49,32 @@ struct Inner {
     /// `Bearer <service token>`, marked sensitive so it never shows in debug output.
     authorization: HeaderValue,
     /// A circuit breaker and a cap on concurrent calls per service, indexed by [`Service::index`].
-    protection: Arc<Protection>,
+    pub(crate) protection: Arc<Protection>,
+    /// The calls that are batched across callers (module `batch`).
+    packages: Lane<Package>,
+    drones: Lane<DroneReservation>,
+    deliveries: Lane<()>,
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("timeout", &self.timeout)
+            .field("account", &self.account)
+            .field("package", &self.package)
+            .field("drone", &self.drone)
+            .field("delivery", &self.delivery)
+            .field("thirdparty", &self.thirdparty)
+            .field("protection", &self.protection)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How an answer becomes a call's result.
+pub(crate) type Outcome<T> = fn(&str, Answer) -> Result<T, CallError>;
+
 #[derive(Debug, Clone, Copy)]
-enum Service {
+pub(crate) enum Service {
     Account,
     Package,
     Drone,
@@ -70,7 +91,7 @@ impl Service {
         Service::Delivery,
     ];
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             Service::Account => 0,
             Service::Package => 1,
@@ -80,7 +101,7 @@ impl Service {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Service::Account => "account",
             Service::Package => "package",
@@ -91,7 +112,7 @@ impl Service {
     }
 
     /// The collection every call of this client addresses: `/api/<collection>/<id>`.
-    fn collection(self) -> &'static str {
+    pub(crate) fn collection(self) -> &'static str {
         match self {
             Service::Account => "accounts",
             Service::Package => "packages",
@@ -103,14 +124,14 @@ impl Service {
 }
 
 /// What a service answered: any status, the body read in full.
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Answer {
-    fn error(&self, call: &str) -> CallError {
+    pub(crate) fn error(&self, call: &str) -> CallError {
         CallError::from_status(call, self.status, &self.headers, &self.body)
     }
 }
@@ -135,6 +156,17 @@ impl Downstream {
             })?;
         authorization.set_sensitive(true);
         let timeout = Duration::from_millis(settings.timeout_ms);
+        let batch = settings.batch;
+        if !(1..=contracts::MAX_BATCH_ITEMS).contains(&batch.max_items)
+            || !(1..=64).contains(&batch.in_flight)
+        {
+            bail!(
+                "downstream batch max_items must be 1 to {} and in_flight 1 to 64 (got {} and {})",
+                contracts::MAX_BATCH_ITEMS,
+                batch.max_items,
+                batch.in_flight
+            );
+        }
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -157,6 +189,19 @@ impl Downstream {
                 thirdparty: base_url("thirdparty_url", &settings.thirdparty_url)?,
                 authorization,
                 protection,
+                packages: Lane::new(
+                    Service::Package,
+                    decode::<Package>,
+                    batch.max_items,
+                    batch.in_flight,
+                ),
+                drones: Lane::new(
+                    Service::Drone,
+                    decode::<DroneReservation>,
+                    batch.max_items,
+                    batch.in_flight,
+                ),
+                deliveries: Lane::new(Service::Delivery, done, batch.max_items, batch.in_flight),
             }),
         })
     }
@@ -190,17 +235,11 @@ impl Downstream {
     }
 
     /// `PUT /api/packages/{id}`: registers the package (`201`) or finds the same one (`200`).
-    /// Different content under the same id is `Permanent` with code `package-conflict`.
+    /// Different content under the same id is `Permanent` with code `package-conflict`. Batched
+    /// with concurrent registrations.
     pub async fn put_package(&self, id: &str, body: &PackageUpsert) -> Result<Package, CallError> {
         let body = json_body(body)?;
-        self.exchange(
-            Service::Package,
-            Method::PUT,
-            id,
-            Some(body),
-            decode::<Package>,
-        )
-        .await
+        Lane::call(self, |d| &d.inner.packages, id, body).await
     }
 
     /// `DELETE /api/packages/{id}`: cancels the package. An unknown package counts as done.
@@ -211,21 +250,14 @@ impl Downstream {
 
     /// `PUT /api/dronedeliveries/{deliveryId}`: reserves a drone for the delivery's window; the same
     /// delivery always gets the same drone. No free drone is `Transient` with the service's
-    /// `Retry-After`.
+    /// `Retry-After`. Batched with concurrent reservations.
     pub async fn reserve_drone(
         &self,
         delivery_id: &str,
         body: &DroneReservationRequest,
     ) -> Result<DroneReservation, CallError> {
         let body = json_body(body)?;
-        self.exchange(
-            Service::Drone,
-            Method::PUT,
-            delivery_id,
-            Some(body),
-            decode::<DroneReservation>,
-        )
-        .await
+        Lane::call(self, |d| &d.inner.drones, delivery_id, body).await
     }
 
     /// `DELETE /api/dronedeliveries/{deliveryId}`: releases the drone. An unknown reservation counts
@@ -236,10 +268,10 @@ impl Downstream {
     }
 
     /// `PUT /api/deliveries/{id}`: creates the delivery (`201`) or finds it already there (`204`).
+    /// Batched with concurrent creations.
     pub async fn put_delivery(&self, id: &str, body: &DeliveryUpsert) -> Result<(), CallError> {
         let body = json_body(body)?;
-        self.exchange(Service::Delivery, Method::PUT, id, Some(body), done)
-            .await
+        Lane::call(self, |d| &d.inner.deliveries, id, body).await
     }
 
     /// `PATCH /api/deliveries/{id}`: reschedules. A completed or cancelled delivery is `Permanent`
@@ -333,7 +365,7 @@ impl Downstream {
     /// Builds every request this client sends: the URL, the service token, the JSON headers.
     /// Headers for all calls (e.g. a `traceparent`) belong here.
     /// The URL is `/api/<collection>/<id>`, or `/api/<collection>/<id>/<sub>`.
-    fn request_at(
+    pub(crate) fn request_at(
         &self,
         service: Service,
         method: Method,
@@ -375,13 +407,13 @@ impl Downstream {
         skip_all,
         fields(service = service.name(), method = %method, id = %id)
     )]
-    async fn exchange<T>(
+    pub(crate) async fn exchange<T>(
         &self,
         service: Service,
         method: Method,
         id: &str,
         body: Option<Vec<u8>>,
-        outcome: fn(&str, Answer) -> Result<T, CallError>,
+        outcome: Outcome<T>,
     ) -> Result<T, CallError> {
         self.exchange_at(service, method, id, None, body, outcome)
             .await
@@ -459,7 +491,11 @@ impl Downstream {
 }
 
 /// Sends the request and reads the whole answer (the client's timeout covers both).
-async fn send(builder: RequestBuilder, call: &str, timeout: Duration) -> Result<Answer, CallError> {
+pub(crate) async fn send(
+    builder: RequestBuilder,
+    call: &str,
+    timeout: Duration,
+) -> Result<Answer, CallError> {
     let response = builder
         .send()
         .await

@@ -14,9 +14,14 @@
 //! Every call also passes the target service's circuit breaker and its cap on concurrent calls
 //! (module `protection`, settings [`BreakerSettings`]): while a service fails, calls to it are
 //! refused at once with [`CallError::Rejected`] and a `retry_after`, never made.
+//!
+//! Package registrations, drone reservations and delivery creations made at the same time by
+//! different callers are coalesced into batch requests (module `batch`, settings
+//! [`BatchSettings`]); each caller still gets its own item's result, as from a single call.
 
 #![warn(missing_docs)]
 
+mod batch;
 mod client;
 mod domain;
 mod error;
@@ -26,4 +31,4 @@ mod settings;
 pub use client::Downstream;
 pub use domain::Domain;
 pub use error::CallError;
-pub use settings::{BreakerSettings, DownstreamSettings};
+pub use settings::{BatchSettings, BreakerSettings, DownstreamSettings};

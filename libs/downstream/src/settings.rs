@@ -28,6 +28,31 @@ pub struct DownstreamSettings {
     /// How long a call waits for a free slot before it is rejected without being made, in
     /// milliseconds (default 1000; 0 = never wait).
     pub cap_wait_ms: u64,
+    /// How concurrent calls of one kind are coalesced into batch requests
+    /// (`APP_DOWNSTREAM__BATCH__MAX_ITEMS`, ...).
+    pub batch: BatchSettings,
+}
+
+/// Batching across callers (see the `batch` module): a call to an idle service goes out at once,
+/// alone; calls made while requests of their kind are under way leave together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct BatchSettings {
+    /// Items in one batch request at most, 1 to 64 (default 32; 1 = every call alone).
+    pub max_items: usize,
+    /// Requests of one kind (package registrations, drone reservations, delivery creations) under
+    /// way at once from this process, 1 to 64 (default 2). Calls made while all are under way
+    /// wait for the next one, together.
+    pub in_flight: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_items: 32,
+            in_flight: 2,
+        }
+    }
 }
 
 /// When a service counts as failing and how it is given time to recover. One breaker per target
@@ -82,6 +107,7 @@ impl Default for DownstreamSettings {
             breaker: BreakerSettings::default(),
             max_concurrent_calls: 64,
             cap_wait_ms: 1000,
+            batch: BatchSettings::default(),
         }
     }
 }

@@ -193,12 +193,24 @@ impl ApiError {
         }
     }
 
-    fn retry_after(&self) -> Option<u64> {
+    pub(crate) fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after }
             | ApiError::Unavailable { retry_after, .. }
             | ApiError::Overloaded { retry_after } => Some(*retry_after),
             _ => None,
+        }
+    }
+
+    /// Logs what the answer does not say: an internal error's cause chain, and an unavailable
+    /// answer. Once per error answered (a whole request's, or one item's of a batch).
+    pub(crate) fn log(&self) {
+        match self {
+            ApiError::Internal(e) => tracing::error!(error = format!("{e:#}"), "request failed"),
+            ApiError::Unavailable { code, detail, .. } => {
+                tracing::warn!(code, detail, "request answered as unavailable")
+            }
+            _ => {}
         }
     }
 
@@ -257,13 +269,7 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        match self {
-            ApiError::Internal(e) => tracing::error!(error = format!("{e:#}"), "request failed"),
-            ApiError::Unavailable { code, detail, .. } => {
-                tracing::warn!(code, detail, "request answered as unavailable")
-            }
-            _ => {}
-        }
+        self.log();
         let mut builder = HttpResponse::build(self.status_code());
         builder.insert_header((header::CONTENT_TYPE, PROBLEM_JSON));
         if let Some(secs) = self.retry_after() {

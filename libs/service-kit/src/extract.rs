@@ -23,35 +23,45 @@ impl<T: FromJsonObject + 'static> FromRequest for Json<T> {
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let content_type_ok = match req.headers().get(header::CONTENT_TYPE) {
-            None => true,
-            Some(v) => v
-                .to_str()
-                .map(|s| {
-                    let s = s.to_ascii_lowercase();
-                    s.starts_with("application/json") || s.contains("+json")
-                })
-                .unwrap_or(false),
-        };
-        let limit = req.app_data::<BodyLimit>().map_or(64 * 1024, |l| l.0);
-        let bytes = Bytes::from_request(req, payload);
-        Box::pin(async move {
-            if !content_type_ok {
-                return Err(ApiError::UnsupportedMediaType(
-                    "Content-Type must be application/json".into(),
-                ));
-            }
-            let bytes = bytes
-                .await
-                .map_err(|e| match e.as_error::<PayloadError>() {
-                    Some(PayloadError::Overflow) => ApiError::PayloadTooLarge(limit),
-                    _ => ApiError::BadRequest {
-                        code: "unreadable-body",
-                        detail: format!("the request body could not be read: {e}"),
-                    },
-                })?;
-            parse_json(&bytes).map(Json)
-        })
+        let bytes = json_bytes(req, payload);
+        Box::pin(async move { parse_json(&bytes.await?).map(Json) })
+    }
+}
+
+/// A JSON request's body, read in full: a non-JSON `Content-Type` is a `415`, a body over the
+/// limit a `413`, one that cannot be read a `400`.
+pub(crate) fn json_bytes(
+    req: &HttpRequest,
+    payload: &mut Payload,
+) -> impl Future<Output = Result<Bytes, ApiError>> + 'static {
+    let content_type_ok = match req.headers().get(header::CONTENT_TYPE) {
+        None => true,
+        Some(v) => v
+            .to_str()
+            .map(|s| {
+                let s = s.to_ascii_lowercase();
+                s.starts_with("application/json") || s.contains("+json")
+            })
+            .unwrap_or(false),
+    };
+    let limit = req.app_data::<BodyLimit>().map_or(64 * 1024, |l| l.0);
+    let bytes = Bytes::from_request(req, payload);
+    async move {
+        if !content_type_ok {
+            return Err(ApiError::UnsupportedMediaType(
+                "Content-Type must be application/json".into(),
+            ));
+        }
+        let bytes = bytes
+            .await
+            .map_err(|e| match e.as_error::<PayloadError>() {
+                Some(PayloadError::Overflow) => ApiError::PayloadTooLarge(limit),
+                _ => ApiError::BadRequest {
+                    code: "unreadable-body",
+                    detail: format!("the request body could not be read: {e}"),
+                },
+            })?;
+        Ok(bytes)
     }
 }
 

@@ -4,6 +4,7 @@
 //! stop signal and one shutdown order.
 
 pub mod auth;
+mod batch;
 pub mod db;
 mod docs;
 mod error;
@@ -13,6 +14,7 @@ pub mod openapi;
 mod server;
 pub mod settings;
 
+pub use batch::{parse_batch, Batch, BatchEntry, BatchReply};
 pub use error::{ApiError, ApiResult, CannedResponse};
 pub use extract::{is_absent, parse_json, valid_id, Json};
 pub use health::{DatabaseCheck, ReadinessCheck};
