@@ -81,6 +81,9 @@ pub enum SignalAction {
 pub trait Hooks<C>: Send + Sync {
     /// Messages to commit with this change (lifecycle events, compensation requests).
     fn announce(&self, ctx: &C, saga: &SagaRecord, change: &Lifecycle) -> Vec<OutboxMessage>;
+    /// `change` is durable: the write that recorded it (and its announcements) committed. For
+    /// what must count only what happened (metrics): a write refused by a fence never gets here.
+    fn committed(&self, _ctx: &C, _saga: &SagaRecord, _change: &Lifecycle) {}
     /// What `signal` does to `saga` as it is now.
     fn on_signal(&self, _ctx: &C, _saga: &SagaRecord, signal: &Signal) -> SignalAction {
         SignalAction::Ignore {
@@ -456,10 +459,15 @@ impl<C: Send + Sync> Engine<C> {
                             started,
                             finished,
                         );
-                        let version = saga.version + 1;
-                        let outbox = self.announced(ctx, &mut saga, version, &change);
-                        self.commit(fence, &mut saga, update, vec![attempt], outbox)
-                            .await?;
+                        self.commit_announced(
+                            ctx,
+                            fence,
+                            &mut saga,
+                            update,
+                            vec![attempt],
+                            Some(&change),
+                        )
+                        .await?;
                         tracing::debug!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, "step succeeded");
                         continue 'steps;
                     }
@@ -661,11 +669,8 @@ impl<C: Send + Sync> Engine<C> {
         }
         saga.wake_at = None;
         // One write, so one version: only the last change is announced.
-        let version = saga.version + 1;
-        let outbox = change
-            .map(|c| self.announced(ctx, saga, version, &c))
-            .unwrap_or_default();
-        self.commit(fence, saga, update, Vec::new(), outbox).await?;
+        self.commit_announced(ctx, fence, saga, update, Vec::new(), change.as_ref())
+            .await?;
         inbox.recorded(&incoming);
         Ok(())
     }
@@ -747,17 +752,11 @@ impl<C: Send + Sync> Engine<C> {
             started,
             finished,
         );
-        let version = saga.version + 1;
-        let outbox = self.announced(
-            ctx,
-            saga,
-            version,
-            &Lifecycle::Failed {
-                step,
-                reason: reason.clone(),
-            },
-        );
-        self.commit(fence, saga, update, vec![attempt], outbox)
+        let change = Lifecycle::Failed {
+            step,
+            reason: reason.clone(),
+        };
+        self.commit_announced(ctx, fence, saga, update, vec![attempt], Some(&change))
             .await?;
         tracing::warn!(saga_id = %saga.id, step, reason, "saga failed");
         Ok(())
@@ -780,9 +779,30 @@ impl<C: Send + Sync> Engine<C> {
             error: Some(error),
             ..Default::default()
         };
+        self.commit_announced(ctx, fence, saga, update, Vec::new(), Some(&change))
+            .await
+    }
+
+    /// [`commit`](Self::commit) with `change` announced in the same write, and told to the hooks
+    /// once it is durable.
+    async fn commit_announced(
+        &self,
+        ctx: &C,
+        fence: Fence,
+        saga: &mut SagaRecord,
+        update: InstanceUpdate,
+        attempts: Vec<Attempt>,
+        change: Option<&Lifecycle>,
+    ) -> Result<(), JournalError> {
         let version = saga.version + 1;
-        let outbox = self.announced(ctx, saga, version, &change);
-        self.commit(fence, saga, update, Vec::new(), outbox).await
+        let outbox = change
+            .map(|c| self.announced(ctx, saga, version, c))
+            .unwrap_or_default();
+        self.commit(fence, saga, update, attempts, outbox).await?;
+        if let Some(change) = change {
+            self.saga.hooks.committed(ctx, saga, change);
+        }
+        Ok(())
     }
 }
 

@@ -39,6 +39,7 @@ per_backend!(
     a_rewind_signal_runs_a_completed_saga_again,
     a_rewound_step_gets_its_retries_again,
     a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more,
+    a_final_write_refused_by_a_fence_is_never_told_as_durable,
     a_relay_whose_fence_went_stale_returns_the_refusal,
 );
 
@@ -105,6 +106,8 @@ struct Script {
     /// When the step of this name runs, the signal arrives in the inbox.
     arrive: Mutex<HashMap<&'static str, Signal>>,
     takeover: Mutex<Option<Takeover>>,
+    /// The changes the hooks were told are durable, in order.
+    committed: Mutex<Vec<String>>,
 }
 
 /// The store on which, and the time at which, another owner takes the running saga's shard.
@@ -177,6 +180,15 @@ impl Hooks<Script> for Announce {
             key: saga.id.clone(),
             payload: json!({"change": format!("{change:?}"), "version": saga.version}),
         }]
+    }
+
+    fn committed(&self, ctx: &Script, saga: &SagaRecord, change: &Lifecycle) {
+        let name = format!("{change:?}");
+        let name = name.split([' ', '{']).next().unwrap_or_default();
+        ctx.committed
+            .lock()
+            .unwrap()
+            .push(format!("{} {name} v{}", saga.id, saga.version));
     }
 
     fn on_signal(&self, _: &Script, _: &SagaRecord, signal: &Signal) -> SignalAction {
@@ -1041,6 +1053,32 @@ async fn a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more(fx: Fixt
     // The new owner carries on.
     let done = e.run(&script, now, row, &NoInbox).await.unwrap();
     assert_eq!(done.state, saga::COMPLETED);
+}
+
+async fn a_final_write_refused_by_a_fence_is_never_told_as_durable(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 6, &["a", "takeover"]).await;
+    // The last step's success would complete the saga, but the shard changed hands meanwhile.
+    *script.takeover.lock().unwrap() =
+        Some((store.clone(), clock.now() + chrono::Duration::hours(1)));
+    let s = started(&e, &script, fence, "f1", json!({})).await;
+    let r = e.run_started(&script, fence, s, &NoInbox).await;
+    assert!(matches!(r, Err(JournalError::Refused(_))), "{r:?}");
+    assert_eq!(
+        *script.committed.lock().unwrap(),
+        ["f1 StepSucceeded v2"],
+        "the refused completion is not told"
+    );
+    *script.takeover.lock().unwrap() = None;
+
+    // The new owner's completion is, once.
+    let now = current(&store, 6).await;
+    let row = load(&store, "f1").await;
+    let done = e.run(&script, now, row, &NoInbox).await.unwrap();
+    assert_eq!(done.state, saga::COMPLETED);
+    assert_eq!(
+        *script.committed.lock().unwrap(),
+        ["f1 StepSucceeded v2", "f1 Completed v3"]
+    );
 }
 
 /// Publishes nothing on its first call until released, so a test can act while the relay holds a

@@ -631,7 +631,6 @@ impl Hooks<Ctx> for BookingHooks {
             }
             Lifecycle::StepSucceeded { .. } => {}
             Lifecycle::Completed => {
-                ctx.metrics.finished("scheduled");
                 let detail = BookingInput::of(saga)
                     .ok()
                     .filter(|b| b.revision > 0)
@@ -639,7 +638,6 @@ impl Hooks<Ctx> for BookingHooks {
                 out.extend(state_event(saga, RequestState::Scheduled, detail));
             }
             Lifecycle::Failed { step, reason } => {
-                ctx.metrics.finished("failed");
                 let detail = client_reason(&format!("{step}: {reason}"));
                 out.extend(state_event(
                     saga,
@@ -649,7 +647,6 @@ impl Hooks<Ctx> for BookingHooks {
                 out.extend(compensation(saga, &detail));
             }
             Lifecycle::Cancelled { reason } => {
-                ctx.metrics.finished("cancelled");
                 out.extend(state_event(
                     saga,
                     RequestState::Cancelled,
@@ -666,6 +663,17 @@ impl Hooks<Ctx> for BookingHooks {
             }
         }
         out
+    }
+
+    fn committed(&self, ctx: &Ctx, _saga: &SagaRecord, change: &Lifecycle) {
+        // Counted once durable: a final write refused by a fence (a new owner took the saga
+        // over) is not counted here, and the new owner's is.
+        match change {
+            Lifecycle::Completed => ctx.metrics.finished("scheduled"),
+            Lifecycle::Failed { .. } => ctx.metrics.finished("failed"),
+            Lifecycle::Cancelled { .. } => ctx.metrics.finished("cancelled"),
+            Lifecycle::Started | Lifecycle::StepSucceeded { .. } | Lifecycle::Rewound { .. } => {}
+        }
     }
 
     fn on_signal(&self, _ctx: &Ctx, saga: &SagaRecord, signal: &Signal) -> SignalAction {
