@@ -622,7 +622,7 @@ pub fn client_reason(error: &str) -> String {
 pub struct BookingHooks;
 
 impl Hooks<Ctx> for BookingHooks {
-    fn announce(&self, ctx: &Ctx, saga: &SagaRecord, change: &Lifecycle) -> Vec<OutboxMessage> {
+    fn announce(&self, _ctx: &Ctx, saga: &SagaRecord, change: &Lifecycle) -> Vec<OutboxMessage> {
         let mut out = Vec::new();
         match change {
             // Counted by the worker once the start proved new: this runs before it is known.
