@@ -10,13 +10,19 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{TimeZone, Utc};
-use contracts::{PackageSize, PackageUpsert};
+use chrono::{DateTime, TimeZone, Utc};
+use contracts::{
+    ConfirmationType, DeliveryUpsert, DroneReservationRequest, PackageSize, PackageUpsert,
+};
 use downstream::{BatchSettings, CallError, Downstream, DownstreamSettings};
-use integration_tests::SERVICE_TOKEN;
+use integration_tests::{
+    both_backends, spawn_delivery, spawn_drone_with, spawn_package, Backend, SERVICE_TOKEN,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+both_backends!(concurrent_calls_to_the_real_services_each_get_their_own_answer);
 
 /// One request a recording server was sent.
 #[derive(Debug, Clone)]
@@ -422,4 +428,132 @@ fn batch_settings_out_of_range_are_refused() {
         .unwrap_or_default();
         assert!(err.contains("batch"), "{batch:?}: {err}");
     }
+}
+
+/// A pickup time in whole minutes, `hours` from now.
+fn pickup(hours: i64) -> DateTime<Utc> {
+    let t = Utc::now() + chrono::Duration::hours(hours);
+    Utc.timestamp_opt(t.timestamp() / 60 * 60, 0)
+        .single()
+        .unwrap_or(t)
+}
+
+/// Through the client, 40 sagas' worth of calls at once against the real Package, Drone and
+/// Delivery services: batches form, and every caller gets what its single call would have got
+/// (registered once, a replay finds the same package, one drone per overlapping window until
+/// the fleet is full and then `no-drone-available` with the service's Retry-After, each delivery
+/// created once).
+async fn concurrent_calls_to_the_real_services_each_get_their_own_answer(backend: Backend) {
+    let package = spawn_package(backend).await;
+    let drone = spawn_drone_with(backend, |s| {
+        s.fleet.small = 30;
+        s.fleet.medium = 0;
+        s.fleet.large = 0;
+        s.reservations.retry_after_secs = 11;
+    })
+    .await;
+    let delivery = spawn_delivery(backend).await;
+    let d = Downstream::new(&DownstreamSettings {
+        package_url: package.address.clone(),
+        drone_url: drone.address.clone(),
+        delivery_url: delivery.address.clone(),
+        service_token: SERVICE_TOKEN.to_owned().into(),
+        batch: BatchSettings {
+            max_items: 16,
+            in_flight: 1,
+        },
+        ..DownstreamSettings::default()
+    })
+    .expect("client");
+    let ids: Vec<String> = (0..40).map(|n| format!("b-{n:02}")).collect();
+
+    let packages = put_all(&d, &ids).await;
+    for (id, p) in ids.iter().zip(&packages) {
+        assert_eq!(
+            p.as_ref().map(|p| p.id.as_str()).ok(),
+            Some(id.as_str()),
+            "{p:?}"
+        );
+    }
+    let again = put_all(&d, &ids).await;
+    assert_eq!(
+        again.into_iter().map(Result::ok).collect::<Vec<_>>(),
+        packages.into_iter().map(Result::ok).collect::<Vec<_>>(),
+        "replays find the same packages"
+    );
+
+    // 40 overlapping windows, 30 small drones.
+    let at = pickup(24);
+    let reservations = futures::future::join_all(ids.iter().map(|id| {
+        let d = &d;
+        async move {
+            d.reserve_drone(
+                id,
+                &DroneReservationRequest {
+                    pickup_time: at,
+                    pickup_location: "1 Main St".into(),
+                    drop_off_location: "2 Side St".into(),
+                    package_id: id.clone(),
+                    size: PackageSize::Small,
+                    expedited: false,
+                    owner_id: Some("owner-1".into()),
+                },
+            )
+            .await
+        }
+    }))
+    .await;
+    let mut drones: Vec<String> = reservations
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|r| r.drone_id.clone()))
+        .collect();
+    assert_eq!(drones.len(), 30, "one reservation per free drone");
+    drones.sort();
+    drones.dedup();
+    assert_eq!(drones.len(), 30, "no drone twice");
+    for r in reservations.iter().filter(|r| r.is_err()) {
+        match r {
+            Err(CallError::Transient {
+                retry_after,
+                reason,
+            }) => {
+                assert_eq!(*retry_after, Some(Duration::from_secs(11)));
+                assert!(reason.contains("no-drone-available"), "{reason}");
+            }
+            other => panic!("expected no-drone-available, got {other:?}"),
+        }
+    }
+
+    let created = futures::future::join_all(ids.iter().zip(&reservations).map(|(id, r)| {
+        let d = &d;
+        let drone_id = r
+            .as_ref()
+            .map(|r| r.drone_id.clone())
+            .unwrap_or_else(|_| "drone-none".into());
+        async move {
+            let body = DeliveryUpsert {
+                owner_id: "owner-1".into(),
+                pickup_location: "1 Main St".into(),
+                drop_off_location: "2 Side St".into(),
+                pickup_time: at,
+                deadline: "LinkedIn".into(),
+                expedited: false,
+                confirmation_required: ConfirmationType::Picture,
+                package_id: id.clone(),
+                drone_id,
+            };
+            d.put_delivery(id, &body).await
+        }
+    }))
+    .await;
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    for id in &ids {
+        let r = delivery.get(&format!("/api/deliveries/{id}/events")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let events: Vec<Value> = r.json();
+        assert_eq!(events.len(), 1, "one Created event for {id}: {events:?}");
+    }
+    package.stop().await;
+    drone.stop().await;
+    delivery.stop().await;
 }

@@ -5,7 +5,10 @@
 mod common;
 
 use common::{assert_ready_with_docs, assert_unauthorized, put_20_at_once, raw_json};
-use contracts::{Package, PackageSize, PackageStatus, PackageSummary, SizeCounts};
+use contracts::{
+    BatchAnswer, BatchResult, Package, PackageSize, PackageStatus, PackageSummary, SizeCounts,
+    MAX_BATCH_ITEMS,
+};
 use integration_tests::{both_backends, spawn_package, Backend, TestApp};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -19,6 +22,10 @@ both_backends!(
     summary_has_real_numbers,
     client_errors_are_problems,
     service_endpoints_answer,
+    batch_answers_as_single_puts_item_by_item,
+    batch_with_duplicate_ids_answers_as_puts_in_order,
+    concurrent_batches_and_puts_create_each_package_once,
+    batch_route_leaves_the_package_named_batch_alone,
 );
 
 fn body(owner: &str, external: &str, size: &str, weight: f64) -> Value {
@@ -343,6 +350,304 @@ async fn service_endpoints_answer(backend: Backend) {
         );
     }
     assert!(paths["/api/packages/summary/{ownerId}"]["get"].is_object());
+    let batch = &paths["/api/packages/batch"];
+    assert!(batch["post"]["requestBody"].is_object(), "batch documented");
+    assert!(batch["post"]["responses"]["200"].is_object());
+    assert!(batch["get"].is_null() && batch["put"].is_null());
+    assert!(doc.body["components"]["schemas"]["BatchAnswer"].is_object());
     assert!(doc.body["components"]["schemas"]["PackageSummary"].is_object());
+    app.stop().await;
+}
+
+/// `POST /api/packages/batch` with `items` (`(id, body)`); asserts the `200` and one result per
+/// item, in order, and returns the results.
+async fn batch(app: &TestApp, items: &[(&str, &Value)]) -> Vec<BatchResult> {
+    let items: Vec<Value> = items
+        .iter()
+        .map(|(id, body)| json!({"id": id, "body": body}))
+        .collect();
+    let r = app
+        .post("/api/packages/batch", &json!({ "items": items }))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = r.json::<BatchAnswer>().results;
+    let ids: Vec<&str> = results.iter().map(|r| r.id.as_str()).collect();
+    let sent: Vec<&str> = items.iter().filter_map(|i| i["id"].as_str()).collect();
+    assert_eq!(ids, sent, "one result per item, in order");
+    assert!(results.iter().all(|r| r.retry_after.is_none()));
+    results
+}
+
+/// `PUT /api/packages/{id}` of each item, one after the other: `(status, body)` of each.
+async fn single_puts(app: &TestApp, items: &[(&str, &Value)]) -> Vec<(u16, Value)> {
+    let mut answers = Vec::new();
+    for (id, body) in items {
+        let path = format!("/api/packages/{}", id.replace(' ', "%20"));
+        let r = app.put(&path, body).await;
+        answers.push((r.status.as_u16(), r.body));
+    }
+    answers
+}
+
+/// An answer without the timestamps, which differ between two apps given the same calls.
+fn without_times((status, mut body): (u16, Value)) -> (u16, Value) {
+    if let Some(object) = body.as_object_mut() {
+        object.remove("createdAt");
+        object.remove("updatedAt");
+    }
+    (status, body)
+}
+
+/// Asserts that the batch's results are, item by item, what the single PUTs answered (on another
+/// app given the same calls before).
+fn assert_same_answers(results: &[BatchResult], singles: Vec<(u16, Value)>) {
+    assert_eq!(results.len(), singles.len());
+    for (result, single) in results.iter().zip(singles) {
+        assert_eq!(
+            without_times((result.status, result.body.clone())),
+            without_times(single),
+            "item {}",
+            result.id
+        );
+    }
+}
+
+/// A registered package `old`, a cancelled one `gone`, and a tombstone `late` (cancelled before
+/// it was registered), all of owner `o1`.
+async fn packages_before_the_batch(app: &TestApp) -> Value {
+    let b = body("o1", "e1", "Medium", 3.0);
+    let old = app.put("/api/packages/old", &b).await;
+    assert_eq!(old.status, 201, "{}", old.body);
+    assert_eq!(app.put("/api/packages/gone", &b).await.status, 201);
+    assert_eq!(app.delete("/api/packages/gone").await.status, 200);
+    assert_eq!(app.delete("/api/packages/late").await.status, 404);
+    old.body
+}
+
+async fn batch_answers_as_single_puts_item_by_item(backend: Backend) {
+    let app = spawn_package(backend).await;
+    let singles_app = spawn_package(backend).await;
+    let old = packages_before_the_batch(&app).await;
+    packages_before_the_batch(&singles_app).await;
+
+    let same = body("o1", "e1", "Medium", 3.0);
+    let heavier = body("o1", "e1", "Medium", 3.5);
+    let invalid = json!({"ownerId": "", "size": "Huge", "weight": -1});
+    let large = body("o1", "e9", "Large", 7.0);
+    let items: [(&str, &Value); 8] = [
+        ("new", &same),
+        ("old", &same),
+        ("old", &heavier),
+        ("late", &same),
+        ("bad", &invalid),
+        ("gone", &same),
+        ("has space", &same),
+        ("new2", &large),
+    ];
+    let results = batch(&app, &items).await;
+    let statuses: Vec<u16> = results.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [201, 200, 409, 409, 400, 200, 400, 201]);
+    let code = |i: usize| {
+        results[i].body["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(code(2), "package-conflict");
+    assert_eq!(code(3), "package-cancelled");
+    let fields = |i: usize| -> Vec<String> {
+        let errors = results[i].body["errors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        errors
+            .iter()
+            .filter_map(|e| e["field"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(fields(4), ["ownerId", "externalId", "size", "weight"]);
+    assert_eq!(fields(6), ["id"]);
+    assert_eq!(
+        results[1].body, old,
+        "a replay returns the package as it is"
+    );
+    assert_eq!(results[5].body["status"], "cancelled", "not resurrected");
+    assert_same_answers(&results, single_puts(&singles_app, &items).await);
+
+    // The valid items are applied, the refused ones are not.
+    for i in [0, 1, 5, 7] {
+        let got = app.get(&format!("/api/packages/{}", results[i].id)).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, results[i].body, "{}", results[i].id);
+    }
+    assert_eq!(app.get("/api/packages/late").await.status, 404);
+    assert_eq!(app.get("/api/packages/bad").await.status, 404);
+    // Only the created packages count: old, gone (cancelled), new, new2.
+    let summary = summary_of(&app, "o1").await;
+    assert_eq!(
+        summary,
+        PackageSummary {
+            owner_id: "o1".into(),
+            total: 4,
+            registered: 3,
+            cancelled: 1,
+            registered_weight: 13.0,
+            by_size: SizeCounts {
+                small: 0,
+                medium: 2,
+                large: 1,
+            },
+        }
+    );
+    assert_eq!(summary, summary_of(&singles_app, "o1").await);
+
+    // The same batch again: every id is taken now, so it creates nothing and finds everything.
+    let again = batch(&app, &items).await;
+    let statuses: Vec<u16> = again.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 409, 409, 400, 200, 400, 200]);
+    for i in [0, 1, 5, 7] {
+        assert_eq!(again[i].body, results[i].body, "{}", results[i].id);
+    }
+    assert_same_answers(&again, single_puts(&singles_app, &items).await);
+    assert_eq!(summary_of(&app, "o1").await, summary);
+    app.stop().await;
+    singles_app.stop().await;
+}
+
+async fn batch_with_duplicate_ids_answers_as_puts_in_order(backend: Backend) {
+    let app = spawn_package(backend).await;
+    let singles_app = spawn_package(backend).await;
+    let first = body("o1", "e1", "Small", 1.0);
+    let second = body("o1", "e2", "Small", 1.0);
+    let invalid = json!({"ownerId": "o1", "externalId": "e1", "size": "Small"});
+    // `b`'s first occurrence is refused, so its second one creates it.
+    let items: [(&str, &Value); 7] = [
+        ("a", &first),
+        ("a", &first),
+        ("a", &second),
+        ("b", &invalid),
+        ("b", &second),
+        ("b", &first),
+        ("b", &second),
+    ];
+    let results = batch(&app, &items).await;
+    let statuses: Vec<u16> = results.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [201, 200, 409, 400, 201, 409, 200]);
+    assert_eq!(results[1].body, results[0].body, "a repeat finds the first");
+    assert_eq!(results[6].body, results[4].body);
+    assert_eq!(results[4].body["externalId"], "e2");
+    assert_eq!(results[2].body["code"], "package-conflict");
+    assert_eq!(results[5].body["code"], "package-conflict");
+    assert_same_answers(&results, single_puts(&singles_app, &items).await);
+    assert_eq!(app.get("/api/packages/a").await.body, results[0].body);
+    assert_eq!(app.get("/api/packages/b").await.body, results[4].body);
+    assert_eq!(summary_of(&app, "o1").await.total, 2);
+    app.stop().await;
+    singles_app.stop().await;
+}
+
+async fn concurrent_batches_and_puts_create_each_package_once(backend: Backend) {
+    const BATCHES: usize = 10;
+    let app = spawn_package(backend).await;
+    let ids: Vec<String> = (0..MAX_BATCH_ITEMS).map(|i| format!("p{i:02}")).collect();
+    let bodies: Vec<Value> = ids
+        .iter()
+        .map(|id| body("o-race", id, "Small", 1.0))
+        .collect();
+    let items: Vec<(&str, &Value)> = ids.iter().map(String::as_str).zip(&bodies).collect();
+    // Every batch holds every id, each batch in another order (rotated, every other one
+    // reversed): overlapping batches must neither deadlock nor create anything twice.
+    let batches: Vec<Vec<(&str, &Value)>> = (0..BATCHES)
+        .map(|k| {
+            let mut order = items.clone();
+            order.rotate_left(k * 7);
+            if k % 2 == 1 {
+                order.reverse();
+            }
+            order
+        })
+        .collect();
+    let paths: Vec<String> = ids.iter().map(|id| format!("/api/packages/{id}")).collect();
+    let (batch_results, single_results) = tokio::join!(
+        futures::future::join_all(batches.iter().map(|b| batch(&app, b))),
+        futures::future::join_all(paths.iter().zip(&bodies).map(|(p, b)| app.put(p, b))),
+    );
+    let mut answers: Vec<(String, u16, Value)> = batch_results
+        .into_iter()
+        .flatten()
+        .map(|r| (r.id, r.status, r.body))
+        .collect();
+    answers.extend(
+        items
+            .iter()
+            .zip(single_results)
+            .map(|((id, _), r)| ((*id).to_owned(), r.status.as_u16(), r.body)),
+    );
+    for id in &ids {
+        let of_id: Vec<&(String, u16, Value)> = answers.iter().filter(|a| &a.0 == id).collect();
+        let statuses: Vec<u16> = of_id.iter().map(|a| a.1).collect();
+        assert_eq!(statuses.len(), BATCHES + 1, "{id}");
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 201).count(),
+            1,
+            "{id} created exactly once: {statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|s| *s == 201 || *s == 200),
+            "{id}: {statuses:?}"
+        );
+        assert!(
+            of_id.iter().all(|a| a.2 == of_id[0].2),
+            "{id}: every answer holds the same package"
+        );
+        assert_eq!(
+            app.get(&format!("/api/packages/{id}")).await.body,
+            of_id[0].2
+        );
+    }
+    assert_eq!(summary_of(&app, "o-race").await.total, ids.len() as u64);
+    app.stop().await;
+}
+
+async fn batch_route_leaves_the_package_named_batch_alone(backend: Backend) {
+    let app = spawn_package(backend).await;
+    let b = body("o1", "e1", "Small", 1.0);
+    // GET and PUT of /api/packages/batch still mean the package with id "batch".
+    assert_eq!(
+        app.get("/api/packages/batch").await.problem(404).code,
+        "not-found"
+    );
+    let created = app.put("/api/packages/batch", &b).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(app.get("/api/packages/batch").await.body, created.body);
+    let results = batch(&app, &[("batch", &b)]).await;
+    assert_eq!(results[0].status, 200);
+    assert_eq!(results[0].body, created.body);
+
+    // A refused envelope refuses the whole batch, and nothing is stored.
+    assert_unauthorized(
+        &app,
+        Method::POST,
+        "/api/packages/batch",
+        Some(&json!({"items": [{"id": "x", "body": b}]})),
+        None,
+    )
+    .await;
+    for (envelope, field) in [
+        (json!({"items": []}), "items"),
+        (
+            json!({"items": [{"id": "x", "body": b}, {"body": b}]}),
+            "items[1].id",
+        ),
+        (json!({"items": [{"id": "x"}]}), "items[0].body"),
+        (json!([{"id": "x", "body": b}]), "body"),
+    ] {
+        let r = app.post("/api/packages/batch", &envelope).await;
+        assert_eq!(r.bad_fields(), vec![field], "{envelope}");
+    }
+    let r = raw_json(&app, Method::POST, "/api/packages/batch", b"{\"items\":[").await;
+    assert_eq!(r.problem(400).code, "malformed-json");
+    assert_eq!(app.get("/api/packages/x").await.status, 404);
+    assert_eq!(summary_of(&app, "o1").await.total, 1);
     app.stop().await;
 }

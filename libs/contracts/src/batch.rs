@@ -23,14 +23,20 @@ pub const BATCH_SEGMENT: &str = "batch";
 pub struct BatchRequest<T> {
     /// 1 to 64 items; the same id may appear more than once (each is answered as its own call,
     /// in order).
+    #[schema(min_items = 1, max_items = 64)]
     pub items: Vec<BatchItem<T>>,
 }
 
-/// One item of a batch: the id the single call takes in its path, and the body it sends.
+/// One item of a batch: the id the single call takes in its path, and the body it sends. Both
+/// are checked as the single call checks them, item by item: an item the single call would refuse
+/// is answered with that refusal (`400`, naming the fields) in its own result, and the others go
+/// ahead, so the document does not constrain them beyond their JSON types.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BatchItem<T> {
-    #[schema(schema_with = crate::schema::identifier)]
+    /// The id the single call takes in its path.
     pub id: String,
+    /// The single call's body.
+    #[schema(value_type = Object)]
     pub body: T,
 }
 

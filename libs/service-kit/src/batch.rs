@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::extract::{json_bytes, valid_id};
 
 /// A batch request's items, in order. The envelope must be `{"items": [...]}` with 1 to
-/// [`MAX_BATCH_ITEMS`] items, each an object with a string `id` and a `body`; anything else
+/// [`MAX_BATCH_ITEMS`] items, each an object with a string `id` and an object `body`; anything else
 /// refuses the whole request (`400`, naming the field, e.g. `items[3].id`). An item whose id or
 /// body the single call would refuse keeps its place with that refusal, so it is answered on its
 /// own and the others go ahead.
@@ -83,8 +83,15 @@ pub fn parse_batch<T: FromJsonObject>(bytes: &[u8]) -> Result<Vec<BatchEntry<T>>
                     ))
                 }
             };
-            let Some(body) = item.remove("body") else {
-                return Err(ApiError::field(&format!("items[{i}].body"), "is required"));
+            let body = match item.remove("body") {
+                Some(body @ Value::Object(_)) => body,
+                Some(_) => {
+                    return Err(ApiError::field(
+                        &format!("items[{i}].body"),
+                        "must be a JSON object",
+                    ))
+                }
+                None => return Err(ApiError::field(&format!("items[{i}].body"), "is required")),
             };
             let body = match valid_id("id", &id) {
                 Ok(_) => T::from_json_value(body).map_err(ApiError::Validation),
@@ -241,6 +248,7 @@ mod tests {
             (br#"{"items":[{"id":"a","body":{}},7]}"#, "items[1]"),
             (br#"{"items":[{"id":1,"body":{}}]}"#, "items[0].id"),
             (br#"{"items":[{"id":"a"}]}"#, "items[0].body"),
+            (br#"{"items":[{"id":"a","body":[]}]}"#, "items[0].body"),
         ] {
             let error = parse_batch::<Thing>(body).err();
             assert_eq!(

@@ -1,14 +1,15 @@
 //! HTTP routes of the Delivery service. Every route requires the service token.
 
-use actix_web::http::header;
-use actix_web::{web, HttpResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::{guard, web, HttpResponse};
 use contracts::{
-    Confirmation, ConfirmationType, Delivery, DeliveryPatch, DeliveryStage, DeliveryStatus,
-    DeliveryUpsert, Problem, TrackingEvent, TrackingUpdate,
+    BatchAnswer, BatchRequest, BatchResult, Confirmation, ConfirmationType, Delivery,
+    DeliveryPatch, DeliveryStage, DeliveryStatus, DeliveryUpsert, Problem, TrackingEvent,
+    TrackingUpdate,
 };
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
-use service_kit::{valid_id, ApiResult, Json};
+use service_kit::{valid_id, ApiError, ApiResult, Batch, BatchReply, Json};
 use utoipa::OpenApi;
 
 use crate::store;
@@ -16,6 +17,13 @@ use crate::AppState;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>) {
     cfg.app_data(state)
+        // Before `{id}`, and for POST only: every other method on `/api/deliveries/batch` goes on
+        // to `{id}`, where "batch" is an id like any other.
+        .service(
+            web::resource("/api/deliveries/batch")
+                .guard(guard::Post())
+                .route(web::post().to(put_delivery_batch)),
+        )
         .route("/api/deliveries/{id}", web::get().to(get_delivery))
         .route("/api/deliveries/{id}", web::put().to(put_delivery))
         .route("/api/deliveries/{id}", web::patch().to(patch_delivery))
@@ -37,6 +45,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>
     ),
     paths(
         put_delivery,
+        put_delivery_batch,
         get_delivery,
         patch_delivery,
         cancel_delivery,
@@ -46,6 +55,8 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>
         post_confirmation
     ),
     components(schemas(
+        BatchAnswer,
+        BatchResult,
         Delivery,
         DeliveryUpsert,
         DeliveryPatch,
@@ -97,6 +108,54 @@ async fn put_delivery(
             .json(created),
         None => HttpResponse::NoContent().finish(),
     })
+}
+
+/// Creates many deliveries at once: a batch of `PUT /api/deliveries/{id}` calls, in one transaction.
+///
+/// Each item is answered as its single call would answer it: `201` with the created delivery,
+/// `204` (body `null`) when it was there already, `409 delivery-cancelled`, `400` for an invalid
+/// id or body (the others go ahead). An id given twice is created by its first item; the later
+/// ones answer as a repeat would.
+#[utoipa::path(
+    post, path = "/api/deliveries/batch", tag = "deliveries",
+    request_body = BatchRequest<DeliveryUpsert>,
+    responses(
+        (status = 200, description = "One result per item, in the items' order", body = BatchAnswer),
+        (status = 400, description = "Invalid envelope (the field is named, e.g. `items[2].id`); each item's own refusals are among the results", body = Problem),
+        (status = 401, description = "Missing or wrong service token", body = Problem),
+    )
+)]
+async fn put_delivery_batch(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    Batch(entries): Batch<DeliveryUpsert>,
+) -> ApiResult<HttpResponse> {
+    let valid: Vec<(&str, &DeliveryUpsert)> = entries
+        .iter()
+        .filter_map(|e| Some((e.id.as_str(), e.body.as_ref().ok()?)))
+        .collect();
+    let mut answers = store::create_many(&state.db, &valid).await?.into_iter();
+    let mut reply = BatchReply::with_capacity(entries.len());
+    for entry in &entries {
+        if let Err(refusal) = &entry.body {
+            reply.refused(&entry.id, refusal);
+            continue;
+        }
+        let answer = answers.next().unwrap_or_else(|| {
+            Err(ApiError::Internal(anyhow::anyhow!(
+                "batch item '{}' was not answered",
+                entry.id
+            )))
+        });
+        reply.item(
+            &entry.id,
+            answer.map(|created| match created {
+                Some(delivery) => (StatusCode::CREATED, Some(delivery)),
+                None => (StatusCode::NO_CONTENT, None),
+            }),
+        );
+    }
+    Ok(reply.finish())
 }
 
 /// Reads a delivery; `stage` is the stage of its latest tracking event.

@@ -6,6 +6,8 @@
 //! writers still pick the same sequence, the primary key on `(delivery_id, sequence)` rejects one of
 //! them and that one starts over, seeing the other's event.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::SubsecRound;
 use contracts::{
     Confirmation, ConfirmationType, Delivery, DeliveryPatch, DeliveryStage, DeliveryStatus,
@@ -26,20 +28,233 @@ use crate::entity::{delivery, tracking_event};
 const MAX_ATTEMPTS: usize = 5;
 
 /// Creates the delivery and its `Created` event, or finds it already there (`None`; the body is then
-/// ignored, so a replayed saga step has no second effect).
+/// ignored, so a replayed saga step has no second effect). `409 delivery-cancelled` when a cancel
+/// came first (see [`is_tombstone`]).
 #[tracing::instrument(skip_all, fields(delivery_id = %id))]
 pub(crate) async fn create(
     db: &DatabaseConnection,
     id: &str,
     body: &DeliveryUpsert,
 ) -> ApiResult<Option<Delivery>> {
-    let now = service_kit::now();
-    if db.get_database_backend() == DbBackend::Postgres {
-        return create_in_one_statement(db, id, body, now).await;
+    let mut answers = create_many(db, &[(id, body)]).await?;
+    answers.pop().unwrap_or_else(|| Err(unanswered(id)))
+}
+
+/// [`create`] for many items at once (a batch): one answer per item, in the items' order, each the
+/// one [`create`] would give it alone. The items are applied in one transaction: on PostgreSQL one
+/// statement for the inserts and, when some ids were there already, one read to tell tombstones
+/// from deliveries; on SQLite (one writer anyway) the single inserts in one transaction. An id
+/// given more than once acts once, with its first item; the later ones answer as a repeat would.
+/// The outer error is a failure of the whole (the database unavailable); as after a failed single
+/// call, what a retry finds was either created by the failed attempt or not at all.
+#[tracing::instrument(skip_all, fields(items = items.len()))]
+pub(crate) async fn create_many(
+    db: &DatabaseConnection,
+    items: &[(&str, &DeliveryUpsert)],
+) -> ApiResult<Vec<ApiResult<Option<Delivery>>>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
     }
+    let firsts = first_of_each_id(items);
+    let now = service_kit::now();
+    let outcomes = if db.get_database_backend() == DbBackend::Postgres {
+        create_in_one_statement(db, &firsts, now).await?
+    } else {
+        create_in_one_transaction(db, &firsts, now).await?
+    };
+    let ids = items.iter().map(|(id, _)| *id);
+    Ok(in_item_order(ids.clone(), outcomes)
+        .into_iter()
+        .zip(ids)
+        .map(|(outcome, id)| outcome.map_or_else(|| Err(unanswered(id)), |o| o.answer(id)))
+        .collect())
+}
+
+/// What creating one delivery found.
+#[derive(Debug, PartialEq)]
+enum Creation {
+    /// Inserted now, with its `Created` event.
+    Created(Box<delivery::Model>),
+    /// There already (or a repeat of the creation): nothing changed.
+    Found,
+    /// A tombstone holds the id: cancelled before it was created.
+    Cancelled,
+}
+
+impl Creation {
+    /// What a repeat of the same creation answers after this one.
+    fn repeated(&self) -> Self {
+        match self {
+            Creation::Created(_) | Creation::Found => Creation::Found,
+            Creation::Cancelled => Creation::Cancelled,
+        }
+    }
+
+    /// The answer of `PUT /api/deliveries/{id}`: the created delivery, `None` for "already there",
+    /// or the refusal.
+    fn answer(self, id: &str) -> ApiResult<Option<Delivery>> {
+        match self {
+            Creation::Created(row) => {
+                tracing::debug!(delivery_id = id, drone_id = %row.drone_id, "delivery created");
+                to_wire(*row, DeliveryStage::Created).map(Some)
+            }
+            Creation::Found => Ok(None),
+            Creation::Cancelled => Err(ApiError::conflict(
+                "delivery-cancelled",
+                format!(
+                    "delivery '{id}' was cancelled before it was created; it cannot be created now"
+                ),
+            )),
+        }
+    }
+}
+
+/// An item the store was given and did not answer (a bug, kept to its item).
+fn unanswered(id: &str) -> ApiError {
+    ApiError::Internal(anyhow::anyhow!(
+        "the creation of delivery {id} was not answered"
+    ))
+}
+
+/// The first item of each id, in order: the only ones that act.
+fn first_of_each_id<'a, 'b>(
+    items: &[(&'a str, &'b DeliveryUpsert)],
+) -> Vec<(&'a str, &'b DeliveryUpsert)> {
+    let mut seen = HashSet::with_capacity(items.len());
+    items
+        .iter()
+        .filter(|(id, _)| seen.insert(*id))
+        .copied()
+        .collect()
+}
+
+/// One outcome per id of `ids`, in order: the first occurrence of an id takes what happened to
+/// it, a later one what a repeat of that creation would find. `None` for an id without an outcome.
+fn in_item_order<'a>(
+    ids: impl Iterator<Item = &'a str>,
+    mut outcomes: HashMap<&'a str, Creation>,
+) -> Vec<Option<Creation>> {
+    ids.map(|id| {
+        outcomes.get_mut(id).map(|outcome| {
+            let repeat = outcome.repeated();
+            std::mem::replace(outcome, repeat)
+        })
+    })
+    .collect()
+}
+
+/// PostgreSQL: the deliveries and their `Created` events in one statement (data-modifying CTEs),
+/// one round trip and one implicit transaction for the whole batch. The rows are inserted in `id`
+/// order, so that two batches with common ids wait for each other's inserts in the same order
+/// instead of deadlocking.
+const PG_CREATE: &str = "
+WITH d AS (
+    INSERT INTO deliveries (id, owner_id, pickup_location, drop_off_location, pickup_time, deadline,
+        expedited, confirmation_required, package_id, drone_id, created_at, updated_at)
+    SELECT i.id, i.owner_id, i.pickup_location, i.drop_off_location, i.pickup_time, i.deadline,
+        i.expedited, i.confirmation_required, i.package_id, i.drone_id, $11, $11
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+        $7::boolean[], $8::text[], $9::text[], $10::text[])
+        AS i(id, owner_id, pickup_location, drop_off_location, pickup_time, deadline, expedited,
+            confirmation_required, package_id, drone_id)
+    ORDER BY i.id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING *
+), e AS (
+    INSERT INTO tracking_events (delivery_id, sequence, stage, location, detail, at)
+    SELECT id, 1, $12, NULL, NULL, $11 FROM d
+)
+SELECT * FROM d";
+
+/// `items` (distinct ids) created with [`PG_CREATE`]; then, for the ids already there, one read
+/// (a later statement: it sees what a concurrent creation committed while the insert waited).
+async fn create_in_one_statement<'a>(
+    db: &DatabaseConnection,
+    items: &[(&'a str, &DeliveryUpsert)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<HashMap<&'a str, Creation>, sea_orm::DbErr> {
+    let texts = |field: fn(&DeliveryUpsert) -> &str| {
+        sea_orm::Value::from(
+            items
+                .iter()
+                .map(|(_, body)| field(body).to_owned())
+                .collect::<Vec<String>>(),
+        )
+    };
+    let values: Vec<sea_orm::Value> = vec![
+        items
+            .iter()
+            .map(|(id, _)| (*id).to_owned())
+            .collect::<Vec<String>>()
+            .into(),
+        texts(|b| &b.owner_id),
+        texts(|b| &b.pickup_location),
+        texts(|b| &b.drop_off_location),
+        // Stored with the precision both databases keep, so the 201 body equals later reads.
+        items
+            .iter()
+            .map(|(_, b)| b.pickup_time.trunc_subsecs(6))
+            .collect::<Vec<_>>()
+            .into(),
+        texts(|b| &b.deadline),
+        items
+            .iter()
+            .map(|(_, b)| b.expedited)
+            .collect::<Vec<bool>>()
+            .into(),
+        texts(|b| b.confirmation_required.as_str()),
+        texts(|b| &b.package_id),
+        texts(|b| &b.drone_id),
+        now.into(),
+        DeliveryStage::Created.as_str().into(),
+    ];
+    let created = delivery::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            PG_CREATE,
+            values,
+        ))
+        .all(db)
+        .await?;
+    let mut outcomes: HashMap<&str, Creation> =
+        items.iter().map(|(id, _)| (*id, Creation::Found)).collect();
+    for row in created {
+        if let Some(outcome) = outcomes.get_mut(row.id.as_str()) {
+            *outcome = Creation::Created(Box::new(row));
+        }
+    }
+    mark_tombstones(db, &mut outcomes).await?;
+    Ok(outcomes)
+}
+
+/// SQLite: `items` (distinct ids) inserted one by one, all in one transaction.
+async fn create_in_one_transaction<'a>(
+    db: &DatabaseConnection,
+    items: &[(&'a str, &DeliveryUpsert)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<HashMap<&'a str, Creation>, sea_orm::DbErr> {
+    // On SQLite the pool has one connection: from here on use only `txn`.
     let txn = db.begin().await?;
-    // Insert-if-absent decides the one creator among concurrent PUTs of the same id; the others
-    // wait for its commit and then insert nothing.
+    let mut outcomes = HashMap::with_capacity(items.len());
+    for (id, body) in items {
+        let outcome = match insert_if_absent(&txn, id, body, now).await? {
+            Some(row) => Creation::Created(Box::new(row)),
+            None => Creation::Found,
+        };
+        outcomes.insert(*id, outcome);
+    }
+    mark_tombstones(&txn, &mut outcomes).await?;
+    txn.commit().await?;
+    Ok(outcomes)
+}
+
+/// Inserts the delivery and its `Created` event unless its id is taken (`None`).
+async fn insert_if_absent(
+    conn: &impl ConnectionTrait,
+    id: &str,
+    body: &DeliveryUpsert,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<delivery::Model>, sea_orm::DbErr> {
     let inserted = delivery::Entity::insert(delivery::ActiveModel {
         id: Set(id.to_owned()),
         owner_id: Set(body.owner_id.clone()),
@@ -60,85 +275,23 @@ pub(crate) async fn create(
             .do_nothing()
             .to_owned(),
     )
-    .exec_with_returning(&txn)
+    .exec_with_returning(conn)
     .await;
     let row = match inserted {
         Ok(row) => row,
         // Nothing inserted (PostgreSQL reports no returned row, SQLite no inserted row).
         Err(sea_orm::DbErr::RecordNotFound(_) | sea_orm::DbErr::RecordNotInserted) => {
-            txn.rollback().await?;
-            return refuse_if_tombstone(db, id).await.map(|()| None);
+            return Ok(None)
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
-    insert_event(
-        &txn,
-        id,
-        1,
-        &NewEvent {
-            stage: DeliveryStage::Created,
-            location: None,
-            detail: None,
-        },
-        now,
-    )
-    .await?;
-    txn.commit().await?;
-    tracing::debug!(delivery_id = id, drone_id = %row.drone_id, "delivery created");
-    to_wire(row, DeliveryStage::Created).map(Some)
-}
-
-/// PostgreSQL: the delivery and its `Created` event in one statement (data-modifying CTEs), which
-/// is one round trip and one implicit transaction instead of four round trips.
-const PG_CREATE: &str = "
-WITH d AS (
-    INSERT INTO deliveries (id, owner_id, pickup_location, drop_off_location, pickup_time, deadline,
-        expedited, confirmation_required, package_id, drone_id, created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING *
-), e AS (
-    INSERT INTO tracking_events (delivery_id, sequence, stage, location, detail, at)
-    SELECT id, 1, $12, NULL, NULL, $11 FROM d
-)
-SELECT * FROM d";
-
-async fn create_in_one_statement(
-    db: &DatabaseConnection,
-    id: &str,
-    body: &DeliveryUpsert,
-    now: chrono::DateTime<chrono::Utc>,
-) -> ApiResult<Option<Delivery>> {
-    let values: Vec<sea_orm::Value> = vec![
-        id.into(),
-        body.owner_id.clone().into(),
-        body.pickup_location.clone().into(),
-        body.drop_off_location.clone().into(),
-        // Stored with the precision both databases keep, so the 201 body equals later reads.
-        body.pickup_time.trunc_subsecs(6).into(),
-        body.deadline.clone().into(),
-        body.expedited.into(),
-        body.confirmation_required.as_str().into(),
-        body.package_id.clone().into(),
-        body.drone_id.clone().into(),
-        now.into(),
-        DeliveryStage::Created.as_str().into(),
-    ];
-    let created = delivery::Entity::find()
-        .from_raw_sql(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            PG_CREATE,
-            values,
-        ))
-        .one(db)
-        .await?;
-    match created {
-        Some(row) => {
-            tracing::debug!(delivery_id = id, drone_id = %row.drone_id, "delivery created");
-            to_wire(row, DeliveryStage::Created).map(Some)
-        }
-        None => refuse_if_tombstone(db, id).await.map(|()| None),
-    }
+    let created = NewEvent {
+        stage: DeliveryStage::Created,
+        location: None,
+        detail: None,
+    };
+    insert_event(conn, id, 1, &created, now).await?;
+    Ok(Some(row))
 }
 
 /// A tombstone: what cancelling a delivery that does not exist (yet) leaves behind, so that a
@@ -148,17 +301,29 @@ fn is_tombstone(row: &delivery::Model) -> bool {
     row.owner_id.is_empty()
 }
 
-/// After a PUT inserted nothing: `409 delivery-cancelled` when what holds the id is a tombstone.
-async fn refuse_if_tombstone(db: &DatabaseConnection, id: &str) -> ApiResult<()> {
-    match delivery::Entity::find_by_id(id.to_owned()).one(db).await? {
-        Some(row) if is_tombstone(&row) => Err(ApiError::conflict(
-            "delivery-cancelled",
-            format!(
-                "delivery '{id}' was cancelled before it was created; it cannot be created now"
-            ),
-        )),
-        _ => Ok(()),
+/// After an insert found ids taken: those a tombstone holds are [`Creation::Cancelled`].
+async fn mark_tombstones(
+    conn: &impl ConnectionTrait,
+    outcomes: &mut HashMap<&str, Creation>,
+) -> Result<(), sea_orm::DbErr> {
+    let taken: Vec<String> = outcomes
+        .iter()
+        .filter(|(_, outcome)| **outcome == Creation::Found)
+        .map(|(id, _)| (*id).to_owned())
+        .collect();
+    if taken.is_empty() {
+        return Ok(());
     }
+    let rows = delivery::Entity::find()
+        .filter(delivery::Column::Id.is_in(taken))
+        .all(conn)
+        .await?;
+    for row in rows.iter().filter(|row| is_tombstone(row)) {
+        if let Some(outcome) = outcomes.get_mut(row.id.as_str()) {
+            *outcome = Creation::Cancelled;
+        }
+    }
+    Ok(())
 }
 
 /// The delivery with the stage of its latest event.
@@ -582,4 +747,91 @@ fn to_wire(m: delivery::Model, stage: DeliveryStage) -> ApiResult<Delivery> {
         created_at: m.created_at,
         updated_at: m.updated_at,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert(drone: &str) -> DeliveryUpsert {
+        DeliveryUpsert {
+            owner_id: "owner-1".into(),
+            pickup_location: "here".into(),
+            drop_off_location: "there".into(),
+            pickup_time: chrono::DateTime::UNIX_EPOCH,
+            deadline: String::new(),
+            expedited: false,
+            confirmation_required: ConfirmationType::None,
+            package_id: "pkg-1".into(),
+            drone_id: drone.into(),
+        }
+    }
+
+    fn row(id: &str) -> Box<delivery::Model> {
+        let at = chrono::DateTime::UNIX_EPOCH;
+        Box::new(delivery::Model {
+            id: id.into(),
+            owner_id: "owner-1".into(),
+            pickup_location: "here".into(),
+            drop_off_location: "there".into(),
+            pickup_time: at,
+            deadline: String::new(),
+            expedited: false,
+            confirmation_required: "None".into(),
+            package_id: "pkg-1".into(),
+            drone_id: "drone-1".into(),
+            created_at: at,
+            updated_at: at,
+        })
+    }
+
+    #[test]
+    fn only_the_first_item_of_an_id_acts() {
+        let (one, two, three) = (upsert("d-1"), upsert("d-2"), upsert("d-3"));
+        let items = [("a", &one), ("b", &two), ("a", &three), ("b", &one)];
+        let firsts = first_of_each_id(&items);
+        let got: Vec<(&str, &str)> = firsts
+            .iter()
+            .map(|(id, body)| (*id, body.drone_id.as_str()))
+            .collect();
+        assert_eq!(got, [("a", "d-1"), ("b", "d-2")]);
+    }
+
+    #[test]
+    fn later_items_of_an_id_answer_as_a_repeat() {
+        let outcomes = HashMap::from([
+            ("new", Creation::Created(row("new"))),
+            ("old", Creation::Found),
+            ("gone", Creation::Cancelled),
+        ]);
+        let ids = ["new", "old", "new", "gone", "new", "gone", "old", "unknown"];
+        assert_eq!(
+            in_item_order(ids.into_iter(), outcomes),
+            [
+                Some(Creation::Created(row("new"))),
+                Some(Creation::Found),
+                Some(Creation::Found),
+                Some(Creation::Cancelled),
+                Some(Creation::Found),
+                Some(Creation::Cancelled),
+                Some(Creation::Found),
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn each_outcome_answers_as_the_single_put() {
+        let created = Creation::Created(row("a")).answer("a");
+        assert_eq!(
+            created.ok().flatten().map(|d| (d.id, d.stage)),
+            Some(("a".to_owned(), DeliveryStage::Created))
+        );
+        assert!(matches!(Creation::Found.answer("a"), Ok(None)));
+        let refused = Creation::Cancelled.answer("a").err();
+        assert_eq!(
+            refused.map(|e| (e.problem().status, e.problem().code)),
+            Some((409, "delivery-cancelled".into()))
+        );
+    }
 }

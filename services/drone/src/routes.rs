@@ -1,16 +1,17 @@
 //! HTTP routes of the Drone service. Every route requires the service token.
 
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{TimeZone, Utc};
 use contracts::{
-    Drone, DroneKey, DroneReservation, DroneReservationRequest, Fleet, Flight, FlightStage,
-    PackageSize, Problem, ReservationStatus, TelemetryKind, TelemetryReport, TimeWindow,
-    Utilization,
+    BatchAnswer, BatchItem, BatchRequest, BatchResult, Drone, DroneKey, DroneReservation,
+    DroneReservationRequest, Fleet, Flight, FlightStage, PackageSize, Problem, ReservationStatus,
+    TelemetryKind, TelemetryReport, TimeWindow, Utilization,
 };
 use serde::Deserialize;
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
-use service_kit::{valid_id, ApiError, ApiResult, Json};
+use service_kit::{valid_id, ApiError, ApiResult, Batch, BatchReply, Json};
 use utoipa::{IntoParams, OpenApi};
 
 use crate::store::{self, Outcome, StoreError};
@@ -18,6 +19,9 @@ use crate::AppState;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>) {
     cfg.app_data(state)
+        // Only POST: GET, PUT and DELETE of `/api/dronedeliveries/batch` still mean the delivery
+        // "batch".
+        .route("/api/dronedeliveries/batch", web::post().to(post_batch))
         .route(
             "/api/dronedeliveries/{deliveryId}",
             web::put().to(put_reservation),
@@ -43,9 +47,10 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Drone service", description = "The drone fleet and its time-window reservations."),
-    paths(put_reservation, get_reservation, delete_reservation, get_fleet, drone_reservations, utilization, post_telemetry, get_drone_key),
+    paths(put_reservation, post_batch, get_reservation, delete_reservation, get_fleet, drone_reservations, utilization, post_telemetry, get_drone_key),
     components(schemas(
-        DroneReservationRequest, DroneReservation, TimeWindow, ReservationStatus, PackageSize,
+        DroneReservationRequest, DroneReservation, BatchRequest<DroneReservationRequest>,
+        BatchItem<DroneReservationRequest>, BatchAnswer, BatchResult, TimeWindow, ReservationStatus, PackageSize,
         Drone, Fleet, Utilization, Problem, TelemetryReport, TelemetryKind, Flight, FlightStage,
         DroneKey
     )),
@@ -96,10 +101,67 @@ async fn put_reservation(
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("deliveryId", &id)?;
     let outcome = store::reserve(&state.db, &state.drones, &state.reservations, id, &body).await?;
-    Ok(match outcome {
-        Outcome::Created(r) => HttpResponse::Created().json(r),
-        Outcome::Existing(r) => HttpResponse::Ok().json(r),
-    })
+    let (status, reservation) = answered(outcome);
+    Ok(HttpResponse::build(status).json(reservation))
+}
+
+fn answered(outcome: Outcome) -> (StatusCode, DroneReservation) {
+    match outcome {
+        Outcome::Created(r) => (StatusCode::CREATED, r),
+        Outcome::Existing(r) => (StatusCode::OK, r),
+    }
+}
+
+/// Reserves drones for many deliveries at once: each item is answered exactly as `PUT
+/// /api/dronedeliveries/{deliveryId}` with its body would answer it (`201`, `200`, `400`, `409`,
+/// `503` with `retryAfter`), in order; the same delivery twice is answered as two PUTs one after
+/// the other. One refused item never fails the others, and no drone is ever double-booked.
+#[utoipa::path(
+    post, path = "/api/dronedeliveries/batch", tag = "reservations",
+    request_body = BatchRequest<DroneReservationRequest>,
+    responses(
+        (status = 200, description = "One result per item, in order, each with the status, `retryAfter` and body (the reservation, or a problem with its `code`) that `PUT /api/dronedeliveries/{deliveryId}` would have answered", body = BatchAnswer),
+        (status = 400, description = "Malformed envelope: not `{items: [...]}` with 1 to 64 items, each with a string `id` and a `body` (the field is named)", body = Problem),
+        (status = 401, description = "Missing or wrong service token", body = Problem),
+        (status = 503, description = "The database is unavailable (code `database-unavailable`): retry the whole batch after `Retry-After`", body = Problem),
+    )
+)]
+async fn post_batch(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    Batch(entries): Batch<DroneReservationRequest>,
+) -> ApiResult<HttpResponse> {
+    let valid: Vec<(&str, &DroneReservationRequest)> = entries
+        .iter()
+        .filter_map(|e| e.body.as_ref().ok().map(|body| (e.id.as_str(), body)))
+        .collect();
+    let mut answers = store::reserve_batch(&state.db, &state.drones, &state.reservations, &valid)
+        .await?
+        .into_iter();
+    let mut reply = BatchReply::with_capacity(entries.len());
+    for entry in &entries {
+        match &entry.body {
+            Err(refusal) => reply.refused(&entry.id, refusal),
+            Ok(_) => {
+                let answer = answers.next().unwrap_or_else(|| {
+                    Err(StoreError::Unexpected(format!(
+                        "no answer for batch item '{}'",
+                        entry.id
+                    )))
+                });
+                reply.item(
+                    &entry.id,
+                    answer
+                        .map(|outcome| {
+                            let (status, reservation) = answered(outcome);
+                            (status, Some(reservation))
+                        })
+                        .map_err(ApiError::from),
+                );
+            }
+        }
+    }
+    Ok(reply.finish())
 }
 
 /// Reads a delivery's reservation.

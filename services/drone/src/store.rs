@@ -20,6 +20,10 @@ use crate::entity::{drone, reservation};
 use crate::fleet::{size_rank, DroneCache};
 use crate::ReservationSettings;
 
+mod batch;
+
+pub(crate) use batch::reserve_batch;
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StoreError {
     #[error("reservation '{0}' does not exist")]
@@ -258,17 +262,9 @@ pub(crate) async fn reserve(
             .one(db)
             .await?;
         match existing {
-            Some(current) if current.status == ReservationStatus::Released.as_str() => {
-                return Err(StoreError::Released(delivery_id.to_owned()));
-            }
             Some(current) => {
-                let fits = PackageSize::parse(&current.size).map(size_rank) == Some(rank);
-                if current.status == ReservationStatus::Active.as_str()
-                    && current.window_start_ms == start
-                    && current.window_end_ms == end
-                    && fits
-                {
-                    return Ok(Outcome::Existing(to_wire(current)?));
+                if let Some(answer) = settled(delivery_id, &current, rank, start, end) {
+                    return answer;
                 }
                 if let Some(outcome) = rewrite(
                     db,
@@ -297,6 +293,27 @@ pub(crate) async fn reserve(
         }
     }
     Err(no_drone(settings, req))
+}
+
+/// What [`reserve`] answers, without writing, for a delivery whose row is `current`: a released
+/// reservation is final, and the same window for the same size finds the reservation as it is.
+/// `None` when the request moves (or reactivates) it instead.
+fn settled(
+    delivery_id: &str,
+    current: &reservation::Model,
+    rank: i32,
+    start: i64,
+    end: i64,
+) -> Option<StoreResult<Outcome>> {
+    if current.status == ReservationStatus::Released.as_str() {
+        return Some(Err(StoreError::Released(delivery_id.to_owned())));
+    }
+    let fits = PackageSize::parse(&current.size).map(size_rank) == Some(rank);
+    (current.status == ReservationStatus::Active.as_str()
+        && current.window_start_ms == start
+        && current.window_end_ms == end
+        && fits)
+        .then(|| to_wire(current.clone()).map(Outcome::Existing))
 }
 
 /// Moves (reschedule) or reactivates `current` to `[start, end)`, keeping its drone when it is

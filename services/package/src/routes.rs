@@ -1,13 +1,14 @@
 //! HTTP routes of the Package service. Every route requires the service token.
 
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use contracts::{
-    Package, PackagePatch, PackageSize, PackageStatus, PackageSummary, PackageUpsert, Problem,
-    SizeCounts,
+    BatchAnswer, BatchItem, BatchRequest, BatchResult, Package, PackagePatch, PackageSize,
+    PackageStatus, PackageSummary, PackageUpsert, Problem, SizeCounts,
 };
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
-use service_kit::{valid_id, ApiError, ApiResult, Json};
+use service_kit::{valid_id, ApiError, ApiResult, Batch, BatchReply, Json};
 use utoipa::OpenApi;
 
 use crate::store::{self, Registration, StoreError};
@@ -16,6 +17,8 @@ use crate::AppState;
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>) {
     cfg.app_data(state)
         .route("/api/packages/summary/{ownerId}", web::get().to(summary))
+        // Only POST: GET and PUT of `/api/packages/batch` still mean the package "batch".
+        .route("/api/packages/batch", web::post().to(post_batch))
         .route("/api/packages/{id}", web::get().to(get_package))
         .route("/api/packages/{id}", web::put().to(put_package))
         .route("/api/packages/{id}", web::patch().to(patch_package))
@@ -28,10 +31,14 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>
         title = "Package service",
         description = "Packages registered for deliveries, and per-owner summaries."
     ),
-    paths(get_package, put_package, patch_package, delete_package, summary),
+    paths(get_package, put_package, post_batch, patch_package, delete_package, summary),
     components(schemas(
         Package,
         PackageUpsert,
+        BatchRequest<PackageUpsert>,
+        BatchItem<PackageUpsert>,
+        BatchAnswer,
+        BatchResult,
         PackagePatch,
         PackageSize,
         PackageStatus,
@@ -105,10 +112,64 @@ async fn put_package(
     Json(body): Json<PackageUpsert>,
 ) -> ApiResult<HttpResponse> {
     let id = valid_id("id", &id)?;
-    Ok(match store::register(&state.db, id, &body).await? {
-        Registration::Created(package) => HttpResponse::Created().json(package),
-        Registration::Replayed(package) => HttpResponse::Ok().json(package),
-    })
+    let (status, package) = registered(store::register(&state.db, id, &body).await?);
+    Ok(HttpResponse::build(status).json(package))
+}
+
+/// The status and body a registration answers.
+fn registered(registration: Registration) -> (StatusCode, Package) {
+    match registration {
+        Registration::Created(package) => (StatusCode::CREATED, package),
+        Registration::Replayed(package) => (StatusCode::OK, package),
+    }
+}
+
+/// Registers many packages at once: each item is answered exactly as `PUT /api/packages/{id}`
+/// with its body would answer it (`201`, `200`, `400`, `409`), in order; the same id twice is
+/// answered as two PUTs one after the other. One refused item never fails the others.
+#[utoipa::path(
+    post, path = "/api/packages/batch", tag = "packages",
+    request_body = BatchRequest<PackageUpsert>,
+    responses(
+        (status = 200, description = "One result per item, in order, each with the status and body (the package, or a problem with its `code`) that `PUT /api/packages/{id}` would have answered", body = BatchAnswer),
+        (status = 400, description = "Malformed envelope: not `{items: [...]}` with 1 to 64 items, each with a string `id` and a `body` (the field is named)", body = Problem),
+        (status = 401, description = "Missing or wrong service token", body = Problem),
+    )
+)]
+async fn post_batch(
+    _: ServiceCaller,
+    state: web::Data<AppState>,
+    Batch(entries): Batch<PackageUpsert>,
+) -> ApiResult<HttpResponse> {
+    let valid: Vec<(&str, &PackageUpsert)> = entries
+        .iter()
+        .filter_map(|e| e.body.as_ref().ok().map(|body| (e.id.as_str(), body)))
+        .collect();
+    let mut answers = store::register_batch(&state.db, &valid).await?.into_iter();
+    let mut reply = BatchReply::with_capacity(entries.len());
+    for entry in &entries {
+        match &entry.body {
+            Err(refusal) => reply.refused(&entry.id, refusal),
+            Ok(_) => {
+                let answer = answers.next().unwrap_or_else(|| {
+                    Err(StoreError::Unexpected(format!(
+                        "no answer for batch item '{}'",
+                        entry.id
+                    )))
+                });
+                reply.item(
+                    &entry.id,
+                    answer
+                        .map(|r| {
+                            let (status, package) = registered(r);
+                            (status, Some(package))
+                        })
+                        .map_err(ApiError::from),
+                );
+            }
+        }
+    }
+    Ok(reply.finish())
 }
 
 /// Changes the size, weight or tag of a registered package.

@@ -1,11 +1,13 @@
 //! Packages in the database. Every function takes the connection and answers a [`StoreError`];
 //! the routes turn those into HTTP answers.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+
 use contracts::{Package, PackagePatch, PackageSize, PackageStatus, PackageSummary, PackageUpsert};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QuerySelect,
+    QueryFilter, QuerySelect, QueryTrait, TransactionTrait,
 };
 
 use crate::entity::{self, Column};
@@ -30,6 +32,7 @@ pub(crate) enum StoreError {
 pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
 /// What a registration did.
+#[derive(Debug)]
 pub(crate) enum Registration {
     Created(Package),
     /// The same package was already there (perhaps cancelled since): returned as it is.
@@ -84,17 +87,13 @@ pub(crate) async fn get(db: &DatabaseConnection, id: &str) -> StoreResult<Packag
     to_wire(find(db, id).await?)
 }
 
-/// Registers the package, or finds the same one already there; different content for a taken id
-/// is refused.
-pub(crate) async fn register(
-    db: &DatabaseConnection,
+/// The row a registration inserts.
+fn new_row(
     id: &str,
     body: &PackageUpsert,
-) -> StoreResult<Registration> {
-    let now = service_kit::now();
-    // Insert-if-absent decides the one creator among concurrent PUTs of the same id. A new
-    // package is one statement (`RETURNING` gives back the row); only a replay reads it.
-    let inserted = entity::Entity::insert(entity::ActiveModel {
+    now: chrono::DateTime<chrono::Utc>,
+) -> entity::ActiveModel {
+    entity::ActiveModel {
         id: Set(id.to_owned()),
         owner_id: Set(body.owner_id.clone()),
         external_id: Set(body.external_id.clone()),
@@ -104,33 +103,142 @@ pub(crate) async fn register(
         status: Set(PackageStatus::Registered.as_str().to_owned()),
         created_at: Set(now),
         updated_at: Set(now),
-    })
-    .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned())
-    .exec_with_returning(db)
-    .await;
-    let current = match inserted {
+    }
+}
+
+/// What a registration answers when its id is already taken by `current`: a replay returns what
+/// is there as is (it neither resurrects a cancelled package nor fails); a tombstone or different
+/// content is refused.
+fn already_there(
+    id: &str,
+    current: &entity::Model,
+    body: &PackageUpsert,
+) -> StoreResult<Registration> {
+    if is_tombstone(current) {
+        return Err(StoreError::CancelledBeforeRegistered(id.to_owned()));
+    }
+    if same_content(current, body) {
+        return Ok(Registration::Replayed(to_wire(current.clone())?));
+    }
+    Err(StoreError::DifferentContent(id.to_owned()))
+}
+
+/// Registers the package, or finds the same one already there; different content for a taken id
+/// is refused.
+pub(crate) async fn register(
+    db: &DatabaseConnection,
+    id: &str,
+    body: &PackageUpsert,
+) -> StoreResult<Registration> {
+    // Insert-if-absent decides the one creator among concurrent PUTs of the same id. A new
+    // package is one statement (`RETURNING` gives back the row); only a replay reads it.
+    let inserted = entity::Entity::insert(new_row(id, body, service_kit::now()))
+        .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned())
+        .exec_with_returning(db)
+        .await;
+    match inserted {
         Ok(created) => {
             tracing::debug!(package_id = id, owner_id = %created.owner_id, "package registered");
-            return Ok(Registration::Created(to_wire(created)?));
+            Ok(Registration::Created(to_wire(created)?))
         }
         // Nothing inserted: the id is taken (PostgreSQL reports no returned row, SQLite no
         // inserted row).
         Err(DbErr::RecordNotFound(_) | DbErr::RecordNotInserted) => {
             match entity::Entity::find_by_id(id.to_owned()).one(db).await? {
-                Some(p) if is_tombstone(&p) => {
-                    return Err(StoreError::CancelledBeforeRegistered(id.to_owned()))
-                }
-                Some(p) => p,
-                None => return Err(StoreError::NotFound(id.to_owned())),
+                Some(current) => already_there(id, &current, body),
+                None => Err(StoreError::NotFound(id.to_owned())),
             }
         }
-        Err(e) => return Err(e.into()),
-    };
-    // A replay returns what is there as is: it neither resurrects a cancelled package nor fails.
-    if same_content(&current, body) {
-        return Ok(Registration::Replayed(to_wire(current)?));
+        Err(e) => Err(e.into()),
     }
-    Err(StoreError::DifferentContent(id.to_owned()))
+}
+
+/// Registers a batch of packages, answering each item as [`register`] would have answered it
+/// with the items registered one after another in order: the first occurrence of an id may
+/// create it, every later one (and every id already taken) finds what is there.
+///
+/// Two statements in one transaction, whatever the batch size: one multi-row insert-if-absent
+/// with `RETURNING` (the first occurrence of each id), then one read of the ids it did not
+/// create. The read is a statement of its own so that, under PostgreSQL's read committed, it
+/// sees a row a concurrent writer committed while the insert waited on it (the insert's
+/// snapshot predates that row). The outer error fails the whole batch; the inner ones are the
+/// items' own refusals.
+pub(crate) async fn register_batch(
+    db: &DatabaseConnection,
+    items: &[(&str, &PackageUpsert)],
+) -> StoreResult<Vec<StoreResult<Registration>>> {
+    // The first occurrence of each id, in id order: concurrent batches of overlapping ids then
+    // take their row locks in one order and cannot deadlock.
+    let mut firsts: BTreeMap<&str, &PackageUpsert> = BTreeMap::new();
+    for &(id, body) in items {
+        firsts.entry(id).or_insert(body);
+    }
+    if firsts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = service_kit::now();
+    // Built by hand rather than with `exec_with_returning_many`, which sea-orm refuses (panics)
+    // on SQLite without its `RETURNING` feature; SQLite has had `RETURNING` since 3.35. An insert
+    // that creates nothing (every id taken) just returns no rows.
+    let mut insert =
+        entity::Entity::insert_many(firsts.iter().map(|(id, body)| new_row(id, body, now)))
+            .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned())
+            .into_query();
+    insert.returning_all();
+    let backend = db.get_database_backend();
+    let txn = db.begin().await?;
+    let created: HashMap<String, entity::Model> = entity::Entity::find()
+        .from_raw_sql(backend.build(&insert))
+        .all(&txn)
+        .await?
+        .into_iter()
+        .map(|m| (m.id.clone(), m))
+        .collect();
+    let taken: Vec<&str> = firsts
+        .keys()
+        .copied()
+        .filter(|id| !created.contains_key(*id))
+        .collect();
+    let existing: HashMap<String, entity::Model> = if taken.is_empty() {
+        HashMap::new()
+    } else {
+        entity::Entity::find()
+            .filter(Column::Id.is_in(taken))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|m| (m.id.clone(), m))
+            .collect()
+    };
+    txn.commit().await?;
+    tracing::debug!(
+        items = items.len(),
+        created = created.len(),
+        found = existing.len(),
+        "package batch registered"
+    );
+    Ok(answer_batch(items, &created, &existing))
+}
+
+/// Each item's answer, given the rows the batch created and the rows it found already there.
+fn answer_batch(
+    items: &[(&str, &PackageUpsert)],
+    created: &HashMap<String, entity::Model>,
+    existing: &HashMap<String, entity::Model>,
+) -> Vec<StoreResult<Registration>> {
+    let mut seen = HashSet::with_capacity(items.len());
+    items
+        .iter()
+        .map(|&(id, body)| {
+            let first = seen.insert(id);
+            match (created.get(id), existing.get(id)) {
+                (Some(row), _) if first => to_wire(row.clone()).map(Registration::Created),
+                // A later occurrence of an id the batch created finds it, as a repeated PUT would.
+                (Some(row), _) | (None, Some(row)) => already_there(id, row, body),
+                (None, None) => Err(StoreError::NotFound(id.to_owned())),
+            }
+        })
+        .collect()
 }
 
 /// Changes the size, weight or tag of a registered package.
@@ -267,4 +375,100 @@ pub(crate) async fn summary(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
+
+    use super::*;
+
+    fn upsert(owner: &str, weight: f64) -> PackageUpsert {
+        PackageUpsert {
+            owner_id: owner.to_owned(),
+            external_id: "ext".to_owned(),
+            size: PackageSize::Medium,
+            weight,
+            tag: None,
+        }
+    }
+
+    fn row(id: &str, body: &PackageUpsert, status: PackageStatus) -> entity::Model {
+        let now = service_kit::now();
+        entity::Model {
+            id: id.to_owned(),
+            owner_id: body.owner_id.clone(),
+            external_id: body.external_id.clone(),
+            size: body.size.as_str().to_owned(),
+            weight: body.weight,
+            tag: body.tag.clone(),
+            status: status.as_str().to_owned(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    fn by_id(rows: Vec<entity::Model>) -> HashMap<String, entity::Model> {
+        rows.into_iter().map(|m| (m.id.clone(), m)).collect()
+    }
+
+    /// `created`, `replayed`, or the refusal's code as the routes spell it.
+    fn outcome(answer: &StoreResult<Registration>) -> (&'static str, Option<String>) {
+        match answer {
+            Ok(Registration::Created(p)) => ("created", Some(p.id.clone())),
+            Ok(Registration::Replayed(p)) => ("replayed", Some(p.id.clone())),
+            Err(StoreError::DifferentContent(id)) => ("conflict", Some(id.clone())),
+            Err(StoreError::CancelledBeforeRegistered(id)) => ("cancelled", Some(id.clone())),
+            Err(StoreError::NotFound(id)) => ("not-found", Some(id.clone())),
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn each_item_is_answered_as_its_put_in_order_would_be() {
+        let mine = upsert("o1", 1.0);
+        let other = upsert("o2", 1.0);
+        let heavier = upsert("o1", 2.0);
+        let tombstone = entity::Model {
+            owner_id: String::new(),
+            ..row("late", &mine, PackageStatus::Cancelled)
+        };
+        let created = by_id(vec![row("new", &mine, PackageStatus::Registered)]);
+        let existing = by_id(vec![
+            row("old", &mine, PackageStatus::Registered),
+            row("gone", &mine, PackageStatus::Cancelled),
+            tombstone,
+        ]);
+        let items = [
+            ("new", &mine),
+            ("old", &mine),
+            ("old", &other),
+            ("gone", &mine),
+            ("late", &mine),
+            // Later occurrences of an id the batch created find it.
+            ("new", &mine),
+            ("new", &heavier),
+            // Neither created nor found (removed in between): as the single call.
+            ("lost", &mine),
+        ];
+        let answers = answer_batch(&items, &created, &existing);
+        let got: Vec<_> = answers.iter().map(outcome).collect();
+        let expected = [
+            ("created", "new"),
+            ("replayed", "old"),
+            ("conflict", "old"),
+            ("replayed", "gone"),
+            ("cancelled", "late"),
+            ("replayed", "new"),
+            ("conflict", "new"),
+            ("not-found", "lost"),
+        ];
+        assert_eq!(got, expected.map(|(what, id)| (what, Some(id.to_owned()))),);
+        match &answers[3] {
+            Ok(Registration::Replayed(p)) => {
+                assert_eq!(p.status, PackageStatus::Cancelled, "not resurrected")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

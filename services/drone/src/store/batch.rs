@@ -1,0 +1,391 @@
+//! Many reservation requests in one call (`POST /api/dronedeliveries/batch`), each answered as
+//! [`reserve`] answers it alone.
+//!
+//! On PostgreSQL the batch's new deliveries cost two statements whatever their number: one read
+//! of the active reservations overlapping the batch's windows (and of which of its deliveries
+//! have a row already), then one multi-row insert of a drone chosen for each new one (see
+//! [`assign`]). Everything that insert did not settle (a reservation
+//! already there, a drone taken concurrently, a moved window, no free drone) goes through the
+//! single path, so its answer is exactly the single call's. The database still decides every
+//! race: `ON CONFLICT DO NOTHING` skips a row whose delivery already has one or whose drone a
+//! concurrent writer took (the no-overlap exclusion constraint is an arbiter too), without
+//! failing the other rows.
+
+use std::collections::{HashMap, HashSet};
+
+use contracts::DroneReservationRequest;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
+    RuntimeErr, Statement, Value,
+};
+use service_kit::db::{classify, DbErrorKind};
+
+use super::{reserve, settled, to_wire, window_of, Outcome, StoreError, StoreResult};
+use crate::entity::reservation;
+use crate::fleet::{size_rank, DroneCache};
+use crate::ReservationSettings;
+
+/// Reserves a drone for each `(delivery id, request)`, answering each as [`reserve`] would with
+/// the items sent one after another in order: the first occurrence of a delivery acts, a later
+/// one finds what it did. The outer error (the database failing) fails the whole batch; the inner
+/// ones are the items' own answers.
+pub(crate) async fn reserve_batch(
+    db: &DatabaseConnection,
+    drones: &DroneCache,
+    settings: &ReservationSettings,
+    items: &[(&str, &DroneReservationRequest)],
+) -> StoreResult<Vec<StoreResult<Outcome>>> {
+    // SQLite serialises writes anyway: the single path, item after item.
+    let mut early = if db.get_database_backend() == DbBackend::Postgres {
+        reserve_new(db, drones, settings, items).await?
+    } else {
+        Vec::new()
+    };
+    early.resize_with(items.len(), || None);
+    let mut answers = Vec::with_capacity(items.len());
+    for (&(delivery_id, req), answer) in items.iter().zip(early) {
+        answers.push(match answer {
+            Some(answer) => answer,
+            None => own_answer(reserve(db, drones, settings, delivery_id, req).await)?,
+        });
+    }
+    Ok(answers)
+}
+
+/// An item's answer, or the database's failure, which is the whole batch's.
+fn own_answer(answer: StoreResult<Outcome>) -> StoreResult<StoreResult<Outcome>> {
+    match answer {
+        Err(StoreError::Db(e)) => Err(StoreError::Db(e)),
+        answer => Ok(answer),
+    }
+}
+
+/// One first occurrence of a delivery in a batch, as the drone assignment sees it.
+#[derive(Debug)]
+struct Wanted {
+    /// The item's place in the batch.
+    item: usize,
+    start: i64,
+    end: i64,
+    /// The drones that can carry it, in the order the single path tries them.
+    candidates: Vec<String>,
+    /// Candidates holding an active reservation that overlaps `[start, end)`.
+    busy: HashSet<String>,
+    /// The delivery has a row already (a replay, a move, a release): not one to insert.
+    taken: bool,
+}
+
+/// The set-wise part of a PostgreSQL batch: the items it settled (created, or found as the single
+/// path would find them); `None` for the items left to the single path.
+async fn reserve_new(
+    db: &DatabaseConnection,
+    drones: &DroneCache,
+    settings: &ReservationSettings,
+    items: &[(&str, &DroneReservationRequest)],
+) -> StoreResult<Vec<Option<StoreResult<Outcome>>>> {
+    let mut seen = HashSet::with_capacity(items.len());
+    let mut wanted = Vec::with_capacity(items.len());
+    for (item, &(delivery_id, req)) in items.iter().enumerate() {
+        // A later occurrence acts after the first, through the single path.
+        if !seen.insert(delivery_id) {
+            continue;
+        }
+        let (start, end) = window_of(req, settings);
+        wanted.push(Wanted {
+            item,
+            start,
+            end,
+            candidates: drones
+                .candidates(db, delivery_id, size_rank(req.size), None)
+                .await?,
+            busy: HashSet::new(),
+            taken: false,
+        });
+    }
+    read_busy(db, items, &mut wanted).await?;
+    let picks = assign(&wanted);
+    let mut created = insert_picked(db, items, &wanted, &picks).await?;
+
+    let not_created: Vec<&str> = wanted
+        .iter()
+        .map(|w| items[w.item].0)
+        .filter(|id| !created.contains_key(*id))
+        .collect();
+    let mut existing: HashMap<String, reservation::Model> = HashMap::new();
+    if !not_created.is_empty() {
+        // A statement of its own, after the insert: it sees a row a concurrent writer committed
+        // while the insert waited on it.
+        existing = reservation::Entity::find()
+            .filter(reservation::Column::DeliveryId.is_in(not_created))
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|m| (m.delivery_id.clone(), m))
+            .collect();
+    }
+    tracing::debug!(
+        items = items.len(),
+        created = created.len(),
+        found = existing.len(),
+        "drone batch reserved"
+    );
+
+    let mut answers: Vec<Option<StoreResult<Outcome>>> =
+        std::iter::repeat_with(|| None).take(items.len()).collect();
+    for w in &wanted {
+        let (delivery_id, req) = items[w.item];
+        answers[w.item] = match (created.remove(delivery_id), existing.get(delivery_id)) {
+            (Some(row), _) => Some(to_wire(row).map(Outcome::Created)),
+            (None, Some(current)) => {
+                settled(delivery_id, current, size_rank(req.size), w.start, w.end)
+            }
+            // A concurrent request took the drone picked for it, or none was free.
+            (None, None) => None,
+        };
+    }
+    Ok(answers)
+}
+
+/// The busy drones among the candidates of each wanted window (`ord`, `busy`), and the wanted
+/// deliveries that have a row already (`taken`).
+const PG_BUSY: &str = "
+SELECT w.ord, r.drone_id AS busy, NULL::text AS taken
+FROM unnest($1::int8[], $2::int8[]) WITH ORDINALITY AS w(start_ms, end_ms, ord)
+JOIN reservations r
+  ON r.status = 'active'
+ AND int8range(r.window_start_ms, r.window_end_ms, '[)') && int8range(w.start_ms, w.end_ms, '[)')
+WHERE r.drone_id = ANY($3::text[])
+UNION ALL
+SELECT NULL, NULL, r.delivery_id FROM reservations r WHERE r.delivery_id = ANY($4::text[])";
+
+/// Fills in each window's busy candidates, and which deliveries have a row already, in one
+/// statement for the whole batch. It asks the question of `free_drones` and
+/// `PG_INSERT_FIRST_FREE` the other way round: one probe of the exclusion constraint's GiST
+/// index (window first) per window, returning the (few) overlapping reservations, rather than
+/// one probe per window and candidate.
+async fn read_busy(
+    db: &DatabaseConnection,
+    items: &[(&str, &DroneReservationRequest)],
+    wanted: &mut [Wanted],
+) -> Result<(), DbErr> {
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let mut drones: Vec<String> = wanted
+        .iter()
+        .flat_map(|w| w.candidates.iter().cloned())
+        .collect();
+    drones.sort_unstable();
+    drones.dedup();
+    let starts: Vec<i64> = wanted.iter().map(|w| w.start).collect();
+    let ends: Vec<i64> = wanted.iter().map(|w| w.end).collect();
+    let ids: Vec<String> = wanted.iter().map(|w| items[w.item].0.to_owned()).collect();
+    let values: Vec<Value> = vec![starts.into(), ends.into(), drones.into(), ids.into()];
+    let rows = db
+        .query_all(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            PG_BUSY,
+            values,
+        ))
+        .await?;
+    for row in rows {
+        if let Some(taken) = row.try_get::<Option<String>>("", "taken")? {
+            for w in wanted.iter_mut().filter(|w| items[w.item].0 == taken) {
+                w.taken = true;
+            }
+            continue;
+        }
+        let ord: Option<i64> = row.try_get("", "ord")?;
+        let drone_id: String = row.try_get("", "busy")?;
+        let w = ord
+            .and_then(|ord| usize::try_from(ord - 1).ok())
+            .and_then(|i| wanted.get_mut(i))
+            .ok_or_else(|| DbErr::Custom(format!("busy drone for unknown window {ord:?}")))?;
+        w.busy.insert(drone_id);
+    }
+    Ok(())
+}
+
+/// For each wanted window, in the batch's order, the first of its candidates that is neither busy
+/// in the database nor given to an earlier window of the batch that overlaps it: what the single
+/// path would pick with the items sent one after another. `None` when no candidate is left, or
+/// the delivery has a row already.
+fn assign(wanted: &[Wanted]) -> Vec<Option<&str>> {
+    let mut given: HashMap<&str, Vec<(i64, i64)>> = HashMap::new();
+    wanted
+        .iter()
+        .map(|w| {
+            if w.taken {
+                return None;
+            }
+            let pick = w.candidates.iter().map(String::as_str).find(|drone| {
+                !w.busy.contains(*drone)
+                    && given.get(drone).is_none_or(|windows| {
+                        windows.iter().all(|&(s, e)| e <= w.start || w.end <= s)
+                    })
+            })?;
+            given.entry(pick).or_default().push((w.start, w.end));
+            Some(pick)
+        })
+        .collect()
+}
+
+const PG_INSERT_PICKED: &str = "
+INSERT INTO reservations (delivery_id, drone_id, window_start_ms, window_end_ms, status, package_id,
+    size, owner_id, pickup_location, drop_off_location, expedited, created_at, updated_at)
+SELECT i.delivery_id, i.drone_id, i.start_ms, i.end_ms, 'active', i.package_id, i.size,
+    NULLIF(i.owner_id, ''), i.pickup_location, i.drop_off_location, i.expedited, $11, $11
+FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::text[], $10::bool[])
+    AS i(delivery_id, drone_id, start_ms, end_ms, package_id, size, owner_id, pickup_location,
+         drop_off_location, expedited)
+ON CONFLICT DO NOTHING
+RETURNING *";
+
+/// Inserts the picked reservations in one statement; the rows it created, by delivery id.
+///
+/// Rows go in drone then window order: two concurrent batches then wait on each other's rows in
+/// one order on the exclusion constraint. They can still wait on each other through the primary
+/// key (the same delivery in both, on different drones), which PostgreSQL breaks by failing one
+/// statement as a deadlock; nothing of that statement was written, so its items then take the
+/// single path like any item this insert did not create.
+async fn insert_picked(
+    db: &DatabaseConnection,
+    items: &[(&str, &DroneReservationRequest)],
+    wanted: &[Wanted],
+    picks: &[Option<&str>],
+) -> Result<HashMap<String, reservation::Model>, DbErr> {
+    let mut rows: Vec<(&str, &Wanted)> = picks
+        .iter()
+        .zip(wanted)
+        .filter_map(|(pick, w)| pick.map(|drone| (drone, w)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(HashMap::new());
+    }
+    rows.sort_unstable_by_key(|&(drone, w)| (drone, w.start));
+    let column = |f: &dyn Fn(&str, &Wanted, &DroneReservationRequest) -> String| -> Value {
+        rows.iter()
+            .map(|&(drone, w)| f(drone, w, items[w.item].1))
+            .collect::<Vec<String>>()
+            .into()
+    };
+    let values: Vec<Value> = vec![
+        column(&|_, w, _| items[w.item].0.to_owned()),
+        column(&|drone, _, _| drone.to_owned()),
+        rows.iter()
+            .map(|(_, w)| w.start)
+            .collect::<Vec<i64>>()
+            .into(),
+        rows.iter().map(|(_, w)| w.end).collect::<Vec<i64>>().into(),
+        column(&|_, _, req| req.package_id.clone()),
+        column(&|_, _, req| req.size.as_str().to_owned()),
+        // Arrays cannot carry NULL here; an owner id is never empty.
+        column(&|_, _, req| req.owner_id.clone().unwrap_or_default()),
+        column(&|_, _, req| req.pickup_location.clone()),
+        column(&|_, _, req| req.drop_off_location.clone()),
+        rows.iter()
+            .map(|(_, w)| items[w.item].1.expedited)
+            .collect::<Vec<bool>>()
+            .into(),
+        service_kit::now().into(),
+    ];
+    let inserted = reservation::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            PG_INSERT_PICKED,
+            values,
+        ))
+        .all(db)
+        .await;
+    match inserted {
+        Ok(created) => Ok(created
+            .into_iter()
+            .map(|m| (m.delivery_id.clone(), m))
+            .collect()),
+        Err(e) if is_deadlock(&e) || classify(&e) == DbErrorKind::ConstraintConflict => {
+            tracing::info!(error = %e, rows = rows.len(), "drone batch insert gave way, items go one by one");
+            Ok(HashMap::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// PostgreSQL's `deadlock_detected` (`40P01`).
+fn is_deadlock(e: &DbErr) -> bool {
+    match e {
+        DbErr::Query(RuntimeErr::SqlxError(sea_orm::sqlx::Error::Database(db)))
+        | DbErr::Exec(RuntimeErr::SqlxError(sea_orm::sqlx::Error::Database(db))) => {
+            db.code().as_deref() == Some("40P01")
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wanted(start: i64, end: i64, candidates: &[&str], busy: &[&str]) -> Wanted {
+        Wanted {
+            item: 0,
+            start,
+            end,
+            candidates: candidates.iter().map(|c| (*c).to_owned()).collect(),
+            busy: busy.iter().map(|c| (*c).to_owned()).collect(),
+            taken: false,
+        }
+    }
+
+    #[test]
+    fn overlapping_windows_of_a_batch_get_different_drones_in_preference_order() {
+        let fleet = ["d1", "d2", "d3"];
+        let batch = [
+            wanted(0, 60, &fleet, &[]),
+            wanted(30, 90, &fleet, &[]),
+            wanted(40, 50, &fleet, &[]),
+            wanted(45, 55, &fleet, &[]),
+            // Overlaps the first only: the second's drone is free for it.
+            wanted(10, 20, &fleet, &[]),
+        ];
+        // The fourth overlaps the first three, which hold every drone.
+        assert_eq!(
+            assign(&batch),
+            [Some("d1"), Some("d2"), Some("d3"), None, Some("d2")]
+        );
+    }
+
+    #[test]
+    fn windows_that_only_touch_share_a_drone() {
+        let batch = [
+            wanted(0, 60, &["d1", "d2"], &[]),
+            wanted(60, 120, &["d1", "d2"], &[]),
+            wanted(-60, 0, &["d1", "d2"], &[]),
+        ];
+        assert_eq!(assign(&batch), [Some("d1"), Some("d1"), Some("d1")]);
+    }
+
+    #[test]
+    fn busy_drones_are_skipped_and_each_window_keeps_its_own_order() {
+        let batch = [
+            wanted(0, 60, &["d2", "d1", "d3"], &["d2"]),
+            // Another size: only d3 carries it, and the first item did not need it.
+            wanted(0, 60, &["d3"], &[]),
+            // d2's reservation in the database ends at 30.
+            wanted(30, 90, &["d1", "d2", "d3"], &["d3"]),
+            wanted(100, 160, &["d2", "d1"], &["d2"]),
+        ];
+        assert_eq!(
+            assign(&batch),
+            [Some("d1"), Some("d3"), Some("d2"), Some("d1")]
+        );
+        assert_eq!(assign(&[wanted(0, 60, &[], &[])]), [None]);
+        // A delivery with a row already takes no drone from the others.
+        let mut replay = wanted(0, 60, &["d1"], &[]);
+        replay.taken = true;
+        assert_eq!(
+            assign(&[replay, wanted(0, 60, &["d1"], &[])]),
+            [None, Some("d1")]
+        );
+    }
+}
