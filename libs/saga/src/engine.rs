@@ -35,6 +35,13 @@ pub trait Step<C>: Send + Sync {
     fn policy(&self) -> RetryPolicy;
     /// Runs one attempt; the output is kept under the step's name for later steps.
     async fn run(&self, ctx: &C, saga: &SagaRecord) -> Result<Value, StepError>;
+    /// True when this success changed nothing anywhere (a read, or a decision that nothing is
+    /// needed), so running the step again costs nothing and finds the same: its record then
+    /// waits for the saga's next write instead of a write of its own. A crash before that write
+    /// only runs the step again. Never asked of the last step, whose write completes the saga.
+    fn effect_free(&self, _output: &Value) -> bool {
+        false
+    }
 }
 
 /// A lifecycle change, offered to [`Hooks::announce`] so the messages announcing it commit with it.
@@ -357,8 +364,13 @@ impl<C: Send + Sync> Engine<C> {
         inbox: &dyn Inbox,
         mut journaled_attempts: bool,
     ) -> Result<SagaRecord, JournalError> {
+        // Successes of effect-free steps not written yet (see `Step::effect_free`): their outputs
+        // and `next_step` are in `saga`, their attempts here; the next step's success writes them
+        // with its own, any other write is preceded by one that settles them.
+        let mut unsaved: Vec<Attempt> = Vec::new();
         'steps: loop {
             if !saga.signals.is_empty() || inbox.has(&saga.id) {
+                self.settle(fence, &mut saga, &mut unsaved).await?;
                 self.apply_signals(ctx, fence, &mut saga, inbox).await?;
                 // A rewound step may have attempts from its earlier run: continue their numbers.
                 journaled_attempts = true;
@@ -401,6 +413,7 @@ impl<C: Send + Sync> Engine<C> {
                 }
                 let started = self.clock.now();
                 if saga.deadline.is_some_and(|d| started >= d) {
+                    self.settle(fence, &mut saga, &mut unsaved).await?;
                     let reason = format!(
                         "{}: deadline passed before the step could complete",
                         step.name()
@@ -431,12 +444,31 @@ impl<C: Send + Sync> Engine<C> {
                     },
                 );
                 let finished = self.clock.now();
+                if outcome.is_err() {
+                    self.settle(fence, &mut saga, &mut unsaved).await?;
+                }
                 match outcome {
                     Ok(output) => {
+                        let last = saga.next_step + 1 >= self.saga.steps.len();
+                        let fold = !last && step.effect_free(&output);
                         saga.outputs.insert(step.name().to_owned(), output);
                         saga.next_step += 1;
                         saga.wake_at = None;
-                        let last = saga.next_step >= self.saga.steps.len();
+                        let attempt = attempt_row(
+                            &saga.id,
+                            index,
+                            attempt_no,
+                            step.name(),
+                            "succeeded",
+                            None,
+                            started,
+                            finished,
+                        );
+                        unsaved.push(attempt);
+                        if fold {
+                            tracing::debug!(saga_id = %saga.id, step = step.name(), attempt = attempt_no, "step succeeded; written with the next step");
+                            continue 'steps;
+                        }
                         let change = if last {
                             saga.state = COMPLETED.to_owned();
                             Lifecycle::Completed
@@ -449,22 +481,12 @@ impl<C: Send + Sync> Engine<C> {
                             next_step: Some(i32::try_from(saga.next_step).unwrap_or(i32::MAX)),
                             ..Default::default()
                         };
-                        let attempt = attempt_row(
-                            &saga.id,
-                            index,
-                            attempt_no,
-                            step.name(),
-                            "succeeded",
-                            None,
-                            started,
-                            finished,
-                        );
                         self.commit_announced(
                             ctx,
                             fence,
                             &mut saga,
                             update,
-                            vec![attempt],
+                            std::mem::take(&mut unsaved),
                             Some(&change),
                         )
                         .await?;
@@ -588,6 +610,26 @@ impl<C: Send + Sync> Engine<C> {
                 }
             }
         }
+    }
+
+    /// Writes the successes of effect-free steps that wait for a write (`unsaved`), before a write
+    /// that would not carry them (a signal, a failure, a retry's wait).
+    async fn settle(
+        &self,
+        fence: Fence,
+        saga: &mut SagaRecord,
+        unsaved: &mut Vec<Attempt>,
+    ) -> Result<(), JournalError> {
+        if unsaved.is_empty() {
+            return Ok(());
+        }
+        let update = InstanceUpdate {
+            outputs: Some(Value::Object(saga.outputs.clone())),
+            next_step: Some(i32::try_from(saga.next_step).unwrap_or(i32::MAX)),
+            ..Default::default()
+        };
+        self.commit(fence, saga, update, std::mem::take(unsaved), Vec::new())
+            .await
     }
 
     /// Journals an attempt that did not finish the step and the saga's timer: parked until

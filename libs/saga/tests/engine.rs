@@ -40,6 +40,9 @@ per_backend!(
     a_rewound_step_gets_its_retries_again,
     a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more,
     a_final_write_refused_by_a_fence_is_never_told_as_durable,
+    an_effect_free_success_is_written_with_the_next_step,
+    an_effect_free_success_is_written_before_a_failure_or_a_wait,
+    an_effect_free_success_lost_with_its_run_is_run_again,
     a_relay_whose_fence_went_stale_returns_the_refusal,
 );
 
@@ -139,6 +142,10 @@ impl Step<Script> for ScriptedStep {
     }
     fn policy(&self) -> RetryPolicy {
         self.policy
+    }
+    /// Steps named `read...` change nothing.
+    fn effect_free(&self, _output: &Value) -> bool {
+        self.name.starts_with("read")
     }
     async fn run(&self, ctx: &Script, saga: &SagaRecord) -> Result<Value, StepError> {
         ctx.calls.lock().unwrap().push(self.name);
@@ -1079,6 +1086,123 @@ async fn a_final_write_refused_by_a_fence_is_never_told_as_durable(fx: Fixture) 
         *script.committed.lock().unwrap(),
         ["f1 StepSucceeded v2", "f1 Completed v3"]
     );
+}
+
+/// (step, outcome) of every attempt of the saga, in order.
+async fn all_attempts(store: &Arc<dyn Store>, id: &str) -> Vec<(String, String)> {
+    store
+        .attempts(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| (a.step.clone(), a.outcome.clone()))
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+async fn an_effect_free_success_is_written_with_the_next_step(fx: Fixture) {
+    let (store, _clock, fence, e, script) =
+        setup(&fx, 7, &["read-1", "b", "read-2", "c", "read-3"]).await;
+    let done = run_new(&e, &script, fence, "e1", json!({})).await;
+    assert_eq!(done.state, saga::COMPLETED);
+    let row = load(&store, "e1").await;
+    // Started, b (with read-1), c (with read-2), read-3 (the last step always writes).
+    assert_eq!((row.version, row.next_step), (4, 5));
+    assert_eq!(row.outputs, done.outputs);
+    assert_eq!(row.outputs.len(), 5, "every step's output is kept");
+    assert_eq!(
+        all_attempts(&store, "e1").await,
+        pairs(&[
+            ("read-1", "succeeded"),
+            ("b", "succeeded"),
+            ("read-2", "succeeded"),
+            ("c", "succeeded"),
+            ("read-3", "succeeded"),
+        ])
+    );
+    assert_eq!(
+        changes(&store, fence).await,
+        [
+            "Started",
+            "StepSucceeded { step: \"b\" }",
+            "StepSucceeded { step: \"c\" }",
+            "Completed"
+        ]
+    );
+}
+
+async fn an_effect_free_success_is_written_before_a_failure_or_a_wait(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 8, &["read", "b", "c"]).await;
+    script.will("b", vec![Err(StepError::permanent("refused"))]);
+    let done = run_new(&e, &script, fence, "e2", json!({})).await;
+    assert_eq!(done.state, saga::FAILED);
+    let row = load(&store, "e2").await;
+    assert_eq!(
+        (
+            row.state.as_str(),
+            row.next_step,
+            row.outputs.contains_key("read")
+        ),
+        ("failed", 1, true),
+        "the read's success is on record before the failure"
+    );
+    assert_eq!(
+        all_attempts(&store, "e2").await,
+        pairs(&[("read", "succeeded"), ("b", "permanent")])
+    );
+
+    // A retry that parks: the read is on record, so the timer resumes at b.
+    script.will(
+        "c",
+        vec![Err(StepError::Transient {
+            reason: "busy".into(),
+            retry_after: Some(Duration::from_secs(5)),
+        })],
+    );
+    let parks = EngineSettings {
+        park_after: Duration::from_millis(300),
+    };
+    let e = engine_with(store.clone(), &clock, &["read", "c"], policy(), parks);
+    let parked = run_new(&e, &script, fence, "e3", json!({})).await;
+    assert_eq!(parked.state, saga::RUNNING);
+    let row = load(&store, "e3").await;
+    assert_eq!((row.next_step, row.outputs.contains_key("read")), (1, true));
+    assert!(row.wake_at.is_some(), "parked");
+    let reads = script.calls("read");
+    let resumed = e.run(&script, fence, row, &NoInbox).await.unwrap();
+    assert_eq!(resumed.state, saga::COMPLETED);
+    assert_eq!(
+        script.calls("read"),
+        reads,
+        "not run again after the wake-up"
+    );
+}
+
+async fn an_effect_free_success_lost_with_its_run_is_run_again(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 9, &["read", "takeover", "c"]).await;
+    *script.takeover.lock().unwrap() =
+        Some((store.clone(), clock.now() + chrono::Duration::hours(1)));
+    let s = started(&e, &script, fence, "e4", json!({})).await;
+    let r = e.run_started(&script, fence, s, &NoInbox).await;
+    assert!(matches!(r, Err(JournalError::Refused(_))), "{r:?}");
+    *script.takeover.lock().unwrap() = None;
+    let row = load(&store, "e4").await;
+    assert_eq!(
+        (row.version, row.next_step),
+        (1, 0),
+        "nothing of the run stands"
+    );
+    assert!(store.attempts("e4").await.unwrap().is_empty());
+
+    let now = current(&store, 9).await;
+    let done = e.run(&script, now, row, &NoInbox).await.unwrap();
+    assert_eq!(done.state, saga::COMPLETED);
+    assert_eq!(script.calls("read"), 2, "the new owner runs the read again");
 }
 
 /// Publishes nothing on its first call until released, so a test can act while the relay holds a

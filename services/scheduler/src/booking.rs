@@ -235,6 +235,9 @@ impl<S: Step<Ctx> + ?Sized> Step<Ctx> for Metered<S> {
         self.metrics.step(self.name(), outcome, started.elapsed());
         result
     }
+    fn effect_free(&self, output: &Value) -> bool {
+        self.inner.effect_free(output)
+    }
 }
 
 struct CheckAccount(RetryPolicy);
@@ -270,6 +273,10 @@ impl Step<Ctx> for CheckAccount {
             )));
         }
         Ok(json!({"accountId": id, "status": status, "checkedBy": source}))
+    }
+    /// A read: its success is written with RegisterPackage's.
+    fn effect_free(&self, _output: &Value) -> bool {
+        true
     }
 }
 
@@ -354,7 +361,7 @@ impl Step<Ctx> for ArrangeThirdParty {
                     .map_err(step_error)?;
             }
         }
-        Ok(match leg {
+        let mut output = match leg {
             None => json!({"required": false, "reason": reason}),
             Some(leg) => json!({
                 "required": true,
@@ -362,7 +369,16 @@ impl Step<Ctx> for ArrangeThirdParty {
                 "legId": leg_id,
                 "leg": CarrierLeg::from(&leg),
             }),
-        })
+        };
+        if input.revision > 0 {
+            output["cancelledEarlierLegs"] = json!(input.revision);
+        }
+        Ok(output)
+    }
+    /// No leg needed and none cancelled: nothing changed, so its success is written with
+    /// ReserveDrone's.
+    fn effect_free(&self, output: &Value) -> bool {
+        output["required"] == json!(false) && output.get("cancelledEarlierLegs").is_none()
     }
 }
 
