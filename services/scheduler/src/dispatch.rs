@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga::{Inbox, JournalError, SagaRecord, Signal};
+use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::booking::BookingInput;
 use crate::owner::Owner;
 use crate::Core;
 
@@ -44,8 +44,9 @@ pub fn saga_span(delivery_id: &str, partition: u32, traceparent: Option<&str>) -
 }
 
 fn span_of(record: &SagaRecord, partition: u32) -> tracing::Span {
-    let tp = BookingInput::of(record).ok().and_then(|b| b.traceparent);
-    saga_span(&record.id, partition, tp.as_deref())
+    // Only the trace context: the booking itself is read by the steps.
+    let tp = record.input.get("traceparent").and_then(Value::as_str);
+    saga_span(&record.id, partition, tp)
 }
 
 /// Runs a claimed saga on a slot, in the partition's task set.
