@@ -40,6 +40,42 @@ impl<T: FromJsonObject + 'static> FromRequest for Batch<T> {
     }
 }
 
+impl<T> Batch<T> {
+    /// The items the single call would take (id and body), in order: what the service acts on.
+    pub fn valid(&self) -> Vec<(&str, &T)> {
+        self.0
+            .iter()
+            .filter_map(|e| Some((e.id.as_str(), e.body.as_ref().ok()?)))
+            .collect()
+    }
+
+    /// The `200` answer: each refused item with its refusal, the others with `answers` (one per
+    /// item of [`valid`](Self::valid), in its order; each the single call's status and body, or
+    /// its refusal).
+    pub fn reply<R: Serialize>(
+        &self,
+        answers: impl IntoIterator<Item = Result<(StatusCode, Option<R>), ApiError>>,
+    ) -> HttpResponse {
+        let mut answers = answers.into_iter();
+        let mut reply = BatchReply::with_capacity(self.0.len());
+        for entry in &self.0 {
+            match &entry.body {
+                Err(refusal) => reply.refused(&entry.id, refusal),
+                Ok(_) => reply.item(
+                    &entry.id,
+                    answers.next().unwrap_or_else(|| {
+                        Err(ApiError::Internal(anyhow::anyhow!(
+                            "batch item '{}' was not answered",
+                            entry.id
+                        )))
+                    }),
+                ),
+            }
+        }
+        reply.finish()
+    }
+}
+
 /// Parses a batch body (see [`Batch`]).
 pub fn parse_batch<T: FromJsonObject>(bytes: &[u8]) -> Result<Vec<BatchEntry<T>>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {

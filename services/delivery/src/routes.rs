@@ -9,7 +9,7 @@ use contracts::{
 };
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
-use service_kit::{valid_id, ApiError, ApiResult, Batch, BatchReply, Json};
+use service_kit::{valid_id, ApiResult, Batch, Json};
 use utoipa::OpenApi;
 
 use crate::store;
@@ -128,34 +128,15 @@ async fn put_delivery(
 async fn put_delivery_batch(
     _: ServiceCaller,
     state: web::Data<AppState>,
-    Batch(entries): Batch<DeliveryUpsert>,
+    batch: Batch<DeliveryUpsert>,
 ) -> ApiResult<HttpResponse> {
-    let valid: Vec<(&str, &DeliveryUpsert)> = entries
-        .iter()
-        .filter_map(|e| Some((e.id.as_str(), e.body.as_ref().ok()?)))
-        .collect();
-    let mut answers = store::create_many(&state.db, &valid).await?.into_iter();
-    let mut reply = BatchReply::with_capacity(entries.len());
-    for entry in &entries {
-        if let Err(refusal) = &entry.body {
-            reply.refused(&entry.id, refusal);
-            continue;
-        }
-        let answer = answers.next().unwrap_or_else(|| {
-            Err(ApiError::Internal(anyhow::anyhow!(
-                "batch item '{}' was not answered",
-                entry.id
-            )))
-        });
-        reply.item(
-            &entry.id,
-            answer.map(|created| match created {
-                Some(delivery) => (StatusCode::CREATED, Some(delivery)),
-                None => (StatusCode::NO_CONTENT, None),
-            }),
-        );
-    }
-    Ok(reply.finish())
+    let answers = store::create_many(&state.db, &batch.valid()).await?;
+    Ok(batch.reply(answers.into_iter().map(|answer| {
+        answer.map(|created| match created {
+            Some(delivery) => (StatusCode::CREATED, Some(delivery)),
+            None => (StatusCode::NO_CONTENT, None),
+        })
+    })))
 }
 
 /// Reads a delivery; `stage` is the stage of its latest tracking event.

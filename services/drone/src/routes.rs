@@ -11,7 +11,7 @@ use contracts::{
 use serde::Deserialize;
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
-use service_kit::{valid_id, ApiError, ApiResult, Batch, BatchReply, Json};
+use service_kit::{valid_id, ApiError, ApiResult, Batch, Json};
 use utoipa::{IntoParams, OpenApi};
 
 use crate::store::{self, Outcome, StoreError};
@@ -129,39 +129,23 @@ fn answered(outcome: Outcome) -> (StatusCode, DroneReservation) {
 async fn post_batch(
     _: ServiceCaller,
     state: web::Data<AppState>,
-    Batch(entries): Batch<DroneReservationRequest>,
+    batch: Batch<DroneReservationRequest>,
 ) -> ApiResult<HttpResponse> {
-    let valid: Vec<(&str, &DroneReservationRequest)> = entries
-        .iter()
-        .filter_map(|e| e.body.as_ref().ok().map(|body| (e.id.as_str(), body)))
-        .collect();
-    let mut answers = store::reserve_batch(&state.db, &state.drones, &state.reservations, &valid)
-        .await?
-        .into_iter();
-    let mut reply = BatchReply::with_capacity(entries.len());
-    for entry in &entries {
-        match &entry.body {
-            Err(refusal) => reply.refused(&entry.id, refusal),
-            Ok(_) => {
-                let answer = answers.next().unwrap_or_else(|| {
-                    Err(StoreError::Unexpected(format!(
-                        "no answer for batch item '{}'",
-                        entry.id
-                    )))
-                });
-                reply.item(
-                    &entry.id,
-                    answer
-                        .map(|outcome| {
-                            let (status, reservation) = answered(outcome);
-                            (status, Some(reservation))
-                        })
-                        .map_err(ApiError::from),
-                );
-            }
-        }
-    }
-    Ok(reply.finish())
+    let answers = store::reserve_batch(
+        &state.db,
+        &state.drones,
+        &state.reservations,
+        &batch.valid(),
+    )
+    .await?;
+    Ok(batch.reply(answers.into_iter().map(|answer| {
+        answer
+            .map(|outcome| {
+                let (status, reservation) = answered(outcome);
+                (status, Some(reservation))
+            })
+            .map_err(ApiError::from)
+    })))
 }
 
 /// Reads a delivery's reservation.

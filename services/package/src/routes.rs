@@ -8,7 +8,7 @@ use contracts::{
 };
 use service_kit::auth::ServiceCaller;
 use service_kit::openapi::BearerSchemes;
-use service_kit::{valid_id, ApiError, ApiResult, Batch, BatchReply, Json};
+use service_kit::{valid_id, ApiError, ApiResult, Batch, Json};
 use utoipa::OpenApi;
 
 use crate::store::{self, Registration, StoreError};
@@ -139,37 +139,17 @@ fn registered(registration: Registration) -> (StatusCode, Package) {
 async fn post_batch(
     _: ServiceCaller,
     state: web::Data<AppState>,
-    Batch(entries): Batch<PackageUpsert>,
+    batch: Batch<PackageUpsert>,
 ) -> ApiResult<HttpResponse> {
-    let valid: Vec<(&str, &PackageUpsert)> = entries
-        .iter()
-        .filter_map(|e| e.body.as_ref().ok().map(|body| (e.id.as_str(), body)))
-        .collect();
-    let mut answers = store::register_batch(&state.db, &valid).await?.into_iter();
-    let mut reply = BatchReply::with_capacity(entries.len());
-    for entry in &entries {
-        match &entry.body {
-            Err(refusal) => reply.refused(&entry.id, refusal),
-            Ok(_) => {
-                let answer = answers.next().unwrap_or_else(|| {
-                    Err(StoreError::Unexpected(format!(
-                        "no answer for batch item '{}'",
-                        entry.id
-                    )))
-                });
-                reply.item(
-                    &entry.id,
-                    answer
-                        .map(|r| {
-                            let (status, package) = registered(r);
-                            (status, Some(package))
-                        })
-                        .map_err(ApiError::from),
-                );
-            }
-        }
-    }
-    Ok(reply.finish())
+    let answers = store::register_batch(&state.db, &batch.valid()).await?;
+    Ok(batch.reply(answers.into_iter().map(|answer| {
+        answer
+            .map(|r| {
+                let (status, package) = registered(r);
+                (status, Some(package))
+            })
+            .map_err(ApiError::from)
+    })))
 }
 
 /// Changes the size, weight or tag of a registered package.
