@@ -319,12 +319,8 @@ async fn batch<T: Send + 'static>(client: &Downstream, lane: &Lane<T>, items: Ve
         if let Some(secs) = result.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
-        let item_call = format!(
-            "{} PUT /api/{}/{}",
-            service.name(),
-            service.collection(),
-            item.id
-        );
+        let path = format!("/api/{}/{}", service.collection(), item.id);
+        let item_call = format!("{} PUT {path}", service.name());
         let outcome = (lane.outcome)(
             &item_call,
             Answer {
@@ -338,7 +334,7 @@ async fn batch<T: Send + 'static>(client: &Downstream, lane: &Lane<T>, items: Ve
             tracing::warn!(
                 service = service.name(),
                 method = "PUT",
-                path = %item_call,
+                path,
                 status = result.status,
                 transient = e.is_transient(),
                 elapsed_ms,
