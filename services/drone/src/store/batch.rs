@@ -146,17 +146,22 @@ async fn reserve_new(
     Ok(answers)
 }
 
-/// The busy drones among the candidates of each wanted window (`ord`, `busy`), and the wanted
-/// deliveries that have a row already (`taken`).
+/// The drones busy during each wanted window (`ord`, `busy`), and the wanted deliveries that have
+/// a row already (`taken`).
+///
+/// No condition on the drone: with one (`drone_id = ANY(candidates)`) PostgreSQL read every
+/// reservation of the candidate drones through the index and joined them to the windows by
+/// filter, 391 ms for 32 windows over 20,000 reservations; without it each window is one probe
+/// of the no-overlap index, window first, 0.6 ms for the same batch (`EXPLAIN ANALYZE`). The few
+/// overlapping reservations of other drones are harmless: only candidates are looked up.
 const PG_BUSY: &str = "
 SELECT w.ord, r.drone_id AS busy, NULL::text AS taken
 FROM unnest($1::int8[], $2::int8[]) WITH ORDINALITY AS w(start_ms, end_ms, ord)
 JOIN reservations r
   ON r.status = 'active'
  AND int8range(r.window_start_ms, r.window_end_ms, '[)') && int8range(w.start_ms, w.end_ms, '[)')
-WHERE r.drone_id = ANY($3::text[])
 UNION ALL
-SELECT NULL, NULL, r.delivery_id FROM reservations r WHERE r.delivery_id = ANY($4::text[])";
+SELECT NULL, NULL, r.delivery_id FROM reservations r WHERE r.delivery_id = ANY($3::text[])";
 
 /// Fills in each window's busy candidates, and which deliveries have a row already, in one
 /// statement for the whole batch. It asks the question of `free_drones` and
@@ -171,16 +176,10 @@ async fn read_busy(
     if wanted.is_empty() {
         return Ok(());
     }
-    let mut drones: Vec<String> = wanted
-        .iter()
-        .flat_map(|w| w.candidates.iter().cloned())
-        .collect();
-    drones.sort_unstable();
-    drones.dedup();
     let starts: Vec<i64> = wanted.iter().map(|w| w.start).collect();
     let ends: Vec<i64> = wanted.iter().map(|w| w.end).collect();
     let ids: Vec<String> = wanted.iter().map(|w| items[w.item].0.to_owned()).collect();
-    let values: Vec<Value> = vec![starts.into(), ends.into(), drones.into(), ids.into()];
+    let values: Vec<Value> = vec![starts.into(), ends.into(), ids.into()];
     let rows = db
         .query_all(Statement::from_sql_and_values(
             DbBackend::Postgres,
