@@ -147,13 +147,41 @@ impl<T: Send + 'static> Lane<T> {
 
 /// A sender: sends what is queued until nothing is.
 async fn drain<T: Send + 'static>(client: Downstream, lane: fn(&Downstream) -> &Lane<T>) {
+    let mut running = Running {
+        lane: lane(&client),
+        stopped: false,
+    };
     loop {
         let (items, singles) = lane(&client).next();
         match items.len() {
-            0 => return,
+            0 => {
+                // `next` has counted this sender out.
+                running.stopped = true;
+                return;
+            }
             1 => singly(&client, lane(&client), items).await,
             _ if singles => singly(&client, lane(&client), items).await,
             _ => batch(&client, lane(&client), items).await,
+        }
+    }
+}
+
+/// Counts a sender out if it ends any other way than by finding the queue empty (a panic, or
+/// its task aborted at shutdown), so the lane never waits for a sender that is gone.
+struct Running<'a, T> {
+    lane: &'a Lane<T>,
+    stopped: bool,
+}
+
+impl<T> Drop for Running<'_, T> {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let mut state = self
+                .lane
+                .state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.senders = state.senders.saturating_sub(1);
         }
     }
 }
