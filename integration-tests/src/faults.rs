@@ -111,22 +111,36 @@ async fn serve(
         let mut body = vec![0u8; length];
         r.read_exact(&mut body).await?;
 
+        // A batch (`POST /api/<collection>/batch`) carries single PUTs: a fault for `PUT
+        // <prefix>` meets it when one of its items' single paths starts with the prefix, and then
+        // applies to the whole batch request (each item it carries gets that answer or delay).
+        let calls = carried_calls(&method, &path, &body);
         let fault = {
             let mut f = faults
                 .lock()
                 .map_err(|_| std::io::Error::other("poisoned"))?;
             f.iter_mut()
-                .find(|f| f.times > 0 && f.method == method && path.starts_with(&f.path_prefix))
+                .find(|f| {
+                    f.times > 0
+                        && calls
+                            .iter()
+                            .any(|(m, p)| f.method == m && p.starts_with(&f.path_prefix))
+                })
                 .map(|f| {
                     f.times = f.times.saturating_sub(1);
-                    f.kind.clone()
+                    (f.kind.clone(), f.method, f.path_prefix.clone())
                 })
         };
-        if fault.is_some() {
+        let fault = fault.map(|(kind, m, prefix)| {
             if let Ok(mut h) = hits.lock() {
-                h.push(format!("{method} {path}"));
+                for (cm, cp) in &calls {
+                    if cm == m && cp.starts_with(&prefix) {
+                        h.push(format!("{cm} {cp}"));
+                    }
+                }
             }
-        }
+            kind
+        });
         if let Some(FaultKind::Status(status)) = fault {
             let problem = format!(
                 "{{\"type\":\"about:blank\",\"title\":\"injected\",\"status\":{status},\"code\":\"injected-fault\",\"detail\":\"fault injected by the test\"}}"
@@ -179,4 +193,28 @@ async fn serve(
         w.write_all(head.as_bytes()).await?;
         w.write_all(&bytes).await?;
     }
+}
+
+/// The calls a request makes: itself, or for a batch (`POST /api/<collection>/batch` with
+/// `{"items": [{"id": ...}]}`) the single `PUT /api/<collection>/<id>` of each item.
+fn carried_calls(method: &str, path: &str, body: &[u8]) -> Vec<(String, String)> {
+    let single = vec![(method.to_owned(), path.to_owned())];
+    let Some(collection) = path.strip_suffix("/batch") else {
+        return single;
+    };
+    if method != "POST" {
+        return single;
+    }
+    let Ok(batch) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return single;
+    };
+    let items = batch["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return single;
+    }
+    items
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .map(|id| ("PUT".to_owned(), format!("{collection}/{id}")))
+        .collect()
 }
