@@ -274,7 +274,7 @@ impl Step<Ctx> for CheckAccount {
         }
         Ok(json!({"accountId": id, "status": status, "checkedBy": source}))
     }
-    /// A read: its success is written with RegisterPackage's.
+    /// A read: its success is written with RegisterPackage's (see `WRITES_WITH_THE_NEXT`).
     fn effect_free(&self, _output: &Value) -> bool {
         true
     }
@@ -376,7 +376,7 @@ impl Step<Ctx> for ArrangeThirdParty {
         Ok(output)
     }
     /// No leg needed and none cancelled: nothing changed, so its success is written with
-    /// ReserveDrone's.
+    /// ReserveDrone's (see `WRITES_WITH_THE_NEXT`).
     fn effect_free(&self, output: &Value) -> bool {
         output["required"] == json!(false) && output.get("cancelledEarlierLegs").is_none()
     }
@@ -548,6 +548,11 @@ pub fn state_event(
     envelope_message(WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED, &saga.id, &body)
 }
 
+/// The steps whose success may be written with the next step's (their `effect_free` can say
+/// yes): a compensation counts the step after them as possibly under way too.
+const WRITES_WITH_THE_NEXT: [BookingStep; 2] =
+    [BookingStep::CheckAccount, BookingStep::ArrangeThirdParty];
+
 /// A compensation request for the Supervisor, as an outbox row. Every step that ever succeeded
 /// is undone, also one past `next_step`: a rescheduled booking runs again from ReserveDrone while
 /// the delivery it created earlier still stands.
@@ -577,12 +582,22 @@ pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
     // rescheduled booking every later step too: a reschedule can send the saga back while a later
     // step was being retried, after an attempt whose answer was lost had taken effect. Undoing
     // what never happened is a no-op.
+    // The step under way may also be past `next_step` by steps whose success is written with the
+    // next one's (`Step::effect_free`: CheckAccount, ArrangeThirdParty without a leg): the journal
+    // still names the first of them when a crash came after the later step's call.
     let rescheduled = input.revision > 0;
+    let under_way = BookingStep::ALL
+        .iter()
+        .skip(saga.next_step)
+        .position(|s| !WRITES_WITH_THE_NEXT.contains(s))
+        .map_or(saga.next_step, |n| saga.next_step + n);
     let in_doubt = BookingStep::ALL
         .iter()
         .enumerate()
         .filter(|(i, s)| {
-            s.has_effect() && (*i == saga.next_step || (rescheduled && *i > saga.next_step))
+            s.has_effect()
+                && ((saga.next_step..=under_way).contains(i)
+                    || (rescheduled && *i > saga.next_step))
         })
         .map(|(_, s)| s.as_str().to_owned())
         .filter(|s| !succeeded.contains(s))
@@ -841,6 +856,66 @@ mod tests {
         assert_eq!(
             request.carrier_legs,
             vec![id.to_string(), format!("{id}.r1")]
+        );
+    }
+
+    /// Caught by `make test` (`chaos::scheduler_kill_under_load`): with CheckAccount's success
+    /// written with RegisterPackage's, a saga whose journal still says "CheckAccount next" may
+    /// have registered its package just before a crash; cancelled then, it must undo it. Likewise
+    /// ReserveDrone behind an ArrangeThirdParty that needed no leg.
+    #[test]
+    fn the_step_in_doubt_reaches_past_steps_that_write_with_the_next() {
+        let input = BookingInput {
+            request: requested("a", "b", 1.0),
+            traceparent: None,
+            revision: 0,
+        };
+        let saga_at = |next: BookingStep, outputs: &[BookingStep]| SagaRecord {
+            id: uuid::Uuid::nil().to_string(),
+            kind: KIND.into(),
+            shard: 0,
+            state: "cancelled".into(),
+            input: serde_json::to_value(&input).unwrap_or_default(),
+            outputs: outputs
+                .iter()
+                .map(|s| (s.as_str().to_owned(), json!({})))
+                .collect(),
+            next_step: index_of(next),
+            version: 2,
+            error: None,
+            deadline: None,
+            wake_at: None,
+            signals: Vec::new(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        };
+        let in_doubt = |saga: &SagaRecord| -> Vec<String> {
+            let message = compensation(saga, "cancelled by the client").expect("something to undo");
+            let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
+            let request: CompensationRequest = envelope.decode().expect("a request");
+            request.in_doubt_steps
+        };
+        assert_eq!(
+            in_doubt(&saga_at(BookingStep::CheckAccount, &[])),
+            ["RegisterPackage"]
+        );
+        assert_eq!(
+            in_doubt(&saga_at(
+                BookingStep::ArrangeThirdParty,
+                &[BookingStep::CheckAccount, BookingStep::RegisterPackage]
+            )),
+            ["ArrangeThirdParty", "ReserveDrone"]
+        );
+        assert_eq!(
+            in_doubt(&saga_at(
+                BookingStep::ReserveDrone,
+                &[
+                    BookingStep::CheckAccount,
+                    BookingStep::RegisterPackage,
+                    BookingStep::ArrangeThirdParty
+                ]
+            )),
+            ["ReserveDrone"]
         );
     }
 
