@@ -7,10 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
+use common::pickup;
 use contracts::{
     AccountStatus, BreakerState, BreakerStatus, ConfirmationType, DeliveryPatch, DeliveryStage,
     DeliveryUpsert, DroneReservationRequest, PackageSize, PackageStatus, PackageUpsert,
@@ -70,14 +73,6 @@ fn assert_transient(result: Result<impl std::fmt::Debug, CallError>) -> Option<D
         Err(CallError::Transient { retry_after, .. }) => retry_after,
         other => panic!("expected Transient, got {other:?}"),
     }
-}
-
-/// A pickup time in whole minutes, `hours` from now.
-fn pickup(hours: i64) -> DateTime<Utc> {
-    let t = Utc::now() + chrono::Duration::hours(hours);
-    Utc.timestamp_opt(t.timestamp() / 60 * 60, 0)
-        .single()
-        .unwrap_or(t)
 }
 
 async fn accounts_are_data_and_unknown_ones_are_permanent(backend: Backend) {

@@ -7,10 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step should panic
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
+use common::pickup;
 use contracts::{
     ConfirmationType, DeliveryUpsert, DroneReservationRequest, PackageSize, PackageUpsert,
 };
@@ -428,14 +431,6 @@ fn batch_settings_out_of_range_are_refused() {
         .unwrap_or_default();
         assert!(err.contains("batch"), "{batch:?}: {err}");
     }
-}
-
-/// A pickup time in whole minutes, `hours` from now.
-fn pickup(hours: i64) -> DateTime<Utc> {
-    let t = Utc::now() + chrono::Duration::hours(hours);
-    Utc.timestamp_opt(t.timestamp() / 60 * 60, 0)
-        .single()
-        .unwrap_or(t)
 }
 
 /// Through the client, 40 sagas' worth of calls at once against the real Package, Drone and

@@ -5,7 +5,7 @@
 mod common;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use common::{assert_unauthorized, put_20_at_once, raw_json, reservations};
+use common::{assert_unauthorized, pickup, put_20_at_once, raw_json, reservations};
 use contracts::{
     BatchAnswer, BatchResult, DroneReservation, Fleet, ReservationStatus, Utilization,
 };
@@ -33,14 +33,6 @@ both_backends!(
     concurrent_batches_and_puts_never_double_book,
     batch_envelope_is_checked_and_batch_stays_an_id,
 );
-
-fn pickup(hours_from_now: i64) -> DateTime<Utc> {
-    // Whole minutes keep the windows easy to reason about.
-    let t = Utc::now() + Duration::hours(hours_from_now);
-    Utc.timestamp_opt(t.timestamp() / 60 * 60, 0)
-        .single()
-        .unwrap_or(t)
-}
 
 fn request(at: DateTime<Utc>, size: &str) -> Value {
     json!({

@@ -440,6 +440,16 @@ impl Bench {
             .map_or(db, |(s, _)| s.as_str())
     }
 
+    /// One query of this program against the scheduler database (subtracted from its commits).
+    fn count_own_scheduler_query(&self) {
+        if let Some(n) = self
+            .scheduler_db_name()
+            .and_then(|db| self.own_queries.get(db))
+        {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn scheduler_db_name(&self) -> Option<&str> {
         self.args
             .databases
@@ -718,12 +728,7 @@ impl Bench {
                     [(t0_wall - chrono::Duration::seconds(1)).into()],
                 ))
                 .await?;
-            if let Some(n) = self
-                .scheduler_db_name()
-                .and_then(|db| self.own_queries.get(db))
-            {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
+            self.count_own_scheduler_query();
             let running: i64 = row.map_or(Ok(0), |r| r.try_get("", "n"))?;
             if running == 0 {
                 break;
@@ -750,12 +755,7 @@ impl Bench {
                 [(t0_wall - chrono::Duration::seconds(1)).into()],
             ))
             .await?;
-        if let Some(n) = self
-            .scheduler_db_name()
-            .and_then(|db| self.own_queries.get(db))
-        {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
+        self.count_own_scheduler_query();
         let mut sagas: HashMap<String, Saga> = HashMap::new();
         for r in rows {
             sagas.insert(

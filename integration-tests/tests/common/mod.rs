@@ -175,3 +175,14 @@ pub async fn client_changes(
     assert_eq!(r.status, 202, "{}", r.body);
     r
 }
+
+/// A pickup time `hours` from now, in whole minutes (keeps reservation windows easy to reason
+/// about).
+pub fn pickup(hours: i64) -> chrono::DateTime<chrono::Utc> {
+    use chrono::TimeZone;
+    let t = chrono::Utc::now() + chrono::Duration::hours(hours);
+    chrono::Utc
+        .timestamp_opt(t.timestamp() / 60 * 60, 0)
+        .single()
+        .unwrap_or(t)
+}

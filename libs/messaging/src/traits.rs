@@ -99,6 +99,17 @@ impl LogReader {
     pub fn try_next(&mut self) -> Option<LogRecord> {
         self.rx.try_recv().ok()
     }
+
+    /// The next records as one batch: waits for one, then takes those already arrived, `max` at
+    /// most (at least 1). `None` once the broker is gone for good. Cancel-safe: a batch not
+    /// returned loses nothing.
+    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<LogRecord>> {
+        let mut records = Vec::new();
+        match self.rx.recv_many(&mut records, max.max(1)).await {
+            0 => None,
+            _ => Some(records),
+        }
+    }
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);

@@ -78,18 +78,11 @@ async fn run<F: Follower>(
 ) {
     let mut unsaved = 0usize;
     let mut last_saved = tokio::time::Instant::now();
-    while let Some(first) = tokio::select! {
+    while let Some(records) = tokio::select! {
         biased;
         _ = stop.wait_for(|s| *s) => None,
-        record = reader.next() => record,
+        records = reader.next_batch(BATCH) => records,
     } {
-        let mut records = vec![first];
-        while records.len() < BATCH {
-            match reader.try_next() {
-                Some(r) => records.push(r),
-                None => break,
-            }
-        }
         let batch = follower.prepare(partition, &records);
         unsaved += records.len();
         let due = follower.checkpoint_now(&batch)

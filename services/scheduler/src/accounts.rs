@@ -347,18 +347,11 @@ pub async fn follow(
         return;
     };
     let mut last_saved = tokio::time::Instant::now();
-    while let Some(first) = tokio::select! {
+    while let Some(records) = tokio::select! {
         biased;
         _ = stop.wait_for(|s| *s) => None,
-        record = reader.next() => record,
+        records = reader.next_batch(500) => records,
     } {
-        let mut records = vec![first];
-        while records.len() < 500 {
-            match reader.try_next() {
-                Some(r) => records.push(r),
-                None => break,
-            }
-        }
         let batch = decode(&records);
         metrics.account_feed_skipped.inc_by(batch.skipped as u64);
         // Resuming at the last record's offset re-reads at most that batch: applying is
