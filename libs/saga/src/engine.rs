@@ -42,6 +42,42 @@ pub trait Step<C>: Send + Sync {
     fn effect_free(&self, _output: &Value) -> bool {
         false
     }
+    /// True when the step only ever reads (whatever its outcome, nothing changes anywhere), so it
+    /// may run before the saga is recorded: [`Engine::start_checked`] runs the saga's leading
+    /// such steps once and writes their successes with the start. A crash before the start is
+    /// durable loses nothing (the caller records the start again, and the check runs again).
+    /// Not asked of the last step, whose write completes the saga.
+    fn reads_only(&self) -> bool {
+        false
+    }
+}
+
+/// A saga that [`Engine::start_checked`] (or [`Engine::start`]) has just recorded, for
+/// [`Engine::run_started`].
+#[derive(Debug)]
+pub struct Started {
+    pub record: SagaRecord,
+    /// A check that ran before the start and did not pass: the first attempt of the step the
+    /// saga stands at, which the run takes as it is instead of trying the step again.
+    check: Option<Tried>,
+}
+
+impl From<SagaRecord> for Started {
+    fn from(record: SagaRecord) -> Self {
+        Self {
+            record,
+            check: None,
+        }
+    }
+}
+
+/// One attempt of a step made before the start was written, and its failure.
+#[derive(Debug)]
+struct Tried {
+    index: usize,
+    started: DateTime<Utc>,
+    finished: DateTime<Utc>,
+    error: StepError,
 }
 
 /// A lifecycle change, offered to [`Hooks::announce`] so the messages announcing it commit with it.
@@ -244,8 +280,83 @@ impl<C: Send + Sync> Engine<C> {
         deadline: Option<DateTime<Utc>>,
         wake_at: Option<DateTime<Utc>>,
     ) -> Result<Option<SagaRecord>, JournalError> {
+        let record = self.new_record(fence, id, input, deadline, wake_at);
+        let started = self
+            .record_start(ctx, fence, record, Vec::new(), None)
+            .await?;
+        Ok(started.map(|s| s.record))
+    }
+
+    /// [`Engine::start`] for a saga that runs at once, with its leading read-only steps
+    /// ([`Step::reads_only`]) run first, one attempt each: their successes are written with the
+    /// start, so the saga's first write already has them behind it. The first that does not pass
+    /// stops there; [`Engine::run_started`] takes its outcome as that step's first attempt.
+    pub async fn start_checked(
+        &self,
+        ctx: &C,
+        fence: Fence,
+        id: &str,
+        input: Value,
+        deadline: Option<DateTime<Utc>>,
+    ) -> Result<Option<Started>, JournalError> {
+        let mut record = self.new_record(fence, id, input, deadline, None);
+        let mut attempts = Vec::new();
+        let mut check = None;
+        while record.next_step + 1 < self.saga.steps.len() {
+            let step = self.saga.steps[record.next_step].clone();
+            let started = self.clock.now();
+            if !step.reads_only() || deadline.is_some_and(|d| started >= d) {
+                break;
+            }
+            let index = record.next_step;
+            let outcome = attempt(
+                step.as_ref(),
+                ctx,
+                &record,
+                &step_span(step.as_ref(), &record),
+                1,
+            )
+            .await;
+            let finished = self.clock.now();
+            match outcome {
+                Ok(output) => {
+                    record.outputs.insert(step.name().to_owned(), output);
+                    record.next_step += 1;
+                    attempts.push(attempt_row(
+                        &record.id,
+                        i32::try_from(index).unwrap_or(i32::MAX),
+                        1,
+                        step.name(),
+                        "succeeded",
+                        None,
+                        started,
+                        finished,
+                    ));
+                }
+                Err(error) => {
+                    check = Some(Tried {
+                        index,
+                        started,
+                        finished,
+                        error,
+                    });
+                    break;
+                }
+            }
+        }
+        self.record_start(ctx, fence, record, attempts, check).await
+    }
+
+    fn new_record(
+        &self,
+        fence: Fence,
+        id: &str,
+        input: Value,
+        deadline: Option<DateTime<Utc>>,
+        wake_at: Option<DateTime<Utc>>,
+    ) -> SagaRecord {
         let now = self.clock.now();
-        let record = SagaRecord {
+        SagaRecord {
             id: id.to_owned(),
             kind: self.saga.kind.to_owned(),
             shard: fence.shard,
@@ -260,18 +371,28 @@ impl<C: Send + Sync> Engine<C> {
             signals: Vec::new(),
             created_at: now,
             updated_at: now,
-        };
+        }
+    }
+
+    async fn record_start(
+        &self,
+        ctx: &C,
+        fence: Fence,
+        record: SagaRecord,
+        attempts: Vec<Attempt>,
+        check: Option<Tried>,
+    ) -> Result<Option<Started>, JournalError> {
         // The announcement commits with the start, and only if the start is new.
         let outbox = self.saga.hooks.announce(ctx, &record, &Lifecycle::Started);
         let written = self
             .write(Write {
                 fence,
                 change: Change::Start(Box::new(record.clone())),
-                attempts: Vec::new(),
+                attempts,
                 outbox,
             })
             .await?;
-        Ok((written == Written::Created).then_some(record))
+        Ok((written == Written::Created).then_some(Started { record, check }))
     }
 
     /// Records signals for a saga that no task is running: they wait in the journal and the saga
@@ -341,19 +462,20 @@ impl<C: Send + Sync> Engine<C> {
         saga: SagaRecord,
         inbox: &dyn Inbox,
     ) -> Result<SagaRecord, JournalError> {
-        self.drive(ctx, fence, saga, inbox, true).await
+        self.drive(ctx, fence, saga, inbox, true, None).await
     }
 
-    /// [`Engine::run`] for a saga that [`Engine::start`] has just recorded: its journal has no
-    /// attempts yet, so none is read.
+    /// [`Engine::run`] for a saga that [`Engine::start`] or [`Engine::start_checked`] has just
+    /// recorded: its journal has no attempts but those written with the start, so none is read.
     pub async fn run_started(
         &self,
         ctx: &C,
         fence: Fence,
-        saga: SagaRecord,
+        saga: impl Into<Started>,
         inbox: &dyn Inbox,
     ) -> Result<SagaRecord, JournalError> {
-        self.drive(ctx, fence, saga, inbox, false).await
+        let Started { record, check } = saga.into();
+        self.drive(ctx, fence, record, inbox, false, check).await
     }
 
     async fn drive(
@@ -363,6 +485,7 @@ impl<C: Send + Sync> Engine<C> {
         mut saga: SagaRecord,
         inbox: &dyn Inbox,
         mut journaled_attempts: bool,
+        mut check: Option<Tried>,
     ) -> Result<SagaRecord, JournalError> {
         // Successes of effect-free steps not written yet (see `Step::effect_free`): their outputs
         // and `next_step` are in `saga`, their attempts here; the next step's success writes them
@@ -374,6 +497,8 @@ impl<C: Send + Sync> Engine<C> {
                 self.apply_signals(ctx, fence, &mut saga, inbox).await?;
                 // A rewound step may have attempts from its earlier run: continue their numbers.
                 journaled_attempts = true;
+                // A check made before the start is not an answer about the changed saga.
+                check = None;
             }
             if saga.is_finished() {
                 return Ok(saga);
@@ -391,22 +516,16 @@ impl<C: Send + Sync> Engine<C> {
                 (0, 0, None)
             };
             journaled_attempts = false;
-            let first_attempt_at = first.unwrap_or_else(|| self.clock.now());
+            // The check made before the start is this step's first attempt.
+            let mut check = check.take().filter(|t| t.index == saga.next_step);
+            let first_attempt_at = first
+                .or(check.as_ref().map(|t| t.started))
+                .unwrap_or_else(|| self.clock.now());
             // The back-off continues where the journal stopped, across parks and restarts.
             let mut delays = policy
                 .delays_seeded(Some(jitter_seed(&saga.id, index)))
                 .skip(usize::try_from(this_try).unwrap_or(0));
-            // One span per step: its attempts' downstream calls are its children, retries are
-            // events in it, and it ends with the last attempt's number and outcome.
-            let step_span = tracing::info_span!(
-                "saga_step",
-                otel.name = step.name(),
-                saga_kind = %saga.kind,
-                delivery_id = %saga.id,
-                step = step.name(),
-                attempt = tracing::field::Empty,
-                outcome = tracing::field::Empty,
-            );
+            let step_span = step_span(step.as_ref(), &saga);
             loop {
                 if inbox.has(&saga.id) {
                     continue 'steps;
@@ -432,18 +551,17 @@ impl<C: Send + Sync> Engine<C> {
                     continue 'steps;
                 }
                 attempt_no += 1;
-                step_span.record("attempt", attempt_no);
-                let outcome = step.run(ctx, &saga).instrument(step_span.clone()).await;
-                step_span.record(
-                    "outcome",
-                    match &outcome {
-                        Ok(_) => "succeeded",
-                        Err(StepError::Transient { .. }) => "transient",
-                        Err(StepError::Deferred { .. }) => DEFERRED,
-                        Err(_) => "permanent",
-                    },
-                );
-                let finished = self.clock.now();
+                let (started, outcome, finished) = match check.take() {
+                    Some(t) => {
+                        record_attempt(&step_span, attempt_no, Err(&t.error));
+                        (t.started, Err(t.error), t.finished)
+                    }
+                    None => {
+                        let outcome =
+                            attempt(step.as_ref(), ctx, &saga, &step_span, attempt_no).await;
+                        (started, outcome, self.clock.now())
+                    }
+                };
                 if outcome.is_err() {
                     self.settle(fence, &mut saga, &mut unsaved).await?;
                 }
@@ -846,6 +964,46 @@ impl<C: Send + Sync> Engine<C> {
         }
         Ok(())
     }
+}
+
+/// The span of a step: its attempts' downstream calls are its children, retries are events in
+/// it, and it ends with the last attempt's number and outcome.
+fn step_span<C>(step: &dyn Step<C>, saga: &SagaRecord) -> tracing::Span {
+    tracing::info_span!(
+        "saga_step",
+        otel.name = step.name(),
+        saga_kind = %saga.kind,
+        delivery_id = %saga.id,
+        step = step.name(),
+        attempt = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    )
+}
+
+/// Runs attempt `attempt_no` of `step` in `span`.
+async fn attempt<C>(
+    step: &dyn Step<C>,
+    ctx: &C,
+    saga: &SagaRecord,
+    span: &tracing::Span,
+    attempt_no: i32,
+) -> Result<Value, StepError> {
+    let outcome = step.run(ctx, saga).instrument(span.clone()).await;
+    record_attempt(span, attempt_no, outcome.as_ref().map(|_| ()));
+    outcome
+}
+
+fn record_attempt(span: &tracing::Span, attempt_no: i32, outcome: Result<(), &StepError>) {
+    span.record("attempt", attempt_no);
+    span.record(
+        "outcome",
+        match outcome {
+            Ok(()) => "succeeded",
+            Err(StepError::Transient { .. }) => "transient",
+            Err(StepError::Deferred { .. }) => DEFERRED,
+            Err(_) => "permanent",
+        },
+    );
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -22,7 +22,8 @@ pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use engine::{
-    Engine, EngineSettings, Hooks, Inbox, Lifecycle, NoInbox, Saga, SignalAction, Step, DEFERRED,
+    Engine, EngineSettings, Hooks, Inbox, Lifecycle, NoInbox, Saga, SignalAction, Started, Step,
+    DEFERRED,
 };
 pub use memory::MemoryStore;
 pub use migration::migrations;

@@ -43,6 +43,8 @@ per_backend!(
     an_effect_free_success_is_written_with_the_next_step,
     an_effect_free_success_is_written_before_a_failure_or_a_wait,
     an_effect_free_success_lost_with_its_run_is_run_again,
+    leading_checks_are_written_with_the_start,
+    a_check_that_did_not_pass_before_the_start_is_the_steps_first_attempt,
     a_relay_whose_fence_went_stale_returns_the_refusal,
 );
 
@@ -146,6 +148,10 @@ impl Step<Script> for ScriptedStep {
     /// Steps named `read...` change nothing.
     fn effect_free(&self, _output: &Value) -> bool {
         self.name.starts_with("read")
+    }
+    /// Steps named `check...` only read, whatever their outcome.
+    fn reads_only(&self) -> bool {
+        self.name.starts_with("check")
     }
     async fn run(&self, ctx: &Script, saga: &SagaRecord) -> Result<Value, StepError> {
         ctx.calls.lock().unwrap().push(self.name);
@@ -1313,4 +1319,139 @@ async fn outbox_relay_never_drops_a_row_committed_late() {
         "the row committed late is published, not deleted with the batch before it"
     );
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+async fn leading_checks_are_written_with_the_start(fx: Fixture) {
+    let (store, _clock, fence, e, script) =
+        setup(&fx, 10, &["check-1", "check-2", "b", "check-3"]).await;
+    let started = e
+        .start_checked(&script, fence, "k1", json!({}), None)
+        .await
+        .unwrap()
+        .expect("a new saga");
+    assert_eq!(
+        (
+            script.calls("check-1"),
+            script.calls("check-2"),
+            script.calls("b")
+        ),
+        (1, 1, 0),
+        "the leading checks ran before the start, nothing else"
+    );
+    let row = load(&store, "k1").await;
+    assert_eq!((row.version, row.next_step), (1, 2), "one write: the start");
+    assert_eq!(row.outputs.len(), 2, "both checks' outputs are in it");
+    assert_eq!(row.outputs, started.record.outputs);
+    assert_eq!(
+        all_attempts(&store, "k1").await,
+        pairs(&[("check-1", "succeeded"), ("check-2", "succeeded")])
+    );
+
+    let done = e
+        .run_started(&script, fence, started, &NoInbox)
+        .await
+        .unwrap();
+    assert_eq!(done.state, saga::COMPLETED);
+    assert_eq!(
+        (script.calls("check-1"), script.calls("check-3")),
+        (1, 1),
+        "the checks ran once; a check after an effect runs in its place"
+    );
+    let row = load(&store, "k1").await;
+    // The start (with both checks), b, check-3 (the last step always writes).
+    assert_eq!((row.version, row.next_step), (3, 4));
+    assert_eq!(
+        changes(&store, fence).await,
+        ["Started", "StepSucceeded { step: \"b\" }", "Completed"]
+    );
+
+    // A replay of the start writes nothing, whatever the checks find.
+    script.will("check-1", vec![Err(StepError::permanent("refused"))]);
+    assert!(e
+        .start_checked(&script, fence, "k1", json!({}), None)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(load(&store, "k1").await.version, 3);
+}
+
+async fn a_check_that_did_not_pass_before_the_start_is_the_steps_first_attempt(fx: Fixture) {
+    let (store, clock, fence, e, script) = setup(&fx, 11, &["check", "b"]).await;
+    script.will("check", vec![Err(StepError::transient("503 from account"))]);
+    let started = e
+        .start_checked(&script, fence, "k2", json!({}), None)
+        .await
+        .unwrap()
+        .expect("a new saga");
+    let row = load(&store, "k2").await;
+    assert_eq!((row.version, row.next_step), (1, 0));
+    assert!(all_attempts(&store, "k2").await.is_empty());
+    let done = e
+        .run_started(&script, fence, started, &NoInbox)
+        .await
+        .unwrap();
+    assert_eq!(done.state, saga::COMPLETED);
+    assert_eq!(
+        script.calls("check"),
+        2,
+        "the failed check is not repeated at once"
+    );
+    assert_eq!(
+        clock.sleeps(),
+        vec![Duration::from_millis(100)],
+        "the policy's first delay"
+    );
+    assert_eq!(
+        attempts_of(&store, "k2", "check").await,
+        outcomes(&[(1, "transient"), (2, "succeeded")])
+    );
+
+    // Refused: the saga fails at the check, which ran once.
+    script.will(
+        "check",
+        vec![Err(StepError::permanent("account suspended"))],
+    );
+    let started = e
+        .start_checked(&script, fence, "k3", json!({}), None)
+        .await
+        .unwrap()
+        .expect("a new saga");
+    let done = e
+        .run_started(&script, fence, started, &NoInbox)
+        .await
+        .unwrap();
+    assert_eq!(done.state, saga::FAILED);
+    assert_eq!(done.error.as_deref(), Some("check: account suspended"));
+    assert_eq!(script.calls("check"), 3);
+    assert_eq!(script.calls("b"), 1, "only k2 reached b");
+    assert_eq!(
+        attempts_of(&store, "k3", "check").await,
+        outcomes(&[(1, "permanent")])
+    );
+
+    // A signal before the run: the check's answer was about the saga as it was, so it runs again.
+    script.will(
+        "check",
+        vec![Err(StepError::permanent("account suspended"))],
+    );
+    let started = e
+        .start_checked(&script, fence, "k4", json!({}), None)
+        .await
+        .unwrap()
+        .expect("a new saga");
+    script.inbox.send(
+        "k4",
+        Signal {
+            kind: "reschedule".into(),
+            payload: json!({"input": {"v": 2}, "to_step": 0}),
+            at: clock.now(),
+            position: None,
+        },
+    );
+    let done = e
+        .run_started(&script, fence, started, &script.inbox)
+        .await
+        .unwrap();
+    assert_eq!(done.state, saga::COMPLETED);
+    assert_eq!(script.calls("check"), 5);
 }

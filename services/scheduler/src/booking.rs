@@ -238,6 +238,9 @@ impl<S: Step<Ctx> + ?Sized> Step<Ctx> for Metered<S> {
     fn effect_free(&self, output: &Value) -> bool {
         self.inner.effect_free(output)
     }
+    fn reads_only(&self) -> bool {
+        self.inner.reads_only()
+    }
 }
 
 struct CheckAccount(RetryPolicy);
@@ -274,10 +277,16 @@ impl Step<Ctx> for CheckAccount {
         }
         Ok(json!({"accountId": id, "status": status, "checkedBy": source}))
     }
-    // Not effect-free, though a read: written with RegisterPackage's, a journal saying
-    // "CheckAccount next" could no longer tell a booking refused at its account check (nothing
-    // to undo) from one whose package was registered just before a crash, and every refused
-    // booking would need a compensation.
+    /// A read: it runs before the saga is recorded, and its success is written with the start
+    /// (`Engine::start_checked`), so a booking's first write already has it behind it.
+    ///
+    /// Not effect-free, though: written with RegisterPackage's, a journal saying "CheckAccount
+    /// next" could no longer tell a booking refused at its account check (nothing to undo) from
+    /// one whose package was registered just before a crash, and every refused booking would
+    /// need a compensation.
+    fn reads_only(&self) -> bool {
+        true
+    }
 }
 
 #[async_trait]

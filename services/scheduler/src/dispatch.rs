@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use saga::{Inbox, JournalError, SagaRecord, Signal};
+use saga::{Inbox, JournalError, SagaRecord, Signal, Started};
 use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
@@ -54,15 +54,16 @@ pub fn spawn_saga(
     core: &Arc<Core>,
     owner: &Arc<Owner>,
     tasks: &mut JoinSet<()>,
-    record: SagaRecord,
+    saga: impl Into<Started>,
     permit: OwnedSemaphorePermit,
     origin: Origin,
 ) {
-    let span = span_of(&record, owner.partition);
+    let saga = saga.into();
+    let span = span_of(&saga.record, owner.partition);
     let (core, owner) = (core.clone(), owner.clone());
     tasks.spawn(
         async move {
-            drive(&core, &owner, record, origin).await;
+            drive(&core, &owner, saga, origin).await;
             if origin == Origin::Timer {
                 owner.from_timer.fetch_sub(1, Ordering::SeqCst);
             }
@@ -75,22 +76,28 @@ pub fn spawn_saga(
 
 /// Drives the saga until it finishes or parks, then releases its entry (or goes on with the
 /// signals that arrived meanwhile).
-pub async fn drive(core: &Arc<Core>, owner: &Arc<Owner>, mut record: SagaRecord, origin: Origin) {
+pub async fn drive(core: &Arc<Core>, owner: &Arc<Owner>, saga: Started, origin: Origin) {
     let fence = owner.fence();
-    let mut fresh = origin == Origin::Fresh;
+    let (mut record, mut fresh) = if origin == Origin::Fresh {
+        (saga.record.clone(), Some(saga))
+    } else {
+        (saga.record, None)
+    };
     let mut failures = 0u32;
     loop {
         let id = record.id.clone();
-        let run = if fresh {
-            core.engine
-                .run_started(&core.ctx, fence, record.clone(), owner.as_ref())
-                .await
-        } else {
-            core.engine
-                .run(&core.ctx, fence, record.clone(), owner.as_ref())
-                .await
+        let run = match fresh.take() {
+            Some(started) => {
+                core.engine
+                    .run_started(&core.ctx, fence, started, owner.as_ref())
+                    .await
+            }
+            None => {
+                core.engine
+                    .run(&core.ctx, fence, record.clone(), owner.as_ref())
+                    .await
+            }
         };
-        fresh = false;
         match run {
             Ok(done) => {
                 if done.is_finished() {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use saga::{Fence, Inbox, Lease, SagaRecord, Signal};
+use saga::{Fence, Inbox, Lease, Signal, Started};
 use tokio::sync::Notify;
 
 use crate::tracker::Tracker;
@@ -32,7 +32,7 @@ pub struct Owner {
     tracker: Mutex<Tracker>,
     /// Sagas claimed and waiting for a slot (resumed after a takeover, or started while every
     /// slot was busy).
-    queue: Mutex<VecDeque<(SagaRecord, bool)>>,
+    queue: Mutex<VecDeque<(Started, bool)>>,
     /// Tasks dispatched from a due timer that are still running (their row may still look due).
     pub from_timer: AtomicUsize,
     lost: AtomicBool,
@@ -131,11 +131,11 @@ impl Owner {
     }
 
     /// `fresh`: just started, so its journal has no attempts to read when it runs.
-    pub fn queue(&self, saga: SagaRecord, fresh: bool) {
-        lock(&self.queue).push_back((saga, fresh));
+    pub fn queue(&self, saga: impl Into<Started>, fresh: bool) {
+        lock(&self.queue).push_back((saga.into(), fresh));
     }
 
-    pub fn dequeue(&self) -> Option<(SagaRecord, bool)> {
+    pub fn dequeue(&self) -> Option<(Started, bool)> {
         lock(&self.queue).pop_front()
     }
 

@@ -245,11 +245,12 @@ fn handle(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<()>, record:
                         }
                     };
                     let mut failures = 0u32;
-                    // Until the start is durable the checkpoint does not pass this record.
+                    // Until the start is durable the checkpoint does not pass this record. The
+                    // account check (a read) runs first and is written with the start.
                     let started = loop {
                         match core
                             .engine
-                            .start(&core.ctx, owner.fence(), &id, input.clone(), deadline, None)
+                            .start_checked(&core.ctx, owner.fence(), &id, input.clone(), deadline)
                             .await
                         {
                             Ok(r) => break r,
