@@ -138,25 +138,29 @@ impl Service for Application {
             .await
             .context("declaring the delivery-requests log")?;
         let store = readmodel::ReadModel::start(db.clone());
-        let webhooks = webhooks::Webhooks::start(
-            &mut builder,
-            db.clone(),
-            broker.as_ref(),
-            s.partitions,
-            &s.webhooks,
-        )
-        .await?;
-        if s.follow_workflow_events {
+        let webhooks = webhooks::Webhooks::start(&mut builder, db.clone(), &s.webhooks)?;
+        // The read model and the webhooks follow `workflow-events` on one reader.
+        let projection = s.follow_workflow_events.then(|| {
+            Arc::new(readmodel::Projection {
+                db,
+                changed: store.changes(),
+            })
+        });
+        if projection.is_some() || webhooks.follower().is_some() {
             let events = broker
                 .log(contracts::WORKFLOW_EVENTS_LOG, s.partitions)
                 .await
                 .context("declaring the workflow-events log")?;
             let stop = builder.stop_signal();
-            let projection = Arc::new(readmodel::Projection {
-                db,
-                changed: store.changes(),
-            });
-            builder.adopt(follow::start(projection, events, stop).await?);
+            let tasks = match (projection, webhooks.follower()) {
+                (Some(p), Some(w)) => {
+                    follow::start(Arc::new(follow::Both::new(p, w)), events, stop).await?
+                }
+                (Some(p), None) => follow::start(p, events, stop).await?,
+                (None, Some(w)) => follow::start(w, events, stop).await?,
+                (None, None) => Vec::new(),
+            };
+            builder.adopt(tasks);
         }
         let admission = Arc::new(Admission::new(&s.admission, s.max_in_flight)?);
         admission.register(builder.registry())?;

@@ -24,9 +24,7 @@ mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use hmac::{Hmac, Mac as _};
-use messaging::Broker;
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use sea_orm::DatabaseConnection;
 use serde::Deserialize;
@@ -143,21 +141,22 @@ impl Metrics {
     }
 }
 
-/// The webhook API's state; the follower and the sender run as the service's background tasks.
+/// The webhook API's state; the sender runs as the service's background task, the follower as
+/// the service starts it ([`Webhooks::follower`]).
 pub(crate) struct Webhooks {
     store: Arc<Store>,
     settings: WebhookSettings,
     policy: UrlPolicy,
     wake: Arc<Notify>,
+    follower: Option<Arc<follower::WebhookFollower>>,
 }
 
 impl Webhooks {
-    /// Registers the metrics and, when enabled, starts following `workflow-events` and sending.
-    pub(crate) async fn start(
+    /// Registers the metrics and, when enabled, starts sending; the follower of
+    /// `workflow-events` that records what to send is the caller's to start.
+    pub(crate) fn start(
         builder: &mut ServiceBuilder,
         db: DatabaseConnection,
-        broker: &dyn Broker,
-        partitions: u32,
         settings: &WebhookSettings,
     ) -> anyhow::Result<Arc<Self>> {
         if settings.concurrency == 0 || settings.retry_for_secs == 0 {
@@ -178,17 +177,14 @@ impl Webhooks {
         let metrics = Metrics::new(builder.registry())?;
         let wake = Arc::new(Notify::new());
         let policy = settings.policy();
-        if settings.enabled {
-            let log = broker
-                .log(contracts::WORKFLOW_EVENTS_LOG, partitions)
-                .await
-                .context("declaring the workflow-events log for webhooks")?;
-            let follower = Arc::new(follower::WebhookFollower {
+        let follower = settings.enabled.then(|| {
+            Arc::new(follower::WebhookFollower {
                 store: store.clone(),
                 wake: wake.clone(),
                 retry_for_ms: settings.retry_for_ms(),
-            });
-            builder.adopt(crate::follow::start(follower, log, builder.stop_signal()).await?);
+            })
+        });
+        if settings.enabled {
             let sender = Arc::new(dispatcher::Dispatcher::new(
                 store.clone(),
                 settings.clone(),
@@ -203,7 +199,14 @@ impl Webhooks {
             settings: settings.clone(),
             policy,
             wake,
+            follower,
         }))
+    }
+
+    /// What records the client events of `workflow-events` as deliveries, when webhooks are
+    /// enabled.
+    pub(crate) fn follower(&self) -> Option<Arc<follower::WebhookFollower>> {
+        self.follower.clone()
     }
 }
 
