@@ -11,7 +11,7 @@ use contracts::{
 };
 use futures::future::join_all;
 use integration_tests::wait::{done_if, eventually};
-use integration_tests::{both_backends, spawn_drone_with, Backend, Reply, TestApp};
+use integration_tests::{both_backends, spawn, spawn_drone_with, Backend, Reply, TestApp};
 use reqwest::Method;
 use sea_orm::Database;
 use serde_json::{json, Value};
@@ -32,6 +32,7 @@ both_backends!(
     concurrent_batches_and_puts_create_each_reservation_once,
     concurrent_batches_and_puts_never_double_book,
     batch_envelope_is_checked_and_batch_stays_an_id,
+    a_batch_sees_a_reservation_longer_than_its_windows,
 );
 
 fn request(at: DateTime<Utc>, size: &str) -> Value {
@@ -883,4 +884,64 @@ async fn a_deadlocked_batch_insert_gives_way_to_the_single_path() {
     assert_never_double_booked(&app, drone_ids(1)).await;
     let _ = db.close().await;
     app.stop().await;
+}
+
+/// A reservation made under longer windows (the setting was lowered since) still holds its
+/// drone against a batch, whose windows are shorter: the batch answers as the same PUTs one
+/// after another.
+async fn a_batch_sees_a_reservation_longer_than_its_windows(backend: Backend) {
+    let long = spawn_drone_with(backend, |s| {
+        s.fleet.small = 2;
+        s.fleet.medium = 0;
+        s.fleet.large = 0;
+        s.reservations.window_minutes = 600;
+        s.reservations.retry_after_secs = 7;
+    })
+    .await;
+    let at = pickup(24);
+    let held = reserve(&long, "long", at, "Small")
+        .await
+        .json::<DroneReservation>();
+    assert_eq!(held.window.end - held.window.start, Duration::hours(10));
+    // The same database, now with one-hour windows.
+    let database = long.db.as_ref().expect("a database").settings.clone();
+    let short = spawn::<drone::Application>(
+        drone::Settings {
+            http: integration_tests::test_http(),
+            database,
+            auth: integration_tests::test_auth(),
+            fleet: drone::FleetSettings {
+                small: 2,
+                medium: 0,
+                large: 0,
+                ..Default::default()
+            },
+            reservations: drone::ReservationSettings {
+                window_minutes: 60,
+                retry_after_secs: 7,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let inside = at + Duration::hours(5);
+    let items = [
+        ("b1", request(inside, "Small")),
+        ("b2", request(inside, "Small")),
+    ];
+    let results = batch(&short, &items).await;
+    let b1 = reserved(&results[0], 201);
+    assert_ne!(
+        b1.drone_id, held.drone_id,
+        "the long reservation holds its drone"
+    );
+    assert_eq!(results[1].status, 503, "{}", results[1].body);
+    assert_eq!(results[1].body["code"], "no-drone-available");
+    let single = short.put("/api/dronedeliveries/b2", &items[1].1).await;
+    same_refusal(&results[1], &single);
+    assert_never_double_booked(&short, drone_ids(2)).await;
+    short.stop().await;
+    long.stop().await;
 }
