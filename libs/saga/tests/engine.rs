@@ -1321,14 +1321,18 @@ async fn outbox_relay_never_drops_a_row_committed_late() {
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 
+/// Starts the new saga `id` (no input) with its leading checks run first.
+async fn checked(e: &Engine<Script>, sc: &Script, f: Fence, id: &str) -> saga::Started {
+    e.start_checked(sc, f, id, json!({}), None)
+        .await
+        .unwrap()
+        .expect("a new saga")
+}
+
 async fn leading_checks_are_written_with_the_start(fx: Fixture) {
     let (store, _clock, fence, e, script) =
         setup(&fx, 10, &["check-1", "check-2", "b", "check-3"]).await;
-    let started = e
-        .start_checked(&script, fence, "k1", json!({}), None)
-        .await
-        .unwrap()
-        .expect("a new saga");
+    let started = checked(&e, &script, fence, "k1").await;
     assert_eq!(
         (
             script.calls("check-1"),
@@ -1378,11 +1382,7 @@ async fn leading_checks_are_written_with_the_start(fx: Fixture) {
 async fn a_check_that_did_not_pass_before_the_start_is_the_steps_first_attempt(fx: Fixture) {
     let (store, clock, fence, e, script) = setup(&fx, 11, &["check", "b"]).await;
     script.will("check", vec![Err(StepError::transient("503 from account"))]);
-    let started = e
-        .start_checked(&script, fence, "k2", json!({}), None)
-        .await
-        .unwrap()
-        .expect("a new saga");
+    let started = checked(&e, &script, fence, "k2").await;
     let row = load(&store, "k2").await;
     assert_eq!((row.version, row.next_step), (1, 0));
     assert!(all_attempts(&store, "k2").await.is_empty());
@@ -1411,11 +1411,7 @@ async fn a_check_that_did_not_pass_before_the_start_is_the_steps_first_attempt(f
         "check",
         vec![Err(StepError::permanent("account suspended"))],
     );
-    let started = e
-        .start_checked(&script, fence, "k3", json!({}), None)
-        .await
-        .unwrap()
-        .expect("a new saga");
+    let started = checked(&e, &script, fence, "k3").await;
     let done = e
         .run_started(&script, fence, started, &NoInbox)
         .await
@@ -1434,11 +1430,7 @@ async fn a_check_that_did_not_pass_before_the_start_is_the_steps_first_attempt(f
         "check",
         vec![Err(StepError::permanent("account suspended"))],
     );
-    let started = e
-        .start_checked(&script, fence, "k4", json!({}), None)
-        .await
-        .unwrap()
-        .expect("a new saga");
+    let started = checked(&e, &script, fence, "k4").await;
     script.inbox.send(
         "k4",
         Signal {
