@@ -914,7 +914,6 @@ async fn a_batch_sees_a_reservation_longer_than_its_windows(backend: Backend) {
                 small: 2,
                 medium: 0,
                 large: 0,
-                ..Default::default()
             },
             reservations: drone::ReservationSettings {
                 window_minutes: 60,
