@@ -113,8 +113,22 @@ fn newest_source(dir: &Path) -> Option<SystemTime> {
 
 /// A free TCP port on 127.0.0.1 (free now; the service binds it when it starts).
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
+    reserve_port().port()
+}
+
+/// A port on 127.0.0.1 held by this process until the reservation is dropped: nothing else this
+/// process binds meanwhile (a fault proxy on port 0, say) can be given it.
+pub fn reserve_port() -> PortReservation {
+    PortReservation(std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
+}
+
+/// See [`reserve_port`].
+pub struct PortReservation(std::net::TcpListener);
+
+impl PortReservation {
+    pub fn port(&self) -> u16 {
+        self.0.local_addr().expect("local addr").port()
+    }
 }
 
 /// A service process; see the module documentation.

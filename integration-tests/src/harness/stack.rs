@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use service_kit::auth::ClientTokens;
 use uuid::Uuid;
 
-use super::process::{binaries, free_port, workspace_dir, ServiceProcess};
+use super::process::{binaries, reserve_port, workspace_dir, ServiceProcess};
 use super::rabbit::RabbitNode;
 use crate::faults::FaultProxy;
 use crate::wait::{eventually_every, poll};
@@ -229,8 +229,12 @@ impl Stack {
         for s in Service::ALL {
             dbs.insert(s, TestDb::new(Backend::Postgres, s.name()).await);
         }
-        let ports: BTreeMap<Service, u16> =
-            Service::ALL.iter().map(|s| (*s, free_port())).collect();
+        // Held until the services start: the fault proxies below bind ports too, and one given a
+        // service's port made that service fail to start ("Address already in use", seen in
+        // `make chaos`) while the proxy answered its readiness probe.
+        let reserved: BTreeMap<Service, _> =
+            Service::ALL.iter().map(|s| (*s, reserve_port())).collect();
+        let ports: BTreeMap<Service, u16> = reserved.iter().map(|(s, r)| (*s, r.port())).collect();
         let address = |s: Service| format!("http://127.0.0.1:{}", ports[&s]);
 
         let scheduler_faults = DownstreamFaults {
@@ -414,6 +418,7 @@ impl Stack {
 
         let names: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
         let bins = binaries(&names);
+        drop(reserved);
         let mut procs = BTreeMap::new();
         for (s, bin) in Service::ALL.into_iter().zip(bins) {
             let e = envs.remove(&s).unwrap_or_default();
