@@ -208,10 +208,9 @@ fn carried_calls(method: &str, path: &str, body: &[u8]) -> Vec<(String, String)>
     let Ok(batch) = serde_json::from_slice::<serde_json::Value>(body) else {
         return single;
     };
-    let items = batch["items"].as_array().cloned().unwrap_or_default();
-    if items.is_empty() {
+    let Some(items) = batch["items"].as_array().filter(|i| !i.is_empty()) else {
         return single;
-    }
+    };
     items
         .iter()
         .filter_map(|i| i["id"].as_str())

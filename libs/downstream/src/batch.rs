@@ -147,21 +147,22 @@ impl<T: Send + 'static> Lane<T> {
 
 /// A sender: sends what is queued until nothing is.
 async fn drain<T: Send + 'static>(client: Downstream, lane: fn(&Downstream) -> &Lane<T>) {
+    let lane = lane(&client);
     let mut running = Running {
-        lane: lane(&client),
+        lane,
         stopped: false,
     };
     loop {
-        let (items, singles) = lane(&client).next();
+        let (items, singles) = lane.next();
         match items.len() {
             0 => {
                 // `next` has counted this sender out.
                 running.stopped = true;
                 return;
             }
-            1 => singly(&client, lane(&client), items).await,
-            _ if singles => singly(&client, lane(&client), items).await,
-            _ => batch(&client, lane(&client), items).await,
+            1 => singly(&client, lane, items).await,
+            _ if singles => singly(&client, lane, items).await,
+            _ => batch(&client, lane, items).await,
         }
     }
 }

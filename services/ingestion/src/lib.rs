@@ -146,13 +146,14 @@ impl Service for Application {
                 changed: store.changes(),
             })
         });
-        if projection.is_some() || webhooks.follower().is_some() {
+        let hooks = webhooks.follower();
+        if projection.is_some() || hooks.is_some() {
             let events = broker
                 .log(contracts::WORKFLOW_EVENTS_LOG, s.partitions)
                 .await
                 .context("declaring the workflow-events log")?;
             let stop = builder.stop_signal();
-            let tasks = match (projection, webhooks.follower()) {
+            let tasks = match (projection, hooks) {
                 (Some(p), Some(w)) => {
                     follow::start(Arc::new(follow::Both::new(p, w)), events, stop).await?
                 }

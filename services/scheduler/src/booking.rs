@@ -766,6 +766,13 @@ impl Hooks<Ctx> for BookingHooks {
 mod tests {
     use super::*;
 
+    /// The compensation request `saga` hands the Supervisor, decoded from its outbox row.
+    fn compensation_request(saga: &SagaRecord, reason: &str) -> CompensationRequest {
+        let message = compensation(saga, reason).expect("something to undo");
+        let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
+        envelope.decode().expect("a request")
+    }
+
     /// Found by the simulation: a scheduled booking rescheduled to a full slot runs again from
     /// ReserveDrone and fails there; its compensation must still undo the delivery it created.
     #[test]
@@ -824,15 +831,11 @@ mod tests {
         in_progress
             .outputs
             .remove(BookingStep::CreateDelivery.as_str());
-        let message = compensation(&in_progress, "no drone").expect("something to undo");
-        let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
-        let request: CompensationRequest = envelope.decode().expect("a request");
+        let request = compensation_request(&in_progress, "no drone");
         assert!(request
             .steps_to_undo()
             .contains(&BookingStep::CreateDelivery));
-        let message = compensation(&saga, "no drone").expect("something to undo");
-        let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
-        let request: CompensationRequest = envelope.decode().expect("a request");
+        let request = compensation_request(&saga, "no drone");
         assert_eq!(
             request.steps_to_undo(),
             vec![
@@ -849,9 +852,7 @@ mod tests {
             BookingStep::ArrangeThirdParty.as_str().to_owned(),
             json!({"required": true, "legId": format!("{id}.r1")}),
         );
-        let message = compensation(&with_leg, "no drone").expect("something to undo");
-        let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
-        let request: CompensationRequest = envelope.decode().expect("a request");
+        let request = compensation_request(&with_leg, "no drone");
         assert_eq!(
             request.steps_to_undo(),
             vec![
@@ -899,10 +900,7 @@ mod tests {
             updated_at: chrono::Utc::now(),
         };
         let in_doubt = |saga: &SagaRecord| -> Vec<String> {
-            let message = compensation(saga, "cancelled by the client").expect("something to undo");
-            let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
-            let request: CompensationRequest = envelope.decode().expect("a request");
-            request.in_doubt_steps
+            compensation_request(saga, "cancelled by the client").in_doubt_steps
         };
         // Refused at the account check: nothing happened, nothing to undo.
         assert!(compensation(&saga_at(BookingStep::CheckAccount, &[]), "suspended").is_none());
