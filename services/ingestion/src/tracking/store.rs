@@ -84,7 +84,7 @@ impl Change {
 /// compares with the rows as they were). One statement for the batch.
 pub(crate) async fn record(db: &impl ConnectionTrait, changes: &[Change]) -> Result<(), DbErr> {
     let mut newest: HashMap<(Uuid, HistorySource), i64> = HashMap::new();
-    let mut rows: Vec<[Value; 8]> = Vec::with_capacity(changes.len());
+    let mut rows: Vec<HistoryRow> = Vec::with_capacity(changes.len());
     for change in changes {
         let key = (change.delivery_id(), change.source());
         let seq = change.seq();
@@ -94,52 +94,59 @@ pub(crate) async fn record(db: &impl ConnectionTrait, changes: &[Change]) -> Res
                 newest.insert(key, seq);
             }
         }
-        let (state, stage, detail, location, at) = match change {
-            Change::State(e) => (
-                Some(e.state.as_str().to_owned()),
-                None,
-                e.detail.clone(),
-                None,
-                e.at,
-            ),
-            Change::Tracked(_, t) => (
-                None,
-                Some(t.stage.as_str().to_owned()),
-                t.detail.clone(),
-                t.location.clone(),
-                t.at,
-            ),
-        };
-        rows.push([
-            change.delivery_id().to_string().into(),
-            change.source().as_str().into(),
-            seq.into(),
-            state.into(),
-            stage.into(),
-            detail.into(),
-            location.into(),
-            at.into(),
-        ]);
+        rows.push(match change {
+            Change::State(e) => HistoryRow {
+                delivery_id: e.delivery_id,
+                source: change.source().as_str(),
+                source_seq: seq,
+                state: Some(e.state.as_str()),
+                tracking_stage: None,
+                detail: e.detail.as_deref(),
+                location: None,
+                at: e.at,
+            },
+            Change::Tracked(id, t) => HistoryRow {
+                delivery_id: *id,
+                source: change.source().as_str(),
+                source_seq: seq,
+                state: None,
+                tracking_stage: Some(t.stage.as_str()),
+                detail: t.detail.as_deref(),
+                location: t.location.as_deref(),
+                at: t.at,
+            },
+        });
     }
     if rows.is_empty() {
         return Ok(());
     }
     let backend = db.get_database_backend();
+    if backend == DbBackend::Postgres {
+        let rows: Vec<PgHistoryRow> = rows.iter().map(PgHistoryRow::new).collect();
+        return crate::readmodel::pg::execute(db, PG_RECORD, &rows).await;
+    }
     let mut values = Vec::with_capacity(rows.len() * 8);
     let mut tuples = Vec::with_capacity(rows.len());
     for row in rows {
+        let row: [Value; 8] = [
+            row.delivery_id.to_string().into(),
+            row.source.into(),
+            row.source_seq.into(),
+            row.state.map(str::to_owned).into(),
+            row.tracking_stage.map(str::to_owned).into(),
+            row.detail.map(str::to_owned).into(),
+            row.location.map(str::to_owned).into(),
+            row.at.into(),
+        ];
         let mut marks = Vec::with_capacity(8);
         for v in row {
             values.push(v);
-            marks.push(match backend {
-                DbBackend::Postgres => format!("${}", values.len()),
-                _ => "?".to_owned(),
-            });
+            marks.push("?");
         }
         tuples.push(format!("({})", marks.join(", ")));
     }
-    // `VALUES` columns are named column1.. by both PostgreSQL and SQLite. The WHERE also keeps
-    // SQLite from reading `ON CONFLICT` as a join constraint.
+    // `VALUES` columns are named column1.. by SQLite. The WHERE also keeps it from reading
+    // `ON CONFLICT` as a join constraint.
     let sql = format!(
         r#"INSERT INTO "booking_history"
              ("delivery_id", "source", "source_seq", "state", "tracking_stage", "detail", "location", "at")
@@ -156,6 +163,68 @@ pub(crate) async fn record(db: &impl ConnectionTrait, changes: &[Change]) -> Res
     db.execute(Statement::from_sql_and_values(backend, sql, values))
         .await
         .map(|_| ())
+}
+
+/// One change to record, as both backends' statements take it.
+struct HistoryRow<'a> {
+    delivery_id: Uuid,
+    source: &'static str,
+    source_seq: i64,
+    state: Option<&'static str>,
+    tracking_stage: Option<&'static str>,
+    detail: Option<&'a str>,
+    location: Option<&'a str>,
+    at: DateTime<Utc>,
+}
+
+/// [`record`] on PostgreSQL: the batch as one JSON parameter (see [`crate::readmodel::pg`]), in
+/// log order. The staleness check is a subquery that `OFFSET 0` keeps from being flattened into a
+/// join: for each change it is one probe of `delivery_requests`' primary key, whatever the table's
+/// statistics say when the plan is made (a join planned on a fresh, unanalysed table could read
+/// the whole table for every batch once it has grown).
+const PG_RECORD: &str = "
+INSERT INTO booking_history (delivery_id, source, source_seq, state, tracking_stage, detail,
+    location, at)
+SELECT v.delivery_id, v.source, v.source_seq, v.state, v.tracking_stage, v.detail, v.location,
+    v.at
+FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (delivery_id text, source text,
+    source_seq bigint, state text, tracking_stage text, detail text, location text,
+    at timestamptz)) WITH ORDINALITY AS v(delivery_id, source, source_seq, state,
+    tracking_stage, detail, location, at, ord)
+WHERE NOT EXISTS (
+    SELECT 1 FROM delivery_requests r
+    WHERE r.delivery_id = v.delivery_id
+      AND ((v.source = 'booking' AND r.version > v.source_seq)
+        OR (v.source = 'delivery' AND r.tracking_seq > v.source_seq))
+    OFFSET 0)
+ORDER BY v.ord
+ON CONFLICT DO NOTHING";
+
+#[derive(serde::Serialize)]
+struct PgHistoryRow<'a> {
+    delivery_id: String,
+    source: &'static str,
+    source_seq: i64,
+    state: Option<&'static str>,
+    tracking_stage: Option<&'static str>,
+    detail: Option<&'a str>,
+    location: Option<&'a str>,
+    at: String,
+}
+
+impl<'a> PgHistoryRow<'a> {
+    fn new(row: &HistoryRow<'a>) -> Self {
+        Self {
+            delivery_id: row.delivery_id.to_string(),
+            source: row.source,
+            source_seq: row.source_seq,
+            state: row.state,
+            tracking_stage: row.tracking_stage,
+            detail: row.detail,
+            location: row.location,
+            at: crate::readmodel::pg::ts(&row.at),
+        }
+    }
 }
 
 /// Entries of booking `id` after entry `after`, oldest first, at most `limit`.
@@ -325,6 +394,66 @@ impl Drop for Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The history statement's generic plan (what a prepared statement ends up with), made on a
+    /// fresh database whose tables were never analysed: each change must be one probe of
+    /// `delivery_requests`' primary key, never a scan of the table (which grows under that plan).
+    #[tokio::test]
+    async fn the_history_statement_probes_the_primary_key_on_a_fresh_table() {
+        use sea_orm::Database;
+        use sea_orm_migration::MigratorTrait as _;
+
+        let admin_url = test_support::postgres_url();
+        let name = format!(
+            "test_ingestion_plan_{}",
+            &Uuid::new_v4().simple().to_string()[..12]
+        );
+        let admin = Database::connect(admin_url.as_str())
+            .await
+            .expect("PostgreSQL");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create database");
+        let (base, _) = admin_url.rsplit_once('/').expect("a database in the URL");
+        let db = Database::connect(format!("{base}/{name}"))
+            .await
+            .expect("test database");
+        crate::Migrator::up(&db, None).await.expect("migrations");
+
+        let txn = db.begin().await.expect("transaction");
+        txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+            .await
+            .expect("set");
+        txn.execute_unprepared(&format!("PREPARE record_history(jsonb) AS {PG_RECORD}"))
+            .await
+            .expect("prepare");
+        let sample = r#"[{"delivery_id":"d","source":"booking","source_seq":1,"state":"scheduled",
+            "tracking_stage":null,"detail":null,"location":null,"at":"2026-12-06T10:00:00Z"}]"#;
+        let plan: Vec<String> = txn
+            .query_all(Statement::from_string(
+                DbBackend::Postgres,
+                format!("EXPLAIN EXECUTE record_history('{sample}')"),
+            ))
+            .await
+            .expect("explain")
+            .iter()
+            .filter_map(|row| row.try_get_by_index::<String>(0).ok())
+            .collect();
+        txn.rollback().await.expect("rollback");
+        db.close().await.expect("close");
+        admin
+            .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+            .await
+            .expect("drop database");
+
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index Scan using delivery_requests_pkey on delivery_requests")
+                && !plan.contains("Seq Scan on delivery_requests"),
+            "{plan}"
+        );
+    }
 
     #[tokio::test]
     async fn followers_are_woken_and_forgotten() {
