@@ -616,6 +616,11 @@ pub(crate) mod pg {
         t.to_rfc3339_opts(SecondsFormat::Micros, true)
     }
 
+    /// [`ts`] as a field's serializer.
+    pub(crate) fn micros<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&ts(t))
+    }
+
     pub(crate) const INSERT_ACCEPTED: &str = "
 INSERT INTO delivery_requests (delivery_id, owner_id, state, detail, version, accepted_at,
     updated_at, pickup_location, drop_off_location, pickup_time)

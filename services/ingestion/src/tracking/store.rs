@@ -122,7 +122,6 @@ pub(crate) async fn record(db: &impl ConnectionTrait, changes: &[Change]) -> Res
     }
     let backend = db.get_database_backend();
     if backend == DbBackend::Postgres {
-        let rows: Vec<PgHistoryRow> = rows.iter().map(PgHistoryRow::new).collect();
         return crate::readmodel::pg::execute(db, PG_RECORD, &rows).await;
     }
     let mut values = Vec::with_capacity(rows.len() * 8);
@@ -166,6 +165,7 @@ pub(crate) async fn record(db: &impl ConnectionTrait, changes: &[Change]) -> Res
 }
 
 /// One change to record, as both backends' statements take it.
+#[derive(serde::Serialize)]
 struct HistoryRow<'a> {
     delivery_id: Uuid,
     source: &'static str,
@@ -174,6 +174,7 @@ struct HistoryRow<'a> {
     tracking_stage: Option<&'static str>,
     detail: Option<&'a str>,
     location: Option<&'a str>,
+    #[serde(serialize_with = "crate::readmodel::pg::micros")]
     at: DateTime<Utc>,
 }
 
@@ -199,33 +200,6 @@ WHERE NOT EXISTS (
     OFFSET 0)
 ORDER BY v.ord
 ON CONFLICT DO NOTHING";
-
-#[derive(serde::Serialize)]
-struct PgHistoryRow<'a> {
-    delivery_id: String,
-    source: &'static str,
-    source_seq: i64,
-    state: Option<&'static str>,
-    tracking_stage: Option<&'static str>,
-    detail: Option<&'a str>,
-    location: Option<&'a str>,
-    at: String,
-}
-
-impl<'a> PgHistoryRow<'a> {
-    fn new(row: &HistoryRow<'a>) -> Self {
-        Self {
-            delivery_id: row.delivery_id.to_string(),
-            source: row.source,
-            source_seq: row.source_seq,
-            state: row.state,
-            tracking_stage: row.tracking_stage,
-            detail: row.detail,
-            location: row.location,
-            at: crate::readmodel::pg::ts(&row.at),
-        }
-    }
-}
 
 /// Entries of booking `id` after entry `after`, oldest first, at most `limit`.
 pub(crate) async fn entries_after(
