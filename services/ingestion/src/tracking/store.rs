@@ -366,6 +366,7 @@ impl Drop for Watch {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)] // a failed test step should panic
 mod tests {
     use super::*;
 
