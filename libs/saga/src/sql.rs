@@ -641,8 +641,10 @@ async fn insert_rows(txn: &DatabaseTransaction, w: &Write) -> Result<(), DbErr> 
 }
 
 /// The PostgreSQL group commit. Each kind of row goes in as one JSON parameter
-/// (`jsonb_to_recordset`), so the statement text never changes (it stays prepared) whatever the
-/// number of sagas in the group. A group whose sagas are all different (the usual case: a saga's
+/// (`json_to_recordset`), so the statement text never changes (it stays prepared) whatever the
+/// number of sagas in the group. A saga's input and outputs and a message's payload are JSON values
+/// inside that parameter, not strings of JSON: as `json` (not `jsonb`) PostgreSQL hands each one on
+/// as the very text the engine wrote, so it is encoded once and never escaped into a string. A group whose sagas are all different (the usual case: a saga's
 /// engine waits for each of its writes) is **one statement**, committed on its own: one round trip
 /// for the whole group. A group that writes one saga k times is k such statements in one
 /// transaction, the saga's writes in their order.
@@ -675,13 +677,13 @@ mod batched {
     const AT_ONCE: &str = "
 WITH fence AS MATERIALIZED (
     SELECT shard, epoch FROM saga_shards
-    WHERE shard IN (SELECT value::int FROM jsonb_array_elements_text($1::jsonb))
+    WHERE shard IN (SELECT value::int FROM json_array_elements_text($1::json))
     ORDER BY shard
     FOR KEY SHARE
 ),
 sv AS MATERIALIZED (
-    SELECT * FROM ROWS FROM (jsonb_to_recordset($2::jsonb) AS (w int, id text, kind text,
-        shard int, state text, input text, outputs text, next_step int, version bigint,
+    SELECT * FROM ROWS FROM (json_to_recordset($2::json) AS (w int, id text, kind text,
+        shard int, state text, input json, outputs json, next_step int, version bigint,
         error text, deadline timestamptz, created_at timestamptz, updated_at timestamptz,
         wake_at_ms bigint, signals text, epoch bigint)) WITH ORDINALITY AS v(w, id, kind, shard,
         state, input, outputs, next_step, version, error, deadline, created_at, updated_at,
@@ -690,7 +692,8 @@ sv AS MATERIALIZED (
 started AS (
     INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, version, error,
         deadline, created_at, updated_at, wake_at_ms, signals)
-    SELECT v.id, v.kind, v.shard, v.state, v.input, v.outputs, v.next_step, v.version, v.error,
+    SELECT v.id, v.kind, v.shard, v.state, v.input::text, v.outputs::text, v.next_step,
+        v.version, v.error,
         v.deadline, v.created_at, v.updated_at, v.wake_at_ms, v.signals
     FROM sv v JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
     ORDER BY v.ord
@@ -703,15 +706,15 @@ updated AS (
         updated_at = v.updated_at,
         wake_at_ms = v.wake_at_ms,
         state = CASE WHEN v.set_state THEN v.state ELSE s.state END,
-        input = CASE WHEN v.set_input THEN v.input ELSE s.input END,
-        outputs = CASE WHEN v.set_outputs THEN v.outputs ELSE s.outputs END,
+        input = CASE WHEN v.set_input THEN v.input::text ELSE s.input END,
+        outputs = CASE WHEN v.set_outputs THEN v.outputs::text ELSE s.outputs END,
         next_step = CASE WHEN v.set_next_step THEN v.next_step ELSE s.next_step END,
         error = CASE WHEN v.set_error THEN v.error ELSE s.error END,
         deadline = CASE WHEN v.set_deadline THEN v.deadline ELSE s.deadline END,
         signals = CASE WHEN v.set_signals THEN v.signals ELSE s.signals END
-    FROM jsonb_to_recordset($3::jsonb) AS v(ord int, id text, expected_version bigint,
+    FROM json_to_recordset($3::json) AS v(ord int, id text, expected_version bigint,
         epoch bigint, shard int, updated_at timestamptz, wake_at_ms bigint, set_state bool,
-        state text, set_input bool, input text, set_outputs bool, outputs text,
+        state text, set_input bool, input json, set_outputs bool, outputs json,
         set_next_step bool, next_step int, set_error bool, error text, set_deadline bool,
         deadline timestamptz, set_signals bool, signals text)
     JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
@@ -728,16 +731,16 @@ attempts AS (
         finished_at)
     SELECT a.saga_id, a.step_index, a.attempt, a.step, a.outcome, a.error, a.started_at,
         a.finished_at
-    FROM jsonb_to_recordset($4::jsonb) AS a(w int, saga_id text, step_index int, attempt int,
+    FROM json_to_recordset($4::json) AS a(w int, saga_id text, step_index int, attempt int,
         step text, outcome text, error text, started_at timestamptz, finished_at timestamptz)
     WHERE a.w IN (SELECT w FROM landed)
     ON CONFLICT (saga_id, step_index, attempt) DO NOTHING
 ),
 outbox AS (
     INSERT INTO saga_outbox (shard, destination, key, payload, created_at)
-    SELECT o.shard, o.destination, o.key, o.payload, o.created_at
-    FROM ROWS FROM (jsonb_to_recordset($5::jsonb) AS (w int, shard int, destination text,
-        key text, payload text, created_at timestamptz)) WITH ORDINALITY AS o(w, shard,
+    SELECT o.shard, o.destination, o.key, o.payload::text, o.created_at
+    FROM ROWS FROM (json_to_recordset($5::json) AS (w int, shard int, destination text,
+        key text, payload json, created_at timestamptz)) WITH ORDINALITY AS o(w, shard,
         destination, key, payload, created_at, ord)
     WHERE o.w IN (SELECT w FROM landed)
     ORDER BY o.ord
@@ -765,8 +768,8 @@ SELECT 'e', shard, epoch FROM fence";
         kind: &'a str,
         shard: i32,
         state: &'a str,
-        input: String,
-        outputs: String,
+        input: &'a serde_json::Value,
+        outputs: &'a serde_json::Map<String, serde_json::Value>,
         next_step: i32,
         version: i64,
         error: Option<&'a str>,
@@ -786,8 +789,8 @@ SELECT 'e', shard, epoch FROM fence";
                 kind: &m.kind,
                 shard: m.shard,
                 state: &m.state,
-                input: m.input.to_string(),
-                outputs: serde_json::Value::Object(m.outputs.clone()).to_string(),
+                input: &m.input,
+                outputs: &m.outputs,
                 next_step: i32::try_from(m.next_step).unwrap_or(i32::MAX),
                 version: m.version,
                 error: m.error.as_deref(),
@@ -813,9 +816,9 @@ SELECT 'e', shard, epoch FROM fence";
         set_state: bool,
         state: Option<&'a str>,
         set_input: bool,
-        input: Option<String>,
+        input: Option<&'a serde_json::Value>,
         set_outputs: bool,
-        outputs: Option<String>,
+        outputs: Option<&'a serde_json::Value>,
         set_next_step: bool,
         next_step: Option<i32>,
         set_error: bool,
@@ -848,9 +851,9 @@ SELECT 'e', shard, epoch FROM fence";
                 set_state: u.state.is_some(),
                 state: u.state.as_deref(),
                 set_input: u.input.is_some(),
-                input: u.input.as_ref().map(ToString::to_string),
+                input: u.input.as_ref(),
                 set_outputs: u.outputs.is_some(),
-                outputs: u.outputs.as_ref().map(ToString::to_string),
+                outputs: u.outputs.as_ref(),
                 set_next_step: u.next_step.is_some(),
                 next_step: u.next_step,
                 set_error: u.error.is_some(),
@@ -882,7 +885,7 @@ SELECT 'e', shard, epoch FROM fence";
         shard: i32,
         destination: &'a str,
         key: &'a str,
-        payload: String,
+        payload: &'a serde_json::Value,
         created_at: String,
     }
 
@@ -893,7 +896,7 @@ SELECT 'e', shard, epoch FROM fence";
                 shard,
                 destination: &m.destination,
                 key: &m.key,
-                payload: m.payload.to_string(),
+                payload: &m.payload,
                 created_at: now.to_owned(),
             }
         }

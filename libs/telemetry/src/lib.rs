@@ -23,7 +23,8 @@ use opentelemetry_sdk::Resource;
 use tracing::dispatcher::WeakDispatch;
 use tracing::{Dispatch, Event, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -136,7 +137,7 @@ fn install(
         LogFormat::Json => Dispatch::new(
             registry.with(
                 tracing_subscriber::fmt::layer()
-                    .fmt_fields(JsonFields::new())
+                    .fmt_fields(JsonMembers)
                     .event_format(JsonWithTrace),
             ),
         ),
@@ -228,8 +229,10 @@ where
                 {
                     let ext = span.extensions();
                     if let Some(fields) = ext.get::<FormattedFields<N>>() {
+                        // `JsonMembers`: the members of an object, a later one overriding an
+                        // earlier one of the same name.
                         if let Ok(serde_json::Value::Object(map)) =
-                            serde_json::from_str::<serde_json::Value>(fields)
+                            serde_json::from_str::<serde_json::Value>(&format!("{{{fields}}}"))
                         {
                             line.extend(map);
                         }
@@ -256,6 +259,86 @@ where
         event.record(&mut visitor);
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
+    }
+}
+
+/// A span's fields as the members of a JSON object, without the braces: `"a":1,"b":"x"`.
+///
+/// The fmt layer formats a span's fields when the span is created and again at every
+/// `Span::record`, whether or not a log line ever shows them (most spans log nothing). With
+/// `tracing_subscriber`'s `JsonFields`, every `record` parsed the span's JSON so far into a map
+/// and wrote it out again: 5 % of the Scheduler's CPU in `make bench-e2e`, two records per saga
+/// step, and one per HTTP request in every service. Here a record appends its members; a name
+/// recorded twice appears twice, and [`JsonWithTrace`] keeps the later one when it reads them.
+struct JsonMembers;
+
+impl<'writer> FormatFields<'writer> for JsonMembers {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut visitor = MembersVisitor {
+            writer: &mut writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        if !current.fields.is_empty() {
+            current.fields.push(',');
+        }
+        self.format_fields(current.as_writer(), fields)
+    }
+}
+
+/// Writes each field as a JSON member, separated by commas.
+struct MembersVisitor<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl MembersVisitor<'_, '_> {
+    fn member(&mut self, name: &str, value: &serde_json::Value) {
+        if self.result.is_err() {
+            return;
+        }
+        let separator = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            ","
+        };
+        let name = serde_json::Value::from(name);
+        self.result = write!(self.writer, "{separator}{name}:{value}");
+    }
+}
+
+impl tracing::field::Visit for MembersVisitor<'_, '_> {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.member(field.name(), &value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.member(field.name(), &value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.member(field.name(), &value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.member(field.name(), &value.into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.member(field.name(), &value.into());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        self.member(field.name(), &format!("{value:?}").into());
     }
 }
 
@@ -447,6 +530,64 @@ mod tests {
         };
         assert_eq!(consume.span_context.trace_id(), produce.trace_id());
         assert_eq!(consume.parent_span_id, produce.span_id());
+    }
+
+    /// A log line carries the fields of its spans, those recorded after the span began too (the
+    /// later value of a field recorded twice), with strings escaped.
+    #[test]
+    fn log_lines_carry_span_fields_recorded_later() {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .map_err(|_| std::io::Error::other("poisoned"))?
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .fmt_fields(JsonMembers)
+                .event_format(JsonWithTrace)
+                .with_writer(move || out.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let outer =
+                tracing::info_span!("outer", delivery_id = "d-1", note = "a \"quoted\" word");
+            let _o = outer.enter();
+            let inner = tracing::info_span!(
+                "inner",
+                step = "ReserveDrone",
+                attempt = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            );
+            inner.record("attempt", 1);
+            inner.record("outcome", "transient");
+            inner.record("attempt", 2);
+            let _i = inner.enter();
+            tracing::info!(wait_ms = 5u64, "step retried");
+        });
+        let text = String::from_utf8(buffer.0.lock().map(|b| b.clone()).unwrap_or_default())
+            .unwrap_or_default();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
+        assert_eq!(line["delivery_id"], "d-1", "{text}");
+        assert_eq!(line["note"], "a \"quoted\" word", "{text}");
+        assert_eq!(line["step"], "ReserveDrone", "{text}");
+        assert_eq!(line["attempt"], 2, "{text}");
+        assert_eq!(line["outcome"], "transient", "{text}");
+        assert_eq!(line["wait_ms"], 5, "{text}");
+        assert_eq!(line["message"], "step retried", "{text}");
+        assert_eq!(line["span"], "inner", "{text}");
     }
 
     #[test]
