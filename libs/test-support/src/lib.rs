@@ -311,6 +311,65 @@ rm -f "$2" "$3""#;
     }
 }
 
+/// The generic plan PostgreSQL makes for `statement` (what a prepared statement ends up with, and
+/// keeps while its tables grow) on a fresh database of [`postgres_url`]'s server, migrated by `M`
+/// and never analysed: `PREPARE` with the parameter types `params`, then `EXPLAIN EXECUTE` with
+/// the literal arguments `args`. The database is dropped afterwards.
+///
+/// # Panics
+/// When the server cannot be reached or a step fails (this is for tests).
+#[allow(clippy::expect_used)] // a failed step fails the test
+pub async fn generic_plan<M: sea_orm_migration::MigratorTrait>(
+    params: &str,
+    statement: &str,
+    args: &str,
+) -> String {
+    use sea_orm::{ConnectionTrait, Database, DbBackend, Statement, TransactionTrait};
+
+    let admin_url = postgres_url();
+    let name = format!(
+        "test_plan_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let admin = Database::connect(admin_url.as_str())
+        .await
+        .expect("PostgreSQL");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("create database");
+    let (base, _) = admin_url.rsplit_once('/').expect("a database in the URL");
+    let db = Database::connect(format!("{base}/{name}"))
+        .await
+        .expect("test database");
+    M::up(&db, None).await.expect("migrations");
+
+    let txn = db.begin().await.expect("transaction");
+    txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await
+        .expect("set");
+    txn.execute_unprepared(&format!("PREPARE under_test({params}) AS {statement}"))
+        .await
+        .expect("prepare");
+    let plan: Vec<String> = txn
+        .query_all(Statement::from_string(
+            DbBackend::Postgres,
+            format!("EXPLAIN EXECUTE under_test({args})"),
+        ))
+        .await
+        .expect("explain")
+        .iter()
+        .filter_map(|row| row.try_get_by_index::<String>(0).ok())
+        .collect();
+    txn.rollback().await.expect("rollback");
+    db.close().await.expect("close");
+    admin
+        .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .await
+        .expect("drop database");
+    plan.join("\n")
+}
+
 #[cfg(test)]
 #[allow(clippy::expect_used)] // a failed test step should panic
 mod tests {

@@ -339,7 +339,6 @@ fn is_deadlock(e: &DbErr) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -348,54 +347,12 @@ mod tests {
     /// deliveries must be probes of the primary key, never a scan of `reservations`.
     #[tokio::test]
     async fn the_busy_read_probes_indexes_on_a_fresh_table() {
-        use sea_orm::{Database, TransactionTrait};
-        use sea_orm_migration::MigratorTrait as _;
-
-        let admin_url = test_support::postgres_url();
-        let name = format!(
-            "test_drone_plan_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let admin = Database::connect(admin_url.as_str())
-            .await
-            .expect("PostgreSQL");
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create database");
-        let (base, _) = admin_url.rsplit_once('/').expect("a database in the URL");
-        let db = Database::connect(format!("{base}/{name}"))
-            .await
-            .expect("test database");
-        crate::Migrator::up(&db, None).await.expect("migrations");
-
-        let txn = db.begin().await.expect("transaction");
-        txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await
-            .expect("set");
-        txn.execute_unprepared(&format!(
-            "PREPARE busy(int8[], int8[], text[]) AS {PG_BUSY}"
-        ))
-        .await
-        .expect("prepare");
-        let plan: Vec<String> = txn
-            .query_all(Statement::from_string(
-                DbBackend::Postgres,
-                "EXPLAIN EXECUTE busy('{0}', '{60000}', '{d1}')",
-            ))
-            .await
-            .expect("explain")
-            .iter()
-            .filter_map(|row| row.try_get_by_index::<String>(0).ok())
-            .collect();
-        txn.rollback().await.expect("rollback");
-        db.close().await.expect("close");
-        admin
-            .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
-            .await
-            .expect("drop database");
-
-        let plan = plan.join("\n");
+        let plan = test_support::generic_plan::<crate::Migrator>(
+            "int8[], int8[], text[]",
+            PG_BUSY,
+            "'{0}', '{60000}', '{d1}'",
+        )
+        .await;
         assert!(
             plan.contains("using reservations_pkey on reservations")
                 && !plan.contains("Seq Scan on reservations"),

@@ -375,54 +375,14 @@ mod tests {
     /// `delivery_requests`' primary key, never a scan of the table (which grows under that plan).
     #[tokio::test]
     async fn the_history_statement_probes_the_primary_key_on_a_fresh_table() {
-        use sea_orm::Database;
-        use sea_orm_migration::MigratorTrait as _;
-
-        let admin_url = test_support::postgres_url();
-        let name = format!(
-            "test_ingestion_plan_{}",
-            &Uuid::new_v4().simple().to_string()[..12]
-        );
-        let admin = Database::connect(admin_url.as_str())
-            .await
-            .expect("PostgreSQL");
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create database");
-        let (base, _) = admin_url.rsplit_once('/').expect("a database in the URL");
-        let db = Database::connect(format!("{base}/{name}"))
-            .await
-            .expect("test database");
-        crate::Migrator::up(&db, None).await.expect("migrations");
-
-        let txn = db.begin().await.expect("transaction");
-        txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await
-            .expect("set");
-        txn.execute_unprepared(&format!("PREPARE record_history(jsonb) AS {PG_RECORD}"))
-            .await
-            .expect("prepare");
         let sample = r#"[{"delivery_id":"d","source":"booking","source_seq":1,"state":"scheduled",
             "tracking_stage":null,"detail":null,"location":null,"at":"2026-12-06T10:00:00Z"}]"#;
-        let plan: Vec<String> = txn
-            .query_all(Statement::from_string(
-                DbBackend::Postgres,
-                format!("EXPLAIN EXECUTE record_history('{sample}')"),
-            ))
-            .await
-            .expect("explain")
-            .iter()
-            .filter_map(|row| row.try_get_by_index::<String>(0).ok())
-            .collect();
-        txn.rollback().await.expect("rollback");
-        db.close().await.expect("close");
-        admin
-            .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
-            .await
-            .expect("drop database");
-
-        let plan = plan.join("\n");
+        let plan = test_support::generic_plan::<crate::Migrator>(
+            "jsonb",
+            PG_RECORD,
+            &format!("'{sample}'"),
+        )
+        .await;
         assert!(
             plan.contains("Index Scan using delivery_requests_pkey on delivery_requests")
                 && !plan.contains("Seq Scan on delivery_requests"),
