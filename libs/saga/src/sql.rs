@@ -644,9 +644,10 @@ async fn insert_rows(txn: &DatabaseTransaction, w: &Write) -> Result<(), DbErr> 
 /// (`json_to_recordset`), so the statement text never changes (it stays prepared) whatever the
 /// number of sagas in the group. A saga's input and outputs and a message's payload are JSON values
 /// inside that parameter, not strings of JSON: as `json` (not `jsonb`) PostgreSQL hands each one on
-/// as the very text the engine wrote, so it is encoded once and never escaped into a string. A group whose sagas are all different (the usual case: a saga's
-/// engine waits for each of its writes) is **one statement**, committed on its own: one round trip
-/// for the whole group. A group that writes one saga k times is k such statements in one
+/// as the very text the engine wrote, so it is encoded once and never escaped into a string.
+///
+/// A group whose sagas are all different (the usual case: a saga's engine waits for each of its
+/// writes) is **one statement**, committed on its own: one round trip for the whole group. A group that writes one saga k times is k such statements in one
 /// transaction, the saga's writes in their order.
 ///
 /// The fence: the group reads the lease rows of its shards `FOR KEY SHARE` and writes only the

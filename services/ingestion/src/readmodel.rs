@@ -632,7 +632,7 @@ ON CONFLICT (delivery_id) DO NOTHING";
 
     #[derive(Serialize)]
     pub(crate) struct AcceptedRow<'a> {
-        delivery_id: String,
+        delivery_id: Uuid,
         owner_id: &'a str,
         state: &'static str,
         at: String,
@@ -644,7 +644,7 @@ ON CONFLICT (delivery_id) DO NOTHING";
     impl<'a> AcceptedRow<'a> {
         pub(crate) fn new(a: &'a Accepted) -> Self {
             Self {
-                delivery_id: a.delivery_id.to_string(),
+                delivery_id: a.delivery_id,
                 owner_id: &a.owner_id,
                 state: RequestState::Accepted.as_str(),
                 at: ts(&a.at),
@@ -685,7 +685,7 @@ WHERE delivery_requests.version < excluded.version";
 
     #[derive(Serialize)]
     pub(crate) struct StateRow<'a> {
-        delivery_id: String,
+        delivery_id: Uuid,
         owner_id: &'a str,
         state: &'static str,
         detail: Option<&'a str>,
@@ -704,7 +704,7 @@ WHERE delivery_requests.version < excluded.version";
     impl<'a> StateRow<'a> {
         pub(crate) fn new(e: &'a WorkflowStateChanged, client_cancelled: bool) -> Self {
             Self {
-                delivery_id: e.delivery_id.to_string(),
+                delivery_id: e.delivery_id,
                 owner_id: &e.owner_id,
                 state: e.state.as_str(),
                 detail: e.detail.as_deref(),
@@ -745,7 +745,7 @@ WHERE delivery_requests.tracking_seq IS NULL
 
     #[derive(Serialize)]
     pub(crate) struct TrackedRow<'a> {
-        delivery_id: String,
+        delivery_id: Uuid,
         owner_id: &'a str,
         state: &'static str,
         at: String,
@@ -758,7 +758,7 @@ WHERE delivery_requests.tracking_seq IS NULL
     impl<'a> TrackedRow<'a> {
         pub(crate) fn new(id: Uuid, e: &'a DeliveryTracked, location: Option<&'a String>) -> Self {
             Self {
-                delivery_id: id.to_string(),
+                delivery_id: id,
                 owner_id: &e.owner_id,
                 state: RequestState::Accepted.as_str(),
                 at: ts(&e.at),
