@@ -19,8 +19,8 @@ use tracing::Instrument;
 use crate::clock::Clock;
 use crate::retry::{RetryPolicy, StepError};
 use crate::store::{
-    Attempt, Change, Fence, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Signal, Store,
-    Write, Written,
+    Attempt, Change, Fence, InstanceUpdate, JournalError, OutboxMessage, RawJson, SagaRecord,
+    Signal, Store, Write, Written,
 };
 use crate::{CANCELLED, COMPLETED, FAILED, RUNNING};
 
@@ -384,14 +384,17 @@ impl<C: Send + Sync> Engine<C> {
     ) -> Result<Option<Started>, JournalError> {
         // The announcement commits with the start, and only if the start is new.
         let outbox = self.saga.hooks.announce(ctx, &record, &Lifecycle::Started);
+        let record = Arc::new(record);
         let written = self
             .write(Write {
                 fence,
-                change: Change::Start(Box::new(record.clone())),
+                change: Change::Start(record.clone()),
                 attempts,
                 outbox,
             })
             .await?;
+        // The store has let go of its share by now (a copy only if one did not).
+        let record = Arc::unwrap_or_clone(record);
         Ok((written == Written::Created).then_some(Started { record, check }))
     }
 
@@ -595,7 +598,7 @@ impl<C: Send + Sync> Engine<C> {
                         };
                         let update = InstanceUpdate {
                             state: last.then(|| COMPLETED.to_owned()),
-                            outputs: Some(Value::Object(saga.outputs.clone())),
+                            outputs: Some(outputs_of(&saga)?),
                             next_step: Some(i32::try_from(saga.next_step).unwrap_or(i32::MAX)),
                             ..Default::default()
                         };
@@ -742,7 +745,7 @@ impl<C: Send + Sync> Engine<C> {
             return Ok(());
         }
         let update = InstanceUpdate {
-            outputs: Some(Value::Object(saga.outputs.clone())),
+            outputs: Some(outputs_of(saga)?),
             next_step: Some(i32::try_from(saga.next_step).unwrap_or(i32::MAX)),
             ..Default::default()
         };
@@ -964,6 +967,12 @@ impl<C: Send + Sync> Engine<C> {
         }
         Ok(())
     }
+}
+
+/// The saga's outputs encoded for a write (once, from the record's map: no copy of it).
+fn outputs_of(saga: &SagaRecord) -> Result<RawJson, JournalError> {
+    RawJson::encode(&saga.outputs)
+        .map_err(|e| JournalError::Corrupt(format!("saga {} outputs: {e}", saga.id)))
 }
 
 /// The span of a step: its attempts' downstream calls are its children, retries are events in

@@ -31,7 +31,7 @@ pub use retry::{RetryOverrides, RetryPolicy, StepError};
 pub use sql::SqlStore;
 pub use store::{
     Attempt, Change, Fence, InstanceUpdate, JournalError, Lease, LeaseRow, ListFilter,
-    OutboxMessage, OutboxRow, Position, SagaRecord, Signal, Store, Write, Written,
+    OutboxMessage, OutboxRow, Position, RawJson, SagaRecord, Signal, Store, Write, Written,
 };
 
 /// Engine states of a saga instance.

@@ -77,7 +77,8 @@ impl Store for MemoryStore {
         // The epoch the store holds now (equal to the fence's while the fence check stands).
         let epoch = s.leases.get(&w.fence.shard).map_or(-1, |l| l.epoch);
         let (id, version, written) = match w.change {
-            Change::Start(mut record) => {
+            Change::Start(record) => {
+                let mut record = std::sync::Arc::unwrap_or_clone(record);
                 if record.shard != w.fence.shard {
                     return Err(JournalError::other_shard(w.fence, record.shard));
                 }
@@ -89,7 +90,7 @@ impl Store for MemoryStore {
                     x.position = None;
                 }
                 let (id, version) = (record.id.clone(), record.version);
-                s.sagas.insert(id.clone(), *record);
+                s.sagas.insert(id.clone(), record);
                 (id, version, Written::Created)
             }
             Change::Update {
@@ -119,10 +120,8 @@ impl Store for MemoryStore {
                     saga.input = v;
                 }
                 if let Some(v) = u.outputs {
-                    saga.outputs = match v {
-                        serde_json::Value::Object(m) => m,
-                        _ => return Err(JournalError::Corrupt(format!("saga {id} outputs"))),
-                    };
+                    saga.outputs = serde_json::from_str(v.get())
+                        .map_err(|_| JournalError::Corrupt(format!("saga {id} outputs")))?;
                 }
                 if let Some(v) = u.next_step {
                     saga.next_step = usize::try_from(v).unwrap_or(0);

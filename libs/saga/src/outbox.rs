@@ -96,13 +96,13 @@ async fn run(
             }
             continue;
         }
-        let messages: Vec<OutboxMessage> = rows.iter().map(|r| r.message.clone()).collect();
+        // Exactly the rows published are deleted after: a write that drew a lower seq may commit
+        // after the read, and its rows, unpublished, must stay.
+        let (published, messages): (Vec<i64>, Vec<OutboxMessage>) =
+            rows.into_iter().map(|r| (r.seq, r.message)).unzip();
         match publisher.publish(&messages).await {
             Ok(()) => {
                 failures = 0;
-                // Exactly the rows published: a write that drew a lower seq may commit after the
-                // read, and its rows, unpublished, must stay.
-                let published: Vec<i64> = rows.iter().map(|r| r.seq).collect();
                 match store.outbox_done_of(&fences, &published).await {
                     Ok(()) => {}
                     Err(e @ JournalError::Refused(_)) if stop_when_refused => return e,
@@ -112,14 +112,16 @@ async fn run(
                 }
                 // A full batch: more are waiting. Otherwise the next commit wakes the relay (or
                 // has already left its permit).
-                if rows.len() < BATCH && tokio::time::timeout(poll, wake.notified()).await.is_ok() {
+                if published.len() < BATCH
+                    && tokio::time::timeout(poll, wake.notified()).await.is_ok()
+                {
                     tokio::time::sleep(LINGER).await;
                 }
             }
             Err(e) => {
                 failures += 1;
                 let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                tracing::warn!(error = %e, rows = rows.len(), ?wait, "outbox publish failed; will retry");
+                tracing::warn!(error = %e, rows = published.len(), ?wait, "outbox publish failed; will retry");
                 tokio::time::sleep(wait).await;
             }
         }

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::entities::{attempt, instance, outbox, shard};
 use crate::store::{
     Attempt, Change, Fence, JournalError, Lease, LeaseRow, ListFilter, OutboxMessage, OutboxRow,
-    Position, SagaRecord, Signal, Store, Write, Written,
+    Position, RawJson, SagaRecord, Signal, Store, Write, Written,
 };
 
 /// How many queued writes one transaction takes at most.
@@ -91,7 +91,7 @@ async fn decode_rows(
 ) -> Result<Vec<OutboxRow>, JournalError> {
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        match serde_json::from_str(&r.payload) {
+        match RawJson::parse(r.payload) {
             Ok(payload) => out.push(OutboxRow {
                 seq: r.seq,
                 message: OutboxMessage {
@@ -428,8 +428,11 @@ async fn writer(db: DatabaseConnection, mut rx: mpsc::Receiver<Pending>) {
         let writes: Vec<&Write> = group.iter().map(|p| &p.write).collect();
         match commit(&db, &writes).await {
             Ok(results) => {
-                for (p, r) in group.into_iter().zip(results) {
-                    let _ = p.done.send(r);
+                // The writes go before the answers: a writer then gets back sole hold of what
+                // it shared with its write (a start's record) and need not copy it.
+                let done: Vec<_> = group.into_iter().map(|p| p.done).collect();
+                for (d, r) in done.into_iter().zip(results) {
+                    let _ = d.send(r);
                 }
             }
             Err(e) if group.len() > 1 => {
@@ -525,7 +528,9 @@ async fn apply(
                         r.shard.into(),
                         r.state.clone().into(),
                         r.input.to_string().into(),
-                        Value::Object(r.outputs.clone()).to_string().into(),
+                        serde_json::to_string(&r.outputs)
+                            .map_err(|e| DbErr::Custom(format!("saga {} outputs: {e}", r.id)))?
+                            .into(),
                         i32::try_from(r.next_step).unwrap_or(i32::MAX).into(),
                         r.version.into(),
                         r.error.clone().into(),
@@ -566,7 +571,7 @@ async fn apply(
                 q = q.col_expr(instance::Column::Input, Expr::value(i.to_string()));
             }
             if let Some(o) = &u.outputs {
-                q = q.col_expr(instance::Column::Outputs, Expr::value(o.to_string()));
+                q = q.col_expr(instance::Column::Outputs, Expr::value(o.get()));
             }
             if let Some(n) = u.next_step {
                 q = q.col_expr(instance::Column::NextStep, Expr::value(n));
@@ -630,7 +635,7 @@ async fn insert_rows(txn: &DatabaseTransaction, w: &Write) -> Result<(), DbErr> 
             shard: Set(w.fence.shard),
             destination: Set(m.destination.clone()),
             key: Set(m.key.clone()),
-            payload: Set(m.payload.to_string()),
+            payload: Set(m.payload.get().to_owned()),
             created_at: Set(now),
             ..Default::default()
         }))
@@ -668,7 +673,7 @@ mod batched {
 
     use super::{ms, signals_json, Results};
     use crate::store::{
-        Change, InstanceUpdate, JournalError, OutboxMessage, SagaRecord, Write, Written,
+        Change, InstanceUpdate, JournalError, OutboxMessage, RawJson, SagaRecord, Write, Written,
     };
 
     /// A whole group of writes to different sagas in one statement: $1 the shards, $2 the starts,
@@ -819,7 +824,7 @@ SELECT 'e', shard, epoch FROM fence";
         set_input: bool,
         input: Option<&'a serde_json::Value>,
         set_outputs: bool,
-        outputs: Option<&'a serde_json::Value>,
+        outputs: Option<&'a RawJson>,
         set_next_step: bool,
         next_step: Option<i32>,
         set_error: bool,
@@ -886,7 +891,7 @@ SELECT 'e', shard, epoch FROM fence";
         shard: i32,
         destination: &'a str,
         key: &'a str,
-        payload: &'a serde_json::Value,
+        payload: &'a RawJson,
         created_at: String,
     }
 

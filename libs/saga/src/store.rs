@@ -8,9 +8,12 @@
 //! attempts and outbox rows that come with it, and refuses it otherwise. So a stale owner's write
 //! never lands and a saga's version never goes backwards.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// Why the journal could not do what was asked.
@@ -152,12 +155,49 @@ pub struct Attempt {
     pub finished_at: DateTime<Utc>,
 }
 
+/// JSON kept as its text: encoded once where it is made and handed on as it is (into the journal's
+/// statements, out of the outbox to the broker) instead of as a tree of values that each hop
+/// copies and encodes again. Always valid JSON (made by encoding, or checked when read).
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    /// `value` encoded.
+    pub fn encode(value: &impl Serialize) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(value).map(Self)
+    }
+
+    /// Text read back (from the journal), checked to be JSON.
+    pub fn parse(text: String) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(text).map(Self)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Decoded into a tree of values (for tests and the rare reader that needs one).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
 /// A message to publish once the write that carries it has committed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxMessage {
     pub destination: String,
     pub key: String,
-    pub payload: Value,
+    /// The message as it goes to the broker (for the application's messages, an encoded
+    /// envelope).
+    pub payload: RawJson,
 }
 
 /// An outbox row waiting for the relay.
@@ -173,7 +213,9 @@ pub struct OutboxRow {
 pub struct InstanceUpdate {
     pub state: Option<String>,
     pub input: Option<Value>,
-    pub outputs: Option<Value>,
+    /// The saga's outputs (an object), encoded: the engine encodes its record's map once for
+    /// the write instead of copying it.
+    pub outputs: Option<RawJson>,
     pub next_step: Option<i32>,
     pub error: Option<Option<String>>,
     pub deadline: Option<Option<DateTime<Utc>>>,
@@ -185,8 +227,10 @@ pub struct InstanceUpdate {
 #[allow(clippy::large_enum_variant)] // short-lived, one per write
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// Inserts the saga unless one with its id exists (a replay: nothing is written then).
-    Start(Box<SagaRecord>),
+    /// Inserts the saga unless one with its id exists (a replay: nothing is written then). Shared
+    /// with the engine, which takes its record back once the write is done (a store holds on to
+    /// it no longer than the write), so a start copies no record.
+    Start(Arc<SagaRecord>),
     /// Moves the saga from `expected_version` to `expected_version + 1`.
     Update {
         id: String,

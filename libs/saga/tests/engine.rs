@@ -16,8 +16,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use common::{load, Backend, Fixture};
 use saga::{
     Clock, Engine, EngineSettings, Fence, Hooks, Inbox, JournalError, Lifecycle, ManualClock,
-    NoInbox, OutboxMessage, RetryPolicy, Saga, SagaRecord, Signal, SignalAction, Step, StepError,
-    Store,
+    NoInbox, OutboxMessage, RawJson, RetryPolicy, Saga, SagaRecord, Signal, SignalAction, Step,
+    StepError, Store,
 };
 use sea_orm::ConnectionTrait;
 use serde_json::{json, Value};
@@ -191,7 +191,10 @@ impl Hooks<Script> for Announce {
         vec![OutboxMessage {
             destination: "events".into(),
             key: saga.id.clone(),
-            payload: json!({"change": format!("{change:?}"), "version": saga.version}),
+            payload: RawJson::encode(
+                &json!({"change": format!("{change:?}"), "version": saga.version}),
+            )
+            .unwrap(),
         }]
     }
 
@@ -414,7 +417,12 @@ async fn changes(store: &Arc<dyn Store>, fence: Fence) -> Vec<String> {
         .await
         .unwrap()
         .into_iter()
-        .map(|r| r.message.payload["change"].as_str().unwrap().to_owned())
+        .map(|r| {
+            r.message.payload.value()["change"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect()
 }
 
@@ -480,7 +488,7 @@ async fn happy_path_journals_every_step(fx: Fixture) {
         .await
         .unwrap()
         .iter()
-        .map(|r| r.message.payload["version"].as_i64().unwrap())
+        .map(|r| r.message.payload.value()["version"].as_i64().unwrap())
         .collect();
     assert_eq!(versions, vec![1, 2, 3, 4], "each event carries its version");
     assert!(clock.sleeps().is_empty());
@@ -759,7 +767,12 @@ async fn outbox_relay_publishes_in_order_and_retries(fx: Fixture) {
     let got = publisher.got.lock().unwrap().clone();
     let versions: Vec<(String, i64)> = got
         .iter()
-        .map(|m| (m.key.clone(), m.payload["version"].as_i64().unwrap()))
+        .map(|m| {
+            (
+                m.key.clone(),
+                m.payload.value()["version"].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         versions,
@@ -1305,7 +1318,7 @@ async fn outbox_relay_never_drops_a_row_committed_late() {
             .lock()
             .unwrap()
             .iter()
-            .map(|m| m.payload["name"].as_str().unwrap().to_owned())
+            .map(|m| m.payload.value()["name"].as_str().unwrap().to_owned())
             .collect()
     };
     poll(Duration::from_millis(20), || async {

@@ -13,7 +13,7 @@ use common::{load, Backend, Fixture};
 use saga::store::{Change, OutboxRow, Write, Written};
 use saga::{
     Attempt, Fence, InstanceUpdate, JournalError, Lease, ListFilter, OutboxMessage, Position,
-    SagaRecord, Signal, Store,
+    RawJson, SagaRecord, Signal, Store,
 };
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait};
 use serde_json::{json, Map};
@@ -111,7 +111,7 @@ fn msg(key: &str, n: i64) -> OutboxMessage {
     OutboxMessage {
         destination: "events".to_owned(),
         key: key.to_owned(),
-        payload: json!({"n": n}),
+        payload: RawJson::encode(&json!({"n": n})).unwrap(),
     }
 }
 
@@ -131,7 +131,7 @@ fn attempt(id: &str, step_index: i32, n: i32) -> Attempt {
 fn start(fence: Fence, r: SagaRecord, outbox: Vec<OutboxMessage>) -> Write {
     Write {
         fence,
-        change: Change::Start(Box::new(r)),
+        change: Change::Start(Arc::new(r)),
         attempts: Vec::new(),
         outbox,
     }
@@ -311,7 +311,7 @@ async fn sent(s: &Arc<dyn Store>, fence: Fence, limit: usize) -> Vec<i64> {
 
 fn ns(rows: &[OutboxRow]) -> Vec<i64> {
     rows.iter()
-        .map(|r| r.message.payload["n"].as_i64().unwrap())
+        .map(|r| r.message.payload.value()["n"].as_i64().unwrap())
         .collect()
 }
 
@@ -483,7 +483,7 @@ async fn an_update_needs_the_fence_and_the_expected_version(s: Arc<dyn Store>) {
     let change = InstanceUpdate {
         state: Some(saga::COMPLETED.into()),
         input: Some(json!({"new": 1})),
-        outputs: Some(json!({"a": {"x": 1}})),
+        outputs: Some(RawJson::encode(&json!({"a": {"x": 1}})).unwrap()),
         next_step: Some(2),
         error: Some(Some("boom".into())),
         deadline: Some(Some(t(90_000))),

@@ -26,7 +26,8 @@ use contracts::{
 use downstream::{CallError, Domain};
 use messaging::Envelope;
 use saga::{
-    Hooks, Lifecycle, OutboxMessage, RetryPolicy, SagaRecord, Signal, SignalAction, Step, StepError,
+    Hooks, Lifecycle, OutboxMessage, RawJson, RetryPolicy, SagaRecord, Signal, SignalAction, Step,
+    StepError,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -638,11 +639,12 @@ fn envelope_message(
     body: &impl Serialize,
 ) -> Option<OutboxMessage> {
     // The envelope (and its id) is fixed when the row is written, so a re-sent row is recognisable.
-    let envelope = Envelope::new(kind, 1, key, body).ok()?;
+    // Encoded once, from the typed body: the row's text is what the relay hands the broker.
+    let envelope = Envelope::typed(kind, 1, key, body);
     Some(OutboxMessage {
         destination: destination.to_owned(),
         key: key.to_owned(),
-        payload: serde_json::to_value(envelope).ok()?,
+        payload: RawJson::encode(&envelope).ok()?,
     })
 }
 
@@ -769,7 +771,7 @@ mod tests {
     /// The compensation request `saga` hands the Supervisor, decoded from its outbox row.
     fn compensation_request(saga: &SagaRecord, reason: &str) -> CompensationRequest {
         let message = compensation(saga, reason).expect("something to undo");
-        let envelope: Envelope = serde_json::from_value(message.payload).expect("an envelope");
+        let envelope: Envelope = serde_json::from_str(message.payload.get()).expect("an envelope");
         envelope.decode().expect("a request")
     }
 

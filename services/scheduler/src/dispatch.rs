@@ -78,37 +78,39 @@ pub fn spawn_saga(
 /// signals that arrived meanwhile).
 pub async fn drive(core: &Arc<Core>, owner: &Arc<Owner>, saga: Started, origin: Origin) {
     let fence = owner.fence();
-    let (mut record, mut fresh) = if origin == Origin::Fresh {
-        (saga.record.clone(), Some(saga))
+    let id = saga.record.id.clone();
+    // What the next run starts from: the saga as just started, or as the journal has it (never a
+    // copy kept from before a run: after an error the journal is read again).
+    let mut next = if origin == Origin::Fresh {
+        Next::Started(saga)
     } else {
-        (saga.record, None)
+        Next::Record(saga.record)
     };
     let mut failures = 0u32;
     loop {
-        let id = record.id.clone();
-        let run = match fresh.take() {
-            Some(started) => {
+        let run = match next {
+            Next::Started(started) => {
                 core.engine
                     .run_started(&core.ctx, fence, started, owner.as_ref())
                     .await
             }
-            None => {
+            Next::Record(record) => {
                 core.engine
-                    .run(&core.ctx, fence, record.clone(), owner.as_ref())
+                    .run(&core.ctx, fence, record, owner.as_ref())
                     .await
             }
         };
         match run {
             Ok(done) => {
                 if done.is_finished() {
-                    tracing::info!(delivery_id = %id, state = %done.state, "saga finished");
+                    finished(&id, &done.state);
                 }
                 if owner.release_if_idle(&id) {
                     return;
                 }
                 // A signal arrived after the engine's last look (say, during the last step): go
                 // on, the engine applies it first.
-                record = done;
+                next = Next::Record(done);
             }
             Err(JournalError::Refused(why)) => {
                 tracing::warn!(delivery_id = %id, why, partition = owner.partition, "saga write refused; letting the partition go");
@@ -116,25 +118,43 @@ pub async fn drive(core: &Arc<Core>, owner: &Arc<Owner>, saga: Started, origin: 
                 return;
             }
             Err(e) => {
-                failures += 1;
-                let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                tracing::error!(delivery_id = %id, error = %e, ?wait, "saga stopped on a journal error; resuming it from the journal");
-                core.engine.clock().sleep(wait).await;
-                if owner.is_lost() {
-                    return;
-                }
-                match core.store.load(&id).await {
-                    Ok(Some(r)) => record = r,
-                    Ok(None) => {
-                        owner.finish(&id);
+                tracing::error!(delivery_id = %id, error = %e, "saga stopped on a journal error; resuming it from the journal");
+                next = loop {
+                    failures += 1;
+                    let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    core.engine.clock().sleep(wait).await;
+                    if owner.is_lost() {
                         return;
                     }
-                    Err(e) => {
-                        tracing::warn!(delivery_id = %id, error = %e, "cannot reload the saga");
+                    match core.store.load(&id).await {
+                        Ok(Some(r)) => break Next::Record(r),
+                        Ok(None) => {
+                            owner.finish(&id);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(delivery_id = %id, error = %e, ?wait, "cannot reload the saga; trying again");
+                        }
                     }
-                }
+                };
             }
         }
+    }
+}
+
+enum Next {
+    Started(Started),
+    Record(SagaRecord),
+}
+
+/// A finished saga in the log: at INFO when it did not complete (an operator may want to look),
+/// at DEBUG when it did (thousands a second; the journal, the metrics and the workflow event
+/// record each one already).
+fn finished(id: &str, state: &str) {
+    if state == saga::COMPLETED {
+        tracing::debug!(delivery_id = %id, state, "saga finished");
+    } else {
+        tracing::info!(delivery_id = %id, state, "saga finished");
     }
 }
 

@@ -158,7 +158,7 @@ impl Publisher for SimPublisher {
             return Err("broker unavailable (simulated)".into());
         }
         for m in messages {
-            let envelope: Envelope = serde_json::from_value(m.payload.clone()).unwrap();
+            let envelope: Envelope = serde_json::from_str(m.payload.get()).unwrap();
             if m.destination == COMPENSATIONS_QUEUE {
                 let request: CompensationRequest = envelope.decode().unwrap();
                 self.compensate(&request).await;
