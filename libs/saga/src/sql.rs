@@ -460,10 +460,11 @@ type Results = Vec<Result<Written, JournalError>>;
 async fn commit(db: &DatabaseConnection, writes: &[&Write]) -> Result<Results, DbErr> {
     let mut attempt = 0;
     loop {
-        let r = if db.get_database_backend() == DbBackend::Postgres {
-            batched::try_commit(db, writes).await
-        } else {
-            try_commit(db, writes).await
+        let r = match db {
+            DatabaseConnection::SqlxPostgresPoolConnection(_) => {
+                batched::try_commit(db.get_postgres_connection_pool(), writes).await
+            }
+            _ => try_commit(db, writes).await,
         };
         match r {
             Ok(r) => return Ok(r),
@@ -645,15 +646,19 @@ async fn insert_rows(txn: &DatabaseTransaction, w: &Write) -> Result<(), DbErr> 
     Ok(())
 }
 
-/// The PostgreSQL group commit. Each kind of row goes in as one JSON parameter
-/// (`json_to_recordset`), so the statement text never changes (it stays prepared) whatever the
-/// number of sagas in the group. A saga's input and outputs and a message's payload are JSON values
-/// inside that parameter, not strings of JSON: as `json` (not `jsonb`) PostgreSQL hands each one on
-/// as the very text the engine wrote, so it is encoded once and never escaped into a string.
+/// The PostgreSQL group commit. Each column of each kind of row goes in as one typed array
+/// parameter (`unnest`), so the statement text never changes (it stays prepared) whatever the
+/// number of sagas in the group, and PostgreSQL reads the rows from binary arrays with no parsing:
+/// a saga's input and outputs and a message's payload are text elements, stored as the very text
+/// the engine encoded. (Rows as JSON parameters, `json_to_recordset`, cost PostgreSQL a parse of
+/// every row and a hash table per row object: most of the statement's time.) The statement runs
+/// on the sqlx pool under the sea-orm connection, which binds arrays with NULL elements and
+/// borrows the writes' strings instead of copying them.
 ///
 /// A group whose sagas are all different (the usual case: a saga's engine waits for each of its
-/// writes) is **one statement**, committed on its own: one round trip for the whole group. A group that writes one saga k times is k such statements in one
-/// transaction, the saga's writes in their order.
+/// writes) is **one statement**, committed on its own: one round trip for the whole group. A
+/// group that writes one saga k times is k such statements in one transaction, the saga's writes
+/// in their order.
 ///
 /// The fence: the group reads the lease rows of its shards `FOR KEY SHARE` and writes only the
 /// rows whose fence names the epoch it read. That lock conflicts only with `FOR UPDATE`, which a
@@ -665,41 +670,38 @@ async fn insert_rows(txn: &DatabaseTransaction, w: &Write) -> Result<(), DbErr> 
 mod batched {
     use std::collections::{HashMap, HashSet};
 
-    use chrono::{DateTime, SecondsFormat, Utc};
-    use sea_orm::{
-        ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait,
-    };
-    use serde::Serialize;
+    use chrono::{DateTime, Utc};
+    use sea_orm::sqlx::{self, postgres::PgRow, PgPool, Postgres, Row as _};
+    use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
 
     use super::{ms, signals_json, Results};
-    use crate::store::{
-        Change, InstanceUpdate, JournalError, OutboxMessage, RawJson, SagaRecord, Write, Written,
-    };
+    use crate::store::{Change, JournalError, Write, Written};
 
-    /// A whole group of writes to different sagas in one statement: $1 the shards, $2 the starts,
-    /// $3 the updates, $4 the attempts and $5 the outbox messages (the last two carry the index
-    /// `w` of their write, and land only if that write did). It returns the writes that landed
-    /// (`what` = 'w') and the epoch of each shard as locked (`what` = 'e').
+    /// A whole group of writes to different sagas in one statement: $1 the shards; $2–$17 the
+    /// starts, $18–$33 the updates, $34–$42 the attempts and $43–$48 the outbox messages, a column
+    /// per array. Attempts and messages carry the index `w` of their write and land only if that
+    /// write did. An update's NULL state, input, outputs, next step or signals leaves the column
+    /// as it is (none of them is ever NULL); error and deadline, which may be set to NULL, come
+    /// with a flag. It returns the writes that landed (`what` = 'w') and the epoch of each shard
+    /// as locked (`what` = 'e').
     const AT_ONCE: &str = "
 WITH fence AS MATERIALIZED (
     SELECT shard, epoch FROM saga_shards
-    WHERE shard IN (SELECT value::int FROM json_array_elements_text($1::json))
+    WHERE shard = ANY($1::int4[])
     ORDER BY shard
     FOR KEY SHARE
 ),
 sv AS MATERIALIZED (
-    SELECT * FROM ROWS FROM (json_to_recordset($2::json) AS (w int, id text, kind text,
-        shard int, state text, input json, outputs json, next_step int, version bigint,
-        error text, deadline timestamptz, created_at timestamptz, updated_at timestamptz,
-        wake_at_ms bigint, signals text, epoch bigint)) WITH ORDINALITY AS v(w, id, kind, shard,
-        state, input, outputs, next_step, version, error, deadline, created_at, updated_at,
-        wake_at_ms, signals, epoch, ord)
+    SELECT * FROM unnest($2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::text[],
+        $8::text[], $9::int4[], $10::int8[], $11::text[], $12::timestamptz[], $13::timestamptz[],
+        $14::timestamptz[], $15::int8[], $16::text[], $17::int8[]) WITH ORDINALITY
+        AS v(w, id, kind, shard, state, input, outputs, next_step, version, error, deadline,
+        created_at, updated_at, wake_at_ms, signals, epoch, ord)
 ),
 started AS (
     INSERT INTO saga_instances (id, kind, shard, state, input, outputs, next_step, version, error,
         deadline, created_at, updated_at, wake_at_ms, signals)
-    SELECT v.id, v.kind, v.shard, v.state, v.input::text, v.outputs::text, v.next_step,
-        v.version, v.error,
+    SELECT v.id, v.kind, v.shard, v.state, v.input, v.outputs, v.next_step, v.version, v.error,
         v.deadline, v.created_at, v.updated_at, v.wake_at_ms, v.signals
     FROM sv v JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
     ORDER BY v.ord
@@ -711,18 +713,18 @@ updated AS (
         version = v.expected_version + 1,
         updated_at = v.updated_at,
         wake_at_ms = v.wake_at_ms,
-        state = CASE WHEN v.set_state THEN v.state ELSE s.state END,
-        input = CASE WHEN v.set_input THEN v.input::text ELSE s.input END,
-        outputs = CASE WHEN v.set_outputs THEN v.outputs::text ELSE s.outputs END,
-        next_step = CASE WHEN v.set_next_step THEN v.next_step ELSE s.next_step END,
+        state = COALESCE(v.state, s.state),
+        input = COALESCE(v.input, s.input),
+        outputs = COALESCE(v.outputs, s.outputs),
+        next_step = COALESCE(v.next_step, s.next_step),
         error = CASE WHEN v.set_error THEN v.error ELSE s.error END,
         deadline = CASE WHEN v.set_deadline THEN v.deadline ELSE s.deadline END,
-        signals = CASE WHEN v.set_signals THEN v.signals ELSE s.signals END
-    FROM json_to_recordset($3::json) AS v(ord int, id text, expected_version bigint,
-        epoch bigint, shard int, updated_at timestamptz, wake_at_ms bigint, set_state bool,
-        state text, set_input bool, input json, set_outputs bool, outputs json,
-        set_next_step bool, next_step int, set_error bool, error text, set_deadline bool,
-        deadline timestamptz, set_signals bool, signals text)
+        signals = COALESCE(v.signals, s.signals)
+    FROM unnest($18::int4[], $19::text[], $20::int8[], $21::int8[], $22::int4[],
+        $23::timestamptz[], $24::int8[], $25::text[], $26::text[], $27::text[], $28::int4[],
+        $29::bool[], $30::text[], $31::bool[], $32::timestamptz[], $33::text[])
+        AS v(ord, id, expected_version, epoch, shard, updated_at, wake_at_ms, state, input,
+        outputs, next_step, set_error, error, set_deadline, deadline, signals)
     JOIN fence f ON f.shard = v.shard AND f.epoch = v.epoch
     WHERE s.id = v.id AND s.version = v.expected_version AND s.shard = v.shard
     RETURNING v.ord AS w
@@ -737,17 +739,17 @@ attempts AS (
         finished_at)
     SELECT a.saga_id, a.step_index, a.attempt, a.step, a.outcome, a.error, a.started_at,
         a.finished_at
-    FROM json_to_recordset($4::json) AS a(w int, saga_id text, step_index int, attempt int,
-        step text, outcome text, error text, started_at timestamptz, finished_at timestamptz)
+    FROM unnest($34::int4[], $35::text[], $36::int4[], $37::int4[], $38::text[], $39::text[],
+        $40::text[], $41::timestamptz[], $42::timestamptz[])
+        AS a(w, saga_id, step_index, attempt, step, outcome, error, started_at, finished_at)
     WHERE a.w IN (SELECT w FROM landed)
     ON CONFLICT (saga_id, step_index, attempt) DO NOTHING
 ),
 outbox AS (
     INSERT INTO saga_outbox (shard, destination, key, payload, created_at)
-    SELECT o.shard, o.destination, o.key, o.payload::text, o.created_at
-    FROM ROWS FROM (json_to_recordset($5::json) AS (w int, shard int, destination text,
-        key text, payload json, created_at timestamptz)) WITH ORDINALITY AS o(w, shard,
-        destination, key, payload, created_at, ord)
+    SELECT o.shard, o.destination, o.key, o.payload, $48::timestamptz
+    FROM unnest($43::int4[], $44::int4[], $45::text[], $46::text[], $47::text[]) WITH ORDINALITY
+        AS o(w, shard, destination, key, payload, ord)
     WHERE o.w IN (SELECT w FROM landed)
     ORDER BY o.ord
 )
@@ -755,212 +757,230 @@ SELECT 'w' AS what, w AS n, 0::bigint AS epoch FROM landed
 UNION ALL
 SELECT 'e', shard, epoch FROM fence";
 
-    fn json(rows: &impl Serialize) -> Result<sea_orm::Value, DbErr> {
-        serde_json::to_string(rows)
-            .map(Into::into)
-            .map_err(|e| DbErr::Custom(format!("encoding a journal batch: {e}")))
-    }
-
-    /// Microseconds, which is what PostgreSQL keeps (truncated, as the driver binds them).
-    fn ts(t: &DateTime<Utc>) -> String {
-        t.to_rfc3339_opts(SecondsFormat::Micros, true)
-    }
-
-    #[derive(Serialize)]
-    struct StartRow<'a> {
-        /// The index of its write in the group.
-        w: usize,
-        id: &'a str,
-        kind: &'a str,
-        shard: i32,
-        state: &'a str,
-        input: &'a serde_json::Value,
-        outputs: &'a serde_json::Map<String, serde_json::Value>,
-        next_step: i32,
-        version: i64,
-        error: Option<&'a str>,
-        deadline: Option<String>,
-        created_at: String,
-        updated_at: String,
-        wake_at_ms: Option<i64>,
-        signals: String,
-        epoch: i64,
-    }
-
-    impl<'a> StartRow<'a> {
-        fn new(w: usize, m: &'a SagaRecord, epoch: i64) -> Self {
-            Self {
-                w,
-                id: &m.id,
-                kind: &m.kind,
-                shard: m.shard,
-                state: &m.state,
-                input: &m.input,
-                outputs: &m.outputs,
-                next_step: i32::try_from(m.next_step).unwrap_or(i32::MAX),
-                version: m.version,
-                error: m.error.as_deref(),
-                deadline: m.deadline.as_ref().map(ts),
-                created_at: ts(&m.created_at),
-                updated_at: ts(&m.updated_at),
-                wake_at_ms: m.wake_at.map(ms),
-                signals: signals_json(&m.signals),
-                epoch,
-            }
+    /// A statement's error as sea-orm reports it (pool timeouts as such, so they are retried).
+    fn db_err(e: sqlx::Error) -> DbErr {
+        match e {
+            sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
+            sqlx::Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
+            e @ (sqlx::Error::Io(_) | sqlx::Error::Tls(_)) => DbErr::Conn(RuntimeErr::SqlxError(e)),
+            e => DbErr::Exec(RuntimeErr::SqlxError(e)),
         }
     }
 
-    #[derive(Serialize)]
-    struct UpdateRow<'a> {
-        ord: usize,
-        id: &'a str,
-        expected_version: i64,
-        epoch: i64,
-        shard: i32,
-        updated_at: String,
-        wake_at_ms: Option<i64>,
-        set_state: bool,
-        state: Option<&'a str>,
-        set_input: bool,
-        input: Option<&'a serde_json::Value>,
-        set_outputs: bool,
-        outputs: Option<&'a RawJson>,
-        set_next_step: bool,
-        next_step: Option<i32>,
-        set_error: bool,
-        error: Option<&'a str>,
-        set_deadline: bool,
-        deadline: Option<String>,
-        set_signals: bool,
-        signals: Option<String>,
+    fn index(i: usize) -> i32 {
+        i32::try_from(i).unwrap_or(i32::MAX)
     }
 
-    impl<'a> UpdateRow<'a> {
-        #[allow(clippy::too_many_arguments)]
-        fn new(
-            ord: usize,
-            id: &'a str,
-            expected_version: i64,
-            epoch: i64,
-            shard: i32,
-            at: &DateTime<Utc>,
-            u: &'a InstanceUpdate,
-        ) -> Self {
-            Self {
-                ord,
-                id,
-                expected_version,
-                epoch,
-                shard,
-                updated_at: ts(at),
-                wake_at_ms: u.wake_at.map(ms),
-                set_state: u.state.is_some(),
-                state: u.state.as_deref(),
-                set_input: u.input.is_some(),
-                input: u.input.as_ref(),
-                set_outputs: u.outputs.is_some(),
-                outputs: u.outputs.as_ref(),
-                set_next_step: u.next_step.is_some(),
-                next_step: u.next_step,
-                set_error: u.error.is_some(),
-                error: u.error.as_ref().and_then(|e| e.as_deref()),
-                set_deadline: u.deadline.is_some(),
-                deadline: u.deadline.and_then(|d| d.as_ref().map(ts)),
-                set_signals: u.signals.is_some(),
-                signals: u.signals.as_deref().map(signals_json),
-            }
-        }
+    /// The starts of a batch, a column each.
+    #[derive(Default)]
+    struct Starts<'a> {
+        w: Vec<i32>,
+        id: Vec<&'a str>,
+        kind: Vec<&'a str>,
+        shard: Vec<i32>,
+        state: Vec<&'a str>,
+        input: Vec<String>,
+        outputs: Vec<String>,
+        next_step: Vec<i32>,
+        version: Vec<i64>,
+        error: Vec<Option<&'a str>>,
+        deadline: Vec<Option<DateTime<Utc>>>,
+        created_at: Vec<DateTime<Utc>>,
+        updated_at: Vec<DateTime<Utc>>,
+        wake_at_ms: Vec<Option<i64>>,
+        signals: Vec<String>,
+        epoch: Vec<i64>,
     }
 
-    #[derive(Serialize)]
-    struct AttemptRow<'a> {
-        w: usize,
-        saga_id: &'a str,
-        step_index: i32,
-        attempt: i32,
-        step: &'a str,
-        outcome: &'a str,
-        error: Option<&'a str>,
-        started_at: String,
-        finished_at: String,
+    /// The updates of a batch, a column each (`None`: leave the column as it is).
+    #[derive(Default)]
+    struct Updates<'a> {
+        ord: Vec<i32>,
+        id: Vec<&'a str>,
+        expected_version: Vec<i64>,
+        epoch: Vec<i64>,
+        shard: Vec<i32>,
+        updated_at: Vec<DateTime<Utc>>,
+        wake_at_ms: Vec<Option<i64>>,
+        state: Vec<Option<&'a str>>,
+        input: Vec<Option<String>>,
+        outputs: Vec<Option<&'a str>>,
+        next_step: Vec<Option<i32>>,
+        set_error: Vec<bool>,
+        error: Vec<Option<&'a str>>,
+        set_deadline: Vec<bool>,
+        deadline: Vec<Option<DateTime<Utc>>>,
+        signals: Vec<Option<String>>,
     }
 
-    #[derive(Serialize)]
-    struct OutboxRow<'a> {
-        w: usize,
-        shard: i32,
-        destination: &'a str,
-        key: &'a str,
-        payload: &'a RawJson,
-        created_at: String,
+    #[derive(Default)]
+    struct Attempts<'a> {
+        w: Vec<i32>,
+        saga_id: Vec<&'a str>,
+        step_index: Vec<i32>,
+        attempt: Vec<i32>,
+        step: Vec<&'a str>,
+        outcome: Vec<&'a str>,
+        error: Vec<Option<&'a str>>,
+        started_at: Vec<DateTime<Utc>>,
+        finished_at: Vec<DateTime<Utc>>,
     }
 
-    impl<'a> OutboxRow<'a> {
-        fn new(w: usize, shard: i32, m: &'a OutboxMessage, now: &str) -> Self {
-            Self {
-                w,
-                shard,
-                destination: &m.destination,
-                key: &m.key,
-                payload: &m.payload,
-                created_at: now.to_owned(),
-            }
-        }
+    #[derive(Default)]
+    struct Outbox<'a> {
+        w: Vec<i32>,
+        shard: Vec<i32>,
+        destination: Vec<&'a str>,
+        key: Vec<&'a str>,
+        payload: Vec<&'a str>,
     }
 
     /// The rows of a batch of writes to different sagas, each tagged with the index of its write.
     #[derive(Default)]
     struct Rows<'a> {
         shards: Vec<i32>,
-        starts: Vec<StartRow<'a>>,
-        updates: Vec<UpdateRow<'a>>,
-        attempts: Vec<AttemptRow<'a>>,
-        outbox: Vec<OutboxRow<'a>>,
+        starts: Starts<'a>,
+        updates: Updates<'a>,
+        attempts: Attempts<'a>,
+        outbox: Outbox<'a>,
     }
 
     impl<'a> Rows<'a> {
-        fn of(writes: &[&'a Write], batch: &[usize], now: &str) -> Self {
+        fn of(writes: &[&'a Write], batch: &[usize]) -> Result<Self, DbErr> {
             let mut rows = Rows::default();
             for &i in batch {
                 let w = writes[i];
                 rows.shards.push(w.fence.shard);
                 match &w.change {
-                    Change::Start(r) => rows.starts.push(StartRow::new(i, r, w.fence.epoch)),
+                    Change::Start(r) => {
+                        let s = &mut rows.starts;
+                        s.w.push(index(i));
+                        s.id.push(&r.id);
+                        s.kind.push(&r.kind);
+                        s.shard.push(r.shard);
+                        s.state.push(&r.state);
+                        s.input.push(r.input.to_string());
+                        s.outputs.push(
+                            serde_json::to_string(&r.outputs).map_err(|e| {
+                                DbErr::Custom(format!("saga {} outputs: {e}", r.id))
+                            })?,
+                        );
+                        s.next_step
+                            .push(i32::try_from(r.next_step).unwrap_or(i32::MAX));
+                        s.version.push(r.version);
+                        s.error.push(r.error.as_deref());
+                        s.deadline.push(r.deadline);
+                        s.created_at.push(r.created_at);
+                        s.updated_at.push(r.updated_at);
+                        s.wake_at_ms.push(r.wake_at.map(ms));
+                        s.signals.push(signals_json(&r.signals));
+                        s.epoch.push(w.fence.epoch);
+                    }
                     Change::Update {
                         id,
                         expected_version,
-                        update,
+                        update: u,
                         at,
-                    } => rows.updates.push(UpdateRow::new(
-                        i,
-                        id,
-                        *expected_version,
-                        w.fence.epoch,
-                        w.fence.shard,
-                        at,
-                        update,
-                    )),
+                    } => {
+                        let s = &mut rows.updates;
+                        s.ord.push(index(i));
+                        s.id.push(id);
+                        s.expected_version.push(*expected_version);
+                        s.epoch.push(w.fence.epoch);
+                        s.shard.push(w.fence.shard);
+                        s.updated_at.push(*at);
+                        s.wake_at_ms.push(u.wake_at.map(ms));
+                        s.state.push(u.state.as_deref());
+                        s.input.push(u.input.as_ref().map(ToString::to_string));
+                        s.outputs.push(u.outputs.as_ref().map(|o| o.get()));
+                        s.next_step.push(u.next_step);
+                        s.set_error.push(u.error.is_some());
+                        s.error.push(u.error.as_ref().and_then(|e| e.as_deref()));
+                        s.set_deadline.push(u.deadline.is_some());
+                        s.deadline.push(u.deadline.flatten());
+                        s.signals.push(u.signals.as_deref().map(signals_json));
+                    }
                 }
-                rows.attempts.extend(w.attempts.iter().map(|a| AttemptRow {
-                    w: i,
-                    saga_id: &a.saga_id,
-                    step_index: a.step_index,
-                    attempt: a.attempt,
-                    step: &a.step,
-                    outcome: &a.outcome,
-                    error: a.error.as_deref(),
-                    started_at: ts(&a.started_at),
-                    finished_at: ts(&a.finished_at),
-                }));
-                rows.outbox.extend(
-                    w.outbox
-                        .iter()
-                        .map(|m| OutboxRow::new(i, w.fence.shard, m, now)),
-                );
+                for a in &w.attempts {
+                    let s = &mut rows.attempts;
+                    s.w.push(index(i));
+                    s.saga_id.push(&a.saga_id);
+                    s.step_index.push(a.step_index);
+                    s.attempt.push(a.attempt);
+                    s.step.push(&a.step);
+                    s.outcome.push(&a.outcome);
+                    s.error.push(a.error.as_deref());
+                    s.started_at.push(a.started_at);
+                    s.finished_at.push(a.finished_at);
+                }
+                for m in &w.outbox {
+                    let s = &mut rows.outbox;
+                    s.w.push(index(i));
+                    s.shard.push(w.fence.shard);
+                    s.destination.push(&m.destination);
+                    s.key.push(&m.key);
+                    s.payload.push(m.payload.get());
+                }
             }
             rows.shards.sort_unstable();
             rows.shards.dedup();
-            rows
+            Ok(rows)
+        }
+
+        fn query(
+            &self,
+            now: DateTime<Utc>,
+        ) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
+            let (s, u, a, o) = (&self.starts, &self.updates, &self.attempts, &self.outbox);
+            sqlx::query(AT_ONCE)
+                .bind(&self.shards)
+                .bind(&s.w)
+                .bind(&s.id)
+                .bind(&s.kind)
+                .bind(&s.shard)
+                .bind(&s.state)
+                .bind(&s.input)
+                .bind(&s.outputs)
+                .bind(&s.next_step)
+                .bind(&s.version)
+                .bind(&s.error)
+                .bind(&s.deadline)
+                .bind(&s.created_at)
+                .bind(&s.updated_at)
+                .bind(&s.wake_at_ms)
+                .bind(&s.signals)
+                .bind(&s.epoch)
+                .bind(&u.ord)
+                .bind(&u.id)
+                .bind(&u.expected_version)
+                .bind(&u.epoch)
+                .bind(&u.shard)
+                .bind(&u.updated_at)
+                .bind(&u.wake_at_ms)
+                .bind(&u.state)
+                .bind(&u.input)
+                .bind(&u.outputs)
+                .bind(&u.next_step)
+                .bind(&u.set_error)
+                .bind(&u.error)
+                .bind(&u.set_deadline)
+                .bind(&u.deadline)
+                .bind(&u.signals)
+                .bind(&a.w)
+                .bind(&a.saga_id)
+                .bind(&a.step_index)
+                .bind(&a.attempt)
+                .bind(&a.step)
+                .bind(&a.outcome)
+                .bind(&a.error)
+                .bind(&a.started_at)
+                .bind(&a.finished_at)
+                .bind(&o.w)
+                .bind(&o.shard)
+                .bind(&o.destination)
+                .bind(&o.key)
+                .bind(&o.payload)
+                .bind(now)
         }
     }
 
@@ -989,11 +1009,8 @@ SELECT 'e', shard, epoch FROM fence";
         }
     }
 
-    pub(super) async fn try_commit(
-        db: &DatabaseConnection,
-        writes: &[&Write],
-    ) -> Result<Results, DbErr> {
-        let now = ts(&Utc::now());
+    pub(super) async fn try_commit(pool: &PgPool, writes: &[&Write]) -> Result<Results, DbErr> {
+        let now = Utc::now();
         let mut results: Results = vec![Ok(Written::Updated); writes.len()];
         // The k-th write of a saga in this group goes in batch k: one statement changes a row
         // at most once, and a saga's later write must see its earlier one.
@@ -1015,51 +1032,42 @@ SELECT 'e', shard, epoch FROM fence";
         }
         match batches.as_slice() {
             [] => {}
-            [batch] => at_once(db, writes, batch, &now, &mut results).await?,
+            [batch] => {
+                let rows = Rows::of(writes, batch)?;
+                let answer = rows.query(now).fetch_all(pool).await.map_err(db_err)?;
+                settle(writes, batch, &answer, &mut results)?;
+            }
             // Rare (a control write racing the engine, a replayed start beside its saga's next
             // step): the batches in order, in one transaction.
             _ => {
-                let txn = db.begin().await?;
+                let mut txn = pool.begin().await.map_err(db_err)?;
                 for batch in &batches {
-                    at_once(&txn, writes, batch, &now, &mut results).await?;
+                    let rows = Rows::of(writes, batch)?;
+                    let answer = rows.query(now).fetch_all(&mut *txn).await.map_err(db_err)?;
+                    settle(writes, batch, &answer, &mut results)?;
                 }
-                txn.commit().await?;
+                txn.commit().await.map_err(db_err)?;
             }
         }
         Ok(results)
     }
 
-    /// Writes one batch (every write to a different saga) with [`AT_ONCE`] and records each
-    /// write's outcome.
-    async fn at_once(
-        conn: &impl ConnectionTrait,
+    /// Records the outcome of each write of `batch` from the statement's answer.
+    fn settle(
         writes: &[&Write],
         batch: &[usize],
-        now: &str,
+        answer: &[PgRow],
         results: &mut Results,
     ) -> Result<(), DbErr> {
-        let rows = Rows::of(writes, batch, now);
-        let answer = conn
-            .query_all(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                AT_ONCE,
-                [
-                    json(&rows.shards)?,
-                    json(&rows.starts)?,
-                    json(&rows.updates)?,
-                    json(&rows.attempts)?,
-                    json(&rows.outbox)?,
-                ],
-            ))
-            .await?;
         let mut landed = HashSet::new();
         let mut epochs = HashMap::new();
-        for row in &answer {
-            let n = row.try_get::<i32>("", "n")?;
-            if row.try_get::<String>("", "what")? == "w" {
+        for row in answer {
+            let n: i32 = row.try_get("n").map_err(db_err)?;
+            let what: &str = row.try_get("what").map_err(db_err)?;
+            if what == "w" {
                 landed.insert(usize::try_from(n).unwrap_or(usize::MAX));
             } else {
-                epochs.insert(n, row.try_get::<i64>("", "epoch")?);
+                epochs.insert(n, row.try_get::<i64, _>("epoch").map_err(db_err)?);
             }
         }
         for &i in batch {
