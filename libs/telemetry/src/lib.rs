@@ -158,7 +158,11 @@ fn install(
 
 /// The span layer, without the per-span extras that cost CPU on every request and tell an
 /// on-call person nothing a span name does not: source file/line and thread attributes, and
-/// busy/idle time accounting on every poll of an instrumented future.
+/// busy/idle time accounting on every poll of an instrumented future. Nor does it make a span's
+/// OpenTelemetry context the current one on every poll (attached on enter, detached on exit):
+/// what propagates trace context here ([`inject_current`], [`inject_http`], the log lines' ids)
+/// reads the current tracing span's context first, and only an explicitly attached context (an
+/// unsampled request's, see [`Head::Skip`]) is read from the OpenTelemetry side.
 fn otel_layer<S>(
     tracer: opentelemetry_sdk::trace::SdkTracer,
 ) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
@@ -170,6 +174,7 @@ where
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false)
+        .with_context_activation(false)
 }
 
 /// For tests: spans get trace ids as in production (nothing is exported), so trace context
