@@ -62,14 +62,14 @@ pub fn spawn_saga(
     let span = span_of(&saga.record, owner.partition);
     let (core, owner) = (core.clone(), owner.clone());
     tasks.spawn(
-        async move {
+        crate::booking::with_booking_memo(async move {
             drive(&core, &owner, saga, origin).await;
             if origin == Origin::Timer {
                 owner.from_timer.fetch_sub(1, Ordering::SeqCst);
             }
             drop(permit);
             owner.ended.notify_one();
-        }
+        })
         .instrument(span),
     );
 }

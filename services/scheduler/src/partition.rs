@@ -229,28 +229,31 @@ fn handle(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<()>, record:
             let span = dispatch::saga_span(&id, owner.partition, traceparent.as_deref());
             let (core, owner) = (core.clone(), owner.clone());
             tasks.spawn(
-                async move {
+                booking::with_booking_memo(async move {
                     let deadline = Some(request.pickup_time);
-                    let input = BookingInput {
+                    // The steps read the booking as it is here, not decoded from the JSON.
+                    let booking = Arc::new(BookingInput {
                         request,
                         traceparent,
                         revision: 0,
-                    };
-                    let input = match serde_json::to_value(&input) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            tracing::error!(delivery_id = %id, error = %e, "cannot encode a booking");
-                            owner.tracker().end(at);
-                            return;
-                        }
-                    };
+                    });
+                    BookingInput::remember(&id, &booking);
                     let mut failures = 0u32;
                     // Until the start is durable the checkpoint does not pass this record. The
                     // account check (a read) runs first and is written with the start.
                     let started = loop {
+                        // Encoded for each try (a retry is rare; a copy kept for it is not).
+                        let input = match serde_json::to_value(&*booking) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                tracing::error!(delivery_id = %id, error = %e, "cannot encode a booking");
+                                owner.tracker().end(at);
+                                return;
+                            }
+                        };
                         match core
                             .engine
-                            .start_checked(&core.ctx, owner.fence(), &id, input.clone(), deadline)
+                            .start_checked(&core.ctx, owner.fence(), &id, input, deadline)
                             .await
                         {
                             Ok(r) => break r,
@@ -294,7 +297,7 @@ fn handle(core: &Arc<Core>, owner: &Arc<Owner>, tasks: &mut JoinSet<()>, record:
                             dispatch::record_signals(core.clone(), owner.clone(), id).await;
                         }
                     }
-                }
+                })
                 .instrument(span),
             );
         }
