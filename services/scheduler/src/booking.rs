@@ -855,22 +855,14 @@ mod tests {
             BookingStep::ArrangeThirdParty.as_str().to_owned(),
             json!({"required": false, "reason": "within range"}),
         );
-        let saga = SagaRecord {
-            id: id.to_string(),
-            kind: KIND.into(),
-            shard: 0,
-            state: "failed".into(),
-            input: serde_json::to_value(&input).unwrap_or_default(),
+        let saga = saga_record(
+            &id.to_string(),
+            &input,
+            "failed",
             outputs,
-            next_step: index_of(BookingStep::ReserveDrone),
-            version: 9,
-            error: None,
-            deadline: None,
-            wake_at: None,
-            signals: Vec::new(),
-            created_at: chrono::Utc::now(),
-            updated_at: chrono::Utc::now(),
-        };
+            BookingStep::ReserveDrone,
+            9,
+        );
         // Found by the simulation (SIM_SEED=562): CreateDelivery was being retried after an
         // attempt whose answer was lost had created the delivery, when a reschedule sent the
         // saga back to ReserveDrone, which then found no drone.
@@ -927,24 +919,19 @@ mod tests {
             traceparent: None,
             revision: 0,
         };
-        let saga_at = |next: BookingStep, outputs: &[BookingStep]| SagaRecord {
-            id: uuid::Uuid::nil().to_string(),
-            kind: KIND.into(),
-            shard: 0,
-            state: "cancelled".into(),
-            input: serde_json::to_value(&input).unwrap_or_default(),
-            outputs: outputs
+        let saga_at = |next: BookingStep, outputs: &[BookingStep]| {
+            let outputs = outputs
                 .iter()
                 .map(|s| (s.as_str().to_owned(), json!({})))
-                .collect(),
-            next_step: index_of(next),
-            version: 2,
-            error: None,
-            deadline: None,
-            wake_at: None,
-            signals: Vec::new(),
-            created_at: chrono::Utc::now(),
-            updated_at: chrono::Utc::now(),
+                .collect();
+            saga_record(
+                &uuid::Uuid::nil().to_string(),
+                &input,
+                "cancelled",
+                outputs,
+                next,
+                2,
+            )
         };
         let in_doubt = |saga: &SagaRecord| -> Vec<String> {
             compensation_request(saga, "cancelled by the client").in_doubt_steps
@@ -983,21 +970,15 @@ mod tests {
     /// read decodes.
     #[tokio::test]
     async fn a_rescheduled_booking_is_never_read_from_the_memo() {
-        let record = |id: &str, booking: &BookingInput| SagaRecord {
-            id: id.into(),
-            kind: KIND.into(),
-            shard: 0,
-            state: "running".into(),
-            input: serde_json::to_value(booking).expect("encoded"),
-            outputs: serde_json::Map::new(),
-            next_step: 0,
-            version: 1,
-            error: None,
-            deadline: None,
-            wake_at: None,
-            signals: Vec::new(),
-            created_at: chrono::Utc::now(),
-            updated_at: chrono::Utc::now(),
+        let record = |id: &str, booking: &BookingInput| {
+            saga_record(
+                id,
+                booking,
+                "running",
+                serde_json::Map::new(),
+                BookingStep::CheckAccount,
+                1,
+            )
         };
         let first = BookingInput {
             request: requested("a", "b", 1.0),
@@ -1031,6 +1012,33 @@ mod tests {
         let again = BookingInput::of(&saga).expect("a booking");
         assert!(!Arc::ptr_eq(&a, &again), "no memo outside a driving task");
         assert_eq!(*a, first);
+    }
+
+    /// Booking saga `id` as the journal holds it.
+    fn saga_record(
+        id: &str,
+        input: &BookingInput,
+        state: &str,
+        outputs: serde_json::Map<String, Value>,
+        next: BookingStep,
+        version: i64,
+    ) -> SagaRecord {
+        SagaRecord {
+            id: id.to_owned(),
+            kind: KIND.into(),
+            shard: 0,
+            state: state.to_owned(),
+            input: serde_json::to_value(input).expect("encoded"),
+            outputs,
+            next_step: index_of(next),
+            version,
+            error: None,
+            deadline: None,
+            wake_at: None,
+            signals: Vec::new(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        }
     }
 
     fn requested(pickup: &str, drop_off: &str, weight: f64) -> DeliveryRequested {
