@@ -86,9 +86,10 @@ impl Envelope {
         Ok(Envelope::typed(kind, schema_version, key, body))
     }
 
-    /// The body as `T`, or the reason it does not fit.
+    /// The body as `T`, or the reason it does not fit. Read from the body in place (no copy of
+    /// it first: every consumer decodes every event it reads).
     pub fn decode<T: DeserializeOwned>(&self) -> std::result::Result<T, String> {
-        serde_json::from_value(self.body.clone())
+        T::deserialize(&self.body)
             .map_err(|e| format!("{} v{}: {e}", self.kind, self.schema_version))
     }
 
