@@ -488,6 +488,12 @@ fn signals_json(s: &[Signal]) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "[]".into())
 }
 
+/// A new saga's outputs as stored.
+fn outputs_json(r: &SagaRecord) -> Result<String, DbErr> {
+    serde_json::to_string(&r.outputs)
+        .map_err(|e| DbErr::Custom(format!("saga {} outputs: {e}", r.id)))
+}
+
 /// SQLite runs in process, where a statement per row costs no round trip: each write's
 /// conditional statements run first, and its attempts and outbox rows only if they matched.
 async fn try_commit(db: &DatabaseConnection, writes: &[&Write]) -> Result<Results, DbErr> {
@@ -529,9 +535,7 @@ async fn apply(
                         r.shard.into(),
                         r.state.clone().into(),
                         r.input.to_string().into(),
-                        serde_json::to_string(&r.outputs)
-                            .map_err(|e| DbErr::Custom(format!("saga {} outputs: {e}", r.id)))?
-                            .into(),
+                        outputs_json(r)?.into(),
                         i32::try_from(r.next_step).unwrap_or(i32::MAX).into(),
                         r.version.into(),
                         r.error.clone().into(),
@@ -674,7 +678,7 @@ mod batched {
     use sea_orm::sqlx::{self, postgres::PgRow, PgPool, Postgres, Row as _};
     use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
 
-    use super::{ms, signals_json, Results};
+    use super::{ms, outputs_json, signals_json, Results};
     use crate::store::{Change, JournalError, Write, Written};
 
     /// A whole group of writes to different sagas in one statement: $1 the shards; $2–$17 the
@@ -860,11 +864,7 @@ SELECT 'e', shard, epoch FROM fence";
                         s.shard.push(r.shard);
                         s.state.push(&r.state);
                         s.input.push(r.input.to_string());
-                        s.outputs.push(
-                            serde_json::to_string(&r.outputs).map_err(|e| {
-                                DbErr::Custom(format!("saga {} outputs: {e}", r.id))
-                            })?,
-                        );
+                        s.outputs.push(outputs_json(r)?);
                         s.next_step
                             .push(i32::try_from(r.next_step).unwrap_or(i32::MAX));
                         s.version.push(r.version);

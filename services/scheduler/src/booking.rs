@@ -213,7 +213,6 @@ impl ThirdPartyRules {
     }
 }
 
-/// The carrier leg a saga holds (ArrangeThirdParty's output), if it booked one.
 /// A booking input's revision (0 when it has none).
 fn revision_of(input: &Value) -> u32 {
     input
@@ -223,6 +222,7 @@ fn revision_of(input: &Value) -> u32 {
         .unwrap_or(0)
 }
 
+/// The carrier leg a saga holds (ArrangeThirdParty's output), if it booked one.
 pub fn carrier_leg(saga: &SagaRecord) -> Option<CarrierLeg> {
     let out = saga.outputs.get(BookingStep::ArrangeThirdParty.as_str())?;
     if out["required"].as_bool() != Some(true) {
