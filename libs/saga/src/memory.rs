@@ -296,13 +296,29 @@ impl Store for MemoryStore {
     }
 
     async fn outbox(&self, fence: Fence, limit: usize) -> Result<Vec<OutboxRow>, JournalError> {
+        self.outbox_after(&[fence], 0, limit).await
+    }
+
+    async fn outbox_after(
+        &self,
+        fences: &[Fence],
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, JournalError> {
         let s = self.lock();
-        if !holds(&s, fence) {
-            return Err(JournalError::stale(fence));
+        let shards: Vec<i32> = fences
+            .iter()
+            .filter(|f| holds(&s, **f))
+            .map(|f| f.shard)
+            .collect();
+        match fences {
+            [fence] if shards.is_empty() => return Err(JournalError::stale(*fence)),
+            _ if shards.is_empty() => return Err(JournalError::Refused("no shard is held".into())),
+            _ => {}
         }
         Ok(s.outbox
-            .iter()
-            .filter(|(_, (shard, _))| *shard == fence.shard)
+            .range(after.saturating_add(1)..)
+            .filter(|(_, (shard, _))| shards.contains(shard))
             .take(limit)
             .map(|(seq, (_, m))| OutboxRow {
                 seq: *seq,

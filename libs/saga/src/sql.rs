@@ -373,12 +373,25 @@ impl Store for SqlStore {
         fences: &[Fence],
         limit: usize,
     ) -> Result<Vec<OutboxRow>, JournalError> {
-        // One statement for every shard held: a replica's relay costs what one relay did.
+        self.outbox_after(fences, 0, limit).await
+    }
+
+    async fn outbox_after(
+        &self,
+        fences: &[Fence],
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, JournalError> {
+        // One statement for every shard held: a replica's relay costs what one relay did. The
+        // lower bound keeps the read off the published rows: deleted, they stay in the table
+        // and its indexes until a vacuum, and a read from the start walks all of them (bench-e2e
+        // at 500 sagas/s: 12 ms a read, most of the Scheduler database's CPU, and growing).
         if fences.is_empty() {
             return Err(JournalError::Refused("no shard is held".into()));
         }
         let rows = outbox::Entity::find()
             .filter(outbox::Column::Shard.in_subquery(held(fences)))
+            .filter(outbox::Column::Seq.gt(after))
             .order_by_asc(outbox::Column::Seq)
             .limit(limit as u64)
             .all(&self.db)

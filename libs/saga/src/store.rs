@@ -354,6 +354,23 @@ pub trait Store: Send + Sync {
         Ok(out)
     }
 
+    /// [`Store::outbox_of`] past `after` (the highest seq the caller has published): up to
+    /// `limit` rows with a greater seq of the shards whose fence holds, in write order; refused
+    /// when none holds. A store whose deleted rows stay behind until they are vacuumed
+    /// (PostgreSQL) starts its read at `after` and never walks past them again; the relay reads
+    /// from the start (`after` 0) now and then, for a row that drew a lower seq and committed
+    /// after the relay had moved past it. The default filters what [`Store::outbox_of`] reads.
+    async fn outbox_after(
+        &self,
+        fences: &[Fence],
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, JournalError> {
+        let mut rows = self.outbox_of(fences, limit).await?;
+        rows.retain(|r| r.seq > after);
+        Ok(rows)
+    }
+
     /// [`Store::outbox_done`] for several shards: deletes the published rows of the shards whose
     /// fence holds.
     async fn outbox_done_of(&self, fences: &[Fence], seqs: &[i64]) -> Result<(), JournalError> {

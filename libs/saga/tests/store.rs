@@ -38,6 +38,7 @@ per_backend!(
     orphans_are_the_running_sagas_without_a_timer,
     signals_round_trip_through_a_write,
     the_outbox_is_per_shard_in_write_order_and_fenced,
+    the_outbox_is_read_past_a_seq,
     outbox_done_is_fenced,
     list_filters_by_state_and_shard_with_a_limit,
 );
@@ -909,6 +910,46 @@ async fn the_outbox_is_per_shard_in_write_order_and_fenced(s: Arc<dyn Store>) {
     let b1 = take(&s, 1, "b", LATER).await.fence();
     refused(s.outbox(f1, 100).await);
     assert_eq!(sent(&s, b1, 100).await, vec![1, 2, 4, 5]);
+}
+
+/// The relay's read past what it published: only the rows with a greater seq, of the shards
+/// held, in write order; from 0 it is every row.
+async fn the_outbox_is_read_past_a_seq(s: Arc<dyn Store>) {
+    let f1 = take(&s, 1, "a", 0).await.fence();
+    let f2 = take(&s, 2, "a", 0).await.fence();
+    written(&s, start_msg(f1, "s1a", 1, 0, 1)).await;
+    written(&s, start_msg(f2, "s2a", 2, 0, 2)).await;
+    written(&s, start_msg(f1, "s1b", 1, 0, 3)).await;
+    written(&s, start_msg(f2, "s2b", 2, 0, 4)).await;
+    let both = [f1, f2];
+    let all = s.outbox_of(&both, 100).await.unwrap();
+    assert_eq!(ns(&all), vec![1, 2, 3, 4]);
+    let seq = |n: usize| all[n - 1].seq;
+
+    let past = |after: i64, limit: usize| {
+        let s = s.clone();
+        async move { ns(&s.outbox_after(&both, after, limit).await.unwrap()) }
+    };
+    assert_eq!(past(0, 100).await, vec![1, 2, 3, 4]);
+    assert_eq!(past(seq(2), 100).await, vec![3, 4]);
+    assert_eq!(past(seq(1), 2).await, vec![2, 3], "limited");
+    assert_eq!(past(seq(4), 100).await, Vec::<i64>::new());
+    assert_eq!(
+        ns(&s.outbox_after(&[f1], seq(1), 100).await.unwrap()),
+        vec![3]
+    );
+
+    // Another owner takes shard 1: the stale fence reads nothing, alone or beside a held one.
+    let b1 = take(&s, 1, "b", LATER).await.fence();
+    refused(s.outbox_after(&[f1], 0, 100).await);
+    assert_eq!(
+        ns(&s.outbox_after(&[f1, f2], 0, 100).await.unwrap()),
+        vec![2, 4]
+    );
+    assert_eq!(
+        ns(&s.outbox_after(&[b1], seq(1), 100).await.unwrap()),
+        vec![3]
+    );
 }
 
 async fn outbox_done_is_fenced(s: Arc<dyn Store>) {

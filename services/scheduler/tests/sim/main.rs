@@ -125,6 +125,21 @@ impl Store for ReplicaStore {
     async fn outbox(&self, fence: Fence, limit: usize) -> Result<Vec<OutboxRow>, JournalError> {
         self.inner.outbox(fence, limit).await
     }
+    async fn outbox_of(
+        &self,
+        fences: &[Fence],
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, JournalError> {
+        self.inner.outbox_of(fences, limit).await
+    }
+    async fn outbox_after(
+        &self,
+        fences: &[Fence],
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, JournalError> {
+        self.inner.outbox_after(fences, after, limit).await
+    }
     async fn outbox_done(&self, fence: Fence, seqs: &[i64]) -> Result<(), JournalError> {
         self.inner.outbox_done(fence, seqs).await
     }
