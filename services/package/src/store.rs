@@ -7,7 +7,7 @@ use contracts::{Package, PackagePatch, PackageSize, PackageStatus, PackageSummar
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QuerySelect, QueryTrait, TransactionTrait,
+    QueryFilter, QuerySelect, QueryTrait,
 };
 
 use crate::entity::{self, Column};
@@ -157,12 +157,15 @@ pub(crate) async fn register(
 /// with the items registered one after another in order: the first occurrence of an id may
 /// create it, every later one (and every id already taken) finds what is there.
 ///
-/// Two statements in one transaction, whatever the batch size: one multi-row insert-if-absent
-/// with `RETURNING` (the first occurrence of each id), then one read of the ids it did not
-/// create. The read is a statement of its own so that, under PostgreSQL's read committed, it
-/// sees a row a concurrent writer committed while the insert waited on it (the insert's
-/// snapshot predates that row). The outer error fails the whole batch; the inner ones are the
-/// items' own refusals.
+/// At most two statements, whatever the batch size, each its own transaction: one multi-row
+/// insert-if-absent with `RETURNING` (the first occurrence of each id), then, only if some id
+/// was taken, one read of those ids. Nothing needs the two in one transaction: the insert is
+/// atomic on its own, and the read, a later statement, sees a row a concurrent writer committed
+/// while the insert waited on it (the insert's snapshot predates that row). The usual batch is
+/// then one round trip instead of three (`BEGIN`, insert, `COMMIT`). If the read fails after
+/// the insert committed, the batch fails and its retry finds the rows there: each item is
+/// answered as a repeated registration is. The outer error fails the whole batch; the inner ones
+/// are the items' own refusals.
 pub(crate) async fn register_batch(
     db: &DatabaseConnection,
     items: &[(&str, &PackageUpsert)],
@@ -186,10 +189,9 @@ pub(crate) async fn register_batch(
             .into_query();
     insert.returning_all();
     let backend = db.get_database_backend();
-    let txn = db.begin().await?;
     let created: HashMap<String, entity::Model> = entity::Entity::find()
         .from_raw_sql(backend.build(&insert))
-        .all(&txn)
+        .all(db)
         .await?
         .into_iter()
         .map(|m| (m.id.clone(), m))
@@ -204,13 +206,12 @@ pub(crate) async fn register_batch(
     } else {
         entity::Entity::find()
             .filter(Column::Id.is_in(taken))
-            .all(&txn)
+            .all(db)
             .await?
             .into_iter()
             .map(|m| (m.id.clone(), m))
             .collect()
     };
-    txn.commit().await?;
     tracing::debug!(
         items = items.len(),
         created = created.len(),
