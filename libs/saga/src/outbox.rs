@@ -68,9 +68,9 @@ async fn run(
     const BATCH: usize = 500;
     const LINGER: Duration = Duration::from_millis(5);
     let mut failures = 0u32;
-    // Reads start past the highest seq published (`Store::outbox_after`), from the start again
-    // when the shards held change and every `FROM_START_EVERY`: a write that drew a lower seq
-    // and committed after the relay moved past it is published then.
+    // Reads start past the highest seq published (`Store::outbox_after`); see `Cursor` for the
+    // reads that look back, for a write that drew a lower seq and committed after the relay had
+    // moved past it.
     let mut cursor = Cursor::default();
     loop {
         let fences = held();
@@ -135,29 +135,58 @@ async fn run(
     }
 }
 
-/// How often the relay reads its shards' rows from the start instead of past what it published.
-const FROM_START_EVERY: Duration = Duration::from_secs(1);
+/// How often the relay looks back (see [`Cursor`]).
+const LOOK_BACK_EVERY: Duration = Duration::from_secs(1);
+
+/// Every how many looks back one reads from the very start.
+const FROM_START_EVERY: u32 = 60;
 
 /// Where the relay's next read starts: past the highest seq it published, for the same shards.
+///
+/// A write draws its seqs in its statement and commits a moment later, so a write that drew a
+/// lower seq may commit after the relay has read (and moved past) a higher one. Every
+/// [`LOOK_BACK_EVERY`] a read therefore starts where the cursor stood one look back earlier,
+/// which finds any row that committed within that long of drawing its seq (a write commits
+/// within milliseconds), and every [`FROM_START_EVERY`] looks back a read starts from the very
+/// start, for a write that took longer. The look back reads only the last second's deleted
+/// rows; a read from the start walks all of them (PostgreSQL keeps them until a vacuum), once a
+/// minute. Reads start from the start also when the shards held change (a shard taken over
+/// brings older rows).
 #[derive(Default)]
 struct Cursor {
     after: i64,
     fences: Vec<Fence>,
-    from_start: Option<Instant>,
+    /// When the cursor last looked back, and where it stood then.
+    looked_back: Option<(Instant, i64)>,
+    looks_back: u32,
 }
 
 impl Cursor {
     /// The seq a read of `fences` at `now` starts after (0: from the start).
     fn reading(&mut self, fences: &[Fence], now: Instant) -> i64 {
-        let due = self
-            .from_start
-            .is_none_or(|at| now.saturating_duration_since(at) >= FROM_START_EVERY);
-        if due || self.fences != fences {
-            self.after = 0;
-            self.fences = fences.to_vec();
-            self.from_start = Some(now);
+        match self.looked_back {
+            Some(_) if self.fences != fences => self.restart(fences, now),
+            None => self.restart(fences, now),
+            Some((at, before)) if now.saturating_duration_since(at) >= LOOK_BACK_EVERY => {
+                self.looks_back += 1;
+                let from = if self.looks_back % FROM_START_EVERY == 0 {
+                    0
+                } else {
+                    before
+                };
+                self.looked_back = Some((now, self.after));
+                self.after = self.after.min(from);
+            }
+            Some(_) => {}
         }
         self.after
+    }
+
+    fn restart(&mut self, fences: &[Fence], now: Instant) {
+        self.after = 0;
+        self.fences = fences.to_vec();
+        self.looked_back = Some((now, 0));
+        self.looks_back = 0;
     }
 
     /// `seqs` were published.
@@ -177,7 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cursor_reads_past_what_was_published_and_from_the_start_now_and_then() {
+    fn the_cursor_reads_past_what_was_published_and_looks_back_now_and_then() {
         let t0 = Instant::now();
         let mut c = Cursor::default();
         let held = [fence(0, 1), fence(1, 1)];
@@ -191,12 +220,37 @@ mod tests {
         let more = [fence(0, 1), fence(1, 1), fence(2, 4)];
         assert_eq!(c.reading(&more, t0), 0);
         c.published(&[12]);
-        assert_eq!(c.reading(&more, t0 + FROM_START_EVERY / 2), 12);
+        assert_eq!(c.reading(&more, t0 + LOOK_BACK_EVERY / 2), 12);
 
-        // A row that drew a lower seq and committed late is found by the read from the start.
-        let later = t0 + FROM_START_EVERY;
-        assert_eq!(c.reading(&more, later), 0);
+        // Looking back: from where the cursor stood at the last look back (here the start), then
+        // on from the highest seq published again.
+        let mut now = t0 + LOOK_BACK_EVERY;
+        assert_eq!(
+            c.reading(&more, now),
+            0,
+            "a row committed late is read again"
+        );
         c.published(&[5]);
-        assert_eq!(c.reading(&more, later), 5);
+        assert_eq!(c.reading(&more, now), 5);
+        c.published(&[20, 21]);
+        assert_eq!(c.reading(&more, now), 21);
+        now += LOOK_BACK_EVERY;
+        assert_eq!(
+            c.reading(&more, now),
+            12,
+            "back to where it stood a look back ago"
+        );
+        assert_eq!(c.reading(&more, now), 12);
+        c.published(&[22]);
+        assert_eq!(c.reading(&more, now), 22);
+
+        // One look back in every FROM_START_EVERY is from the very start.
+        let mut froms = Vec::new();
+        for _ in 0..FROM_START_EVERY {
+            now += LOOK_BACK_EVERY;
+            froms.push(c.reading(&more, now));
+            c.published(&[30]);
+        }
+        assert_eq!(froms.iter().filter(|&&f| f == 0).count(), 1);
     }
 }
