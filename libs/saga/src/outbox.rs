@@ -169,7 +169,7 @@ impl Cursor {
             None => self.restart(fences, now),
             Some((at, before)) if now.saturating_duration_since(at) >= LOOK_BACK_EVERY => {
                 self.looks_back += 1;
-                let from = if self.looks_back % FROM_START_EVERY == 0 {
+                let from = if self.looks_back.is_multiple_of(FROM_START_EVERY) {
                     0
                 } else {
                     before
