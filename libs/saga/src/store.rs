@@ -357,9 +357,10 @@ pub trait Store: Send + Sync {
     /// [`Store::outbox_of`] past `after` (the highest seq the caller has published): up to
     /// `limit` rows with a greater seq of the shards whose fence holds, in write order; refused
     /// when none holds. A store whose deleted rows stay behind until they are vacuumed
-    /// (PostgreSQL) starts its read at `after` and never walks past them again; the relay reads
-    /// from the start (`after` 0) now and then, for a row that drew a lower seq and committed
-    /// after the relay had moved past it. The default filters what [`Store::outbox_of`] reads.
+    /// (PostgreSQL) starts its read at `after` and never walks past them again; the relay also
+    /// reads from lower seqs now and then (a second back, and from 0 once a minute), for a row
+    /// that drew a lower seq and committed after the relay had moved past it. The default
+    /// filters what [`Store::outbox_of`] reads.
     async fn outbox_after(
         &self,
         fences: &[Fence],
