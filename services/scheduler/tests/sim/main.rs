@@ -125,13 +125,6 @@ impl Store for ReplicaStore {
     async fn outbox(&self, fence: Fence, limit: usize) -> Result<Vec<OutboxRow>, JournalError> {
         self.inner.outbox(fence, limit).await
     }
-    async fn outbox_of(
-        &self,
-        fences: &[Fence],
-        limit: usize,
-    ) -> Result<Vec<OutboxRow>, JournalError> {
-        self.inner.outbox_of(fences, limit).await
-    }
     async fn outbox_after(
         &self,
         fences: &[Fence],
