@@ -94,6 +94,12 @@ impl LogReader {
         self.rx.recv().await
     }
 
+    /// Polls for the next record (a reader among several, waited on by one task); `Ready(None)`
+    /// once the broker is gone for good.
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<LogRecord>> {
+        self.rx.poll_recv(cx)
+    }
+
     /// The next record if one has already arrived, without waiting (to take what is there as one
     /// batch).
     pub fn try_next(&mut self) -> Option<LogRecord> {

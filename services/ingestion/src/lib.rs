@@ -142,7 +142,7 @@ impl Service for Application {
         // The read model and the webhooks follow `workflow-events` on one reader.
         let projection = s.follow_workflow_events.then(|| {
             Arc::new(readmodel::Projection {
-                db,
+                db: db.clone(),
                 changed: store.changes(),
             })
         });
@@ -153,15 +153,15 @@ impl Service for Application {
                 .await
                 .context("declaring the workflow-events log")?;
             let stop = builder.stop_signal();
-            let tasks = match (projection, hooks) {
-                (Some(p), Some(w)) => {
-                    follow::start(Arc::new(follow::Both::new(p, w)), events, stop).await?
-                }
-                (Some(p), None) => follow::start(p, events, stop).await?,
-                (None, Some(w)) => follow::start(w, events, stop).await?,
-                (None, None) => Vec::new(),
+            let task = match (projection, hooks) {
+                (Some(p), Some(w)) => Some(
+                    follow::start(Arc::new(follow::Both::new(p, w)), db, events, stop).await?,
+                ),
+                (Some(p), None) => Some(follow::start(p, db, events, stop).await?),
+                (None, Some(w)) => Some(follow::start(w, db, events, stop).await?),
+                (None, None) => None,
             };
-            builder.adopt(tasks);
+            builder.adopt(task);
         }
         let admission = Arc::new(Admission::new(&s.admission, s.max_in_flight)?);
         admission.register(builder.registry())?;

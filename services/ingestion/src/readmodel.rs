@@ -17,7 +17,7 @@ use messaging::LogRecord;
 use sea_orm::sea_query::{Alias, Expr, OnConflict};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -481,6 +481,7 @@ pub(crate) struct Projection {
 
 impl crate::follow::Follower for Projection {
     type Batch = Vec<Change>;
+    type Done = ();
 
     const NAME: &'static str = "read model";
 
@@ -491,9 +492,10 @@ impl crate::follow::Follower for Projection {
             .map(|c| u64::try_from(c.next_offset).unwrap_or(0)))
     }
 
-    fn prepare(&self, partition: u32, records: &[LogRecord]) -> Vec<Change> {
+    fn prepare(&self, records: &[LogRecord]) -> Vec<Change> {
         let mut changes = Vec::with_capacity(records.len());
         for record in records {
+            let partition = record.partition;
             match &record.event {
                 Ok(e) if e.kind == WORKFLOW_STATE_CHANGED => {
                     match e.decode::<WorkflowStateChanged>() {
@@ -527,28 +529,26 @@ impl crate::follow::Follower for Projection {
 
     async fn apply(
         &self,
-        partition: u32,
+        txn: &DatabaseTransaction,
         changes: &Vec<Change>,
-        checkpoint: Option<u64>,
+        checkpoints: &[(u32, u64)],
     ) -> anyhow::Result<()> {
-        apply_batch(&self.db, partition, changes, checkpoint).await?;
-        // After the commit: a stream woken now finds what it was woken for.
+        Ok(apply_batch(txn, changes, checkpoints).await?)
+    }
+
+    /// After the commit: a stream woken now finds what it was woken for.
+    fn committed(&self, changes: &Vec<Change>, (): ()) {
         self.changed.notify(changes.iter().map(Change::delivery_id));
-        Ok(())
     }
 }
 
-/// The batch's history, then its rows (the history compares with the rows as they were), then
-/// the checkpoint: one transaction.
+/// The round's history, then its rows (the history compares with the rows as they were), then
+/// the checkpoints (one statement for them all).
 async fn apply_batch(
-    db: &DatabaseConnection,
-    partition: u32,
+    txn: &DatabaseTransaction,
     changes: &[Change],
-    checkpoint: Option<u64>,
+    checkpoints: &[(u32, u64)],
 ) -> Result<(), DbErr> {
-    if changes.is_empty() && checkpoint.is_none() {
-        return Ok(());
-    }
     let mut states = Vec::new();
     let mut tracked = Vec::new();
     for change in changes {
@@ -557,25 +557,27 @@ async fn apply_batch(
             Change::Tracked(id, e) => tracked.push((*id, e)),
         }
     }
-    let txn = db.begin().await?;
-    crate::tracking::record(&txn, changes).await?;
-    apply(&txn, &states).await?;
-    apply_tracking(&txn, &tracked).await?;
-    if let Some(offset) = checkpoint {
-        let row = checkpoint::ActiveModel {
+    crate::tracking::record(txn, changes).await?;
+    apply(txn, &states).await?;
+    apply_tracking(txn, &tracked).await?;
+    if checkpoints.is_empty() {
+        return Ok(());
+    }
+    let rows = checkpoints
+        .iter()
+        .map(|&(partition, offset)| checkpoint::ActiveModel {
             partition: Set(i32::try_from(partition).unwrap_or(i32::MAX)),
             next_offset: Set(i64::try_from(offset).unwrap_or(i64::MAX)),
-        };
-        checkpoint::Entity::insert(row)
-            .on_conflict(
-                OnConflict::column(checkpoint::Column::Partition)
-                    .update_column(checkpoint::Column::NextOffset)
-                    .to_owned(),
-            )
-            .exec_without_returning(&txn)
-            .await?;
-    }
-    txn.commit().await
+        });
+    checkpoint::Entity::insert_many(rows)
+        .on_conflict(
+            OnConflict::column(checkpoint::Column::Partition)
+                .update_column(checkpoint::Column::NextOffset)
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await
+        .map(|_| ())
 }
 
 /// PostgreSQL's statements of the read model and its history. Each takes its batch as one JSON

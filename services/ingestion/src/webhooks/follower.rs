@@ -11,6 +11,7 @@ use contracts::{
     WorkflowStateChanged, DELIVERY_TRACKED, WORKFLOW_STATE_CHANGED,
 };
 use messaging::LogRecord;
+use sea_orm::DatabaseTransaction;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -30,6 +31,8 @@ pub(crate) struct WebhookFollower {
 
 impl crate::follow::Follower for WebhookFollower {
     type Batch = Vec<NewEvent>;
+    /// Deliveries created.
+    type Done = u64;
 
     const NAME: &'static str = "webhooks";
 
@@ -37,11 +40,11 @@ impl crate::follow::Follower for WebhookFollower {
         Ok(self.store.checkpoint(partition).await?)
     }
 
-    fn prepare(&self, _partition: u32, records: &[LogRecord]) -> Vec<NewEvent> {
+    fn prepare(&self, records: &[LogRecord]) -> Vec<NewEvent> {
         records.iter().filter_map(client_event).collect()
     }
 
-    /// A batch with events saves its checkpoint at once: an event's deliveries and the position
+    /// A round with events saves its checkpoints at once: an event's deliveries and the position
     /// after it are then always recorded together.
     fn checkpoint_now(&self, events: &Vec<NewEvent>) -> bool {
         !events.is_empty()
@@ -49,22 +52,17 @@ impl crate::follow::Follower for WebhookFollower {
 
     async fn apply(
         &self,
-        partition: u32,
+        txn: &DatabaseTransaction,
         events: &Vec<NewEvent>,
-        checkpoint: Option<u64>,
-    ) -> anyhow::Result<()> {
-        let inserted = self
-            .store
-            .record(
-                events,
-                checkpoint.map(|c| (partition, c)),
-                self.retry_for_ms,
-            )
-            .await?;
+        checkpoints: &[(u32, u64)],
+    ) -> anyhow::Result<u64> {
+        Ok(Store::record(txn, events, checkpoints, self.retry_for_ms).await?)
+    }
+
+    fn committed(&self, _events: &Vec<NewEvent>, inserted: u64) {
         if inserted > 0 {
             self.wake.notify_one();
         }
-        Ok(())
     }
 }
 

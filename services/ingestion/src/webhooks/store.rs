@@ -12,7 +12,7 @@ use contracts::{
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
     PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait, Value,
 };
 use uuid::Uuid;
@@ -284,15 +284,14 @@ impl Store {
     }
 
     /// Records client events for their owners' endpoints (idempotent: every replica inserts
-    /// the same rows) and, when given, the partition's checkpoint, in one transaction. The
-    /// number of deliveries created.
+    /// the same rows) and the given checkpoints (partition, offset to resume at) in `txn`, the
+    /// follower's round's transaction. The number of deliveries created.
     pub(crate) async fn record(
-        &self,
+        txn: &DatabaseTransaction,
         events: &[NewEvent],
-        checkpoint: Option<(u32, u64)>,
+        checkpoints: &[(u32, u64)],
         retry_for_ms: i64,
     ) -> Result<u64, DbErr> {
-        let txn = self.db.begin().await?;
         let mut inserted = 0;
         if !events.is_empty() {
             let mut owners: Vec<&str> = events.iter().map(|e| e.owner_id.as_str()).collect();
@@ -302,7 +301,7 @@ impl Store {
             for e in endpoint::Entity::find()
                 .filter(endpoint::Column::AccountId.is_in(owners))
                 .order_by_asc(endpoint::Column::Position)
-                .all(&txn)
+                .all(txn)
                 .await?
             {
                 urls.entry(e.account_id).or_default().push(e.url);
@@ -321,18 +320,20 @@ impl Store {
                             .do_nothing()
                             .to_owned(),
                     )
-                    .exec_without_returning(&txn)
+                    .exec_without_returning(txn)
                     .await?;
             }
         }
-        if let Some((partition, offset)) = checkpoint {
-            let row = checkpoint::ActiveModel {
-                partition: Set(i32::try_from(partition).unwrap_or(i32::MAX)),
-                resume_offset: Set(i64::try_from(offset).unwrap_or(i64::MAX)),
-            };
+        if !checkpoints.is_empty() {
+            let rows = checkpoints
+                .iter()
+                .map(|&(partition, offset)| checkpoint::ActiveModel {
+                    partition: Set(i32::try_from(partition).unwrap_or(i32::MAX)),
+                    resume_offset: Set(i64::try_from(offset).unwrap_or(i64::MAX)),
+                });
             // Replicas share the table: a checkpoint only moves forward (any replica that wrote
             // one had recorded everything before it).
-            checkpoint::Entity::insert(row)
+            checkpoint::Entity::insert_many(rows)
                 .on_conflict(
                     OnConflict::column(checkpoint::Column::Partition)
                         .update_column(checkpoint::Column::ResumeOffset)
@@ -346,10 +347,9 @@ impl Store {
                         )
                         .to_owned(),
                 )
-                .exec_without_returning(&txn)
+                .exec_without_returning(txn)
                 .await?;
         }
-        txn.commit().await?;
         Ok(inserted)
     }
 
