@@ -96,7 +96,10 @@ impl LogReader {
 
     /// Polls for the next record (a reader among several, waited on by one task); `Ready(None)`
     /// once the broker is gone for good.
-    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<LogRecord>> {
+    pub fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<LogRecord>> {
         self.rx.poll_recv(cx)
     }
 

@@ -304,46 +304,87 @@ impl<'writer> FormatFields<'writer> for JsonMembers {
     }
 }
 
-/// Writes each field as a JSON member, separated by commas.
+/// Writes each field as a JSON member, separated by commas, straight into the span's text: a
+/// string is escaped as it is written, a number or a boolean written as it is (no
+/// `serde_json::Value` made and dropped per field).
 struct MembersVisitor<'a, 'w> {
     writer: &'a mut Writer<'w>,
     first: bool,
     result: fmt::Result,
 }
 
+/// `serde_json`'s writers over a `fmt::Write` (what it writes is UTF-8 in whole characters).
+struct FmtIo<'a, 'w>(&'a mut Writer<'w>);
+
+impl std::io::Write for FmtIo<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = std::str::from_utf8(buf).map_err(std::io::Error::other)?;
+        fmt::Write::write_str(&mut self.0, text).map_err(std::io::Error::other)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl MembersVisitor<'_, '_> {
-    fn member(&mut self, name: &str, value: &serde_json::Value) {
+    /// `"name":` after the separator; false once writing failed.
+    fn name(&mut self, name: &str) -> bool {
         if self.result.is_err() {
-            return;
+            return false;
         }
-        let separator = if std::mem::take(&mut self.first) {
-            ""
-        } else {
-            ","
-        };
-        let name = serde_json::Value::from(name);
-        self.result = write!(self.writer, "{separator}{name}:{value}");
+        if !std::mem::take(&mut self.first) {
+            self.result = fmt::Write::write_char(self.writer, ',');
+        }
+        self.result = self.result.and_then(|()| self.string(name));
+        self.result = self
+            .result
+            .and_then(|()| fmt::Write::write_char(self.writer, ':'));
+        self.result.is_ok()
+    }
+
+    /// `text` as a JSON string.
+    fn string(&mut self, text: &str) -> fmt::Result {
+        serde_json::to_writer(FmtIo(self.writer), text).map_err(|_| fmt::Error)
+    }
+
+    /// A member whose value is written as it displays (a number or a boolean).
+    fn plain(&mut self, name: &str, value: impl fmt::Display) {
+        if self.name(name) {
+            self.result = write!(self.writer, "{value}");
+        }
+    }
+
+    fn text(&mut self, name: &str, value: &str) {
+        if self.name(name) {
+            self.result = self.string(value);
+        }
     }
 }
 
 impl tracing::field::Visit for MembersVisitor<'_, '_> {
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
-        self.member(field.name(), &value.into());
+        // JSON has no NaN or infinity: `null`, as `serde_json` writes them.
+        if value.is_finite() {
+            self.plain(field.name(), value);
+        } else {
+            self.plain(field.name(), "null");
+        }
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.member(field.name(), &value.into());
+        self.plain(field.name(), value);
     }
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.member(field.name(), &value.into());
+        self.plain(field.name(), value);
     }
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        self.member(field.name(), &value.into());
+        self.plain(field.name(), value);
     }
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.member(field.name(), &value.into());
+        self.text(field.name(), value);
     }
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
-        self.member(field.name(), &format!("{value:?}").into());
+        self.text(field.name(), &format!("{value:?}"));
     }
 }
 
@@ -538,7 +579,8 @@ mod tests {
     }
 
     /// A log line carries the fields of its spans, those recorded after the span began too (the
-    /// later value of a field recorded twice), with strings escaped.
+    /// later value of a field recorded twice), with strings escaped and numbers, booleans and
+    /// debug values as JSON has them.
     #[test]
     fn log_lines_carry_span_fields_recorded_later() {
         use std::sync::{Arc, Mutex};
@@ -567,8 +609,16 @@ mod tests {
                 .with_writer(move || out.clone()),
         );
         tracing::subscriber::with_default(subscriber, || {
-            let outer =
-                tracing::info_span!("outer", delivery_id = "d-1", note = "a \"quoted\" word");
+            let outer = tracing::info_span!(
+                "outer",
+                delivery_id = "d-1",
+                note = "a \"quoted\" word\n\u{1}é",
+                ratio = 0.5,
+                missing = f64::NAN,
+                held = true,
+                below = -3i64,
+                shown = ?Some("x"),
+            );
             let _o = outer.enter();
             let inner = tracing::info_span!(
                 "inner",
@@ -586,7 +636,12 @@ mod tests {
             .unwrap_or_default();
         let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
         assert_eq!(line["delivery_id"], "d-1", "{text}");
-        assert_eq!(line["note"], "a \"quoted\" word", "{text}");
+        assert_eq!(line["note"], "a \"quoted\" word\n\u{1}é", "{text}");
+        assert_eq!(line["ratio"], 0.5, "{text}");
+        assert_eq!(line["missing"], serde_json::Value::Null, "{text}");
+        assert_eq!(line["held"], true, "{text}");
+        assert_eq!(line["below"], -3, "{text}");
+        assert_eq!(line["shown"], "Some(\"x\")", "{text}");
         assert_eq!(line["step"], "ReserveDrone", "{text}");
         assert_eq!(line["attempt"], 2, "{text}");
         assert_eq!(line["outcome"], "transient", "{text}");

@@ -439,9 +439,7 @@ mod tests {
             .expect("sqlite");
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let both = Arc::new(Both::new(first.clone(), second.clone()));
-        let task = start(both, db, log.clone(), stop)
-            .await
-            .expect("started");
+        let task = start(both, db, log.clone(), stop).await.expect("started");
         let all = |r: &Recorder| r.applied().iter().map(|(b, _)| b.len()).sum::<usize>();
         for _ in 0..100 {
             if all(&second) == 6 {
@@ -451,7 +449,12 @@ mod tests {
         }
         let _ = stop_tx.send(true);
         task.await.expect("stopped");
-        assert_eq!(all(&second), 6, "every record applied once: {:?}", second.applied());
+        assert_eq!(
+            all(&second),
+            6,
+            "every record applied once: {:?}",
+            second.applied()
+        );
         assert_eq!(
             all(&first),
             6 + 2 * first.applied()[0].0.len(),

@@ -154,9 +154,9 @@ impl Service for Application {
                 .context("declaring the workflow-events log")?;
             let stop = builder.stop_signal();
             let task = match (projection, hooks) {
-                (Some(p), Some(w)) => Some(
-                    follow::start(Arc::new(follow::Both::new(p, w)), db, events, stop).await?,
-                ),
+                (Some(p), Some(w)) => {
+                    Some(follow::start(Arc::new(follow::Both::new(p, w)), db, events, stop).await?)
+                }
                 (Some(p), None) => Some(follow::start(p, db, events, stop).await?),
                 (None, Some(w)) => Some(follow::start(w, db, events, stop).await?),
                 (None, None) => None,
