@@ -374,6 +374,20 @@ mod tests {
         readers
     }
 
+    /// The (partition, offset) of each record of the next round.
+    async fn round(
+        readers: &mut [Option<LogReader>],
+        max: usize,
+        first: &mut usize,
+    ) -> Vec<(u32, u64)> {
+        next_round(readers, max, first)
+            .await
+            .expect("a round")
+            .iter()
+            .map(|r| (r.partition, r.position.offset))
+            .collect()
+    }
+
     #[tokio::test]
     async fn both_resume_at_the_earlier_checkpoint() {
         let both = Both::new(Recorder::at(Some(40)), Recorder::at(Some(7)));
@@ -394,13 +408,7 @@ mod tests {
         // The readers' tasks forward what the log holds while this one sleeps.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut first = 0;
-        let round = next_round(&mut readers, 100, &mut first)
-            .await
-            .expect("a round");
-        let seen: Vec<(u32, u64)> = round
-            .iter()
-            .map(|r| (r.partition, r.position.offset))
-            .collect();
+        let seen = round(&mut readers, 100, &mut first).await;
         let expected: Vec<(u32, u64)> = (0..3).flat_map(|p| (0..4).map(move |o| (p, o))).collect();
         assert_eq!(seen, expected, "every partition's records, in log order");
         assert_eq!(first, 1, "the next round starts at the next partition");
@@ -408,22 +416,14 @@ mod tests {
         // At most `max` records, and the next round starts where this one did not.
         fill(&log, 2).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let round = next_round(&mut readers, 3, &mut first)
-            .await
-            .expect("a round");
-        let seen: Vec<(u32, u64)> = round
-            .iter()
-            .map(|r| (r.partition, r.position.offset))
-            .collect();
-        assert_eq!(seen, [(1, 4), (1, 5), (2, 4)]);
-        let round = next_round(&mut readers, 3, &mut first)
-            .await
-            .expect("a round");
-        let seen: Vec<(u32, u64)> = round
-            .iter()
-            .map(|r| (r.partition, r.position.offset))
-            .collect();
-        assert_eq!(seen, [(2, 5), (0, 4), (0, 5)]);
+        assert_eq!(
+            round(&mut readers, 3, &mut first).await,
+            [(1, 4), (1, 5), (2, 4)]
+        );
+        assert_eq!(
+            round(&mut readers, 3, &mut first).await,
+            [(2, 5), (0, 4), (0, 5)]
+        );
     }
 
     #[tokio::test]
