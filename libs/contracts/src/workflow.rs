@@ -136,6 +136,34 @@ impl BookingStep {
         self != BookingStep::CheckAccount
     }
 
+    /// Whether the Scheduler may write this step's success with the next step's instead of with
+    /// a write of its own (when the step says so for its answer): running it again after a crash
+    /// has no second effect and gets the same answer (an idempotent call keyed by the delivery, or
+    /// a decision that nothing is needed). Until that write, a journal that names an earlier step
+    /// as the next one cannot tell whether this one ran: see [`BookingStep::under_way_from`].
+    pub fn may_write_with_next(self) -> bool {
+        matches!(
+            self,
+            BookingStep::RegisterPackage
+                | BookingStep::ArrangeThirdParty
+                | BookingStep::ReserveDrone
+        )
+    }
+
+    /// The steps a saga whose journal names `next` as its next step may have started (an
+    /// attempt may have reached the service, before a crash or without an answer): `next`, and
+    /// past it every step whose success may have been waiting for the next step's write, up to
+    /// and including the first that writes its own. A compensation counts them in doubt; undoing
+    /// what never happened is a no-op.
+    pub fn under_way_from(next: BookingStep) -> &'static [BookingStep] {
+        let from = Self::ALL.iter().position(|s| *s == next).unwrap_or(0);
+        let to = Self::ALL[from..]
+            .iter()
+            .position(|s| !s.may_write_with_next())
+            .map_or(Self::ALL.len(), |n| from + n + 1);
+        &Self::ALL[from..to]
+    }
+
     /// The steps with an effect in reverse run order (Delivery → Drone → ThirdParty → Package): the order in
     /// which compensation undoes them.
     pub fn undo_order() -> &'static [BookingStep] {
@@ -489,6 +517,33 @@ mod tests {
             .collect();
         effects.reverse();
         assert_eq!(BookingStep::undo_order(), effects.as_slice());
+    }
+
+    #[test]
+    fn the_steps_under_way_reach_past_those_written_with_the_next() {
+        use BookingStep::*;
+        assert_eq!(BookingStep::under_way_from(CheckAccount), [CheckAccount]);
+        assert_eq!(
+            BookingStep::under_way_from(RegisterPackage),
+            [
+                RegisterPackage,
+                ArrangeThirdParty,
+                ReserveDrone,
+                CreateDelivery
+            ]
+        );
+        assert_eq!(
+            BookingStep::under_way_from(ReserveDrone),
+            [ReserveDrone, CreateDelivery]
+        );
+        assert_eq!(
+            BookingStep::under_way_from(CreateDelivery),
+            [CreateDelivery]
+        );
+        assert!(
+            !CreateDelivery.may_write_with_next(),
+            "the last step completes the saga"
+        );
     }
 
     #[test]

@@ -35,11 +35,15 @@ pub trait Step<C>: Send + Sync {
     fn policy(&self) -> RetryPolicy;
     /// Runs one attempt; the output is kept under the step's name for later steps.
     async fn run(&self, ctx: &C, saga: &SagaRecord) -> Result<Value, StepError>;
-    /// True when this success changed nothing anywhere (a read, or a decision that nothing is
-    /// needed), so running the step again costs nothing and finds the same: its record then
-    /// waits for the saga's next write instead of a write of its own. A crash before that write
-    /// only runs the step again. Never asked of the last step, whose write completes the saga.
-    fn effect_free(&self, _output: &Value) -> bool {
+    /// True when this success may wait for the saga's next write instead of a write of its own:
+    /// running the step again finds the same answer and has no second effect (a read, a decision
+    /// that nothing is needed, or an idempotent call keyed by the saga). A crash before that
+    /// write only runs the step again; until then a journal naming an earlier step as the next
+    /// one cannot tell whether this one ran, so whatever undoes the saga must count it in doubt.
+    /// Any other write (a failure, a wait, a signal) first writes the successes waiting. Asked
+    /// before `output` joins the saga's outputs; never asked of the last step, whose write
+    /// completes the saga.
+    fn written_with_next(&self, _saga: &SagaRecord, _output: &Value) -> bool {
         false
     }
     /// True when the step only ever reads (whatever its outcome, nothing changes anywhere), so it
@@ -490,7 +494,7 @@ impl<C: Send + Sync> Engine<C> {
         mut journaled_attempts: bool,
         mut check: Option<Tried>,
     ) -> Result<SagaRecord, JournalError> {
-        // Successes of effect-free steps not written yet (see `Step::effect_free`): their outputs
+        // Successes not written yet (see `Step::written_with_next`): their outputs
         // and `next_step` are in `saga`, their attempts here; the next step's success writes them
         // with its own, any other write is preceded by one that settles them.
         let mut unsaved: Vec<Attempt> = Vec::new();
@@ -571,7 +575,7 @@ impl<C: Send + Sync> Engine<C> {
                 match outcome {
                     Ok(output) => {
                         let last = saga.next_step + 1 >= self.saga.steps.len();
-                        let fold = !last && step.effect_free(&output);
+                        let fold = !last && step.written_with_next(&saga, &output);
                         saga.outputs.insert(step.name().to_owned(), output);
                         saga.next_step += 1;
                         saga.wake_at = None;
@@ -733,7 +737,7 @@ impl<C: Send + Sync> Engine<C> {
         }
     }
 
-    /// Writes the successes of effect-free steps that wait for a write (`unsaved`), before a write
+    /// Writes the successes that wait for a write (`unsaved`), before a write
     /// that would not carry them (a signal, a failure, a retry's wait).
     async fn settle(
         &self,

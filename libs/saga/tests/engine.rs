@@ -40,9 +40,9 @@ per_backend!(
     a_rewound_step_gets_its_retries_again,
     a_run_whose_shard_was_taken_is_refused_and_writes_nothing_more,
     a_final_write_refused_by_a_fence_is_never_told_as_durable,
-    an_effect_free_success_is_written_with_the_next_step,
-    an_effect_free_success_is_written_before_a_failure_or_a_wait,
-    an_effect_free_success_lost_with_its_run_is_run_again,
+    a_waiting_success_is_written_with_the_next_step,
+    a_waiting_success_is_written_before_a_failure_or_a_wait,
+    a_waiting_success_lost_with_its_run_is_run_again,
     leading_checks_are_written_with_the_start,
     a_check_that_did_not_pass_before_the_start_is_the_steps_first_attempt,
     a_relay_whose_fence_went_stale_returns_the_refusal,
@@ -146,7 +146,7 @@ impl Step<Script> for ScriptedStep {
         self.policy
     }
     /// Steps named `read...` change nothing.
-    fn effect_free(&self, _output: &Value) -> bool {
+    fn written_with_next(&self, _saga: &SagaRecord, _output: &Value) -> bool {
         self.name.starts_with("read")
     }
     /// Steps named `check...` only read, whatever their outcome.
@@ -1124,7 +1124,7 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn an_effect_free_success_is_written_with_the_next_step(fx: Fixture) {
+async fn a_waiting_success_is_written_with_the_next_step(fx: Fixture) {
     let (store, _clock, fence, e, script) =
         setup(&fx, 7, &["read-1", "b", "read-2", "c", "read-3"]).await;
     let done = run_new(&e, &script, fence, "e1", json!({})).await;
@@ -1155,7 +1155,7 @@ async fn an_effect_free_success_is_written_with_the_next_step(fx: Fixture) {
     );
 }
 
-async fn an_effect_free_success_is_written_before_a_failure_or_a_wait(fx: Fixture) {
+async fn a_waiting_success_is_written_before_a_failure_or_a_wait(fx: Fixture) {
     let (store, clock, fence, e, script) = setup(&fx, 8, &["read", "b", "c"]).await;
     script.will("b", vec![Err(StepError::permanent("refused"))]);
     let done = run_new(&e, &script, fence, "e2", json!({})).await;
@@ -1202,7 +1202,7 @@ async fn an_effect_free_success_is_written_before_a_failure_or_a_wait(fx: Fixtur
     );
 }
 
-async fn an_effect_free_success_lost_with_its_run_is_run_again(fx: Fixture) {
+async fn a_waiting_success_lost_with_its_run_is_run_again(fx: Fixture) {
     let (store, clock, fence, e, script) = setup(&fx, 9, &["read", "takeover", "c"]).await;
     *script.takeover.lock().unwrap() =
         Some((store.clone(), clock.now() + chrono::Duration::hours(1)));

@@ -278,8 +278,8 @@ impl<S: Step<Ctx> + ?Sized> Step<Ctx> for Metered<S> {
         self.metrics.step(self.name(), outcome, started.elapsed());
         result
     }
-    fn effect_free(&self, output: &Value) -> bool {
-        self.inner.effect_free(output)
+    fn written_with_next(&self, saga: &SagaRecord, output: &Value) -> bool {
+        self.inner.written_with_next(saga, output)
     }
     fn reads_only(&self) -> bool {
         self.inner.reads_only()
@@ -324,7 +324,7 @@ impl Step<Ctx> for CheckAccount {
     /// A read: it runs before the saga is recorded, and its success is written with the start
     /// (`Engine::start_checked`), so a booking's first write already has it behind it.
     ///
-    /// Not effect-free, though: written with RegisterPackage's, a journal saying "CheckAccount
+    /// Not written with the next step's, though: with RegisterPackage's, a journal saying "CheckAccount
     /// next" could no longer tell a booking refused at its account check (nothing to undo) from
     /// one whose package was registered just before a crash, and every refused booking would
     /// need a compensation.
@@ -358,6 +358,11 @@ impl Step<Ctx> for RegisterPackage {
             .await
             .map_err(step_error)?;
         Ok(json!({"packageId": p.id}))
+    }
+    /// Registered idempotently under the delivery's id (the same call again answers the same
+    /// package): written with the next step's success (`BookingStep::may_write_with_next`).
+    fn written_with_next(&self, _saga: &SagaRecord, _output: &Value) -> bool {
+        true
     }
 }
 
@@ -430,8 +435,8 @@ impl Step<Ctx> for ArrangeThirdParty {
         Ok(output)
     }
     /// No leg needed and none cancelled: nothing changed, so its success is written with
-    /// ReserveDrone's (see `WRITES_WITH_THE_NEXT`).
-    fn effect_free(&self, output: &Value) -> bool {
+    /// ReserveDrone's (`BookingStep::may_write_with_next`).
+    fn written_with_next(&self, _saga: &SagaRecord, output: &Value) -> bool {
         output["required"] == json!(false) && output.get("cancelledEarlierLegs").is_none()
     }
 }
@@ -485,6 +490,13 @@ impl Step<Ctx> for ReserveDrone {
             .await
             .map_err(step_error)?;
         Ok(json!({"droneId": r.drone_id, "window": r.window}))
+    }
+    /// A first booking's reservation is made idempotently under the delivery's id (the same
+    /// call again answers the reservation it has): written with CreateDelivery's success
+    /// (`BookingStep::may_write_with_next`). A rescheduled booking's moves or releases what an
+    /// earlier plan held, decided from the outputs on record, so it writes its own.
+    fn written_with_next(&self, saga: &SagaRecord, _output: &Value) -> bool {
+        BookingInput::of(saga).is_ok_and(|b| b.revision == 0)
     }
 }
 
@@ -603,10 +615,6 @@ pub fn state_event(
     envelope_message(WORKFLOW_EVENTS_LOG, WORKFLOW_STATE_CHANGED, &saga.id, &body)
 }
 
-/// The steps whose success may be written with the next step's (their `effect_free` can say
-/// yes): a compensation counts the step after them as possibly under way too.
-const WRITES_WITH_THE_NEXT: [BookingStep; 1] = [BookingStep::ArrangeThirdParty];
-
 /// A compensation request for the Supervisor, as an outbox row. Every step that ever succeeded
 /// is undone, also one past `next_step`: a rescheduled booking runs again from ReserveDrone while
 /// the delivery it created earlier still stands.
@@ -636,22 +644,18 @@ pub fn compensation(saga: &SagaRecord, reason: &str) -> Option<OutboxMessage> {
     // rescheduled booking every later step too: a reschedule can send the saga back while a later
     // step was being retried, after an attempt whose answer was lost had taken effect. Undoing
     // what never happened is a no-op.
-    // The step under way may also be past `next_step` by steps whose success is written with the
-    // next one's (`Step::effect_free`: ArrangeThirdParty without a leg): the journal still names
-    // the first of them when a crash came after the later step's call.
+    // The steps under way reach past `next_step` by the steps whose success is written with the
+    // next one's (`BookingStep::under_way_from`): the journal still names the first of them when
+    // a crash came after a later step's call.
     let rescheduled = input.revision > 0;
     let under_way = BookingStep::ALL
-        .iter()
-        .skip(saga.next_step)
-        .position(|s| !WRITES_WITH_THE_NEXT.contains(s))
-        .map_or(saga.next_step, |n| saga.next_step + n);
+        .get(saga.next_step)
+        .map_or(&[][..], |s| BookingStep::under_way_from(*s));
     let in_doubt = BookingStep::ALL
         .iter()
         .enumerate()
         .filter(|(i, s)| {
-            s.has_effect()
-                && ((saga.next_step..=under_way).contains(i)
-                    || (rescheduled && *i > saga.next_step))
+            s.has_effect() && (under_way.contains(s) || (rescheduled && *i > saga.next_step))
         })
         .map(|(_, s)| s.as_str().to_owned())
         .filter(|s| !succeeded.contains(s))
@@ -910,8 +914,9 @@ mod tests {
     /// Caught by `make test` (`chaos::scheduler_kill_under_load`): when a step's success is
     /// written with the next one's, a saga whose journal still names the first may have made the
     /// next one's call just before a crash; cancelled then, it must undo that too. CheckAccount
-    /// (which folded then) no longer folds; ReserveDrone behind an ArrangeThirdParty that needed
-    /// no leg is the case left.
+    /// (which folded then) no longer folds; RegisterPackage, ArrangeThirdParty (with no leg) and
+    /// a first booking's ReserveDrone do, so from any of them the calls up to CreateDelivery's
+    /// may have been made.
     #[test]
     fn the_step_in_doubt_reaches_past_steps_that_write_with_the_next() {
         let input = BookingInput {
@@ -943,14 +948,19 @@ mod tests {
                 BookingStep::RegisterPackage,
                 &[BookingStep::CheckAccount]
             )),
-            ["RegisterPackage"]
+            [
+                "RegisterPackage",
+                "ArrangeThirdParty",
+                "ReserveDrone",
+                "CreateDelivery"
+            ]
         );
         assert_eq!(
             in_doubt(&saga_at(
                 BookingStep::ArrangeThirdParty,
                 &[BookingStep::CheckAccount, BookingStep::RegisterPackage]
             )),
-            ["ArrangeThirdParty", "ReserveDrone"]
+            ["ArrangeThirdParty", "ReserveDrone", "CreateDelivery"]
         );
         assert_eq!(
             in_doubt(&saga_at(
@@ -961,7 +971,7 @@ mod tests {
                     BookingStep::ArrangeThirdParty
                 ]
             )),
-            ["ReserveDrone"]
+            ["ReserveDrone", "CreateDelivery"]
         );
     }
 

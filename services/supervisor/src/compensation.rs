@@ -467,11 +467,26 @@ pub fn request_for(workflow: &Workflow, reason: &str) -> Option<CompensationRequ
         .filter(|s| s.status == "succeeded" && has_effect(&s.name) && !no_leg(s))
         .map(|s| s.name.clone())
         .collect();
-    // The step a stopped saga was in may have had an effect (see `CompensationRequest`).
+    // The step a stopped saga was in may have had an effect (see `CompensationRequest`): one
+    // with attempts on record, and the steps under way from the first not written as succeeded
+    // (a success may wait for the next step's write, so the journal may not show a call made
+    // just before a crash: `BookingStep::under_way_from`).
+    let under_way = workflow
+        .steps
+        .iter()
+        .find(|s| s.status != "succeeded")
+        .and_then(|s| BookingStep::parse(&s.name))
+        .filter(|_| workflow.state != SagaState::Completed)
+        .map_or(&[][..], BookingStep::under_way_from);
     let in_doubt_steps = workflow
         .steps
         .iter()
-        .filter(|s| s.status != "succeeded" && !s.attempts.is_empty() && has_effect(&s.name))
+        .filter(|s| {
+            s.status != "succeeded"
+                && has_effect(&s.name)
+                && (!s.attempts.is_empty()
+                    || BookingStep::parse(&s.name).is_some_and(|b| under_way.contains(&b)))
+        })
         .map(|s| s.name.clone())
         .collect();
     Some(CompensationRequest {
@@ -564,16 +579,67 @@ mod tests {
             Some((
                 id,
                 vec!["RegisterPackage".to_owned()],
-                vec!["ReserveDrone".to_owned()],
+                // CreateDelivery too: ReserveDrone's success may have waited for its write.
+                vec!["ReserveDrone".to_owned(), "CreateDelivery".to_owned()],
                 7
             ))
         );
         assert_eq!(
             request.map(|r| r.steps_to_undo()),
             Some(vec![
+                BookingStep::CreateDelivery,
                 BookingStep::ReserveDrone,
                 BookingStep::RegisterPackage
             ])
+        );
+    }
+
+    /// A saga stopped with RegisterPackage next and no attempt on record may still have made
+    /// every call up to CreateDelivery's: the successes before it wait for one write.
+    #[test]
+    fn compensate_now_counts_the_calls_a_journal_may_not_show() {
+        let now = Utc::now();
+        let mut workflow = Workflow {
+            delivery_id: uuid::Uuid::new_v4().to_string(),
+            state: SagaState::Running,
+            partition: 0,
+            version: 1,
+            error: None,
+            deadline: None,
+            created_at: now,
+            updated_at: now,
+            input: json!({"ownerId": "o"}),
+            steps: vec![
+                step("CheckAccount", "succeeded", 1),
+                step("RegisterPackage", "pending", 0),
+                step("ArrangeThirdParty", "pending", 0),
+                step("ReserveDrone", "pending", 0),
+                step("CreateDelivery", "pending", 0),
+            ],
+            trace_id: None,
+        };
+        let in_doubt = |w: &Workflow| request_for(w, "why").map(|r| r.in_doubt_steps);
+        assert_eq!(
+            in_doubt(&workflow),
+            Some(
+                [
+                    "RegisterPackage",
+                    "ArrangeThirdParty",
+                    "ReserveDrone",
+                    "CreateDelivery"
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            )
+        );
+        workflow.state = SagaState::Completed;
+        for s in &mut workflow.steps {
+            s.status = "succeeded".into();
+        }
+        assert_eq!(
+            in_doubt(&workflow),
+            Some(Vec::new()),
+            "a completed saga has nothing in doubt"
         );
     }
 }
