@@ -971,10 +971,15 @@ async fn outbox_done_is_fenced(s: Arc<dyn Store>) {
     s.outbox_done(b1, &rows2).await.ok();
     assert_eq!(sent(&s, f2, 100).await, vec![4]);
 
-    // The owner deletes exactly what it names.
+    // The owner deletes exactly what it names, not the rows between.
+    s.outbox_done_of(&[b1, f2], &[rows1[0], rows1[2]])
+        .await
+        .unwrap();
+    assert_eq!(sent(&s, b1, 100).await, vec![2]);
+    assert_eq!(sent(&s, f2, 100).await, vec![4]);
     s.outbox_done(b1, &rows1[..2]).await.unwrap();
-    assert_eq!(sent(&s, b1, 100).await, vec![3]);
-    assert_eq!(backlog(&s).await, 2);
+    assert_eq!(sent(&s, b1, 100).await, Vec::<i64>::new());
+    assert_eq!(backlog(&s).await, 1);
     s.outbox_done(b1, &rows1).await.unwrap();
     s.outbox_done(f2, &rows2).await.unwrap();
     assert_eq!(backlog(&s).await, 0);
