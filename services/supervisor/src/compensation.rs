@@ -546,38 +546,46 @@ mod tests {
         }
     }
 
-    #[test]
-    fn compensate_now_undoes_what_succeeded_and_the_step_in_doubt() {
-        let id = uuid::Uuid::new_v4();
+    /// A booking saga of the owner "o" in `state`, at `version`, with `steps` on record.
+    fn workflow(state: SagaState, version: i64, steps: Vec<StepStatus>) -> Workflow {
         let now = Utc::now();
-        let workflow = Workflow {
-            delivery_id: id.to_string(),
-            state: SagaState::Failed,
+        Workflow {
+            delivery_id: uuid::Uuid::new_v4().to_string(),
+            state,
             partition: 0,
-            version: 7,
+            version,
             error: None,
             deadline: None,
             created_at: now,
             updated_at: now,
             input: json!({"ownerId": "o"}),
-            steps: vec![
+            steps,
+            trace_id: None,
+        }
+    }
+
+    #[test]
+    fn compensate_now_undoes_what_succeeded_and_the_step_in_doubt() {
+        let workflow = workflow(
+            SagaState::Failed,
+            7,
+            vec![
                 step("CheckAccount", "succeeded", 1),
                 step("RegisterPackage", "succeeded", 1),
                 step("ReserveDrone", "failed", 2),
                 step("CreateDelivery", "pending", 0),
             ],
-            trace_id: None,
-        };
+        );
         let request = request_for(&workflow, "why");
         assert_eq!(
             request.as_ref().map(|r| (
-                r.delivery_id,
+                r.delivery_id.to_string(),
                 r.succeeded_steps.clone(),
                 r.in_doubt_steps.clone(),
                 r.saga_version
             )),
             Some((
-                id,
+                workflow.delivery_id.clone(),
                 vec!["RegisterPackage".to_owned()],
                 // CreateDelivery too: ReserveDrone's success may have waited for its write.
                 vec!["ReserveDrone".to_owned(), "CreateDelivery".to_owned()],
@@ -598,26 +606,17 @@ mod tests {
     /// every call up to CreateDelivery's: the successes before it wait for one write.
     #[test]
     fn compensate_now_counts_the_calls_a_journal_may_not_show() {
-        let now = Utc::now();
-        let mut workflow = Workflow {
-            delivery_id: uuid::Uuid::new_v4().to_string(),
-            state: SagaState::Running,
-            partition: 0,
-            version: 1,
-            error: None,
-            deadline: None,
-            created_at: now,
-            updated_at: now,
-            input: json!({"ownerId": "o"}),
-            steps: vec![
+        let mut workflow = workflow(
+            SagaState::Running,
+            1,
+            vec![
                 step("CheckAccount", "succeeded", 1),
                 step("RegisterPackage", "pending", 0),
                 step("ArrangeThirdParty", "pending", 0),
                 step("ReserveDrone", "pending", 0),
                 step("CreateDelivery", "pending", 0),
             ],
-            trace_id: None,
-        };
+        );
         let in_doubt = |w: &Workflow| request_for(w, "why").map(|r| r.in_doubt_steps);
         assert_eq!(
             in_doubt(&workflow),
