@@ -262,6 +262,7 @@ conformance_suite!(
     restart_loses_nothing,
     reader_survives_a_restart,
     peek_finds_the_first_record_at_or_after_a_position,
+    a_reader_reads_past_its_prefetch,
 );
 
 /// The in-memory log of the simulations (`messaging::memory`) against the log half of the suite;
@@ -851,6 +852,29 @@ async fn peek_finds_the_first_record_at_or_after_a_position(h: impl Harness) {
     assert!(poison.event.is_err());
 
     cleanup(&broker, &[(&name, partitions)], &[]).await;
+}
+
+/// A reader is handed many more broker messages than its prefetch (each append below waits for
+/// its confirm, so each is a message of its own): its acks (flow control, for a stream) keep the
+/// broker sending.
+async fn a_reader_reads_past_its_prefetch(h: impl Harness) {
+    let broker = h.broker().await;
+    let name = unique("past-prefetch");
+    let log = broker.log(&name, 1).await.unwrap();
+    let n = 3 * u64::from(MessagingSettings::default().log_prefetch) + 5;
+    for i in 0..n {
+        log.append(event("k", i)).await.unwrap();
+    }
+    let mut reader = log.read(0, StartAt::First).await.unwrap();
+    let got: Vec<u64> = take(&mut reader, usize::try_from(n).unwrap())
+        .await
+        .iter()
+        .map(|r| n_of(good(r)))
+        .collect();
+    assert_eq!(got, (0..n).collect::<Vec<u64>>(), "every record, in order");
+    assert_no_more_records(&mut reader).await;
+
+    cleanup(&broker, &[(&name, 1)], &[]).await;
 }
 
 /// Many producers at once: every event is stored exactly once and each key keeps its order.
