@@ -139,7 +139,8 @@ fn held(fences: &[Fence]) -> sea_orm::sea_query::SelectStatement {
 /// the statement reads the named rows through a range of either index, never the deleted rows of
 /// the shards held: those stay in the table and its indexes until a vacuum, and a delete that
 /// found its rows through the shards' index walked all of them (`pg_stat_statements` at 1,000
-/// sagas/s in bench-e2e: 17 buffers per row deleted, a quarter of the Scheduler database's time).
+/// sagas/s in bench-e2e: 17 buffers per row deleted, a fifth of the Scheduler database's
+/// statement time).
 /// On PostgreSQL the list is one array parameter, so every batch size is the same statement (as
 /// an `IN` list each length was a statement of its own, planned anew on every connection).
 fn named(seqs: &[i64], backend: DbBackend) -> sea_orm::Condition {
