@@ -360,9 +360,10 @@ impl Step<Ctx> for RegisterPackage {
         Ok(json!({"packageId": p.id}))
     }
     /// Registered idempotently under the delivery's id (the same call again answers the same
-    /// package): written with the next step's success (`BookingStep::may_write_with_next`).
+    /// package): written with the next step's success, as the compensation expects
+    /// (`BookingStep::may_write_with_next`, which decides).
     fn written_with_next(&self, _saga: &SagaRecord, _output: &Value) -> bool {
-        true
+        BookingStep::RegisterPackage.may_write_with_next()
     }
 }
 
@@ -435,9 +436,11 @@ impl Step<Ctx> for ArrangeThirdParty {
         Ok(output)
     }
     /// No leg needed and none cancelled: nothing changed, so its success is written with
-    /// ReserveDrone's (`BookingStep::may_write_with_next`).
+    /// ReserveDrone's (where `BookingStep::may_write_with_next` allows it).
     fn written_with_next(&self, _saga: &SagaRecord, output: &Value) -> bool {
-        output["required"] == json!(false) && output.get("cancelledEarlierLegs").is_none()
+        BookingStep::ArrangeThirdParty.may_write_with_next()
+            && output["required"] == json!(false)
+            && output.get("cancelledEarlierLegs").is_none()
     }
 }
 
@@ -493,10 +496,12 @@ impl Step<Ctx> for ReserveDrone {
     }
     /// A first booking's reservation is made idempotently under the delivery's id (the same
     /// call again answers the reservation it has): written with CreateDelivery's success
-    /// (`BookingStep::may_write_with_next`). A rescheduled booking's moves or releases what an
-    /// earlier plan held, decided from the outputs on record, so it writes its own.
+    /// (where `BookingStep::may_write_with_next` allows it). A rescheduled booking's moves or
+    /// releases what an earlier plan held, decided from the outputs on record, so it writes its
+    /// own.
     fn written_with_next(&self, saga: &SagaRecord, _output: &Value) -> bool {
-        BookingInput::of(saga).is_ok_and(|b| b.revision == 0)
+        BookingStep::ReserveDrone.may_write_with_next()
+            && BookingInput::of(saga).is_ok_and(|b| b.revision == 0)
     }
 }
 
