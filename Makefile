@@ -33,15 +33,21 @@ help: ## list the targets
 run: ## the whole suite in one process on embedded defaults (SQLite under ./data); Ctrl-C stops it
 	cargo run -p standalone
 
+# The tests spawn the services' binaries, so `make test` builds them first — together with the
+# tests (`--bins --tests`): one feature set for both (the dev-dependencies' features, tokio's
+# test-util among them), so the test build does not compile the dependencies a second time and
+# openapi-fuzz runs the standalone binary just built (FUZZ_BUILD=0). `make chaos`,
+# `make test-containers` and `make bench` build the same way and reuse it.
+BUILD_FOR_TESTS := cargo build --workspace --bins --tests
+
 test: ## the whole test suite, against PostgreSQL (DATABASE_URL, else testcontainers), RabbitMQ (AMQP_URL, else testcontainers) and SQLite; then openapi-fuzz
+	$(BUILD_FOR_TESTS)
 ifeq ($(NEXTEST),yes)
-	cargo build --workspace --bins
 	cargo nextest run --workspace --no-fail-fast
 else
-	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 endif
-	bash scripts/openapi-fuzz.sh
+	FUZZ_BUILD=0 bash scripts/openapi-fuzz.sh
 
 openapi-fuzz: ## schemathesis (pinned, in a venv under target/) against every service's /openapi.json on the standalone suite: statuses, bodies, constraints as documented
 	bash scripts/openapi-fuzz.sh

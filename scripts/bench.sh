@@ -54,9 +54,9 @@ else
   run e2e bash scripts/bench-e2e.sh
 fi
 # The recovery case: its test prints `RECOVERY ...` and the invariant checker's verdict.
-cargo build --workspace --bins
-run recovery cargo nextest run -p integration-tests --test chaos scheduler_kill_under_load \
-  --no-capture
+cargo build --workspace --bins --tests
+run recovery cargo nextest run --workspace \
+  -E 'binary_id(integration-tests::chaos) and test(=scheduler_kill_under_load)' --no-capture
 
 machine="$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), \
 $(free -g | awk '/^Mem:/ {print $2}') GB RAM, $(uname -sr)"

@@ -157,7 +157,8 @@ def main():
         ("End to end: completed sagas/s", "≥ 2,000/s", *e2e(d), "`make bench-e2e`"),
         ("Scheduler `kill -9` under load → first saga completed", "≤ 5 s, zero lost and zero "
          "duplicate bookings", *recovery(d),
-         "`cargo nextest run -p integration-tests --test chaos scheduler_kill_under_load`"),
+         "`cargo nextest run --workspace -E 'binary_id(integration-tests::chaos) and "
+         "test(=scheduler_kill_under_load)'`"),
     ]
     mode = ("**shortened settings (`BENCH_QUICK=1`): these figures only prove the benchmarks "
             "run; they are not measurements**" if a.quick == "1" else "full default settings")

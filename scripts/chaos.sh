@@ -67,9 +67,9 @@ else
   log "using the shared RabbitMQ at $AMQP_URL (node ${RABBITMQ_NODE:-default}): it will be restarted"
 fi
 
-# The service binaries and the chaos runner, built as `make test` builds them (same features, so
-# neither rebuilds the other's dependencies).
-cargo build --workspace --bins
+# The service binaries and the chaos runner, built as `make test` builds them (with the tests:
+# the same features, so neither rebuilds the other's dependencies).
+cargo build --workspace --bins --tests
 TARGET=${CARGO_TARGET_DIR:-target}
 cases=()
 [ -z "${CHAOS_FILTER:-}" ] || read -r -a cases <<<"${CHAOS_FILTER}"

@@ -51,11 +51,15 @@ pub fn binaries(names: &[&str]) -> Vec<PathBuf> {
     if !stale.is_empty() {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        // The whole workspace, as `make test` builds it: per-package builds unify features
-        // differently and would rebuild half the dependency tree each time one alternates.
+        // The whole workspace, as `make test` builds it (debug: with the tests, whose
+        // dev-dependencies' features the test binaries were built with): per-package builds
+        // unify features differently and would rebuild half the dependency tree each time one
+        // alternates.
         let mut args = vec!["build", "--workspace", "--bins"];
         if release {
             args.push("--release");
+        } else {
+            args.push("--tests");
         }
         println!(
             "{stale:?} missing or older than their sources: running `cargo {}`",
@@ -74,7 +78,7 @@ pub fn binaries(names: &[&str]) -> Vec<PathBuf> {
             let binary = path(name);
             assert!(
                 binary.exists(),
-                "{} does not exist (run `cargo build --workspace --bins`)",
+                "{} does not exist (run `cargo build --workspace --bins --tests`)",
                 binary.display()
             );
             binary
