@@ -1,6 +1,5 @@
 //! The `drones` and `reservations` tables. Windows are stored as epoch milliseconds so that the
-//! overlap rule compares integers on both databases (`drone_window`, a box per reservation, on
-//! PostgreSQL: see the migration `NoOverlapAsBox`).
+//! overlap rule compares integers on both databases (`int8range` on PostgreSQL).
 
 pub mod drone {
     use sea_orm::entity::prelude::*;

@@ -15,7 +15,6 @@ impl MigratorTrait for Migrator {
             Box::new(CreateFleet),
             Box::new(NoOverlapByWindow),
             Box::new(CreateFlights),
-            Box::new(NoOverlapAsBox),
         ]
     }
 }
@@ -266,76 +265,5 @@ impl MigrationTrait for CreateFlights {
         manager
             .drop_table(Table::drop().table(Flights::Table).to_owned())
             .await
-    }
-}
-
-struct NoOverlapAsBox;
-
-impl MigrationName for NoOverlapAsBox {
-    fn name(&self) -> &str {
-        "m20261207_000001_no_overlap_as_box"
-    }
-}
-
-/// The same rule on a cheaper key (PostgreSQL). The GiST index of `(int8range, drone_id)` spent
-/// most of a reservation's insert on the range type (each key detoasted and deserialised at every
-/// comparison) and on the second column: at 2,500 bookings/s it made Drone's database the
-/// suite's second-largest CPU user, and inserting 50,000 reservations took 70 µs a row against
-/// 5 µs without the constraint. `drone_window` turns a reservation into a box: the window
-/// `[start, end)` as the closed interval `[start, end - 1]` of whole milliseconds along x (exact
-/// in float8 far beyond any date), and along y the drone's lane, a number taken from its id's
-/// MD5 (stable across PostgreSQL versions, unlike `hashtext`). Two boxes of one drone overlap
-/// exactly when their windows do; two drones sharing a lane are told apart by `drone_id WITH =`.
-/// Boxes are fixed-size and compared as floats, and the lanes spread the drones over y, so a
-/// probe visits only the reservations of the same drone around that time: the same 50,000
-/// inserts took 18 µs a row.
-///
-/// The function is `IMMUTABLE` SQL, inlined by the planner both in the index and in the queries
-/// that probe it (`store.rs`, `store/batch.rs`), which must call it exactly this way. An active
-/// window is never empty (now checked; a tombstone's is, and it is never active): an empty one
-/// would be a box reaching one millisecond back.
-const PG_NO_OVERLAP_AS_BOX: &str = "
-CREATE OR REPLACE FUNCTION drone_window(drone_id text, start_ms bigint, end_ms bigint)
-    RETURNS box LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-    AS $$ SELECT box(point(start_ms, ('x' || left(md5(drone_id), 8))::bit(32)::int),
-                     point(end_ms - 1, ('x' || left(md5(drone_id), 8))::bit(32)::int)) $$;
-ALTER TABLE reservations ADD CONSTRAINT reservations_window_not_empty
-    CHECK (status <> 'active' OR window_end_ms > window_start_ms);
-ALTER TABLE reservations DROP CONSTRAINT IF EXISTS reservations_no_overlap;
-ALTER TABLE reservations ADD CONSTRAINT reservations_no_overlap
-    EXCLUDE USING gist (drone_window(drone_id, window_start_ms, window_end_ms) WITH &&,
-                        drone_id WITH =)
-    WHERE (status = 'active');
-";
-
-#[sea_orm_migration::async_trait::async_trait]
-impl MigrationTrait for NoOverlapAsBox {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        // SQLite keeps its triggers.
-        if manager.get_database_backend() == DbBackend::Postgres {
-            manager
-                .get_connection()
-                .execute_unprepared(PG_NO_OVERLAP_AS_BOX)
-                .await?;
-        }
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() == DbBackend::Postgres {
-            manager
-                .get_connection()
-                .execute_unprepared(PG_NO_OVERLAP_BY_WINDOW)
-                .await?;
-            manager
-                .get_connection()
-                .execute_unprepared(
-                    "ALTER TABLE reservations DROP CONSTRAINT IF EXISTS \
-                     reservations_window_not_empty;
-                     DROP FUNCTION IF EXISTS drone_window(text, bigint, bigint);",
-                )
-                .await?;
-        }
-        Ok(())
     }
 }

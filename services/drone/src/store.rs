@@ -420,7 +420,7 @@ fn no_drone(settings: &ReservationSettings, req: &DroneReservationRequest) -> St
     }
 }
 
-pub(crate) const PG_INSERT_FIRST_FREE: &str = "
+const PG_INSERT_FIRST_FREE: &str = "
 INSERT INTO reservations (delivery_id, drone_id, window_start_ms, window_end_ms, status, package_id,
     size, owner_id, pickup_location, drop_off_location, expedited, created_at, updated_at)
 SELECT $1, c.id, $2, $3, 'active', $4, $5, $6, $7, $8, $9, $10, $10
@@ -428,8 +428,7 @@ FROM unnest($11::text[]) AS c(id)
 WHERE NOT EXISTS (
     SELECT 1 FROM reservations r
     WHERE r.drone_id = c.id AND r.status = 'active'
-      AND drone_window(r.drone_id, r.window_start_ms, r.window_end_ms)
-          && drone_window(c.id, $2, $3))
+      AND int8range(r.window_start_ms, r.window_end_ms, '[)') && int8range($2, $3, '[)'))
 LIMIT 1
 ON CONFLICT DO NOTHING
 RETURNING *";
@@ -455,7 +454,7 @@ RETURNING *";
 /// no-overlap exclusion constraint).
 ///
 /// On PostgreSQL each candidate costs one probe of the exclusion constraint's GiST index
-/// (`drone_window &&`, `drone_id =`: see the migration `NoOverlapAsBox`), and the probes stop at the first free drone: the plan is a
+/// (`int8range &&`, `drone_id =`), and the probes stop at the first free drone: the plan is a
 /// nested-loop anti join over the candidate list, which keeps the list's order (no `ORDER BY`,
 /// which would make a generic plan probe every candidate before sorting). Correctness never
 /// depends on that order, only the preference for small drones does.
@@ -494,13 +493,12 @@ async fn insert_first_free(
         .await
 }
 
-pub(crate) const PG_FREE: &str = "
+const PG_FREE: &str = "
 SELECT c.id FROM unnest($1::text[]) WITH ORDINALITY AS c(id, ord)
 WHERE NOT EXISTS (
     SELECT 1 FROM reservations r
     WHERE r.drone_id = c.id AND r.status = 'active' AND r.delivery_id <> $2
-      AND drone_window(r.drone_id, r.window_start_ms, r.window_end_ms)
-          && drone_window(c.id, $3, $4))
+      AND int8range(r.window_start_ms, r.window_end_ms, '[)') && int8range($3, $4, '[)'))
 ORDER BY c.ord";
 
 const SQLITE_FREE: &str = "
