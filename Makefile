@@ -38,10 +38,8 @@ run: ## the whole suite in one process on embedded defaults (SQLite under ./data
 # test-util among them), so the test build does not compile the dependencies a second time and
 # openapi-fuzz runs the standalone binary just built (FUZZ_BUILD=0). `make chaos`,
 # `make test-containers` and `make bench` build the same way and reuse it.
-BUILD_FOR_TESTS := cargo build --workspace --bins --tests
-
 test: ## the whole test suite, against PostgreSQL (DATABASE_URL, else testcontainers), RabbitMQ (AMQP_URL, else testcontainers) and SQLite; then openapi-fuzz
-	$(BUILD_FOR_TESTS)
+	cargo build --workspace --bins --tests
 ifeq ($(NEXTEST),yes)
 	cargo nextest run --workspace --no-fail-fast
 else
