@@ -23,22 +23,35 @@ pub trait Publisher: Send + Sync {
 /// The shards a relay works for, as their fences, asked before every read.
 pub type Held = Arc<dyn Fn() -> Vec<Fence> + Send + Sync>;
 
+/// How a relay paces its reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// How often an idle relay looks for rows; a commit wakes it sooner.
+    pub poll: Duration,
+    /// How long a relay woken by a commit waits before it reads, so that the commits right
+    /// behind it join the read: under load each read, publish and delete then carries many
+    /// sagas' rows (fewer, fuller broker messages, and fewer deliveries for every reader of the
+    /// log). Events reach the broker that much later; no saga waits for it (a saga's steps wait
+    /// only for its journal writes).
+    pub linger: Duration,
+}
+
 /// Relays the rows of `fence.shard` until the fence no longer holds (then returns the refusal) or
 /// the task is dropped. `wake` (notified with `notify_one` after commits to the outbox) speeds it
-/// up; it also polls every `poll`.
+/// up; it also polls, as `pace` says.
 pub async fn relay(
     store: Arc<dyn Store>,
     fence: Fence,
     publisher: Arc<dyn Publisher>,
     wake: Arc<Notify>,
-    poll: Duration,
+    pace: Pace,
 ) -> JournalError {
     run(
         store,
         Arc::new(move || vec![fence]),
         publisher,
         wake,
-        poll,
+        pace,
         true,
     )
     .await
@@ -52,9 +65,9 @@ pub async fn relay_held(
     held: Held,
     publisher: Arc<dyn Publisher>,
     wake: Arc<Notify>,
-    poll: Duration,
+    pace: Pace,
 ) {
-    run(store, held, publisher, wake, poll, false).await;
+    run(store, held, publisher, wake, pace, false).await;
 }
 
 async fn run(
@@ -62,11 +75,11 @@ async fn run(
     held: Held,
     publisher: Arc<dyn Publisher>,
     wake: Arc<Notify>,
-    poll: Duration,
+    pace: Pace,
     stop_when_refused: bool,
 ) -> JournalError {
     const BATCH: usize = 500;
-    const LINGER: Duration = Duration::from_millis(5);
+    let poll = pace.poll;
     let mut failures = 0u32;
     // Reads start past the highest seq published (`Store::outbox_after`); see `Cursor` for the
     // reads that look back, for a write that drew a lower seq and committed after the relay had
@@ -98,7 +111,7 @@ async fn run(
             if tokio::time::timeout(poll, wake.notified()).await.is_ok() {
                 // Woken by a commit: let the commits right behind it join this batch (one read,
                 // one publish and one delete for many sagas instead of one each).
-                tokio::time::sleep(LINGER).await;
+                tokio::time::sleep(pace.linger).await;
             }
             continue;
         }
@@ -122,7 +135,7 @@ async fn run(
                 if published.len() < BATCH
                     && tokio::time::timeout(poll, wake.notified()).await.is_ok()
                 {
-                    tokio::time::sleep(LINGER).await;
+                    tokio::time::sleep(pace.linger).await;
                 }
             }
             Err(e) => {

@@ -369,20 +369,23 @@ where
     }
 }
 
-/// A relay of the fence's shard, polling every 20 ms.
+/// A relay of the fence's shard, polling every 20 ms, lingering 5 ms after a wake.
 fn spawn_relay(
     store: &Arc<dyn Store>,
     fence: Fence,
     publisher: Arc<dyn saga::outbox::Publisher>,
     wake: Arc<Notify>,
 ) -> JoinHandle<JournalError> {
-    let poll = Duration::from_millis(20);
+    let pace = saga::outbox::Pace {
+        poll: Duration::from_millis(20),
+        linger: Duration::from_millis(5),
+    };
     tokio::spawn(saga::outbox::relay(
         store.clone(),
         fence,
         publisher,
         wake,
-        poll,
+        pace,
     ))
 }
 

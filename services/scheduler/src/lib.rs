@@ -88,6 +88,10 @@ pub struct SchedulerSettings {
     pub park_after_ms: u64,
     /// How often an idle outbox relay looks for rows (it is also woken by every commit).
     pub relay_poll_ms: u64,
+    /// How long the outbox relay, woken by a commit, waits before it reads
+    /// (`saga::outbox::Pace::linger`): events reach `workflow-events` that much later, in fewer,
+    /// fuller broker messages. No saga waits for it.
+    pub relay_linger_ms: u64,
     pub steps: StepPolicies,
     /// When a booking needs a carrier leg (ArrangeThirdParty).
     pub third_party: ThirdPartyRules,
@@ -132,6 +136,7 @@ impl Default for SchedulerSettings {
             dispatch_interval_ms: 1000,
             park_after_ms: 1000,
             relay_poll_ms: 500,
+            relay_linger_ms: 25,
             steps: StepPolicies::default(),
             third_party: ThirdPartyRules::default(),
             compensation_delivery_limit: 10,
@@ -317,7 +322,10 @@ impl Core {
                     held,
                     core.publisher.clone(),
                     core.engine.outbox_written(),
-                    Duration::from_millis(core.settings.relay_poll_ms),
+                    saga::outbox::Pace {
+                        poll: Duration::from_millis(core.settings.relay_poll_ms),
+                        linger: Duration::from_millis(core.settings.relay_linger_ms),
+                    },
                 ) => {}
             }
         }));

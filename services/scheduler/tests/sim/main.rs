@@ -241,6 +241,7 @@ fn settings() -> SchedulerSettings {
         dispatch_interval_ms: 50,
         park_after_ms: 300,
         relay_poll_ms: 200,
+        relay_linger_ms: 25,
         accounts: AccountCopySettings {
             max_staleness_ms: 2000,
         },
