@@ -72,10 +72,6 @@ pub struct IngestionSettings {
     pub pickup_skew_secs: i64,
     /// `Retry-After` for overload and broker outages.
     pub retry_after_secs: u64,
-    /// How long the read model's writer of accepted requests waits after the first one before
-    /// it writes what has come (`readmodel`): under load, one insert for many bookings. No
-    /// client waits for it (an accepted request is served from memory until its row is in).
-    pub accepted_linger_ms: u64,
     /// Follow `workflow-events` to advance request states (off only in tests of other parts).
     pub follow_workflow_events: bool,
     /// `GET /api/deliveries/{id}` and its event stream.
@@ -94,7 +90,6 @@ impl Default for IngestionSettings {
             rate_burst: 100,
             pickup_skew_secs: 300,
             retry_after_secs: 1,
-            accepted_linger_ms: 20,
             follow_workflow_events: true,
             tracking: TrackingSettings::default(),
             webhooks: WebhookSettings::default(),
@@ -142,10 +137,7 @@ impl Service for Application {
             .log(contracts::DELIVERY_REQUESTS_LOG, s.partitions)
             .await
             .context("declaring the delivery-requests log")?;
-        let store = readmodel::ReadModel::start(
-            db.clone(),
-            std::time::Duration::from_millis(s.accepted_linger_ms),
-        );
+        let store = readmodel::ReadModel::start(db.clone());
         let webhooks = webhooks::Webhooks::start(&mut builder, db.clone(), &s.webhooks)?;
         // The read model and the webhooks follow `workflow-events` on one reader.
         let projection = s.follow_workflow_events.then(|| {

@@ -149,8 +149,7 @@ impl Accepted {
 }
 
 /// Reads and writes of the read model. Accepted rows are written by a background task in batches
-/// (one multi-row insert for what came within a linger of the first), so the hot path never
-/// waits on the database.
+/// (one multi-row insert per few milliseconds), so the hot path never waits on the database.
 /// Until its batch is written, an accepted request is found in `pending`: a client that reads,
 /// reschedules or cancels right after its `202` finds it on this instance.
 pub(crate) struct ReadModel {
@@ -163,13 +162,13 @@ pub(crate) struct ReadModel {
 const BATCH: usize = 500;
 
 impl ReadModel {
-    pub(crate) fn start(db: DatabaseConnection, linger: Duration) -> Arc<Self> {
+    pub(crate) fn start(db: DatabaseConnection) -> Arc<Self> {
         // Unbounded: a booking never waits for the read model (a checkpoint of SQLite's WAL can
         // take a second). What waits is bounded by the admission limit's throughput, and it is
         // in `pending` meanwhile anyway.
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(write_batches(db.clone(), rx, pending.clone(), linger));
+        tokio::spawn(write_batches(db.clone(), rx, pending.clone()));
         Arc::new(Self {
             db,
             tx,
@@ -262,13 +261,8 @@ async fn write_batches(
     db: DatabaseConnection,
     mut rx: mpsc::UnboundedReceiver<Accepted>,
     pending: Arc<Mutex<HashMap<Uuid, Accepted>>>,
-    linger: Duration,
 ) {
     while let Some(first) = rx.recv().await {
-        // The bookings right behind the first join its insert: off the booking's path (it is in
-        // `pending` meanwhile), and under load one statement and commit for many instead of a
-        // few each (bench-e2e at 1,000/s: Ingestion's database 0.10 cores instead of 0.16).
-        tokio::time::sleep(linger).await;
         let mut rows = vec![first];
         while rows.len() < BATCH {
             match rx.try_recv() {
