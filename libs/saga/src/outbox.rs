@@ -24,7 +24,7 @@ pub trait Publisher: Send + Sync {
 pub type Held = Arc<dyn Fn() -> Vec<Fence> + Send + Sync>;
 
 /// How a relay paces its reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Pace {
     /// How often an idle relay looks for rows; a commit wakes it sooner.
     pub poll: Duration,
