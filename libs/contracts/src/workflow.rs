@@ -154,7 +154,8 @@ impl BookingStep {
     /// attempt may have reached the service, before a crash or without an answer): `next`, and
     /// past it every step whose success may have been waiting for the next step's write, up to
     /// and including the first that writes its own. A compensation counts them in doubt; undoing
-    /// what never happened is a no-op.
+    /// what never happened is a no-op. The Scheduler relies on it to ask for a first booking's
+    /// drone already in RegisterPackage: from there on, ReserveDrone is always in doubt.
     pub fn under_way_from(next: BookingStep) -> &'static [BookingStep] {
         let from = Self::ALL.iter().position(|s| *s == next).unwrap_or(0);
         let to = Self::ALL[from..]

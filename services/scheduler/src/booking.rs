@@ -66,13 +66,74 @@ tokio::task_local! {
     /// The booking of the saga the current task drives, decoded once for its steps and
     /// announcements (see [`BookingInput::of`]); set up by [`with_booking_memo`].
     static MEMO: RefCell<Option<(String, Arc<BookingInput>)>>;
+    /// The drone reservation RegisterPackage asked for alongside the package, for ReserveDrone
+    /// (see [`DroneAhead`]); set up by [`with_booking_memo`].
+    static AHEAD: RefCell<Option<DroneAhead>>;
 }
 
 /// Runs `task` (the driving of one saga) with a memo of its decoded booking: every step and
 /// announcement reads the booking, and without the memo each decoded it from the saga's JSON
-/// input again (about 7 % of the Scheduler's samples).
+/// input again (about 7 % of the Scheduler's samples). It also carries the drone reservation
+/// asked for ahead ([`DroneAhead`]) from RegisterPackage to ReserveDrone.
 pub async fn with_booking_memo<F: std::future::Future>(task: F) -> F::Output {
-    MEMO.scope(RefCell::new(None), task).await
+    MEMO.scope(RefCell::new(None), AHEAD.scope(RefCell::new(None), task))
+        .await
+}
+
+/// The drone reservation of a first booking that needs no carrier leg, asked for by
+/// RegisterPackage at the same time as the package (ReserveDrone's request depends only on the
+/// booking then, not on the package), so the saga waits for the slower of the two calls instead
+/// of for both in turn. ReserveDrone takes the answer as its own if it is a reservation: the same
+/// request under the same delivery id answers the same reservation, so taking it is what calling
+/// again would give. An error is not kept for it (ReserveDrone asks again, as it always did), and
+/// neither is anything for another saga or revision.
+///
+/// Nothing is left half done by it. From RegisterPackage on, a journal cannot tell whether
+/// ReserveDrone's call was made (its success is written with a later step's,
+/// `BookingStep::under_way_from`), so every compensation from there already releases the drone
+/// as in doubt: after RegisterPackage failed, after a cancel between the two steps, or after a
+/// crash. The answer lives in the driving task only: a saga resumed elsewhere (a crash, a takeover,
+/// a park) asks again.
+#[derive(Debug)]
+struct DroneAhead {
+    saga_id: String,
+    /// Only a reservation is kept; a failed call leaves `None`, so a retried RegisterPackage
+    /// does not ask the drone service again.
+    reservation: Option<contracts::DroneReservation>,
+}
+
+impl DroneAhead {
+    /// Whether saga `id`'s drone was already asked for in this task (or there is no task to
+    /// keep an answer in, so it must not be asked for ahead).
+    fn asked(id: &str) -> bool {
+        AHEAD
+            .try_with(|a| a.borrow().as_ref().is_some_and(|a| a.saga_id == id))
+            .unwrap_or(true)
+    }
+
+    fn keep(id: &str, reservation: Option<contracts::DroneReservation>) {
+        let _ = AHEAD.try_with(|a| {
+            *a.borrow_mut() = Some(DroneAhead {
+                saga_id: id.to_owned(),
+                reservation,
+            });
+        });
+    }
+
+    /// Saga `id`'s reservation asked for ahead, once.
+    fn take(id: &str) -> Option<contracts::DroneReservation> {
+        AHEAD
+            .try_with(|a| {
+                let mut a = a.borrow_mut();
+                if a.as_ref().is_some_and(|a| a.saga_id == id) {
+                    a.take().and_then(|a| a.reservation)
+                } else {
+                    None
+                }
+            })
+            .ok()
+            .flatten()
+    }
 }
 
 impl BookingInput {
@@ -153,6 +214,9 @@ pub struct Ctx {
     pub accounts: Arc<crate::accounts::AccountCopy>,
     pub metrics: Arc<Metrics>,
     pub third_party: ThirdPartyRules,
+    /// Whether RegisterPackage asks for a first booking's drone at the same time when no carrier
+    /// leg is needed ([`DroneAhead`]; `APP_SCHEDULER__RESERVE_DRONE_WITH_PACKAGE`).
+    pub drone_with_package: bool,
 }
 
 /// Whether a booking needs a carrier leg, and why (or why not).
@@ -220,6 +284,28 @@ fn revision_of(input: &Value) -> u32 {
         .and_then(Value::as_u64)
         .and_then(|r| u32::try_from(r).ok())
         .unwrap_or(0)
+}
+
+/// ReserveDrone's request for booking `b` (delivery `id`): with a carrier leg, the drone starts
+/// where and when the carrier hands over.
+fn reservation_request(
+    b: &DeliveryRequested,
+    leg: Option<&CarrierLeg>,
+    id: &str,
+) -> DroneReservationRequest {
+    let (pickup_location, pickup_time) = match leg {
+        Some(l) => (l.to_location.clone(), l.handover_time),
+        None => (b.pickup_location.clone(), b.pickup_time),
+    };
+    DroneReservationRequest {
+        pickup_time,
+        pickup_location,
+        drop_off_location: b.drop_off_location.clone(),
+        package_id: id.to_owned(),
+        size: b.package_info.size,
+        expedited: b.expedited,
+        owner_id: Some(b.owner_id.clone()),
+    }
 }
 
 /// The carrier leg a saga holds (ArrangeThirdParty's output), if it booked one.
@@ -352,11 +438,25 @@ impl Step<Ctx> for RegisterPackage {
             weight: b.package_info.weight,
             tag: b.package_info.tag.clone(),
         };
-        let p = ctx
-            .domain
-            .put_package(&id, &body)
-            .await
-            .map_err(step_error)?;
+        let ahead = ctx.drone_with_package
+            && input.revision == 0
+            && !saga
+                .outputs
+                .contains_key(BookingStep::ReserveDrone.as_str())
+            && matches!(ctx.third_party.need(b), LegNeed::None { .. })
+            && !DroneAhead::asked(&id);
+        let p = if ahead {
+            let drone = reservation_request(b, None, &id);
+            let (p, r) = tokio::join!(
+                ctx.domain.put_package(&id, &body),
+                ctx.domain.reserve_drone(&id, &drone)
+            );
+            DroneAhead::keep(&id, r.ok());
+            p
+        } else {
+            ctx.domain.put_package(&id, &body).await
+        }
+        .map_err(step_error)?;
         Ok(json!({"packageId": p.id}))
     }
     /// Registered idempotently under the delivery's id (the same call again answers the same
@@ -474,24 +574,25 @@ impl Step<Ctx> for ReserveDrone {
                 "window": null,
             }));
         }
-        let (pickup_location, pickup_time) = match &leg {
-            Some(l) => (l.to_location.clone(), l.handover_time),
-            None => (b.pickup_location.clone(), b.pickup_time),
+        // Asked for by RegisterPackage with this very request (a first booking, no leg).
+        let ahead = (leg.is_none() && input.revision == 0)
+            .then(|| DroneAhead::take(&id))
+            .flatten();
+        let r = match ahead {
+            Some(r) => {
+                ctx.metrics.drone_reserved("with-package");
+                r
+            }
+            None => {
+                let r = ctx
+                    .domain
+                    .reserve_drone(&id, &reservation_request(b, leg.as_ref(), &id))
+                    .await
+                    .map_err(step_error)?;
+                ctx.metrics.drone_reserved("by-step");
+                r
+            }
         };
-        let body = DroneReservationRequest {
-            pickup_time,
-            pickup_location,
-            drop_off_location: b.drop_off_location.clone(),
-            package_id: id.clone(),
-            size: b.package_info.size,
-            expedited: b.expedited,
-            owner_id: Some(b.owner_id.clone()),
-        };
-        let r = ctx
-            .domain
-            .reserve_drone(&id, &body)
-            .await
-            .map_err(step_error)?;
         Ok(json!({"droneId": r.drone_id, "window": r.window}))
     }
     /// A first booking's reservation is made idempotently under the delivery's id (the same
@@ -1104,6 +1205,317 @@ mod tests {
             rules.need(&requested("1 Main St", "2 Side St", 2.0)),
             LegNeed::None { .. }
         ));
+    }
+
+    /// The package and drone services as RegisterPackage and ReserveDrone see them: every call
+    /// recorded; the package answers `package` (a refusal, or a package), the drone a reservation
+    /// or, while `drone_busy`, no drone. Nothing else is called by these two steps.
+    struct Recording {
+        calls: std::sync::Mutex<Vec<&'static str>>,
+        package_refused: bool,
+        drone_busy: std::sync::atomic::AtomicBool,
+    }
+
+    impl Recording {
+        fn new(package_refused: bool, drone_busy: bool) -> Arc<Self> {
+            Arc::new(Self {
+                calls: std::sync::Mutex::new(Vec::new()),
+                package_refused,
+                drone_busy: std::sync::atomic::AtomicBool::new(drone_busy),
+            })
+        }
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+        }
+        fn record(&self, call: &'static str) {
+            if let Ok(mut c) = self.calls.lock() {
+                c.push(call);
+            }
+        }
+    }
+
+    fn not_here(what: &str) -> CallError {
+        CallError::Permanent {
+            reason: format!("{what} is not called by these steps"),
+            status: None,
+            code: None,
+        }
+    }
+
+    #[async_trait]
+    impl Domain for Recording {
+        async fn account(&self, _: &str) -> Result<contracts::Account, CallError> {
+            Err(not_here("account"))
+        }
+        async fn put_package(
+            &self,
+            id: &str,
+            body: &PackageUpsert,
+        ) -> Result<contracts::Package, CallError> {
+            self.record("put_package");
+            if self.package_refused {
+                return Err(CallError::Permanent {
+                    reason: "package PUT answered 409 (package-conflict)".into(),
+                    status: Some(409),
+                    code: Some("package-conflict".into()),
+                });
+            }
+            Ok(contracts::Package {
+                id: id.to_owned(),
+                owner_id: body.owner_id.clone(),
+                external_id: body.external_id.clone(),
+                size: body.size,
+                weight: body.weight,
+                tag: body.tag.clone(),
+                status: contracts::PackageStatus::Registered,
+                created_at: chrono::Utc::now(),
+                updated_at: chrono::Utc::now(),
+            })
+        }
+        async fn delete_package(&self, _: &str) -> Result<(), CallError> {
+            Err(not_here("delete_package"))
+        }
+        async fn arrange_leg(
+            &self,
+            _: &str,
+            _: &LegRequest,
+        ) -> Result<contracts::ThirdPartyLeg, CallError> {
+            Err(not_here("arrange_leg"))
+        }
+        async fn cancel_leg(&self, _: &str) -> Result<(), CallError> {
+            Err(not_here("cancel_leg"))
+        }
+        async fn reserve_drone(
+            &self,
+            id: &str,
+            body: &DroneReservationRequest,
+        ) -> Result<contracts::DroneReservation, CallError> {
+            self.record("reserve_drone");
+            if self.drone_busy.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(CallError::Transient {
+                    reason: "drone PUT answered 503 (no-drone-available)".into(),
+                    retry_after: None,
+                });
+            }
+            Ok(contracts::DroneReservation {
+                delivery_id: id.to_owned(),
+                drone_id: "drone-7".into(),
+                window: TimeWindow {
+                    start: body.pickup_time,
+                    end: body.pickup_time + chrono::Duration::minutes(30),
+                },
+                status: contracts::ReservationStatus::Active,
+                package_id: body.package_id.clone(),
+                size: body.size,
+                owner_id: body.owner_id.clone(),
+                pickup_location: body.pickup_location.clone(),
+                drop_off_location: body.drop_off_location.clone(),
+                expedited: body.expedited,
+                created_at: chrono::Utc::now(),
+                updated_at: chrono::Utc::now(),
+            })
+        }
+        async fn release_drone(&self, _: &str) -> Result<(), CallError> {
+            Err(not_here("release_drone"))
+        }
+        async fn put_delivery(&self, _: &str, _: &DeliveryUpsert) -> Result<(), CallError> {
+            Err(not_here("put_delivery"))
+        }
+        async fn reschedule_delivery(
+            &self,
+            _: &str,
+            _: &DeliveryPatch,
+        ) -> Result<contracts::Delivery, CallError> {
+            Err(not_here("reschedule_delivery"))
+        }
+        async fn cancel_delivery(&self, _: &str) -> Result<(), CallError> {
+            Err(not_here("cancel_delivery"))
+        }
+    }
+
+    fn ctx(domain: Arc<Recording>, drone_with_package: bool) -> Ctx {
+        let clock: Arc<dyn saga::Clock> = Arc::new(saga::SystemClock);
+        Ctx {
+            domain,
+            accounts: Arc::new(crate::accounts::AccountCopy::new(
+                crate::accounts::AccountCopySettings::default(),
+                clock,
+            )),
+            metrics: Arc::new(Metrics::register(&prometheus::Registry::new()).expect("metrics")),
+            third_party: ThirdPartyRules::default(),
+            drone_with_package,
+        }
+    }
+
+    /// RegisterPackage, ArrangeThirdParty and ReserveDrone of `saga` in turn, as the engine runs
+    /// them (each success's output recorded before the next step): their outputs, or the first
+    /// error and at which step.
+    async fn run_to_delivery(
+        ctx: &Ctx,
+        mut saga: SagaRecord,
+    ) -> Result<serde_json::Map<String, Value>, (BookingStep, StepError)> {
+        let all = steps(&StepPolicies::default(), &ctx.metrics);
+        for step in [
+            BookingStep::RegisterPackage,
+            BookingStep::ArrangeThirdParty,
+            BookingStep::ReserveDrone,
+        ] {
+            let output = all[index_of(step)]
+                .run(ctx, &saga)
+                .await
+                .map_err(|e| (step, e))?;
+            saga.outputs.insert(step.as_str().to_owned(), output);
+            saga.next_step = index_of(step) + 1;
+        }
+        Ok(saga.outputs)
+    }
+
+    const SEATTLE: &str = "0,47.6062,-122.3321";
+    const NEAR: &str = "0,47.62,-122.35";
+
+    fn first_booking(drop_off: &str, weight: f64) -> SagaRecord {
+        let input = BookingInput {
+            request: requested(SEATTLE, drop_off, weight),
+            traceparent: None,
+            revision: 0,
+        };
+        saga_record(
+            "s-1",
+            &input,
+            "running",
+            serde_json::Map::new(),
+            BookingStep::RegisterPackage,
+            2,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_first_booking_within_range_asks_for_its_drone_with_its_package() {
+        let domain = Recording::new(false, false);
+        let ctx = ctx(domain.clone(), true);
+        let outputs = with_booking_memo(run_to_delivery(&ctx, first_booking(NEAR, 2.0)))
+            .await
+            .expect("the steps succeed");
+        // One drone call, made while the package was registered; ReserveDrone used its answer.
+        assert_eq!(domain.calls(), ["put_package", "reserve_drone"]);
+        assert_eq!(
+            outputs[BookingStep::ReserveDrone.as_str()]["droneId"],
+            "drone-7"
+        );
+        let used = |asked: &str| {
+            ctx.metrics
+                .drone_reservations
+                .with_label_values(&[asked])
+                .get()
+        };
+        assert_eq!((used("with-package"), used("by-step")), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn the_drone_is_asked_for_in_its_own_step_otherwise() {
+        // Switched off.
+        let domain = Recording::new(false, false);
+        with_booking_memo(run_to_delivery(
+            &ctx(domain.clone(), false),
+            first_booking(NEAR, 2.0),
+        ))
+        .await
+        .expect("the steps succeed");
+        assert_eq!(domain.calls(), ["put_package", "reserve_drone"]);
+        // No task to keep the answer in: nothing asked ahead (it would be asked twice).
+        let domain = Recording::new(false, false);
+        let c = ctx(domain.clone(), true);
+        let all = steps(&StepPolicies::default(), &c.metrics);
+        all[index_of(BookingStep::RegisterPackage)]
+            .run(&c, &first_booking(NEAR, 2.0))
+            .await
+            .expect("registered");
+        assert_eq!(domain.calls(), ["put_package"]);
+        // A heavy package goes by carrier all the way: no drone at all, and none asked ahead.
+        let domain = Recording::new(false, false);
+        let c = ctx(domain.clone(), true);
+        let heavy = first_booking(NEAR, 40.0);
+        with_booking_memo(async {
+            all[index_of(BookingStep::RegisterPackage)]
+                .run(&c, &heavy)
+                .await
+                .expect("registered");
+        })
+        .await;
+        assert_eq!(domain.calls(), ["put_package"]);
+        // A rescheduled booking moves what it holds in ReserveDrone, from the outputs on record.
+        let domain = Recording::new(false, false);
+        let c = ctx(domain.clone(), true);
+        let mut moved = first_booking(NEAR, 2.0);
+        moved.input["revision"] = json!(1);
+        with_booking_memo(async {
+            all[index_of(BookingStep::RegisterPackage)]
+                .run(&c, &moved)
+                .await
+                .expect("registered");
+        })
+        .await;
+        assert_eq!(domain.calls(), ["put_package"]);
+    }
+
+    #[tokio::test]
+    async fn a_drone_refusal_asked_ahead_is_not_kept() {
+        // No drone free while the package is registered: ReserveDrone asks again itself (the
+        // answer may have changed), as it always did.
+        let domain = Recording::new(false, true);
+        let c = ctx(domain.clone(), true);
+        let saga = first_booking(NEAR, 2.0);
+        let all = steps(&StepPolicies::default(), &c.metrics);
+        let outputs = with_booking_memo(async {
+            let package = all[index_of(BookingStep::RegisterPackage)]
+                .run(&c, &saga)
+                .await
+                .expect("registered");
+            domain
+                .drone_busy
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            let mut saga = saga.clone();
+            saga.outputs
+                .insert(BookingStep::RegisterPackage.as_str().into(), package);
+            all[index_of(BookingStep::ReserveDrone)]
+                .run(&c, &saga)
+                .await
+                .expect("a drone, asked again")
+        })
+        .await;
+        assert_eq!(
+            domain.calls(),
+            ["put_package", "reserve_drone", "reserve_drone"]
+        );
+        assert_eq!(outputs["droneId"], "drone-7");
+    }
+
+    #[tokio::test]
+    async fn a_package_refused_beside_a_reserved_drone_leaves_the_drone_to_compensation() {
+        let domain = Recording::new(true, false);
+        let c = ctx(domain.clone(), true);
+        let saga = first_booking(NEAR, 2.0);
+        let failed = with_booking_memo(run_to_delivery(&c, saga.clone())).await;
+        assert!(
+            matches!(
+                failed,
+                Err((BookingStep::RegisterPackage, StepError::Permanent { .. }))
+            ),
+            "{failed:?}"
+        );
+        // The drone was reserved all the same; the saga fails at RegisterPackage, and its
+        // compensation releases the drone as in doubt.
+        assert_eq!(domain.calls(), ["put_package", "reserve_drone"]);
+        let mut at_failure = saga;
+        at_failure.state = "failed".into();
+        let request = compensation_request(&at_failure, "package-conflict");
+        assert!(
+            request
+                .in_doubt_steps
+                .iter()
+                .any(|s| s == BookingStep::ReserveDrone.as_str()),
+            "{request:?}"
+        );
     }
 
     #[test]

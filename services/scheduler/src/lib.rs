@@ -95,6 +95,12 @@ pub struct SchedulerSettings {
     pub steps: StepPolicies,
     /// When a booking needs a carrier leg (ArrangeThirdParty).
     pub third_party: ThirdPartyRules,
+    /// Whether RegisterPackage asks for a first booking's drone at the same time as its package
+    /// when no carrier leg is needed (default true): the saga then waits for the slower of the
+    /// two calls rather than for both in turn, and ReserveDrone takes that answer. `false` asks
+    /// for the drone only in ReserveDrone, after the package (one booking holding a drone window
+    /// a little earlier, or after its package was refused, until compensation releases it).
+    pub reserve_drone_with_package: bool,
     /// Deliveries of a compensation request before it is parked.
     pub compensation_delivery_limit: u32,
     /// The copy of account statuses that answers the account check
@@ -139,6 +145,7 @@ impl Default for SchedulerSettings {
             relay_linger_ms: 25,
             steps: StepPolicies::default(),
             third_party: ThirdPartyRules::default(),
+            reserve_drone_with_package: true,
             compensation_delivery_limit: 10,
             accounts: accounts::AccountCopySettings::default(),
         }
@@ -268,6 +275,7 @@ impl Core {
             accounts: parts.accounts,
             metrics: metrics.clone(),
             third_party: rules,
+            drone_with_package: s.reserve_drone_with_package,
         });
         let engine = Arc::new(Engine::new(
             parts.store.clone(),

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub outbox_backlog: prometheus::IntGauge,
     /// Account checks, by how they were answered: `copy` (the account copy) or `call` (Account).
     account_checks: IntCounterVec,
+    /// Drone reservations ReserveDrone used, by when they were asked for: `with-package`
+    /// (RegisterPackage asked at the same time) or `by-step` (ReserveDrone asked itself).
+    pub(crate) drone_reservations: IntCounterVec,
     /// Accounts in this replica's copy.
     pub account_copy_size: prometheus::IntGauge,
     /// `completeAsOf` of the newest account-feed mark read (Unix seconds; 0: none yet).
@@ -90,6 +93,13 @@ impl Metrics {
                 ),
                 &["source"],
             )?,
+            drone_reservations: IntCounterVec::new(
+                Opts::new(
+                    "scheduler_drone_reservations_total",
+                    "Drone reservations ReserveDrone used, by when they were asked for: with-package (alongside RegisterPackage) or by-step",
+                ),
+                &["asked"],
+            )?,
             account_copy_size: prometheus::IntGauge::new(
                 "scheduler_account_copy_accounts",
                 "Accounts in this replica's copy of account statuses",
@@ -113,6 +123,7 @@ impl Metrics {
         registry.register(Box::new(m.lag_seconds.clone()))?;
         registry.register(Box::new(m.outbox_backlog.clone()))?;
         registry.register(Box::new(m.account_checks.clone()))?;
+        registry.register(Box::new(m.drone_reservations.clone()))?;
         registry.register(Box::new(m.account_copy_size.clone()))?;
         registry.register(Box::new(m.account_copy_complete_as_of.clone()))?;
         registry.register(Box::new(m.account_feed_skipped.clone()))?;
@@ -130,6 +141,11 @@ impl Metrics {
     /// An account check answered by `source` (`copy` or `call`).
     pub fn account_checked(&self, source: &str) {
         self.account_checks.with_label_values(&[source]).inc();
+    }
+
+    /// A reservation ReserveDrone used, asked for `with-package` or `by-step`.
+    pub fn drone_reserved(&self, asked: &str) {
+        self.drone_reservations.with_label_values(&[asked]).inc();
     }
 
     pub fn step(&self, step: &str, outcome: &str, took: Duration) {

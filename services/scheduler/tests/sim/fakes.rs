@@ -130,6 +130,9 @@ pub struct Creations {
     pub reservations: BTreeMap<String, u32>,
     pub deliveries: BTreeMap<String, u32>,
     pub legs: BTreeMap<String, u32>,
+    /// Reservations made while their delivery's package was not registered (yet): the drone
+    /// asked for alongside the package.
+    pub reservations_before_package: u64,
 }
 
 /// Faults injected so far.
@@ -793,6 +796,9 @@ impl State {
             updated_at: now,
         };
         if current.is_none() {
+            if !self.packages.contains_key(delivery_id) {
+                self.created.reservations_before_package += 1;
+            }
             *self
                 .created
                 .reservations

@@ -260,6 +260,7 @@ fn settings() -> SchedulerSettings {
             delivery: quick,
         },
         third_party: ThirdPartyRules::default(),
+        reserve_drone_with_package: true,
         compensation_delivery_limit: 10,
     }
 }
@@ -344,6 +345,8 @@ struct Summary {
     crashes: u32,
     takeovers: u32,
     writes: usize,
+    /// Drones reserved before their package was registered (asked for alongside it).
+    drones_before_package: u64,
     /// A digest of every accepted write, in order.
     digest: u64,
 }
@@ -632,6 +635,7 @@ async fn simulate(seed: u64) -> Result<Summary, String> {
         *summary.by_state.entry(s.state.clone()).or_default() += 1;
     }
     summary.bookings = work.bookings.len();
+    summary.drones_before_package = domain.snapshot().created.reservations_before_package;
     let history = store.history();
     summary.writes = history.len();
     summary.digest = history.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, w| {
@@ -932,6 +936,7 @@ fn scheduler_simulation() {
                 total.crashes += s.crashes;
                 total.takeovers += s.takeovers;
                 total.writes += s.writes;
+                total.drones_before_package += s.drones_before_package;
                 for (k, v) in s.by_state {
                     *total.by_state.entry(k).or_default() += v;
                 }
@@ -942,14 +947,20 @@ fn scheduler_simulation() {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "simulation: {} seeds in {secs:.1} s ({:.1} seeds/s): {} bookings {:?}, {} crashes, {} takeovers, {} writes",
+        "simulation: {} seeds in {secs:.1} s ({:.1} seeds/s): {} bookings {:?}, {} crashes, {} takeovers, {} writes, {} drones reserved before their package",
         seeds.len(),
         seeds.len() as f64 / secs.max(1e-9),
         total.bookings,
         total.by_state,
         total.crashes,
         total.takeovers,
-        total.writes
+        total.writes,
+        total.drones_before_package
+    );
+    // The runs went through the drone asked for alongside the package, not only past it.
+    assert!(
+        seeds.len() < 20 || total.drones_before_package > 0,
+        "no drone was reserved before its package: RegisterPackage never asked ahead"
     );
 }
 
