@@ -263,6 +263,84 @@ async fn calls_made_while_one_is_under_way_leave_together() {
         .any(|s| s.method == "POST" && s.path == "/api/packages/batch"));
 }
 
+/// The number of items in each request the server saw (a single call counts one).
+fn sizes(seen: &[Seen]) -> Vec<usize> {
+    seen.iter()
+        .map(|s| s.body["items"].as_array().map_or(1, Vec::len))
+        .collect()
+}
+
+/// `put_package` for every id, each in a task of its own, started now.
+fn spawn_all(d: &Downstream, ids: &[String]) -> Vec<tokio::task::JoinHandle<bool>> {
+    ids.iter()
+        .map(|id| {
+            let (d, id) = (d.clone(), id.clone());
+            tokio::spawn(async move {
+                d.put_package(&id, &package(&id))
+                    .await
+                    .is_ok_and(|p| p.id == id)
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_further_request_leaves_only_for_a_full_batch() {
+    telemetry::init_for_tests();
+    let (url, seen) = recording_server(Duration::from_millis(300), packages).await;
+    let d = client(
+        &url,
+        BatchSettings {
+            max_items: 4,
+            in_flight: 2,
+        },
+    );
+
+    // Less than a full batch made while a request is under way waits for its answer, though a
+    // second request may be under way: one request more would cost the service as much as the
+    // whole batch.
+    let first = spawn_all(&d, &["first".to_owned()]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let three: Vec<String> = (0..3).map(|n| format!("q-{n}")).collect();
+    let queued = spawn_all(&d, &three);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "the three wait for the first's answer"
+    );
+    for call in first.into_iter().chain(queued) {
+        assert!(call.await.unwrap(), "every call gets its own answer");
+    }
+    assert_eq!(sizes(&seen.lock().unwrap()), vec![1, 3]);
+    seen.lock().unwrap().clear();
+
+    // A full batch waiting does not wait: a second request takes it at once.
+    let first = spawn_all(&d, &["first-again".to_owned()]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let ten: Vec<String> = (0..10).map(|n| format!("r-{n}")).collect();
+    let queued = spawn_all(&d, &ten);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sizes(&seen.lock().unwrap()),
+        vec![1, 4],
+        "a second request with a full batch while the first is under way"
+    );
+    for call in first.into_iter().chain(queued) {
+        assert!(call.await.unwrap(), "every call gets its own answer");
+    }
+    let seen = seen.lock().unwrap().clone();
+    let mut all = ten.clone();
+    all.push("first-again".to_owned());
+    all.sort();
+    assert_eq!(ids_seen(&seen), all, "every call made exactly once");
+    // The six left: when the first is answered, four leave (a full batch) and the second
+    // sender, finding less than a full batch behind them, leaves the last two to the first.
+    let sizes = sizes(&seen);
+    assert!(sizes.iter().all(|&n| n <= 4), "{sizes:?}");
+    assert_eq!(sizes.len(), 4, "{sizes:?}");
+}
+
 #[tokio::test]
 async fn each_caller_gets_its_own_items_answer_classified_as_a_single_call() {
     telemetry::init_for_tests();

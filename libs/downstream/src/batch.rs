@@ -3,10 +3,14 @@
 //! (`POST /api/<collection>/batch`, [`contracts::BatchRequest`]) instead of one request each.
 //!
 //! Each kind of call has a [`Lane`]: a queue and at most `in_flight` requests under way. A call
-//! joins the queue; when fewer than `in_flight` requests are under way, a sender starts at once
-//! and takes what is queued, so a call to an idle service waits for nothing and goes out alone,
-//! as the single call it always was. Calls that arrive while requests are under way queue up and
-//! leave together, up to `max_items`, as soon as a sender is free. Each item's answer is decoded
+//! joins the queue; when no request is under way, a sender starts at once and takes what is
+//! queued, so a call to an idle service waits for nothing and goes out alone, as the single call
+//! it always was. Calls that arrive while a request is under way queue up and leave together, up
+//! to `max_items`, when it is answered. A further sender (up to `in_flight`) starts only for a
+//! full batch, and stops when less than a full batch is left for the others: a request costs its
+//! service and database about as much whether it carries one item or thirty, so below saturation
+//! one request at a time, carrying what queued meanwhile, is the cheapest; once a full batch
+//! waits, more requests at once keep up. Each item's answer is decoded
 //! and classified exactly as its single call's would be (the same [`CallError`]s, the same
 //! `Retry-After`), so retries stay per item and are the caller's, as before. A batch passes the
 //! target's breaker and concurrency cap once, as one call: its verdict is unwell when the request
@@ -104,7 +108,8 @@ impl<T: Send + 'static> Lane<T> {
                 span: tracing::Span::current(),
                 reply,
             });
-            let start = state.senders < this.in_flight;
+            let start = state.senders == 0
+                || (state.senders < this.in_flight && state.queue.len() >= this.max_items);
             if start {
                 state.senders += 1;
             }
@@ -125,12 +130,15 @@ impl<T: Send + 'static> Lane<T> {
         })
     }
 
-    /// What to send next (empty: nothing queued, and this sender has stopped), and whether
-    /// it must go as single calls.
+    /// What to send next (empty: this sender has stopped, because nothing is queued, or less
+    /// than a full batch is and another sender will take it), and whether it must go as single
+    /// calls.
     fn next(&self) -> (Vec<Pending<T>>, bool) {
         let mut state = self.state();
         let take = state.queue.len().min(self.max_items);
-        if take == 0 {
+        // A sender that is not the last one leaves less than a full batch to the others: it would
+        // go out smaller, as one more request, than when the request under way is answered.
+        if take == 0 || (state.senders > 1 && take < self.max_items) {
             state.senders -= 1;
             return (Vec::new(), false);
         }

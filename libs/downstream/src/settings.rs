@@ -41,8 +41,9 @@ pub struct BatchSettings {
     /// Items in one batch request at most, 1 to 64 (default 32; 1 = every call alone).
     pub max_items: usize,
     /// Requests of one kind (package registrations, drone reservations, delivery creations) under
-    /// way at once from this process, 1 to 64 (default 2). Calls made while all are under way
-    /// wait for the next one, together.
+    /// way at once from this process, 1 to 64 (default 2). Calls made while one is under way wait
+    /// for it to be answered and leave together; a further request starts only for a full batch
+    /// (`max_items` calls waiting).
     pub in_flight: usize,
 }
 
