@@ -251,10 +251,7 @@ async fn calls_made_while_one_is_under_way_leave_together() {
     }
     let seen = seen.lock().unwrap().clone();
     assert_eq!(ids_seen(&seen), ids, "every call made exactly once");
-    let batches: Vec<usize> = seen
-        .iter()
-        .map(|s| s.body["items"].as_array().map_or(1, Vec::len))
-        .collect();
+    let batches = sizes(&seen);
     assert!(batches.iter().all(|&n| n <= 8), "{batches:?}");
     // At least 20/8 requests, and far fewer than 20: one at a time, each 200 ms.
     assert!((3..=5).contains(&seen.len()), "{batches:?}");
