@@ -1143,3 +1143,76 @@ async fn postgres_renewals_and_checkpoints_do_not_wait_for_writes_in_flight() {
     assert!(matches!(moved, Ok(Ok(true))), "{moved:?}");
     in_flight.commit().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The PostgreSQL writer's session.
+
+/// The backends of database `name` whose last statement was a group commit.
+async fn group_sessions(admin: &sea_orm::DatabaseConnection, name: &str) -> Vec<i32> {
+    admin
+        .query_all(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE '%WITH fence AS MATERIALIZED%'",
+            [name.into()],
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.try_get::<i32>("", "pid").unwrap())
+        .collect()
+}
+
+/// On PostgreSQL the group-commit writer commits every group on one session of its pool, and
+/// takes another when the server ends that one, losing no write.
+#[tokio::test]
+async fn postgres_writer_commits_on_one_session_and_replaces_it_when_it_ends() {
+    let fixture = Fixture::new(Backend::Postgres).await;
+    let s = fixture.store.clone();
+    let name: String = fixture
+        .db
+        .as_ref()
+        .unwrap()
+        .conn
+        .query_one(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT current_database() AS name",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "name")
+        .unwrap();
+    let admin = sea_orm::Database::connect(test_support::postgres_url())
+        .await
+        .unwrap();
+    let f = take(&s, 1, "a", 0).await.fence();
+
+    // One group after another, as sagas that wait for each write do.
+    for i in 0..20 {
+        created(&s, f, record(&format!("one-{i}"), 1, i)).await;
+    }
+    let first = group_sessions(&admin, &name).await;
+    assert_eq!(first.len(), 1, "every group on one session: {first:?}");
+
+    // The server ends that session (a restart, a failover, an administrator).
+    admin
+        .execute(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_terminate_backend($1)",
+            [first[0].into()],
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    for i in 0..20 {
+        created(&s, f, record(&format!("two-{i}"), 1, 100 + i)).await;
+    }
+    let second = group_sessions(&admin, &name).await;
+    assert_eq!(second.len(), 1, "again one session: {second:?}");
+    assert_ne!(second, first, "a new session replaced the one that ended");
+    for i in 0..20 {
+        assert!(!missing(&s, &format!("one-{i}")).await);
+        assert!(!missing(&s, &format!("two-{i}")).await);
+    }
+}
