@@ -366,6 +366,10 @@ impl CpuUse {
     }
 }
 
+/// The first part of a run's load, reported apart: the step from an idle stack to the offered
+/// rate (connections opened, statements prepared, batches not yet grown) is its own figure.
+const WARM_UP: Duration = Duration::from_secs(2);
+
 /// A booking that `202` accepted.
 struct Accepted {
     id: Uuid,
@@ -908,6 +912,10 @@ struct Report {
     load_phase_rate: f64,
     drain_secs: f64,
     total: Percentiles,
+    /// `total` of the bookings accepted in the first [`WARM_UP`] of the load, and of the rest:
+    /// the stack's answer to the step from idle to the offered rate, and its steady state.
+    total_first: Percentiles,
+    total_after: Percentiles,
     to_start: Percentiles,
     saga: Percentiles,
     steps: Vec<(String, f64, f64)>,
@@ -975,6 +983,8 @@ impl Report {
         (cpu0, cpu_load, cpu_drain): (&CpuSnapshot, &CpuSnapshot, &CpuSnapshot),
     ) -> Report {
         let mut total = Vec::new();
+        let (mut total_first, mut total_after) = (Vec::new(), Vec::new());
+        let warm_up_end = w.t0_wall + chrono::Duration::from_std(WARM_UP).unwrap_or_default();
         let mut to_start = Vec::new();
         let mut saga_ms = Vec::new();
         let (mut scheduled, mut failed, mut unfinished, mut missing) = (0, 0, 0, 0);
@@ -984,6 +994,11 @@ impl Report {
                 Some(s) if s.state == "completed" => {
                     scheduled += 1;
                     total.push(ms(s.updated_at - a.at));
+                    if a.at < warm_up_end {
+                        total_first.push(ms(s.updated_at - a.at));
+                    } else {
+                        total_after.push(ms(s.updated_at - a.at));
+                    }
                     to_start.push(ms(s.created_at - a.at));
                     saga_ms.push(ms(s.updated_at - s.created_at));
                     done_at.push(s.updated_at);
@@ -1077,6 +1092,8 @@ impl Report {
             load_phase_rate,
             drain_secs,
             total: Percentiles::of(total),
+            total_first: Percentiles::of(total_first),
+            total_after: Percentiles::of(total_after),
             to_start: Percentiles::of(to_start),
             saga: Percentiles::of(saga_ms),
             steps,
@@ -1135,6 +1152,12 @@ impl Report {
             self.overall_rate, self.load_phase_rate, self.peak_rate, self.drain_secs
         );
         println!("booking → scheduled: {}", self.total.text());
+        println!(
+            "  booked in the first {} s of the load: {} | after: {}",
+            WARM_UP.as_secs(),
+            self.total_first.text(),
+            self.total_after.text()
+        );
         println!("  booking → saga started: {}", self.to_start.text());
         println!("  saga started → completed: {}", self.saga.text());
         println!(
