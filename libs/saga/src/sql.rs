@@ -501,7 +501,8 @@ async fn writer(db: DatabaseConnection, mut rx: mpsc::Receiver<Pending>) {
 /// this task, as load began (bench-e2e at 1,000/s: 66–96 plans and 0.08–0.15 s of PostgreSQL's
 /// time, against 6 on one session). After any error the session goes back to the pool (which
 /// closes it if it broke) and the next commit takes another; a commit that met a session the
-/// server ended runs again on the new one ([`session_ended`]).
+/// server ended runs again on the new one ([`session_ended`]). A pool of one connection is not
+/// kept between commits: the store's reads would wait for it until they timed out.
 #[derive(Default)]
 struct Session {
     held: Option<sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>>,
@@ -540,17 +541,16 @@ async fn commit_held(
     session: &mut Session,
     writes: &[&Write],
 ) -> Result<Results, DbErr> {
+    let pool = db.get_postgres_connection_pool();
     let conn = match &mut session.held {
         Some(conn) => conn,
-        None => session.held.insert(
-            db.get_postgres_connection_pool()
-                .acquire()
-                .await
-                .map_err(batched::db_err)?,
-        ),
+        None => session
+            .held
+            .insert(pool.acquire().await.map_err(batched::db_err)?),
     };
     let r = batched::try_commit(conn, writes).await;
-    if r.is_err() {
+    // A pool of one connection is the store's reads' too: it goes back after every commit.
+    if r.is_err() || pool.options().get_max_connections() <= 1 {
         session.held = None;
     }
     r

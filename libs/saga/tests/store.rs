@@ -1216,3 +1216,37 @@ async fn postgres_writer_commits_on_one_session_and_replaces_it_when_it_ends() {
         assert!(!missing(&s, &format!("two-{i}")).await);
     }
 }
+
+/// A pool of one connection is not held by the writer between commits: the store's reads need
+/// it too.
+#[tokio::test]
+async fn postgres_writer_leaves_a_pool_of_one_to_the_other_queries() {
+    let db = common::db(true).await;
+    let name: String = db
+        .conn
+        .query_one(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT current_database() AS name",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "name")
+        .unwrap();
+    let url = test_support::postgres_url();
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
+    let mut options = sea_orm::ConnectOptions::new(format!("{base}/{name}"));
+    options
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(2));
+    let one = sea_orm::Database::connect(options).await.unwrap();
+    let s: Arc<dyn Store> = Arc::new(saga::SqlStore::start(one));
+    let f = take(&s, 1, "a", 0).await.fence();
+    for i in 0..5 {
+        created(&s, f, record(&format!("p-{i}"), 1, i)).await;
+        assert!(
+            !missing(&s, &format!("p-{i}")).await,
+            "read after commit {i}"
+        );
+    }
+}
