@@ -1147,6 +1147,19 @@ async fn postgres_renewals_and_checkpoints_do_not_wait_for_writes_in_flight() {
 // ---------------------------------------------------------------------------------------------
 // The PostgreSQL writer's session.
 
+/// The name of the database `conn` is connected to.
+async fn database_name(conn: &sea_orm::DatabaseConnection) -> String {
+    conn.query_one(Statement::from_string(
+        DbBackend::Postgres,
+        "SELECT current_database() AS name",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get("", "name")
+    .unwrap()
+}
+
 /// The backends of database `name` whose last statement was a group commit.
 async fn group_sessions(admin: &sea_orm::DatabaseConnection, name: &str) -> Vec<i32> {
     admin
@@ -1168,20 +1181,7 @@ async fn group_sessions(admin: &sea_orm::DatabaseConnection, name: &str) -> Vec<
 async fn postgres_writer_commits_on_one_session_and_replaces_it_when_it_ends() {
     let fixture = Fixture::new(Backend::Postgres).await;
     let s = fixture.store.clone();
-    let name: String = fixture
-        .db
-        .as_ref()
-        .unwrap()
-        .conn
-        .query_one(Statement::from_string(
-            DbBackend::Postgres,
-            "SELECT current_database() AS name",
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get("", "name")
-        .unwrap();
+    let name = database_name(&fixture.db.as_ref().unwrap().conn).await;
     let admin = sea_orm::Database::connect(test_support::postgres_url())
         .await
         .unwrap();
@@ -1222,17 +1222,7 @@ async fn postgres_writer_commits_on_one_session_and_replaces_it_when_it_ends() {
 #[tokio::test]
 async fn postgres_writer_leaves_a_pool_of_one_to_the_other_queries() {
     let db = common::db(true).await;
-    let name: String = db
-        .conn
-        .query_one(Statement::from_string(
-            DbBackend::Postgres,
-            "SELECT current_database() AS name",
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get("", "name")
-        .unwrap();
+    let name = database_name(&db.conn).await;
     let url = test_support::postgres_url();
     let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
     let mut options = sea_orm::ConnectOptions::new(format!("{base}/{name}"));
