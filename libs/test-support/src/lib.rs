@@ -311,6 +311,60 @@ rm -f "$2" "$3""#;
     }
 }
 
+/// A fresh database of [`postgres_url`]'s server, migrated by a crate's migrator and never
+/// analysed; [`MigratedDatabase::drop`] removes it.
+pub struct MigratedDatabase {
+    /// A connection to it.
+    pub db: sea_orm::DatabaseConnection,
+    name: String,
+    admin: sea_orm::DatabaseConnection,
+}
+
+impl MigratedDatabase {
+    /// Creates the database and runs `M`'s migrations on it.
+    ///
+    /// # Panics
+    /// When the server cannot be reached or a step fails (this is for tests).
+    #[allow(clippy::expect_used)] // a failed step fails the test
+    pub async fn new<M: sea_orm_migration::MigratorTrait>() -> Self {
+        use sea_orm::{ConnectionTrait, Database};
+
+        let admin_url = postgres_url();
+        let name = format!(
+            "test_db_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let admin = Database::connect(admin_url.as_str())
+            .await
+            .expect("PostgreSQL");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create database");
+        let (base, _) = admin_url.rsplit_once('/').expect("a database in the URL");
+        let db = Database::connect(format!("{base}/{name}"))
+            .await
+            .expect("test database");
+        M::up(&db, None).await.expect("migrations");
+        Self { db, name, admin }
+    }
+
+    /// Closes the connection and drops the database.
+    ///
+    /// # Panics
+    /// When a step fails (this is for tests).
+    #[allow(clippy::expect_used)] // a failed step fails the test
+    pub async fn drop(self) {
+        use sea_orm::ConnectionTrait;
+
+        self.db.close().await.expect("close");
+        self.admin
+            .execute_unprepared(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
+            .await
+            .expect("drop database");
+    }
+}
+
 /// The generic plan PostgreSQL makes for `statement` (what a prepared statement ends up with, and
 /// keeps while its tables grow) on a fresh database of [`postgres_url`]'s server, migrated by `M`
 /// and never analysed: `PREPARE` with the parameter types `params`, then `EXPLAIN EXECUTE` with
@@ -324,27 +378,10 @@ pub async fn generic_plan<M: sea_orm_migration::MigratorTrait>(
     statement: &str,
     args: &str,
 ) -> String {
-    use sea_orm::{ConnectionTrait, Database, DbBackend, Statement, TransactionTrait};
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
 
-    let admin_url = postgres_url();
-    let name = format!(
-        "test_plan_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let admin = Database::connect(admin_url.as_str())
-        .await
-        .expect("PostgreSQL");
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-        .await
-        .expect("create database");
-    let (base, _) = admin_url.rsplit_once('/').expect("a database in the URL");
-    let db = Database::connect(format!("{base}/{name}"))
-        .await
-        .expect("test database");
-    M::up(&db, None).await.expect("migrations");
-
-    let txn = db.begin().await.expect("transaction");
+    let fresh = MigratedDatabase::new::<M>().await;
+    let txn = fresh.db.begin().await.expect("transaction");
     txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
         .await
         .expect("set");
@@ -362,11 +399,7 @@ pub async fn generic_plan<M: sea_orm_migration::MigratorTrait>(
         .filter_map(|row| row.try_get_by_index::<String>(0).ok())
         .collect();
     txn.rollback().await.expect("rollback");
-    db.close().await.expect("close");
-    admin
-        .execute_unprepared(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
-        .await
-        .expect("drop database");
+    fresh.drop().await;
     plan.join("\n")
 }
 
