@@ -18,6 +18,9 @@
 #   BENCH_E2E_ARGS      extra bench-e2e arguments, e.g. "--accounts 5000 --drain-timeout 600"
 #   BENCH_E2E_BUILD     0 runs the binaries already in $CARGO_TARGET_DIR/release without building
 #                       (to pair builds of other code, e.g. another allocator; default 1)
+#   BENCH_E2E_TRACE_SAMPLE_RATIO
+#                       share of new traces Ingestion's door samples (default 0.01, as deployed:
+#                       k8s/base/ingestion.yaml and the chart; 1 traces every booking)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -136,6 +139,7 @@ stack_up() {
   start delivery "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-delivery" \
     APP_TRACKING__PARTITIONS="$PARTITIONS"
   start ingestion "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-ingestion" \
+    APP_HTTP__TRACE_SAMPLE_RATIO="${BENCH_E2E_TRACE_SAMPLE_RATIO:-0.01}" \
     APP_INGESTION__PARTITIONS="$PARTITIONS" \
     APP_INGESTION__RATE_PER_SECOND=1000000 APP_INGESTION__RATE_BURST=1000000
   start scheduler "${messaging[@]}" APP_MESSAGING__CONNECTION_NAME="$PREFIX-scheduler" \
