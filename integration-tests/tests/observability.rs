@@ -151,6 +151,47 @@ async fn one_booking_is_one_trace_across_every_service() {
         workflow["traceId"].as_str(),
         Some(trace.to_string().as_str())
     );
+
+    // A booking whose caller's trace is not sampled: no service records any span of it, and no
+    // service starts a trace of its own on its way (a span cut off from its unsampled parent
+    // would be a new, sampled root, and the services it called would record their part).
+    let before = exporter.get_finished_spans().unwrap().len();
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let body = Suite::booking("acc-1", 6, "Small");
+    let token = suite.ingestion.token("acc-1", &[]);
+    let reply = suite
+        .ingestion
+        .app
+        .client
+        .post(suite.ingestion.app.url("/api/deliveryrequests"))
+        .bearer_auth(token)
+        .header("traceparent", format!("00-{unsampled}-b7ad6b7169203331-00"))
+        .json(&body)
+        .send()
+        .await
+        .expect("the booking");
+    assert_eq!(reply.status(), 202);
+    let quiet: serde_json::Value = reply.json().await.expect("the answer");
+    let quiet = quiet["deliveryId"]
+        .as_str()
+        .and_then(|s| uuid::Uuid::parse_str(s).ok())
+        .expect("deliveryId");
+    let workflow = suite.workflow(&scheduler, quiet, "completed", WAIT).await;
+    assert_eq!(workflow["traceId"].as_str(), Some(unsampled));
+    let _ = provider.force_flush();
+    let spans = exporter.get_finished_spans().unwrap();
+    let new: Vec<&SpanData> = spans[before..]
+        .iter()
+        .filter(|s| {
+            s.span_context.trace_id().to_string() == unsampled
+                || attr(s, "delivery_id") == Some(quiet.to_string())
+                || matches!(
+                    attr(s, "service").as_deref(),
+                    Some("account" | "package" | "drone" | "delivery")
+                )
+        })
+        .collect();
+    assert!(new.is_empty(), "spans of the unsampled booking: {new:#?}");
     stop(suite, scheduler).await;
 }
 

@@ -267,17 +267,20 @@ async fn batch<T: Send + 'static>(client: &Downstream, lane: &Lane<T>, items: Ve
         Err(e) => return answer_all(items, &e),
     };
     // One client span for the request, a child of the first caller's (its trace carries on in
-    // the service); the others' traces show their wait and their own outcome.
-    let span = tracing::info_span!(
-        parent: &items[0].span,
-        "downstream_call",
-        otel.name = %format_args!("{} POST batch", service.name()),
-        otel.kind = "client",
-        peer.service = service.name(),
-        http.request.method = "POST",
-        url.path = url.path(),
-        batch.size = items.len(),
-    );
+    // the service); the others' traces show their wait and their own outcome. Made inside the
+    // caller's span rather than with an explicit parent: telemetry judges a span by the span
+    // entered where it is made (it leaves unsampled traces out of OpenTelemetry).
+    let span = items[0].span.in_scope(|| {
+        tracing::info_span!(
+            "downstream_call",
+            otel.name = %format_args!("{} POST batch", service.name()),
+            otel.kind = "client",
+            peer.service = service.name(),
+            http.request.method = "POST",
+            url.path = url.path(),
+            batch.size = items.len(),
+        )
+    });
     let mut trace_headers = HeaderMap::new();
     span.in_scope(|| telemetry::inject_http(&mut trace_headers));
     let builder = builder

@@ -3,6 +3,8 @@
 //!
 //! - Every `tracing` span is also an OpenTelemetry span, so a booking's work in every service and
 //!   across every message hop shares one trace id. Log lines carry `trace_id` and `span_id`.
+//!   Below a span that adopted an unsampled trace, spans are left out of OpenTelemetry (the SDK
+//!   would drop them), yet keep that trace's ids in their log lines and pass it on.
 //! - Spans are exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard
 //!   `OTEL_EXPORTER_OTLP_*` variables configure the exporter); otherwise nothing leaves the process.
 //! - `traceparent` crosses process boundaries in HTTP headers ([`inject_http`], and the service
@@ -131,8 +133,11 @@ fn install(
             "{default_filter},opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn"
         ))
     });
-    let otel = otel_layer(provider.tracer(service.to_owned()));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let otel = otel_layer(provider.tracer(service.to_owned())).with_filter(SampledOnly);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(UnsampledMarks)
+        .with(otel);
     let dispatch = match format {
         LogFormat::Json => Dispatch::new(
             registry.with(
@@ -177,6 +182,123 @@ where
         .with_context_activation(false)
 }
 
+/// Marks a span that adopted an unsampled remote trace context ([`set_parent_context`]).
+struct UnsampledRoot;
+
+/// Marks a span below an [`UnsampledRoot`] ([`UnsampledMarks`]).
+struct Unsampled;
+
+thread_local! {
+    /// For each span this thread has entered, innermost last: whether it is of an unsampled
+    /// trace (an [`UnsampledRoot`] or [`Unsampled`] span).
+    static ENTERED_UNSAMPLED: std::cell::RefCell<Vec<bool>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Marks the spans below an [`UnsampledRoot`] and keeps [`ENTERED_UNSAMPLED`], which
+/// [`SampledOnly`] reads. It sees every span: the OpenTelemetry layer's filter cannot look at
+/// the spans it left out.
+struct UnsampledMarks;
+
+fn is_unsampled<S>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> bool
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let ext = span.extensions();
+    ext.get::<UnsampledRoot>().is_some() || ext.get::<Unsampled>().is_some()
+}
+
+impl<S> tracing_subscriber::Layer<S> for UnsampledMarks
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let parent = match attrs.parent() {
+            Some(parent) => ctx.span(parent),
+            None if attrs.is_contextual() => ctx.lookup_current(),
+            None => None,
+        };
+        if parent.is_some_and(|parent| is_unsampled(&parent)) {
+            if let Some(span) = ctx.span(id) {
+                span.extensions_mut().insert(Unsampled);
+            }
+        }
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let unsampled = ctx.span(id).is_some_and(|span| is_unsampled(&span));
+        ENTERED_UNSAMPLED.with(|entered| entered.borrow_mut().push(unsampled));
+    }
+
+    fn on_exit(&self, _id: &tracing::span::Id, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        ENTERED_UNSAMPLED.with(|entered| entered.borrow_mut().pop());
+    }
+}
+
+/// The OpenTelemetry layer's filter: it leaves out the spans and events made inside a span of an
+/// unsampled trace, below the span that adopted that trace ([`set_parent_context`]).
+///
+/// As deployed, Ingestion's door samples 1 % of new traces, and a saga runs under its booking's
+/// trace. The OpenTelemetry SDK drops the spans of an unsampled trace, but only when each ends:
+/// the layer still built every span's name, attributes and parent on creation and an SDK span on
+/// close, about a tenth of the Scheduler's CPU in `make bench-e2e`. A span left out still has
+/// its fields in the log lines, and its trace context is its nearest recorded ancestor's
+/// ([`otel_context`]), so what it sends on carries the unsampled trace on.
+///
+/// It judges a span by the span entered where it is made, so a span with an explicit parent must
+/// be made inside that parent's scope.
+struct SampledOnly;
+
+impl<S> tracing_subscriber::layer::Filter<S> for SampledOnly
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(
+        &self,
+        _metadata: &tracing::Metadata<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        !ENTERED_UNSAMPLED.with(|entered| entered.borrow().last().copied().unwrap_or(false))
+    }
+
+    fn callsite_enabled(
+        &self,
+        _metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        // Decided span by span, by where it is made.
+        tracing::subscriber::Interest::sometimes()
+    }
+}
+
+/// The OpenTelemetry context of span `id`, or else of its nearest ancestor that has one: a span of
+/// an unsampled trace has none of its own ([`SampledOnly`]) and carries on its adopting span's.
+fn otel_context(id: &tracing::span::Id, dispatch: &Dispatch) -> Option<Context> {
+    let own = tracing_opentelemetry::get_otel_context(id, dispatch);
+    let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>() else {
+        return own;
+    };
+    own.or_else(|| {
+        let mut span = registry.span(id)?.parent()?;
+        loop {
+            if let Some(cx) = tracing_opentelemetry::get_otel_context(&span.id(), dispatch) {
+                return Some(cx);
+            }
+            span = span.parent()?;
+        }
+    })
+}
+
+/// The OpenTelemetry context of `span` ([`otel_context`]); empty without one.
+fn span_context(span: &tracing::Span) -> Context {
+    span.with_subscriber(|(id, dispatch)| otel_context(id, dispatch))
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// For tests: spans get trace ids as in production (nothing is exported), so trace context
 /// travels between in-process services; logs go to the test writer only when `TEST_LOG` is set.
 /// Harmless when a subscriber is already installed.
@@ -188,7 +310,7 @@ pub fn init_for_tests() {
             .with_resource(resource("tests"))
             .build()
     });
-    let otel = otel_layer(provider.tracer("tests"));
+    let otel = otel_layer(provider.tracer("tests")).with_filter(SampledOnly);
     let log = std::env::var_os("TEST_LOG").is_some().then(|| {
         tracing_subscriber::fmt::layer()
             .with_test_writer()
@@ -197,6 +319,7 @@ pub fn init_for_tests() {
             )
     });
     let _ = tracing_subscriber::registry()
+        .with(UnsampledMarks)
         .with(otel)
         .with(log)
         .try_init();
@@ -250,7 +373,7 @@ where
                 let cx = GLOBAL_DISPATCH
                     .get()
                     .and_then(WeakDispatch::upgrade)
-                    .and_then(|d| tracing_opentelemetry::get_otel_context(&id, &d));
+                    .and_then(|d| otel_context(&id, &d));
                 if let Some(cx) = cx {
                     let sc = cx.span().span_context().clone();
                     if sc.is_valid() {
@@ -443,7 +566,7 @@ pub fn inject_current(headers: &mut BTreeMap<String, String>) {
 
 /// The current span's context, or else the current OpenTelemetry context.
 fn current_context() -> Context {
-    let cx = tracing::Span::current().context();
+    let cx = span_context(&tracing::Span::current());
     if cx.span().span_context().is_valid() {
         cx
     } else {
@@ -499,9 +622,23 @@ pub fn set_parent(span: &tracing::Span, headers: &BTreeMap<String, String>) {
 }
 
 /// Makes `span` a child of `cx` (already extracted, e.g. by [`head_sample`]), if it is valid.
+///
+/// When `cx` is an unsampled trace's, the span's descendants are left out of OpenTelemetry
+/// ([`SampledOnly`]): the SDK would drop them anyway. Call it before the span has children.
 pub fn set_parent_context(span: &tracing::Span, cx: Context) {
-    if cx.span().span_context().is_valid() {
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
         let _ = span.set_parent(cx);
+        if !sc.is_sampled() {
+            span.with_subscriber(|(id, dispatch)| {
+                if let Some(span) = dispatch
+                    .downcast_ref::<tracing_subscriber::Registry>()
+                    .and_then(|registry| registry.span(id))
+                {
+                    span.extensions_mut().insert(UnsampledRoot);
+                }
+            });
+        }
     }
 }
 
@@ -517,14 +654,14 @@ pub fn inject_http(headers: &mut http::HeaderMap) {
 
 /// The trace id of `span` (32 hex digits), if it belongs to a trace.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
+    let cx = span_context(span);
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
 /// The `traceparent` value of `span`, if it belongs to a trace.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
+    let cx = span_context(span);
     if !cx.span().span_context().is_valid() {
         return None;
     }
@@ -648,6 +785,57 @@ mod tests {
         assert_eq!(line["wait_ms"], 5, "{text}");
         assert_eq!(line["message"], "step retried", "{text}");
         assert_eq!(line["span"], "inner", "{text}");
+    }
+
+    /// Below a span that adopted an unsampled trace context, spans are left out of
+    /// OpenTelemetry (it would drop them anyway), yet what they send on and log still carries that
+    /// trace, unsampled. Under a sampled context every span is recorded as before.
+    #[test]
+    fn spans_below_an_unsampled_parent_are_left_out_of_opentelemetry() {
+        const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(UnsampledMarks)
+            .with(otel_layer(provider.tracer("test")).with_filter(SampledOnly));
+        let own_context = |span: &tracing::Span| {
+            span.with_subscriber(|(id, d)| tracing_opentelemetry::get_otel_context(id, d))
+                .flatten()
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            for flags in ["00", "01"] {
+                let caller = BTreeMap::from([(
+                    TRACEPARENT.to_owned(),
+                    format!("00-{TRACE}-00f067aa0ba902b7-{flags}"),
+                )]);
+                let root = tracing::info_span!("saga");
+                set_parent(&root, &caller);
+                let step = root.in_scope(|| tracing::info_span!("saga_step", step = "a"));
+                let call = step.in_scope(|| tracing::info_span!("downstream_call"));
+                let mut sent = BTreeMap::new();
+                call.in_scope(|| inject_current(&mut sent));
+                let traceparent = sent.get(TRACEPARENT).cloned().unwrap_or_default();
+                assert!(
+                    traceparent.starts_with(&format!("00-{TRACE}-"))
+                        && traceparent.ends_with(&format!("-{flags}")),
+                    "{flags}: {traceparent}"
+                );
+                assert_eq!(trace_id(&call).as_deref(), Some(TRACE), "{flags}");
+                let recorded = flags == "01";
+                assert_eq!(own_context(&step).is_some(), recorded, "{flags}");
+                assert_eq!(own_context(&call).is_some(), recorded, "{flags}");
+                drop((call, step, root));
+            }
+        });
+        let names: Vec<String> = exporter
+            .get_finished_spans()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect();
+        assert_eq!(names, ["downstream_call", "saga_step", "saga"]);
     }
 
     #[test]
