@@ -182,19 +182,16 @@ where
         .with_context_activation(false)
 }
 
-/// Marks a span that adopted an unsampled remote trace context ([`set_parent_context`]).
-struct UnsampledRoot;
-
-/// Marks a span below an [`UnsampledRoot`] ([`UnsampledMarks`]).
+/// Marks a span of an unsampled trace: one that adopted an unsampled remote trace context
+/// ([`set_parent_context`]), or one made below it ([`UnsampledMarks`]).
 struct Unsampled;
 
 thread_local! {
-    /// For each span this thread has entered, innermost last: whether it is of an unsampled
-    /// trace (an [`UnsampledRoot`] or [`Unsampled`] span).
+    /// For each span this thread has entered, innermost last: whether it is [`Unsampled`].
     static ENTERED_UNSAMPLED: std::cell::RefCell<Vec<bool>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Marks the spans below an [`UnsampledRoot`] and keeps [`ENTERED_UNSAMPLED`], which
+/// Marks the spans below an [`Unsampled`] one and keeps [`ENTERED_UNSAMPLED`], which
 /// [`SampledOnly`] reads. It sees every span: the OpenTelemetry layer's filter cannot look at
 /// the spans it left out.
 struct UnsampledMarks;
@@ -203,8 +200,7 @@ fn is_unsampled<S>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> bool
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    let ext = span.extensions();
-    ext.get::<UnsampledRoot>().is_some() || ext.get::<Unsampled>().is_some()
+    span.extensions().get::<Unsampled>().is_some()
 }
 
 impl<S> tracing_subscriber::Layer<S> for UnsampledMarks
@@ -277,19 +273,16 @@ where
 /// The OpenTelemetry context of span `id`, or else of its nearest ancestor that has one: a span of
 /// an unsampled trace has none of its own ([`SampledOnly`]) and carries on its adopting span's.
 fn otel_context(id: &tracing::span::Id, dispatch: &Dispatch) -> Option<Context> {
-    let own = tracing_opentelemetry::get_otel_context(id, dispatch);
     let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>() else {
-        return own;
+        return tracing_opentelemetry::get_otel_context(id, dispatch);
     };
-    own.or_else(|| {
-        let mut span = registry.span(id)?.parent()?;
-        loop {
-            if let Some(cx) = tracing_opentelemetry::get_otel_context(&span.id(), dispatch) {
-                return Some(cx);
-            }
-            span = span.parent()?;
+    let mut span = registry.span(id)?;
+    loop {
+        if let Some(cx) = tracing_opentelemetry::get_otel_context(&span.id(), dispatch) {
+            return Some(cx);
         }
-    })
+        span = span.parent()?;
+    }
 }
 
 /// The OpenTelemetry context of `span` ([`otel_context`]); empty without one.
@@ -635,7 +628,7 @@ pub fn set_parent_context(span: &tracing::Span, cx: Context) {
                     .downcast_ref::<tracing_subscriber::Registry>()
                     .and_then(|registry| registry.span(id))
                 {
-                    span.extensions_mut().insert(UnsampledRoot);
+                    span.extensions_mut().insert(Unsampled);
                 }
             });
         }
